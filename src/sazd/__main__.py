@@ -1,0 +1,3 @@
+from sazd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""The interface between the master and its n workers.
+
+The master only talks to workers through a ``Cluster``. A round sends one call to every live
+worker (``submit``) and continues with the first k answers (``first_k``); calls to one worker run in
+submission order, so a slow worker applies every update in order and stays consistent, only late.
+Backends: ``InProcessCluster`` (workers are objects in this process; latency is simulated by a
+model) and ``RayCluster`` (workers are Ray actors).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot continue, e.g. fewer than k workers are alive."""
+
+
+@dataclass
+class Counters:
+    """Deterministic traffic counters plus timings, accumulated over the cluster's life."""
+
+    bytes_to_workers: int = 0
+    bytes_from_workers: int = 0
+    calls: int = 0
+    rounds: int = 0
+    late_results_discarded: int = 0
+    failed_results: int = 0
+    repairs: list[dict[str, Any]] = field(default_factory=list)
+    sim_time_s: float = 0.0  # in-process backend only: simulated wall time of all rounds
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "bytes_to_workers": self.bytes_to_workers,
+            "bytes_from_workers": self.bytes_from_workers,
+            "calls": self.calls,
+            "rounds": self.rounds,
+            "late_results_discarded": self.late_results_discarded,
+            "failed_results": self.failed_results,
+            "repairs": len(self.repairs),
+            "sim_time_s": self.sim_time_s,
+        }
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of all tensors inside ``obj`` (nested tuples, lists, dicts)."""
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+class Round(ABC):
+    """Handle for one call submitted to several workers."""
+
+    workers: list[int]
+
+
+class Cluster(ABC):
+    """n workers, each holding coded state; see module docstring."""
+
+    n: int
+    counters: Counters
+
+    @abstractmethod
+    def submit(self, method: str, args: Sequence[tuple] | tuple, workers: Sequence[int] | None = None) -> Round:
+        """Call ``Worker.<method>(*args)`` on each of ``workers`` (default: every live worker).
+
+        ``args`` is one tuple for all workers (broadcast: sent once) or a sequence of n tuples
+        indexed by worker id (per-worker inputs such as coded blocks).
+        """
+
+    @abstractmethod
+    def first_k(self, round_: Round, k: int) -> dict[int, Any]:
+        """Block until ``k`` workers of the round have answered successfully; return {worker: result}.
+
+        Failed calls (dead workers) are erasures: the worker is marked dead and another answer is
+        awaited. Answers that arrive after the k-th are discarded. Raises ``ClusterError`` when fewer
+        than k workers can still answer.
+        """
+
+    @abstractmethod
+    def wait_all(self, round_: Round) -> dict[int, Any]:
+        """Wait for every live worker of the round (used for loads and state fetches)."""
+
+    @abstractmethod
+    def ready_workers(self, k: int) -> list[int]:
+        """Workers to send the next compute round to: live workers with no unfinished compute call,
+        topped up with the least-backlogged busy ones so that at least k are asked. Never queue
+        compute on a busy worker when k idle ones exist (its queue would only grow)."""
+
+    def note_master_time(self, seconds: float) -> None:
+        """Account for master-side work (encode, decode, update); the simulated clock advances."""
+
+    @abstractmethod
+    def alive(self) -> list[int]:
+        """Worker ids currently believed alive."""
+
+    @abstractmethod
+    def respawn(self, worker: int) -> None:
+        """Replace a dead worker with a fresh one (empty state): the master must repair it."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop all workers; no processes may outlive this call."""
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

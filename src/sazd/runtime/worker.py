@@ -1,0 +1,117 @@
+"""One worker's state and compute. The same class runs in-process and inside a Ray actor.
+
+A worker holds named coded weight blocks (for a coded layer ``fc1``: ``"fc1.row"`` = C_j(W) and
+``"fc1.col"`` = C_j(W^T)) and, under DEU, their momentum buffers. It answers products and applies
+SGD updates from encoded gradient factors. Every operation is linear in the weights, so the blocks
+stay the encoding of the true weights after each update.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SGDStep:
+    """One SGD step with PyTorch's exact semantics (``torch.optim.SGD``)."""
+
+    lr: float
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+
+
+def sgd_apply(weight: Tensor, grad: Tensor, buffer: Tensor | None, step: SGDStep) -> Tensor | None:
+    """Apply one SGD step to ``weight`` in place and return the new momentum buffer (or None).
+
+    Mirrors torch.optim.SGD: d = g + wd*w; buf = d (first step) or mu*buf + (1-dampening)*d;
+    d = d + mu*buf (Nesterov) or buf; w -= lr*d. Each line is linear in (w, g, buf).
+    """
+    if step.weight_decay:
+        grad = grad.add(weight, alpha=step.weight_decay)
+    if step.momentum:
+        if buffer is None:
+            buffer = grad.clone()
+        else:
+            buffer.mul_(step.momentum).add_(grad, alpha=1 - step.dampening)
+        grad = grad.add(buffer, alpha=step.momentum) if step.nesterov else buffer
+    weight.add_(grad, alpha=-step.lr)
+    return buffer
+
+
+class Worker:
+    """Coded state of worker ``index`` and the operations the master may ask of it."""
+
+    def __init__(self, index: int, device: str = "cpu") -> None:
+        self.index = index
+        self.device = torch.device(device)
+        self.weights: dict[str, Tensor] = {}
+        self.momentum: dict[str, Tensor] = {}
+        self.delay_factor = 1.0  # straggler injection: compute takes delay_factor times longer
+        self.updates_applied = 0
+
+    # ------------------------------------------------------------------ state
+    def load(self, blocks: dict[str, Tensor], momentum: dict[str, Tensor] | None = None) -> int:
+        """Replace (or add) coded blocks, and optionally their momentum buffers."""
+        for key, block in blocks.items():
+            self.weights[key] = block.to(self.device).clone()
+            self.momentum.pop(key, None)
+        for key, buf in (momentum or {}).items():
+            self.momentum[key] = buf.to(self.device).clone()
+        return self.index
+
+    def state(self, keys: list[str] | None = None) -> dict[str, dict[str, Tensor]]:
+        """Coded weights and momentum buffers (on CPU) for decoding, checkpoints and repair."""
+        keys = list(self.weights) if keys is None else keys
+        return {
+            "weights": {key: self.weights[key].cpu() for key in keys},
+            "momentum": {key: self.momentum[key].cpu() for key in keys if key in self.momentum},
+        }
+
+    def set_delay(self, factor: float) -> int:
+        if factor < 1:
+            raise ValueError(f"delay factor must be >= 1, got {factor}")
+        self.delay_factor = float(factor)
+        return self.index
+
+    def ping(self) -> int:
+        return self.index
+
+    # ---------------------------------------------------------------- compute
+    def matmul(self, key: str, x: Tensor) -> Tensor:
+        """This worker's coded product: ``weights[key] @ x``."""
+        if key not in self.weights:
+            raise KeyError(f"worker {self.index} holds no block {key!r} (blocks: {sorted(self.weights)})")
+        return self._timed(lambda: self.weights[key] @ x.to(self.device))
+
+    def sgd_update(self, key: str, left: Tensor, right: Tensor, step: SGDStep) -> int:
+        """DEU update of block ``key`` with the coded gradient ``left @ right``.
+
+        For the row copy ``left = C_j(dY^T)`` and ``right = X``; for the column copy
+        ``left = C_j(X^T)`` and ``right = dY``.
+        """
+        weight = self.weights[key]
+
+        def apply() -> None:
+            grad = left.to(self.device) @ right.to(self.device)
+            self.momentum[key] = sgd_apply(weight, grad, self.momentum.get(key), step)
+            if self.momentum[key] is None:
+                del self.momentum[key]
+
+        self._timed(apply)
+        self.updates_applied += 1
+        return self.updates_applied
+
+    def _timed(self, fn):
+        start = time.perf_counter()
+        out = fn()
+        if self.delay_factor > 1:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            time.sleep((self.delay_factor - 1) * (time.perf_counter() - start))
+        return out
