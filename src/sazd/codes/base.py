@@ -13,7 +13,7 @@ import math
 import random
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +92,10 @@ class Code(ABC):
         """Number of redundant workers (stragglers tolerated)."""
         return self.n - self.k
 
+    def can_decode(self, workers: Collection[int]) -> bool:
+        """Whether the results of these workers suffice to decode (any k for an MDS code)."""
+        return len(set(workers)) >= self.k
+
     def overhead_rows(self, rows: int) -> int:
         """Extra rows over an ideal MDS code, summed over all coded blocks, for ``rows`` source rows."""
         r = self._rows_per_block(rows, "rows")
@@ -123,7 +127,10 @@ class Code(ABC):
         self._check_workers(results)
         ref_worker, ref = next(iter(results.items()))
         trailing = tuple(ref.shape[1:])
-        r = self._source_rows(ref_worker, ref.shape[0]) if rows is None else self._rows_per_block(rows, "rows")
+        if rows is None:
+            r = self._source_rows(ref_worker, ref.shape[0])
+        else:
+            r = self._rows_per_block(rows, "rows")
         expected = self.block_rows(r)
         for j, res in results.items():
             if tuple(res.shape[1:]) != trailing or res.shape[0] != expected[j]:
@@ -211,7 +218,9 @@ class Code(ABC):
                 f"than k={self.k}; check those workers' inputs and weights, or wait for more workers"
             )
         warnings.warn(
-            f"workers {bad} returned NaN or Inf; treating them as erasures", NonFiniteResultWarning, stacklevel=3
+            f"workers {bad} returned NaN or Inf; treating them as erasures",
+            NonFiniteResultWarning,
+            stacklevel=3,
         )
         return good
 

@@ -10,7 +10,7 @@ model) and ``RayCluster`` (workers are Ray actors).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +71,9 @@ class Cluster(ABC):
     counters: Counters
 
     @abstractmethod
-    def submit(self, method: str, args: Sequence[tuple] | tuple, workers: Sequence[int] | None = None) -> Round:
+    def submit(
+        self, method: str, args: Sequence[tuple] | tuple, workers: Sequence[int] | None = None
+    ) -> Round:
         """Call ``Worker.<method>(*args)`` on each of ``workers`` (default: every live worker).
 
         ``args`` is one tuple for all workers (broadcast: sent once) or a sequence of n tuples
@@ -79,8 +81,13 @@ class Cluster(ABC):
         """
 
     @abstractmethod
-    def first_k(self, round_: Round, k: int) -> dict[int, Any]:
+    def first_k(
+        self, round_: Round, k: int, enough: Callable[[Collection[int]], bool] | None = None
+    ) -> dict[int, Any]:
         """Block until ``k`` workers of the round have answered successfully; return {worker: result}.
+
+        ``enough`` (e.g. ``code.can_decode``) replaces the plain count test when given, for codes such
+        as replication where not every k-set decodes.
 
         Failed calls (dead workers) are erasures: the worker is marked dead and another answer is
         awaited. Answers that arrive after the k-th are discarded. Raises ``ClusterError`` when fewer
@@ -99,6 +106,7 @@ class Cluster(ABC):
 
     def note_master_time(self, seconds: float) -> None:
         """Account for master-side work (encode, decode, update); the simulated clock advances."""
+        return None  # real backends: real time passes by itself
 
     @abstractmethod
     def alive(self) -> list[int]:
