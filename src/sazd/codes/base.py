@@ -178,11 +178,14 @@ class Code(ABC):
         sets, total = straggler_sets(self.n, self.k, samples, seed)
         worst, worst_set = -1.0, ()
         for subset in sets:
-            decoded = self.decode({j: products[j] for j in subset}).to("cpu", torch.float64)
-            err = relative_error(decoded, exact)
+            try:
+                decoded = self.decode({j: products[j] for j in subset}).to("cpu", torch.float64)
+                err = relative_error(decoded, exact)
+            except DecodeError:  # decoding overflowed: an infinite error, reported as such
+                err = math.inf
             if not err <= worst:  # also catches NaN
                 worst, worst_set = err, subset
-                if math.isnan(err):
+                if not math.isfinite(err):
                     break
         return VerifyReport(worst, worst_set, len(sets), total)
 

@@ -1,0 +1,56 @@
+"""The cluster of workers the master talks to: in-process (simulated latency) or Ray actors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sazd.runtime.cluster import Cluster, ClusterError, Counters, Round, tensor_bytes
+from sazd.runtime.inproc import InProcessCluster
+from sazd.runtime.latency import (
+    Combined,
+    DeadWorkers,
+    FixedStragglers,
+    LatencyModel,
+    NoDelay,
+    ShiftedExponential,
+    parse_latency,
+    straggler_latency,
+)
+from sazd.runtime.worker import SGDStep, Worker, sgd_apply
+
+BACKENDS = ("inproc", "ray")
+
+
+def make_cluster(backend: str, n: int, **opts: Any) -> Cluster:
+    """``InProcessCluster(n, **opts)`` for ``"inproc"``, ``RayCluster(n, **opts)`` for ``"ray"``
+    (Ray is imported only then)."""
+    if backend == "inproc":
+        return InProcessCluster(n, **opts)
+    if backend == "ray":
+        from sazd.runtime.ray_backend import RayCluster
+
+        return RayCluster(n, **opts)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+__all__ = [
+    "BACKENDS",
+    "Cluster",
+    "ClusterError",
+    "Combined",
+    "Counters",
+    "DeadWorkers",
+    "FixedStragglers",
+    "InProcessCluster",
+    "LatencyModel",
+    "NoDelay",
+    "Round",
+    "SGDStep",
+    "ShiftedExponential",
+    "Worker",
+    "make_cluster",
+    "parse_latency",
+    "sgd_apply",
+    "straggler_latency",
+    "tensor_bytes",
+]

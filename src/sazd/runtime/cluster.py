@@ -33,6 +33,8 @@ class Counters:
     failed_results: int = 0
     repairs: list[dict[str, Any]] = field(default_factory=list)
     sim_time_s: float = 0.0  # in-process backend only: simulated wall time of all rounds
+    respawns: int = 0  # workers replaced by fresh ones (the master then repairs them)
+    backlog_kills: int = 0  # workers declared dead because their queue of calls exceeded max_backlog
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -44,6 +46,8 @@ class Counters:
             "failed_results": self.failed_results,
             "repairs": len(self.repairs),
             "sim_time_s": self.sim_time_s,
+            "respawns": self.respawns,
+            "backlog_kills": self.backlog_kills,
         }
 
 
@@ -56,6 +60,34 @@ def tensor_bytes(obj: Any) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(tensor_bytes(v) for v in obj)
     return 0
+
+
+def resolve_args(
+    args: Sequence[tuple] | tuple | dict[int, tuple], workers: Sequence[int], n: int
+) -> tuple[dict[int, tuple], bool]:
+    """The argument tuple of each worker in ``workers`` and whether it is one broadcast tuple.
+
+    A ``tuple`` is broadcast to every worker; a ``list`` of n tuples (indexed by worker id) or a
+    ``dict`` {worker: tuple} gives per-worker arguments.
+    """
+    if isinstance(args, tuple):
+        return {j: args for j in workers}, True
+    if isinstance(args, dict):
+        missing = [j for j in workers if j not in args]
+        if missing:
+            raise ValueError(f"args: no argument tuple for workers {missing}; give one per called worker")
+        return {j: args[j] for j in workers}, False
+    if isinstance(args, list):
+        if len(args) != n:
+            raise ValueError(
+                f"args: per-worker list has {len(args)} entries, expected n={n} (indexed by worker id); "
+                "pass a tuple to broadcast one argument tuple to all workers"
+            )
+        return {j: args[j] for j in workers}, False
+    raise ValueError(
+        f"args must be a tuple (broadcast), a list of n tuples or a dict {{worker: tuple}}, "
+        f"got {type(args).__name__}"
+    )
 
 
 class Round(ABC):

@@ -1,0 +1,185 @@
+"""SAZD: shift-and-add encoding, zigzag decoding.
+
+Coded block j is ``C_j = sum_i z^{t[j,i]} A_i`` (``z^t A``: A shifted down t rows). Two layouts:
+
+- systematic (default): workers 0..k-1 hold A_0..A_{k-1} unchanged; parity worker k+p holds
+  ``P_p = sum_i z^{p*i*g} A_i`` (p = 0..m-1, shift unit g rows). Decoding is a copy while the
+  systematic workers answer; when blocks M are missing, the received systematic blocks are
+  subtracted from |M| parity blocks, leaving a small Vandermonde system in monomial nodes.
+- non-systematic (the paper's form): worker j holds ``sum_i z^{j*i*g} A_i``, j = 0..n-1; decoding
+  always solves the k x k system.
+
+Both systems are solved by ring arithmetic (``zigzag.solve_primal`` / ``solve_dual``): binomial
+divisions are strided cumulative sums. Rounding error walks along chains of r/(g*D) rows, so
+``shift_unit`` g trades overhead rows for accuracy; ``"auto"`` picks g from the block length.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from sazd.codes import zigzag
+from sazd.codes.base import Code, DecodeError, compute_dtype
+
+AUTO_CHAIN_ROWS = 256  # "auto" keeps zigzag chains at most this many rows long: g = ceil(r / 256)
+
+
+class SAZD(Code):
+    """Shift-and-add code with zigzag decoding; see the module docstring."""
+
+    name = "sazd"
+
+    def __init__(self, n: int, k: int, systematic: bool = True, shift_unit: int | str = "auto") -> None:
+        super().__init__(n, k)
+        if n <= k:
+            raise ValueError(f"SAZD needs n > k (at least one redundant worker), got n={n}, k={k}")
+        if shift_unit != "auto" and not (
+            isinstance(shift_unit, int) and not isinstance(shift_unit, bool) and shift_unit >= 1
+        ):
+            raise ValueError(f"shift_unit must be an integer >= 1 or 'auto', got shift_unit={shift_unit!r}")
+        self.is_systematic = bool(systematic)
+        self.shift_unit = shift_unit
+
+    # ------------------------------------------------------------- geometry
+    def shift_for(self, r: int) -> int:
+        """Shift unit g (rows) used for source blocks of r rows."""
+        if self.shift_unit == "auto":
+            return max(1, -(-r // AUTO_CHAIN_ROWS))
+        return int(self.shift_unit)
+
+    def _shift_index(self, worker: int) -> int | None:
+        """p with shifts ``p*i*g`` for this worker, or None for a plain systematic block."""
+        if self.is_systematic:
+            return None if worker < self.k else worker - self.k
+        return worker
+
+    def block_rows(self, r: int) -> list[int]:
+        g = self.shift_for(r)
+        rows = []
+        for j in range(self.n):
+            p = self._shift_index(j)
+            rows.append(r if p is None else r + p * (self.k - 1) * g)
+        return rows
+
+    def _source_rows(self, worker: int, rows: int) -> int:
+        p = self._shift_index(worker)
+        if not p:
+            return rows
+        return _invert_rows(rows, p * (self.k - 1), self.shift_unit)
+
+    # -------------------------------------------------------------- encoding
+    def _encode_blocks(self, blocks: Tensor) -> list[Tensor]:
+        r = blocks.shape[1]
+        g = self.shift_for(r)
+        acc = blocks.to(compute_dtype(blocks.dtype))
+        coded = [blocks[i].clone() for i in range(self.k)] if self.is_systematic else []
+        for p in range(self.m if self.is_systematic else self.n):
+            if p == 0:
+                c = acc.sum(0)
+            else:
+                c = acc.new_zeros((r + p * (self.k - 1) * g, *blocks.shape[2:]))
+                for i in range(self.k):  # k whole-block adds: C = sum_i z^{p*i*g} A_i
+                    c[p * i * g : p * i * g + r] += acc[i]
+            coded.append(c.to(blocks.dtype))
+        return coded
+
+    # -------------------------------------------------------------- decoding
+    def _decode_blocks(self, results: dict[int, Tensor], r: int, out: Tensor) -> None:
+        g = self.shift_for(r)
+        if self.is_systematic:
+            received = [i for i in range(self.k) if i in results]
+            for i in received:
+                out[i] = results[i]
+            missing = [i for i in range(self.k) if i not in results]
+            if not missing:
+                return
+            out[missing] = 0  # so that sums over all blocks add only the received ones
+            parities = sorted(j - self.k for j in results if j >= self.k)
+            equations = {q: self._reduced_parity(q, results, received, out, g) for q in parities}
+        else:
+            missing = list(range(self.k))
+            equations = dict(results)
+        for i, block in zip(missing, self._solve(missing, equations, r, g), strict=True):
+            out[i] = block[:r]
+        if not bool(torch.isfinite(out[missing].sum())) and not bool(torch.isfinite(out[missing]).all()):
+            raise DecodeError(
+                f"zigzag decoding of blocks {missing} from workers {sorted(results)} overflowed although "
+                f"every result was finite: this straggler set is numerically unstable for {self!r} at "
+                f"r={r} rows per block; use a larger shift_unit or fewer parity workers (see `sazd design`)"
+            )
+
+    def _reduced_parity(self, q: int, results: dict[int, Tensor], received: list[int], out: Tensor, g: int):
+        """Parity q minus the received systematic blocks: ``P_q - sum_{i received} z^{q*i*g} A_i``."""
+        parity = results[self.k + q]
+        if q == 0:
+            return parity - out.sum(0)
+        reduced = parity.clone()
+        for i in received:
+            reduced[q * i * g : q * i * g + out.shape[1]] -= out[i]
+        return reduced
+
+    def _solve(self, missing: list[int], equations: dict[int, Tensor], r: int, g: int) -> list[Tensor]:
+        """Solve ``R_q = sum_{i in missing} z^{q*i*g} A_i`` for the A_i, choosing |missing| equations."""
+        e = len(missing)
+        step = _common_step(missing)
+        if step is not None:  # missing = a, a+s, ...: values of a polynomial at nodes z^{g*q*s}
+            chosen = _spread_subset(sorted(equations), e)
+            a = missing[0]
+            values = [equations[q][g * q * a :] for q in chosen]
+            return zigzag.solve_primal(values, [g * q * step for q in chosen])
+        chosen = _arithmetic_subset(sorted(equations), e)
+        if chosen is not None:  # equations q0 + d*v: dual Vandermonde in nodes z^{g*d*i}
+            q0, d = chosen[0], chosen[1] - chosen[0]
+            shifted = zigzag.solve_dual([equations[q] for q in chosen], [g * d * i for i in missing])
+            return [block[g * q0 * i :] for block, i in zip(shifted, missing, strict=True)]
+        chosen = sorted(equations)[:e]
+        offsets = tuple(tuple(g * q * i for i in missing) for q in chosen)
+        return zigzag.peel([equations[q] for q in chosen], offsets, r)
+
+    def __repr__(self) -> str:
+        kind = "systematic" if self.is_systematic else "non-systematic"
+        return f"SAZD(n={self.n}, k={self.k}, {kind}, shift_unit={self.shift_unit!r})"
+
+
+def _common_step(values: list[int]) -> int | None:
+    """The step s if ``values`` (sorted) is an arithmetic progression (any 1 or 2 values are)."""
+    if len(values) == 1:
+        return 1
+    step = values[1] - values[0]
+    ok = all(b - a == step for a, b in zip(values, values[1:], strict=False))
+    return step if ok else None
+
+
+def _arithmetic_subset(values: list[int], size: int) -> list[int] | None:
+    """An arithmetic progression of ``size`` members of ``values`` with the largest step, if any."""
+    if size == 1:
+        return values[:1]
+    present = set(values)
+    for step in range(values[-1] - values[0], 0, -1):
+        for start in values:
+            candidate = [start + step * v for v in range(size)]
+            if all(c in present for c in candidate):
+                return candidate
+    return None
+
+
+def _spread_subset(values: list[int], size: int) -> list[int]:
+    """``size`` of the equations, widely spread (larger node gaps mean shorter zigzag chains)."""
+    return _arithmetic_subset(values, size) or values[:size]
+
+
+@lru_cache(maxsize=4096)
+def _invert_rows(rows: int, extra_per_g: int, shift_unit: int | str) -> int:
+    """Source rows r with ``r + extra_per_g * g(r) == rows``."""
+    candidates = [int(shift_unit)] if shift_unit != "auto" else range(1, rows // extra_per_g + 2)
+    for g in candidates:
+        r = rows - extra_per_g * g
+        if r >= 1 and (shift_unit != "auto" or max(1, -(-r // AUTO_CHAIN_ROWS)) == g):
+            return r
+    raise ValueError(
+        f"a result with {rows} rows is too short for this worker's coded block "
+        f"({extra_per_g} x shift unit extra rows); pass each worker's product coded[j] @ X unchanged"
+    )

@@ -1,0 +1,332 @@
+"""Coded Linear and Conv2d layers: the forward / backward / update algebra of DESIGN.md §3.
+
+Every coded layer is one matrix product ``Y = X W^T`` with ``W`` of shape (out, in) and ``X`` of shape
+(N, in) (Linear: N = batch; Conv2d: W is (out_ch, in_ch*kh*kw) and X holds the N = batch*positions
+unfolded patches). Rows are the coded axis:
+
+- forward:        worker j returns C_j(W) X^T            -> decode W X^T       (copy "<name>.row")
+- input gradient: worker j returns C_j(W^T) dY^T         -> decode W^T dY^T    (copy "<name>.col")
+- weight update:  naive  -> master forms dW = dY^T X, any torch optimizer steps W, the master
+                            re-encodes both copies and ships them (O(n*out*in) bytes);
+                  deu    -> the master encodes only dY^T and X^T; worker j applies
+                            C_j(W)   <- SGD(C_j(W),   C_j(dY^T) X)
+                            C_j(W^T) <- SGD(C_j(W^T), C_j(X^T) dY)     (O(n*N*(out+in)) bytes)
+Widths not divisible by k are padded with zero rows; padded gradient rows are zero, so the padding
+stays zero under SGD and is sliced off every decoded result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sazd.codes.base import Code
+from sazd.runtime.cluster import Cluster, ClusterError
+from sazd.runtime.worker import SGDStep
+
+SCHEMES = ("naive", "deu")
+
+
+@dataclass
+class PhaseStats:
+    """Master-side counters of the coded layers, accumulated; diff two snapshots for one iteration."""
+
+    encode_s: float = 0.0
+    decode_s: float = 0.0
+    worker_s: float = 0.0  # master waiting for a round (submit + first k answers)
+    update_s: float = 0.0  # master side of the update: DEU encode+send, naive re-encode+ship
+    rows_encoded: int = 0
+    rows_decoded: int = 0
+    rounds: int = 0
+
+    def snapshot(self) -> dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class CodedContext:
+    """What all coded layers of one model share: the code, the cluster, the scheme and the counters."""
+
+    def __init__(self, code: Code, cluster: Cluster, scheme: str) -> None:
+        self.code = code
+        self.cluster = cluster
+        self.scheme = scheme
+        self.stats = PhaseStats()
+        self.layers: dict[str, CodedLayer] = {}
+
+    # ------------------------------------------------------------ encoding
+    def encode(self, T: Tensor, rows: int) -> list[Tensor]:
+        """Pad ``T`` with zero rows to ``rows`` (a multiple of k) and encode it into n blocks."""
+        start = time.perf_counter()
+        coded = self.code.encode(pad_rows(T, rows))
+        self._master_time("encode_s", start)
+        self.stats.rows_encoded += rows
+        return coded
+
+    def decode(self, results: dict[int, Tensor], rows: int, device: torch.device) -> Tensor:
+        start = time.perf_counter()
+        out = self.code.decode({j: r.to(device) for j, r in results.items()}, rows=rows)
+        self._master_time("decode_s", start)
+        self.stats.rows_decoded += rows
+        return out
+
+    def _master_time(self, phase: str, start: float) -> None:
+        seconds = time.perf_counter() - start
+        setattr(self.stats, phase, getattr(self.stats, phase) + seconds)
+        self.cluster.note_master_time(seconds)
+
+    # -------------------------------------------------------------- rounds
+    def product(self, key: str, x: Tensor, rows: int) -> Tensor:
+        """One coded round: every ready worker multiplies its block ``key`` by ``x``; decode the first
+        k answers into the (padded) product with ``rows`` rows."""
+        start = time.perf_counter()
+        workers = self._ready()
+        rnd = self.cluster.submit("matmul", (key, x), workers)
+        results = self.cluster.first_k(rnd, self.code.k, enough=self.code.can_decode)
+        self.stats.worker_s += time.perf_counter() - start
+        self.stats.rounds += 1
+        return self.decode(results, rows, x.device)
+
+    def _ready(self) -> list[int]:
+        workers = self.cluster.ready_workers(self.code.k)
+        if not self.code.can_decode(workers):  # e.g. replication: not every k-set decodes
+            workers = self.cluster.alive()
+        return workers
+
+    def send(self, method: str, per_worker: Sequence[tuple]) -> None:
+        """Fire-and-forget call to every live worker (calls to one worker run in order)."""
+        alive = self.cluster.alive()
+        if not self.code.can_decode(alive):
+            raise ClusterError(
+                f"only workers {alive} are alive, fewer than needed to decode (k={self.code.k})"
+            )
+        self.cluster.submit(method, list(per_worker), alive)
+
+    def fetch_state(self, keys: list[str]) -> dict[int, dict[str, dict[str, Tensor]]]:
+        """Coded weights and momentum of ``keys`` from the first decodable set of live workers."""
+        rnd = self.cluster.submit("state", (keys,), self.cluster.alive())
+        return self.cluster.first_k(rnd, self.code.k, enough=self.code.can_decode)
+
+
+def pad_rows(T: Tensor, rows: int) -> Tensor:
+    """``T`` with zero rows appended up to ``rows`` rows (no copy when nothing to pad)."""
+    extra = rows - T.shape[0]
+    if extra == 0:
+        return T
+    return torch.cat([T, T.new_zeros((extra, *T.shape[1:]))])
+
+
+def round_up(x: int, k: int) -> int:
+    return -(-x // k) * k
+
+
+class _CodedMatmul(torch.autograd.Function):
+    """``Xm (N, in) -> Xm W^T (N, out)`` through the workers; ``weight`` is the master's W (naive) or
+    an empty handle that only makes autograd call backward (DEU)."""
+
+    @staticmethod
+    def forward(ctx: Any, xm: Tensor, weight: Tensor, layer: CodedLayer) -> Tensor:
+        ctx.layer = layer
+        ctx.save_for_backward(xm)
+        return layer.forward_product(xm)
+
+    @staticmethod
+    def backward(ctx: Any, dym: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        (xm,) = ctx.saved_tensors
+        layer: CodedLayer = ctx.layer
+        dym = dym.contiguous()
+        dx = layer.input_grad(dym) if ctx.needs_input_grad[0] else None
+        if layer.ctx.scheme == "naive":
+            return dx, (dym.T @ xm).reshape(layer.weight_shape), None
+        layer.pending.append((xm.detach(), dym.detach()))
+        return dx, None, None
+
+
+class CodedLayer(nn.Module):
+    """A layer whose weight lives, encoded, on the workers. Subclasses map their input to ``Xm``."""
+
+    def __init__(self, name: str, module: nn.Module, ctx: CodedContext) -> None:
+        super().__init__()
+        weight = module.weight.detach()
+        self.name = name
+        self.ctx = ctx
+        self.weight_shape = tuple(weight.shape)
+        self.out_features = weight.shape[0]
+        self.in_features = weight[0].numel()
+        k = ctx.code.k
+        self.out_pad, self.in_pad = round_up(self.out_features, k), round_up(self.in_features, k)
+        self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone())
+        self.element_size = weight.element_size()
+        self.pending: list[tuple[Tensor, Tensor]] = []  # DEU: (Xm, dYm) awaiting the optimizer step
+        self.last_rows, self.last_input_grad = 0, False  # shape of the last batch, for the bytes formula
+        if ctx.scheme == "naive":
+            self.weight = nn.Parameter(weight.clone())
+            self._shipped_version = -1
+            self.sync()
+        else:
+            self.register_buffer("_handle", weight.new_empty(0), persistent=False)
+            self.load_plain(weight)
+
+    @property
+    def keys(self) -> tuple[str, str]:
+        return f"{self.name}.row", f"{self.name}.col"
+
+    # ---------------------------------------------------------- the algebra
+    def forward_product(self, xm: Tensor) -> Tensor:
+        if self.ctx.scheme == "naive":
+            self.sync()
+        out = self.ctx.product(self.keys[0], xm.T.contiguous(), self.out_pad)  # (out_pad, N) = W X^T
+        return out[: self.out_features].T
+
+    def input_grad(self, dym: Tensor) -> Tensor:
+        out = self.ctx.product(self.keys[1], dym.T.contiguous(), self.in_pad)  # (in_pad, N) = W^T dY^T
+        return out[: self.in_features].T
+
+    def matmul(self, xm: Tensor) -> Tensor:
+        self.last_rows = xm.shape[0]
+        self.last_input_grad = xm.requires_grad and torch.is_grad_enabled()
+        if self.ctx.scheme == "naive":
+            return _CodedMatmul.apply(xm, self.weight, self)
+        handle = self._handle.requires_grad_(torch.is_grad_enabled())
+        return _CodedMatmul.apply(xm, handle, self)
+
+    # ------------------------------------------------------------ updating
+    def encode_plain(self, W: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Both coded copies of the plain weight ``W`` (any shape with ``out`` rows)."""
+        W2 = W.reshape(self.out_features, self.in_features)
+        return self.ctx.encode(W2, self.out_pad), self.ctx.encode(W2.T, self.in_pad)
+
+    def load_plain(
+        self, W: Tensor, momentum: Tensor | None = None, workers: Sequence[int] | None = None
+    ) -> None:
+        """Encode plain W (and, DEU, its momentum buffer) and load the blocks on ``workers`` (all)."""
+        row, col = self.encode_plain(W)
+        mom = self.encode_plain(momentum) if momentum is not None else None
+        targets = self.ctx.cluster.alive() if workers is None else list(workers)
+        args = []
+        for j in range(self.ctx.code.n):
+            blocks = {self.keys[0]: row[j], self.keys[1]: col[j]}
+            buffers = None if mom is None else {self.keys[0]: mom[0][j], self.keys[1]: mom[1][j]}
+            args.append((blocks, buffers))
+        self.ctx.cluster.submit("load", args, targets)
+
+    def sync(self) -> None:
+        """Naive scheme: re-encode and ship W when it changed since the last shipment."""
+        if self.weight._version == self._shipped_version:
+            return
+        start = time.perf_counter()
+        encode_before = self.ctx.stats.encode_s
+        self.load_plain(self.weight.detach())
+        self.ctx.stats.update_s += time.perf_counter() - start - (self.ctx.stats.encode_s - encode_before)
+        self._shipped_version = self.weight._version
+
+    def grad_norm_sq(self) -> Tensor:
+        """||dW||_F^2 of the pending DEU gradient dW = dY^T X without forming dW when the N x N Gram
+        matrices are smaller: ||dY^T X||^2 = sum((dY dY^T) * (X X^T))."""
+        X, dY = self._pending_factors()
+        if X.shape[0] ** 2 <= self.out_features * self.in_features:
+            return ((dY @ dY.T) * (X @ X.T)).sum()
+        return (dY.T @ X).square().sum()
+
+    def deu_step(self, step: SGDStep, scale: float | Tensor = 1.0) -> None:
+        """Send the encoded gradient factors of the pending dW (scaled, e.g. by a clip factor)."""
+        if not self.pending:
+            return
+        X, dY = self._pending_factors()
+        if not (isinstance(scale, float) and scale == 1.0):
+            dY = dY * scale
+        start = time.perf_counter()
+        encode_before = self.ctx.stats.encode_s
+        left_row = self.ctx.encode(dY.T, self.out_pad)  # C_j(dY^T): (rows_j, N)
+        left_col = self.ctx.encode(X.T, self.in_pad)  # C_j(X^T):  (rows_j, N)
+        n = self.ctx.code.n
+        self.ctx.send("sgd_update", [(self.keys[0], left_row[j], X, step) for j in range(n)])
+        self.ctx.send("sgd_update", [(self.keys[1], left_col[j], dY, step) for j in range(n)])
+        self.pending.clear()
+        spent = time.perf_counter() - start - (self.ctx.stats.encode_s - encode_before)
+        self.ctx.stats.update_s += spent
+        self.ctx.cluster.note_master_time(spent)
+
+    def _pending_factors(self) -> tuple[Tensor, Tensor]:
+        if len(self.pending) == 1:
+            return self.pending[0]
+        return torch.cat([x for x, _ in self.pending]), torch.cat([d for _, d in self.pending])
+
+    # --------------------------------------------------- plain-weight views
+    def plain_from_state(self, states: dict[int, dict[str, dict[str, Tensor]]], part: str) -> Tensor | None:
+        """Decode this layer's plain W (part="weights") or momentum (part="momentum") from worker states
+        (the coded blocks are products with the identity, so decode gives W itself)."""
+        key = self.keys[0]
+        blocks = {j: s[part][key] for j, s in states.items() if key in s[part]}
+        if part == "momentum" and len(blocks) < len(states):
+            if blocks:
+                raise ClusterError(f"workers disagree on whether {key} has a momentum buffer")
+            return None
+        device = self.bias.device if self.bias is not None else blocks[next(iter(blocks))].device
+        W = self.ctx.decode(blocks, self.out_pad, device)[: self.out_features]
+        return W.reshape(self.weight_shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"name={self.name!r}, out={self.out_features} (padded {self.out_pad}), "
+            f"in={self.in_features} (padded {self.in_pad}), scheme={self.ctx.scheme}, code={self.ctx.code}"
+        )
+
+
+class CodedLinear(CodedLayer):
+    """``nn.Linear`` with its weight coded on the workers; any leading batch dimensions."""
+
+    def __init__(self, name: str, module: nn.Linear, ctx: CodedContext) -> None:
+        super().__init__(name, module, ctx)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.matmul(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def to_plain(self, weight: Tensor) -> nn.Linear:
+        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        return _fill(plain, weight, self.bias)
+
+
+class CodedConv2d(CodedLayer):
+    """``nn.Conv2d`` (groups=1, zero padding) as a coded product on unfolded patches."""
+
+    def __init__(self, name: str, module: nn.Conv2d, ctx: CodedContext) -> None:
+        super().__init__(name, module, ctx)
+        self.in_channels, self.out_channels = module.in_channels, module.out_channels
+        self.kernel_size, self.stride = module.kernel_size, module.stride
+        self.padding, self.dilation = module.padding, module.dilation
+
+    def forward(self, x: Tensor) -> Tensor:
+        B = x.shape[0]
+        ho, wo = (self._out_size(x.shape[2 + i], i) for i in (0, 1))
+        geometry = dict(kernel_size=self.kernel_size, dilation=self.dilation, padding=self.padding,
+                        stride=self.stride)
+        cols = F.unfold(x, **geometry)  # (B, C*kh*kw, L) patches; autograd's backward is F.fold
+        xm = cols.transpose(1, 2).reshape(B * ho * wo, self.in_features)  # (N, in)
+        ym = self.matmul(xm)  # (N, out)
+        y = ym.reshape(B, ho, wo, self.out_features).permute(0, 3, 1, 2)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+    def _out_size(self, size: int, i: int) -> int:
+        span = self.dilation[i] * (self.kernel_size[i] - 1) + 1
+        return (size + 2 * self.padding[i] - span) // self.stride[i] + 1
+
+    def to_plain(self, weight: Tensor) -> nn.Conv2d:
+        plain = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                          padding=self.padding, dilation=self.dilation, bias=self.bias is not None)
+        return _fill(plain, weight, self.bias)
+
+
+def _fill(plain: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.Module:
+    plain = plain.to(dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        plain.weight.copy_(weight)
+        if bias is not None:
+            plain.bias.copy_(bias.detach())
+    return plain

@@ -1,0 +1,231 @@
+"""Make an unchanged ``nn.Module`` coded (``parallelize``), and read its plain weights back.
+
+Like ``torch.distributed.tensor.parallel.parallelize_module``, a plan maps submodule names to a
+style: ``{"fc1": "coded", "fc2": "coded"}``. Without a plan, every ``nn.Linear`` / ``nn.Conv2d``
+whose two coded axes (output features, and input features x kernel size) are both at least
+``min_features`` wide is coded: narrower layers cost a round trip per product and save nothing, so
+they stay on the master with the biases, activations and loss.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from sazd.codes.base import Code
+from sazd.parallel.layers import SCHEMES, CodedContext, CodedConv2d, CodedLayer, CodedLinear
+from sazd.runtime.cluster import Cluster, ClusterError
+
+STYLES = ("coded", "master")
+DEFAULT_MIN_FEATURES = 64
+CODABLE = (nn.Linear, nn.Conv2d)
+
+
+def parallelize(
+    model: nn.Module,
+    code: Code,
+    cluster: Cluster,
+    plan: Mapping[str, str] | None = None,
+    scheme: str = "deu",
+    min_features: int = DEFAULT_MIN_FEATURES,
+) -> nn.Module:
+    """Replace the planned layers of ``model`` (in place) by coded layers whose weights live, encoded
+    by ``code``, on the ``cluster``'s workers; returns ``model``.
+
+    ``scheme="naive"`` keeps each weight as a master ``nn.Parameter`` (any torch optimizer works; the
+    weights are re-encoded and shipped after each change); ``scheme="deu"`` keeps no plain weight on
+    the master: the workers update their coded weights (``sazd.train.optim.CodedOptimizer``).
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {list(SCHEMES)}, got {scheme!r}")
+    if cluster.n != code.n:
+        raise ValueError(f"cluster has n={cluster.n} workers but the code needs n={code.n}; make them equal")
+    if not code.can_decode(cluster.alive()):
+        raise ClusterError(f"only workers {cluster.alive()} are alive; the code needs k={code.k} of {code.n}")
+    if coded_layers(model):
+        raise ValueError("model is already parallelized (it holds coded layers); parallelize a plain model")
+    targets = resolve_plan(model, plan, min_features)
+    ctx = CodedContext(code, cluster, scheme)
+    for name, module in targets.items():
+        cls = CodedLinear if isinstance(module, nn.Linear) else CodedConv2d
+        ctx.layers[name] = layer = cls(name, module, ctx)
+        _replace(model, name, layer)
+    return model
+
+
+def resolve_plan(model: nn.Module, plan: Mapping[str, str] | None, min_features: int) -> dict[str, nn.Module]:
+    """The submodules to code, checked: every name exists and every layer can be coded."""
+    modules = dict(model.named_modules())
+    if plan is None:
+        if not isinstance(min_features, int) or min_features < 1:
+            raise ValueError(f"min_features must be an integer >= 1, got {min_features!r}")
+        chosen = {
+            name: m for name, m in modules.items()
+            if isinstance(m, CODABLE) and min(_widths(m)) >= min_features
+        }
+        if not chosen:
+            widths = {name: _widths(m) for name, m in modules.items() if isinstance(m, CODABLE)}
+            raise ValueError(
+                f"no Linear/Conv2d layer has both widths (out, in*kernel) >= min_features={min_features} "
+                f"(layers: {widths}); pass plan={{'name': 'coded'}} or a smaller min_features"
+            )
+    else:
+        if not isinstance(plan, Mapping):
+            raise ValueError(f"plan must map layer names to 'coded' or 'master', got {type(plan).__name__}")
+        chosen = {}
+        for name, style in plan.items():
+            if name not in modules or name == "":
+                codable = [n for n, m in modules.items() if isinstance(m, CODABLE)]
+                raise ValueError(f"plan names layer {name!r}, which the model lacks; its layers: {codable}")
+            if style not in STYLES:
+                raise ValueError(f"plan[{name!r}] = {style!r}; a style is one of {list(STYLES)}")
+            if style == "coded":
+                chosen[name] = modules[name]
+    for name, module in chosen.items():
+        _check_codable(name, module)
+    return chosen
+
+
+def _widths(m: nn.Module) -> tuple[int, int]:
+    return m.weight.shape[0], m.weight[0].numel()
+
+
+def _check_codable(name: str, m: nn.Module) -> None:
+    if type(m) not in (nn.Linear, nn.Conv2d):
+        raise ValueError(
+            f"layer {name!r} is a {type(m).__name__}; only nn.Linear and nn.Conv2d can be coded (their "
+            f"weight is a matrix product's rows); set plan[{name!r}] = 'master' or drop it from the plan"
+        )
+    if not m.weight.is_floating_point():
+        raise ValueError(f"layer {name!r} has a {m.weight.dtype} weight; coded layers need floating point")
+    if isinstance(m, nn.Conv2d):
+        if m.groups != 1:
+            raise ValueError(f"layer {name!r} is a grouped Conv2d (groups={m.groups}); only groups=1 codes")
+        if m.padding_mode != "zeros":
+            raise ValueError(
+                f"layer {name!r} has padding_mode={m.padding_mode!r}; only 'zeros' can be coded"
+            )
+        if isinstance(m.padding, str):
+            raise ValueError(
+                f"layer {name!r} has padding={m.padding!r}; give the padding as integers to code it"
+            )
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+
+
+# --------------------------------------------------------------- reading back
+def coded_layers(model: nn.Module) -> list[CodedLayer]:
+    return [m for m in model.modules() if isinstance(m, CodedLayer)]
+
+
+def context(model: nn.Module) -> CodedContext:
+    layers = coded_layers(model)
+    if not layers:
+        raise ValueError("model has no coded layers; call sazd.parallelize(model, code, cluster) first")
+    return layers[0].ctx
+
+
+def plain_weights(model: nn.Module, momentum: bool = False) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The plain weight of every coded layer ({"fc1.weight": W}) and, with ``momentum``, its SGD
+    momentum buffer. Naive: the master's weights. DEU: decoded from the first k workers' state (one
+    round for all layers); momentum buffers are coded the same way and decode the same way."""
+    layers = coded_layers(model)
+    ctx = context(model)
+    if ctx.scheme == "naive":
+        return {f"{layer.name}.weight": layer.weight.detach().clone() for layer in layers}, {}
+    keys = [key for layer in layers for key in layer.keys]
+    states = ctx.fetch_state(keys)
+    weights, buffers = {}, {}
+    for layer in layers:
+        weights[f"{layer.name}.weight"] = layer.plain_from_state(states, "weights")
+        if momentum:
+            buf = layer.plain_from_state(states, "momentum")
+            if buf is not None:
+                buffers[f"{layer.name}.weight"] = buf
+    return weights, buffers
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``state_dict`` of the plain model: the same keys as before ``parallelize``."""
+    state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    state.update(plain_weights(model)[0])
+    return state
+
+
+def plain_model(model: nn.Module) -> nn.Module:
+    """A plain copy of ``model`` on the master, coded layers replaced by nn.Linear / nn.Conv2d."""
+    ctx = context(model)
+    weights = plain_weights(model)[0]
+    plain = copy.deepcopy(model, memo={id(ctx): ctx})
+    for layer in coded_layers(plain):
+        _replace(plain, layer.name, layer.to_plain(weights[f"{layer.name}.weight"]))
+    return plain
+
+
+def load_plain_weights(model: nn.Module, weights: Mapping[str, Tensor],
+                       momentum: Mapping[str, Tensor] | None = None) -> None:
+    """Set every coded layer's weight (and, DEU, momentum) from plain tensors and ship them."""
+    for layer in coded_layers(model):
+        key = f"{layer.name}.weight"
+        if key not in weights:
+            raise ValueError(f"weights has no entry {key!r}; it must hold every coded layer's weight")
+        W = weights[key]
+        if tuple(W.shape) != layer.weight_shape:
+            raise ValueError(f"weights[{key!r}] has shape {tuple(W.shape)}, expected {layer.weight_shape}")
+        if layer.ctx.scheme == "naive":
+            with torch.no_grad():
+                layer.weight.copy_(W)
+            layer.sync()
+        else:
+            layer.load_plain(W.to(layer._handle), None if momentum is None else momentum.get(key))
+
+
+def repair(model: nn.Module, worker: int) -> dict[str, object]:
+    """Reload the (respawned, empty) ``worker`` with its coded blocks: the plain weights (and DEU
+    momentum) come from the master (naive) or are decoded from k live workers (DEU)."""
+    layers = coded_layers(model)
+    ctx = context(model)
+    live = [j for j in ctx.cluster.alive() if j != worker]
+    if not ctx.code.can_decode(live):
+        raise ClusterError(f"cannot repair worker {worker}: only workers {live} are alive besides it")
+    weights, buffers = plain_weights(model, momentum=True)
+    for layer in layers:
+        key = f"{layer.name}.weight"
+        layer.load_plain(weights[key], buffers.get(key), workers=[worker])
+    return {"worker": worker, "layers": [layer.name for layer in layers], "momentum": bool(buffers)}
+
+
+def predicted_traffic(model: nn.Module, scheme: str | None = None) -> dict[str, int]:
+    """Bytes of one training iteration by the DESIGN.md formula, from each coded layer's last batch
+    (``scheme``: predict for that scheme instead of the model's own).
+
+    Per coded layer with N rows of X (batch, or batch x positions for Conv2d), element size s, R_row
+    and R_col = total coded rows of the two copies over all n workers, assuming every live worker is
+    asked and k answers of r rows each come back (exact for systematic codes without stragglers):
+      forward:        to n*in*N*s,          from out_pad*N*s
+      input gradient: to n*out*N*s,         from in_pad*N*s     (skipped when X needs no gradient)
+      naive update:   to (R_row*in + R_col*out)*s                  -- O(n*out*in)
+      DEU update:     to (R_row + R_col)*N*s + n*N*(in+out)*s      -- O(n*N*(out+in))
+    """
+    to_w = from_w = 0
+    for layer in coded_layers(model):
+        ctx, N = layer.ctx, layer.last_rows
+        n, k, s = ctx.code.n, ctx.code.k, layer.element_size
+        R_row = sum(ctx.code.block_rows(layer.out_pad // k))
+        R_col = sum(ctx.code.block_rows(layer.in_pad // k))
+        to_w += n * layer.in_features * N * s
+        from_w += layer.out_pad * N * s
+        if layer.last_input_grad:
+            to_w += n * layer.out_features * N * s
+            from_w += layer.in_pad * N * s
+        if (scheme or ctx.scheme) == "naive":
+            to_w += (R_row * layer.in_features + R_col * layer.out_features) * s
+        else:
+            to_w += (R_row + R_col) * N * s + n * N * (layer.in_features + layer.out_features) * s
+    return {"bytes_to_workers": to_w, "bytes_from_workers": from_w}

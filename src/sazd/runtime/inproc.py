@@ -1,0 +1,308 @@
+"""In-process cluster: n ``Worker`` objects in this process, with a simulated clock.
+
+Every call really executes (results are real) at ``submit`` time, in submission order per worker,
+so side effects such as updates happen in order even when the answer is later discarded. Its
+duration is measured (``time.perf_counter`` around the call; or the constant ``base_time_s``, for
+deterministic simulations) and turned into a simulated duration by the latency model.
+
+Simulated clock (it mirrors Ray's semantics):
+
+- The master has a clock ``self.clock``; ``note_master_time(s)`` advances it by master-side work.
+- A call submitted at master time t reaches worker j at ``t + in_bytes / bandwidth`` (no network
+  model: at t), starts when the worker is free (``busy_until[j]``; calls run in submission order)
+  and finishes ``duration * latency.slowdown(j, task)`` later.
+- ``first_k`` takes answers in finish order, stops at the k-th success (or when ``enough`` holds)
+  and moves the clock to that answer's arrival time; later answers are discarded.
+
+Network model (``network_gbps``): the master has one full-duplex link of that bandwidth; what it
+sends is serialised on its outgoing side in submission order and the answers it collects on its
+incoming side in finish order, each taking ``bytes / (network_gbps * 1e9 / 8)`` seconds. Workers'
+own links are not a bottleneck. A broadcast argument is sent once per worker (no multicast).
+
+Counter conventions (the same in the Ray backend):
+
+- ``bytes_to_workers``: tensor bytes of every call's arguments, once per worker called; a broadcast
+  argument counts once for each worker it is sent to (it is real traffic to each of them).
+- ``bytes_from_workers``: tensor bytes of the answers the master collects (the first k of
+  ``first_k``, all of ``wait_all``). Discarded late answers are not counted and do not occupy the
+  simulated link: as in Ray, where a late result stays in the worker's object store and is never
+  fetched.
+- ``calls``: worker calls sent; ``rounds``: ``submit`` calls; ``late_results_discarded``: successful
+  answers left behind by ``first_k``; ``failed_results``: calls that failed because their worker
+  was dead or died; ``sim_time_s``: the simulated master clock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sazd.runtime.cluster import Cluster, ClusterError, Counters, Round, resolve_args, tensor_bytes
+from sazd.runtime.latency import LatencyModel, parse_latency
+from sazd.runtime.worker import Worker
+
+
+@dataclass
+class _Call:
+    worker: int
+    finish: float  # simulated time the answer (or the failure) is ready at the worker
+    value: Any = None
+    failed: bool = False
+    out_bytes: int = 0
+
+
+@dataclass
+class InProcessRound(Round):
+    method: str
+    workers: list[int]
+    calls: dict[int, _Call] = field(repr=False)
+    cluster_id: int = 0
+    gathered: bool = False
+
+
+class InProcessCluster(Cluster):
+    """``n`` in-process workers with simulated latency; see module docstring.
+
+    ``latency``: a ``LatencyModel`` or a spec string for ``parse_latency`` (seeded with ``seed``).
+    ``base_time_s``: when given, every call's healthy duration is this constant instead of the
+    measured time, which makes the simulated clock exactly reproducible.
+    ``max_backlog``: a worker with more unfinished calls than this is declared dead (its queue would
+    only grow); ``None`` disables the check.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        latency: LatencyModel | str | None = None,
+        network_gbps: float | None = None,
+        device: str = "cpu",
+        seed: int = 0,
+        base_time_s: float | None = None,
+        max_backlog: int | None = 64,
+    ) -> None:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        if network_gbps is not None and not network_gbps > 0:
+            raise ValueError(f"network_gbps must be > 0 (or None for no network model), got {network_gbps!r}")
+        if base_time_s is not None and not base_time_s >= 0:
+            raise ValueError(f"base_time_s must be >= 0 (or None to measure), got {base_time_s!r}")
+        if max_backlog is not None and max_backlog < 1:
+            raise ValueError(f"max_backlog must be >= 1 (or None), got {max_backlog!r}")
+        self.n = n
+        self.device = device
+        self.latency = parse_latency(latency, seed).bind(n)
+        self.bytes_per_s = None if network_gbps is None else network_gbps * 1e9 / 8
+        self.base_time_s = base_time_s
+        self.max_backlog = max_backlog
+        self.counters = Counters()
+        self.workers: list[Worker] = [Worker(j, device) for j in range(n)]
+        self.clock = 0.0
+        self._busy_until = [0.0] * n
+        self._lag_until = [0.0] * n  # busy_until as of the last gather: unfinished *older* work
+        self._pending: list[deque[_Call]] = [deque() for _ in range(n)]
+        self._tasks = [0] * n  # per-worker task number, for the latency model
+        self._incarnation = [0] * n
+        self._dead: set[int] = set()
+        self._out_free = 0.0  # master link, outgoing side, busy until
+        self._in_free = 0.0  # master link, incoming side, busy until
+        self._closed = False
+
+    # ------------------------------------------------------------------ rounds
+    def submit(
+        self, method: str, args: Sequence[tuple] | tuple, workers: Sequence[int] | None = None
+    ) -> InProcessRound:
+        self._check_open()
+        if method.startswith("_") or not callable(getattr(Worker, method, None)):
+            raise ValueError(f"method {method!r} is not a public Worker method")
+        self._enforce_backlog()
+        workers = self.alive() if workers is None else self._check_workers(workers)
+        if not workers:
+            raise ClusterError(f"submit {method!r}: no live workers (n={self.n}, all dead); respawn some")
+        per_worker, _ = resolve_args(args, workers, self.n)
+        calls = {}
+        for j in workers:
+            nbytes = tensor_bytes(per_worker[j])
+            self.counters.bytes_to_workers += nbytes
+            self.counters.calls += 1
+            calls[j] = self._execute(j, method, per_worker[j], arrive=self._send(nbytes))
+        self.counters.rounds += 1
+        return InProcessRound(method, list(workers), calls, id(self))
+
+    def first_k(
+        self, round_: Round, k: int, enough: Callable[[Collection[int]], bool] | None = None
+    ) -> dict[int, Any]:
+        calls = self._take(round_)
+        if not isinstance(k, int) or not 1 <= k <= self.n:
+            raise ValueError(f"k must be an integer in 1..n={self.n}, got {k!r}")
+        done = (lambda got: enough(got)) if enough is not None else (lambda got: len(got) >= k)
+        got: dict[int, Any] = {}
+        for call in sorted(calls.values(), key=lambda c: (c.finish, c.worker)):
+            if call.failed:
+                continue
+            self._receive(call)
+            got[call.worker] = call.value
+            if done(got.keys()):
+                break
+        else:
+            failed = sum(c.failed for c in calls.values())
+            raise ClusterError(
+                f"first_k({round_.method!r}): needed {k} answers{' that can decode' if enough else ''}, "
+                f"got {len(got)} from {len(calls)} workers asked ({failed} failed); "
+                f"{len(self.alive())} of n={self.n} workers alive"
+            )
+        late = [c for c in calls.values() if not c.failed and c.worker not in got]
+        self.counters.late_results_discarded += len(late)
+        self._end_epoch()
+        return got
+
+    def wait_all(self, round_: Round) -> dict[int, Any]:
+        """Every successful answer of the round (failed workers are left out: check the keys)."""
+        calls = self._take(round_)
+        got = {}
+        for call in sorted(calls.values(), key=lambda c: (c.finish, c.worker)):
+            if not call.failed:
+                self._receive(call)
+                got[call.worker] = call.value
+        self._end_epoch()
+        return got
+
+    def ready_workers(self, k: int) -> list[int]:
+        self._check_open()
+        self._enforce_backlog()
+        alive = self.alive()
+        idle = [j for j in alive if self._lag_until[j] <= self.clock]
+        busy = sorted((j for j in alive if j not in idle), key=lambda j: (self._lag_until[j], j))
+        return sorted(idle + busy[: max(0, k - len(idle))])
+
+    def note_master_time(self, seconds: float) -> None:
+        if not seconds >= 0:
+            raise ValueError(f"seconds must be >= 0, got {seconds!r}")
+        self._advance(self.clock + seconds)
+
+    # ----------------------------------------------------------------- workers
+    def alive(self) -> list[int]:
+        return [j for j in range(self.n) if j not in self._dead]
+
+    def kill(self, worker: int) -> None:
+        """Worker ``worker`` dies now: its unfinished calls fail, later calls fail (erasures)."""
+        self._check_workers([worker])
+        self._dead.add(worker)
+        for call in self._pending[worker]:
+            if call.finish > self.clock and not call.failed:
+                call.failed, call.value, call.finish = True, None, self.clock
+                self.counters.failed_results += 1
+        self._pending[worker].clear()
+
+    def respawn(self, worker: int) -> None:
+        self._check_open()
+        self._check_workers([worker])
+        if worker not in self._dead:
+            self.kill(worker)
+        self.workers[worker] = Worker(worker, self.device)
+        self._dead.discard(worker)
+        self._busy_until[worker] = self._lag_until[worker] = self.clock
+        self._tasks[worker] = 0
+        self._incarnation[worker] += 1
+        self.counters.respawns += 1
+
+    def busy_until(self, worker: int) -> float:
+        """Simulated time at which ``worker`` finishes everything submitted to it so far."""
+        return self._busy_until[worker]
+
+    def close(self) -> None:
+        self._closed = True
+        self.workers = []
+        self._pending = [deque() for _ in range(self.n)]
+
+    # --------------------------------------------------------------- internals
+    def _execute(self, j: int, method: str, args: tuple, arrive: float) -> _Call:
+        task = self._tasks[j]
+        self._tasks[j] += 1
+        if j not in self._dead and self.latency.fails(j, task, self._incarnation[j]):
+            self.kill(j)
+        if j in self._dead:
+            self.counters.failed_results += 1
+            return _Call(j, arrive, failed=True)
+        start = max(arrive, self._busy_until[j])
+        t0 = time.perf_counter()
+        try:
+            value = getattr(self.workers[j], method)(*args)
+        except Exception as err:
+            err.add_note(f"(in-process worker {j}, call {method!r})")
+            raise
+        if self.workers[j].device.type == "cuda":
+            torch.cuda.synchronize(self.workers[j].device)
+        measured = time.perf_counter() - t0
+        base = measured if self.base_time_s is None else self.base_time_s
+        finish = start + base * self.latency.slowdown(j, task)
+        self._busy_until[j] = finish
+        value = _copy_tensors(value)  # answers are copies, as after serialisation
+        call = _Call(j, finish, value, out_bytes=tensor_bytes(value))
+        self._pending[j].append(call)
+        return call
+
+    def _send(self, nbytes: int) -> float:
+        if self.bytes_per_s is None:
+            return self.clock
+        self._out_free = max(self.clock, self._out_free) + nbytes / self.bytes_per_s
+        return self._out_free
+
+    def _receive(self, call: _Call) -> None:
+        """Collect one answer: count its bytes, move the clock to its arrival."""
+        arrival = call.finish
+        if self.bytes_per_s is not None:
+            arrival = self._in_free = max(call.finish, self._in_free) + call.out_bytes / self.bytes_per_s
+        self.counters.bytes_from_workers += call.out_bytes
+        self._advance(max(self.clock, arrival))
+
+    def _advance(self, t: float) -> None:
+        self.clock = t
+        self.counters.sim_time_s = t
+
+    def _end_epoch(self) -> None:
+        # Work submitted before this gather and still unfinished marks a worker as lagging.
+        self._lag_until = list(self._busy_until)
+
+    def _enforce_backlog(self) -> None:
+        for j in self.alive():
+            pending = self._pending[j]
+            while pending and pending[0].finish <= self.clock:
+                pending.popleft()
+            if self.max_backlog is not None and len(pending) > self.max_backlog:
+                self.kill(j)
+                self.counters.backlog_kills += 1
+
+    def _take(self, round_: Round) -> dict[int, _Call]:
+        self._check_open()
+        if not isinstance(round_, InProcessRound) or round_.cluster_id != id(self):
+            raise ValueError(f"round_ must be a round submitted to this cluster, got {round_!r}")
+        if round_.gathered:
+            raise ValueError(f"round of {round_.method!r} was already gathered; gather each round once")
+        round_.gathered = True
+        return round_.calls
+
+    def _check_workers(self, workers: Sequence[int]) -> list[int]:
+        workers = list(workers)
+        bad = [j for j in workers if not isinstance(j, int) or not 0 <= j < self.n]
+        if bad or len(set(workers)) != len(workers):
+            raise ValueError(f"workers must be distinct ids in 0..{self.n - 1}, got {workers!r}")
+        return workers
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClusterError("the cluster is closed")
+
+
+def _copy_tensors(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {key: _copy_tensors(v) for key, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copy_tensors(v) for v in obj)
+    return obj

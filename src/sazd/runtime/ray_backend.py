@@ -1,0 +1,378 @@
+"""Ray cluster: each worker is a Ray actor wrapping ``Worker``; tensors travel via the object store.
+
+- ``RayCluster(n)`` starts a local Ray on loopback by itself (usage statistics off, no dashboard);
+  ``address=...`` joins an existing cluster; an already initialised Ray is reused. ``close()``
+  kills the actors and shuts Ray down only if this object started it.
+- A broadcast argument tuple is ``ray.put`` once and its reference passed to every actor.
+- ``first_k`` loops on ``ray.wait(num_returns=1)`` and checks each ready result: a dead actor's
+  result counts as ready (RAY-NOTES), so a ``RayActorError`` is an erasure and another answer is
+  awaited. Late results are never fetched, and queued actor calls are never cancelled (cancelling
+  one breaks the actor): their references are simply dropped.
+- Calls to one actor run in submission order, so a slow actor applies every update in order. The
+  cluster tracks each actor's unfinished calls: ``ready_workers`` avoids actors still working on
+  calls sent before the last gather, and an actor with more than ``max_backlog`` unfinished calls is
+  killed (its queue would only grow) so that the master can respawn and repair it.
+- Stragglers are real: the latency model's factor for each task is sent with the call and the actor
+  sleeps ``(factor - 1)`` times its compute time (``Worker._timed``); ``set_delay`` on an actor
+  multiplies in. A ``DeadWorkers`` model really kills the actor when its task comes.
+- Actors have ``max_restarts=0`` and ``max_task_retries=0``: a retried call would run on fresh state.
+
+Counters follow the in-process conventions (see ``sazd.runtime.inproc``): a broadcast argument's
+bytes count once per worker called; only collected answers count as bytes from workers. ``sim_time_s``
+stays 0: time is real here.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+from ray.exceptions import RayActorError  # noqa: E402
+
+from sazd.runtime.cluster import (  # noqa: E402
+    Cluster,
+    ClusterError,
+    Counters,
+    Round,
+    resolve_args,
+    tensor_bytes,
+)
+from sazd.runtime.latency import LatencyModel, parse_latency  # noqa: E402
+from sazd.runtime.worker import Worker  # noqa: E402
+
+_DEATH = (RayActorError,)  # ActorDiedError and ActorUnavailableError are subclasses
+
+
+def start_local_ray(num_cpus: int | None = None, object_store_gb: float = 2.0) -> bool:
+    """Start a local, loopback-only Ray unless one is already initialised; True if this call started it."""
+    if ray.is_initialized():
+        return False
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(
+        address="local",
+        num_cpus=num_cpus or max(os.cpu_count() or 1, 2),
+        object_store_memory=int(object_store_gb * 1e9),
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
+    return True
+
+
+class RayWorker(Worker):
+    """The actor: a ``Worker`` plus one entry point that applies the task's slowdown factor."""
+
+    def __init__(self, index: int, device: str = "cpu", torch_threads: int | None = None) -> None:
+        super().__init__(index, device)
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.base_delay = 1.0
+
+    def set_delay(self, factor: float) -> int:
+        super().set_delay(factor)
+        self.base_delay = self.delay_factor
+        return self.index
+
+    def call(self, method: str, slowdown: float, args: tuple) -> Any:
+        self.delay_factor = self.base_delay * slowdown
+        try:
+            return _to_cpu(getattr(self, method)(*args))
+        finally:
+            self.delay_factor = self.base_delay
+
+
+@dataclass
+class RayRound(Round):
+    method: str
+    workers: list[int]
+    refs: dict[int, Any] = field(repr=False)  # worker -> ObjectRef, or None: failed before sending
+    cluster_id: int = 0
+    gathered: bool = False
+
+
+class RayCluster(Cluster):
+    """``n`` Ray actors; see module docstring.
+
+    ``timeout_s`` bounds every gather: a round that gets no answer for that long raises
+    ``ClusterError`` instead of hanging. ``torch_threads``: intra-op threads per actor.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        address: str | None = None,
+        gpus_per_worker: float = 0,
+        num_cpus_per_worker: float = 0.01,
+        latency: LatencyModel | str | None = None,
+        max_backlog: int | None = 64,
+        seed: int = 0,
+        timeout_s: float = 300.0,
+        torch_threads: int | None = 1,
+        object_store_gb: float = 2.0,
+    ) -> None:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        if gpus_per_worker < 0 or num_cpus_per_worker < 0:
+            raise ValueError(
+                f"gpus_per_worker and num_cpus_per_worker must be >= 0, got {gpus_per_worker!r}, "
+                f"{num_cpus_per_worker!r}"
+            )
+        if max_backlog is not None and max_backlog < 1:
+            raise ValueError(f"max_backlog must be >= 1 (or None), got {max_backlog!r}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        self.n = n
+        self.latency = parse_latency(latency, seed).bind(n)
+        self.max_backlog = max_backlog
+        self.timeout_s = timeout_s
+        self.counters = Counters()
+        self.device = "cuda" if gpus_per_worker > 0 else "cpu"
+        self.started_ray = False
+        if ray.is_initialized():
+            pass
+        elif address is None:
+            self.started_ray = start_local_ray(object_store_gb=object_store_gb)
+        else:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            self.started_ray = True
+        self._actor_cls = ray.remote(RayWorker).options(
+            num_cpus=num_cpus_per_worker,
+            num_gpus=gpus_per_worker,
+            max_restarts=0,
+            max_task_retries=0,
+        )
+        self._torch_threads = torch_threads
+        self.actors: list[Any] = [self._new_actor(j) for j in range(n)]
+        self._outstanding: list[deque[tuple[int, Any]]] = [deque() for _ in range(n)]  # (epoch, ref)
+        self._epoch = 0
+        self._tasks = [0] * n
+        self._incarnation = [0] * n
+        self._dead: set[int] = set()
+        self._closed = False
+        _close_at_exit(self)
+
+    # ------------------------------------------------------------------ rounds
+    def submit(
+        self, method: str, args: Sequence[tuple] | tuple, workers: Sequence[int] | None = None
+    ) -> RayRound:
+        self._check_open()
+        if method.startswith("_") or not callable(getattr(Worker, method, None)):
+            raise ValueError(f"method {method!r} is not a public Worker method")
+        self._prune()
+        workers = self.alive() if workers is None else self._check_workers(workers)
+        if not workers:
+            raise ClusterError(f"submit {method!r}: no live workers (n={self.n}, all dead); respawn some")
+        per_worker, broadcast = resolve_args(args, workers, self.n)
+        shared = ray.put(args) if broadcast and len(workers) > 1 and tensor_bytes(args) > 0 else None
+        refs: dict[int, Any] = {}
+        for j in workers:
+            self.counters.bytes_to_workers += tensor_bytes(per_worker[j])
+            self.counters.calls += 1
+            task = self._tasks[j]
+            self._tasks[j] += 1
+            if j not in self._dead and self.latency.fails(j, task, self._incarnation[j]):
+                self.kill(j)
+            if j in self._dead:
+                refs[j] = None
+                self.counters.failed_results += 1
+                continue
+            slowdown = self.latency.slowdown(j, task)
+            ref = self.actors[j].call.remote(method, slowdown, shared if shared is not None else per_worker[j])
+            refs[j] = ref
+            self._outstanding[j].append((self._epoch, ref))
+        self.counters.rounds += 1
+        return RayRound(method, list(workers), refs, id(self))
+
+    def first_k(
+        self, round_: Round, k: int, enough: Callable[[Collection[int]], bool] | None = None
+    ) -> dict[int, Any]:
+        refs = self._take(round_)
+        if not isinstance(k, int) or not 1 <= k <= self.n:
+            raise ValueError(f"k must be an integer in 1..n={self.n}, got {k!r}")
+        done = (lambda got: enough(got)) if enough is not None else (lambda got: len(got) >= k)
+        got = self._gather(round_, refs, done)
+        if not done(got.keys()):
+            failed = sum(ref is None for ref in refs.values())
+            raise ClusterError(
+                f"first_k({round_.method!r}): needed {k} answers{' that can decode' if enough else ''}, "
+                f"got {len(got)} from {len(refs)} workers asked ({failed} failed); "
+                f"{len(self.alive())} of n={self.n} workers alive"
+            )
+        late = [j for j, ref in refs.items() if ref is not None and j not in got]
+        self.counters.late_results_discarded += len(late)
+        self._epoch += 1
+        return got
+
+    def wait_all(self, round_: Round) -> dict[int, Any]:
+        """Every successful answer of the round (dead workers are left out: check the keys)."""
+        refs = self._take(round_)
+        got = self._gather(round_, refs, lambda got: False)
+        self._epoch += 1
+        return got
+
+    def ready_workers(self, k: int) -> list[int]:
+        self._check_open()
+        self._prune()
+        alive = self.alive()
+        older = {j: sum(epoch < self._epoch for epoch, _ in self._outstanding[j]) for j in alive}
+        idle = [j for j in alive if older[j] == 0]
+        busy = sorted((j for j in alive if older[j]), key=lambda j: (older[j], j))
+        return sorted(idle + busy[: max(0, k - len(idle))])
+
+    # ----------------------------------------------------------------- workers
+    def alive(self) -> list[int]:
+        return [j for j in range(self.n) if j not in self._dead]
+
+    def kill(self, worker: int) -> None:
+        """Kill actor ``worker`` (no restart): its unfinished calls fail, as do later calls."""
+        self._check_workers([worker])
+        if worker not in self._dead:
+            with contextlib.suppress(Exception):
+                ray.kill(self.actors[worker], no_restart=True)
+        self._dead.add(worker)
+        self._outstanding[worker].clear()
+
+    def respawn(self, worker: int) -> None:
+        self._check_open()
+        self._check_workers([worker])
+        self.kill(worker)
+        self.actors[worker] = self._new_actor(worker)
+        self._dead.discard(worker)
+        self._tasks[worker] = 0
+        self._incarnation[worker] += 1
+        self.counters.respawns += 1
+
+    def backlog(self, worker: int) -> int:
+        """Unfinished calls of ``worker``."""
+        self._prune()
+        return len(self._outstanding[worker])
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if ray.is_initialized():
+            for actor in self.actors:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)
+            self.actors = []
+            if self.started_ray:
+                ray.shutdown()
+        self._outstanding = [deque() for _ in range(self.n)]
+
+    # --------------------------------------------------------------- internals
+    def _new_actor(self, j: int) -> Any:
+        return self._actor_cls.remote(j, self.device, self._torch_threads)
+
+    def _gather(self, round_: RayRound, refs: dict[int, Any], done: Callable) -> dict[int, Any]:
+        """Fetch answers in arrival order until ``done``; dead actors are erasures."""
+        pending = {ref: j for j, ref in refs.items() if ref is not None}
+        got: dict[int, Any] = {}
+        while pending and not done(got.keys()):
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.timeout_s)
+            if not ready:
+                raise ClusterError(
+                    f"{round_.method!r}: no answer from workers {sorted(pending.values())} within "
+                    f"{self.timeout_s:g} s (timeout_s); {len(got)} answered so far"
+                )
+            rest = [ref for ref in pending if ref not in ready]
+            if rest:  # everything else already finished, in one call
+                ready += ray.wait(rest, num_returns=len(rest), timeout=0, fetch_local=False)[0]
+            for ref in ready:
+                if done(got.keys()):
+                    break
+                j = pending.pop(ref)
+                try:
+                    value = ray.get(ref)
+                except _DEATH:
+                    self.counters.failed_results += 1
+                    refs[j] = None
+                    self._dead.add(j)
+                    self._outstanding[j].clear()
+                    continue
+                got[j] = value
+                self.counters.bytes_from_workers += tensor_bytes(value)
+        round_.refs = {}  # drop references: late answers are never fetched
+        return got
+
+    def _prune(self) -> None:
+        """Forget finished calls; kill actors whose backlog exceeds ``max_backlog``."""
+        refs = [ref for queue in self._outstanding for _, ref in queue]
+        if refs:
+            finished = set(ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[0])
+            for queue in self._outstanding:
+                kept = [(epoch, ref) for epoch, ref in queue if ref not in finished]
+                queue.clear()
+                queue.extend(kept)
+        if self.max_backlog is not None:
+            for j in self.alive():
+                if len(self._outstanding[j]) > self.max_backlog:
+                    self.kill(j)
+                    self.counters.backlog_kills += 1
+
+    def _take(self, round_: Round) -> dict[int, Any]:
+        self._check_open()
+        if not isinstance(round_, RayRound) or round_.cluster_id != id(self):
+            raise ValueError(f"round_ must be a round submitted to this cluster, got {round_!r}")
+        if round_.gathered:
+            raise ValueError(f"round of {round_.method!r} was already gathered; gather each round once")
+        round_.gathered = True
+        return dict(round_.refs)
+
+    def _check_workers(self, workers: Sequence[int]) -> list[int]:
+        workers = list(workers)
+        bad = [j for j in workers if not isinstance(j, int) or not 0 <= j < self.n]
+        if bad or len(set(workers)) != len(workers):
+            raise ValueError(f"workers must be distinct ids in 0..{self.n - 1}, got {workers!r}")
+        return workers
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClusterError("the cluster is closed")
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {key: _to_cpu(v) for key, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _close_at_exit(cluster: RayCluster) -> None:
+    """Close the cluster when the interpreter exits (also after Ctrl-C), without keeping it alive."""
+    ref = weakref.ref(cluster)
+
+    def close() -> None:
+        alive = ref()
+        if alive is not None:
+            alive.close()
+
+    atexit.register(close)
+    weakref.finalize(cluster, atexit.unregister, close)
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, poll_s: float = 0.05) -> bool:
+    """Poll ``predicate`` until true or ``timeout_s`` passes (for tests and shutdown checks)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll_s)
+    return predicate()

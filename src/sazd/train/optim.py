@@ -1,0 +1,216 @@
+"""Optimizers for coded models: SGD (momentum, Nesterov, weight decay) and LR schedules in both
+schemes, Adam/AdamW in the naive scheme only, and gradient clipping by global norm kept exact in DEU.
+
+Why DEU takes only SGD: a DEU worker updates its coded block C_j(W) = sum_i z^t A_i itself, and the
+result is still the encoding of the updated W only if the update commutes with encoding, i.e. is
+linear in (weights, gradient, buffers). SGD with momentum and weight decay is (w <- w - lr*(g + wd*w)
+...). Adam divides by sqrt(v), v a running mean of g*g: elementwise and nonlinear, so the encoding of
+the true Adam update is not what a worker would compute from its coded gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sazd.parallel.plan import coded_layers, context, plain_weights
+from sazd.runtime.worker import SGDStep
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "step", "cosine")
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_ divides by (total_norm + 1e-6)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and LR schedule. ``step_size``/``total_steps`` count iterations."""
+
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw
+    eps: float = 1e-8  # adam, adamw
+    schedule: str = "constant"
+    step_size: int = 1000  # step: lr *= gamma every step_size iterations
+    gamma: float = 0.1
+    total_steps: int | None = None  # cosine: lr decays to min_lr over total_steps iterations
+    min_lr: float = 0.0
+    clip_norm: float | None = None  # clip the global gradient norm to this (torch semantics)
+
+    def validate(self, scheme: str | None = None) -> OptimConfig:
+        """Raise a clear ValueError for a bad setting (``scheme``: also check it fits the scheme)."""
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.name!r}")
+        if scheme == "deu" and self.name != "sgd":
+            raise ValueError(
+                f"optimizer {self.name!r} cannot run with scheme 'deu': DEU workers update their coded "
+                "weights themselves, which keeps them the encoding of the true weights only for an update "
+                "linear in the weights (SGD with momentum/Nesterov/weight decay); Adam's division by "
+                "sqrt(v) is elementwise and nonlinear. Use --optimizer sgd, or --scheme naive for Adam"
+            )
+        if not self.lr > 0 or math.isinf(self.lr):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if not 0 <= self.dampening <= 1:
+            raise ValueError(f"dampening must be in [0, 1], got {self.dampening!r}")
+        if self.nesterov and (self.momentum == 0 or self.dampening != 0):
+            raise ValueError(
+                f"nesterov needs momentum > 0 and dampening = 0, got momentum={self.momentum}, "
+                f"dampening={self.dampening}"
+            )
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        if self.schedule == "step" and (self.step_size < 1 or not 0 < self.gamma <= 1):
+            raise ValueError(
+                f"step schedule needs step_size >= 1 and 0 < gamma <= 1, got {self.step_size}, {self.gamma}"
+            )
+        if self.schedule == "cosine" and self.total_steps is not None and self.total_steps < 1:
+            raise ValueError(f"cosine schedule needs total_steps >= 1 (unset: the run's length), got "
+                             f"{self.total_steps!r}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr!r}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0 (or None for no clipping), got {self.clip_norm!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def lr_at(cfg: OptimConfig, step: int) -> float:
+    """Learning rate of iteration ``step`` (0-based): the closed forms of StepLR / CosineAnnealingLR."""
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.gamma ** (step // cfg.step_size)
+    if cfg.schedule == "cosine":
+        if cfg.total_steps is None:
+            raise ValueError("cosine schedule: total_steps is unset; set it (the trainer uses the run's)")
+        t = min(step, cfg.total_steps)
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t / cfg.total_steps))
+    return cfg.lr
+
+
+def build_torch_optimizer(cfg: OptimConfig, params: Iterable[Tensor]) -> torch.optim.Optimizer:
+    """The plain torch optimizer of ``cfg`` (its lr is overwritten by ``lr_at`` every step)."""
+    params = list(params)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, dampening=cfg.dampening,
+                               nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+    return cls(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def sgd_step(cfg: OptimConfig, lr: float) -> SGDStep:
+    return SGDStep(lr=lr, momentum=cfg.momentum, dampening=cfg.dampening, nesterov=cfg.nesterov,
+                   weight_decay=cfg.weight_decay)
+
+
+class CodedOptimizer:
+    """``zero_grad()`` / ``step()`` for a parallelized model, in the torch habit.
+
+    Master parameters (biases, uncoded layers; in naive also the coded weights) step with the torch
+    optimizer of ``cfg``. DEU: each coded layer's pending gradient dY^T X is sent encoded, and the
+    workers apply the same SGD step to their coded weights and momentum buffers. Naive: the changed
+    weights are re-encoded and shipped. The LR schedule sets the lr of both every step.
+    """
+
+    def __init__(self, model: nn.Module, cfg: OptimConfig) -> None:
+        self.model = model
+        self.ctx = context(model)
+        self.cfg = cfg.validate(self.ctx.scheme)
+        self.layers = coded_layers(model)
+        self.named_params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        params = [p for _, p in self.named_params]
+        self.master = build_torch_optimizer(cfg, params) if params else None
+        self.steps = 0
+
+    @property
+    def lr(self) -> float:
+        return lr_at(self.cfg, self.steps)
+
+    def zero_grad(self) -> None:
+        if self.master is not None:
+            self.master.zero_grad(set_to_none=True)
+        for layer in self.layers:
+            layer.pending.clear()
+
+    def step(self) -> None:
+        lr = self.lr
+        start = time.perf_counter()
+        scale = self._clip() if self.cfg.clip_norm is not None else 1.0
+        if self.master is not None:
+            for group in self.master.param_groups:
+                group["lr"] = lr
+            self.master.step()
+        spent = time.perf_counter() - start
+        self.ctx.stats.update_s += spent
+        self.ctx.cluster.note_master_time(spent)
+        for layer in self.layers:
+            if self.ctx.scheme == "deu":
+                layer.deu_step(sgd_step(self.cfg, lr), scale)
+            else:
+                layer.sync()
+        self.steps += 1
+
+    def grad_norm(self) -> Tensor:
+        """Global 2-norm of all gradients (master grads and DEU's pending dW = dY^T X)."""
+        grads = [p.grad for _, p in self.named_params if p.grad is not None]
+        sq = [torch.linalg.vector_norm(g).square() for g in grads]
+        if self.ctx.scheme == "deu":
+            sq += [layer.grad_norm_sq() for layer in self.layers if layer.pending]
+        return torch.stack(sq).sum().sqrt() if sq else torch.zeros(())
+
+    def _clip(self) -> Tensor:
+        """torch.nn.utils.clip_grad_norm_: scale every gradient by min(1, max_norm/(norm + 1e-6)); for
+        DEU layers the factor is returned and applied to dY before encoding."""
+        coef = (self.cfg.clip_norm / (self.grad_norm() + CLIP_EPS)).clamp(max=1.0)
+        for _, p in self.named_params:
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad))
+        return coef
+
+    # ------------------------------------------------------------ checkpoints
+    def plain_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Optimizer state by parameter name, as for the plain model: tensors {"fc1.weight/momentum_buffer":
+        t} (DEU coded momentum decoded from k workers) and JSON metadata."""
+        tensors: dict[str, Tensor] = {}
+        scalars: dict[str, Any] = {}
+        if self.master is not None:
+            state = self.master.state_dict()["state"]
+            for index, (name, _) in enumerate(self.named_params):
+                for field, value in state.get(index, {}).items():
+                    if isinstance(value, Tensor):
+                        tensors[f"{name}/{field}"] = value.detach().clone()
+                    else:
+                        scalars[f"{name}/{field}"] = value
+        if self.ctx.scheme == "deu":
+            _, buffers = plain_weights(self.model, momentum=True)
+            tensors.update({f"{name}/momentum_buffer": buf for name, buf in buffers.items()})
+        return tensors, {"steps": self.steps, "scalars": scalars, "config": self.cfg.to_dict()}
+
+    def load_master_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        """Restore the master optimizer's state (coded DEU momentum is loaded with the weights)."""
+        self.steps = int(meta["steps"])
+        if self.master is None:
+            return
+        state: dict[int, dict[str, Any]] = {}
+        for index, (name, p) in enumerate(self.named_params):
+            entry = {key.split("/", 1)[1]: t.to(p.device) for key, t in tensors.items()
+                     if key.split("/", 1)[0] == name}
+            entry.update({key.split("/", 1)[1]: v for key, v in meta["scalars"].items()
+                          if key.split("/", 1)[0] == name})
+            if entry:
+                state[index] = entry
+        sd = self.master.state_dict()
+        self.master.load_state_dict({"state": state, "param_groups": sd["param_groups"]})

@@ -1,0 +1,506 @@
+"""Coded training end to end: data, model, cluster, the iteration loop, metrics, repair, checkpoints.
+
+``train(TrainConfig(...)) -> report`` or ``Trainer(config).train()``. Each iteration:
+zero_grad -> forward (coded rounds) -> loss -> backward (coded rounds) -> optimizer step (DEU: encoded
+updates to the workers; naive: re-encode and ship) -> repair respawned workers -> maybe checkpoint.
+Per iteration it records loss, batch accuracy, traffic (from the cluster's counters), master phases
+and, on the in-process backend, the simulated iteration time; per epoch the test accuracy of the plain
+model decoded from the workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sazd.codes import DecodeError, get_code
+from sazd.data import DataBundle, batches, load_dataset, num_batches
+from sazd.models import MODELS, build_model
+from sazd.parallel import (
+    SCHEMES,
+    coded_layers,
+    load_plain_weights,
+    parallelize,
+    plain_model,
+    plain_state_dict,
+    predicted_traffic,
+    repair,
+    resolve_plan,
+)
+from sazd.runtime.cluster import Cluster, ClusterError
+from sazd.train import checkpoint
+from sazd.train.optim import CodedOptimizer, OptimConfig, lr_at
+from sazd.train.report import RunDir, progress, to_jsonable
+
+BACKENDS = ("inproc", "ray")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Fields that must match a checkpoint's to resume it (they fix the model, data order and update rule).
+RESUME_FIELDS = ("model", "dataset", "train_limit", "hidden", "code", "n", "k", "code_options", "scheme",
+                 "batch_size", "optim", "dtype", "seed", "plan", "min_features")
+PHASES = ("encode_s", "decode_s", "worker_s", "update_s")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; the CLI fills it from flags, tests build it directly."""
+
+    model: str = "mlp"
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    train_limit: int | None = None
+    test_limit: int | None = None
+    hidden: tuple[int, ...] | None = None
+    code: str = "sazd"
+    n: int = 6
+    k: int = 4
+    code_options: dict[str, Any] = field(default_factory=dict)  # e.g. systematic, shift_unit, nodes
+    scheme: str = "deu"
+    backend: str = "ray"
+    stragglers: int = 0  # the first S workers are slow ...
+    straggler_delay: float = 5.0  # ... by this factor
+    latency: str | None = None  # a latency spec (sazd.runtime.latency), combined with the stragglers
+    network_gbps: float | None = None  # inproc: simulated master link
+    base_time_s: float | None = None  # inproc: constant task time (deterministic simulated clock)
+    address: str | None = None  # ray: join this cluster
+    gpus_per_worker: float = 0.0  # ray
+    device: str = "cpu"  # inproc workers' device
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many iterations in all (tests, quick looks)
+    batch_size: int = 128
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dtype: str = "float32"
+    seed: int = 0
+    plan: dict[str, str] | None = None
+    min_features: int = 64
+    repair: bool = True  # respawn and repair dead workers after each iteration
+    run_dir: str | None = None
+    checkpoint_dir: str | None = None  # default: <run_dir>/checkpoint
+    checkpoint_every: int | None = None  # iterations
+    resume: str | None = None
+    show_progress: bool | None = None  # None: only on a terminal
+
+    def validate(self) -> TrainConfig:
+        """Check every setting that can be checked without data or workers; clear ValueErrors."""
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {list(MODELS)}, got {self.model!r}")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {list(SCHEMES)}, got {self.scheme!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("max_steps", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 (or unset), got {value!r}")
+        if not 0 <= self.stragglers <= self.n:
+            raise ValueError(f"stragglers must be in [0, n={self.n}], got {self.stragglers!r}")
+        if not self.straggler_delay >= 1:
+            raise ValueError(f"straggler_delay must be a slowdown factor >= 1, got {self.straggler_delay!r}")
+        if self.checkpoint_every is not None and self.checkpoint_path is None:
+            raise ValueError("checkpoint_every needs a place to write: set run_dir or checkpoint_dir")
+        self.make_code()  # bad n/k or code options
+        self.optim.validate(self.scheme)
+        return self
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        if self.checkpoint_dir is not None:
+            return Path(self.checkpoint_dir)
+        return None if self.run_dir is None else Path(self.run_dir) / "checkpoint"
+
+    def make_code(self):
+        return get_code(self.code, n=self.n, k=self.k, **self.code_options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        optim = dict(d.pop("optim", {}))
+        if "betas" in optim:
+            optim["betas"] = tuple(optim["betas"])
+        if d.get("hidden") is not None:
+            d["hidden"] = tuple(d["hidden"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known}, optim=OptimConfig(**optim))
+
+
+@dataclass
+class Position:
+    """Where training stands: the next batch to run is batch ``batch`` of epoch ``epoch``."""
+
+    epoch: int = 0
+    batch: int = 0
+    iteration: int = 0
+
+
+class Trainer:
+    """One coded training run; see module docstring. ``callbacks`` run after every iteration as
+    ``callback(trainer)`` (e.g. to kill workers in a fault test)."""
+
+    def __init__(self, config: TrainConfig, cluster: Cluster | None = None, data: DataBundle | None = None,
+                 callbacks: list[Callable[[Trainer], None]] | None = None) -> None:
+        cfg = config
+        ckpt = checkpoint.load(cfg.resume) if cfg.resume else None
+        if ckpt is not None:
+            _check_resumable(cfg, TrainConfig.from_dict(ckpt.meta["config"]))
+        cfg.validate()
+        self.code = cfg.make_code()
+        self.dtype = DTYPES[cfg.dtype]
+        self.data = (data or load_dataset(cfg.dataset, cfg.data_dir, cfg.train_limit, cfg.test_limit,
+                                          cfg.seed, self.dtype)).to(dtype=self.dtype)
+        self.steps_per_epoch = num_batches(self.data.n_train, cfg.batch_size)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"batch_size={cfg.batch_size} exceeds the {self.data.n_train} training samples")
+        if cfg.optim.schedule == "cosine" and cfg.optim.total_steps is None:
+            total = self.steps_per_epoch * cfg.epochs
+            cfg.optim = dataclasses.replace(cfg.optim, total_steps=min(total, cfg.max_steps or total))
+        self.cfg = cfg
+        self.model = build_model(cfg.model, self.data.in_shape, self.data.num_classes, hidden=cfg.hidden,
+                                 seed=cfg.seed, dtype=self.dtype)
+        resolve_plan(self.model, cfg.plan, cfg.min_features)  # a bad plan fails before any worker starts
+        self.cluster = cluster if cluster is not None else make_cluster(cfg)
+        try:
+            parallelize(self.model, self.code, self.cluster, plan=cfg.plan, scheme=cfg.scheme,
+                        min_features=cfg.min_features)
+            self.ctx = coded_layers(self.model)[0].ctx
+            self.opt = CodedOptimizer(self.model, cfg.optim)
+            self.position = Position()
+            if ckpt is not None:
+                self._restore(ckpt)
+        except BaseException:
+            if cluster is None:
+                self.cluster.close()
+            raise
+        self._own_cluster = cluster is None
+        self.run = RunDir(cfg.run_dir) if cfg.run_dir else None
+        self.callbacks = list(callbacks or [])
+        self.history: list[dict[str, Any]] = []
+        self.epochs: list[dict[str, Any]] = []
+        self.last_checkpoint: Path | None = None
+        self._stop_requested = False
+        self._exhausted_saved = False
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict[str, Any]:
+        """Run the remaining epochs; returns the report (also written to the run directory)."""
+        cfg = self.cfg
+        if self.run is not None:
+            self.run.write_config(cfg.to_dict())
+        try:
+            with self._interrupt_guard():
+                self._loop()
+        except ClusterError as err:
+            where = self._emergency_checkpoint()
+            raise ClusterError(f"{err}. {where}") from err
+        except KeyboardInterrupt:
+            if cfg.checkpoint_path is not None and not self._stop_requested:
+                self._emergency_checkpoint()
+            raise
+        report = self.report()
+        if self.run is not None:
+            self.run.write_report(report)
+            self.run.plot()
+        return report
+
+    def _loop(self) -> None:
+        cfg, pos = self.cfg, self.position
+        while pos.epoch < cfg.epochs and not self._done():
+            bar = progress(batches(self.data.train_x, self.data.train_y, cfg.batch_size, cfg.seed, pos.epoch,
+                                   start=pos.batch),
+                           total=self.steps_per_epoch - pos.batch, desc=f"epoch {pos.epoch + 1}/{cfg.epochs}",
+                           disable=None if cfg.show_progress is None else not cfg.show_progress)
+            with bar:
+                for xb, yb in bar:
+                    rec = self.step(xb, yb)
+                    bar.set_postfix(loss=rec["loss"], acc=rec["accuracy"], iter_s=rec["iteration_s"])
+                    self._after_iteration()
+                    if self._done():
+                        break
+            if pos.batch == self.steps_per_epoch:
+                self._end_epoch()
+
+    def _done(self) -> bool:
+        return self.cfg.max_steps is not None and self.position.iteration >= self.cfg.max_steps
+
+    def step(self, xb: Tensor, yb: Tensor) -> dict[str, Any]:
+        """One training iteration on batch (xb, yb); advances the position and returns its record."""
+        counters, stats = self.cluster.counters, self.ctx.stats
+        c0, s0, sim0 = counters.snapshot(), stats.snapshot(), counters.sim_time_s
+        start = time.perf_counter()
+        self.model.train()
+        self.opt.zero_grad()
+        logits = self.model(xb)
+        loss = F.cross_entropy(logits, yb)
+        loss.backward()
+        self.opt.step()
+        wall = time.perf_counter() - start
+        s1 = stats.snapshot()
+        phases = {p: s1[p] - s0[p] for p in PHASES}
+        phases["master_other_s"] = max(wall - sum(phases.values()), 0.0)
+        self.cluster.note_master_time(phases["master_other_s"])  # activations, loss, autograd
+        c1 = counters.snapshot()
+        pos = self.position
+        rec = {
+            "kind": "iteration",
+            "iteration": pos.iteration + 1,
+            "epoch": pos.epoch,
+            "batch": pos.batch,
+            "loss": float(loss),
+            "accuracy": float((logits.argmax(1) == yb).double().mean()),
+            "lr": lr_at(self.opt.cfg, self.opt.steps - 1),
+            "wall_s": wall,
+            "sim_s": counters.sim_time_s - sim0,
+            "bytes_to_workers": c1["bytes_to_workers"] - c0["bytes_to_workers"],
+            "bytes_from_workers": c1["bytes_from_workers"] - c0["bytes_from_workers"],
+            "rows_encoded": s1["rows_encoded"] - s0["rows_encoded"],
+            "rows_decoded": s1["rows_decoded"] - s0["rows_decoded"],
+            "rounds": s1["rounds"] - s0["rounds"],
+            **phases,
+        }
+        rec["iteration_s"] = rec["sim_s"] if self.cfg.backend == "inproc" else wall
+        pos.iteration += 1
+        pos.batch += 1
+        self.history.append(rec)
+        if self.run is not None:
+            self.run.log(rec)
+        return rec
+
+    def _after_iteration(self) -> None:
+        if self.cfg.repair:
+            self.repair_dead()
+        every = self.cfg.checkpoint_every
+        if every is not None and self.position.iteration % every == 0:
+            self.save_checkpoint()
+        for callback in self.callbacks:
+            callback(self)
+        if self._stop_requested:
+            if self.cfg.checkpoint_path is not None:
+                self.save_checkpoint()
+            raise KeyboardInterrupt
+
+    def _end_epoch(self) -> None:
+        pos = self.position
+        recs = [r for r in self.history if r["epoch"] == pos.epoch]
+        test_loss, test_acc = self.evaluate()
+        rec = {"kind": "epoch", "epoch": pos.epoch, "iteration": pos.iteration, "test_loss": test_loss,
+               "test_accuracy": test_acc}
+        if recs:
+            rec["train_loss"] = sum(r["loss"] for r in recs) / len(recs)
+            rec["train_accuracy"] = sum(r["accuracy"] for r in recs) / len(recs)
+        self.epochs.append(rec)
+        if self.run is not None:
+            self.run.log(rec)
+        if self.cfg.show_progress:
+            print(f"epoch {pos.epoch + 1}: test accuracy {100 * test_acc:.2f}%, test loss {test_loss:.4f}")
+        pos.epoch, pos.batch = pos.epoch + 1, 0
+
+    # ------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, chunk: int = 2048) -> tuple[float, float]:
+        """(test loss, test accuracy) of the plain model decoded from the workers (DEU) or the master."""
+        plain = plain_model(self.model).eval()
+        x, y = self.data.test_x, self.data.test_y
+        loss_sum, correct = 0.0, 0
+        for i in range(0, x.shape[0], chunk):
+            logits = plain(x[i:i + chunk])
+            loss_sum += float(F.cross_entropy(logits, y[i:i + chunk], reduction="sum"))
+            correct += int((logits.argmax(1) == y[i:i + chunk]).sum())
+        n = max(x.shape[0], 1)
+        return loss_sum / n, correct / n
+
+    # --------------------------------------------------------------- repair
+    def repair_dead(self) -> list[dict[str, Any]]:
+        """Respawn and repair every dead worker (decode from k live ones); record each repair."""
+        done = []
+        for j in range(self.code.n):
+            if j in self.cluster.alive():
+                continue
+            if not self.code.can_decode(self.cluster.alive()):
+                raise ClusterError(f"fewer than k={self.code.k} workers alive ({self.cluster.alive()})")
+            try:
+                self.cluster.respawn(j)
+            except (ClusterError, NotImplementedError):
+                continue
+            start = time.perf_counter()
+            info = repair(self.model, j)
+            info.update(iteration=self.position.iteration, seconds=time.perf_counter() - start)
+            self.cluster.counters.repairs.append(info)
+            if self.run is not None:
+                self.run.log({"kind": "repair", **info})
+            done.append(info)
+        if len(self.cluster.alive()) == self.code.k and not self._exhausted_saved:
+            if self.cfg.checkpoint_path is not None:  # no redundancy left: save while we still can
+                self.save_checkpoint()
+            self._exhausted_saved = True
+        return done
+
+    # ----------------------------------------------------------- checkpoints
+    def save_checkpoint(self, path: str | Path | None = None) -> Path:
+        """Decoded weights, optimizer state (DEU momentum decoded), RNG, data position and config."""
+        path = Path(path) if path is not None else self.cfg.checkpoint_path
+        if path is None:
+            raise ValueError("no checkpoint directory: set run_dir or checkpoint_dir")
+        optim_tensors, optim_meta = self.opt.plain_state()
+        meta = {"position": dataclasses.asdict(self.position), "optim": optim_meta,
+                "config": self.cfg.to_dict(), "code": repr(self.code)}
+        ckpt = checkpoint.Checkpoint(model=plain_state_dict(self.model), optim=optim_tensors, meta=meta,
+                                     rng=torch.get_rng_state())
+        self.last_checkpoint = checkpoint.save(path, ckpt)
+        if self.run is not None:
+            self.run.log({"kind": "checkpoint", "iteration": self.position.iteration, "path": str(path)})
+        return self.last_checkpoint
+
+    def _restore(self, ckpt: checkpoint.Checkpoint) -> None:
+        coded = {f"{layer.name}.weight" for layer in coded_layers(self.model)}
+        momentum = {key.split("/")[0]: t for key, t in ckpt.optim.items()
+                    if key.split("/")[0] in coded and key.endswith("/momentum_buffer")}
+        load_plain_weights(self.model, ckpt.model, momentum if self.cfg.scheme == "deu" else None)
+        with torch.no_grad():
+            for name, t in self.model.state_dict().items():
+                if name in coded:
+                    continue  # loaded (and shipped) above
+                if name not in ckpt.model:
+                    raise checkpoint.CheckpointError(f"checkpoint has no tensor for {name!r}")
+                t.copy_(ckpt.model[name])
+        self.opt.load_master_state(ckpt.optim, ckpt.meta["optim"])
+        if ckpt.rng is not None:
+            torch.set_rng_state(ckpt.rng)
+        self.position = Position(**ckpt.meta["position"])
+
+    def _emergency_checkpoint(self) -> str:
+        """Save a checkpoint if weights can still be read; say where the latest one is."""
+        if self.cfg.checkpoint_path is None:
+            return "No checkpoint directory was set (use --run-dir or --checkpoint-every to get one)."
+        try:
+            self.save_checkpoint()
+        except (ClusterError, DecodeError, ValueError) as err:
+            if self.last_checkpoint is None:
+                return f"Could not save a checkpoint ({err}) and none was saved earlier."
+            return (f"Could not save a checkpoint now ({err}); the latest one can be resumed with "
+                    f"--resume {self.last_checkpoint}.")
+        return (f"Saved a checkpoint at iteration {self.position.iteration} to {self.last_checkpoint}; "
+                f"resume with --resume {self.last_checkpoint}.")
+
+    @contextlib.contextmanager
+    def _interrupt_guard(self) -> Iterator[None]:
+        """With checkpoints on, Ctrl-C finishes the current iteration, saves, then stops (a second
+        Ctrl-C stops at once)."""
+        if self.cfg.checkpoint_path is None or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    # ---------------------------------------------------------------- report
+    def report(self) -> dict[str, Any]:
+        """Summary of the run: accuracy, traffic vs the DESIGN.md formula, per-phase times."""
+        iters = self.history
+        count = max(len(iters), 1)
+        if not self.epochs or self.epochs[-1]["iteration"] != self.position.iteration:
+            test_loss, test_acc = self.evaluate()
+        else:
+            test_loss, test_acc = self.epochs[-1]["test_loss"], self.epochs[-1]["test_accuracy"]
+
+        def mean(key: str) -> float:
+            return sum(r[key] for r in iters) / count
+
+        to_w, from_w = sum(r["bytes_to_workers"] for r in iters), sum(r["bytes_from_workers"] for r in iters)
+        formula = {s: predicted_traffic(self.model, scheme=s) for s in SCHEMES} if iters else {}
+        return {
+            "test_accuracy": test_acc,
+            "test_loss": test_loss,
+            "train_loss": iters[-1]["loss"] if iters else None,
+            "iterations": len(iters),
+            "position": dataclasses.asdict(self.position),
+            "scheme": self.cfg.scheme,
+            "code": repr(self.code),
+            "backend": self.cfg.backend,
+            "coded_layers": [layer.name for layer in coded_layers(self.model)],
+            "bytes_to_workers": to_w,
+            "bytes_from_workers": from_w,
+            "bytes_to_workers_per_iteration": to_w / count,
+            "bytes_from_workers_per_iteration": from_w / count,
+            "formula_bytes_per_iteration": formula,
+            "mean_iteration_s": mean("iteration_s") if iters else None,
+            "mean_wall_iteration_s": mean("wall_s") if iters else None,
+            "mean_sim_iteration_s": mean("sim_s") if iters and self.cfg.backend == "inproc" else None,
+            "phases_s": {p: mean(p) for p in (*PHASES, "master_other_s")} if iters else {},
+            "rows_encoded": sum(r["rows_encoded"] for r in iters),
+            "rows_decoded": sum(r["rows_decoded"] for r in iters),
+            "repairs": list(self.cluster.counters.repairs),
+            "cluster": self.cluster.counters.snapshot(),
+            "epochs": list(self.epochs),
+            "checkpoint": None if self.last_checkpoint is None else str(self.last_checkpoint),
+        }
+
+    def close(self) -> None:
+        if self._own_cluster:
+            self.cluster.close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def make_cluster(cfg: TrainConfig) -> Cluster:
+    """The cluster of ``cfg.backend`` with the configured stragglers / latency model."""
+    from sazd.runtime import make_cluster as _make
+    from sazd.runtime.latency import straggler_latency
+
+    latency = straggler_latency(cfg.stragglers, cfg.straggler_delay, cfg.latency, cfg.seed)
+    if cfg.backend == "inproc":
+        return _make("inproc", cfg.n, latency=latency, network_gbps=cfg.network_gbps, device=cfg.device,
+                     seed=cfg.seed, base_time_s=cfg.base_time_s)
+    return _make("ray", cfg.n, latency=latency, address=cfg.address, gpus_per_worker=cfg.gpus_per_worker,
+                 seed=cfg.seed)
+
+
+def _check_resumable(cfg: TrainConfig, saved: TrainConfig) -> None:
+    ours, theirs = to_jsonable(cfg.to_dict()), to_jsonable(saved.to_dict())
+    if cfg.optim.total_steps is None:  # filled in from the run's length when the checkpoint's run began
+        ours["optim"]["total_steps"] = theirs["optim"]["total_steps"]
+    diff = [f"{name}: run {ours[name]!r} vs checkpoint {theirs[name]!r}"
+            for name in RESUME_FIELDS if ours[name] != theirs[name]]
+    if diff:
+        raise ValueError("cannot resume: the run's settings differ from the checkpoint's (" + "; ".join(diff)
+                         + "); resume with the checkpoint's settings")
+
+
+def train(
+    config: TrainConfig, cluster: Cluster | None = None, data: DataBundle | None = None
+) -> dict[str, Any]:
+    """Train with ``config``; returns the report dict (see ``Trainer.report``)."""
+    with Trainer(config, cluster=cluster, data=data) as trainer:
+        return trainer.train()
+
+
+__all__ = ["BACKENDS", "DTYPES", "Position", "TrainConfig", "Trainer", "make_cluster", "train"]

@@ -1,0 +1,242 @@
+"""In-process cluster: first-k under simulated latency, ordering, erasures, counters, network model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sazd.runtime import (
+    ClusterError,
+    Combined,
+    DeadWorkers,
+    FixedStragglers,
+    InProcessCluster,
+    NoDelay,
+    SGDStep,
+    ShiftedExponential,
+    make_cluster,
+    parse_latency,
+    straggler_latency,
+)
+
+N, K, ROWS, COLS, BATCH = 6, 4, 8, 5, 3
+
+
+def loaded_cluster(**opts) -> tuple[InProcessCluster, list[torch.Tensor]]:
+    cluster = InProcessCluster(N, **opts)
+    gen = torch.Generator().manual_seed(0)
+    blocks = [torch.randn(ROWS, COLS, generator=gen, dtype=torch.float64) for _ in range(N)]
+    cluster.wait_all(cluster.submit("load", [({"w": b},) for b in blocks]))
+    return cluster, blocks
+
+
+def training_loop(cluster: InProcessCluster, steps: int, k: int) -> float:
+    """Rounds as the trainer runs them: compute on ready workers, first k, updates to every live one."""
+    x = torch.ones(COLS, BATCH, dtype=torch.float64)
+    left, right = torch.ones(ROWS, 1, dtype=torch.float64), torch.ones(1, COLS, dtype=torch.float64)
+    start = cluster.clock
+    for _ in range(steps):
+        cluster.first_k(cluster.submit("matmul", ("w", x), cluster.ready_workers(k)), k)
+        cluster.submit("sgd_update", ("w", left, right, SGDStep(lr=1e-3)))
+    return cluster.clock - start
+
+
+def test_first_k_picks_fast_workers_and_results_are_real():
+    cluster, blocks = loaded_cluster(latency=FixedStragglers(count=2, factor=5), base_time_s=0.01)
+    x = torch.randn(COLS, BATCH, dtype=torch.float64)
+    got = cluster.first_k(cluster.submit("matmul", ("w", x)), K)
+    assert sorted(got) == [2, 3, 4, 5]  # the first S=2 ids are the stragglers
+    for j, y in got.items():
+        torch.testing.assert_close(y, blocks[j] @ x, rtol=0, atol=0)
+    assert cluster.counters.late_results_discarded == 2
+
+
+def test_stragglers_within_n_minus_k_cost_nothing_but_uncoded_pays():
+    def sim_time(n: int, k: int, stragglers: int) -> float:
+        cluster = InProcessCluster(n, latency=straggler_latency(stragglers, 5.0), base_time_s=0.01)
+        cluster.wait_all(cluster.submit("load", ({"w": torch.zeros(ROWS, COLS, dtype=torch.float64)},)))
+        return training_loop(cluster, steps=20, k=k)
+
+    clean, coded = sim_time(6, 4, 0), sim_time(6, 4, 2)
+    assert coded <= 1.2 * clean
+    uncoded_clean, uncoded = sim_time(4, 4, 0), sim_time(4, 4, 2)
+    assert uncoded >= 3 * uncoded_clean
+
+
+def test_straggler_applies_every_update_in_order():
+    cluster, blocks = loaded_cluster(latency=FixedStragglers([0], factor=50), base_time_s=0.01)
+    step = SGDStep(lr=0.1, momentum=0.9)
+    x = torch.randn(COLS, BATCH, dtype=torch.float64)
+    expected, buf = blocks[0].clone(), None
+    for t in range(5):
+        left = torch.full((ROWS, 1), float(t + 1), dtype=torch.float64)
+        right = torch.arange(COLS, dtype=torch.float64).reshape(1, COLS) * (t - 2)
+        cluster.first_k(cluster.submit("matmul", ("w", x)), K)  # worker 0 is always late
+        cluster.submit("sgd_update", ("w", left, right, step))
+        grad = left @ right
+        buf = grad.clone() if buf is None else buf.mul_(0.9).add_(grad)
+        expected -= 0.1 * buf
+    assert cluster.clock < cluster.busy_until(0)  # still behind, but consistent
+    state = cluster.wait_all(cluster.submit("state", (), [0]))[0]
+    torch.testing.assert_close(state["weights"]["w"], expected, rtol=1e-12, atol=1e-12)
+    assert cluster.workers[0].updates_applied == 5
+
+
+def test_dead_worker_is_an_erasure():
+    cluster, blocks = loaded_cluster(latency=DeadWorkers([1], after_calls=1), base_time_s=0.01)
+    x = torch.randn(COLS, BATCH, dtype=torch.float64)
+    got = cluster.first_k(cluster.submit("matmul", ("w", x)), K)
+    assert 1 not in got and len(got) == K
+    assert cluster.alive() == [0, 2, 3, 4, 5]
+    assert cluster.counters.failed_results == 1
+    cluster.respawn(1)  # a respawned worker is a new machine: healthy, empty
+    assert cluster.alive() == list(range(N))
+    assert cluster.wait_all(cluster.submit("state", (), [1]))[1]["weights"] == {}
+    cluster.wait_all(cluster.submit("load", ({"w": blocks[1]},), [1]))
+    got = cluster.first_k(cluster.submit("matmul", ("w", x), [1]), 1)
+    torch.testing.assert_close(got[1], blocks[1] @ x)
+
+
+def test_kill_fails_in_flight_calls():
+    cluster, _ = loaded_cluster(base_time_s=0.01)
+    round_ = cluster.submit("matmul", ("w", torch.ones(COLS, 1, dtype=torch.float64)))
+    cluster.kill(2)
+    cluster.kill(4)
+    got = cluster.first_k(round_, K)
+    assert sorted(got) == [0, 1, 3, 5]
+    assert cluster.counters.failed_results == 2
+
+
+def test_too_many_dead_raises_cluster_error():
+    cluster, _ = loaded_cluster(latency="dead:0,1,2", base_time_s=0.01)
+    with pytest.raises(ClusterError, match=r"needed 4 answers.*3 of n=6 workers alive"):
+        cluster.first_k(cluster.submit("matmul", ("w", torch.ones(COLS, 1, dtype=torch.float64))), K)
+
+
+def test_enough_predicate_replaces_count():
+    cluster, _ = loaded_cluster(latency=FixedStragglers([0, 1], factor=3), base_time_s=0.01)
+    # e.g. replication: needs worker 0 or 1 among the answers, whatever the count
+    got = cluster.first_k(cluster.submit("ping", ()), K, enough=lambda ws: 0 in ws or 1 in ws)
+    assert 0 in got and len(got) == 5
+    assert cluster.clock == pytest.approx(0.03 + 0.03)  # the straggler's load, then its ping
+
+
+def test_byte_counters_are_exact():
+    cluster = InProcessCluster(N, latency=FixedStragglers(count=2, factor=5), base_time_s=0.01)
+    blocks = [torch.zeros(10, 4, dtype=torch.float32) for _ in range(N)]  # 160 bytes each
+    cluster.wait_all(cluster.submit("load", [({"w": b},) for b in blocks]))
+    assert cluster.counters.bytes_to_workers == N * 160
+    assert cluster.counters.bytes_from_workers == 0  # load answers an int
+    x = torch.zeros(4, 3, dtype=torch.float32)  # 48 bytes, broadcast: counted once per worker
+    cluster.first_k(cluster.submit("matmul", ("w", x)), K)
+    assert cluster.counters.bytes_to_workers == N * 160 + N * 48
+    assert cluster.counters.bytes_from_workers == K * 10 * 3 * 4  # late answers are not fetched
+    assert cluster.counters.calls == 2 * N and cluster.counters.rounds == 2
+
+
+def test_network_model_adds_bytes_over_bandwidth():
+    cluster = InProcessCluster(1, network_gbps=1.0, base_time_s=0.0)
+    x = torch.zeros(1000, 1000, dtype=torch.float32)  # 4e6 bytes
+    cluster.wait_all(cluster.submit("load", ({"w": x},)))
+    assert cluster.clock == pytest.approx(4e6 / 1.25e8)
+    start = cluster.clock
+    cluster.first_k(cluster.submit("matmul", ("w", x[:, :10])), 1)  # in 40 kB, out 40 kB
+    assert cluster.clock - start == pytest.approx(2 * 4e4 / 1.25e8)
+    # a broadcast to n workers crosses the master's link n times
+    wide = InProcessCluster(3, network_gbps=1.0, base_time_s=0.0)
+    wide.wait_all(wide.submit("load", ({"w": x},)))
+    assert wide.clock == pytest.approx(3 * 4e6 / 1.25e8)
+
+
+def test_ready_workers_skips_laggards_and_tops_up():
+    cluster, _ = loaded_cluster(latency=FixedStragglers([0, 1], factor=10), base_time_s=0.01)
+    cluster.first_k(cluster.submit("ping", ()), K)
+    assert cluster.ready_workers(K) == [2, 3, 4, 5]
+    assert cluster.ready_workers(5) == [0, 2, 3, 4, 5]  # least-behind straggler tops it up (tie: lower id)
+    cluster.note_master_time(1.0)
+    assert cluster.ready_workers(K) == list(range(N))  # caught up
+
+
+def test_backlog_beyond_limit_kills_the_worker():
+    cluster, _ = loaded_cluster(latency=FixedStragglers([5], factor=100), base_time_s=0.01, max_backlog=3)
+    for _ in range(4):
+        cluster.first_k(cluster.submit("ping", ()), K)
+    assert 5 in cluster.alive()  # 3 pings still queued: at the limit
+    cluster.first_k(cluster.submit("ping", ()), K)  # 4 queued when this round is sent: over it
+    assert 5 not in cluster.alive()
+    assert cluster.counters.backlog_kills == 1
+
+
+def test_simulated_time_is_measured_when_no_base_time():
+    cluster, _ = loaded_cluster(latency=FixedStragglers(count=2, factor=4))
+    big = torch.randn(COLS, 20000, dtype=torch.float64)
+    cluster.first_k(cluster.submit("matmul", ("w", big)), K)
+    assert cluster.clock > 0
+    assert cluster.busy_until(0) > cluster.clock  # a straggler finishes after the k-th answer
+
+
+def test_errors_are_clear():
+    with pytest.raises(ValueError, match="n must be"):
+        InProcessCluster(0)
+    cluster, _ = loaded_cluster()
+    with pytest.raises(ValueError, match="not a public Worker method"):
+        cluster.submit("_timed", ())
+    with pytest.raises(ValueError, match="per-worker list has 2 entries"):
+        cluster.submit("ping", [(), ()])
+    with pytest.raises(ValueError, match="workers must be distinct"):
+        cluster.submit("ping", (), [0, 0])
+    with pytest.raises(KeyError, match="holds no block"):
+        cluster.submit("matmul", ("nope", torch.ones(1)))
+    round_ = cluster.submit("ping", ())
+    cluster.wait_all(round_)
+    with pytest.raises(ValueError, match="already gathered"):
+        cluster.wait_all(round_)
+    cluster.close()
+    with pytest.raises(ClusterError, match="closed"):
+        cluster.submit("ping", ())
+    with pytest.raises(ValueError, match="backend must be"):
+        make_cluster("mpi", 3)
+
+
+def test_make_cluster_inproc():
+    cluster = make_cluster("inproc", 3, latency="fixed:1:2", base_time_s=0.5)
+    cluster.first_k(cluster.submit("ping", ()), 2)
+    assert cluster.clock == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------ latency models
+def test_parse_latency_specs():
+    assert isinstance(parse_latency("none"), NoDelay)
+    fixed = parse_latency("fixed:2:5").bind(6)
+    assert fixed.slow_workers() == [0, 1] and fixed.slowdown(1, 7) == 5 and fixed.slowdown(2, 0) == 1
+    shift = parse_latency("shiftexp:2:1.5", seed=3)
+    assert isinstance(shift, ShiftedExponential) and shift.rate == 2 and shift.shift == 1.5
+    dead = parse_latency("dead:0,3:2")
+    assert dead.fails(3, 2) and not dead.fails(3, 1) and not dead.fails(1, 5) and not dead.fails(3, 2, 1)
+    both = parse_latency("fixed:1:3+dead:2").bind(4)
+    assert isinstance(both, Combined) and both.slowdown(0, 0) == 3 and both.fails(2, 0)
+    for bad in ["fixed:2", "slow:1", "fixed:a:2", "fixed:1:0.5", "shiftexp:-1", "dead:1,1"]:
+        with pytest.raises(ValueError, match="latency spec"):
+            parse_latency(bad)
+    with pytest.raises(ValueError, match="exceeds the number of workers"):
+        parse_latency("fixed:7:2").bind(6)
+
+
+def test_shifted_exponential_is_seeded_and_order_free():
+    a, b = ShiftedExponential(rate=2.0, seed=1), ShiftedExponential(rate=2.0, seed=1)
+    forward = [a.slowdown(w, t) for w in range(3) for t in range(50)]
+    backward = [b.slowdown(w, t) for w in reversed(range(3)) for t in reversed(range(50))]
+    assert forward == list(reversed(backward))
+    assert min(forward) >= 1.0 and len(set(forward)) == len(forward)
+    other = ShiftedExponential(rate=2.0, seed=2)
+    assert forward != [other.slowdown(w, t) for w in range(3) for t in range(50)]
+    mean = sum(ShiftedExponential(rate=2.0, seed=0).slowdown(0, t) for t in range(4000)) / 4000
+    assert mean == pytest.approx(1.5, rel=0.1)
+
+
+def test_straggler_latency_helper():
+    assert isinstance(straggler_latency(0, 5.0), NoDelay)
+    model = straggler_latency(2, 3.0, spec="dead:5").bind(6)
+    assert model.slowdown(0, 0) == 3 and model.slowdown(2, 0) == 1 and model.fails(5, 0)
+    with pytest.raises(ValueError, match="--stragglers"):
+        straggler_latency(-1, 5.0)
