@@ -16,7 +16,7 @@ import math
 import os
 import platform
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -137,32 +137,39 @@ def json_float(x: float) -> float | str:
 
 # ------------------------------------------------------------------ which straggler sets
 def hard_sets(code: Code) -> list[tuple[int, ...]]:
-    """Received sets (k workers each) that zigzag decoding finds hardest.
+    """Received sets (k workers each) that zigzag decoding finds hardest, hardest kinds first.
 
-    For a systematic code: every window of ``s`` adjacent missing systematic blocks (the longest
-    zigzag chains), for s = min(m, k) with all parity received, and for s = min(m, k) - 1 with each
-    single parity block missing too (the decoder must then use parities with larger shifts).
-    For any code: every window of m adjacent workers over 0..n-1 missing.
+    For a systematic code with s = min(m, k) missing systematic blocks:
+    - every window of s adjacent missing systematic blocks, all parity received (the longest
+      zigzag chains: the sets the brief insists on);
+    - s - 1 missing systematic blocks (first and last windows, and a non-adjacent "split" pattern:
+      the first and the last blocks) together with each single parity block: the decoder must then
+      use parities with larger shifts, and with m >= 4 the equations left can be irregular;
+    - the split pattern with all parity received.
+    For any code: every window of m adjacent missing workers over 0..n-1.
     """
     n, k, m = code.n, code.k, code.m
-    missing_sets: set[frozenset[int]] = set()
-    for a in range(n - m + 1):
-        missing_sets.add(frozenset(range(a, a + m)))
+    missing: list[frozenset[int]] = []
     if code.is_systematic and m > 0:
-        s_max = min(m, k)
-        for s in (s_max, s_max - 1):
-            extra = m - s  # parity blocks that are missing as well
-            if s < 1 or extra > 1:
-                continue
-            parity_choices = [()] if extra == 0 else [(k + j,) for j in range(m)]
-            for a in range(k - s + 1):
-                for par in parity_choices:
-                    missing_sets.add(frozenset(range(a, a + s)) | frozenset(par))
-    return sorted(tuple(j for j in range(n) if j not in miss) for miss in missing_sets)
+        s = min(m, k)
+        missing += [frozenset(range(a, a + s)) for a in range(k - s + 1)]
+        missing.append(_split(s, k) | frozenset(range(k, k + m - s)))
+        if s > 1:
+            for parity in range(k, n):
+                for pattern in (range(s - 1), range(k - s + 1, k), _split(s - 1, k)):
+                    missing.append(frozenset(pattern) | {parity})
+    missing += [frozenset(range(a, a + m)) for a in range(n - m + 1)]
+    ordered = [tuple(j for j in range(n) if j not in miss) for miss in dict.fromkeys(missing)]
+    return [s for s in ordered if len(s) == k]
+
+
+def _split(s: int, k: int) -> frozenset[int]:
+    """The first ceil(s/2) and the last floor(s/2) of k blocks: non-adjacent missing blocks."""
+    return frozenset(range(-(-s // 2))) | frozenset(range(k - s // 2, k))
 
 
 def pick_sets(code: Code, samples: int, seed: int) -> tuple[list[tuple[int, ...]], int, bool]:
-    """``hard_sets`` plus ``samples`` random k-subsets (all of them when that covers every subset).
+    """``hard_sets`` first, then ``samples`` random k-subsets; every subset when that is no more.
 
     Returns (sets, number of k-subsets in total, whether the sets are exhaustive).
     """
@@ -171,9 +178,10 @@ def pick_sets(code: Code, samples: int, seed: int) -> tuple[list[tuple[int, ...]
     hard = hard_sets(code)
     total = math.comb(code.n, code.k)
     if total <= samples + len(hard):
-        return straggler_sets(code.n, code.k, samples=total)[0], total, True
+        every = straggler_sets(code.n, code.k, samples=total)[0]
+        return hard + sorted(set(every) - set(hard)), total, True
     sampled, _ = straggler_sets(code.n, code.k, samples=samples, seed=seed)
-    sets = sorted(set(hard) | set(sampled))
+    sets = hard + sorted(set(sampled) - set(hard))
     return sets, total, len(sets) == total
 
 
@@ -214,12 +222,17 @@ class WorstError:
 def measure_worst(
     code: Code,
     problem: Problem,
-    sets: Iterable[Sequence[int]],
+    sets: Sequence[Sequence[int]],
     dtype: torch.dtype,
     device: str = "cpu",
+    stop_above: float = math.inf,
 ) -> WorstError:
     """Encode ``problem.W`` in ``dtype``, multiply every coded block by X in ``dtype`` (the workers'
-    products), decode each received set and return the worst ``||Y - WX|| / ||WX||``."""
+    products), decode each received set and return the worst ``||Y - WX|| / ||WX||``.
+
+    Checking stops at the first set whose error is NaN or above ``stop_above`` (the code has failed
+    for this case; the reported worst is then a lower bound, which ``status`` says).
+    """
     import torch
 
     from sazd.codes.base import DecodeError, relative_error
@@ -240,6 +253,9 @@ def measure_worst(
             err, status = math.inf, f"decode refused: {exc}"
         if not err <= worst.worst_error:  # also catches NaN
             worst.worst_error, worst.worst_missing, worst.status = err, missing_of(code, received), status
-            if math.isnan(err):
-                break
+        if math.isnan(err) or err > stop_above:
+            if worst.sets_checked < len(sets):
+                note = f"stopped after {worst.sets_checked} of {len(sets)} sets: error > {stop_above:g}"
+                worst.status = note if worst.status == "ok" else f"{worst.status}; {note}"
+            break
     return worst

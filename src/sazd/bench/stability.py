@@ -63,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cols", type=int, default=8, help="columns of X (the batch)")
     parser.add_argument("--inner", type=int, default=64, help="inner dimension of W @ X")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--stop-above", type=float, default=1.0,
+        help="stop checking a case once one set's error exceeds this (the code failed; the worst "
+        "reported is then a lower bound); 'inf' checks every set",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench-out/stability"), help="output folder")
     parser.add_argument("--plot-k", type=int, default=8, help="k shown in the plot (nearest in --k)")
     parser.add_argument("--json", action="store_true", help="print results as JSON instead of the table")
@@ -74,13 +79,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def measure_case(
-    spec: CodeSpec, k: int, m: int, r: int, dtype: Any, problem: Problem, samples: int, seed: int
+    spec: CodeSpec,
+    k: int,
+    m: int,
+    r: int,
+    dtype: Any,
+    problem: Problem,
+    samples: int,
+    seed: int,
+    stop_above: float = math.inf,
 ) -> dict[str, Any]:
     """One row of the table: the worst error of code ``spec`` with (n, k) = (k + m, k)."""
     start = time.perf_counter()
     code = spec.build(k + m, k)
     sets, total, exhaustive = pick_sets(code, samples, seed)
-    worst = measure_worst(code, problem, sets, dtype)
+    worst = measure_worst(code, problem, sets, dtype, stop_above=stop_above)
     overhead = code.overhead_rows(k * r)
     return {
         "code": spec.label,
@@ -114,7 +127,9 @@ def run_grid(args: argparse.Namespace, log=None) -> list[dict[str, Any]]:
             for m in ms:
                 for spec in specs:
                     for dtype in dtypes:
-                        row = measure_case(spec, k, m, r, dtype, problem, args.samples, args.seed)
+                        row = measure_case(
+                            spec, k, m, r, dtype, problem, args.samples, args.seed, args.stop_above
+                        )
                         results.append(row)
                         if log:
                             log(row)
@@ -142,8 +157,10 @@ def write_csv(results: list[dict[str, Any]], path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         for row in results:
-            writer.writerow({**row, "worst_error": f"{row['worst_error']:.3e}", "seconds": f"{row['seconds']:.3f}",
-                             "overhead_pct": f"{row['overhead_pct']:.3f}"})  # fmt: skip
+            writer.writerow({
+                **row, "worst_error": f"{row['worst_error']:.3e}", "seconds": f"{row['seconds']:.3f}",
+                "overhead_pct": f"{row['overhead_pct']:.3f}",
+            })  # fmt: skip
 
 
 def plot(results: list[dict[str, Any]], path: Path, plot_k: int) -> None:

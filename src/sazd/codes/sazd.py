@@ -16,6 +16,7 @@ divisions are strided cumulative sums. Rounding error walks along chains of r/(g
 
 from __future__ import annotations
 
+import itertools
 from functools import lru_cache
 
 import torch
@@ -149,7 +150,7 @@ def _common_step(values: list[int]) -> int | None:
     if len(values) == 1:
         return 1
     step = values[1] - values[0]
-    ok = all(b - a == step for a, b in zip(values, values[1:], strict=False))
+    ok = all(b - a == step for a, b in itertools.pairwise(values))
     return step if ok else None
 
 

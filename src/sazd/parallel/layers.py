@@ -39,8 +39,8 @@ class PhaseStats:
 
     encode_s: float = 0.0
     decode_s: float = 0.0
-    worker_s: float = 0.0  # master waiting for a round (submit + first k answers)
-    update_s: float = 0.0  # master side of the update: DEU encode+send, naive re-encode+ship
+    worker_s: float = 0.0  # in cluster calls: submit + waiting for answers (in-process: the workers' work)
+    update_s: float = 0.0  # the master optimizer's step (naive: every weight; DEU: biases, uncoded layers)
     rows_encoded: int = 0
     rows_decoded: int = 0
     rounds: int = 0
@@ -85,8 +85,7 @@ class CodedContext:
         """One coded round: every ready worker multiplies its block ``key`` by ``x``; decode the first
         k answers into the (padded) product with ``rows`` rows."""
         start = time.perf_counter()
-        workers = self._ready()
-        rnd = self.cluster.submit("matmul", (key, x), workers)
+        rnd = self.cluster.submit("matmul", (key, x), self._ready())
         results = self.cluster.first_k(rnd, self.code.k, enough=self.code.can_decode)
         self.stats.worker_s += time.perf_counter() - start
         self.stats.rounds += 1
@@ -98,19 +97,26 @@ class CodedContext:
             workers = self.cluster.alive()
         return workers
 
-    def send(self, method: str, per_worker: Sequence[tuple]) -> None:
-        """Fire-and-forget call to every live worker (calls to one worker run in order)."""
+    def send(self, method: str, args: Sequence[tuple] | tuple, workers: Sequence[int] | None = None) -> None:
+        """Fire-and-forget call to ``workers`` (default: every live one); calls to a worker run in order."""
+        start = time.perf_counter()
+        self.cluster.submit(method, args, self.cluster.alive() if workers is None else list(workers))
+        self.stats.worker_s += time.perf_counter() - start
+
+    def check_alive(self) -> None:
         alive = self.cluster.alive()
         if not self.code.can_decode(alive):
-            raise ClusterError(
-                f"only workers {alive} are alive, fewer than needed to decode (k={self.code.k})"
-            )
-        self.cluster.submit(method, list(per_worker), alive)
+            raise ClusterError(f"only workers {alive} are alive, too few to decode (k={self.code.k})")
 
-    def fetch_state(self, keys: list[str]) -> dict[int, dict[str, dict[str, Tensor]]]:
+    def fetch_state(
+        self, keys: list[str], exclude: Sequence[int] = ()
+    ) -> dict[int, dict[str, dict[str, Tensor]]]:
         """Coded weights and momentum of ``keys`` from the first decodable set of live workers."""
-        rnd = self.cluster.submit("state", (keys,), self.cluster.alive())
-        return self.cluster.first_k(rnd, self.code.k, enough=self.code.can_decode)
+        start = time.perf_counter()
+        rnd = self.cluster.submit("state", (keys,), [j for j in self.cluster.alive() if j not in exclude])
+        states = self.cluster.first_k(rnd, self.code.k, enough=self.code.can_decode)
+        self.stats.worker_s += time.perf_counter() - start
+        return states
 
 
 def pad_rows(T: Tensor, rows: int) -> Tensor:
@@ -207,22 +213,18 @@ class CodedLayer(nn.Module):
         """Encode plain W (and, DEU, its momentum buffer) and load the blocks on ``workers`` (all)."""
         row, col = self.encode_plain(W)
         mom = self.encode_plain(momentum) if momentum is not None else None
-        targets = self.ctx.cluster.alive() if workers is None else list(workers)
         args = []
         for j in range(self.ctx.code.n):
             blocks = {self.keys[0]: row[j], self.keys[1]: col[j]}
             buffers = None if mom is None else {self.keys[0]: mom[0][j], self.keys[1]: mom[1][j]}
             args.append((blocks, buffers))
-        self.ctx.cluster.submit("load", args, targets)
+        self.ctx.send("load", args, workers)
 
     def sync(self) -> None:
         """Naive scheme: re-encode and ship W when it changed since the last shipment."""
         if self.weight._version == self._shipped_version:
             return
-        start = time.perf_counter()
-        encode_before = self.ctx.stats.encode_s
         self.load_plain(self.weight.detach())
-        self.ctx.stats.update_s += time.perf_counter() - start - (self.ctx.stats.encode_s - encode_before)
         self._shipped_version = self.weight._version
 
     def grad_norm_sq(self) -> Tensor:
@@ -240,17 +242,12 @@ class CodedLayer(nn.Module):
         X, dY = self._pending_factors()
         if not (isinstance(scale, float) and scale == 1.0):
             dY = dY * scale
-        start = time.perf_counter()
-        encode_before = self.ctx.stats.encode_s
         left_row = self.ctx.encode(dY.T, self.out_pad)  # C_j(dY^T): (rows_j, N)
         left_col = self.ctx.encode(X.T, self.in_pad)  # C_j(X^T):  (rows_j, N)
         n = self.ctx.code.n
         self.ctx.send("sgd_update", [(self.keys[0], left_row[j], X, step) for j in range(n)])
         self.ctx.send("sgd_update", [(self.keys[1], left_col[j], dY, step) for j in range(n)])
         self.pending.clear()
-        spent = time.perf_counter() - start - (self.ctx.stats.encode_s - encode_before)
-        self.ctx.stats.update_s += spent
-        self.ctx.cluster.note_master_time(spent)
 
     def _pending_factors(self) -> tuple[Tensor, Tensor]:
         if len(self.pending) == 1:
@@ -285,6 +282,8 @@ class CodedLinear(CodedLayer):
         super().__init__(name, module, ctx)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.name}: input has {x.shape[-1]} features, expected {self.in_features}")
         y = self.matmul(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -303,6 +302,9 @@ class CodedConv2d(CodedLayer):
         self.padding, self.dilation = module.padding, module.dilation
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            want = f"(B, {self.in_channels}, H, W)"
+            raise ValueError(f"{self.name}: input of shape {tuple(x.shape)}, expected {want}")
         B = x.shape[0]
         ho, wo = (self._out_size(x.shape[2 + i], i) for i in (0, 1))
         geometry = dict(kernel_size=self.kernel_size, dilation=self.dilation, padding=self.padding,

@@ -10,7 +10,7 @@ they stay on the master with the biases, activations and loss.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -131,16 +131,19 @@ def context(model: nn.Module) -> CodedContext:
     return layers[0].ctx
 
 
-def plain_weights(model: nn.Module, momentum: bool = False) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def plain_weights(
+    model: nn.Module, momentum: bool = False, exclude: Sequence[int] = ()
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The plain weight of every coded layer ({"fc1.weight": W}) and, with ``momentum``, its SGD
     momentum buffer. Naive: the master's weights. DEU: decoded from the first k workers' state (one
-    round for all layers); momentum buffers are coded the same way and decode the same way."""
+    round for all layers, never from workers in ``exclude``); momentum buffers are coded the same way
+    and decode the same way."""
     layers = coded_layers(model)
     ctx = context(model)
     if ctx.scheme == "naive":
         return {f"{layer.name}.weight": layer.weight.detach().clone() for layer in layers}, {}
     keys = [key for layer in layers for key in layer.keys]
-    states = ctx.fetch_state(keys)
+    states = ctx.fetch_state(keys, exclude)
     weights, buffers = {}, {}
     for layer in layers:
         weights[f"{layer.name}.weight"] = layer.plain_from_state(states, "weights")
@@ -194,7 +197,7 @@ def repair(model: nn.Module, worker: int) -> dict[str, object]:
     live = [j for j in ctx.cluster.alive() if j != worker]
     if not ctx.code.can_decode(live):
         raise ClusterError(f"cannot repair worker {worker}: only workers {live} are alive besides it")
-    weights, buffers = plain_weights(model, momentum=True)
+    weights, buffers = plain_weights(model, momentum=True, exclude=[worker])
     for layer in layers:
         key = f"{layer.name}.weight"
         layer.load_plain(weights[key], buffers.get(key), workers=[worker])

@@ -38,11 +38,11 @@ from typing import Any
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-import ray  # noqa: E402
-import torch  # noqa: E402
-from ray.exceptions import RayActorError  # noqa: E402
+import ray
+import torch
+from ray.exceptions import RayActorError
 
-from sazd.runtime.cluster import (  # noqa: E402
+from sazd.runtime.cluster import (
     Cluster,
     ClusterError,
     Counters,
@@ -50,8 +50,8 @@ from sazd.runtime.cluster import (  # noqa: E402
     resolve_args,
     tensor_bytes,
 )
-from sazd.runtime.latency import LatencyModel, parse_latency  # noqa: E402
-from sazd.runtime.worker import Worker  # noqa: E402
+from sazd.runtime.latency import LatencyModel, parse_latency
+from sazd.runtime.worker import Worker
 
 _DEATH = (RayActorError,)  # ActorDiedError and ActorUnavailableError are subclasses
 
@@ -191,7 +191,8 @@ class RayCluster(Cluster):
                 self.counters.failed_results += 1
                 continue
             slowdown = self.latency.slowdown(j, task)
-            ref = self.actors[j].call.remote(method, slowdown, shared if shared is not None else per_worker[j])
+            payload = shared if shared is not None else per_worker[j]
+            ref = self.actors[j].call.remote(method, slowdown, payload)
             refs[j] = ref
             self._outstanding[j].append((self._epoch, ref))
         self.counters.rounds += 1

@@ -90,7 +90,8 @@ class OptimConfig:
 
 
 def lr_at(cfg: OptimConfig, step: int) -> float:
-    """Learning rate of iteration ``step`` (0-based): the closed forms of StepLR / CosineAnnealingLR."""
+    """Learning rate of iteration ``step`` (0-based): the closed forms of StepLR / CosineAnnealingLR
+    (cosine stays at ``min_lr`` after ``total_steps``)."""
     if cfg.schedule == "step":
         return cfg.lr * cfg.gamma ** (step // cfg.step_size)
     if cfg.schedule == "cosine":
@@ -146,6 +147,8 @@ class CodedOptimizer:
             layer.pending.clear()
 
     def step(self) -> None:
+        if self.ctx.scheme == "deu":
+            self.ctx.check_alive()  # all layers' updates go out, or none
         lr = self.lr
         start = time.perf_counter()
         scale = self._clip() if self.cfg.clip_norm is not None else 1.0

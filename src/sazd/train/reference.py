@@ -7,7 +7,8 @@ floating-point tolerance.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ def train_reference(
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
@@ -57,3 +58,26 @@ def relative_weight_error(model: nn.Module, reference: nn.Module | dict[str, Ten
         diff = torch.linalg.vector_norm(got[name].double() - w_ref)
         worst = max(worst, float(diff / torch.linalg.vector_norm(w_ref).clamp_min(1e-300)))
     return worst
+
+
+def reference_run(cfg, data, iterations: int) -> nn.Module:
+    """Plain PyTorch training of ``cfg``'s model (same seed and init) on the trainer's batch order
+    (``sazd.data.batches`` epoch by epoch) for ``iterations`` steps; ``data`` already in cfg's dtype."""
+    from sazd.data import batches
+    from sazd.models import build_model
+    from sazd.train.trainer import DTYPES
+
+    model = build_model(cfg.model, data.in_shape, data.num_classes, hidden=cfg.hidden, seed=cfg.seed,
+                        dtype=DTYPES[cfg.dtype])
+
+    def stream() -> Iterator[tuple[Tensor, Tensor]]:
+        count = 0
+        for epoch in itertools.count():
+            for xb, yb in batches(data.train_x, data.train_y, cfg.batch_size, cfg.seed, epoch):
+                if count == iterations:
+                    return
+                yield xb, yb
+                count += 1
+
+    train_reference(model, stream(), cfg.optim)
+    return model

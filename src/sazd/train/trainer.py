@@ -263,7 +263,7 @@ class Trainer:
             "iteration": pos.iteration + 1,
             "epoch": pos.epoch,
             "batch": pos.batch,
-            "loss": float(loss),
+            "loss": float(loss.detach()),
             "accuracy": float((logits.argmax(1) == yb).double().mean()),
             "lr": lr_at(self.opt.cfg, self.opt.steps - 1),
             "wall_s": wall,
@@ -286,6 +286,13 @@ class Trainer:
     def _after_iteration(self) -> None:
         if self.cfg.repair:
             self.repair_dead()
+        alive = self.cluster.alive()
+        if not self.code.can_decode(alive):
+            raise ClusterError(f"fewer than k={self.code.k} workers alive ({alive})")
+        if len(alive) == self.code.k and not self._exhausted_saved:
+            if self.cfg.checkpoint_path is not None:  # no redundancy left: save while we still can
+                self.save_checkpoint()
+            self._exhausted_saved = True
         every = self.cfg.checkpoint_every
         if every is not None and self.position.iteration % every == 0:
             self.save_checkpoint()
@@ -331,10 +338,8 @@ class Trainer:
         """Respawn and repair every dead worker (decode from k live ones); record each repair."""
         done = []
         for j in range(self.code.n):
-            if j in self.cluster.alive():
+            if j in self.cluster.alive() or not self.code.can_decode(self.cluster.alive()):
                 continue
-            if not self.code.can_decode(self.cluster.alive()):
-                raise ClusterError(f"fewer than k={self.code.k} workers alive ({self.cluster.alive()})")
             try:
                 self.cluster.respawn(j)
             except (ClusterError, NotImplementedError):
@@ -346,10 +351,6 @@ class Trainer:
             if self.run is not None:
                 self.run.log({"kind": "repair", **info})
             done.append(info)
-        if len(self.cluster.alive()) == self.code.k and not self._exhausted_saved:
-            if self.cfg.checkpoint_path is not None:  # no redundancy left: save while we still can
-                self.save_checkpoint()
-            self._exhausted_saved = True
         return done
 
     # ----------------------------------------------------------- checkpoints

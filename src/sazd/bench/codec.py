@@ -1,0 +1,208 @@
+"""`sazd bench codec`: encode and decode throughput of each code next to a plain ``clone()``.
+
+Throughput is GB/s of OUTPUT bytes (encode: all n coded blocks; decode: the k*r decoded rows). The
+physical reference is ``clone()`` of a tensor with the same number of bytes as each output, timed in
+the same run and interleaved with the codecs (round-robin over all operations in every repeat, so
+load changes hit all of them alike); each figure is the median of ``--repeats`` after ``--warmup``.
+Decoding uses exactly k results: the systematic workers minus a window of ``s`` adjacent missing
+blocks (the last s: the longest zigzag chains), plus the first s parity workers. Decode plans are
+cached by the codes, so warmup also covers planning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sazd.bench import CodeSpec, dtype_label, int_list, machine_info, parse_code_spec, parse_dtype
+
+DEFAULT_CODES = ("sazd", "poly", "poly:nodes=chebyshev", "poly:systematic=true", "gaussian")
+QUICK = {"rows": 256, "cols": 32, "repeats": 3, "warmup": 1}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n\n")[1] if __doc__ else None
+    parser.add_argument(
+        "--codes", nargs="+", default=list(DEFAULT_CODES), metavar="SPEC",
+        help="codes as name[:opt=value,...] (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument("--k", type=int, default=8, help="source blocks")
+    parser.add_argument("--n", type=int, default=10, help="workers")
+    parser.add_argument("--rows", type=int, default=4096, help="TOTAL rows of W@X (k * rows per block)")
+    parser.add_argument("--cols", type=int, default=512, help="columns of W@X")
+    parser.add_argument("--dtype", default="fp32", help="fp64, fp32, fp16 or bf16")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--missing", default="1,2", help="numbers of missing systematic blocks to decode")
+    parser.add_argument("--repeats", type=int, default=30, help="timed repeats (median reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed repeats first")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print results as JSON instead of the table")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help=f"tiny sizes for smoke tests: rows={QUICK['rows']}, cols={QUICK['cols']}, "
+        f"repeats={QUICK['repeats']}",
+    )  # fmt: skip
+
+
+class Op:
+    """One timed operation and its deterministic counters."""
+
+    def __init__(self, code: str, op: str, fn: Callable[[], Any], counters: dict[str, Any]) -> None:
+        self.code, self.op, self.fn, self.counters = code, op, fn, counters
+        self.times: list[float] = []
+
+    @property
+    def out_bytes(self) -> int:
+        return self.counters["bytes_written"]
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def gbps(self) -> float:
+        return self.out_bytes / self.seconds / 1e9
+
+
+def received_set(k: int, n: int, s: int) -> list[int]:
+    """Systematic workers minus the last s (adjacent) plus the first s parity workers: k workers."""
+    if not 0 <= s <= min(k, n - k):
+        raise ValueError(f"--missing {s} must be between 0 and min(k, n-k) = {min(k, n - k)}")
+    return [*range(k - s), *range(k, k + s)]
+
+
+def build_ops(spec: CodeSpec, args: argparse.Namespace, W: Any, missing: list[int]) -> list[Op]:
+    """Encode and one decode per entry of ``missing`` for one code, with their byte counters."""
+    code = spec.build(args.n, args.k)
+    item = W.element_size()
+    r = W.shape[0] // args.k
+    block_rows = code.block_rows(r)
+    coded = code.encode(W)
+    in_bytes = W.numel() * item
+    ops = [
+        Op(spec.label, "encode", lambda: code.encode(W), {
+            "bytes_read": in_bytes, "bytes_written": sum(block_rows) * args.cols * item,
+            "rows_written": sum(block_rows), "rows_solved": 0, "max_abs_error": 0.0,
+        })
+    ]  # fmt: skip
+    for s in missing:
+        received = received_set(args.k, args.n, s)
+        results = {j: coded[j] for j in received}
+        decoded = code.decode(results)  # also plans (and caches) this set before timing
+        error = float((decoded.double() - W.double()).abs().max())
+        solved = s * r if code.is_systematic else args.k * r
+        ops.append(
+            Op(spec.label, f"decode {s} missing", lambda results=results: code.decode(results), {
+                "bytes_read": sum(block_rows[j] for j in received) * args.cols * item,
+                "bytes_written": in_bytes, "rows_written": args.k * r, "rows_solved": solved,
+                "max_abs_error": error,
+            })
+        )  # fmt: skip
+    return ops
+
+
+def time_all(ops: list[Op], repeats: int, warmup: int, sync: Callable[[], None]) -> None:
+    """Round-robin: every repeat runs every op once, so slow drifts of the machine hit all alike."""
+    for rep in range(warmup + repeats):
+        for op in ops:
+            sync()
+            start = time.perf_counter()
+            op.fn()
+            sync()
+            if rep >= warmup:
+                op.times.append(time.perf_counter() - start)
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    if args.quick:
+        args.rows, args.cols, args.repeats, args.warmup = (
+            QUICK["rows"], QUICK["cols"], QUICK["repeats"], QUICK["warmup"])  # fmt: skip
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device!r} asked for CUDA but torch sees no GPU; use --device cpu")
+    for flag in ("repeats", "cols", "rows"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    missing = int_list(args.missing, "--missing") if args.missing.strip() not in ("", "0") else []
+    dtype = parse_dtype(args.dtype)
+    gen = torch.Generator().manual_seed(args.seed)
+    W = torch.randn(args.rows, args.cols, generator=gen).to(device=args.device, dtype=dtype)
+    ops: list[Op] = []
+    for text in args.codes:
+        ops += build_ops(parse_code_spec(text), args, W, missing)
+    clones: dict[int, Op] = {}  # the physical reference, one per output size
+    for nbytes in sorted({op.out_bytes for op in ops}):
+        src = torch.randn(nbytes // W.element_size(), generator=gen).to(device=args.device, dtype=dtype)
+        clones[nbytes] = Op("clone", "clone", src.clone, {
+            "bytes_read": nbytes, "bytes_written": nbytes, "rows_written": 0, "rows_solved": 0,
+            "max_abs_error": 0.0,
+        })  # fmt: skip
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    time_all([*clones.values(), *ops], args.repeats, args.warmup, sync)
+
+    rows = []
+    for op in ops:
+        ref = clones[op.out_bytes]
+        rows.append({
+            "code": op.code, "op": op.op, "out_mb": op.out_bytes / 1e6, "median_ms": op.seconds * 1e3,
+            "gbps": op.gbps, "clone_gbps": ref.gbps, "vs_clone": op.gbps / ref.gbps, **op.counters,
+        })  # fmt: skip
+    return {
+        "machine": {**machine_info(), "device": args.device},
+        "config": {
+            "k": args.k, "n": args.n, "rows": args.rows, "rows_per_block": args.rows // args.k,
+            "cols": args.cols, "dtype": dtype_label(dtype), "repeats": args.repeats, "warmup": args.warmup,
+            "codes": [parse_code_spec(c).label for c in args.codes],
+        },
+        "results": rows,
+        "speedups": speedups(rows),
+    }  # fmt: skip
+
+
+def speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For every decode case: time of each other code / time of the first code (SAZD by default)."""
+    if not rows:
+        return []
+    first = rows[0]["code"]
+    out = []
+    for base in (r for r in rows if r["code"] == first):
+        for other in (r for r in rows if r["op"] == base["op"] and r["code"] != first):
+            out.append({"op": base["op"], "code": first, "vs": other["code"],
+                        "speedup": other["median_ms"] / base["median_ms"]})  # fmt: skip
+    return out
+
+
+def format_report(report: dict[str, Any]) -> str:
+    cfg, mach = report["config"], report["machine"]
+    head = (
+        f"{'code':<22} {'op':<17} {'out MB':>7} {'median ms':>9} {'GB/s':>7} {'clone GB/s':>10} "
+        f"{'vs clone':>8} {'read MB':>8} {'rows solved':>11} {'max abs err':>11}"
+    )
+    lines = [
+        f"k={cfg['k']} n={cfg['n']} rows={cfg['rows']} ({cfg['rows_per_block']} per block) "
+        f"cols={cfg['cols']} {cfg['dtype']} on {mach['device']}; torch {mach['torch']} with "
+        f"{mach['torch_threads']} threads, {mach['nproc']} cores; median of {cfg['repeats']}",
+        head,
+        "-" * len(head),
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"{r['code']:<22} {r['op']:<17} {r['out_mb']:>7.2f} {r['median_ms']:>9.3f} {r['gbps']:>7.2f} "
+            f"{r['clone_gbps']:>10.2f} {r['vs_clone']:>8.2f} {r['bytes_read'] / 1e6:>8.2f} "
+            f"{r['rows_solved']:>11} {r['max_abs_error']:>11.1e}"
+        )
+    lines.append("")
+    for s in report["speedups"]:
+        lines.append(f"{s['op']:<17} {s['code']} is {s['speedup']:.2f}x as fast as {s['vs']}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = measure(args)
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0

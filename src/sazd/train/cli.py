@@ -1,0 +1,233 @@
+"""`sazd train`: coded model-parallel training from the command line.
+
+    sazd train --model mlp --dataset fashion-mnist --code sazd --n 6 --k 4 --scheme deu \\
+               --backend inproc --epochs 1 --stragglers 2 --json out.json
+
+Writes a run directory (config.json, metrics.jsonl, report.json, loss.png, accuracy.png), shows a
+progress bar per epoch and prints the bytes per iteration, measured and by the DESIGN.md formula for
+both schemes. Bad settings (Adam with DEU, impossible n/k, a bad plan ...) exit with code 2 and a
+one-line message before any training starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+# Flags that set a field of a nested or derived config value.
+OPTIM_FLAGS = ("optimizer", "lr", "momentum", "dampening", "nesterov", "weight_decay", "schedule",
+               "step_size",
+               "gamma", "clip_norm")
+FLAG_FIELDS = {flag: "optim" for flag in OPTIM_FLAGS}
+FLAG_FIELDS.update({flag: "code_options" for flag in ("non_systematic", "shift_unit", "nodes")})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model and data")
+    g.add_argument("--model", default="mlp", help="mlp or cnn (default mlp)")
+    g.add_argument("--hidden", type=_ints, default=None,
+                   help="hidden widths, e.g. 1024,1024 (mlp) or 128 (cnn)")
+    g.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, mnist, kmnist, digits, idx")
+    g.add_argument("--data-dir", default=None, help="directory with the four IDX files")
+    g.add_argument("--train-limit", type=int, default=None, help="use a seeded subset of N training samples")
+    g.add_argument("--test-limit", type=int, default=None, help="use a seeded subset of N test samples")
+    g.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    g.add_argument("--seed", type=int, default=0)
+
+    g = parser.add_argument_group("code and scheme")
+    g.add_argument("--code", default="sazd", help="sazd, poly, gaussian, uncoded, replication (default sazd)")
+    g.add_argument("--n", type=int, default=None, help="workers (default k+2; k for --code uncoded)")
+    g.add_argument("--k", type=int, default=4, help="workers whose answers suffice (default 4)")
+    g.add_argument("--non-systematic", action="store_true", help="sazd/poly: the non-systematic form")
+    g.add_argument("--shift-unit", default=None, help="sazd: shift unit g in rows, or 'auto'")
+    g.add_argument("--nodes", default=None, help="poly: evaluation nodes, integer or chebyshev")
+    g.add_argument("--scheme", default="deu", choices=["deu", "naive"])
+    g.add_argument("--plan", default=None,
+                   help="layers to code, e.g. fc1,fc2 (default: every Linear/Conv2d with both widths >= "
+                        "--min-features)")
+    g.add_argument("--min-features", type=int, default=64)
+
+    g = parser.add_argument_group("optimizer")
+    g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"],
+                   help="adam/adamw only with --scheme naive")
+    g.add_argument("--lr", type=float, default=0.05)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--dampening", type=float, default=0.0)
+    g.add_argument("--nesterov", action="store_true")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--schedule", default="constant", choices=["constant", "step", "cosine"])
+    g.add_argument("--step-size", type=int, default=1000, help="step schedule: iterations between decays")
+    g.add_argument("--gamma", type=float, default=0.1, help="step schedule: decay factor")
+    g.add_argument("--clip-norm", type=float, default=None,
+                   help="clip the global gradient norm (exact in DEU)")
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many iterations in all")
+
+    g = parser.add_argument_group("cluster")
+    g.add_argument("--backend", default="ray", choices=["ray", "inproc"],
+                   help="ray (a local Ray cluster starts by itself) or inproc (simulated latency)")
+    g.add_argument("--stragglers", type=int, default=0, help="the first S workers are slow")
+    g.add_argument("--straggler-delay", type=float, default=5.0, help="slowdown factor of a straggler")
+    g.add_argument("--latency", default=None,
+                   help="latency model: none | fixed:S:F | shiftexp:RATE[:SHIFT] | dead:I,J[:AFTER]; "
+                        "'+' joins several")
+    g.add_argument("--network-gbps", type=float, default=None, help="inproc: simulated master link in Gb/s")
+    g.add_argument("--base-time", dest="base_time_s", type=float, default=None,
+                   help="inproc: constant task time in seconds (deterministic simulated clock)")
+    g.add_argument("--device", default="cpu", help="inproc: workers' device (cpu, cuda)")
+    g.add_argument("--address", default=None, help="ray: join this Ray cluster")
+    g.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per worker actor")
+    g.add_argument("--no-repair", dest="repair", action="store_false", help="do not respawn dead workers")
+
+    g = parser.add_argument_group("output")
+    g.add_argument("--run-dir", default=None, help="run directory (default runs/train-<time>)")
+    g.add_argument("--checkpoint-every", type=int, default=None, help="save a checkpoint every N iterations")
+    g.add_argument("--checkpoint-dir", default=None, help="default <run-dir>/checkpoint")
+    g.add_argument("--resume", default=None, help="resume from a checkpoint (or run) directory")
+    g.add_argument("--json", default=None, help="also write the report to this JSON file")
+    g.add_argument("--check", action="store_true",
+                   help="also train plain PyTorch on the same batches and print the weight difference")
+    g.add_argument("--no-progress", dest="show_progress", action="store_const", const=False, default=None,
+                   help="no progress bar")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def config_from_args(args: argparse.Namespace):
+    """A ``TrainConfig`` from parsed flags (with --resume: the checkpoint's, overridden by given flags)."""
+    from sazd.train import checkpoint
+    from sazd.train.optim import OptimConfig
+    from sazd.train.trainer import TrainConfig
+
+    options = {}
+    if args.non_systematic:
+        options["systematic"] = False
+    if args.shift_unit is not None:
+        options["shift_unit"] = args.shift_unit if args.shift_unit == "auto" else int(args.shift_unit)
+    if args.nodes is not None:
+        options["nodes"] = args.nodes
+    n = args.n if args.n is not None else (args.k if args.code == "uncoded" else args.k + 2)
+    plan = None
+    if args.plan:
+        plan = {name.strip(): "coded" for name in args.plan.split(",") if name.strip()}
+    optim = OptimConfig(name=args.optimizer, lr=args.lr, momentum=args.momentum, dampening=args.dampening,
+                        nesterov=args.nesterov, weight_decay=args.weight_decay, schedule=args.schedule,
+                        step_size=args.step_size, gamma=args.gamma, clip_norm=args.clip_norm)
+    fresh = TrainConfig(
+        model=args.model, dataset=args.dataset, data_dir=args.data_dir, train_limit=args.train_limit,
+        test_limit=args.test_limit, hidden=args.hidden, code=args.code, n=n, k=args.k, code_options=options,
+        scheme=args.scheme, backend=args.backend, stragglers=args.stragglers,
+        straggler_delay=args.straggler_delay, latency=args.latency, network_gbps=args.network_gbps,
+        base_time_s=args.base_time_s, address=args.address, gpus_per_worker=args.gpus_per_worker,
+        device=args.device, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+        optim=optim, dtype=args.dtype, seed=args.seed, plan=plan, min_features=args.min_features,
+        repair=args.repair, run_dir=args.run_dir, checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, show_progress=args.show_progress,
+    )
+    if args.resume is None:
+        if fresh.run_dir is None:
+            fresh.run_dir = str(Path("runs") / time.strftime("train-%Y%m%d-%H%M%S"))
+        return fresh
+    # Resume: start from the checkpoint's settings; flags given explicitly override them (and the
+    # trainer refuses the ones that would change the model, data order or update rule).
+    saved = TrainConfig.from_dict(checkpoint.load(args.resume).meta["config"])
+    defaults = _defaults()
+    given = {key for key, value in vars(args).items() if key in defaults and value != defaults[key]}
+    for flag in given - {"resume", "json", "check"}:
+        name = FLAG_FIELDS.get(flag, flag)
+        if name in ("n", "k"):
+            saved.n, saved.k = fresh.n, fresh.k
+        elif hasattr(saved, name):
+            setattr(saved, name, getattr(fresh, name))
+    saved.resume = args.resume
+    return saved
+
+
+def _defaults() -> dict:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return vars(parser.parse_args([]))
+
+
+def run(args: argparse.Namespace) -> int:
+    from sazd.runtime.cluster import ClusterError
+
+    try:
+        cfg = config_from_args(args)
+        if args.check and cfg.resume is not None:
+            raise ValueError("--check trains plain PyTorch from the start; it cannot go with --resume")
+        from sazd.train.trainer import Trainer
+
+        trainer = Trainer(cfg)
+    except ValueError as err:
+        print(f"sazd train: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    with trainer:
+        layers = list(trainer.ctx.layers)
+        print(f"training {cfg.model} on {cfg.dataset}: code {trainer.code}, scheme {cfg.scheme}, backend "
+              f"{cfg.backend}, coded layers {layers}", flush=True)
+        try:
+            report = trainer.train()
+        except ClusterError as err:
+            print(f"sazd train: cluster failure: {_one_line(err)}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            where = f"; checkpoint in {trainer.last_checkpoint}" if trainer.last_checkpoint else ""
+            print(f"interrupted at iteration {trainer.position.iteration}{where}", file=sys.stderr)
+            return 130
+        if args.check:
+            from sazd.parallel import plain_state_dict
+            from sazd.train.reference import reference_run, relative_weight_error
+
+            ref = reference_run(cfg, trainer.data, trainer.position.iteration)
+            error = relative_weight_error(plain_state_dict(trainer.model), ref)
+            report["check_max_relative_weight_error"] = error
+    print_summary(report, cfg)
+    if args.json:
+        import json
+
+        from sazd.train.report import to_jsonable
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(to_jsonable(report), indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+def print_summary(report: dict, cfg) -> None:
+    it = report["iterations"]
+    clock = "simulated" if cfg.backend == "inproc" else "wall"
+    print(f"test accuracy {100 * report['test_accuracy']:.2f}% (loss {report['test_loss']:.4f}) after {it} "
+          f"iterations")
+    if it:
+        phases = ", ".join(f"{k.removesuffix('_s')} {1000 * v:.1f}" for k, v in report["phases_s"].items())
+        print(f"iteration time: {1000 * report['mean_iteration_s']:.1f} ms ({clock}); "
+              f"master wall {1000 * report['mean_wall_iteration_s']:.1f} ms = {phases} ms")
+        formula = report["formula_bytes_per_iteration"]
+        naive, deu = formula["naive"]["bytes_to_workers"], formula["deu"]["bytes_to_workers"]
+        print(f"bytes/iteration to workers: measured {_mb(report['bytes_to_workers_per_iteration'])} "
+              f"({cfg.scheme}); formula naive {_mb(naive)}, deu {_mb(deu)} (naive/deu = {naive / deu:.1f}x)")
+        print(f"bytes/iteration from workers: measured {_mb(report['bytes_from_workers_per_iteration'])}; "
+              f"formula {_mb(formula[cfg.scheme]['bytes_from_workers'])}")
+    if report["repairs"]:
+        print(f"repairs: {len(report['repairs'])} (workers {[r['worker'] for r in report['repairs']]})")
+    if "check_max_relative_weight_error" in report:
+        error = report["check_max_relative_weight_error"]
+        print(f"check: max relative weight difference to plain PyTorch {error:.2e}")
+    if cfg.run_dir:
+        print(f"run directory: {cfg.run_dir}")
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.3f} MB"
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())

@@ -1,0 +1,141 @@
+"""Checkpoints: resuming continues exactly like an uninterrupted run; damaged checkpoints are refused."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from sazd.data import load_dataset
+from sazd.parallel import plain_state_dict
+from sazd.train import checkpoint, cli
+from sazd.train.checkpoint import CheckpointError
+from sazd.train.optim import OptimConfig
+from sazd.train.trainer import TrainConfig, Trainer
+
+ALL = {"fc1": "coded", "fc2": "coded", "fc3": "coded"}
+SGD = OptimConfig(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3, schedule="cosine")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", dtype=torch.float64)
+
+
+def config(**kw) -> TrainConfig:
+    base = dict(model="mlp", dataset="digits", hidden=(24, 18), plan=ALL, backend="inproc", dtype="float64",
+                batch_size=64, base_time_s=1e-3, show_progress=False, optim=SGD, epochs=2, code="sazd", n=6, k=4)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def train(cfg, digits, callbacks=None):
+    with Trainer(cfg, data=digits, callbacks=callbacks) as tr:
+        report = tr.train()
+        return plain_state_dict(tr.model), report, tr
+
+
+@pytest.mark.parametrize(("scheme", "optim"), [("deu", SGD), ("naive", SGD),
+                                               ("naive", OptimConfig(name="adam", lr=0.01, weight_decay=0.1))])
+def test_resume_continues_exactly_like_an_uninterrupted_run(scheme, optim, digits, tmp_path):
+    # 44 steps = 2 epochs of 22; the break at step 15 sits mid-epoch, mid-cosine, with momentum built up
+    whole, _, _ = train(config(scheme=scheme, optim=optim), digits)
+    first = config(scheme=scheme, optim=optim, max_steps=15, checkpoint_every=15, run_dir=str(tmp_path / "a"))
+    train(first, digits)
+    saved = checkpoint.load(tmp_path / "a")
+    assert saved.position == {"epoch": 0, "batch": 15, "iteration": 15}
+    resumed, report, tr = train(config(scheme=scheme, optim=optim, resume=str(tmp_path / "a")), digits)
+    assert tr.position.iteration == 44 and report["iterations"] == 29
+    for name, tensor in whole.items():
+        assert torch.equal(resumed[name], tensor), name
+
+
+def test_resume_with_stragglers_matches_to_rounding(digits, tmp_path):
+    """With random stragglers the decoding sets differ between the two runs (a fresh cluster draws
+    fresh delays), so the weights agree to float64 rounding rather than bit for bit."""
+    kw = dict(scheme="deu", latency="shiftexp:1.0", code_options={"systematic": False})
+    whole, _, _ = train(config(**kw), digits)
+    train(config(**kw, max_steps=10, checkpoint_every=10, run_dir=str(tmp_path / "a")), digits)
+    resumed, _, _ = train(config(**kw, resume=str(tmp_path / "a")), digits)
+    for name, tensor in whole.items():
+        assert torch.allclose(resumed[name], tensor, rtol=1e-10, atol=1e-13), name
+
+
+def test_damaged_checkpoints_are_refused(digits, tmp_path):
+    train(config(max_steps=3, checkpoint_every=3, run_dir=str(tmp_path / "run")), digits)
+    ckpt = tmp_path / "run" / "checkpoint"
+    assert checkpoint.load(ckpt).position["iteration"] == 3
+    tensors = ckpt / checkpoint.TENSORS
+    good = tensors.read_bytes()
+
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x01
+    tensors.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match="tensors.safetensors is corrupt or truncated"):
+        checkpoint.load(ckpt)
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):  # and the trainer refuses it too
+        Trainer(config(resume=str(ckpt)), data=digits)
+
+    tensors.write_bytes(good[: len(good) - 100])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        checkpoint.load(ckpt)
+
+    tensors.write_bytes(good)
+    meta = ckpt / checkpoint.META
+    meta.write_text(meta.read_text().replace('"iteration": 3', '"iteration": 2'))
+    with pytest.raises(CheckpointError, match="meta.json is corrupt"):
+        checkpoint.load(ckpt)
+
+    (ckpt / checkpoint.SUMS).unlink()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        checkpoint.load(ckpt)
+    with pytest.raises(CheckpointError, match="no checkpoint there"):
+        checkpoint.load(tmp_path / "elsewhere")
+
+
+def test_resume_refuses_changed_settings(digits, tmp_path):
+    train(config(max_steps=3, checkpoint_every=3, run_dir=str(tmp_path / "run")), digits)
+    changed = config(resume=str(tmp_path / "run"), optim=OptimConfig(lr=0.5, momentum=0.9))
+    with pytest.raises(ValueError, match="settings differ from the checkpoint's.*optim"):
+        Trainer(changed, data=digits)
+
+
+def test_ctrl_c_finishes_the_iteration_and_saves(digits, tmp_path):
+    def interrupt(tr):
+        if tr.position.iteration == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = config(run_dir=str(tmp_path / "run"), checkpoint_every=100)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, digits, callbacks=[interrupt])
+    assert checkpoint.load(tmp_path / "run").position["iteration"] == 4
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_cli_resume(digits, tmp_path, capsys):
+    def run(argv):
+        parser = argparse.ArgumentParser()
+        cli.add_arguments(parser)
+        return cli.run(parser.parse_args(argv))
+
+    common = ["--dataset", "digits", "--hidden", "16,16", "--min-features", "8", "--backend", "inproc",
+              "--batch-size", "64", "--no-progress"]
+    assert run([*common, "--max-steps", "4", "--checkpoint-every", "2", "--run-dir", str(tmp_path / "r")]) == 0
+    out = tmp_path / "out.json"
+    assert run(["--resume", str(tmp_path / "r"), "--max-steps", "7", "--json", str(out), "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    assert report["position"]["iteration"] == 7 and report["iterations"] == 3
+    assert run(["--resume", str(tmp_path / "r"), "--lr", "0.3"]) == 2
+    assert "settings differ" in capsys.readouterr().err

@@ -1,0 +1,316 @@
+"""Coded layers against the oracle: plain PyTorch training of the same network, same seed and batches."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sazd.codes import get_code
+from sazd.parallel import (
+    coded_layers,
+    parallelize,
+    plain_model,
+    plain_state_dict,
+    plain_weights,
+    predicted_traffic,
+    repair,
+    resolve_plan,
+)
+from sazd.parallel.layers import pad_rows
+from sazd.runtime.cluster import ClusterError
+from sazd.runtime.inproc import InProcessCluster
+from sazd.train.optim import CodedOptimizer, OptimConfig
+from sazd.train.reference import relative_weight_error, train_reference
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matmuls on a loaded 2-core machine are much faster without intra-op threads.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mlp(dtype=F64, seed=0) -> nn.Module:
+    """Widths 22-13-10-3: only 3 divides by k=3 and none by k=4, so layers are padded."""
+    torch.manual_seed(seed)
+    return nn.Sequential(OrderedDict(
+        fc1=nn.Linear(22, 13), relu1=nn.ReLU(), fc2=nn.Linear(13, 10), relu2=nn.ReLU(), fc3=nn.Linear(10, 3),
+    )).to(dtype)
+
+
+def cnn(dtype=F64, seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(1, 5, 3, padding=1), relu1=nn.ReLU(),
+        conv2=nn.Conv2d(5, 6, 3, stride=2, dilation=1), relu2=nn.ReLU(),
+        flatten=nn.Flatten(), fc=nn.Linear(6 * 3 * 3, 3),
+    )).to(dtype)
+
+
+MLP_PLAN = {"fc1": "coded", "fc2": "coded", "fc3": "coded"}
+CNN_PLAN = {"conv1": "coded", "conv2": "coded", "fc": "coded"}
+SGD = OptimConfig(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, clip_norm=1.0,
+                  schedule="cosine", total_steps=25)
+
+
+def data(shape, steps=25, batch=10, dtype=F64, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    xs = torch.randn(steps, batch, *shape, generator=gen, dtype=dtype)
+    ys = torch.randint(0, 3, (steps, batch), generator=gen)
+    return list(zip(xs, ys, strict=True))
+
+
+class RecordingCluster(InProcessCluster):
+    """Remembers which workers each first_k decoded from."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.decoded_sets: list[tuple[int, ...]] = []
+
+    def first_k(self, round_, k, enough=None):
+        got = super().first_k(round_, k, enough)
+        self.decoded_sets.append(tuple(sorted(got)))
+        return got
+
+
+def run_coded(make, plan, code, scheme, batches, cfg=SGD, latency="shiftexp:1.0", dtype=F64):
+    """Train a coded copy and a plain copy of ``make()`` on ``batches``; returns both and the cluster."""
+    ref, model = make(dtype), make(dtype)
+    cluster = RecordingCluster(code.n, latency=latency if code.n > code.k else None, base_time_s=1e-3)
+    parallelize(model, code, cluster, plan=plan, scheme=scheme)
+    opt = CodedOptimizer(model, cfg)
+    for xb, yb in batches:
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    train_reference(ref, batches, cfg)
+    return model, ref, cluster
+
+
+CODES = {
+    "sazd": dict(name="sazd", n=6, k=4),
+    "sazd-nonsys": dict(name="sazd", n=5, k=3, systematic=False),
+    "poly": dict(name="poly", n=6, k=4),
+    "uncoded": dict(name="uncoded", n=4, k=4),
+}
+
+
+def make_code(spec):
+    spec = dict(spec)
+    return get_code(spec.pop("name"), **spec)
+
+
+@pytest.mark.parametrize("scheme", ["naive", "deu"])
+@pytest.mark.parametrize("code_name", list(CODES))
+def test_mlp_matches_plain_pytorch_float64(code_name, scheme):
+    code = make_code(CODES[code_name])
+    model, ref, cluster = run_coded(mlp, MLP_PLAN, code, scheme, data((22,)))
+    assert relative_weight_error(plain_state_dict(model), ref) < 1e-9
+    if code.n > code.k:  # the latency model really made different workers answer first
+        assert len(set(cluster.decoded_sets)) >= 3
+        assert cluster.counters.late_results_discarded > 0
+
+
+@pytest.mark.parametrize("scheme", ["naive", "deu"])
+def test_cnn_matches_plain_pytorch_float64(scheme):
+    code = get_code("sazd", n=5, k=3)
+    model, ref, cluster = run_coded(cnn, CNN_PLAN, code, scheme, data((1, 8, 8), steps=20))
+    assert relative_weight_error(plain_state_dict(model), ref) < 1e-9
+    assert len(set(cluster.decoded_sets)) >= 3
+
+
+@pytest.mark.parametrize("scheme", ["naive", "deu"])
+def test_float32_training_stays_close(scheme):
+    code = get_code("sazd", n=6, k=4)
+    batches = data((22,), dtype=torch.float32)
+    model, ref, _ = run_coded(mlp, MLP_PLAN, code, scheme, batches, dtype=torch.float32)
+    err = relative_weight_error(plain_state_dict(model), ref)
+    assert err < 1e-4
+    # and the float32 run tracks the exact float64 one about as well as plain float32 training does
+    ref64 = mlp(F64)
+    train_reference(ref64, [(x.double(), y) for x, y in batches], SGD)
+    assert relative_weight_error(plain_state_dict(model), ref64) < 1e-4
+
+
+def test_adam_in_naive_matches_plain_pytorch():
+    cfg = OptimConfig(name="adam", lr=0.01, weight_decay=1e-2, schedule="step", step_size=7, gamma=0.5)
+    model, ref, _ = run_coded(mlp, MLP_PLAN, get_code("sazd", n=6, k=4), "naive", data((22,)), cfg=cfg)
+    assert relative_weight_error(plain_state_dict(model), ref) < 1e-9
+
+
+@pytest.mark.parametrize("scheme", ["naive", "deu"])
+def test_default_plan_keeps_narrow_layers_on_master(scheme):
+    # 22-13-10-3 with min_features=11: only fc1 (13 x 22) has both widths >= 11
+    model = mlp()
+    parallelize(model, get_code("sazd", n=6, k=4), InProcessCluster(6), scheme=scheme, min_features=11)
+    assert [layer.name for layer in coded_layers(model)] == ["fc1"]
+    assert type(model.fc2) is nn.Linear and type(model.fc3) is nn.Linear
+
+
+def close(got, want, tol=1e-12):
+    return got.shape == want.shape and bool((got - want).abs().max() <= tol * want.abs().max())
+
+
+@pytest.mark.parametrize("code_name", ["sazd-nonsys", "poly"])
+def test_deu_keeps_the_code_structure(code_name):
+    """The paper's theorem: after T DEU steps every worker's coded weights (and momentum) are the
+    encoding of the decoded plain weights."""
+    code = make_code(CODES[code_name])
+    for make, plan, shape in ((mlp, MLP_PLAN, (22,)), (cnn, CNN_PLAN, (1, 8, 8))):
+        model, _, cluster = run_coded(make, plan, code, "deu", data(shape, steps=20))
+        weights, buffers = plain_weights(model, momentum=True)
+        checked = 0
+        for layer in coded_layers(model):
+            W = weights[f"{layer.name}.weight"]
+            M = buffers[f"{layer.name}.weight"]
+            (row, col), (mrow, mcol) = layer.encode_plain(W), layer.encode_plain(M)
+            for j in cluster.alive():
+                worker = cluster.workers[j]
+                for key, want in ((layer.keys[0], row[j]), (layer.keys[1], col[j])):
+                    assert close(worker.weights[key], want), (layer.name, key, j)
+                for key, want in ((layer.keys[0], mrow[j]), (layer.keys[1], mcol[j])):
+                    assert close(worker.momentum[key], want), (layer.name, key, j)
+                checked += 1
+        assert checked == len(coded_layers(model)) * code.n
+
+
+def test_padding_never_leaks():
+    code = get_code("sazd", n=6, k=4)  # systematic: worker k-1 holds the last rows, padding included
+    model, ref, cluster = run_coded(mlp, MLP_PLAN, code, "deu", data((22,)))
+    for layer in coded_layers(model):
+        assert layer.out_pad > layer.out_features and layer.in_pad > layer.in_features
+        last = cluster.workers[code.k - 1]
+        r_out, r_in = layer.out_pad // code.k, layer.in_pad // code.k
+        pad_out, pad_in = layer.out_pad - layer.out_features, layer.in_pad - layer.in_features
+        assert r_out >= pad_out and r_in >= pad_in
+        assert torch.all(last.weights[layer.keys[0]][r_out - pad_out:] == 0)
+        assert torch.all(last.weights[layer.keys[1]][r_in - pad_in:] == 0)
+        assert torch.all(last.momentum[layer.keys[0]][r_out - pad_out:] == 0)
+    x = torch.randn(7, 22, dtype=F64)
+    out = model(x)
+    assert out.shape == (7, 3)
+    assert torch.allclose(out, ref(x), rtol=1e-9, atol=1e-12)
+    assert torch.allclose(plain_model(model)(x), ref(x), rtol=1e-9, atol=1e-12)
+
+
+def test_pad_rows():
+    t = torch.arange(6.0).reshape(3, 2)
+    assert pad_rows(t, 3) is t
+    assert torch.equal(pad_rows(t, 4), torch.cat([t, torch.zeros(1, 2)]))
+
+
+def test_deu_clip_norm_equals_torch_without_forming_dW():
+    """||dY^T X||_F from the B x B Gram matrices (and from dW for wide batches) == torch's norm."""
+    for batch in (4, 40):  # 4*4 <= 13*22: Gram path; 40*40 > 13*22: direct path
+        model, ref = mlp(), mlp()
+        parallelize(model, get_code("sazd", n=6, k=4), InProcessCluster(6), plan=MLP_PLAN, scheme="deu")
+        opt = CodedOptimizer(model, SGD)
+        x, y = torch.randn(batch, 22, dtype=F64), torch.randint(0, 3, (batch,))
+        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(ref(x), y).backward()
+        want = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters()]))
+        assert torch.allclose(opt.grad_norm(), want, rtol=1e-12)
+
+
+def test_repair_reloads_a_respawned_worker_and_training_goes_on_exactly():
+    code = get_code("sazd", n=6, k=4, systematic=False)
+    cfg = OptimConfig(lr=0.05, momentum=0.9, weight_decay=1e-3)
+    batches = data((22,), steps=20)
+    ref, model = mlp(), mlp()
+    cluster = RecordingCluster(6, latency="shiftexp:1.0", base_time_s=1e-3)
+    parallelize(model, code, cluster, plan=MLP_PLAN, scheme="deu")
+    opt = CodedOptimizer(model, cfg)
+    for step, (xb, yb) in enumerate(batches):
+        if step == 10:
+            cluster.kill(2)
+            cluster.respawn(2)
+            assert cluster.workers[2].weights == {}
+            info = repair(model, 2)
+            assert info["worker"] == 2 and info["momentum"]
+            weights, buffers = plain_weights(model, momentum=True)
+            for layer in coded_layers(model):
+                row, col = layer.encode_plain(weights[f"{layer.name}.weight"])
+                mrow, _ = layer.encode_plain(buffers[f"{layer.name}.weight"])
+                assert torch.allclose(cluster.workers[2].weights[layer.keys[0]], row[2], atol=1e-12)
+                assert torch.allclose(cluster.workers[2].weights[layer.keys[1]], col[2], atol=1e-12)
+                assert torch.allclose(cluster.workers[2].momentum[layer.keys[0]], mrow[2], atol=1e-12)
+            used_before = len(cluster.decoded_sets)
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    assert any(2 in s for s in cluster.decoded_sets[used_before:])  # the repaired worker answered
+    train_reference(ref, batches, cfg)
+    assert relative_weight_error(plain_state_dict(model), ref) < 1e-9
+
+
+# ------------------------------------------------------------------ errors
+def test_bad_plans_are_refused_before_training():
+    model = nn.Sequential(OrderedDict(
+        fc=nn.Linear(8, 8), norm=nn.LayerNorm(8), emb=nn.Embedding(4, 8), conv=nn.Conv2d(4, 8, 3, groups=2),
+        conv_same=nn.Conv2d(4, 8, 3, padding="same"),
+        conv_reflect=nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"),
+    ))
+    with pytest.raises(ValueError, match=r"'fc9'.*lacks"):
+        resolve_plan(model, {"fc9": "coded"}, 1)
+    with pytest.raises(ValueError, match=r"LayerNorm; only nn\.Linear and nn\.Conv2d"):
+        resolve_plan(model, {"norm": "coded"}, 1)
+    with pytest.raises(ValueError, match="Embedding"):
+        resolve_plan(model, {"emb": "coded"}, 1)
+    with pytest.raises(ValueError, match="groups=2"):
+        resolve_plan(model, {"conv": "coded"}, 1)
+    with pytest.raises(ValueError, match="padding='same'"):
+        resolve_plan(model, {"conv_same": "coded"}, 1)
+    with pytest.raises(ValueError, match="padding_mode='reflect'"):
+        resolve_plan(model, {"conv_reflect": "coded"}, 1)
+    with pytest.raises(ValueError, match="style is one of"):
+        resolve_plan(model, {"fc": "rowwise"}, 1)
+    with pytest.raises(ValueError, match="min_features=64"):
+        resolve_plan(model, None, 64)
+    assert list(resolve_plan(model, {"fc": "coded", "norm": "master"}, 1)) == ["fc"]
+
+
+def test_parallelize_argument_errors():
+    code = get_code("sazd", n=6, k=4)
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        parallelize(mlp(), code, InProcessCluster(6), plan=MLP_PLAN, scheme="fast")
+    with pytest.raises(ValueError, match="n=5 workers but the code needs n=6"):
+        parallelize(mlp(), code, InProcessCluster(5), plan=MLP_PLAN)
+    model = parallelize(mlp(), code, InProcessCluster(6), plan=MLP_PLAN)
+    with pytest.raises(ValueError, match="already parallelized"):
+        parallelize(model, code, InProcessCluster(6), plan=MLP_PLAN)
+    dead = InProcessCluster(6)
+    for j in range(3):
+        dead.kill(j)
+    with pytest.raises(ClusterError, match="k=4"):
+        parallelize(mlp(), code, dead, plan=MLP_PLAN)
+
+
+def test_adam_with_deu_is_refused_with_the_reason():
+    model = parallelize(mlp(), get_code("sazd", n=6, k=4), InProcessCluster(6), plan=MLP_PLAN, scheme="deu")
+    for name in ("adam", "adamw"):
+        with pytest.raises(ValueError, match=f"optimizer '{name}' cannot run with scheme 'deu'.*linear"):
+            CodedOptimizer(model, OptimConfig(name=name))
+
+
+def test_predicted_traffic_scales_as_design_says():
+    """Naive ships both coded copies, O(n*out*in) per layer; DEU sends encoded factors, O(n*N*(out+in))."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(256, 256), relu=nn.ReLU(), fc2=nn.Linear(256, 256)))
+    code = get_code("sazd", n=6, k=4)
+    parallelize(model, code, InProcessCluster(6), scheme="deu")
+    model(torch.randn(8, 256, requires_grad=True)).sum().backward()
+    naive, deu = predicted_traffic(model, "naive"), predicted_traffic(model, "deu")
+    n, s, N, R = 6, 4, 8, sum(code.block_rows(64))  # R: coded rows of one copy over all n workers
+    rounds = 2 * (n * 256 * N) * s  # forward X and backward dY to every worker, per layer
+    assert naive["bytes_to_workers"] == 2 * (rounds + R * 512 * s)
+    assert deu["bytes_to_workers"] == 2 * (rounds + 2 * R * N * s + n * N * 512 * s)
+    assert naive["bytes_to_workers"] > 3 * deu["bytes_to_workers"]
+    assert naive["bytes_from_workers"] == deu["bytes_from_workers"] == 2 * 2 * 256 * N * s
