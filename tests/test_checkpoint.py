@@ -36,7 +36,8 @@ def digits():
 
 def config(**kw) -> TrainConfig:
     base = dict(model="mlp", dataset="digits", hidden=(24, 18), plan=ALL, backend="inproc", dtype="float64",
-                batch_size=64, base_time_s=1e-3, show_progress=False, optim=SGD, epochs=2, code="sazd", n=6, k=4)
+                batch_size=64, base_time_s=1e-3, show_progress=False, optim=SGD, epochs=2, code="sazd", n=6,
+                k=4)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -47,8 +48,10 @@ def train(cfg, digits, callbacks=None):
         return plain_state_dict(tr.model), report, tr
 
 
-@pytest.mark.parametrize(("scheme", "optim"), [("deu", SGD), ("naive", SGD),
-                                               ("naive", OptimConfig(name="adam", lr=0.01, weight_decay=0.1))])
+ADAM = OptimConfig(name="adam", lr=0.01, weight_decay=0.1)
+
+
+@pytest.mark.parametrize(("scheme", "optim"), [("deu", SGD), ("naive", SGD), ("naive", ADAM)])
 def test_resume_continues_exactly_like_an_uninterrupted_run(scheme, optim, digits, tmp_path):
     # 44 steps = 2 epochs of 22; the break at step 15 sits mid-epoch, mid-cosine, with momentum built up
     whole, _, _ = train(config(scheme=scheme, optim=optim), digits)
@@ -83,7 +86,7 @@ def test_damaged_checkpoints_are_refused(digits, tmp_path):
     flipped = bytearray(good)
     flipped[len(good) // 2] ^= 0x01
     tensors.write_bytes(bytes(flipped))
-    with pytest.raises(CheckpointError, match="tensors.safetensors is corrupt or truncated"):
+    with pytest.raises(CheckpointError, match=r"tensors\.safetensors is corrupt or truncated"):
         checkpoint.load(ckpt)
     with pytest.raises(CheckpointError, match="corrupt or truncated"):  # and the trainer refuses it too
         Trainer(config(resume=str(ckpt)), data=digits)
@@ -95,7 +98,7 @@ def test_damaged_checkpoints_are_refused(digits, tmp_path):
     tensors.write_bytes(good)
     meta = ckpt / checkpoint.META
     meta.write_text(meta.read_text().replace('"iteration": 3', '"iteration": 2'))
-    with pytest.raises(CheckpointError, match="meta.json is corrupt"):
+    with pytest.raises(CheckpointError, match=r"meta\.json is corrupt"):
         checkpoint.load(ckpt)
 
     (ckpt / checkpoint.SUMS).unlink()
@@ -108,7 +111,7 @@ def test_damaged_checkpoints_are_refused(digits, tmp_path):
 def test_resume_refuses_changed_settings(digits, tmp_path):
     train(config(max_steps=3, checkpoint_every=3, run_dir=str(tmp_path / "run")), digits)
     changed = config(resume=str(tmp_path / "run"), optim=OptimConfig(lr=0.5, momentum=0.9))
-    with pytest.raises(ValueError, match="settings differ from the checkpoint's.*optim"):
+    with pytest.raises(ValueError, match=r"settings differ from the checkpoint's.*optim"):
         Trainer(changed, data=digits)
 
 
@@ -132,10 +135,10 @@ def test_cli_resume(digits, tmp_path, capsys):
 
     common = ["--dataset", "digits", "--hidden", "16,16", "--min-features", "8", "--backend", "inproc",
               "--batch-size", "64", "--no-progress"]
-    assert run([*common, "--max-steps", "4", "--checkpoint-every", "2", "--run-dir", str(tmp_path / "r")]) == 0
-    out = tmp_path / "out.json"
-    assert run(["--resume", str(tmp_path / "r"), "--max-steps", "7", "--json", str(out), "--no-progress"]) == 0
-    report = json.loads(out.read_text())
+    run_dir, out = str(tmp_path / "r"), str(tmp_path / "out.json")
+    assert run([*common, "--max-steps", "4", "--checkpoint-every", "2", "--run-dir", run_dir]) == 0
+    assert run(["--resume", run_dir, "--max-steps", "7", "--json", out, "--no-progress"]) == 0
+    report = json.loads((tmp_path / "out.json").read_text())
     assert report["position"]["iteration"] == 7 and report["iterations"] == 3
     assert run(["--resume", str(tmp_path / "r"), "--lr", "0.3"]) == 2
     assert "settings differ" in capsys.readouterr().err

@@ -12,8 +12,9 @@ Tolerances (relative Frobenius error against the exact float64 product ``W @ X``
 - SAZD decodes with additions along zigzag chains of at most r rows, each link adding one rounding of a
   value the size of the data. With r <= 8 systematic SAZD measured <= ~50 eps (worst: 5 missing
   blocks), so ``tol = 256 * eps``. The non-systematic form solves the full k x k ring system whose
-  error fans out over k chains and grows fast with r (DESIGN.md §2); with r <= 2 it measured <= ~1.1e3
-  eps at n=12, k=11, so ``tol = 8192 * eps`` (1e-3 in float32).
+  error grows fast with r (DESIGN.md §2) and with k: worst err/eps over n <= 12 measured, for r = 1 / 2,
+  k=6: 3 / 25, k=8: 28 / 264, k=9: 401 / 1032, k=11: 2576 / 9660. So it is tested with r <= 2 and
+  k <= 8 under ``tol = 2048 * eps`` (2.4e-4 in float32); beyond that it is not a usable code in float32.
 Every tolerance is checked to be < 1e-2, far below the O(1) error of a wrong decode.
 """
 
@@ -46,7 +47,7 @@ F64, F32 = torch.float64, torch.float32
 # (label, name, options, allowed dtypes, max k, max rows per block)
 SPECS = [
     ("sazd-systematic", "sazd", {}, (F64, F32), 11, 8),
-    ("sazd-nonsystematic", "sazd", {"systematic": False}, (F64, F32), 11, 2),
+    ("sazd-nonsystematic", "sazd", {"systematic": False}, (F64, F32), 8, 2),
     ("sazd-shift2", "sazd", {"shift_unit": 2}, (F64, F32), 11, 8),
     ("poly-integer", "poly", {}, (F64,), 6, 8),
     ("poly-chebyshev", "poly", {"nodes": "chebyshev"}, (F64, F32), 11, 8),
@@ -65,7 +66,7 @@ def eps(dtype: torch.dtype) -> float:
 def tolerance(code: Code, subset: tuple[int, ...], dtype: torch.dtype) -> float:
     """The error budget explained in the module docstring."""
     if isinstance(code, SAZD):
-        return (256 if code.is_systematic else 8192) * eps(dtype)
+        return (256 if code.is_systematic else 2048) * eps(dtype)
     return 64 * eps(dtype) * code.condition_number(subset)
 
 
@@ -107,14 +108,20 @@ def test_every_straggler_set_decodes_to_the_exact_product(case):
     label, code, r, trailing, dtype, seed = case
     W, apply = problem(code.k * r, trailing, seed)
     exact = apply(W)
-    products = [apply(c) for c in code.encode(W.to(dtype))]
+    products = {dtype: [apply(c) for c in code.encode(W.to(dtype))]}
     for subset in decodable_sets(code, seed):
-        decoded = code.decode({j: products[j] for j in subset})
-        tol = tolerance(code, subset, dtype)
+        check = dtype
+        if tolerance(code, subset, dtype) >= 1e-2:
+            # This set is so ill-conditioned (e.g. adjacent Chebyshev nodes) that float32 cannot tell a
+            # right decode from a wrong one: check it in float64, where the same bound is informative.
+            check = F64
+            products.setdefault(F64, [apply(c) for c in code.encode(W)])
+        decoded = code.decode({j: products[check][j] for j in subset})
+        tol = tolerance(code, subset, check)
         assert tol < 1e-2, f"{label}: tolerance {tol:.1e} too loose to prove anything"
-        assert decoded.dtype == dtype and decoded.shape == exact.shape
+        assert decoded.dtype == check and decoded.shape == exact.shape
         err = relative_error(decoded, exact)
-        assert err <= tol, f"{code!r} ({label}) r={r} {dtype} set {subset}: error {err:.2e} > {tol:.2e}"
+        assert err <= tol, f"{code!r} ({label}) r={r} {check} set {subset}: error {err:.2e} > {tol:.2e}"
 
 
 HALF_SPECS = [

@@ -199,9 +199,11 @@ def test_errors_are_clear():
 
 
 def test_make_cluster_inproc():
-    cluster = make_cluster("inproc", 3, latency="fixed:1:2", base_time_s=0.5)
+    cluster = make_cluster("inproc", 3, latency="fixed:1:2", base_time_s=0.5, network_gbps=10)
     cluster.first_k(cluster.submit("ping", ()), 2)
     assert cluster.clock == pytest.approx(0.5)
+    info = cluster.describe()
+    assert info["latency"] == "fixed stragglers [0] x2" and info["network_gbps"] == pytest.approx(10)
 
 
 # ------------------------------------------------------------------ latency models

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from sazd.runtime import ClusterError, SGDStep, make_cluster
+from sazd.runtime import ClusterError, FixedStragglers, SGDStep, make_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -17,7 +17,8 @@ SLOW = 1000.0  # a slow actor sleeps 999x its compute time per call
 
 @pytest.fixture(scope="module")
 def cluster(ray_session):
-    cluster = make_cluster("ray", N, timeout_s=60)
+    # worker 0 is slowed by the latency model, worker 1 by set_delay in the first test
+    cluster = make_cluster("ray", N, timeout_s=60, latency=FixedStragglers([0], factor=SLOW))
     yield cluster
     cluster.close()
 
@@ -35,7 +36,7 @@ def set_delay(cluster, factor: float, workers: list[int]) -> None:
 
 
 def test_first_k_skips_slow_actors_and_matches_local(cluster, blocks):
-    set_delay(cluster, SLOW, [0, 1])
+    set_delay(cluster, SLOW, [1])
     x = torch.randn(COLS, BATCH)
     got = cluster.first_k(cluster.submit("matmul", ("w", x)), K)
     assert sorted(got) == [2, 3, 4, 5]
@@ -84,10 +85,12 @@ def test_dead_actor_is_an_erasure_and_respawn_is_empty(cluster, blocks, ray_sess
     set_delay(cluster, SLOW, [3])
     round_ = cluster.submit("matmul", ("w", x), [2, 3, 5])  # 0 and 1 are still slow
     cluster.kill(3)  # killed while its call runs
-    assert sorted(cluster.first_k(round_, 2)) == [2, 5]
     assert 3 not in cluster.alive()
+    cluster.respawn(3)  # before the round is gathered
+    assert sorted(cluster.wait_all(round_)) == [2, 5]  # the old actor's call failed...
+    assert 3 in cluster.alive()  # ...which does not condemn the new actor
+    cluster.respawn(4)
     for j in (3, 4):
-        cluster.respawn(j)
         assert cluster.wait_all(cluster.submit("state", (), [j]))[j]["weights"] == {}
         cluster.wait_all(cluster.submit("load", ({"w": blocks[j]},), [j]))
     assert cluster.alive() == list(range(N))
@@ -117,11 +120,18 @@ def test_too_many_dead_is_a_clear_error_not_a_hang(cluster, ray_session):
     assert cluster.alive() == [3, 4]
 
 
+def test_asking_for_missing_gpus_is_a_clear_error(ray_session):
+    with pytest.raises(ValueError, match=r"gpus_per_worker=1: 2 workers need 2 GPU .* has 0"):
+        make_cluster("ray", 2, gpus_per_worker=1)
+    assert ray_session.is_initialized()
+
+
 def test_close_leaves_no_actors_and_keeps_shared_ray(cluster, ray_session):
     from ray._private import state
 
     from sazd.runtime.ray_backend import wait_until
 
+    assert cluster.describe()["backend"] == "ray" and cluster.describe()["nodes"] >= 1
     ids = {a._actor_id.hex() for a in cluster.actors}
     pids = [state.actors()[i]["Pid"] for i in ids]
     cluster.close()

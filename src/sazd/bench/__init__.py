@@ -127,6 +127,7 @@ def machine_info() -> dict[str, Any]:
         "nproc": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "loadavg_1m": round(os.getloadavg()[0], 2),  # other work on the machine skews timings
     }
 
 

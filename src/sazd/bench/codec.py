@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--missing", default="1,2", help="numbers of missing systematic blocks to decode")
     parser.add_argument("--repeats", type=int, default=30, help="timed repeats (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed repeats first")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print results as JSON instead of the table")
     parser.add_argument(
@@ -128,6 +129,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     for flag in ("repeats", "cols", "rows"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     missing = int_list(args.missing, "--missing") if args.missing.strip() not in ("", "0") else []
     dtype = parse_dtype(args.dtype)
     gen = torch.Generator().manual_seed(args.seed)
@@ -186,7 +189,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"k={cfg['k']} n={cfg['n']} rows={cfg['rows']} ({cfg['rows_per_block']} per block) "
         f"cols={cfg['cols']} {cfg['dtype']} on {mach['device']}; torch {mach['torch']} with "
-        f"{mach['torch_threads']} threads, {mach['nproc']} cores; median of {cfg['repeats']}",
+        f"{mach['torch_threads']} threads, {mach['nproc']} cores (load {mach['loadavg_1m']}); median of "
+        f"{cfg['repeats']}",
         head,
         "-" * len(head),
     ]

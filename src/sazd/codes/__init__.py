@@ -28,6 +28,7 @@ __all__ = [
     "Poly",
     "Replication",
     "Uncoded",
+    "code_options",
     "get_code",
 ]
 

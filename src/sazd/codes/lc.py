@@ -73,7 +73,8 @@ class LinearCode(Code):
         return self._G.clone()
 
     def condition_number(self, workers: Collection[int]) -> float:
-        """``cond(G_S)`` (2-norm) of the k x k system that ``decode`` solves for these workers."""
+        """``cond(G_S)`` (2-norm) for the k workers ``decode`` would use: the bound on how much it
+        amplifies the relative rounding error of the workers' products."""
         rows = self._choose(workers)
         return float(torch.linalg.cond(self._G[rows]))
 
@@ -148,8 +149,8 @@ class LinearCode(Code):
             A[plan.missing] = 0.0
             Y.addmm_(plan.known, A, alpha=-1.0)  # Y_P - G[P, R] A_R
         lo, hi = plan.missing[0], plan.missing[-1] + 1
-        if hi - lo == len(plan.missing):  # contiguous rows: write in place
-            torch.matmul(plan.solve, Y, out=A[lo:hi])
+        if hi - lo == len(plan.missing) and not (Y.requires_grad and torch.is_grad_enabled()):
+            torch.matmul(plan.solve, Y, out=A[lo:hi])  # contiguous rows: write in place
         else:
             A[plan.missing] = plan.solve @ Y
 

@@ -67,7 +67,7 @@ class SAZD(Code):
 
     def _source_rows(self, worker: int, rows: int) -> int:
         p = self._shift_index(worker)
-        if not p:
+        if not p or self.k == 1:  # no shifted rows
             return rows
         return _invert_rows(rows, p * (self.k - 1), self.shift_unit)
 

@@ -182,6 +182,12 @@ class CodedLayer(nn.Module):
     def keys(self) -> tuple[str, str]:
         return f"{self.name}.row", f"{self.name}.col"
 
+    @property
+    def padded(self) -> dict[str, tuple[int, int]]:
+        """Per copy: (padded rows, real rows)."""
+        row, col = self.keys
+        return {row: (self.out_pad, self.out_features), col: (self.in_pad, self.in_features)}
+
     # ---------------------------------------------------------- the algebra
     def forward_product(self, xm: Tensor) -> Tensor:
         if self.ctx.scheme == "naive":
@@ -202,22 +208,34 @@ class CodedLayer(nn.Module):
         return _CodedMatmul.apply(xm, handle, self)
 
     # ------------------------------------------------------------ updating
-    def encode_plain(self, W: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Both coded copies of the plain weight ``W`` (any shape with ``out`` rows)."""
+    def plain_copies(self, W: Tensor) -> dict[str, Tensor]:
+        """The two plain matrices the coded copies encode: {"<name>.row": W (out, in), "<name>.col": W^T}."""
         W2 = W.reshape(self.out_features, self.in_features)
-        return self.ctx.encode(W2, self.out_pad), self.ctx.encode(W2.T, self.in_pad)
+        return {self.keys[0]: W2, self.keys[1]: W2.T}
+
+    def encode_plain(self, W: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Both coded copies of the plain weight ``W`` (any shape with ``out`` rows): n blocks each."""
+        copies = self.plain_copies(W)
+        return tuple(self.ctx.encode(copies[key], self.padded[key][0]) for key in self.keys)
 
     def load_plain(
         self, W: Tensor, momentum: Tensor | None = None, workers: Sequence[int] | None = None
     ) -> None:
         """Encode plain W (and, DEU, its momentum buffer) and load the blocks on ``workers`` (all)."""
-        row, col = self.encode_plain(W)
-        mom = self.encode_plain(momentum) if momentum is not None else None
+        buffers = None if momentum is None else self.plain_copies(momentum)
+        self.load_copies(self.plain_copies(W), buffers, workers)
+
+    def load_copies(self, weights: dict[str, Tensor], momentum: dict[str, Tensor] | None = None,
+                    workers: Sequence[int] | None = None) -> None:
+        """Encode the plain row and column matrices ({key: matrix}; momentum likewise) and load them."""
+        coded = {key: self.ctx.encode(weights[key], self.padded[key][0]) for key in self.keys}
+        buffers = None
+        if momentum is not None:
+            buffers = {key: self.ctx.encode(momentum[key], self.padded[key][0]) for key in self.keys}
         args = []
         for j in range(self.ctx.code.n):
-            blocks = {self.keys[0]: row[j], self.keys[1]: col[j]}
-            buffers = None if mom is None else {self.keys[0]: mom[0][j], self.keys[1]: mom[1][j]}
-            args.append((blocks, buffers))
+            mom = None if buffers is None else {key: buffers[key][j] for key in self.keys}
+            args.append(({key: coded[key][j] for key in self.keys}, mom))
         self.ctx.send("load", args, workers)
 
     def sync(self) -> None:
@@ -255,18 +273,22 @@ class CodedLayer(nn.Module):
         return torch.cat([x for x, _ in self.pending]), torch.cat([d for _, d in self.pending])
 
     # --------------------------------------------------- plain-weight views
-    def plain_from_state(self, states: dict[int, dict[str, dict[str, Tensor]]], part: str) -> Tensor | None:
-        """Decode this layer's plain W (part="weights") or momentum (part="momentum") from worker states
-        (the coded blocks are products with the identity, so decode gives W itself)."""
-        key = self.keys[0]
-        blocks = {j: s[part][key] for j, s in states.items() if key in s[part]}
-        if part == "momentum" and len(blocks) < len(states):
-            if blocks:
-                raise ClusterError(f"workers disagree on whether {key} has a momentum buffer")
-            return None
-        device = self.bias.device if self.bias is not None else blocks[next(iter(blocks))].device
-        W = self.ctx.decode(blocks, self.out_pad, device)[: self.out_features]
-        return W.reshape(self.weight_shape)
+    def decode_copies(
+        self, states: dict[int, dict[str, dict[str, Tensor]]], part: str
+    ) -> dict[str, Tensor] | None:
+        """Decode both plain matrices {"<name>.row": W, "<name>.col": W^T} of part="weights" (or the
+        momentum buffers, part="momentum"; None when there are none) from worker states. The coded
+        blocks are products with the identity, so decoding them gives the matrices themselves."""
+        out = {}
+        for key, (rows, keep) in self.padded.items():
+            blocks = {j: s[part][key] for j, s in states.items() if key in s[part]}
+            if part == "momentum" and len(blocks) < len(states):
+                if blocks:
+                    raise ClusterError(f"workers disagree on whether {key} has a momentum buffer")
+                return None
+            device = self._handle.device if self.ctx.scheme == "deu" else self.weight.device
+            out[key] = self.ctx.decode(blocks, rows, device)[:keep]
+        return out
 
     def extra_repr(self) -> str:
         return (

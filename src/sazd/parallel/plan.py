@@ -131,27 +131,39 @@ def context(model: nn.Module) -> CodedContext:
     return layers[0].ctx
 
 
-def plain_weights(
+def decoded_copies(
     model: nn.Module, momentum: bool = False, exclude: Sequence[int] = ()
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """The plain weight of every coded layer ({"fc1.weight": W}) and, with ``momentum``, its SGD
-    momentum buffer. Naive: the master's weights. DEU: decoded from the first k workers' state (one
-    round for all layers, never from workers in ``exclude``); momentum buffers are coded the same way
-    and decode the same way."""
+    """Both plain matrices of every coded layer, {"fc1.row": W, "fc1.col": W^T}, and with ``momentum``
+    their SGD momentum buffers. Naive: from the master's weights. DEU: decoded from the first k
+    workers' state (one round for all layers, never from workers in ``exclude``). In DEU the two copies
+    are updated separately, so W^T of the column copy equals the row copy's W only to rounding."""
     layers = coded_layers(model)
     ctx = context(model)
     if ctx.scheme == "naive":
-        return {f"{layer.name}.weight": layer.weight.detach().clone() for layer in layers}, {}
-    keys = [key for layer in layers for key in layer.keys]
-    states = ctx.fetch_state(keys, exclude)
+        copies = [layer.plain_copies(layer.weight.detach()) for layer in layers]
+        return {key: t.clone() for c in copies for key, t in c.items()}, {}
+    states = ctx.fetch_state([key for layer in layers for key in layer.keys], exclude)
     weights, buffers = {}, {}
     for layer in layers:
-        weights[f"{layer.name}.weight"] = layer.plain_from_state(states, "weights")
+        weights.update(layer.decode_copies(states, "weights"))
         if momentum:
-            buf = layer.plain_from_state(states, "momentum")
-            if buf is not None:
-                buffers[f"{layer.name}.weight"] = buf
+            buffers.update(layer.decode_copies(states, "momentum") or {})
     return weights, buffers
+
+
+def plain_weights(
+    model: nn.Module, momentum: bool = False, exclude: Sequence[int] = ()
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The plain weight of every coded layer ({"fc1.weight": W}, decoded from the row copy in DEU) and,
+    with ``momentum``, its SGD momentum buffer (DEU only: naive keeps momentum in the master optimizer)."""
+    copies, buffers = decoded_copies(model, momentum, exclude)
+    weights, moms = {}, {}
+    for layer in coded_layers(model):
+        weights[f"{layer.name}.weight"] = copies[layer.keys[0]].reshape(layer.weight_shape)
+        if layer.keys[0] in buffers:
+            moms[f"{layer.name}.weight"] = buffers[layer.keys[0]].reshape(layer.weight_shape)
+    return weights, moms
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -172,8 +184,12 @@ def plain_model(model: nn.Module) -> nn.Module:
 
 
 def load_plain_weights(model: nn.Module, weights: Mapping[str, Tensor],
-                       momentum: Mapping[str, Tensor] | None = None) -> None:
-    """Set every coded layer's weight (and, DEU, momentum) from plain tensors and ship them."""
+                       momentum: Mapping[str, Tensor] | None = None,
+                       columns: Mapping[str, Tensor] | None = None) -> None:
+    """Set every coded layer's weight (and, DEU, momentum) from plain tensors and ship them.
+
+    DEU: ``columns`` may give the column copies ({"fc1.col": W^T, "fc1.col/momentum_buffer": ...}, as
+    ``decoded_copies`` returns them) so both copies continue bit for bit; otherwise W^T is used."""
     for layer in coded_layers(model):
         key = f"{layer.name}.weight"
         if key not in weights:
@@ -186,7 +202,15 @@ def load_plain_weights(model: nn.Module, weights: Mapping[str, Tensor],
                 layer.weight.copy_(W)
             layer.sync()
         else:
-            layer.load_plain(W.to(layer._handle), None if momentum is None else momentum.get(key))
+            M = None if momentum is None else momentum.get(key)
+            copies = layer.plain_copies(W.to(layer._handle))
+            buffers = None if M is None else layer.plain_copies(M.to(layer._handle))
+            col = layer.keys[1]
+            if columns is not None and col in columns:
+                copies[col] = columns[col].to(layer._handle)
+                if buffers is not None and f"{col}/momentum_buffer" in columns:
+                    buffers[col] = columns[f"{col}/momentum_buffer"].to(layer._handle)
+            layer.load_copies(copies, buffers)
 
 
 def repair(model: nn.Module, worker: int) -> dict[str, object]:
@@ -197,10 +221,10 @@ def repair(model: nn.Module, worker: int) -> dict[str, object]:
     live = [j for j in ctx.cluster.alive() if j != worker]
     if not ctx.code.can_decode(live):
         raise ClusterError(f"cannot repair worker {worker}: only workers {live} are alive besides it")
-    weights, buffers = plain_weights(model, momentum=True, exclude=[worker])
+    weights, buffers = decoded_copies(model, momentum=True, exclude=[worker])
     for layer in layers:
-        key = f"{layer.name}.weight"
-        layer.load_plain(weights[key], buffers.get(key), workers=[worker])
+        mom = {key: buffers[key] for key in layer.keys} if layer.keys[0] in buffers else None
+        layer.load_copies({key: weights[key] for key in layer.keys}, mom, workers=[worker])
     return {"worker": worker, "layers": [layer.name for layer in layers], "momentum": bool(buffers)}
 
 

@@ -136,6 +136,10 @@ class Cluster(ABC):
         topped up with the least-backlogged busy ones so that at least k are asked. Never queue
         compute on a busy worker when k idle ones exist (its queue would only grow)."""
 
+    def describe(self) -> dict[str, Any]:
+        """Backend and settings, for run reports."""
+        return {"backend": type(self).__name__, "n": self.n}
+
     def note_master_time(self, seconds: float) -> None:
         """Account for master-side work (encode, decode, update); the simulated clock advances."""
         return None  # real backends: real time passes by itself

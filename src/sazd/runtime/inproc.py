@@ -210,6 +210,16 @@ class InProcessCluster(Cluster):
         self._incarnation[worker] += 1
         self.counters.respawns += 1
 
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": "inproc",
+            "n": self.n,
+            "latency": self.latency.describe(),
+            "network_gbps": None if self.bytes_per_s is None else self.bytes_per_s * 8 / 1e9,
+            "base_time_s": self.base_time_s,
+            "device": self.device,
+        }
+
     def busy_until(self, worker: int) -> float:
         """Simulated time at which ``worker`` finishes everything submitted to it so far."""
         return self._busy_until[worker]

@@ -13,8 +13,9 @@
   calls sent before the last gather, and an actor with more than ``max_backlog`` unfinished calls is
   killed (its queue would only grow) so that the master can respawn and repair it.
 - Stragglers are real: the latency model's factor for each task is sent with the call and the actor
-  sleeps ``(factor - 1)`` times its compute time (``Worker._timed``); ``set_delay`` on an actor
-  multiplies in. A ``DeadWorkers`` model really kills the actor when its task comes.
+  sleeps ``(factor - 1)`` times its compute time (``Worker._timed``: products and updates; loads
+  and state fetches are not slowed, unlike the in-process simulation which slows every call);
+  ``set_delay`` on an actor multiplies in. A ``DeadWorkers`` model really kills the actor when its task comes.
 - Actors have ``max_restarts=0`` and ``max_task_retries=0``: a retried call would run on fresh state.
 
 Counters follow the in-process conventions (see ``sazd.runtime.inproc``): a broadcast argument's
@@ -40,7 +41,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import ray
 import torch
-from ray.exceptions import RayActorError
+from ray.exceptions import ObjectLostError, RayActorError, WorkerCrashedError
 
 from sazd.runtime.cluster import (
     Cluster,
@@ -53,7 +54,9 @@ from sazd.runtime.cluster import (
 from sazd.runtime.latency import LatencyModel, parse_latency
 from sazd.runtime.worker import Worker
 
-_DEATH = (RayActorError,)  # ActorDiedError and ActorUnavailableError are subclasses
+# A worker that answers with one of these is gone (ActorDiedError, ActorUnavailableError are
+# RayActorErrors; a lost node loses its objects): an erasure. Errors raised by Worker code propagate.
+_DEATH = (RayActorError, ObjectLostError, WorkerCrashedError)
 
 
 def start_local_ray(num_cpus: int | None = None, object_store_gb: float = 2.0) -> bool:
@@ -100,6 +103,7 @@ class RayRound(Round):
     method: str
     workers: list[int]
     refs: dict[int, Any] = field(repr=False)  # worker -> ObjectRef, or None: failed before sending
+    incarnations: dict[int, int] = field(repr=False, default_factory=dict)  # which actor of each slot
     cluster_id: int = 0
     gathered: bool = False
 
@@ -141,7 +145,15 @@ class RayCluster(Cluster):
         self.timeout_s = timeout_s
         self.counters = Counters()
         self.device = "cuda" if gpus_per_worker > 0 else "cpu"
+        self.address = address
         self.started_ray = False
+        self.actors: list[Any] = []
+        self._outstanding: list[deque[tuple[int, Any]]] = [deque() for _ in range(n)]  # (epoch, ref)
+        self._epoch = 0
+        self._tasks = [0] * n
+        self._incarnation = [0] * n
+        self._dead: set[int] = set()
+        self._closed = False
         if ray.is_initialized():
             pass
         elif address is None:
@@ -149,6 +161,16 @@ class RayCluster(Cluster):
         else:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
             self.started_ray = True
+        _close_at_exit(self)  # from here on, nothing we started may outlive the interpreter
+        have = ray.cluster_resources()
+        for name, per_worker, arg in (("GPU", gpus_per_worker, "gpus_per_worker"),
+                                      ("CPU", num_cpus_per_worker, "num_cpus_per_worker")):
+            if n * per_worker > have.get(name, 0) + 1e-9:
+                self.close()
+                raise ValueError(
+                    f"{arg}={per_worker:g}: {n} workers need {n * per_worker:g} {name} but the Ray cluster "
+                    f"has {have.get(name, 0):g}; lower {arg} (0 for none) or join a bigger cluster"
+                )
         self._actor_cls = ray.remote(RayWorker).options(
             num_cpus=num_cpus_per_worker,
             num_gpus=gpus_per_worker,
@@ -156,14 +178,11 @@ class RayCluster(Cluster):
             max_task_retries=0,
         )
         self._torch_threads = torch_threads
-        self.actors: list[Any] = [self._new_actor(j) for j in range(n)]
-        self._outstanding: list[deque[tuple[int, Any]]] = [deque() for _ in range(n)]  # (epoch, ref)
-        self._epoch = 0
-        self._tasks = [0] * n
-        self._incarnation = [0] * n
-        self._dead: set[int] = set()
-        self._closed = False
-        _close_at_exit(self)
+        try:
+            self.actors = [self._new_actor(j) for j in range(n)]
+        except BaseException:
+            self.close()
+            raise
 
     # ------------------------------------------------------------------ rounds
     def submit(
@@ -196,7 +215,8 @@ class RayCluster(Cluster):
             refs[j] = ref
             self._outstanding[j].append((self._epoch, ref))
         self.counters.rounds += 1
-        return RayRound(method, list(workers), refs, id(self))
+        incarnations = {j: self._incarnation[j] for j in workers}
+        return RayRound(method, list(workers), refs, incarnations, id(self))
 
     def first_k(
         self, round_: Round, k: int, enough: Callable[[Collection[int]], bool] | None = None
@@ -241,8 +261,8 @@ class RayCluster(Cluster):
     def kill(self, worker: int) -> None:
         """Kill actor ``worker`` (no restart): its unfinished calls fail, as do later calls."""
         self._check_workers([worker])
-        if worker not in self._dead:
-            with contextlib.suppress(Exception):
+        if worker < len(self.actors):
+            with contextlib.suppress(Exception):  # already dead, or Ray already shut down
                 ray.kill(self.actors[worker], no_restart=True)
         self._dead.add(worker)
         self._outstanding[worker].clear()
@@ -256,6 +276,17 @@ class RayCluster(Cluster):
         self._tasks[worker] = 0
         self._incarnation[worker] += 1
         self.counters.respawns += 1
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": "ray",
+            "n": self.n,
+            "latency": self.latency.describe(),
+            "device": self.device,
+            "address": self.address,
+            "started_ray": self.started_ray,
+            "nodes": len([node for node in ray.nodes() if node.get("Alive")]) if ray.is_initialized() else 0,
+        }
 
     def backlog(self, worker: int) -> int:
         """Unfinished calls of ``worker``."""
@@ -302,8 +333,8 @@ class RayCluster(Cluster):
                 except _DEATH:
                     self.counters.failed_results += 1
                     refs[j] = None
-                    self._dead.add(j)
-                    self._outstanding[j].clear()
+                    if round_.incarnations.get(j) == self._incarnation[j]:  # not respawned since
+                        self.kill(j)  # also one only unavailable: it must not come back stale
                     continue
                 got[j] = value
                 self.counters.bytes_from_workers += tensor_bytes(value)

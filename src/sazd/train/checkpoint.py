@@ -3,7 +3,9 @@
 A checkpoint is a directory:
 
     tensors.safetensors   model/<param> (plain weights), optim/<param>/<field> (e.g. momentum_buffer;
-                          DEU momentum decoded from k workers), rng/torch
+                          DEU momentum decoded from k workers), rng/torch, and for DEU columns/<layer>.col
+                          (+ /momentum_buffer): the decoded column copies W^T, which DEU updates apart
+                          from W, so a resumed run continues bit for bit
     meta.json             format, position (epoch, batch, iteration), optimizer steps/scalars, config
     SHA256SUMS            sha256 of the two files above
 
@@ -17,7 +19,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ class Checkpoint:
     optim: dict[str, Tensor]  # optimizer tensors by "<param>/<field>"
     meta: dict[str, Any]  # position, optimizer metadata, config
     rng: Tensor | None = None
+    columns: dict[str, Tensor] = field(default_factory=dict)  # DEU column copies by "<layer>.col[/...]"
 
     @property
     def position(self) -> dict[str, int]:
@@ -54,6 +57,7 @@ def save(path: str | Path, ckpt: Checkpoint) -> Path:
     tmp.mkdir(parents=True)
     tensors = {f"model/{k}": v for k, v in ckpt.model.items()}
     tensors.update({f"optim/{k}": v for k, v in ckpt.optim.items()})
+    tensors.update({f"columns/{k}": v for k, v in ckpt.columns.items()})
     if ckpt.rng is not None:
         tensors["rng/torch"] = ckpt.rng
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
@@ -118,7 +122,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     meta.pop("format")
     model = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
     optim = {k.removeprefix("optim/"): v for k, v in tensors.items() if k.startswith("optim/")}
-    return Checkpoint(model=model, optim=optim, meta=meta, rng=tensors.get("rng/torch"))
+    columns = {k.removeprefix("columns/"): v for k, v in tensors.items() if k.startswith("columns/")}
+    return Checkpoint(model=model, optim=optim, meta=meta, rng=tensors.get("rng/torch"), columns=columns)
 
 
 def _sha256(path: Path) -> str:

@@ -30,6 +30,7 @@ from sazd.models import MODELS, build_model
 from sazd.parallel import (
     SCHEMES,
     coded_layers,
+    decoded_copies,
     load_plain_weights,
     parallelize,
     plain_model,
@@ -169,9 +170,9 @@ class Trainer:
         self.steps_per_epoch = num_batches(self.data.n_train, cfg.batch_size)
         if self.steps_per_epoch < 1:
             raise ValueError(f"batch_size={cfg.batch_size} exceeds the {self.data.n_train} training samples")
-        if cfg.optim.schedule == "cosine" and cfg.optim.total_steps is None:
-            total = self.steps_per_epoch * cfg.epochs
-            cfg.optim = dataclasses.replace(cfg.optim, total_steps=min(total, cfg.max_steps or total))
+        if cfg.optim.schedule == "cosine" and cfg.optim.total_steps is None:  # the run's length in epochs
+            total = ckpt.meta["config"]["optim"]["total_steps"] if ckpt else self.steps_per_epoch * cfg.epochs
+            cfg.optim = dataclasses.replace(cfg.optim, total_steps=total)
         self.cfg = cfg
         self.model = build_model(cfg.model, self.data.in_shape, self.data.num_classes, hidden=cfg.hidden,
                                  seed=cfg.seed, dtype=self.dtype)
@@ -195,6 +196,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.epochs: list[dict[str, Any]] = []
         self.last_checkpoint: Path | None = None
+        self._checkpoint_iteration = -1
         self._stop_requested = False
         self._exhausted_saved = False
 
@@ -214,6 +216,8 @@ class Trainer:
             if cfg.checkpoint_path is not None and not self._stop_requested:
                 self._emergency_checkpoint()
             raise
+        if cfg.checkpoint_every is not None and self._checkpoint_iteration != self.position.iteration:
+            self.save_checkpoint()  # the end of the run, so it can be extended with --resume
         report = self.report()
         if self.run is not None:
             self.run.write_report(report)
@@ -362,9 +366,18 @@ class Trainer:
         optim_tensors, optim_meta = self.opt.plain_state()
         meta = {"position": dataclasses.asdict(self.position), "optim": optim_meta,
                 "config": self.cfg.to_dict(), "code": repr(self.code)}
+        columns = {}
+        if self.cfg.scheme == "deu":
+            copies, buffers = decoded_copies(self.model, momentum=True)
+            for layer in coded_layers(self.model):
+                col = layer.keys[1]
+                columns[col] = copies[col]
+                if col in buffers:
+                    columns[f"{col}/momentum_buffer"] = buffers[col]
         ckpt = checkpoint.Checkpoint(model=plain_state_dict(self.model), optim=optim_tensors, meta=meta,
-                                     rng=torch.get_rng_state())
+                                     rng=torch.get_rng_state(), columns=columns)
         self.last_checkpoint = checkpoint.save(path, ckpt)
+        self._checkpoint_iteration = self.position.iteration
         if self.run is not None:
             self.run.log({"kind": "checkpoint", "iteration": self.position.iteration, "path": str(path)})
         return self.last_checkpoint
@@ -373,7 +386,10 @@ class Trainer:
         coded = {f"{layer.name}.weight" for layer in coded_layers(self.model)}
         momentum = {key.split("/")[0]: t for key, t in ckpt.optim.items()
                     if key.split("/")[0] in coded and key.endswith("/momentum_buffer")}
-        load_plain_weights(self.model, ckpt.model, momentum if self.cfg.scheme == "deu" else None)
+        if self.cfg.scheme == "deu":
+            load_plain_weights(self.model, ckpt.model, momentum, columns=ckpt.columns)
+        else:
+            load_plain_weights(self.model, ckpt.model)
         with torch.no_grad():
             for name, t in self.model.state_dict().items():
                 if name in coded:
@@ -457,6 +473,7 @@ class Trainer:
             "rows_decoded": sum(r["rows_decoded"] for r in iters),
             "repairs": list(self.cluster.counters.repairs),
             "cluster": self.cluster.counters.snapshot(),
+            "cluster_settings": self.cluster.describe(),
             "epochs": list(self.epochs),
             "checkpoint": None if self.last_checkpoint is None else str(self.last_checkpoint),
         }

@@ -1,0 +1,496 @@
+"""`sazd bench train`: iteration time and traffic of naive vs DEU coded training, side by side.
+
+One run, three parts (an MLP ``784 -> W -> ... -> W -> 10``, every hidden layer of width W, batch
+128, fp32, SGD with momentum, the code ``--code`` (n, k)):
+
+1. timing: naive and DEU on the ``--backend`` (default: real Ray actors on a local cluster, or the
+   running one). Per width and scheme: mean/median iteration seconds over ``--iterations`` after
+   ``--warmup``, bytes master->workers and workers->master per iteration from the cluster counters
+   next to the DESIGN.md formula (``formula_bytes``), and the master's phases (encode, worker
+   rounds, decode, update, other).
+2. projection: the same configs on the in-process backend with a simulated ``--network-gbps``
+   master link (measured compute, simulated transfer): the iteration time on such a cluster.
+3. stragglers: DEU with the code and ``--stragglers S`` workers ``--straggler-delay`` times slower
+   per task vs none, and uncoded (n = k) likewise, on the in-process simulated clock with a constant
+   task time (``--task-time``; only the master's own work is measured), optionally also on Ray
+   (``--ray-stragglers``: real sleeps inside the actors).
+
+The formula (per coded layer, N = batch, s = element size, out/in padded to multiples of k for the
+answers, R_row/R_col = coded rows of the two copies summed over the n workers):
+  forward          to n*in*N*s              from out*N*s
+  input gradient   to n*out*N*s             from in*N*s    (not for the first layer: data needs none)
+  naive update     to (R_row*in + R_col*out)*s               both coded copies re-shipped, O(n*out*in)
+  DEU update       to (R_row + R_col)*N*s + n*N*(in+out)*s   encoded dY^T, X^T + the broadcast X, dY
+It assumes every worker is asked every round and the first k answers are systematic blocks: exact
+without stragglers on the in-process backend with a constant task time. On Ray, an answer from a
+parity block (longer for SAZD) or a round that skips a still-busy worker makes the count differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sazd.bench import int_list
+
+if TYPE_CHECKING:
+    from sazd.codes.base import Code
+    from sazd.data import DataBundle
+
+PHASES = ("encode_s", "worker_s", "decode_s", "update_s", "master_other_s")
+PARTS = ("timing", "projection", "stragglers")
+SCHEMES = ("naive", "deu")
+IN_SHAPE, CLASSES = (1, 28, 28), 10  # fashion-mnist shaped
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Iteration time, bytes and phases of naive vs DEU coded training; stragglers."
+    parser.add_argument("--widths", default="1024,2048,4096", help="hidden widths W, comma-separated")
+    parser.add_argument("--depth", type=int, default=2, help="hidden layers, all of width W")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--iterations", type=int, default=5, help="measured iterations per config")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured iterations first")
+    parser.add_argument("--code", default="sazd", help="code name (sazd, poly, gaussian, ...)")
+    parser.add_argument("--n", type=int, default=6, help="workers")
+    parser.add_argument("--k", type=int, default=4, help="answers needed per round")
+    parser.add_argument("--backend", choices=("ray", "inproc"), default="ray", help="backend of part 1")
+    parser.add_argument("--address", default=None, help="ray: join this cluster instead of a local one")
+    parser.add_argument("--network-gbps", type=float, default=10.0, help="projection: simulated link")
+    parser.add_argument("--stragglers", type=int, default=2, help="slow workers S (<= n-k)")
+    parser.add_argument("--straggler-delay", type=float, default=5.0, help="their slowdown per task")
+    parser.add_argument("--straggler-width", type=int, default=None,
+                        help="width of the straggler runs (default: the smallest of --widths)")
+    parser.add_argument("--task-time", type=float, default=0.02,
+                        help="straggler runs: simulated seconds of every healthy worker task")
+    parser.add_argument("--ray-stragglers", action="store_true",
+                        help="also measure the straggler runs on Ray with real delays")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"which parts to run, of {','.join(PARTS)}")
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--threads", type=int, default=0, help="master torch threads (0: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
+    parser.add_argument("--out", type=Path, default=None, help="write results.json and CSV tables here")
+
+
+# ------------------------------------------------------------------ the formula
+def mlp_dims(width: int, depth: int) -> tuple[int, ...]:
+    """Feature widths of the benchmark MLP: (784, W, ..., W, 10)."""
+    return (IN_SHAPE[0] * IN_SHAPE[1] * IN_SHAPE[2], *([width] * depth), CLASSES)
+
+
+def coded_pairs(dims: tuple[int, ...], min_features: int = 64) -> list[tuple[int, int, int]]:
+    """(layer index, in, out) of the layers the default plan codes: both widths >= min_features."""
+    return [(i, fin, fout) for i, (fin, fout) in enumerate(itertools.pairwise(dims))
+            if min(fin, fout) >= min_features]
+
+
+def formula_bytes(dims: tuple[int, ...], code: Code, batch: int, scheme: str, element_size: int = 4,
+                  min_features: int = 64) -> dict[str, int]:
+    """Bytes of one iteration by the DESIGN.md formula (module docstring), from the shapes alone."""
+    n, k, N, s = code.n, code.k, batch, element_size
+    to_w = from_w = 0
+    for i, fin, fout in coded_pairs(dims, min_features):
+        out_pad, in_pad = -(-fout // k) * k, -(-fin // k) * k
+        R_row, R_col = sum(code.block_rows(out_pad // k)), sum(code.block_rows(in_pad // k))
+        to_w += n * fin * N * s  # forward: X^T to every worker
+        from_w += out_pad * N * s  # k answers of out_pad/k rows
+        if i > 0:  # input gradient: dY^T to every worker, k answers of in_pad/k rows
+            to_w += n * fout * N * s
+            from_w += in_pad * N * s
+        if scheme == "naive":
+            to_w += (R_row * fin + R_col * fout) * s
+        else:
+            to_w += (R_row + R_col) * N * s + n * N * (fin + fout) * s
+    return {"bytes_to_workers": to_w, "bytes_from_workers": from_w}
+
+
+# ------------------------------------------------------------------ measuring one config
+def synthetic_data(samples: int, seed: int = 0) -> DataBundle:
+    """Random fashion-mnist shaped images and labels (timing does not depend on the values)."""
+    import torch
+
+    from sazd.data import DataBundle
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, *IN_SHAPE, generator=gen)
+    y = torch.randint(0, CLASSES, (samples,), generator=gen)
+    return DataBundle("synthetic", x, y, x[:256], y[:256], IN_SHAPE, CLASSES, 0.0, 1.0)
+
+
+def measure(cfg: Any, data: DataBundle, warmup: int, iterations: int, cluster: Any = None) -> dict[str, Any]:
+    """Run ``warmup + iterations`` training steps of ``cfg`` (a TrainConfig) on ``cluster`` (default: a
+    new one for ``cfg``); summarise the measured ones."""
+    from sazd.data import batches
+    from sazd.parallel import predicted_traffic
+    from sazd.train.trainer import Trainer
+
+    with Trainer(cfg, cluster=cluster, data=data) as trainer:
+        before = trainer.cluster.counters.snapshot()
+        for xb, yb in itertools.islice(batches(data.train_x, data.train_y, cfg.batch_size, cfg.seed, 0),
+                                       warmup + iterations):
+            trainer.step(xb, yb)
+            trainer.repair_dead()  # a straggler whose backlog grew too long is replaced, as in training
+        recs = trainer.history[warmup:]
+        engine_formula = predicted_traffic(trainer.model)
+        after = trainer.cluster.counters.snapshot()
+        counters = {key: after[key] - before[key]
+                    for key in ("late_results_discarded", "backlog_kills", "repairs")}
+        code = trainer.code
+
+    times = [r["iteration_s"] for r in recs]
+    dims = (IN_SHAPE[0] * IN_SHAPE[1] * IN_SHAPE[2], *cfg.hidden, CLASSES)
+    formula = formula_bytes(dims, code, cfg.batch_size, cfg.scheme, 4 if cfg.dtype == "float32" else 8,
+                            cfg.min_features)
+    per_iter = {key: [r[key] for r in recs] for key in ("bytes_to_workers", "bytes_from_workers")}
+    return {
+        "width": cfg.hidden[0],
+        "scheme": cfg.scheme,
+        "code": repr(code),
+        "n": cfg.n,
+        "k": cfg.k,
+        "backend": cfg.backend,
+        "stragglers": cfg.stragglers,
+        "iterations": len(recs),
+        "mean_s": statistics.fmean(times),
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "mean_wall_s": statistics.fmean(r["wall_s"] for r in recs),
+        "bytes_to_workers": statistics.fmean(per_iter["bytes_to_workers"]),
+        "bytes_from_workers": statistics.fmean(per_iter["bytes_from_workers"]),
+        "formula_to_workers": formula["bytes_to_workers"],
+        "formula_from_workers": formula["bytes_from_workers"],
+        "engine_formula_to_workers": engine_formula["bytes_to_workers"],
+        "engine_formula_from_workers": engine_formula["bytes_from_workers"],
+        "bytes_exact": all(a == formula[key] for key, vals in per_iter.items() for a in vals),
+        "phases_s": {p: statistics.fmean(r[p] for r in recs) for p in PHASES},
+        "late_results_discarded": counters["late_results_discarded"],
+        "backlog_kills": counters["backlog_kills"],
+        "repairs": counters["repairs"],
+    }
+
+
+def config(args: argparse.Namespace, width: int, scheme: str, backend: str, **over: Any) -> Any:
+    from sazd.train.optim import OptimConfig
+    from sazd.train.trainer import TrainConfig
+
+    fields = dict(model="mlp", dataset="synthetic", hidden=(width,) * args.depth, code=args.code, n=args.n,
+                  k=args.k, scheme=scheme, backend=backend, batch_size=args.batch_size, dtype="float32",
+                  optim=OptimConfig(lr=args.lr, momentum=args.momentum), seed=args.seed,
+                  address=args.address, show_progress=False)
+    fields.update(over)
+    return TrainConfig(**fields)
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ the three parts
+def part_timing(args: argparse.Namespace, widths: list[int], data: DataBundle) -> list[dict[str, Any]]:
+    """Every config on one cluster of ``args.backend``: Ray actors start once (each loads torch, which
+    takes seconds), and each config loads its own blocks onto them."""
+    from sazd.train.trainer import make_cluster
+
+    rows = []
+    with make_cluster(config(args, widths[0], "deu", args.backend)) as cluster:
+        for width in widths:
+            for scheme in SCHEMES:
+                start = time.perf_counter()
+                cfg = config(args, width, scheme, args.backend)
+                row = measure(cfg, data, args.warmup, args.iterations, cluster)
+                rows.append(row)
+                _log(f"timing   {args.backend:6s} W={width:5d} {scheme:5s}: {row['mean_s']:.3f} s/iteration "
+                     f"({time.perf_counter() - start:.0f} s)")
+    return rows
+
+
+def part_projection(args: argparse.Namespace, widths: list[int], data: DataBundle) -> list[dict[str, Any]]:
+    rows = []
+    for width in widths:
+        for scheme in SCHEMES:
+            start = time.perf_counter()
+            cfg = config(args, width, scheme, "inproc", network_gbps=args.network_gbps)
+            row = measure(cfg, data, args.warmup, args.iterations)
+            row["network_gbps"] = args.network_gbps
+            rows.append(row)
+            _log(f"project  {args.network_gbps:g} Gb/s W={width:5d} {scheme:5s}: {row['mean_s']:.3f} "
+                 f"simulated s/iteration ({time.perf_counter() - start:.0f} s)")
+    return rows
+
+
+def part_stragglers(
+    args: argparse.Namespace, width: int, data: DataBundle, backend: str
+) -> list[dict[str, Any]]:
+    """DEU with the code and uncoded (n = k), each with 0 and S stragglers, on ``backend``.
+
+    In-process: the first S workers get a ``FixedStragglers`` latency model and every healthy task takes
+    ``--task-time`` simulated seconds. Ray: one cluster per code; the first S actors are then made
+    ``--straggler-delay`` times slower for real (``Worker.set_delay``: they sleep after each product
+    and update), so both runs of a code share actors that started once.
+    """
+    from sazd.train.trainer import make_cluster
+
+    rows = []
+    for label, code, n in (("coded", args.code, args.n), ("uncoded", "uncoded", args.k)):
+        with contextlib.ExitStack() as stack:
+            cluster = None
+            if backend == "ray":
+                cluster = stack.enter_context(make_cluster(config(args, width, "deu", "ray", code=code, n=n)))
+            for s in (0, args.stragglers):
+                start = time.perf_counter()
+                row = _straggler_run(args, width, data, cluster, code, n, s)
+                row.update(kind=label, stragglers=s, straggler_delay=args.straggler_delay)
+                rows.append(row)
+                _log(f"straggle {backend:6s} W={width:5d} {label:7s} S={s}: {row['mean_s']:.3f} s/iteration "
+                     f"({time.perf_counter() - start:.0f} s)")
+    return rows
+
+
+def _straggler_run(args: argparse.Namespace, width: int, data: DataBundle, cluster: Any, code: str, n: int,
+                   s: int) -> dict[str, Any]:
+    """One DEU run with ``s`` stragglers: in-process when ``cluster`` is None, else on that Ray cluster."""
+    if cluster is None:
+        cfg = config(args, width, "deu", "inproc", code=code, n=n, stragglers=s,
+                     straggler_delay=args.straggler_delay, base_time_s=args.task_time)
+    else:
+        factor = args.straggler_delay if s else 1.0
+        cluster.wait_all(cluster.submit("set_delay", (factor,), list(range(args.stragglers))))
+        cfg = config(args, width, "deu", "ray", code=code, n=n)
+    return measure(cfg, data, args.warmup, args.iterations, cluster)
+
+
+def straggler_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """with S stragglers / without, for "coded" and "uncoded"."""
+    out = {}
+    for kind in ("coded", "uncoded"):
+        base = next(r for r in rows if r["kind"] == kind and r["stragglers"] == 0)
+        slow = next(r for r in rows if r["kind"] == kind and r["stragglers"] > 0)
+        out[kind] = slow["mean_s"] / base["mean_s"]
+    return out
+
+
+def scheme_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per width: DEU speedup (naive time / DEU time) and bytes ratio naive / DEU (both directions)."""
+    out = []
+    for width in dict.fromkeys(r["width"] for r in rows):
+        naive = next(r for r in rows if r["width"] == width and r["scheme"] == "naive")
+        deu = next(r for r in rows if r["width"] == width and r["scheme"] == "deu")
+
+        def total(r: dict[str, Any], prefix: str) -> float:
+            return r[f"{prefix}_to_workers"] + r[f"{prefix}_from_workers"]
+
+        out.append({
+            "width": width,
+            "speedup_deu": naive["mean_s"] / deu["mean_s"],
+            "speedup_deu_median": naive["median_s"] / deu["median_s"],
+            "bytes_ratio": total(naive, "bytes") / total(deu, "bytes"),
+            "formula_bytes_ratio": total(naive, "formula") / total(deu, "formula"),
+        })
+    return out
+
+
+# ------------------------------------------------------------------ machine and output
+def machine() -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = {"cpu": cpu, "nproc": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+    with contextlib.suppress(OSError):
+        info["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    return info
+
+
+def _total_bytes(row: dict[str, Any]) -> float:
+    return row["bytes_to_workers"] + row["bytes_from_workers"]
+
+
+def _mb(x: float) -> str:
+    return f"{x / 1e6:.2f}"
+
+
+def format_table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    line = "  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))
+    body = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join([line, "-" * len(line), *body])
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    m, s = rep["machine"], rep["settings"]
+    out = [f"machine: {m['cpu']}, nproc={m['nproc']}, torch threads={m['torch_threads']}, "
+           f"torch {m['torch']}, load average at start {m.get('loadavg_at_start')}",
+           f"model: MLP 784 -> W x{s['depth']} -> 10, batch {s['batch_size']}, fp32, SGD lr={s['lr']} "
+           f"momentum={s['momentum']}; code {s['code']} n={s['n']} k={s['k']}; "
+           f"{s['warmup']} warmup + {s['iterations']} measured iterations per config"]
+    if "timing" in rep:
+        out += ["", f"1. iteration time on the {s['backend']} backend (seconds; bytes per iteration in MB)"]
+        rows = [[r["width"], r["scheme"], f"{r['mean_s']:.3f}", f"{r['median_s']:.3f}",
+                 _mb(r["bytes_to_workers"]), _mb(r["bytes_from_workers"]), _mb(r["formula_to_workers"]),
+                 _mb(r["formula_from_workers"]), "yes" if r["bytes_exact"] else "no",
+                 *(f"{r['phases_s'][p]:.3f}" for p in PHASES)] for r in rep["timing"]]
+        out.append(format_table(["W", "scheme", "mean_s", "median_s", "to_MB", "from_MB", "formula_to",
+                                 "formula_from", "exact", "encode", "workers", "decode", "update", "other"],
+                                rows))
+        out += ["", "   DEU vs naive per width:"]
+        out.append(format_table(
+            ["W", "DEU speedup (mean)", "(median)", "bytes naive/DEU", "formula naive/DEU"],
+            [[r["width"], f"{r['speedup_deu']:.2f}x", f"{r['speedup_deu_median']:.2f}x",
+              f"{r['bytes_ratio']:.1f}x", f"{r['formula_bytes_ratio']:.1f}x"] for r in rep["timing_ratios"]]))
+    if "projection" in rep:
+        out += ["", f"2. projection: in-process backend, simulated {s['network_gbps']:g} Gb/s master link "
+                    "(measured compute), simulated seconds per iteration"]
+        by = {(r["width"], r["scheme"]): r for r in rep["projection"]}
+        rows = []
+        for ratio in rep["projection_ratios"]:
+            naive, deu = by[ratio["width"], "naive"], by[ratio["width"], "deu"]
+            rows.append([ratio["width"], f"{naive['mean_s']:.3f}", f"{deu['mean_s']:.3f}",
+                         f"{ratio['speedup_deu']:.2f}x", _mb(_total_bytes(naive)), _mb(_total_bytes(deu))])
+        out.append(format_table(["W", "naive_s", "deu_s", "DEU speedup", "naive_MB", "deu_MB"], rows))
+    for key, title in (("stragglers", "in-process simulated clock, constant task time "
+                                      f"{s['task_time']:g} s"),
+                       ("stragglers_ray", "Ray, real delays inside the actors")):
+        if key not in rep:
+            continue
+        rows_ = rep[key]
+        out += ["", f"3. stragglers (DEU, W={rows_[0]['width']}, S={s['stragglers']} workers "
+                    f"{s['straggler_delay']:g}x slower per task): {title}"]
+        out.append(format_table(
+            ["run", "code", "n", "k", "S", "mean_s", "median_s", "late_discarded", "backlog_kills"],
+            [[r["kind"], r["code"].split("(")[0], r["n"], r["k"], r["stragglers"], f"{r['mean_s']:.4f}",
+              f"{r['median_s']:.4f}", r["late_results_discarded"], r["backlog_kills"]] for r in rows_]))
+        ratios = rep[f"{key}_ratios"]
+        out.append(f"   with / without stragglers: coded {ratios['coded']:.2f}x, "
+                   f"uncoded {ratios['uncoded']:.2f}x")
+    out += ["", f"total {rep['total_s']:.0f} s"]
+    return "\n".join(out)
+
+
+def write_outputs(rep: dict[str, Any], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "results.json"]
+    written[0].write_text(json.dumps(rep, indent=1))
+    for key in ("timing", "projection", "stragglers", "stragglers_ray"):
+        if key not in rep:
+            continue
+        flat = [{**{k: v for k, v in r.items() if k != "phases_s"}, **r["phases_s"]} for r in rep[key]]
+        path = out / f"{key}.csv"
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(flat[0]))
+            writer.writeheader()
+            writer.writerows(flat)
+        written.append(path)
+    return written
+
+
+# ------------------------------------------------------------------ the command
+def check_args(args: argparse.Namespace) -> tuple[list[int], list[str]]:
+    widths = int_list(args.widths, "--widths")
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        raise ValueError(f"--parts {args.parts!r}: choose from {','.join(PARTS)}")
+    for name in ("depth", "batch_size", "iterations", "n", "k"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if "stragglers" in parts and not 1 <= args.stragglers <= args.n - args.k:
+        raise ValueError(f"--stragglers {args.stragglers}: the code tolerates 1..n-k={args.n - args.k} "
+                         "stragglers; pick S in that range (or leave out the stragglers part)")
+    if not args.network_gbps > 0:
+        raise ValueError(f"--network-gbps must be > 0, got {args.network_gbps}")
+    if not args.task_time > 0:
+        raise ValueError(f"--task-time must be > 0, got {args.task_time}")
+    if args.straggler_width is not None and args.straggler_width < 1:
+        raise ValueError(f"--straggler-width must be >= 1, got {args.straggler_width}")
+    if min(widths) < 64:
+        raise ValueError(f"--widths {args.widths!r}: widths below 64 are not coded by the default plan; "
+                         "use widths >= 64")
+    return widths, parts
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the requested parts; the report dict (what --json prints)."""
+    import torch
+
+    widths, parts = check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started_ray = False
+    uses_ray = ((args.backend == "ray" and "timing" in parts)
+                or (args.ray_stragglers and "stragglers" in parts))
+    rep: dict[str, Any] = {"machine": machine()}
+    rep["settings"] = {key: (str(v) if isinstance(v, Path) else v) for key, v in vars(args).items()
+                       if not key.startswith("_") and key not in ("json", "out")}
+    data = synthetic_data(args.batch_size * (args.warmup + args.iterations), args.seed)
+    start = time.perf_counter()
+    try:
+        if uses_ray:
+            started_ray = _start_ray(args.address)
+        if "timing" in parts:
+            rep["timing"] = part_timing(args, widths, data)
+            rep["timing_ratios"] = scheme_ratios(rep["timing"])
+        if "projection" in parts:
+            rep["projection"] = part_projection(args, widths, data)
+            rep["projection_ratios"] = scheme_ratios(rep["projection"])
+        if "stragglers" in parts:
+            width = args.straggler_width or min(widths)
+            rep["stragglers"] = part_stragglers(args, width, data, "inproc")
+            rep["stragglers_ratios"] = straggler_ratios(rep["stragglers"])
+            if args.ray_stragglers:
+                rep["stragglers_ray"] = part_stragglers(args, width, data, "ray")
+                rep["stragglers_ray_ratios"] = straggler_ratios(rep["stragglers_ray"])
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    rep["total_s"] = time.perf_counter() - start
+    return rep
+
+
+def _start_ray(address: str | None) -> bool:
+    """Start (or join) Ray once for all configs; True if this call started it (we then shut it down)."""
+    import logging
+
+    import ray
+
+    from sazd.runtime.ray_backend import start_local_ray
+
+    if ray.is_initialized():
+        return False
+    if address is None:
+        return start_local_ray()
+    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    return True
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    rep = benchmark(args)
+    if args.out is not None:
+        for path in write_outputs(rep, args.out):
+            _log(f"wrote {path}")
+    print(json.dumps(rep, indent=1) if args.json else format_report(rep))
+    return 0

@@ -1,0 +1,128 @@
+"""`sazd bench train` on the in-process backend with tiny widths: the command runs, its JSON has the
+fields, traffic counters equal the DESIGN.md formula exactly, DEU moves fewer bytes than naive once
+the layers are wide, and stragglers cost coded training less than uncoded. No wall-clock assertions."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+
+import pytest
+
+from sazd.bench import train as bench
+from sazd.cli import main
+from sazd.codes import get_code
+
+TINY = ["--backend", "inproc", "--widths", "64,192", "--iterations", "2", "--warmup", "1",
+        "--batch-size", "8", "--task-time", "0.05"]
+
+
+def test_command_json_fields_and_files(tmp_path, capsys) -> None:
+    assert main(["bench", "train", *TINY, "--json", "--out", str(tmp_path)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep == json.loads((tmp_path / "results.json").read_text())
+    for key in ("cpu", "nproc", "torch_threads"):
+        assert key in rep["machine"]
+    assert [(r["width"], r["scheme"]) for r in rep["timing"]] == [(64, "naive"), (64, "deu"),
+                                                                  (192, "naive"), (192, "deu")]
+    for part in ("timing", "projection"):
+        for row in rep[part]:
+            assert row["iterations"] == 2
+            assert row["mean_s"] > 0 and row["median_s"] > 0
+            assert set(row["phases_s"]) == set(bench.PHASES)
+            for key in ("bytes_to_workers", "bytes_from_workers", "formula_to_workers", "formula_from_workers"):
+                assert row[key] > 0
+        assert [r["width"] for r in rep[f"{part}_ratios"]] == [64, 192]
+        for ratio in rep[f"{part}_ratios"]:
+            assert ratio["speedup_deu"] > 0 and ratio["bytes_ratio"] > 0
+    assert all(r["network_gbps"] == 10.0 for r in rep["projection"])
+    kinds = [(r["kind"], r["n"], r["stragglers"]) for r in rep["stragglers"]]
+    assert kinds == [("coded", 6, 0), ("coded", 6, 2), ("uncoded", 4, 0), ("uncoded", 4, 2)]
+    for name in ("timing", "projection", "stragglers"):
+        with (tmp_path / f"{name}.csv").open() as f:
+            assert len(list(csv.DictReader(f))) == len(rep[name])
+
+
+def test_table_output_names_machine_and_ratios(capsys) -> None:
+    assert main(["bench", "train", *TINY, "--parts", "stragglers"]) == 0
+    text = capsys.readouterr().out
+    assert "machine:" in text and "nproc=" in text and "torch threads=" in text
+    assert "with / without stragglers: coded" in text and "uncoded" in text
+
+
+def _args(**over) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(TINY)
+    for key, value in over.items():
+        setattr(args, key, value)
+    return args
+
+
+@pytest.mark.parametrize("code", ["sazd", "gaussian"])
+@pytest.mark.parametrize("scheme", ["naive", "deu"])
+def test_bytes_equal_the_formula_exactly(scheme: str, code: str) -> None:
+    """With a constant task time every worker is asked every round and the first k answers are workers
+    0..k-1 (systematic blocks for SAZD; equal-length blocks for the Gaussian code), so the counters must equal the formula to the byte, every iteration."""
+    args = _args(batch_size=8, code=code)
+    width, iterations = 96, 3
+    data = bench.synthetic_data(args.batch_size * (1 + iterations))
+    cfg = bench.config(args, width, scheme, "inproc", base_time_s=0.01)
+    row = bench.measure(cfg, data, warmup=1, iterations=iterations)
+    assert row["bytes_exact"]
+    assert row["bytes_to_workers"] == row["formula_to_workers"] == row["engine_formula_to_workers"]
+    assert row["bytes_from_workers"] == row["formula_from_workers"] == row["engine_formula_from_workers"]
+    # the formula itself, by hand for the coded layers fc1 (784 -> 96) and fc2 (96 -> 96), n=6, k=4
+    c = get_code(code, n=6, k=4)
+    N, s, n = 8, 4, 6
+    R = {w: sum(c.block_rows(w // 4)) for w in (96, 784)}
+    fwd = n * 784 * N * s + n * 96 * N * s
+    bwd = n * 96 * N * s  # fc2's input gradient only: fc1's input is data
+    if scheme == "naive":
+        upd = R[96] * 784 * s + R[784] * 96 * s + R[96] * 96 * s + R[96] * 96 * s
+    else:
+        upd = (R[96] + R[784]) * N * s + n * N * (784 + 96) * s + 2 * R[96] * N * s + n * N * 192 * s
+    assert row["formula_to_workers"] == fwd + bwd + upd
+    assert row["formula_from_workers"] == (96 + 96 + 96) * N * s
+
+
+def test_deu_moves_fewer_bytes_than_naive() -> None:
+    c = get_code("sazd", n=6, k=4)
+    for width in (256, 1024, 4096):
+        dims = bench.mlp_dims(width, 2)
+        naive, deu = (bench.formula_bytes(dims, c, 128, scheme) for scheme in ("naive", "deu"))
+        assert deu["bytes_from_workers"] == naive["bytes_from_workers"]
+        assert deu["bytes_to_workers"] < naive["bytes_to_workers"]
+    naive, deu = (bench.formula_bytes(bench.mlp_dims(4096, 2), c, 128, s) for s in ("naive", "deu"))
+    assert sum(naive.values()) >= 10 * sum(deu.values())
+
+
+def test_measured_deu_bytes_below_naive() -> None:
+    args = _args(batch_size=8)
+    data = bench.synthetic_data(8 * 3)
+    rows = [bench.measure(bench.config(args, 256, scheme, "inproc", base_time_s=0.01), data, 1, 2)
+            for scheme in ("naive", "deu")]
+    naive, deu = rows
+    assert deu["bytes_to_workers"] < naive["bytes_to_workers"]
+    assert bench.scheme_ratios(rows)[0]["bytes_ratio"] > 1
+
+
+def test_simulated_stragglers_cost_coded_less_than_uncoded() -> None:
+    args = _args(stragglers=2, straggler_delay=5.0, task_time=0.05)
+    rows = bench.part_stragglers(args, 64, bench.synthetic_data(8 * 3), "inproc")
+    ratios = bench.straggler_ratios(rows)
+    assert ratios["coded"] <= ratios["uncoded"]
+    assert ratios["uncoded"] > 2  # every round waits for a straggler doing 5x the work
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--stragglers", "3"], "--stragglers 3"),
+    (["--widths", "32"], "--widths"),
+    (["--parts", "timing,bogus"], "--parts"),
+    (["--iterations", "0"], "--iterations"),
+    (["--network-gbps", "0"], "--network-gbps"),
+])
+def test_bad_arguments_are_clear_errors(flags: list[str], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        main(["bench", "train", *TINY, *flags])
