@@ -20,7 +20,10 @@ answers, R_row/R_col = coded rows of the two copies summed over the n workers):
   forward          to n*in*N*s              from out*N*s
   input gradient   to n*out*N*s             from in*N*s    (not for the first layer: data needs none)
   naive update     to (R_row*in + R_col*out)*s               both coded copies re-shipped, O(n*out*in)
-  DEU update       to (R_row + R_col)*N*s + n*N*(in+out)*s   encoded dY^T, X^T + the broadcast X, dY
+  DEU update       to (R_row + R_col)*N*s                    encoded dY^T, X^T, O(n*N*(out+in)); the
+                   (+ n*out*N*s for the first layer)         workers reuse the X^T and dY^T of this
+                                                             step's rounds; the first layer had no
+                                                             input-gradient round, so dY goes along
 It assumes every worker is asked every round and the first k answers are systematic blocks: exact
 without stragglers on the in-process backend with a constant task time. On Ray, an answer from a
 parity block (longer for SAZD) or a round that skips a still-busy worker makes the count differ.
@@ -95,22 +98,27 @@ def coded_pairs(dims: tuple[int, ...], min_features: int = 64) -> list[tuple[int
 
 
 def formula_bytes(dims: tuple[int, ...], code: Code, batch: int, scheme: str, element_size: int = 4,
-                  min_features: int = 64) -> dict[str, int]:
-    """Bytes of one iteration by the DESIGN.md formula (module docstring), from the shapes alone."""
+                  min_features: int = 64, broadcast_once: bool = False) -> dict[str, int]:
+    """Bytes of one iteration by the DESIGN.md formula (module docstring), from the shapes alone.
+
+    ``broadcast_once``: count a tensor that every worker receives (X, dY) once instead of n times, as a
+    multicast or a per-node object-store fetch would move it over the master's link.
+    """
     n, k, N, s = code.n, code.k, batch, element_size
+    b = 1 if broadcast_once else n  # copies of a broadcast tensor on the master's link
     to_w = from_w = 0
     for i, fin, fout in coded_pairs(dims, min_features):
         out_pad, in_pad = -(-fout // k) * k, -(-fin // k) * k
         R_row, R_col = sum(code.block_rows(out_pad // k)), sum(code.block_rows(in_pad // k))
-        to_w += n * fin * N * s  # forward: X^T to every worker
+        to_w += b * fin * N * s  # forward: X^T to every worker
         from_w += out_pad * N * s  # k answers of out_pad/k rows
         if i > 0:  # input gradient: dY^T to every worker, k answers of in_pad/k rows
-            to_w += n * fout * N * s
+            to_w += b * fout * N * s
             from_w += in_pad * N * s
         if scheme == "naive":
             to_w += (R_row * fin + R_col * fout) * s
-        else:
-            to_w += (R_row + R_col) * N * s + n * N * (fin + fout) * s
+        else:  # workers keep this step's X^T and dY^T from the rounds; only the first layer's dY is new
+            to_w += (R_row + R_col) * N * s + (b * fout * N * s if i == 0 else 0)
     return {"bytes_to_workers": to_w, "bytes_from_workers": from_w}
 
 
@@ -149,8 +157,9 @@ def measure(cfg: Any, data: DataBundle, warmup: int, iterations: int, cluster: A
 
     times = [r["iteration_s"] for r in recs]
     dims = (IN_SHAPE[0] * IN_SHAPE[1] * IN_SHAPE[2], *cfg.hidden, CLASSES)
-    formula = formula_bytes(dims, code, cfg.batch_size, cfg.scheme, 4 if cfg.dtype == "float32" else 8,
-                            cfg.min_features)
+    size = 4 if cfg.dtype == "float32" else 8
+    formula = formula_bytes(dims, code, cfg.batch_size, cfg.scheme, size, cfg.min_features)
+    once = formula_bytes(dims, code, cfg.batch_size, cfg.scheme, size, cfg.min_features, broadcast_once=True)
     per_iter = {key: [r[key] for r in recs] for key in ("bytes_to_workers", "bytes_from_workers")}
     return {
         "width": cfg.hidden[0],
@@ -169,6 +178,8 @@ def measure(cfg: Any, data: DataBundle, warmup: int, iterations: int, cluster: A
         "bytes_from_workers": statistics.fmean(per_iter["bytes_from_workers"]),
         "formula_to_workers": formula["bytes_to_workers"],
         "formula_from_workers": formula["bytes_from_workers"],
+        "formula_once_to_workers": once["bytes_to_workers"],
+        "formula_once_from_workers": once["bytes_from_workers"],
         "engine_formula_to_workers": engine_formula["bytes_to_workers"],
         "engine_formula_from_workers": engine_formula["bytes_from_workers"],
         "bytes_exact": all(a == formula[key] for key, vals in per_iter.items() for a in vals),
@@ -295,6 +306,7 @@ def scheme_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "speedup_deu_median": naive["median_s"] / deu["median_s"],
             "bytes_ratio": total(naive, "bytes") / total(deu, "bytes"),
             "formula_bytes_ratio": total(naive, "formula") / total(deu, "formula"),
+            "formula_once_bytes_ratio": total(naive, "formula_once") / total(deu, "formula_once"),
         })
     return out
 
@@ -352,9 +364,10 @@ def format_report(rep: dict[str, Any]) -> str:
                                 rows))
         out += ["", "   DEU vs naive per width:"]
         out.append(format_table(
-            ["W", "DEU speedup (mean)", "(median)", "bytes naive/DEU", "formula naive/DEU"],
+            ["W", "DEU speedup (mean)", "(median)", "bytes naive/DEU", "formula", "formula, broadcast once"],
             [[r["width"], f"{r['speedup_deu']:.2f}x", f"{r['speedup_deu_median']:.2f}x",
-              f"{r['bytes_ratio']:.1f}x", f"{r['formula_bytes_ratio']:.1f}x"] for r in rep["timing_ratios"]]))
+              f"{r['bytes_ratio']:.1f}x", f"{r['formula_bytes_ratio']:.1f}x",
+              f"{r['formula_once_bytes_ratio']:.1f}x"] for r in rep["timing_ratios"]]))
     if "projection" in rep:
         out += ["", f"2. projection: in-process backend, simulated {s['network_gbps']:g} Gb/s master link "
                     "(measured compute), simulated seconds per iteration"]

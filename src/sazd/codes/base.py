@@ -146,9 +146,10 @@ class Code(ABC):
                 )
         usable = self._drop_non_finite(results)
         cdtype = compute_dtype(ref.dtype)
-        usable = {j: t.to(cdtype) for j, t in usable.items()}
+        usable = {j: t.detach().to(cdtype) for j, t in usable.items()}
         out = torch.empty((self.k, r, *trailing), dtype=cdtype, device=ref.device)
-        self._decode_blocks(usable, r, out)
+        with torch.no_grad():  # decoding is not differentiated through (coded layers have own backward)
+            self._decode_blocks(usable, r, out)
         return out.reshape(self.k * r, *trailing).to(ref.dtype)
 
     def verify(self, rows: int, samples: int | None = None, **kwargs) -> float:
@@ -176,6 +177,7 @@ class Code(ABC):
         Xd = X.to(device=device, dtype=dtype)
         products = [c @ Xd for c in coded]
         sets, total = straggler_sets(self.n, self.k, samples, seed)
+        sets = [subset for subset in sets if self.can_decode(subset)]  # e.g. replication: not every k-set
         worst, worst_set = -1.0, ()
         for subset in sets:
             try:

@@ -58,6 +58,7 @@ class CodedContext:
         self.scheme = scheme
         self.stats = PhaseStats()
         self.layers: dict[str, CodedLayer] = {}
+        self.last_round: dict[str, tuple[int, frozenset[int]]] = {}  # key -> (serial, workers asked)
 
     # ------------------------------------------------------------ encoding
     def encode(self, T: Tensor, rows: int) -> list[Tensor]:
@@ -85,7 +86,10 @@ class CodedContext:
         """One coded round: every ready worker multiplies its block ``key`` by ``x``; decode the first
         k answers into the (padded) product with ``rows`` rows."""
         start = time.perf_counter()
-        rnd = self.cluster.submit("matmul", (key, x), self._ready())
+        workers = self._ready()
+        serial = self.last_round.get(key, (0, frozenset()))[0] + 1
+        self.last_round[key] = (serial, frozenset(workers))
+        rnd = self.cluster.submit("matmul", (key, x), workers)
         results = self.cluster.first_k(rnd, self.code.k, enough=self.code.can_decode)
         self.stats.worker_s += time.perf_counter() - start
         self.stats.rounds += 1
@@ -169,6 +173,7 @@ class CodedLayer(nn.Module):
         self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone())
         self.element_size = weight.element_size()
         self.pending: list[tuple[Tensor, Tensor]] = []  # DEU: (Xm, dYm) awaiting the optimizer step
+        self._rounds_seen: dict[str, tuple[int, frozenset[int]]] = {}  # rounds of the pending step
         self.last_rows, self.last_input_grad = 0, False  # shape of the last batch, for the bytes formula
         if ctx.scheme == "naive":
             self.weight = nn.Parameter(weight.clone())
@@ -193,10 +198,12 @@ class CodedLayer(nn.Module):
         if self.ctx.scheme == "naive":
             self.sync()
         out = self.ctx.product(self.keys[0], xm.T.contiguous(), self.out_pad)  # (out_pad, N) = W X^T
+        self._rounds_seen[self.keys[0]] = self.ctx.last_round[self.keys[0]]
         return out[: self.out_features].T
 
     def input_grad(self, dym: Tensor) -> Tensor:
         out = self.ctx.product(self.keys[1], dym.T.contiguous(), self.in_pad)  # (in_pad, N) = W^T dY^T
+        self._rounds_seen[self.keys[1]] = self.ctx.last_round[self.keys[1]]
         return out[: self.in_features].T
 
     def matmul(self, xm: Tensor) -> Tensor:
@@ -262,9 +269,15 @@ class CodedLayer(nn.Module):
             dY = dY * scale
         left_row = self.ctx.encode(dY.T, self.out_pad)  # C_j(dY^T): (rows_j, N)
         left_col = self.ctx.encode(X.T, self.in_pad)  # C_j(X^T):  (rows_j, N)
-        n = self.ctx.code.n
-        self.ctx.send("sgd_update", [(self.keys[0], left_row[j], X, step) for j in range(n)])
-        self.ctx.send("sgd_update", [(self.keys[1], left_col[j], dY, step) for j in range(n)])
+        for key, left, right in ((self.keys[0], left_row, X), (self.keys[1], left_col, dY)):
+            # Workers asked in this step's round of the block still hold its input (X^T or dY^T) when no
+            # other round of the block came since: they get right=None and reuse it; only the others
+            # (stragglers skipped, or all when the layer ran twice) are sent X or dY.
+            seen = self._rounds_seen.pop(key, None)
+            fresh = seen is not None and len(self.pending) == 1 and self.ctx.last_round.get(key) == seen
+            cached = seen[1] if fresh else frozenset()
+            self.ctx.send("sgd_update", [(key, left[j], None if j in cached else right, step)
+                                         for j in range(self.ctx.code.n)])
         self.pending.clear()
 
     def _pending_factors(self) -> tuple[Tensor, Tensor]:

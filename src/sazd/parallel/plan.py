@@ -238,7 +238,9 @@ def predicted_traffic(model: nn.Module, scheme: str | None = None) -> dict[str, 
       forward:        to n*in*N*s,          from out_pad*N*s
       input gradient: to n*out*N*s,         from in_pad*N*s     (skipped when X needs no gradient)
       naive update:   to (R_row*in + R_col*out)*s                  -- O(n*out*in)
-      DEU update:     to (R_row + R_col)*N*s + n*N*(in+out)*s      -- O(n*N*(out+in))
+      DEU update:     to (R_row + R_col)*N*s                       -- O(n*N*(out+in))
+                      (+ n*out*N*s for dY when there was no input-gradient round: workers reuse the
+                      X^T and dY^T of this step's rounds, see ``Worker.sgd_update``)
     """
     to_w = from_w = 0
     for layer in coded_layers(model):
@@ -254,5 +256,7 @@ def predicted_traffic(model: nn.Module, scheme: str | None = None) -> dict[str, 
         if (scheme or ctx.scheme) == "naive":
             to_w += (R_row * layer.in_features + R_col * layer.out_features) * s
         else:
-            to_w += (R_row + R_col) * N * s + n * N * (layer.in_features + layer.out_features) * s
+            to_w += (R_row + R_col) * N * s
+            if not layer.last_input_grad:
+                to_w += n * N * layer.out_features * s
     return {"bytes_to_workers": to_w, "bytes_from_workers": from_w}

@@ -52,6 +52,7 @@ class Worker:
         self.device = torch.device(device)
         self.weights: dict[str, Tensor] = {}
         self.momentum: dict[str, Tensor] = {}
+        self.last_input: dict[str, Tensor] = {}  # per block: the x of the last matmul (DEU reuses it)
         self.delay_factor = 1.0  # straggler injection: compute takes delay_factor times longer
         self.updates_applied = 0
 
@@ -87,15 +88,23 @@ class Worker:
         """This worker's coded product: ``weights[key] @ x``."""
         if key not in self.weights:
             raise KeyError(f"worker {self.index} holds no block {key!r} (blocks: {sorted(self.weights)})")
-        return self._timed(lambda: self.weights[key] @ x.to(self.device))
+        x = x.to(self.device)
+        self.last_input[key] = x
+        return self._timed(lambda: self.weights[key] @ x)
 
-    def sgd_update(self, key: str, left: Tensor, right: Tensor, step: SGDStep) -> int:
+    def sgd_update(self, key: str, left: Tensor, right: Tensor | None, step: SGDStep) -> int:
         """DEU update of block ``key`` with the coded gradient ``left @ right``.
 
         For the row copy ``left = C_j(dY^T)`` and ``right = X``; for the column copy
-        ``left = C_j(X^T)`` and ``right = dY``.
+        ``left = C_j(X^T)`` and ``right = dY``. ``right=None`` reuses this worker's last input of the
+        same block (X^T in the forward round, dY^T in the backward round), transposed, so the master
+        need not send X and dY twice to workers that took part in this iteration's rounds.
         """
         weight = self.weights[key]
+        if right is None:
+            if key not in self.last_input:
+                raise ValueError(f"worker {self.index}: no cached input for {key!r}; send `right` explicitly")
+            right = self.last_input[key].T
 
         def apply() -> None:
             grad = left.to(self.device) @ right.to(self.device)

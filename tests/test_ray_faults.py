@@ -1,0 +1,140 @@
+"""Faults in the middle of a real Ray training run (issue 4).
+
+- n-k worker actors die mid-run (one through ``RayCluster.kill``, one killed behind the cluster's
+  back): the master treats them as erasures, respawns and repairs them, and the run ends exactly where
+  an undisturbed run ends (float64: weights to 1e-9, hence the same test accuracy).
+- More than n-k die: a ``ClusterError`` that says so and where the latest checkpoint is, never a hang;
+  the checkpoint holds exactly the plain-PyTorch weights of its iteration.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sazd.data import load_dataset
+from sazd.parallel import plain_state_dict, plain_weights
+from sazd.runtime.cluster import ClusterError
+from sazd.runtime.ray_backend import wait_until
+from sazd.train import checkpoint
+from sazd.train.optim import OptimConfig
+from sazd.train.reference import reference_run, relative_weight_error
+from sazd.train.trainer import TrainConfig, Trainer
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+N, K = 6, 4
+PLAN = {"fc1": "coded", "fc2": "coded", "fc3": "coded"}
+SGD = OptimConfig(lr=0.1, momentum=0.9, weight_decay=1e-3)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", dtype=torch.float64)
+
+
+def config(**kw) -> TrainConfig:
+    base = dict(model="mlp", dataset="digits", hidden=(24, 18), plan=PLAN, backend="ray", dtype="float64",
+                code="sazd", n=N, k=K, batch_size=64, optim=SGD, max_steps=30, epochs=3, show_progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def kill_behind_the_back(trainer: Trainer, workers: list[int]) -> None:
+    """``ray.kill`` the actors without telling the cluster, and wait until Ray reports them dead, so
+    the next round really meets dead actors."""
+    import ray
+    from ray._private import state
+
+    ids = [trainer.cluster.actors[j]._actor_id.hex() for j in workers]
+    for j in workers:
+        ray.kill(trainer.cluster.actors[j], no_restart=True)
+    assert wait_until(lambda: all(state.actors()[i]["State"] == "DEAD" for i in ids), timeout_s=30)
+
+
+def at_iteration(t: int, action):
+    """A trainer callback that runs ``action(trainer)`` once, after iteration ``t``."""
+
+    def callback(trainer: Trainer) -> None:
+        if trainer.position.iteration == t:
+            action(trainer)
+
+    return callback
+
+
+@pytest.mark.parametrize("scheme", ["deu", "naive"])
+def test_killing_n_minus_k_actors_mid_run_is_repaired_and_changes_nothing(scheme, digits, ray_session):
+    # 30 steps (22 per epoch): the kills land after step 10, before an epoch boundary and its evaluation
+    def kill_two(tr: Trainer) -> None:
+        tr.cluster.kill(1)  # the cluster knows
+        kill_behind_the_back(tr, [4])  # the cluster finds out from the next round's RayActorError
+
+    undisturbed_cfg = config(scheme=scheme)
+    with Trainer(undisturbed_cfg, data=digits) as tr:
+        undisturbed = tr.train()
+    cfg = config(scheme=scheme)
+    with Trainer(cfg, data=digits, callbacks=[at_iteration(10, kill_two)]) as tr:
+        report = tr.train()
+        reference = reference_run(cfg, tr.data, 30)
+        err = relative_weight_error(plain_state_dict(tr.model), reference)
+        # decode from a k-set holding both repaired workers: their blocks (and momentum) are right
+        repaired_view = dict(plain_state_dict(tr.model), **plain_weights(tr.model, exclude=[0, 2])[0])
+        repaired_err = relative_weight_error(repaired_view, reference)
+        alive = tr.cluster.alive()
+    assert report["iterations"] == 30
+    assert sorted(r["worker"] for r in report["repairs"]) == [1, 4]
+    assert all(r["iteration"] in (11, 12) for r in report["repairs"])  # repaired right after they died
+    assert report["cluster"]["respawns"] == 2 and report["cluster"]["failed_results"] >= 2
+    assert alive == list(range(N))
+    assert err < 1e-9 and repaired_err < 1e-9
+    assert abs(report["test_accuracy"] - undisturbed["test_accuracy"]) <= 0.003
+    assert undisturbed["repairs"] == [] and report["test_accuracy"] > 0.5  # well above chance (0.1)
+
+
+def test_losing_workers_one_by_one_without_repair_stops_with_an_error_and_a_checkpoint(digits, tmp_path,
+                                                                                       ray_session):
+    """Repair off: after the second death no redundancy is left, so the trainer saves a checkpoint;
+    the third death leaves 3 < k alive: a ClusterError naming that checkpoint."""
+    kills = {4: 0, 8: 1, 12: 2}
+
+    def kill_next(tr: Trainer) -> None:
+        if tr.position.iteration in kills:
+            tr.cluster.kill(kills[tr.position.iteration])
+
+    cfg = config(scheme="deu", repair=False, run_dir=str(tmp_path / "run"))
+    with Trainer(cfg, data=digits, callbacks=[kill_next]) as tr, \
+            pytest.raises(ClusterError, match=r"needed 4 answers.*3 of n=6 workers alive") as info:
+        tr.train()
+    assert f"--resume {tmp_path / 'run' / 'checkpoint'}" in str(info.value)
+    assert tr.cluster.counters.repairs == [] and tr.position.iteration == 12
+    saved = checkpoint.load(tmp_path / "run")
+    assert saved.position["iteration"] == 9  # the first iteration that ended with exactly k alive
+    assert relative_weight_error(saved.model, reference_run(cfg, tr.data, 9)) < 1e-9
+
+
+@pytest.mark.parametrize("scheme", ["deu", "naive"])
+def test_killing_more_than_n_minus_k_at_once_is_a_clear_error_not_a_hang(scheme, digits, tmp_path,
+                                                                         ray_session):
+    """Three of six actors die at once, faster than repair can act (it needs k live workers): the next
+    round fails with a ClusterError. DEU cannot decode any more, so the message points at the latest
+    periodic checkpoint (iteration 5); naive still holds the plain weights and saves one at the failure."""
+    cfg = config(scheme=scheme, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=5)
+    with Trainer(cfg, data=digits, callbacks=[at_iteration(7, lambda tr: kill_behind_the_back(tr, [0, 2, 5]))]) \
+            as tr, pytest.raises(ClusterError, match=r"needed 4 answers.*3 failed") as info:
+        tr.train()
+    saved_at = 5 if scheme == "deu" else 7
+    message = str(info.value)
+    assert f"--resume {tmp_path / 'ckpt'}" in message
+    assert ("Could not save a checkpoint now" in message) == (scheme == "deu")
+    assert tr.cluster.counters.repairs == [] and sorted(tr.cluster.alive()) == [1, 3, 4]
+    saved = checkpoint.load(tmp_path / "ckpt")
+    assert saved.position["iteration"] == saved_at
+    assert relative_weight_error(saved.model, reference_run(cfg, tr.data, saved_at)) < 1e-9
