@@ -27,6 +27,9 @@ class Counters:
 
     bytes_to_workers: int = 0
     bytes_from_workers: int = 0
+    # Master egress when a broadcast argument leaves the master once (Ray puts it in the object store
+    # once; a tree or multicast network needs no more); per-worker arguments count per worker.
+    bytes_sent_once: int = 0
     calls: int = 0
     rounds: int = 0
     late_results_discarded: int = 0
@@ -40,6 +43,7 @@ class Counters:
         return {
             "bytes_to_workers": self.bytes_to_workers,
             "bytes_from_workers": self.bytes_from_workers,
+            "bytes_sent_once": self.bytes_sent_once,
             "calls": self.calls,
             "rounds": self.rounds,
             "late_results_discarded": self.late_results_discarded,

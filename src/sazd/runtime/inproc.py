@@ -123,7 +123,8 @@ class InProcessCluster(Cluster):
         workers = self.alive() if workers is None else self._check_workers(workers)
         if not workers:
             raise ClusterError(f"submit {method!r}: no live workers (n={self.n}, all dead); respawn some")
-        per_worker, _ = resolve_args(args, workers, self.n)
+        per_worker, broadcast = resolve_args(args, workers, self.n)
+        self.counters.bytes_sent_once += tensor_bytes(args) if broadcast else tensor_bytes(per_worker)
         calls = {}
         for j in workers:
             nbytes = tensor_bytes(per_worker[j])

@@ -197,6 +197,7 @@ class RayCluster(Cluster):
             raise ClusterError(f"submit {method!r}: no live workers (n={self.n}, all dead); respawn some")
         per_worker, broadcast = resolve_args(args, workers, self.n)
         shared = ray.put(args) if broadcast and len(workers) > 1 and tensor_bytes(args) > 0 else None
+        self.counters.bytes_sent_once += tensor_bytes(args) if broadcast else tensor_bytes(per_worker)
         refs: dict[int, Any] = {}
         for j in workers:
             self.counters.bytes_to_workers += tensor_bytes(per_worker[j])
