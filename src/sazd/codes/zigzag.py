@@ -47,40 +47,35 @@ def div_binomial(t: Tensor, v: int, d: int) -> Tensor:
     length = tp.shape[0] - d
     if length <= 0:
         return t.new_zeros((0, *t.shape[1:]))
-    chains = -(-tp.shape[0] // d)
-    if tp.shape[0] != chains * d:
-        padded = t.new_zeros((chains * d, *t.shape[1:]))
-        padded[: tp.shape[0]] = tp
-        tp = padded
-    u = chain_cumsum(tp.reshape(chains, -1))  # forward partial sums along each chain
-    total = u[-1].clone()
-    u.neg_()  # u[q] = -sum of t' up to q
+    chains = -(-tp.shape[0] // d)  # chain steps: rows of the (steps, d, ...) view
+    blocks = -(-chains // SCAN_BLOCK)
+    u = t.new_empty((blocks * SCAN_BLOCK * d, *t.shape[1:]))
+    u[: tp.shape[0]] = tp
+    u[tp.shape[0] :] = 0
+    steps = u.view(blocks * SCAN_BLOCK, -1)
+    _blocked_scan_(steps.view(blocks, SCAN_BLOCK, -1))  # forward partial sums along every chain
+    total = steps[-1].clone()
+    steps.neg_()  # u[q] = -sum of t' up to q
     low = (-(-length // d) + 1) // 2  # chain steps kept from the forward (lower) end
-    u[low:] += total  # upper part from the top: sum of t' above q
-    return u.view(chains * d, *t.shape[1:])[:length]
+    steps[low:] += total  # upper part from the top: sum of t' above q
+    return u[:length]
 
 
 SCAN_BLOCK = 8
 
 
-def chain_cumsum(x: Tensor) -> Tensor:
-    """Inclusive prefix sum along dim 0 of a 2-D tensor, as a blocked scan of whole-tensor adds.
+def _blocked_scan_(v: Tensor) -> None:
+    """In-place inclusive prefix sum over the first two dims of ``v`` (blocks, SCAN_BLOCK, width).
 
-    Rows are grouped in blocks of 8: a running sum inside each block (7 strided adds over 1/8 of
-    the data each), a log-depth doubling scan of the block totals, and one pass adding each block's
-    carry. About three passes over memory, against ``cumsum(0)``'s slow strided kernel on CPU; on
-    GPU every step is a parallel kernel.
+    A running sum inside each block (7 strided adds over 1/8 of the data each), a log-depth doubling
+    scan of the block totals, and one pass adding each block's carry: about three passes over
+    memory, against ``cumsum(0)``'s slow strided kernel on CPU; on GPU every step is a parallel
+    kernel, and the rounding error grows with log of the chain length, not linearly.
     """
-    length = x.shape[0]
-    blocks = -(-length // SCAN_BLOCK)
-    y = x.new_zeros((blocks * SCAN_BLOCK, *x.shape[1:]))
-    y[:length] = x
-    v = y.view(blocks, SCAN_BLOCK, *x.shape[1:])
-    for i in range(1, SCAN_BLOCK):
+    for i in range(1, v.shape[1]):
         v[:, i] += v[:, i - 1]
     carry = _doubling_scan(v[:, -1])
     v[1:] += carry[:-1].unsqueeze(1)
-    return y[:length]
 
 
 def _doubling_scan(x: Tensor) -> Tensor:
