@@ -79,8 +79,12 @@ class Code(ABC):
         """``blocks`` has shape (k, r, *trailing); return n coded blocks."""
 
     @abstractmethod
-    def _decode_blocks(self, results: dict[int, Tensor], r: int, out: Tensor) -> None:
-        """Write the k source blocks into ``out`` (shape (k, r, *trailing)) from >= k valid results."""
+    def _decode_blocks(self, results: dict[int, Tensor], r: int, out: Tensor) -> Sequence[int] | None:
+        """Write the k source blocks into ``out`` (shape (k, r, *trailing)) from >= k results.
+
+        Return the blocks whose finiteness certifies every result used (blocks computed from all of
+        them), or None to have every block checked: NaN/Inf checks then cost no extra pass.
+        """
 
     def _source_rows(self, worker: int, rows: int) -> int:
         """Invert ``block_rows``: source rows per block given worker's coded rows."""
@@ -144,12 +148,21 @@ class Code(ABC):
                     f"results must share dtype and device: worker {ref_worker} has {ref.dtype} on "
                     f"{ref.device}, worker {j} has {res.dtype} on {res.device}"
                 )
-        usable = self._drop_non_finite(results)
         cdtype = compute_dtype(ref.dtype)
-        usable = {j: t.detach().to(cdtype) for j, t in usable.items()}
+        usable = {j: t.detach().to(cdtype) for j, t in results.items()}
         out = torch.empty((self.k, r, *trailing), dtype=cdtype, device=ref.device)
         with torch.no_grad():  # decoding is not differentiated through (coded layers have own backward)
-            self._decode_blocks(usable, r, out)
+            certify = self._decode_blocks(usable, r, out)
+        blocks = range(self.k) if certify is None else certify
+        if not all(_all_finite(out[i]) for i in blocks):
+            bad = [j for j, t in usable.items() if not _all_finite(t)]
+            if not bad:
+                raise DecodeError(
+                    f"decoding from workers {sorted(results)} overflowed although every result was "
+                    f"finite: this straggler set is numerically unstable for {self!r} at r={r} rows per "
+                    "block; use a larger shift_unit or fewer parity workers (see `sazd design`)"
+                )
+            return self.decode(self._drop_non_finite(results, bad), rows=r * self.k)
         return out.reshape(self.k * r, *trailing).to(ref.dtype)
 
     def verify(self, rows: int, samples: int | None = None, **kwargs) -> float:
@@ -212,10 +225,7 @@ class Code(ABC):
                 f"(workers {sorted(results)}); wait for more workers"
             )
 
-    def _drop_non_finite(self, results: Mapping[int, Tensor]) -> dict[int, Tensor]:
-        bad = [j for j, t in results.items() if not _all_finite(t)]
-        if not bad:
-            return dict(results)
+    def _drop_non_finite(self, results: Mapping[int, Tensor], bad: list[int]) -> dict[int, Tensor]:
         good = {j: t for j, t in results.items() if j not in bad}
         if len(good) < self.k:
             raise DecodeError(

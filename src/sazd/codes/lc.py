@@ -137,12 +137,12 @@ class LinearCode(Code):
             self._plans[key] = plan
         return plan
 
-    def _decode_blocks(self, results: dict[int, Tensor], r: int, out: Tensor) -> None:
+    def _decode_blocks(self, results: dict[int, Tensor], r: int, out: Tensor) -> list[int] | None:
         plan = self._plan(self._choose(results), out.dtype, out.device)
         for i, j in plan.plain.items():
             out[i] = results[j]
         if not plan.missing:
-            return
+            return None
         A = out.view(self.k, out[0].numel())
         Y = torch.stack([results[j] for j in plan.mixed]).view(len(plan.mixed), A.shape[1])
         if plan.known is not None:
@@ -153,6 +153,7 @@ class LinearCode(Code):
             torch.matmul(plan.solve, Y, out=A[lo:hi])  # contiguous rows: write in place
         else:
             A[plan.missing] = plan.solve @ Y
+        return list(plan.missing)  # a GEMM over every used result: NaN/Inf in any reaches these
 
     def _options(self) -> str:
         return f", systematic={self.is_systematic}"

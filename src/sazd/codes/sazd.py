@@ -19,11 +19,10 @@ from __future__ import annotations
 import itertools
 from functools import lru_cache
 
-import torch
 from torch import Tensor
 
 from sazd.codes import zigzag
-from sazd.codes.base import Code, DecodeError, compute_dtype
+from sazd.codes.base import Code, compute_dtype
 
 AUTO_CHAIN_ROWS = 256  # "auto" keeps zigzag chains at most this many rows long: g = ceil(r / 256)
 
@@ -88,61 +87,69 @@ class SAZD(Code):
         return coded
 
     # -------------------------------------------------------------- decoding
-    def _decode_blocks(self, results: dict[int, Tensor], r: int, out: Tensor) -> None:
+    def _decode_blocks(self, results: dict[int, Tensor], r: int, out: Tensor) -> list[int] | None:
         g = self.shift_for(r)
-        if self.is_systematic:
+        if not self.is_systematic:
+            missing = list(range(self.k))
+            method, chosen = _plan(tuple(missing), tuple(sorted(results)))
+            equations = {q: results[q] for q in chosen}
+        else:
             received = [i for i in range(self.k) if i in results]
+            missing = [i for i in range(self.k) if i not in results]
+            parities = tuple(sorted(j - self.k for j in results if j >= self.k))
+            method, chosen = _plan(tuple(missing), parities) if missing else ("copy", ())
+            # One pass over the received blocks: copy each into place and, while it is in cache,
+            # subtract it from the chosen parities: R_q = P_q - sum_{i received} z^{q*i*g} A_i.
+            equations = {q: results[self.k + q].clone() for q in chosen}
             for i in received:
                 out[i] = results[i]
-            missing = [i for i in range(self.k) if i not in results]
+                for q, reduced in equations.items():
+                    reduced[q * i * g : q * i * g + r] -= results[i]
             if not missing:
-                return
-            out[missing] = 0  # so that sums over all blocks add only the received ones
-            parities = sorted(j - self.k for j in results if j >= self.k)
-            equations = {q: self._reduced_parity(q, results, received, out, g) for q in parities}
-        else:
-            missing = list(range(self.k))
-            equations = dict(results)
-        for i, block in zip(missing, self._solve(missing, equations, r, g), strict=True):
+                return None
+        blocks = _SOLVERS[method](missing, [equations[q] for q in chosen], chosen, r, g)
+        for i, block in zip(missing, blocks, strict=True):
             out[i] = block[:r]
-        if not bool(torch.isfinite(out[missing].sum())) and not bool(torch.isfinite(out[missing]).all()):
-            raise DecodeError(
-                f"zigzag decoding of blocks {missing} from workers {sorted(results)} overflowed although "
-                f"every result was finite: this straggler set is numerically unstable for {self!r} at "
-                f"r={r} rows per block; use a larger shift_unit or fewer parity workers (see `sazd design`)"
-            )
-
-    def _reduced_parity(self, q: int, results: dict[int, Tensor], received: list[int], out: Tensor, g: int):
-        """Parity q minus the received systematic blocks: ``P_q - sum_{i received} z^{q*i*g} A_i``."""
-        parity = results[self.k + q]
-        if q == 0:
-            return parity - out.sum(0)
-        reduced = parity.clone()
-        for i in received:
-            reduced[q * i * g : q * i * g + out.shape[1]] -= out[i]
-        return reduced
-
-    def _solve(self, missing: list[int], equations: dict[int, Tensor], r: int, g: int) -> list[Tensor]:
-        """Solve ``R_q = sum_{i in missing} z^{q*i*g} A_i`` for the A_i, choosing |missing| equations."""
-        e = len(missing)
-        step = _common_step(missing)
-        if step is not None:  # missing = a, a+s, ...: values of a polynomial at nodes z^{g*q*s}
-            chosen = _spread_subset(sorted(equations), e)
-            a = missing[0]
-            values = [equations[q][g * q * a :] for q in chosen]
-            return zigzag.solve_primal(values, [g * q * step for q in chosen])
-        chosen = _arithmetic_subset(sorted(equations), e)
-        if chosen is not None:  # equations q0 + d*v: dual Vandermonde in nodes z^{g*d*i}
-            q0, d = chosen[0], chosen[1] - chosen[0]
-            shifted = zigzag.solve_dual([equations[q] for q in chosen], [g * d * i for i in missing])
-            return [block[g * q0 * i :] for block, i in zip(shifted, missing, strict=True)]
-        chosen = sorted(equations)[:e]
-        offsets = tuple(tuple(g * q * i for i in missing) for q in chosen)
-        return zigzag.peel([equations[q] for q in chosen], offsets, r)
+        return missing  # every used result feeds these blocks: their finiteness certifies the inputs
 
     def __repr__(self) -> str:
         kind = "systematic" if self.is_systematic else "non-systematic"
         return f"SAZD(n={self.n}, k={self.k}, {kind}, shift_unit={self.shift_unit!r})"
+
+
+def _solve_primal(missing, equations, chosen, r, g):
+    """missing = a, a+s, ...: R_q shifted up g*q*a rows are values of a polynomial at z^{g*q*s}."""
+    a, step = missing[0], _common_step(missing)
+    values = [eq[g * q * a :] for eq, q in zip(equations, chosen, strict=True)]
+    return zigzag.solve_primal(values, [g * q * step for q in chosen])
+
+
+def _solve_dual(missing, equations, chosen, r, g):
+    """equations q0 + d*v: a dual Vandermonde system in nodes z^{g*d*i} for z^{g*q0*i} A_i."""
+    q0, d = chosen[0], chosen[1] - chosen[0]
+    shifted = zigzag.solve_dual(equations, [g * d * i for i in missing])
+    return [block[g * q0 * i :] for block, i in zip(shifted, missing, strict=True)]
+
+
+def _solve_peel(missing, equations, chosen, r, g):
+    """Neither progression: general zigzag peeling (numerically poor; see README)."""
+    offsets = tuple(tuple(g * q * i for i in missing) for q in chosen)
+    return zigzag.peel(equations, offsets, r)
+
+
+_SOLVERS = {"primal": _solve_primal, "dual": _solve_dual, "peel": _solve_peel}
+
+
+@lru_cache(maxsize=4096)
+def _plan(missing: tuple[int, ...], available: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+    """Which |missing| equations (parity indices) to use and which solver; depends only on the set."""
+    e = len(missing)
+    if _common_step(list(missing)) is not None:
+        return "primal", tuple(_spread_subset(list(available), e))
+    chosen = _arithmetic_subset(list(available), e)
+    if chosen is not None:
+        return "dual", tuple(chosen)
+    return "peel", available[:e]
 
 
 def _common_step(values: list[int]) -> int | None:
