@@ -111,8 +111,10 @@ def test_stability_quick_writes_table_csv_png_and_json(tmp_path, capsys):
     png = (tmp_path / "stability.png").read_bytes()
     assert png[:4] == b"\x89PNG" and len(png) > 5000
 
-    assert stability.run(parse(stability, [*argv, "--json", "--dtypes", "bf16"])) == 0
+    argv = ["--codes", "sazd", "--k", "4", "--m", "2", "--rows", "16", "--dtypes", "bf16", "--json"]
+    assert stability.run(parse(stability, [*argv, "--out", str(tmp_path)])) == 0
     payload = json.loads(capsys.readouterr().out)
+    assert len(payload["results"]) == 1
     assert payload["machine"]["nproc"] >= 1
     assert {row["dtype"] for row in payload["results"]} == {"bf16"}
     assert all(isinstance(row["worst_error"], float) for row in payload["results"] if row["code"] == "sazd")

@@ -12,8 +12,8 @@ One run, three parts (an MLP ``784 -> W -> ... -> W -> 10``, every hidden layer 
    master link (measured compute, simulated transfer): the iteration time on such a cluster.
 3. stragglers: DEU with the code and ``--stragglers S`` workers ``--straggler-delay`` times slower
    per task vs none, and uncoded (n = k) likewise, on the in-process simulated clock with a constant
-   task time (``--task-time``; only the master's own work is measured), optionally also on Ray
-   (``--ray-stragglers``: real sleeps inside the actors).
+   task time (``--task-time``) on a clock that counts the workers only (the master's measured work is
+   reported beside it), and with ``--backend ray`` also on Ray (real sleeps inside the actors).
 
 The formula (per coded layer, N = batch, s = element size, out/in padded to multiples of k for the
 answers, R_row/R_col = coded rows of the two copies summed over the n workers):
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from sazd.data import DataBundle
 
 PHASES = ("encode_s", "worker_s", "decode_s", "update_s", "master_other_s")
+MASTER_PHASES = ("encode_s", "decode_s", "update_s", "master_other_s")
 PARTS = ("timing", "projection", "stragglers")
 SCHEMES = ("naive", "deu")
 IN_SHAPE, CLASSES = (1, 28, 28), 10  # fashion-mnist shaped
@@ -74,8 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="width of the straggler runs (default: the smallest of --widths)")
     parser.add_argument("--task-time", type=float, default=0.02,
                         help="straggler runs: simulated seconds of every healthy worker task")
-    parser.add_argument("--ray-stragglers", action="store_true",
-                        help="also measure the straggler runs on Ray with real delays")
+    parser.add_argument("--ray-stragglers", action=argparse.BooleanOptionalAction, default=None,
+                        help="also run part 3 on Ray with real delays (default: when --backend is ray)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"which parts to run, of {','.join(PARTS)}")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--momentum", type=float, default=0.9)
@@ -98,28 +99,34 @@ def coded_pairs(dims: tuple[int, ...], min_features: int = 64) -> list[tuple[int
 
 
 def formula_bytes(dims: tuple[int, ...], code: Code, batch: int, scheme: str, element_size: int = 4,
-                  min_features: int = 64, broadcast_once: bool = False) -> dict[str, int]:
+                  min_features: int = 64) -> dict[str, int]:
     """Bytes of one iteration by the DESIGN.md formula (module docstring), from the shapes alone.
 
-    ``broadcast_once``: count a tensor that every worker receives (X, dY) once instead of n times, as a
-    multicast or a per-node object-store fetch would move it over the master's link.
+    ``bytes_sent_once``: master egress when a broadcast argument (the X^T and dY^T of a round) leaves
+    the master once, as Ray's object store or a multicast would send it; per-worker arguments (coded
+    blocks, encoded factors) still count per worker.
     """
     n, k, N, s = code.n, code.k, batch, element_size
-    b = 1 if broadcast_once else n  # copies of a broadcast tensor on the master's link
-    to_w = from_w = 0
+    to_w = from_w = once = 0
     for i, fin, fout in coded_pairs(dims, min_features):
         out_pad, in_pad = -(-fout // k) * k, -(-fin // k) * k
         R_row, R_col = sum(code.block_rows(out_pad // k)), sum(code.block_rows(in_pad // k))
-        to_w += b * fin * N * s  # forward: X^T to every worker
+        to_w += n * fin * N * s  # forward: X^T to every worker
+        once += fin * N * s
         from_w += out_pad * N * s  # k answers of out_pad/k rows
         if i > 0:  # input gradient: dY^T to every worker, k answers of in_pad/k rows
-            to_w += b * fout * N * s
+            to_w += n * fout * N * s
+            once += fout * N * s
             from_w += in_pad * N * s
+        if i == 0:  # the first layer's input needs no gradient: its column copy is not kept
+            R_col = 0
         if scheme == "naive":
-            to_w += (R_row * fin + R_col * fout) * s
-        else:  # workers keep this step's X^T and dY^T from the rounds; only the first layer's dY is new
-            to_w += (R_row + R_col) * N * s + (b * fout * N * s if i == 0 else 0)
-    return {"bytes_to_workers": to_w, "bytes_from_workers": from_w}
+            update = (R_row * fin + R_col * fout) * s
+        else:  # workers keep this step's X^T and dY^T from the rounds: only encoded factors are new
+            update = (R_row + R_col) * N * s
+        to_w += update
+        once += update
+    return {"bytes_to_workers": to_w, "bytes_from_workers": from_w, "bytes_sent_once": once}
 
 
 # ------------------------------------------------------------------ measuring one config
@@ -159,8 +166,7 @@ def measure(cfg: Any, data: DataBundle, warmup: int, iterations: int, cluster: A
     dims = (IN_SHAPE[0] * IN_SHAPE[1] * IN_SHAPE[2], *cfg.hidden, CLASSES)
     size = 4 if cfg.dtype == "float32" else 8
     formula = formula_bytes(dims, code, cfg.batch_size, cfg.scheme, size, cfg.min_features)
-    once = formula_bytes(dims, code, cfg.batch_size, cfg.scheme, size, cfg.min_features, broadcast_once=True)
-    per_iter = {key: [r[key] for r in recs] for key in ("bytes_to_workers", "bytes_from_workers")}
+    per_iter = {key: [r[key] for r in recs] for key in formula}
     return {
         "width": cfg.hidden[0],
         "scheme": cfg.scheme,
@@ -176,10 +182,10 @@ def measure(cfg: Any, data: DataBundle, warmup: int, iterations: int, cluster: A
         "mean_wall_s": statistics.fmean(r["wall_s"] for r in recs),
         "bytes_to_workers": statistics.fmean(per_iter["bytes_to_workers"]),
         "bytes_from_workers": statistics.fmean(per_iter["bytes_from_workers"]),
+        "bytes_sent_once": statistics.fmean(per_iter["bytes_sent_once"]),
         "formula_to_workers": formula["bytes_to_workers"],
         "formula_from_workers": formula["bytes_from_workers"],
-        "formula_once_to_workers": once["bytes_to_workers"],
-        "formula_once_from_workers": once["bytes_from_workers"],
+        "formula_sent_once": formula["bytes_sent_once"],
         "engine_formula_to_workers": engine_formula["bytes_to_workers"],
         "engine_formula_from_workers": engine_formula["bytes_from_workers"],
         "bytes_exact": all(a == formula[key] for key, vals in per_iter.items() for a in vals),
@@ -233,6 +239,9 @@ def part_projection(args: argparse.Namespace, widths: list[int], data: DataBundl
             cfg = config(args, width, scheme, "inproc", network_gbps=args.network_gbps)
             row = measure(cfg, data, args.warmup, args.iterations)
             row["network_gbps"] = args.network_gbps
+            # the busier side of the full-duplex master link, occupied this long per iteration
+            busier = max(row["bytes_to_workers"], row["bytes_from_workers"])
+            row["link_s"] = busier / (args.network_gbps * 1e9 / 8)
             rows.append(row)
             _log(f"project  {args.network_gbps:g} Gb/s W={width:5d} {scheme:5s}: {row['mean_s']:.3f} "
                  f"simulated s/iteration ({time.perf_counter() - start:.0f} s)")
@@ -270,23 +279,47 @@ def part_stragglers(
 def _straggler_run(args: argparse.Namespace, width: int, data: DataBundle, cluster: Any, code: str, n: int,
                    s: int) -> dict[str, Any]:
     """One DEU run with ``s`` stragglers: in-process when ``cluster`` is None, else on that Ray cluster."""
-    if cluster is None:
-        cfg = config(args, width, "deu", "inproc", code=code, n=n, stragglers=s,
-                     straggler_delay=args.straggler_delay, base_time_s=args.task_time)
-    else:
+    if cluster is not None:
         factor = args.straggler_delay if s else 1.0
         cluster.wait_all(cluster.submit("set_delay", (factor,), list(range(args.stragglers))))
-        cfg = config(args, width, "deu", "ray", code=code, n=n)
-    return measure(cfg, data, args.warmup, args.iterations, cluster)
+        return measure(config(args, width, "deu", "ray", code=code, n=n), data, args.warmup, args.iterations,
+                       cluster)
+    from sazd.runtime.latency import straggler_latency
+
+    latency = straggler_latency(s, args.straggler_delay)
+    cfg = config(args, width, "deu", "inproc", code=code, n=n)
+    with worker_clock_cluster(n, latency=latency, base_time_s=args.task_time, seed=args.seed) as sim:
+        row = measure(cfg, data, args.warmup, args.iterations, sim)
+    master = sum(row["phases_s"][p] for p in MASTER_PHASES)
+    row["master_s"] = master  # measured on this machine: what the master's own work would add, serially
+    row["mean_with_master_s"] = row["mean_s"] + master
+    return row
+
+
+def worker_clock_cluster(n: int, **opts: Any) -> Any:
+    """An in-process cluster whose simulated clock counts worker tasks (and transfers) only: the
+    master's measured work does not move it, so with a constant task time (``base_time_s``) the
+    clock, and with it every iteration time, is exactly reproducible."""
+    from sazd.runtime.inproc import InProcessCluster
+
+    class WorkerClockCluster(InProcessCluster):
+        def note_master_time(self, seconds: float) -> None:
+            if not seconds >= 0:
+                raise ValueError(f"seconds must be >= 0, got {seconds!r}")
+
+    return WorkerClockCluster(n, **opts)
 
 
 def straggler_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """with S stragglers / without, for "coded" and "uncoded"."""
+    """with S stragglers / without, for "coded" and "uncoded" (and, where the rows have the master's
+    measured work, "<kind>_with_master": the same with that work added)."""
     out = {}
     for kind in ("coded", "uncoded"):
         base = next(r for r in rows if r["kind"] == kind and r["stragglers"] == 0)
         slow = next(r for r in rows if r["kind"] == kind and r["stragglers"] > 0)
         out[kind] = slow["mean_s"] / base["mean_s"]
+        if "mean_with_master_s" in base:
+            out[f"{kind}_with_master"] = slow["mean_with_master_s"] / base["mean_with_master_s"]
     return out
 
 
@@ -306,8 +339,13 @@ def scheme_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "speedup_deu_median": naive["median_s"] / deu["median_s"],
             "bytes_ratio": total(naive, "bytes") / total(deu, "bytes"),
             "formula_bytes_ratio": total(naive, "formula") / total(deu, "formula"),
-            "formula_once_bytes_ratio": total(naive, "formula_once") / total(deu, "formula_once"),
+            "sent_once_ratio": (naive["bytes_sent_once"] + naive["bytes_from_workers"])
+            / (deu["bytes_sent_once"] + deu["bytes_from_workers"]),
+            "formula_sent_once_ratio": (naive["formula_sent_once"] + naive["formula_from_workers"])
+            / (deu["formula_sent_once"] + deu["formula_from_workers"]),
         })
+        if "link_s" in naive:
+            out[-1]["link_speedup"] = naive["link_s"] / deu["link_s"]
     return out
 
 
@@ -356,18 +394,22 @@ def format_report(rep: dict[str, Any]) -> str:
     if "timing" in rep:
         out += ["", f"1. iteration time on the {s['backend']} backend (seconds; bytes per iteration in MB)"]
         rows = [[r["width"], r["scheme"], f"{r['mean_s']:.3f}", f"{r['median_s']:.3f}",
-                 _mb(r["bytes_to_workers"]), _mb(r["bytes_from_workers"]), _mb(r["formula_to_workers"]),
-                 _mb(r["formula_from_workers"]), "yes" if r["bytes_exact"] else "no",
+                 _mb(r["bytes_to_workers"]), _mb(r["bytes_from_workers"]), _mb(r["bytes_sent_once"]),
+                 _mb(r["formula_to_workers"]), _mb(r["formula_from_workers"]), _mb(r["formula_sent_once"]),
+                 "yes" if r["bytes_exact"] else "no",
                  *(f"{r['phases_s'][p]:.3f}" for p in PHASES)] for r in rep["timing"]]
-        out.append(format_table(["W", "scheme", "mean_s", "median_s", "to_MB", "from_MB", "formula_to",
-                                 "formula_from", "exact", "encode", "workers", "decode", "update", "other"],
-                                rows))
+        out.append(format_table(["W", "scheme", "mean_s", "median_s", "to_MB", "from_MB", "once_MB",
+                                 "formula_to", "formula_from", "formula_once", "exact", "encode", "workers",
+                                 "decode", "update", "other"], rows))
         out += ["", "   DEU vs naive per width:"]
         out.append(format_table(
-            ["W", "DEU speedup (mean)", "(median)", "bytes naive/DEU", "formula", "formula, broadcast once"],
+            ["W", "DEU speedup (mean)", "(median)", "bytes naive/DEU", "(formula)", "sent once naive/DEU",
+             "(formula)"],
             [[r["width"], f"{r['speedup_deu']:.2f}x", f"{r['speedup_deu_median']:.2f}x",
-              f"{r['bytes_ratio']:.1f}x", f"{r['formula_bytes_ratio']:.1f}x",
-              f"{r['formula_once_bytes_ratio']:.1f}x"] for r in rep["timing_ratios"]]))
+              f"{r['bytes_ratio']:.1f}x", f"{r['formula_bytes_ratio']:.1f}x", f"{r['sent_once_ratio']:.1f}x",
+              f"{r['formula_sent_once_ratio']:.1f}x"] for r in rep["timing_ratios"]]))
+        out.append("   bytes: to + from workers, each worker's copy of a broadcast counted; sent once: the "
+                   "master's egress with each broadcast sent once (Ray object store), + from workers")
     if "projection" in rep:
         out += ["", f"2. projection: in-process backend, simulated {s['network_gbps']:g} Gb/s master link "
                     "(measured compute), simulated seconds per iteration"]
@@ -376,23 +418,32 @@ def format_report(rep: dict[str, Any]) -> str:
         for ratio in rep["projection_ratios"]:
             naive, deu = by[ratio["width"], "naive"], by[ratio["width"], "deu"]
             rows.append([ratio["width"], f"{naive['mean_s']:.3f}", f"{deu['mean_s']:.3f}",
-                         f"{ratio['speedup_deu']:.2f}x", _mb(_total_bytes(naive)), _mb(_total_bytes(deu))])
-        out.append(format_table(["W", "naive_s", "deu_s", "DEU speedup", "naive_MB", "deu_MB"], rows))
-    for key, title in (("stragglers", "in-process simulated clock, constant task time "
+                         f"{ratio['speedup_deu']:.2f}x", f"{naive['min_s']:.3f}", f"{deu['min_s']:.3f}",
+                         _mb(_total_bytes(naive)), _mb(_total_bytes(deu)), f"{naive['link_s']:.3f}",
+                         f"{deu['link_s']:.3f}", f"{ratio['link_speedup']:.2f}x"])
+        out.append(format_table(["W", "naive_s", "deu_s", "DEU speedup", "naive_min", "deu_min", "naive_MB",
+                                 "deu_MB", "naive_link_s", "deu_link_s", "link speedup"], rows))
+    for key, title in (("stragglers", "in-process simulated clock of the workers, constant task time "
                                       f"{s['task_time']:g} s"),
                        ("stragglers_ray", "Ray, real delays inside the actors")):
         if key not in rep:
             continue
-        rows_ = rep[key]
+        rows_, ratios = rep[key], rep[f"{key}_ratios"]
         out += ["", f"3. stragglers (DEU, W={rows_[0]['width']}, S={s['stragglers']} workers "
                     f"{s['straggler_delay']:g}x slower per task): {title}"]
+        master = "master_s" in rows_[0]
         out.append(format_table(
-            ["run", "code", "n", "k", "S", "mean_s", "median_s", "late_discarded", "backlog_kills"],
+            ["run", "code", "n", "k", "S", "mean_s", "median_s",
+             *(["master_s", "decode_s"] if master else []), "late_discarded", "backlog_kills"],
             [[r["kind"], r["code"].split("(")[0], r["n"], r["k"], r["stragglers"], f"{r['mean_s']:.4f}",
-              f"{r['median_s']:.4f}", r["late_results_discarded"], r["backlog_kills"]] for r in rows_]))
-        ratios = rep[f"{key}_ratios"]
+              f"{r['median_s']:.4f}",
+              *([f"{r['master_s']:.4f}", f"{r['phases_s']['decode_s']:.4f}"] if master else []),
+              r["late_results_discarded"], r["backlog_kills"]] for r in rows_]))
         out.append(f"   with / without stragglers: coded {ratios['coded']:.2f}x, "
                    f"uncoded {ratios['uncoded']:.2f}x")
+        if master:
+            out.append(f"   adding the master's measured work (encode, decode, update, other) to each: coded "
+                       f"{ratios['coded_with_master']:.2f}x, uncoded {ratios['uncoded_with_master']:.2f}x")
     out += ["", f"total {rep['total_s']:.0f} s"]
     return "\n".join(out)
 
@@ -425,6 +476,8 @@ def check_args(args: argparse.Namespace) -> tuple[list[int], list[str]]:
         value = getattr(args, name)
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.ray_stragglers is None:
+        args.ray_stragglers = args.backend == "ray"
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     if "stragglers" in parts and not 1 <= args.stragglers <= args.n - args.k:

@@ -107,7 +107,8 @@ class SAZD(Code):
                     reduced[q * i * g : q * i * g + r] -= results[i]
             if not missing:
                 return None
-        blocks = _SOLVERS[method](missing, [equations[q] for q in chosen], chosen, r, g)
+        owned = self.is_systematic  # reduced parities are our own clones; raw results are the caller's
+        blocks = _SOLVERS[method](missing, [equations[q] for q in chosen], chosen, r, g, owned)
         for i, block in zip(missing, blocks, strict=True):
             out[i] = block[:r]
         return missing  # every used result feeds these blocks: their finiteness certifies the inputs
@@ -117,21 +118,21 @@ class SAZD(Code):
         return f"SAZD(n={self.n}, k={self.k}, {kind}, shift_unit={self.shift_unit!r})"
 
 
-def _solve_primal(missing, equations, chosen, r, g):
+def _solve_primal(missing, equations, chosen, r, g, owned):
     """missing = a, a+s, ...: R_q shifted up g*q*a rows are values of a polynomial at z^{g*q*s}."""
     a, step = missing[0], _common_step(missing)
     values = [eq[g * q * a :] for eq, q in zip(equations, chosen, strict=True)]
-    return zigzag.solve_primal(values, [g * q * step for q in chosen])
+    return zigzag.solve_primal(values, [g * q * step for q in chosen], owned)
 
 
-def _solve_dual(missing, equations, chosen, r, g):
+def _solve_dual(missing, equations, chosen, r, g, owned):
     """equations q0 + d*v: a dual Vandermonde system in nodes z^{g*d*i} for z^{g*q0*i} A_i."""
     q0, d = chosen[0], chosen[1] - chosen[0]
-    shifted = zigzag.solve_dual(equations, [g * d * i for i in missing])
+    shifted = zigzag.solve_dual(equations, [g * d * i for i in missing], owned)
     return [block[g * q0 * i :] for block, i in zip(shifted, missing, strict=True)]
 
 
-def _solve_peel(missing, equations, chosen, r, g):
+def _solve_peel(missing, equations, chosen, r, g, owned):
     """Neither progression: general zigzag peeling (numerically poor; see README)."""
     offsets = tuple(tuple(g * q * i for i in missing) for q in chosen)
     return zigzag.peel(equations, offsets, r)

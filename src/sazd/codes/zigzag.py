@@ -23,8 +23,11 @@ import torch
 from torch import Tensor
 
 
-def sub_shifted(p: Tensor, q: Tensor, s: int = 0) -> Tensor:
-    """``p - z^s q`` (a new tensor; lengths need not match)."""
+def sub_shifted(p: Tensor, q: Tensor, s: int = 0, inplace: bool = False) -> Tensor:
+    """``p - z^s q`` (lengths need not match); in place in ``p`` when allowed and ``p`` is long enough."""
+    if inplace and p.shape[0] >= q.shape[0] + s:
+        p[s : s + q.shape[0]] -= q
+        return p
     length = max(p.shape[0], q.shape[0] + s)
     out = p.new_zeros((length, *p.shape[1:]))
     out[: p.shape[0]] = p
@@ -32,8 +35,9 @@ def sub_shifted(p: Tensor, q: Tensor, s: int = 0) -> Tensor:
     return out
 
 
-def div_binomial(t: Tensor, v: int, d: int) -> Tensor:
-    """Exact quotient ``t / (z^v (z^d - 1))`` of a polynomial divisible by it.
+def div_binomial(t: Tensor, v: int, d: int, minus: Tensor | None = None) -> Tensor:
+    """Exact quotient ``t / (z^v (z^d - 1))`` of a polynomial divisible by it (of ``t - minus`` when
+    ``minus`` is given: the difference is formed in the division's own buffer).
 
     Dropping the lowest v rows divides by z^v. For (z^d - 1) u = t', each residue class mod d is
     a chain ``u[q] = u[q-d] - t'[q]``, i.e. ``u = -cumsum`` along the chain. Rounding error walks
@@ -44,14 +48,17 @@ def div_binomial(t: Tensor, v: int, d: int) -> Tensor:
     if d <= 0 or v < 0:
         raise ValueError(f"binomial z^{v}(z^{d} - 1) needs d > 0 and v >= 0")
     tp = t[v:]
-    length = tp.shape[0] - d
+    rows = max(tp.shape[0], 0 if minus is None else minus.shape[0] - v)
+    length = rows - d
     if length <= 0:
         return t.new_zeros((0, *t.shape[1:]))
-    chains = -(-tp.shape[0] // d)  # chain steps: rows of the (steps, d, ...) view
+    chains = -(-rows // d)  # chain steps: rows of the (steps, d, ...) view
     blocks = -(-chains // SCAN_BLOCK)
     u = t.new_empty((blocks * SCAN_BLOCK * d, *t.shape[1:]))
     u[: tp.shape[0]] = tp
     u[tp.shape[0] :] = 0
+    if minus is not None and minus.shape[0] > v:
+        u[: minus.shape[0] - v] -= minus[v:]
     steps = u.view(blocks * SCAN_BLOCK, -1)
     _blocked_scan_(steps.view(blocks, SCAN_BLOCK, -1))  # forward partial sums along every chain
     total = steps[-1].clone()
@@ -91,35 +98,43 @@ def _doubling_scan(x: Tensor) -> Tensor:
     return src
 
 
-def solve_primal(values: list[Tensor], exps: list[int]) -> list[Tensor]:
+def solve_primal(values: list[Tensor], exps: list[int], owned: bool = False) -> list[Tensor]:
     """Coefficients A_0..A_{E-1} of ``P(y) = sum_i A_i y^i`` from values ``P(z^{e_l})``.
 
     Newton divided differences (each a binomial division), then Newton -> monomial form (shifts and
-    subtractions only). ``exps`` must be strictly increasing.
+    subtractions only). ``exps`` must be strictly increasing. ``owned``: the caller's ``values`` may
+    be overwritten (saves copies).
     """
     c = list(values)
     count = len(c)
+    mine = [owned] * count
     for s in range(1, count):
         for l in range(count - 1, s - 1, -1):
-            c[l] = div_binomial(sub_shifted(c[l], c[l - 1]), exps[l - s], exps[l] - exps[l - s])
+            c[l] = div_binomial(c[l], exps[l - s], exps[l] - exps[l - s], minus=c[l - 1])
+            mine[l] = True
     for s in range(count - 2, -1, -1):
         for l in range(s, count - 1):
-            c[l] = sub_shifted(c[l], c[l + 1], exps[s])
+            c[l] = sub_shifted(c[l], c[l + 1], exps[s], inplace=mine[l])
+            mine[l] = True
     return c
 
 
-def solve_dual(values: list[Tensor], exps: list[int]) -> list[Tensor]:
+def solve_dual(values: list[Tensor], exps: list[int], owned: bool = False) -> list[Tensor]:
     """Unknowns ``A_i`` of ``R_s = sum_i z^{s e_i} A_i`` (s = 0..E-1) for increasing ``exps``."""
     b = list(values)
     count = len(b)
+    mine = [owned] * count
     for s in range(count - 1):
         for l in range(count - 1, s, -1):
-            b[l] = sub_shifted(b[l], b[l - 1], exps[s])
+            b[l] = sub_shifted(b[l], b[l - 1], exps[s], inplace=mine[l])
+            mine[l] = True
     for s in range(count - 2, -1, -1):
         for l in range(s + 1, count):
             b[l] = div_binomial(b[l], exps[l - s - 1], exps[l] - exps[l - s - 1])
+            mine[l] = True
         for l in range(s, count - 1):
-            b[l] = sub_shifted(b[l], b[l + 1])
+            b[l] = sub_shifted(b[l], b[l + 1], inplace=mine[l])
+            mine[l] = True
     return b
 
 

@@ -175,6 +175,9 @@ class CodedLayer(nn.Module):
         self.pending: list[tuple[Tensor, Tensor]] = []  # DEU: (Xm, dYm) awaiting the optimizer step
         self._rounds_seen: dict[str, tuple[int, frozenset[int]]] = {}  # rounds of the pending step
         self.last_rows, self.last_input_grad = 0, False  # shape of the last batch, for the bytes formula
+        # The column copy serves only the input gradient. A layer whose input needs none (the first
+        # layer) stops shipping/updating it; it is marked stale and rebuilt from W if ever needed.
+        self.col_stale = False
         if ctx.scheme == "naive":
             self.weight = nn.Parameter(weight.clone())
             self._shipped_version = -1
@@ -196,12 +199,14 @@ class CodedLayer(nn.Module):
     # ---------------------------------------------------------- the algebra
     def forward_product(self, xm: Tensor) -> Tensor:
         if self.ctx.scheme == "naive":
-            self.sync()
+            self.sync(with_col=self.last_input_grad)
         out = self.ctx.product(self.keys[0], xm.T.contiguous(), self.out_pad)  # (out_pad, N) = W X^T
         self._rounds_seen[self.keys[0]] = self.ctx.last_round[self.keys[0]]
         return out[: self.out_features].T
 
     def input_grad(self, dym: Tensor) -> Tensor:
+        if self.col_stale:
+            self.refresh_col()
         out = self.ctx.product(self.keys[1], dym.T.contiguous(), self.in_pad)  # (in_pad, N) = W^T dY^T
         self._rounds_seen[self.keys[1]] = self.ctx.last_round[self.keys[1]]
         return out[: self.in_features].T
@@ -235,21 +240,40 @@ class CodedLayer(nn.Module):
     def load_copies(self, weights: dict[str, Tensor], momentum: dict[str, Tensor] | None = None,
                     workers: Sequence[int] | None = None) -> None:
         """Encode the plain row and column matrices ({key: matrix}; momentum likewise) and load them."""
-        coded = {key: self.ctx.encode(weights[key], self.padded[key][0]) for key in self.keys}
+        coded = {key: self.ctx.encode(weights[key], self.padded[key][0]) for key in weights}
         buffers = None
         if momentum is not None:
-            buffers = {key: self.ctx.encode(momentum[key], self.padded[key][0]) for key in self.keys}
+            buffers = {key: self.ctx.encode(momentum[key], self.padded[key][0]) for key in momentum}
         args = []
         for j in range(self.ctx.code.n):
-            mom = None if buffers is None else {key: buffers[key][j] for key in self.keys}
-            args.append(({key: coded[key][j] for key in self.keys}, mom))
+            mom = None if buffers is None else {key: buffers[key][j] for key in buffers}
+            args.append(({key: coded[key][j] for key in coded}, mom))
         self.ctx.send("load", args, workers)
+        if workers is None and self.keys[1] in weights:
+            self.col_stale = False
 
-    def sync(self) -> None:
-        """Naive scheme: re-encode and ship W when it changed since the last shipment."""
+    def refresh_col(self) -> None:
+        """Rebuild a stale column copy on every live worker: W^T from the master (naive) or from the
+        row copy decoded from k workers, with its momentum buffer (DEU)."""
+        row, col = self.keys
+        if self.ctx.scheme == "naive":
+            self.load_copies({col: self.plain_copies(self.weight.detach())[col]})
+            return
+        states = self.ctx.fetch_state([row])
+        W = self._decode_key(states, row, "weights")
+        M = self._decode_key(states, row, "momentum")
+        self.load_copies({col: W.T}, None if M is None else {col: M.T})
+
+    def sync(self, with_col: bool = True) -> None:
+        """Naive scheme: re-encode and ship W when it changed since the last shipment (the column copy
+        only when this step needs the input gradient)."""
         if self.weight._version == self._shipped_version:
             return
-        self.load_plain(self.weight.detach())
+        copies = self.plain_copies(self.weight.detach())
+        if not with_col:
+            del copies[self.keys[1]]
+            self.col_stale = True
+        self.load_copies(copies)
         self._shipped_version = self.weight._version
 
     def grad_norm_sq(self) -> Tensor:
@@ -267,9 +291,13 @@ class CodedLayer(nn.Module):
         X, dY = self._pending_factors()
         if not (isinstance(scale, float) and scale == 1.0):
             dY = dY * scale
-        left_row = self.ctx.encode(dY.T, self.out_pad)  # C_j(dY^T): (rows_j, N)
-        left_col = self.ctx.encode(X.T, self.in_pad)  # C_j(X^T):  (rows_j, N)
-        for key, left, right in ((self.keys[0], left_row, X), (self.keys[1], left_col, dY)):
+        updates = [(self.keys[0], dY.T, self.out_pad, X)]  # C_j(W)   -= lr C_j(dY^T) X
+        if self.keys[1] in self._rounds_seen:  # the column copy served this step: keep it current
+            updates.append((self.keys[1], X.T, self.in_pad, dY))  # C_j(W^T) -= lr C_j(X^T) dY
+        else:
+            self.col_stale = True
+        for key, factor, rows, right in updates:
+            left = self.ctx.encode(factor, rows)
             # Workers asked in this step's round of the block still hold its input (X^T or dY^T) when no
             # other round of the block came since: they get right=None and reuse it; only the others
             # (stragglers skipped, or all when the layer ran twice) are sent X or dY.
@@ -292,16 +320,27 @@ class CodedLayer(nn.Module):
         """Decode both plain matrices {"<name>.row": W, "<name>.col": W^T} of part="weights" (or the
         momentum buffers, part="momentum"; None when there are none) from worker states. The coded
         blocks are products with the identity, so decoding them gives the matrices themselves."""
+        row, col = self.keys
         out = {}
-        for key, (rows, keep) in self.padded.items():
-            blocks = {j: s[part][key] for j, s in states.items() if key in s[part]}
-            if part == "momentum" and len(blocks) < len(states):
-                if blocks:
-                    raise ClusterError(f"workers disagree on whether {key} has a momentum buffer")
+        for key in (row,) if self.col_stale else self.keys:
+            out[key] = self._decode_key(states, key, part)
+            if out[key] is None:
                 return None
-            device = self._handle.device if self.ctx.scheme == "deu" else self.weight.device
-            out[key] = self.ctx.decode(blocks, rows, device)[:keep]
+        if self.col_stale:  # the workers' column copy is not maintained: W^T from the row copy
+            out[col] = out[row].T.contiguous()
         return out
+
+    def _decode_key(
+        self, states: dict[int, dict[str, dict[str, Tensor]]], key: str, part: str
+    ) -> Tensor | None:
+        rows, keep = self.padded[key]
+        blocks = {j: s[part][key] for j, s in states.items() if key in s[part]}
+        if part == "momentum" and len(blocks) < len(states):
+            if blocks:
+                raise ClusterError(f"workers disagree on whether {key} has a momentum buffer")
+            return None
+        device = self._handle.device if self.ctx.scheme == "deu" else self.weight.device
+        return self.ctx.decode(blocks, rows, device)[:keep]
 
     def extra_repr(self) -> str:
         return (

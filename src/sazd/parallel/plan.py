@@ -239,8 +239,8 @@ def predicted_traffic(model: nn.Module, scheme: str | None = None) -> dict[str, 
       input gradient: to n*out*N*s,         from in_pad*N*s     (skipped when X needs no gradient)
       naive update:   to (R_row*in + R_col*out)*s                  -- O(n*out*in)
       DEU update:     to (R_row + R_col)*N*s                       -- O(n*N*(out+in))
-                      (+ n*out*N*s for dY when there was no input-gradient round: workers reuse the
-                      X^T and dY^T of this step's rounds, see ``Worker.sgd_update``)
+    Workers reuse the X^T and dY^T of this step's rounds (``Worker.sgd_update``), and a layer whose
+    input needs no gradient neither ships (naive) nor updates (DEU) its column copy (R_col terms drop).
     """
     to_w = from_w = 0
     for layer in coded_layers(model):
@@ -253,10 +253,10 @@ def predicted_traffic(model: nn.Module, scheme: str | None = None) -> dict[str, 
         if layer.last_input_grad:
             to_w += n * layer.out_features * N * s
             from_w += layer.in_pad * N * s
+        if not layer.last_input_grad:
+            R_col = 0
         if (scheme or ctx.scheme) == "naive":
             to_w += (R_row * layer.in_features + R_col * layer.out_features) * s
         else:
             to_w += (R_row + R_col) * N * s
-            if not layer.last_input_grad:
-                to_w += n * N * layer.out_features * s
     return {"bytes_to_workers": to_w, "bytes_from_workers": from_w}

@@ -163,7 +163,7 @@ class CodedOptimizer:
             if self.ctx.scheme == "deu":
                 layer.deu_step(sgd_step(self.cfg, lr), scale)
             else:
-                layer.sync()
+                layer.sync(with_col=layer.last_input_grad)  # as the last step needed
         self.steps += 1
 
     def grad_norm(self) -> Tensor:
