@@ -177,9 +177,9 @@ def test_deu_keeps_the_code_structure(code_name):
             maintained = 1 if layer.col_stale else 2
             for j in cluster.alive():
                 worker = cluster.workers[j]
-                for key, want in list(zip(layer.keys, (row[j], col[j])))[:maintained]:
+                for key, want in list(zip(layer.keys, (row[j], col[j]), strict=True))[:maintained]:
                     assert close(worker.weights[key], want), (layer.name, key, j)
-                for key, want in list(zip(layer.keys, (mrow[j], mcol[j])))[:maintained]:
+                for key, want in list(zip(layer.keys, (mrow[j], mcol[j]), strict=True))[:maintained]:
                     assert close(worker.momentum[key], want), (layer.name, key, j)
                 checked += maintained
         assert checked == (2 * len(coded_layers(model)) - 1) * code.n

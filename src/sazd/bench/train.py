@@ -120,10 +120,9 @@ def formula_bytes(dims: tuple[int, ...], code: Code, batch: int, scheme: str, el
             from_w += in_pad * N * s
         if i == 0:  # the first layer's input needs no gradient: its column copy is not kept
             R_col = 0
-        if scheme == "naive":
-            update = (R_row * fin + R_col * fout) * s
-        else:  # workers keep this step's X^T and dY^T from the rounds: only encoded factors are new
-            update = (R_row + R_col) * N * s
+        # naive ships both coded copies; under DEU workers keep this step's X^T and dY^T from the
+        # rounds, so only the encoded factors are new
+        update = (R_row * fin + R_col * fout) * s if scheme == "naive" else (R_row + R_col) * N * s
         to_w += update
         once += update
     return {"bytes_to_workers": to_w, "bytes_from_workers": from_w, "bytes_sent_once": once}
