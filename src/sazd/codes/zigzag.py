@@ -61,10 +61,9 @@ def div_binomial(t: Tensor, v: int, d: int, minus: Tensor | None = None) -> Tens
         u[: minus.shape[0] - v] -= minus[v:]
     steps = u.view(blocks * SCAN_BLOCK, -1)
     _blocked_scan_(steps.view(blocks, SCAN_BLOCK, -1))  # forward partial sums along every chain
-    total = steps[-1].clone()
-    steps.neg_()  # u[q] = -sum of t' up to q
     low = (-(-length // d) + 1) // 2  # chain steps kept from the forward (lower) end
-    steps[low:] += total  # upper part from the top: sum of t' above q
+    steps[:low].neg_()  # lower part: u[q] = -(sum of t' up to q)
+    torch.sub(steps[-1].clone(), steps[low:], out=steps[low:])  # upper part, from the top of the chain
     return u[:length]
 
 
