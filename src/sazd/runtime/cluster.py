@@ -55,6 +55,17 @@ class Counters:
         }
 
 
+def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``obj`` with ``fn`` applied to every tensor inside (nested tuples, lists, dicts)."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {key: map_tensors(v, fn) for key, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(v, fn) for v in obj)
+    return obj
+
+
 def tensor_bytes(obj: Any) -> int:
     """Bytes of all tensors inside ``obj`` (nested tuples, lists, dicts)."""
     if isinstance(obj, Tensor):
@@ -159,6 +170,29 @@ class Cluster(ABC):
     @abstractmethod
     def close(self) -> None:
         """Stop all workers; no processes may outlive this call."""
+
+    # ------------------------------------------------ shared argument checks
+    _closed: bool = False
+
+    def _take(self, round_: Round, kind: type[Round]) -> None:
+        """Mark a round of this cluster as gathered (each round is gathered once)."""
+        self._check_open()
+        if not isinstance(round_, kind) or getattr(round_, "cluster_id", None) != id(self):
+            raise ValueError(f"round_ must be a round submitted to this cluster, got {round_!r}")
+        if round_.gathered:
+            raise ValueError(f"round of {round_.method!r} was already gathered; gather each round once")
+        round_.gathered = True
+
+    def _check_workers(self, workers: Sequence[int]) -> list[int]:
+        workers = list(workers)
+        bad = [j for j in workers if not isinstance(j, int) or not 0 <= j < self.n]
+        if bad or len(set(workers)) != len(workers):
+            raise ValueError(f"workers must be distinct ids in 0..{self.n - 1}, got {workers!r}")
+        return workers
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClusterError("the cluster is closed")
 
     def __enter__(self) -> Cluster:
         return self

@@ -42,7 +42,15 @@ from typing import Any
 
 import torch
 
-from sazd.runtime.cluster import Cluster, ClusterError, Counters, Round, resolve_args, tensor_bytes
+from sazd.runtime.cluster import (
+    Cluster,
+    ClusterError,
+    Counters,
+    Round,
+    map_tensors,
+    resolve_args,
+    tensor_bytes,
+)
 from sazd.runtime.latency import LatencyModel, parse_latency
 from sazd.runtime.worker import Worker
 
@@ -252,7 +260,7 @@ class InProcessCluster(Cluster):
         base = measured if self.base_time_s is None else self.base_time_s
         finish = start + base * self.latency.slowdown(j, task)
         self._busy_until[j] = finish
-        value = _copy_tensors(value)  # answers are copies, as after serialisation
+        value = map_tensors(value, torch.Tensor.clone)  # answers are copies, as after serialisation
         call = _Call(j, finish, value, out_bytes=tensor_bytes(value))
         self._pending[j].append(call)
         return call
@@ -289,31 +297,5 @@ class InProcessCluster(Cluster):
                 self.counters.backlog_kills += 1
 
     def _take(self, round_: Round) -> dict[int, _Call]:
-        self._check_open()
-        if not isinstance(round_, InProcessRound) or round_.cluster_id != id(self):
-            raise ValueError(f"round_ must be a round submitted to this cluster, got {round_!r}")
-        if round_.gathered:
-            raise ValueError(f"round of {round_.method!r} was already gathered; gather each round once")
-        round_.gathered = True
+        super()._take(round_, InProcessRound)
         return round_.calls
-
-    def _check_workers(self, workers: Sequence[int]) -> list[int]:
-        workers = list(workers)
-        bad = [j for j in workers if not isinstance(j, int) or not 0 <= j < self.n]
-        if bad or len(set(workers)) != len(workers):
-            raise ValueError(f"workers must be distinct ids in 0..{self.n - 1}, got {workers!r}")
-        return workers
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClusterError("the cluster is closed")
-
-
-def _copy_tensors(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if isinstance(obj, dict):
-        return {key: _copy_tensors(v) for key, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_copy_tensors(v) for v in obj)
-    return obj

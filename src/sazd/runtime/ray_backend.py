@@ -48,6 +48,7 @@ from sazd.runtime.cluster import (
     ClusterError,
     Counters,
     Round,
+    map_tensors,
     resolve_args,
     tensor_bytes,
 )
@@ -93,7 +94,7 @@ class RayWorker(Worker):
     def call(self, method: str, slowdown: float, args: tuple) -> Any:
         self.delay_factor = self.base_delay * slowdown
         try:
-            return _to_cpu(getattr(self, method)(*args))
+            return map_tensors(getattr(self, method)(*args), torch.Tensor.cpu)
         finally:
             self.delay_factor = self.base_delay
 
@@ -358,34 +359,8 @@ class RayCluster(Cluster):
                     self.counters.backlog_kills += 1
 
     def _take(self, round_: Round) -> dict[int, Any]:
-        self._check_open()
-        if not isinstance(round_, RayRound) or round_.cluster_id != id(self):
-            raise ValueError(f"round_ must be a round submitted to this cluster, got {round_!r}")
-        if round_.gathered:
-            raise ValueError(f"round of {round_.method!r} was already gathered; gather each round once")
-        round_.gathered = True
+        super()._take(round_, RayRound)
         return dict(round_.refs)
-
-    def _check_workers(self, workers: Sequence[int]) -> list[int]:
-        workers = list(workers)
-        bad = [j for j in workers if not isinstance(j, int) or not 0 <= j < self.n]
-        if bad or len(set(workers)) != len(workers):
-            raise ValueError(f"workers must be distinct ids in 0..{self.n - 1}, got {workers!r}")
-        return workers
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClusterError("the cluster is closed")
-
-
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {key: _to_cpu(v) for key, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
 
 
 def _close_at_exit(cluster: RayCluster) -> None:
