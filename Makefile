@@ -26,7 +26,7 @@ run: setup
 	  --backend ray --epochs 1 --train-limit 6000 --stragglers 1 --json runs/last.json
 
 lint: setup
-	$(VPY) -m ruff check src tests benchmarks
+	$(VPY) -m ruff check src tests
 
 test: setup lint
 	$(VPY) -m pytest -q

@@ -88,9 +88,17 @@ class CodedContext:
         start = time.perf_counter()
         workers = self._ready()
         serial = self.last_round.get(key, (0, frozenset()))[0] + 1
-        self.last_round[key] = (serial, frozenset(workers))
         rnd = self.cluster.submit("matmul", (key, x), workers)
-        results = self.cluster.first_k(rnd, self.code.k, enough=self.code.can_decode)
+        try:
+            results = self.cluster.first_k(rnd, self.code.k, enough=self.code.can_decode)
+        except ClusterError:
+            # A worker of the round died while busy ones were left out: ask every live worker.
+            if not self.code.can_decode(self.cluster.alive()):
+                raise
+            workers = self.cluster.alive()
+            rnd = self.cluster.submit("matmul", (key, x), workers)
+            results = self.cluster.first_k(rnd, self.code.k, enough=self.code.can_decode)
+        self.last_round[key] = (serial, frozenset(workers))  # after any retry: DEU reuses these inputs
         self.stats.worker_s += time.perf_counter() - start
         self.stats.rounds += 1
         return self.decode(results, rows, x.device)

@@ -274,6 +274,11 @@ class RayCluster(Cluster):
         self._check_workers([worker])
         self.kill(worker)
         self.actors[worker] = self._new_actor(worker)
+        # Wait until the new process is up: calls queued while it starts would count as backlog.
+        try:
+            ray.get(self.actors[worker].ping.remote(), timeout=self.timeout_s)
+        except Exception as err:  # any failure to start is reported the same way
+            raise ClusterError(f"replacement for worker {worker} did not start: {err}") from err
         self._dead.discard(worker)
         self._tasks[worker] = 0
         self._incarnation[worker] += 1

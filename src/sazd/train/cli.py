@@ -158,6 +158,7 @@ def _defaults() -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sazd.codes.base import DecodeError
     from sazd.runtime.cluster import ClusterError
 
     try:
@@ -178,6 +179,10 @@ def run(args: argparse.Namespace) -> int:
             report = trainer.train()
         except ClusterError as err:
             print(f"sazd train: cluster failure: {_one_line(err)}", file=sys.stderr)
+            return 1
+        except DecodeError as err:
+            where = f"; last checkpoint in {trainer.last_checkpoint}" if trainer.last_checkpoint else ""
+            print(f"sazd train: decoding failed: {_one_line(err)}{where}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             where = f"; checkpoint in {trainer.last_checkpoint}" if trainer.last_checkpoint else ""
