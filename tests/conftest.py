@@ -22,3 +22,24 @@ def ray_session():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls on a loaded 2-core machine run much faster without intra-op threads."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's digits in float64 (the trainer tests' oracle runs in float64)."""
+    import torch
+
+    from sazd.data import load_dataset
+
+    return load_dataset("digits", dtype=torch.float64)

@@ -10,7 +10,7 @@ import signal
 import pytest
 import torch
 
-from sazd.data import load_dataset
+from _support import digits_config
 from sazd.parallel import plain_state_dict
 from sazd.train import checkpoint, cli
 from sazd.train.checkpoint import CheckpointError
@@ -21,25 +21,8 @@ ALL = {"fc1": "coded", "fc2": "coded", "fc3": "coded"}
 SGD = OptimConfig(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3, schedule="cosine")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", dtype=torch.float64)
-
-
 def config(**kw) -> TrainConfig:
-    base = dict(model="mlp", dataset="digits", hidden=(24, 18), plan=ALL, backend="inproc", dtype="float64",
-                batch_size=64, base_time_s=1e-3, show_progress=False, optim=SGD, epochs=2, code="sazd", n=6,
-                k=4)
-    base.update(kw)
-    return TrainConfig(**base)
+    return digits_config(**{"optim": SGD, "epochs": 2, **kw})
 
 
 def train(cfg, digits, callbacks=None):

@@ -29,15 +29,6 @@ from sazd.train.reference import relative_weight_error, train_reference
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls on a loaded 2-core machine are much faster without intra-op threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mlp(dtype=F64, seed=0) -> nn.Module:
     """Widths 22-13-10-3: only 3 divides by k=3 and none by k=4, so layers are padded."""
     torch.manual_seed(seed)

@@ -10,9 +10,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from sazd.data import load_dataset
+from _support import digits_config
 from sazd.parallel import plain_state_dict, plain_weights
 from sazd.runtime.cluster import ClusterError, Counters
 from sazd.runtime.ray_backend import wait_until
@@ -26,19 +25,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 N, K = 6, 4
 PLAN = {"fc1": "coded", "fc2": "coded", "fc3": "coded"}
 SGD = OptimConfig(lr=0.1, momentum=0.9, weight_decay=1e-3)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", dtype=torch.float64)
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +55,8 @@ def cluster(shared_cluster):
 
 
 def config(**kw) -> TrainConfig:
-    base = dict(model="mlp", dataset="digits", hidden=(24, 18), plan=PLAN, backend="ray", dtype="float64",
-                code="sazd", n=N, k=K, batch_size=64, optim=SGD, max_steps=30, epochs=3, show_progress=False)
-    base.update(kw)
-    return TrainConfig(**base)
+    return digits_config(**{"backend": "ray", "base_time_s": None, "n": N, "k": K, "optim": SGD,
+                            "max_steps": 30, "epochs": 3, **kw})
 
 
 def kill_behind_the_back(trainer: Trainer, workers: list[int]) -> None:
