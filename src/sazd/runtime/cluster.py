@@ -16,6 +16,8 @@ from typing import Any
 
 from torch import Tensor
 
+from sazd.runtime.worker import Worker
+
 
 class ClusterError(RuntimeError):
     """The cluster cannot continue, e.g. fewer than k workers are alive."""
@@ -182,6 +184,20 @@ class Cluster(ABC):
         if round_.gathered:
             raise ValueError(f"round of {round_.method!r} was already gathered; gather each round once")
         round_.gathered = True
+
+    def _prepare_submit(
+        self, method: str, args: Sequence[tuple] | tuple, workers: Sequence[int] | None
+    ) -> tuple[list[int], dict[int, tuple], bool]:
+        """Validate a submit; return (workers, per-worker argument tuples, broadcast?) and count the
+        master's egress with each broadcast sent once."""
+        if method.startswith("_") or not callable(getattr(Worker, method, None)):
+            raise ValueError(f"method {method!r} is not a public Worker method")
+        workers = self.alive() if workers is None else self._check_workers(workers)
+        if not workers:
+            raise ClusterError(f"submit {method!r}: no live workers (n={self.n}, all dead); respawn some")
+        per_worker, broadcast = resolve_args(args, workers, self.n)
+        self.counters.bytes_sent_once += tensor_bytes(args) if broadcast else tensor_bytes(per_worker)
+        return workers, per_worker, broadcast
 
     def _check_workers(self, workers: Sequence[int]) -> list[int]:
         workers = list(workers)

@@ -48,7 +48,6 @@ from sazd.runtime.cluster import (
     Counters,
     Round,
     map_tensors,
-    resolve_args,
     tensor_bytes,
 )
 from sazd.runtime.latency import LatencyModel, parse_latency
@@ -125,14 +124,8 @@ class InProcessCluster(Cluster):
         self, method: str, args: Sequence[tuple] | tuple, workers: Sequence[int] | None = None
     ) -> InProcessRound:
         self._check_open()
-        if method.startswith("_") or not callable(getattr(Worker, method, None)):
-            raise ValueError(f"method {method!r} is not a public Worker method")
         self._enforce_backlog()
-        workers = self.alive() if workers is None else self._check_workers(workers)
-        if not workers:
-            raise ClusterError(f"submit {method!r}: no live workers (n={self.n}, all dead); respawn some")
-        per_worker, broadcast = resolve_args(args, workers, self.n)
-        self.counters.bytes_sent_once += tensor_bytes(args) if broadcast else tensor_bytes(per_worker)
+        workers, per_worker, _ = self._prepare_submit(method, args, workers)
         calls = {}
         for j in workers:
             nbytes = tensor_bytes(per_worker[j])

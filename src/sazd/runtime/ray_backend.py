@@ -49,7 +49,6 @@ from sazd.runtime.cluster import (
     Counters,
     Round,
     map_tensors,
-    resolve_args,
     tensor_bytes,
 )
 from sazd.runtime.latency import LatencyModel, parse_latency
@@ -190,15 +189,9 @@ class RayCluster(Cluster):
         self, method: str, args: Sequence[tuple] | tuple, workers: Sequence[int] | None = None
     ) -> RayRound:
         self._check_open()
-        if method.startswith("_") or not callable(getattr(Worker, method, None)):
-            raise ValueError(f"method {method!r} is not a public Worker method")
         self._prune()
-        workers = self.alive() if workers is None else self._check_workers(workers)
-        if not workers:
-            raise ClusterError(f"submit {method!r}: no live workers (n={self.n}, all dead); respawn some")
-        per_worker, broadcast = resolve_args(args, workers, self.n)
+        workers, per_worker, broadcast = self._prepare_submit(method, args, workers)
         shared = ray.put(args) if broadcast and len(workers) > 1 and tensor_bytes(args) > 0 else None
-        self.counters.bytes_sent_once += tensor_bytes(args) if broadcast else tensor_bytes(per_worker)
         refs: dict[int, Any] = {}
         for j in workers:
             self.counters.bytes_to_workers += tensor_bytes(per_worker[j])
