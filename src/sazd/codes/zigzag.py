@@ -55,10 +55,13 @@ def div_binomial(t: Tensor, v: int, d: int, minus: Tensor | None = None) -> Tens
     chains = -(-rows // d)  # chain steps: rows of the (steps, d, ...) view
     blocks = -(-chains // SCAN_BLOCK)
     u = t.new_empty((blocks * SCAN_BLOCK * d, *t.shape[1:]))
-    u[: tp.shape[0]] = tp
-    u[tp.shape[0] :] = 0
-    if minus is not None and minus.shape[0] > v:
-        u[: minus.shape[0] - v] -= minus[v:]
+    mp = t[:0] if minus is None else minus[v:]
+    both = min(tp.shape[0], mp.shape[0])
+    torch.sub(tp[:both], mp[:both], out=u[:both])  # t' = t - minus, formed in place
+    u[both : tp.shape[0]] = tp[both:]
+    if mp.shape[0] > both:
+        torch.neg(mp[both:], out=u[both : mp.shape[0]])
+    u[max(tp.shape[0], mp.shape[0]) :] = 0
     steps = u.view(blocks * SCAN_BLOCK, -1)
     _blocked_scan_(steps.view(blocks, SCAN_BLOCK, -1))  # forward partial sums along every chain
     low = (-(-length // d) + 1) // 2  # chain steps kept from the forward (lower) end
