@@ -419,3 +419,29 @@ def test_check_subset_refuses_duplicates_and_unknown_ids():
         check_subset(code, [0, 2, 2])
     with pytest.raises(ValueError, match="unknown worker id 6"):
         check_subset(code, [0, 6])
+
+
+def test_unstable_peeling_is_flagged_and_hopeless_peeling_refused():
+    """Peeling can amplify rounding exponentially; a data-independent probe flags it (warning above
+    1e-3 relative error, DecodeError from 1 on) instead of returning numbers nobody should trust."""
+    from sazd.codes import UnstableDecodeWarning
+    from sazd.codes.base import relative_error
+
+    torch.manual_seed(0)
+    # four parity workers, irregular missing blocks {0, 2, 3} and parities {0, 1, 3}: hopeless in fp32
+    code = get_code("sazd", n=8, k=4, shift_unit=1)
+    coded = code.encode(torch.randn(4 * 256, 16))
+    with pytest.raises(DecodeError, match="refusing to decode"):
+        code.decode({j: coded[j] for j in (1, 4, 5, 7)})
+    # non-systematic k=8 at r=64 in fp32: about 1e-2, usable with care -> a warning, an honest result
+    code = get_code("sazd", n=10, k=8, systematic=False, shift_unit=1)
+    W = torch.randn(8 * 64, 32, dtype=torch.float64)
+    coded = code.encode(W.float())
+    with pytest.warns(UnstableDecodeWarning, match="relative error of about"):
+        decoded = code.decode({j: coded[j] for j in range(2, 10)})
+    assert 1e-4 < relative_error(decoded, W) < 1.0
+    # the same set in float64 is accurate and silent
+    coded = code.encode(W)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnstableDecodeWarning)
+        assert relative_error(code.decode({j: coded[j] for j in range(2, 10)}), W) < 1e-9

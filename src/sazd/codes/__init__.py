@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from sazd.codes.base import Code, DecodeError, NonFiniteResultWarning
+from sazd.codes.base import Code, DecodeError, NonFiniteResultWarning, UnstableDecodeWarning
 from sazd.codes.lc import GaussianMDS, LinearCode, Poly, Replication, Uncoded
 from sazd.codes.sazd import SAZD
 
@@ -28,6 +28,7 @@ __all__ = [
     "Poly",
     "Replication",
     "Uncoded",
+    "UnstableDecodeWarning",
     "code_options",
     "get_code",
 ]

@@ -31,6 +31,10 @@ class NonFiniteResultWarning(UserWarning):
     """A worker returned NaN or Inf; its result was treated as an erasure."""
 
 
+class UnstableDecodeWarning(UserWarning):
+    """This straggler set decodes with a large error amplification (measured on a probe)."""
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half-precision inputs are decoded in float32 and cast back; others decode in place."""
     return torch.float32 if dtype in HALF_DTYPES else dtype
