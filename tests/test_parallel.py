@@ -111,6 +111,18 @@ def test_mlp_matches_plain_pytorch_float64(code_name, scheme):
 
 
 @pytest.mark.parametrize("scheme", ["naive", "deu"])
+def test_clipping_that_binds_matches_plain_pytorch(scheme):
+    """Clipping binds (norm 0.02 << the gradient's): DEU scales both coded copies' gradients."""
+    cfg = OptimConfig(lr=0.5, momentum=0.9, clip_norm=0.02)
+    batches = data((22,), steps=15)
+    model, ref, _ = run_coded(mlp, MLP_PLAN, get_code("sazd", n=6, k=4), scheme, batches, cfg=cfg)
+    assert relative_weight_error(plain_state_dict(model), ref) < 1e-9
+    untrained = mlp()
+    F.cross_entropy(untrained(batches[0][0]), batches[0][1]).backward()
+    assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in untrained.parameters()])) > 10 * 0.02
+
+
+@pytest.mark.parametrize("scheme", ["naive", "deu"])
 def test_cnn_matches_plain_pytorch_float64(scheme):
     code = get_code("sazd", n=5, k=3)
     model, ref, cluster = run_coded(cnn, CNN_PLAN, code, scheme, data((1, 8, 8), steps=20))

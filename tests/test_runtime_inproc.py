@@ -37,7 +37,7 @@ def training_loop(cluster: InProcessCluster, steps: int, k: int) -> float:
     start = cluster.clock
     for _ in range(steps):
         cluster.first_k(cluster.submit("matmul", ("w", x), cluster.ready_workers(k)), k)
-        cluster.submit("sgd_update", ("w", left, right, SGDStep(lr=1e-3)))
+        cluster.submit("sgd_update", ("w", left, right.T, SGDStep(lr=1e-3)))
     return cluster.clock - start
 
 
@@ -72,7 +72,7 @@ def test_straggler_applies_every_update_in_order():
         left = torch.full((ROWS, 1), float(t + 1), dtype=torch.float64)
         right = torch.arange(COLS, dtype=torch.float64).reshape(1, COLS) * (t - 2)
         cluster.first_k(cluster.submit("matmul", ("w", x)), K)  # worker 0 is always late
-        cluster.submit("sgd_update", ("w", left, right, step))
+        cluster.submit("sgd_update", ("w", left, right.T, step))
         grad = left @ right
         buf = grad.clone() if buf is None else buf.mul_(0.9).add_(grad)
         expected -= 0.1 * buf

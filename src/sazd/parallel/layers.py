@@ -181,7 +181,8 @@ class CodedLayer(nn.Module):
         self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone())
         self.element_size = weight.element_size()
         self.pending: list[tuple[Tensor, Tensor]] = []  # DEU: (Xm, dYm) awaiting the optimizer step
-        self._rounds_seen: dict[str, tuple[int, frozenset[int]]] = {}  # rounds of the pending step
+        # rounds of the pending step: key -> ((serial, workers asked), the inputs sent)
+        self._rounds_seen: dict[str, tuple[tuple[int, frozenset[int]], Tensor]] = {}
         self.last_rows, self.last_input_grad = 0, False  # shape of the last batch, for the bytes formula
         # The column copy serves only the input gradient. A layer whose input needs none (the first
         # layer) stops shipping/updating it; it is marked stale and rebuilt from W if ever needed.
@@ -208,16 +209,19 @@ class CodedLayer(nn.Module):
     def forward_product(self, xm: Tensor) -> Tensor:
         if self.ctx.scheme == "naive":
             self.sync(with_col=self.last_input_grad)
-        out = self.ctx.product(self.keys[0], xm.T.contiguous(), self.out_pad)  # (out_pad, N) = W X^T
-        self._rounds_seen[self.keys[0]] = self.ctx.last_round[self.keys[0]]
-        return out[: self.out_features].T
+        return self._round(self.keys[0], xm.T.contiguous(), self.out_pad)[: self.out_features].T  # W X^T
 
     def input_grad(self, dym: Tensor) -> Tensor:
         if self.col_stale:
             self.refresh_col()
-        out = self.ctx.product(self.keys[1], dym.T.contiguous(), self.in_pad)  # (in_pad, N) = W^T dY^T
-        self._rounds_seen[self.keys[1]] = self.ctx.last_round[self.keys[1]]
-        return out[: self.in_features].T
+        return self._round(self.keys[1], dym.T.contiguous(), self.in_pad)[: self.in_features].T  # W^T dY^T
+
+    def _round(self, key: str, inputs: Tensor, rows: int) -> Tensor:
+        """The decoded product of block ``key`` with ``inputs``; DEU remembers the round for the update."""
+        out = self.ctx.product(key, inputs, rows)
+        if self.ctx.scheme == "deu":
+            self._rounds_seen[key] = (self.ctx.last_round[key], inputs)
+        return out
 
     def matmul(self, xm: Tensor) -> Tensor:
         self.last_rows = xm.shape[0]
@@ -293,26 +297,32 @@ class CodedLayer(nn.Module):
         return (dY.T @ X).square().sum()
 
     def deu_step(self, step: SGDStep, scale: float | Tensor = 1.0) -> None:
-        """Send the encoded gradient factors of the pending dW (scaled, e.g. by a clip factor)."""
+        """Send the encoded gradient factors of the pending dW (scaled, e.g. by a clip factor).
+
+        dW = dY^T X, so worker j's row copy takes C_j(dY^T) X and its column copy C_j(X^T) dY: the
+        master encodes the left factor (scaled) and the right one is the other round's input.
+        """
         if not self.pending:
             return
         X, dY = self._pending_factors()
-        if not (isinstance(scale, float) and scale == 1.0):
-            dY = dY * scale
-        updates = [(self.keys[0], dY.T, self.out_pad, X)]  # C_j(W)   -= lr C_j(dY^T) X
-        if self.keys[1] in self._rounds_seen:  # the column copy served this step: keep it current
-            updates.append((self.keys[1], X.T, self.in_pad, dY))  # C_j(W^T) -= lr C_j(X^T) dY
+        row, col = self.keys
+        updates = {row: (dY.T, X.T, self.out_pad)}  # (left before encoding, the round's inputs, rows)
+        if col in self._rounds_seen:  # the column copy served this step: keep it current
+            updates[col] = (X.T, dY.T, self.in_pad)
         else:
             self.col_stale = True
-        for key, factor, rows, right in updates:
-            left = self.ctx.encode(factor, rows)
-            # Workers asked in this step's round of the block still hold its input (X^T or dY^T) when no
-            # other round of the block came since: they get right=None and reuse it; only the others
-            # (stragglers skipped, or all when the layer ran twice) are sent X or dY.
+        for key, (left_plain, inputs, rows) in updates.items():
+            if not (isinstance(scale, float) and scale == 1.0):
+                left_plain = left_plain * scale
+            left = self.ctx.encode(left_plain, rows)
+            # Workers asked in this step's round of the block still hold its inputs when no other round
+            # of the block came since: they get None and reuse them. The others (stragglers skipped)
+            # get the very tensor the round sent, which a store-backed cluster sends once.
             seen = self._rounds_seen.pop(key, None)
-            fresh = seen is not None and len(self.pending) == 1 and self.ctx.last_round.get(key) == seen
-            cached = seen[1] if fresh else frozenset()
-            self.ctx.send("sgd_update", [(key, left[j], None if j in cached else right, step)
+            fresh = seen is not None and len(self.pending) == 1 and self.ctx.last_round.get(key) == seen[0]
+            cached = seen[0][1] if fresh else frozenset()
+            inputs = seen[1] if fresh else inputs.contiguous()
+            self.ctx.send("sgd_update", [(key, left[j], None if j in cached else inputs, step)
                                          for j in range(self.ctx.code.n)])
         self.pending.clear()
 

@@ -92,22 +92,22 @@ class Worker:
         self.last_input[key] = x
         return self._timed(lambda: self.weights[key] @ x)
 
-    def sgd_update(self, key: str, left: Tensor, right: Tensor | None, step: SGDStep) -> int:
-        """DEU update of block ``key`` with the coded gradient ``left @ right``.
+    def sgd_update(self, key: str, left: Tensor, inputs: Tensor | None, step: SGDStep) -> int:
+        """DEU update of block ``key`` with the coded gradient ``left @ inputs^T``.
 
-        For the row copy ``left = C_j(dY^T)`` and ``right = X``; for the column copy
-        ``left = C_j(X^T)`` and ``right = dY``. ``right=None`` reuses this worker's last input of the
-        same block (X^T in the forward round, dY^T in the backward round), transposed, so the master
-        need not send X and dY twice to workers that took part in this iteration's rounds.
+        ``inputs`` is what this block multiplied in the step's round: X^T for the row copy (then
+        ``left = C_j(dY^T)``) and dY^T for the column copy (``left = C_j(X^T)``). ``inputs=None`` reuses
+        this worker's last input of the block, so the master need not send X and dY twice to workers
+        that took part in this iteration's rounds; the others get the very tensor the round sent.
         """
         weight = self.weights[key]
-        if right is None:
+        if inputs is None:
             if key not in self.last_input:
-                raise ValueError(f"worker {self.index}: no cached input for {key!r}; send `right` explicitly")
-            right = self.last_input[key].T
+                raise ValueError(f"worker {self.index}: no cached input for {key!r}; send `inputs`")
+            inputs = self.last_input[key]
 
         def apply() -> None:
-            grad = left.to(self.device) @ right.to(self.device)
+            grad = left.to(self.device) @ inputs.to(self.device).T
             self.momentum[key] = sgd_apply(weight, grad, self.momentum.get(key), step)
             if self.momentum[key] is None:
                 del self.momentum[key]
