@@ -134,6 +134,24 @@ def test_byte_counters_are_exact():
     assert cluster.counters.calls == 2 * N and cluster.counters.rounds == 2
 
 
+def test_a_tensor_leaves_the_master_once_while_it_lives_unmodified():
+    cluster, _ = loaded_cluster()
+    once = cluster.counters.bytes_sent_once
+    assert once == N * ROWS * COLS * 8  # n distinct blocks
+    x = torch.randn(COLS, BATCH, dtype=torch.float64)
+    cluster.wait_all(cluster.submit("matmul", ("w", x), [0, 1]))  # broadcast: once
+    cluster.wait_all(cluster.submit("matmul", [("w", x)] * N, [2, 3]))  # same tensor per worker: 0
+    assert cluster.counters.bytes_sent_once == once + x.numel() * 8
+    x.mul_(2)  # modified in place: it must leave again
+    got = cluster.wait_all(cluster.submit("matmul", ("w", x), [4]))
+    assert cluster.counters.bytes_sent_once == once + 2 * x.numel() * 8
+    torch.testing.assert_close(got[4], cluster.workers[4].weights["w"] @ x)
+    y = x.clone()  # equal values, another tensor: sent
+    cluster.wait_all(cluster.submit("matmul", ("w", y), [5]))
+    assert cluster.counters.bytes_sent_once == once + 3 * x.numel() * 8
+    assert cluster.counters.bytes_to_workers == N * ROWS * COLS * 8 + 6 * x.numel() * 8  # per worker
+
+
 def test_network_model_adds_bytes_over_bandwidth():
     cluster = InProcessCluster(1, network_gbps=1.0, base_time_s=0.0)
     x = torch.zeros(1000, 1000, dtype=torch.float32)  # 4e6 bytes

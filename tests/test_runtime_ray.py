@@ -47,6 +47,21 @@ def test_first_k_skips_slow_actors_and_matches_local(cluster, blocks):
     # workers 0 and 1 stay busy for seconds: the next tests use the others
 
 
+def test_a_tensor_is_stored_once_and_reused_while_it_lives(cluster, blocks):
+    x = torch.randn(COLS, BATCH)  # 256 KB: travels through the object store
+    first = cluster.wait_all(cluster.submit("matmul", ("w", x), [2, 3]))
+    handle = cluster._sent.get(x)[1]
+    assert handle is not None
+    again = cluster.wait_all(cluster.submit("matmul", [("w", x)] * N, [4, 5]))  # no second put
+    assert cluster._sent.get(x)[1] is handle
+    for j, y in {**first, **again}.items():
+        torch.testing.assert_close(y, blocks[j] @ x)
+    x.add_(1.0)  # modified: stored anew, and the actors see the new values
+    got = cluster.wait_all(cluster.submit("matmul", ("w", x), [2]))
+    assert cluster._sent.get(x)[1] is not handle
+    torch.testing.assert_close(got[2], blocks[2] @ x)
+
+
 def test_slow_actor_applies_updates_in_order(cluster, blocks):
     set_delay(cluster, 20.0, [2])
     step = SGDStep(lr=0.1, momentum=0.9)

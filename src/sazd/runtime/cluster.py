@@ -9,8 +9,9 @@ model) and ``RayCluster`` (workers are Ray actors).
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,8 +30,9 @@ class Counters:
 
     bytes_to_workers: int = 0
     bytes_from_workers: int = 0
-    # Master egress when a broadcast argument leaves the master once (Ray puts it in the object store
-    # once; a tree or multicast network needs no more); per-worker arguments count per worker.
+    # Master egress when each distinct tensor leaves the master once (Ray puts it in the object store
+    # once; a tree or multicast network needs no more): a broadcast counts once, and a tensor sent
+    # again later, unmodified (a round's X^T to the workers the round skipped), costs nothing more.
     bytes_sent_once: int = 0
     calls: int = 0
     rounds: int = 0
@@ -57,26 +59,57 @@ class Counters:
         }
 
 
-def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """``obj`` with ``fn`` applied to every tensor inside (nested tuples, lists, dicts)."""
-    if isinstance(obj, Tensor):
+def map_tensors(obj: Any, fn: Callable[[Any], Any], kind: type = Tensor) -> Any:
+    """``obj`` with ``fn`` applied to every ``kind`` (default: tensor) inside nested tuples, lists, dicts."""
+    if isinstance(obj, kind):
         return fn(obj)
     if isinstance(obj, dict):
-        return {key: map_tensors(v, fn) for key, v in obj.items()}
+        return {key: map_tensors(v, fn, kind) for key, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(map_tensors(v, fn) for v in obj)
+        return type(obj)(map_tensors(v, fn, kind) for v in obj)
     return obj
+
+
+def iter_tensors(obj: Any) -> Iterator[Tensor]:
+    """Every tensor inside ``obj`` (nested tuples, lists, dicts), in order."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from iter_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from iter_tensors(v)
 
 
 def tensor_bytes(obj: Any) -> int:
     """Bytes of all tensors inside ``obj`` (nested tuples, lists, dicts)."""
-    if isinstance(obj, Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
+    return sum(t.numel() * t.element_size() for t in iter_tensors(obj))
+
+
+class SentTensors:
+    """The tensors that have left the master, by identity, each with the backend's handle for it
+    (Ray: its ObjectRef). An entry holds while the tensor lives unmodified (same ``_version``)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, int, Any]] = {}
+
+    def get(self, t: Tensor) -> tuple[bool, Any]:
+        """(whether ``t`` was sent before, unmodified since; its handle)."""
+        entry = self._entries.get(id(t))
+        if entry is not None and entry[0]() is t and entry[1] == t._version:
+            return True, entry[2]
+        return False, None
+
+    def add(self, t: Tensor, handle: Any) -> None:
+        self._entries[id(t)] = (weakref.ref(t), t._version, handle)
+
+    def prune(self) -> None:
+        """Forget tensors that died (their handles go with them)."""
+        self._entries = {key: e for key, e in self._entries.items() if e[0]() is not None}
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def resolve_args(
@@ -175,6 +208,7 @@ class Cluster(ABC):
 
     # ------------------------------------------------ shared argument checks
     _closed: bool = False
+    _sent: SentTensors  # set by each backend's __init__
 
     def _take(self, round_: Round, kind: type[Round]) -> None:
         """Mark a round of this cluster as gathered (each round is gathered once)."""
@@ -196,8 +230,20 @@ class Cluster(ABC):
         if not workers:
             raise ClusterError(f"submit {method!r}: no live workers (n={self.n}, all dead); respawn some")
         per_worker, broadcast = resolve_args(args, workers, self.n)
-        self.counters.bytes_sent_once += tensor_bytes(args) if broadcast else tensor_bytes(per_worker)
+        self._send_once(args if broadcast else list(per_worker.values()))
         return workers, per_worker, broadcast
+
+    def _send_once(self, args: Any) -> None:
+        """Count each tensor of ``args`` that has not left the master before, and store it."""
+        self._sent.prune()
+        for t in iter_tensors(args):
+            if not self._sent.get(t)[0]:
+                self._sent.add(t, self._store(t))
+                self.counters.bytes_sent_once += t.numel() * t.element_size()
+
+    def _store(self, t: Tensor) -> Any:
+        """The backend's handle for a tensor leaving the master (Ray: an object-store reference)."""
+        return None
 
     def _check_workers(self, workers: Sequence[int]) -> list[int]:
         workers = list(workers)

@@ -47,6 +47,7 @@ from sazd.runtime.cluster import (
     ClusterError,
     Counters,
     Round,
+    SentTensors,
     map_tensors,
     tensor_bytes,
 )
@@ -118,6 +119,7 @@ class InProcessCluster(Cluster):
         self._out_free = 0.0  # master link, outgoing side, busy until
         self._in_free = 0.0  # master link, incoming side, busy until
         self._closed = False
+        self._sent = SentTensors()
 
     # ------------------------------------------------------------------ rounds
     def submit(

@@ -3,7 +3,9 @@
 - ``RayCluster(n)`` starts a local Ray on loopback by itself (usage statistics off, no dashboard);
   ``address=...`` joins an existing cluster; an already initialised Ray is reused. ``close()``
   kills the actors and shuts Ray down only if this object started it.
-- A broadcast argument tuple is ``ray.put`` once and its reference passed to every actor.
+- Each large tensor argument is ``ray.put`` once and its reference passed to every actor that gets it,
+  also in later calls while the master's tensor lives unmodified (``SentTensors``): a broadcast is
+  stored once, and a round's X^T sent again to the workers the round skipped is not stored again.
 - ``first_k`` loops on ``ray.wait(num_returns=1)`` and checks each ready result: a dead actor's
   result counts as ready (RAY-NOTES), so a ``RayActorError`` is an erasure and another answer is
   awaited. Late results are never fetched, and queued actor calls are never cancelled (cancelling
@@ -48,6 +50,7 @@ from sazd.runtime.cluster import (
     ClusterError,
     Counters,
     Round,
+    SentTensors,
     map_tensors,
     tensor_bytes,
 )
@@ -57,6 +60,7 @@ from sazd.runtime.worker import Worker
 # A worker that answers with one of these is gone (ActorDiedError, ActorUnavailableError are
 # RayActorErrors; a lost node loses its objects): an erasure. Errors raised by Worker code propagate.
 _DEATH = (RayActorError, ObjectLostError, WorkerCrashedError)
+_INLINE_BYTES = 100 * 1024  # Ray's max_direct_call_object_size: smaller arguments travel inline
 
 
 def start_local_ray(num_cpus: int | None = None, object_store_gb: float = 2.0) -> bool:
@@ -93,9 +97,19 @@ class RayWorker(Worker):
     def call(self, method: str, slowdown: float, args: tuple) -> Any:
         self.delay_factor = self.base_delay * slowdown
         try:
-            return map_tensors(getattr(self, method)(*args), torch.Tensor.cpu)
+            return map_tensors(getattr(self, method)(*_fetch(args)), torch.Tensor.cpu)
         finally:
             self.delay_factor = self.base_delay
+
+
+def _fetch(args: tuple) -> tuple:
+    """``args`` with every object-store reference inside replaced by its value (one ``ray.get``)."""
+    refs: list[ray.ObjectRef] = []
+    map_tensors(args, refs.append, ray.ObjectRef)
+    if not refs:
+        return args
+    values = iter(ray.get(refs))
+    return map_tensors(args, lambda _: next(values), ray.ObjectRef)
 
 
 @dataclass
@@ -154,6 +168,7 @@ class RayCluster(Cluster):
         self._incarnation = [0] * n
         self._dead: set[int] = set()
         self._closed = False
+        self._sent = SentTensors()
         if ray.is_initialized():
             pass
         elif address is None:
@@ -191,7 +206,7 @@ class RayCluster(Cluster):
         self._check_open()
         self._prune()
         workers, per_worker, broadcast = self._prepare_submit(method, args, workers)
-        shared = ray.put(args) if broadcast and len(workers) > 1 and tensor_bytes(args) > 0 else None
+        shared = self._payload(args) if broadcast else None
         refs: dict[int, Any] = {}
         for j in workers:
             self.counters.bytes_to_workers += tensor_bytes(per_worker[j])
@@ -205,7 +220,7 @@ class RayCluster(Cluster):
                 self.counters.failed_results += 1
                 continue
             slowdown = self.latency.slowdown(j, task)
-            payload = shared if shared is not None else per_worker[j]
+            payload = shared if broadcast else self._payload(per_worker[j])
             ref = self.actors[j].call.remote(method, slowdown, payload)
             refs[j] = ref
             self._outstanding[j].append((self._epoch, ref))
@@ -307,6 +322,18 @@ class RayCluster(Cluster):
         self._outstanding = [deque() for _ in range(self.n)]
 
     # --------------------------------------------------------------- internals
+    def _store(self, t: torch.Tensor) -> Any:
+        """Put a large tensor in the object store once; Ray sends small arguments inline anyway."""
+        return ray.put(t) if t.numel() * t.element_size() >= _INLINE_BYTES else None
+
+    def _payload(self, args: tuple) -> tuple:
+        """``args`` with each stored tensor replaced by its object-store reference."""
+        def stored(t: torch.Tensor) -> Any:
+            handle = self._sent.get(t)[1]
+            return t if handle is None else handle
+
+        return map_tensors(args, stored)
+
     def _new_actor(self, j: int) -> Any:
         return self._actor_cls.remote(j, self.device, self._torch_threads)
 
