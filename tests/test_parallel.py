@@ -167,6 +167,9 @@ def test_deu_keeps_the_code_structure(code_name):
     """The paper's theorem: after T DEU steps every worker's coded weights (and momentum) are the
     encoding of the decoded plain weights."""
     code = make_code(CODES[code_name])
+    # Which workers answer first depends on measured master time, so the decoded sets vary by run:
+    # SAZD's zigzag stays within 2e-14 relative, Poly's Vandermonde solve reaches 5e-12 at n=6.
+    tol = 1e-12 if code_name.startswith("sazd") else 1e-10
     for make, plan, shape in ((mlp, MLP_PLAN, (22,)), (cnn, CNN_PLAN, (1, 8, 8))):
         model, _, cluster = run_coded(make, plan, code, "deu", data(shape, steps=20))
         weights, buffers = plain_weights(model, momentum=True)
@@ -181,11 +184,25 @@ def test_deu_keeps_the_code_structure(code_name):
             for j in cluster.alive():
                 worker = cluster.workers[j]
                 for key, want in list(zip(layer.keys, (row[j], col[j]), strict=True))[:maintained]:
-                    assert close(worker.weights[key], want), (layer.name, key, j)
+                    assert close(worker.weights[key], want, tol), (layer.name, key, j)
                 for key, want in list(zip(layer.keys, (mrow[j], mcol[j]), strict=True))[:maintained]:
-                    assert close(worker.momentum[key], want), (layer.name, key, j)
+                    assert close(worker.momentum[key], want, tol), (layer.name, key, j)
                 checked += maintained
         assert checked == (2 * len(coded_layers(model)) - 1) * code.n
+
+
+def test_deu_step_is_one_message_per_worker():
+    model, cluster = mlp(), InProcessCluster(6)
+    parallelize(model, get_code("sazd", n=6, k=4), cluster, plan=MLP_PLAN, scheme="deu")
+    opt = CodedOptimizer(model, OptimConfig(lr=0.1, momentum=0.9))
+    xb, yb = data((22,), steps=1)[0]
+    F.cross_entropy(model(xb), yb).backward()
+    calls = cluster.counters.calls
+    opt.step()
+    assert cluster.counters.calls - calls == 6  # fc1 row, fc2 and fc3 row + col: 5 updates, 1 call each
+    assert [w.updates_applied for w in cluster.workers] == [5] * 6
+    with pytest.raises(ValueError, match="not a public Worker method"):
+        cluster.workers[0].batch([("_timed", (print,))])
 
 
 def test_padding_never_leaks():

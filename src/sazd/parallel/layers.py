@@ -18,7 +18,8 @@ stays zero under SGD and is sliced off every decoded result.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sazd.codes.base import Code
-from sazd.runtime.cluster import Cluster, ClusterError
+from sazd.runtime.cluster import Cluster, ClusterError, resolve_args
 from sazd.runtime.worker import SGDStep
 
 SCHEMES = ("naive", "deu")
@@ -59,6 +60,7 @@ class CodedContext:
         self.stats = PhaseStats()
         self.layers: dict[str, CodedLayer] = {}
         self.last_round: dict[str, tuple[int, frozenset[int]]] = {}  # key -> (serial, workers asked)
+        self._queued: dict[int, list[tuple[str, tuple]]] | None = None  # inside batched(): per worker
 
     # ------------------------------------------------------------ encoding
     def encode(self, T: Tensor, rows: int) -> list[Tensor]:
@@ -110,10 +112,33 @@ class CodedContext:
         return workers
 
     def send(self, method: str, args: Sequence[tuple] | tuple, workers: Sequence[int] | None = None) -> None:
-        """Fire-and-forget call to ``workers`` (default: every live one); calls to a worker run in order."""
+        """Fire-and-forget call to ``workers`` (default: every live one); calls to a worker run in order.
+        Inside ``batched()`` the call is queued and goes out with the others when the block ends."""
+        workers = self.cluster.alive() if workers is None else list(workers)
+        if self._queued is not None:
+            per_worker, _ = resolve_args(args, workers, self.code.n)
+            for j in workers:
+                self._queued.setdefault(j, []).append((method, per_worker[j]))
+            return
         start = time.perf_counter()
-        self.cluster.submit(method, args, self.cluster.alive() if workers is None else list(workers))
+        self.cluster.submit(method, args, workers)
         self.stats.worker_s += time.perf_counter() - start
+
+    @contextmanager
+    def batched(self) -> Iterator[None]:
+        """Send the calls made inside as one ``Worker.batch`` call per worker (fewer messages; e.g. all
+        layers' DEU updates of a step). Nothing is sent if the block raises."""
+        if self._queued is not None:
+            yield
+            return
+        self._queued = {}
+        try:
+            yield
+            queued = {j: calls for j, calls in self._queued.items() if j in set(self.cluster.alive())}
+        finally:
+            self._queued = None
+        if queued:
+            self.send("batch", {j: (calls,) for j, calls in queued.items()}, sorted(queued))
 
     def check_alive(self) -> None:
         alive = self.cluster.alive()

@@ -116,6 +116,13 @@ class Worker:
         self.updates_applied += 1
         return self.updates_applied
 
+    def batch(self, calls: list[tuple[str, tuple]]) -> list:
+        """Run several calls ``(method, args)`` in order as one task (one message per worker)."""
+        for method, _ in calls:
+            if method.startswith("_") or method == "batch" or not callable(getattr(Worker, method, None)):
+                raise ValueError(f"batch: {method!r} is not a public Worker method")
+        return [getattr(self, method)(*args) for method, args in calls]
+
     def _timed(self, fn):
         start = time.perf_counter()
         out = fn()

@@ -159,11 +159,12 @@ class CodedOptimizer:
         spent = time.perf_counter() - start
         self.ctx.stats.update_s += spent
         self.ctx.cluster.note_master_time(spent)
-        for layer in self.layers:
-            if self.ctx.scheme == "deu":
-                layer.deu_step(sgd_step(self.cfg, lr), scale)
-            else:
-                layer.sync(with_col=layer.last_input_grad)  # as the last step needed
+        with self.ctx.batched():  # one message per worker for all layers
+            for layer in self.layers:
+                if self.ctx.scheme == "deu":
+                    layer.deu_step(sgd_step(self.cfg, lr), scale)
+                else:
+                    layer.sync(with_col=layer.last_input_grad)  # as the last step needed
         self.steps += 1
 
     def grad_norm(self) -> Tensor:
