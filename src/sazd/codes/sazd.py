@@ -104,20 +104,59 @@ class SAZD(Code):
             missing = [i for i in range(self.k) if i not in results]
             parities = tuple(sorted(j - self.k for j in results if j >= self.k))
             method, chosen = _plan(tuple(missing), parities) if missing else ("copy", ())
-            # One pass over the received blocks: copy each into place and, while it is in cache,
-            # subtract it from the chosen parities: R_q = P_q - sum_{i received} z^{q*i*g} A_i.
-            equations = {q: results[self.k + q].clone() for q in chosen}
-            for i in received:
-                out[i] = results[i]
-                for q, reduced in equations.items():
-                    reduced[q * i * g : q * i * g + r] -= results[i]
+            # Solving primal keeps equation 0 as its buffer and ends with A_{missing[0]} in it: when that
+            # equation is parity 0 (r rows, no shift), it is reduced right into its final place.
+            in_place = {0: out[missing[0]]} if method == "primal" and chosen[0] == 0 else {}
+            equations = self._reduce_parities(results, received, chosen, r, g, out, in_place)
             if not missing:
                 return None
         owned = self.is_systematic  # reduced parities are our own clones; raw results are the caller's
         blocks = _SOLVERS[method](missing, [equations[q] for q in chosen], chosen, r, g, owned)
         for i, block in zip(missing, blocks, strict=True):
-            out[i] = block[:r]
+            if block.data_ptr() != out[i].data_ptr():
+                out[i] = block[:r]
         return missing  # every used result feeds these blocks: their finiteness certifies the inputs
+
+    def _reduce_parities(
+        self, results: dict[int, Tensor], received: list[int], chosen: tuple[int, ...], r: int, g: int,
+        out: Tensor, dest: dict[int, Tensor],
+    ) -> dict[int, Tensor]:
+        """Copy the received systematic blocks into ``out`` and subtract them from the chosen parities:
+        ``R_q = P_q - sum_{i received} z^{q*i*g} A_i``.
+
+        Once the blocks sit side by side in ``out``, the shifted sum over a run of consecutive blocks
+        i0..i1-1 is one matrix product: row t of ``z^{s*i} A_i`` (s = q*g) is ``out[i, t - s*i]``, at
+        flat row ``i*(r - s) + t``, so for the rows t that every block of the run covers, the blocks
+        are the rows of a strided (run, rows) view with leading dimension ``(r - s)`` rows, and
+        ``R_q[t] = P_q[t] - ones @ view`` reads each block once. The few rows that only some blocks of
+        the run reach (at most s*(run-1) at each end) are subtracted block by block. ``dest``: buffers
+        to reduce some parities into, {q: tensor shaped like P_q}.
+        """
+        for i in received:
+            out[i] = results[i]
+        width = out[0].numel() // r  # elements per row
+        flat = out.view(-1)
+        runs = [list(run) for run in _consecutive_runs(received)]
+        reduced = {}
+        for q in chosen:
+            s = q * g
+            R = dest[q] if q in dest else torch.empty_like(results[self.k + q])
+            R.copy_(results[self.k + q])
+            for run in runs:
+                i0, i1 = run[0], run[-1] + 1
+                lo, hi = s * (i1 - 1), r + s * i0  # rows every block of the run covers
+                if hi > lo and len(run) > 1:
+                    view = flat[i0 * (r - s) * width + lo * width :].as_strided(
+                        (len(run), (hi - lo) * width), ((r - s) * width, 1))
+                    R[lo:hi].view(1, -1).addmm_(view.new_ones(1, len(run)), view, alpha=-1)
+                else:
+                    lo = hi = s * i0  # no common rows: every row is an edge row
+                for i in run:  # the edge rows: [s*i, lo) and [hi, s*i + r)
+                    for a, b in ((s * i, min(s * i + r, lo)), (max(s * i, hi), s * i + r)):
+                        if b > a:
+                            R[a:b].sub_(out[i, a - s * i : b - s * i])
+            reduced[q] = R
+        return reduced
 
     def __repr__(self) -> str:
         kind = "systematic" if self.is_systematic else "non-systematic"
@@ -128,7 +167,7 @@ def _solve_primal(missing, equations, chosen, r, g, owned):
     """missing = a, a+s, ...: R_q shifted up g*q*a rows are values of a polynomial at z^{g*q*s}."""
     a, step = missing[0], _common_step(missing)
     values = [eq[g * q * a :] for eq, q in zip(equations, chosen, strict=True)]
-    return zigzag.solve_primal(values, [g * q * step for q in chosen], owned)
+    return zigzag.solve_primal(values, [g * q * step for q in chosen], owned, rows=r)
 
 
 def _solve_dual(missing, equations, chosen, r, g, owned):
@@ -189,6 +228,17 @@ def _plan(missing: tuple[int, ...], available: tuple[int, ...]) -> tuple[str, tu
     if chosen is not None:
         return "dual", tuple(chosen)
     return "peel", available[:e]
+
+
+def _consecutive_runs(values: list[int]) -> list[range]:
+    """Sorted ``values`` split into runs of consecutive integers."""
+    runs: list[range] = []
+    for v in values:
+        if runs and runs[-1].stop == v:
+            runs[-1] = range(runs[-1].start, v + 1)
+        else:
+            runs.append(range(v, v + 1))
+    return runs
 
 
 def _common_step(values: list[int]) -> int | None:

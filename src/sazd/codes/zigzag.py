@@ -100,12 +100,16 @@ def _doubling_scan(x: Tensor) -> Tensor:
     return src
 
 
-def solve_primal(values: list[Tensor], exps: list[int], owned: bool = False) -> list[Tensor]:
+def solve_primal(
+    values: list[Tensor], exps: list[int], owned: bool = False, rows: int | None = None
+) -> list[Tensor]:
     """Coefficients A_0..A_{E-1} of ``P(y) = sum_i A_i y^i`` from values ``P(z^{e_l})``.
 
     Newton divided differences (each a binomial division), then Newton -> monomial form (shifts and
     subtractions only). ``exps`` must be strictly increasing. ``owned``: the caller's ``values`` may
-    be overwritten (saves copies).
+    be overwritten (saves copies; with ``rows``, A_0 ends in the buffer of ``values[0]``). ``rows``:
+    only the lowest ``rows`` rows of each A_i are wanted; the monomial phase is a ring operation, so
+    it works modulo z^rows.
     """
     c = list(values)
     count = len(c)
@@ -114,9 +118,12 @@ def solve_primal(values: list[Tensor], exps: list[int], owned: bool = False) -> 
         for l in range(count - 1, s - 1, -1):
             c[l] = div_binomial(c[l], exps[l - s], exps[l] - exps[l - s], minus=c[l - 1])
             mine[l] = True
+    if rows is not None:
+        c = [coef[:rows] for coef in c]
     for s in range(count - 2, -1, -1):
         for l in range(s, count - 1):
-            c[l] = sub_shifted(c[l], c[l + 1], exps[s], inplace=mine[l])
+            higher = c[l + 1] if rows is None else c[l + 1][: max(0, rows - exps[s])]
+            c[l] = sub_shifted(c[l], higher, exps[s], inplace=mine[l])
             mine[l] = True
     return c
 
