@@ -62,29 +62,33 @@ def div_binomial(t: Tensor, v: int, d: int, minus: Tensor | None = None) -> Tens
     if mp.shape[0] > both:
         torch.neg(mp[both:], out=u[both : mp.shape[0]])
     u[max(tp.shape[0], mp.shape[0]) :] = 0
-    steps = u.view(blocks * SCAN_BLOCK, -1)
-    _blocked_scan_(steps.view(blocks, SCAN_BLOCK, -1))  # forward partial sums along every chain
-    low = (-(-length // d) + 1) // 2  # chain steps kept from the forward (lower) end
-    steps[:low].neg_()  # lower part: u[q] = -(sum of t' up to q)
-    torch.sub(steps[-1].clone(), steps[low:], out=steps[low:])  # upper part, from the top of the chain
+    steps = u.view(blocks, SCAN_BLOCK, -1)
+    carry, top = _blocked_scan_(steps)  # running sums inside blocks; block carries; chain totals
+    # A row of the full prefix sum F is its in-block sum plus its block's carry. The lower blocks
+    # take u = -F, the upper ones u = top - F (measured from the other end), in one pass each.
+    low = round((-(-length // d) / 2) / SCAN_BLOCK)  # blocks taken from the lower end
+    torch.sub(carry[:low].neg().unsqueeze(1), steps[:low], out=steps[:low])
+    torch.sub((top - carry[low:]).unsqueeze(1), steps[low:], out=steps[low:])
     return u[:length]
 
 
 SCAN_BLOCK = 8
 
 
-def _blocked_scan_(v: Tensor) -> None:
-    """In-place inclusive prefix sum over the first two dims of ``v`` (blocks, SCAN_BLOCK, width).
-
-    A running sum inside each block (7 strided adds over 1/8 of the data each), a log-depth doubling
-    scan of the block totals, and one pass adding each block's carry: about three passes over
-    memory, against ``cumsum(0)``'s slow strided kernel on CPU; on GPU every step is a parallel
-    kernel, and the rounding error grows with log of the chain length, not linearly.
+def _blocked_scan_(v: Tensor) -> tuple[Tensor, Tensor]:
+    """Prefix sums over the first two dims of ``v`` (blocks, SCAN_BLOCK, width), by blocks: in place,
+    the running sum inside each block (7 strided adds over 1/8 of the data each); returned, each
+    block's carry (the sum of all earlier blocks, by a log-depth doubling scan of the block totals)
+    and the grand total. The inclusive prefix sum is ``v + carry[:, None]``; the caller adds the
+    carry in its own final pass. About two passes over memory, against ``cumsum(0)``'s slow strided
+    kernel on CPU; on GPU every step is a parallel kernel, and the rounding error grows with the log
+    of the chain length, not linearly.
     """
     for i in range(1, v.shape[1]):
         v[:, i] += v[:, i - 1]
-    carry = _doubling_scan(v[:, -1])
-    v[1:] += carry[:-1].unsqueeze(1)
+    totals = _doubling_scan(v[:, -1])
+    carry = torch.cat([torch.zeros_like(totals[:1]), totals[:-1]])
+    return carry, totals[-1]
 
 
 def _doubling_scan(x: Tensor) -> Tensor:
