@@ -18,6 +18,7 @@ from sazd.runtime import (
     parse_latency,
     straggler_latency,
 )
+from sazd.runtime.worker import Worker
 
 N, K, ROWS, COLS, BATCH = 6, 4, 8, 5, 3
 
@@ -260,3 +261,27 @@ def test_straggler_latency_helper():
     assert model.slowdown(0, 0) == 3 and model.slowdown(2, 0) == 1 and model.fails(5, 0)
     with pytest.raises(ValueError, match="--stragglers"):
         straggler_latency(-1, 5.0)
+
+
+@pytest.mark.parametrize("step", [
+    SGDStep(lr=0.1),
+    SGDStep(lr=0.1, weight_decay=0.01),
+    SGDStep(lr=0.1, momentum=0.9),
+    SGDStep(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.01),
+    SGDStep(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+])
+def test_sgd_update_from_factors_equals_torch_sgd(step):
+    """Three steps of Worker.sgd_update (gradient formed inside the update) == torch.optim.SGD."""
+    gen = torch.Generator().manual_seed(3)
+    w0 = torch.randn(ROWS, COLS, generator=gen, dtype=torch.float64)
+    worker, param = Worker(0), torch.nn.Parameter(w0.clone())
+    worker.load({"w": w0})
+    opt = torch.optim.SGD([param], lr=step.lr, momentum=step.momentum, dampening=step.dampening,
+                          nesterov=step.nesterov, weight_decay=step.weight_decay)
+    for _ in range(3):
+        left = torch.randn(ROWS, BATCH, generator=gen, dtype=torch.float64)
+        inputs = torch.randn(COLS, BATCH, generator=gen, dtype=torch.float64)
+        worker.sgd_update("w", left, inputs, step)
+        param.grad = left @ inputs.T
+        opt.step()
+    torch.testing.assert_close(worker.weights["w"], param.detach(), rtol=1e-12, atol=1e-12)

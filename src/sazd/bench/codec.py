@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="fp32", help="fp64, fp32, fp16 or bf16")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--missing", default="1,2", help="numbers of missing systematic blocks to decode")
-    parser.add_argument("--repeats", type=int, default=30, help="timed repeats (median reported)")
+    parser.add_argument("--repeats", type=int, default=100, help="timed repeats (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed repeats first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument("--seed", type=int, default=0)

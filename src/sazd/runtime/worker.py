@@ -44,6 +44,24 @@ def sgd_apply(weight: Tensor, grad: Tensor, buffer: Tensor | None, step: SGDStep
     return buffer
 
 
+def sgd_apply_product(
+    weight: Tensor, left: Tensor, right: Tensor, buffer: Tensor | None, step: SGDStep
+) -> Tensor | None:
+    """``sgd_apply`` with the gradient ``left @ right`` formed inside the update: with a momentum
+    buffer (not Nesterov) the product accumulates straight into it, ``buf = mu*buf + (1-dampening)
+    * (left @ right + wd*w)``, and plain SGD adds it straight into the weight; no gradient tensor."""
+    if step.momentum and not step.nesterov and buffer is not None:
+        buffer.addmm_(left, right, beta=step.momentum, alpha=1 - step.dampening)
+        if step.weight_decay:
+            buffer.add_(weight, alpha=(1 - step.dampening) * step.weight_decay)
+        weight.add_(buffer, alpha=-step.lr)
+        return buffer
+    if not step.momentum and not step.weight_decay:
+        weight.addmm_(left, right, alpha=-step.lr)
+        return None
+    return sgd_apply(weight, left @ right, buffer, step)
+
+
 class Worker:
     """Coded state of worker ``index`` and the operations the master may ask of it."""
 
@@ -107,8 +125,8 @@ class Worker:
             inputs = self.last_input[key]
 
         def apply() -> None:
-            grad = left.to(self.device) @ inputs.to(self.device).T
-            self.momentum[key] = sgd_apply(weight, grad, self.momentum.get(key), step)
+            left_, right_ = left.to(self.device), inputs.to(self.device).T
+            self.momentum[key] = sgd_apply_product(weight, left_, right_, self.momentum.get(key), step)
             if self.momentum[key] is None:
                 del self.momentum[key]
 
