@@ -78,17 +78,31 @@ SCAN_BLOCK = 8
 def _blocked_scan_(v: Tensor) -> tuple[Tensor, Tensor]:
     """Prefix sums over the first two dims of ``v`` (blocks, SCAN_BLOCK, width), by blocks: in place,
     the running sum inside each block (7 strided adds over 1/8 of the data each); returned, each
-    block's carry (the sum of all earlier blocks, by a log-depth doubling scan of the block totals)
-    and the grand total. The inclusive prefix sum is ``v + carry[:, None]``; the caller adds the
+    block's carry (the sum of all earlier blocks: one small matrix product for up to
+    ``GEMM_CARRY_BLOCKS`` blocks, else a log-depth doubling scan of the block totals) and the grand
+    total. The inclusive prefix sum is ``v + carry[:, None]``; the caller adds the
     carry in its own final pass. About two passes over memory, against ``cumsum(0)``'s slow strided
-    kernel on CPU; on GPU every step is a parallel kernel, and the rounding error grows with the log
-    of the chain length, not linearly.
+    kernel on CPU; on GPU every step is a parallel kernel. Rounding grows with the block length (8)
+    plus the number of blocks (at most 40 summed directly, else log-depth), not with the chain.
     """
     for i in range(1, v.shape[1]):
         v[:, i] += v[:, i - 1]
-    totals = _doubling_scan(v[:, -1])
-    carry = torch.cat([torch.zeros_like(totals[:1]), totals[:-1]])
-    return carry, totals[-1]
+    totals = v[:, -1]
+    if v.shape[0] <= GEMM_CARRY_BLOCKS:  # few blocks: all carries in one small matrix product
+        carry = _strictly_lower_ones(v.shape[0], v.dtype, v.device) @ totals
+        return carry, carry[-1] + totals[-1]
+    inclusive = _doubling_scan(totals)
+    carry = torch.cat([torch.zeros_like(inclusive[:1]), inclusive[:-1]])
+    return carry, inclusive[-1]
+
+
+GEMM_CARRY_BLOCKS = 40  # up to here one (blocks x blocks) product beats log2(blocks) small passes
+
+
+@lru_cache(maxsize=64)
+def _strictly_lower_ones(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """L[i, j] = 1 for j < i: ``L @ totals`` sums the blocks before each block."""
+    return torch.ones(size, size, dtype=dtype, device=device).tril_(-1)
 
 
 def _doubling_scan(x: Tensor) -> Tensor:
