@@ -445,3 +445,12 @@ def test_unstable_peeling_is_flagged_and_hopeless_peeling_refused():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnstableDecodeWarning)
         assert relative_error(code.decode({j: coded[j] for j in range(2, 10)}), W) < 1e-9
+
+
+def test_overflowing_decode_names_the_fix_for_that_code():
+    """Finite results whose decode overflows: a DecodeError with the code's own remedy."""
+    gen = torch.Generator().manual_seed(0)
+    huge = {j: torch.randn(4, 3, generator=gen) * 1e36 for j in range(2, 14)}
+    with pytest.raises(DecodeError, match=r"overflowed although every result was finite.*chebyshev"):
+        get_code("poly", n=14, k=12).decode(huge)
+    assert "shift_unit" in get_code("sazd", n=6, k=4).stability_hint

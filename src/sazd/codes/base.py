@@ -60,6 +60,8 @@ class Code(ABC):
 
     name: str = "code"
     is_systematic: bool = False
+    # what to change when a straggler set decodes unstably (named in the DecodeError)
+    stability_hint: str = "use a better-conditioned code or fewer workers"
 
     def __init__(self, n: int, k: int) -> None:
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
@@ -164,7 +166,7 @@ class Code(ABC):
                 raise DecodeError(
                     f"decoding from workers {sorted(results)} overflowed although every result was "
                     f"finite: this straggler set is numerically unstable for {self!r} at r={r} rows per "
-                    "block; use a larger shift_unit or fewer parity workers (see `sazd design`)"
+                    f"block; {self.stability_hint}"
                 )
             return self.decode(self._drop_non_finite(results, bad), rows=r * self.k)
         return out.reshape(self.k * r, *trailing).to(ref.dtype)

@@ -171,6 +171,8 @@ class Poly(LinearCode):
     """
 
     name = "poly"
+    stability_hint = ("use Chebyshev nodes (nodes='chebyshev'), a smaller k, or SAZD: real Vandermonde "
+                      "systems on integer nodes lose about log10(n**k) digits")
 
     def __init__(self, n: int, k: int, nodes: str = "integer", systematic: bool = False) -> None:
         if nodes not in POLY_NODES:

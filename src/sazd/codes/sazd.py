@@ -35,6 +35,7 @@ class SAZD(Code):
     """Shift-and-add code with zigzag decoding; see the module docstring."""
 
     name = "sazd"
+    stability_hint = "use a larger shift_unit or fewer parity workers (see `sazd design`)"
 
     def __init__(self, n: int, k: int, systematic: bool = True, shift_unit: int | str = "auto") -> None:
         super().__init__(n, k)
