@@ -223,7 +223,7 @@ class Cluster(ABC):
         self, method: str, args: Sequence[tuple] | tuple, workers: Sequence[int] | None
     ) -> tuple[list[int], dict[int, tuple], bool]:
         """Validate a submit; return (workers, per-worker argument tuples, broadcast?) and count the
-        master's egress with each broadcast sent once."""
+        master's egress with each tensor sent once."""
         if method.startswith("_") or not callable(getattr(Worker, method, None)):
             raise ValueError(f"method {method!r} is not a public Worker method")
         workers = self.alive() if workers is None else self._check_workers(workers)

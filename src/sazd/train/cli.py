@@ -219,7 +219,7 @@ def print_summary(report: dict, cfg) -> None:
         naive, deu = formula["naive"]["bytes_to_workers"], formula["deu"]["bytes_to_workers"]
         print(f"bytes/iteration to workers: measured {_mb(report['bytes_to_workers_per_iteration'])} "
               f"({cfg.scheme}); formula naive {_mb(naive)}, deu {_mb(deu)} (naive/deu = {naive / deu:.1f}x)")
-        print(f"master egress/iteration with each broadcast sent once: "
+        print(f"master egress/iteration with each tensor sent once: "
               f"{_mb(report['bytes_sent_once_per_iteration'])} ({cfg.scheme})")
         print(f"bytes/iteration from workers: measured {_mb(report['bytes_from_workers_per_iteration'])}; "
               f"formula {_mb(formula[cfg.scheme]['bytes_from_workers'])}")
