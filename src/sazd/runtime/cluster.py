@@ -108,9 +108,6 @@ class SentTensors:
         """Forget tensors that died (their handles go with them)."""
         self._entries = {key: e for key, e in self._entries.items() if e[0]() is not None}
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
 
 def resolve_args(
     args: Sequence[tuple] | tuple | dict[int, tuple], workers: Sequence[int], n: int
