@@ -205,6 +205,32 @@ def test_deu_step_is_one_message_per_worker():
         cluster.workers[0].batch([("_timed", (print,))])
 
 
+def test_deu_ships_the_encoded_gradient_when_it_is_narrower():
+    """Convolutions: N = batch x positions can exceed a copy's fan (in or out), and then DEU sends the
+    encoded gradient C_j(dW) (fan columns per coded row) instead of C_j(dY^T) (N columns): its update
+    never moves more bytes than naive's. Exactness of both paths: the CNN oracle tests."""
+    code = get_code("sazd", n=5, k=3)
+    model, cluster = cnn(), InProcessCluster(5)
+    parallelize(model, code, cluster, plan=CNN_PLAN, scheme="deu")
+    opt = CodedOptimizer(model, OptimConfig(lr=0.05, momentum=0.9))
+    xb, yb = data((1, 8, 8), steps=1)[0]
+    F.cross_entropy(model(xb), yb).backward()
+    before = cluster.counters.bytes_to_workers
+    opt.step()
+    want = naive = 0
+    paths = []
+    for layer in coded_layers(model):
+        N, fans = layer.last_rows, (layer.in_features, layer.out_features)
+        rows = [sum(code.block_rows(layer.out_pad // 3)), sum(code.block_rows(layer.in_pad // 3))]
+        if layer.col_stale:  # the first layer keeps no column copy
+            rows[1] = 0
+        want += sum(R * min(N, fan) for R, fan in zip(rows, fans, strict=True)) * 8
+        naive += sum(R * fan for R, fan in zip(rows, fans, strict=True)) * 8
+        paths.append(layer.in_features < N)
+    assert cluster.counters.bytes_to_workers - before == want <= naive
+    assert paths == [True, True, False]  # conv1 (N=640, in=9), conv2 (N=90, in=45); fc (N=10, in=54)
+
+
 def test_padding_never_leaks():
     code = get_code("sazd", n=6, k=4)  # systematic: worker k-1 holds the last rows, padding included
     model, ref, cluster = run_coded(mlp, MLP_PLAN, code, "deu", data((22,)))

@@ -20,10 +20,10 @@ answers, R_row/R_col = coded rows of the two copies summed over the n workers):
   forward          to n*in*N*s              from out*N*s
   input gradient   to n*out*N*s             from in*N*s    (not for the first layer: data needs none)
   naive update     to (R_row*in + R_col*out)*s               both coded copies re-shipped, O(n*out*in)
-  DEU update       to (R_row + R_col)*N*s                    encoded dY^T, X^T, O(n*N*(out+in)); the
-                   (+ n*out*N*s for the first layer)         workers reuse the X^T and dY^T of this
-                                                             step's rounds; the first layer had no
-                                                             input-gradient round, so dY goes along
+  DEU update       to (R_row*min(N,in) + R_col*min(N,out))*s encoded dY^T and X^T (the workers reuse
+                                                             the X^T and dY^T of this step's rounds),
+                                                             or the encoded gradient when narrower
+(the first layer's input needs no gradient: it keeps no column copy, R_col = 0 there)
 It assumes every worker is asked every round and the first k answers are systematic blocks: exact
 without stragglers on the in-process backend with a constant task time. On Ray, an answer from a
 parity block (longer for SAZD) or a round that skips a still-busy worker makes the count differ.
@@ -122,8 +122,11 @@ def formula_bytes(dims: tuple[int, ...], code: Code, batch: int, scheme: str, el
         if i == 0:  # the first layer's input needs no gradient: its column copy is not kept
             R_col = 0
         # naive ships both coded copies; under DEU workers keep this step's X^T and dY^T from the
-        # rounds, so only the encoded factors are new
-        update = (R_row * fin + R_col * fout) * s if scheme == "naive" else (R_row + R_col) * N * s
+        # rounds, so only the encoded factors are new (or the encoded gradient, when narrower than N)
+        if scheme == "naive":
+            update = (R_row * fin + R_col * fout) * s
+        else:
+            update = (R_row * min(N, fin) + R_col * min(N, fout)) * s
         to_w += update
         once += update
     return {"bytes_to_workers": to_w, "bytes_from_workers": from_w, "bytes_sent_once": once}

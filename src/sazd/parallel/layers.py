@@ -156,6 +156,12 @@ class CodedContext:
         return states
 
 
+def ships_gradient(batch_rows: int, fan: int) -> bool:
+    """DEU: whether a coded copy's update travels as the encoded gradient (``fan`` columns per coded
+    row) rather than the encoded left factor (``batch_rows`` = N columns): whichever is smaller."""
+    return fan < batch_rows
+
+
 def pad_rows(T: Tensor, rows: int) -> Tensor:
     """``T`` with zero rows appended up to ``rows`` rows (no copy when nothing to pad)."""
     extra = rows - T.shape[0]
@@ -322,28 +328,37 @@ class CodedLayer(nn.Module):
         return (dY.T @ X).square().sum()
 
     def deu_step(self, step: SGDStep, scale: float | Tensor = 1.0) -> None:
-        """Send the encoded gradient factors of the pending dW (scaled, e.g. by a clip factor).
+        """Send the pending dW = dY^T X, encoded (and scaled, e.g. by a clip factor), to the workers.
 
-        dW = dY^T X, so worker j's row copy takes C_j(dY^T) X and its column copy C_j(X^T) dY: the
-        master encodes the left factor (scaled) and the right one is the other round's input.
+        Worker j's row copy takes C_j(dW) = C_j(dY^T) X and its column copy C_j(dW^T) = C_j(X^T) dY.
+        Per copy the master sends whichever is smaller: the encoded left factor (N columns; the right
+        one is the other round's input, which the workers keep), or the encoded gradient itself
+        (``fan`` = in or out columns), when N exceeds the fan — convolutions, whose N is batch x
+        positions. Either way the update is the same linear map of the coded weights.
         """
         if not self.pending:
             return
         X, dY = self._pending_factors()
         row, col = self.keys
-        updates = {row: (dY.T, X.T, self.out_pad)}  # (left before encoding, the round's inputs, rows)
+        # per copy: (left factor, the round's inputs: grad = left @ inputs^T, padded rows)
+        updates = {row: (dY.T, X.T, self.out_pad)}
         if col in self._rounds_seen:  # the column copy served this step: keep it current
             updates[col] = (X.T, dY.T, self.in_pad)
         else:
             self.col_stale = True
+        scaled = not (isinstance(scale, float) and scale == 1.0)
         for key, (left_plain, inputs, rows) in updates.items():
-            if not (isinstance(scale, float) and scale == 1.0):
+            if scaled:
                 left_plain = left_plain * scale
+            seen = self._rounds_seen.pop(key, None)
+            if ships_gradient(X.shape[0], inputs.shape[0]):
+                coded = self.ctx.encode(left_plain @ inputs.T, rows)
+                self.ctx.send("sgd_step", [(key, coded[j], step) for j in range(self.ctx.code.n)])
+                continue
             left = self.ctx.encode(left_plain, rows)
             # Workers asked in this step's round of the block still hold its inputs when no other round
             # of the block came since: they get None and reuse them. The others (stragglers skipped)
             # get the very tensor the round sent, which a store-backed cluster sends once.
-            seen = self._rounds_seen.pop(key, None)
             fresh = seen is not None and len(self.pending) == 1 and self.ctx.last_round.get(key) == seen[0]
             cached = seen[0][1] if fresh else frozenset()
             inputs = seen[1] if fresh else inputs.contiguous()

@@ -238,7 +238,9 @@ def predicted_traffic(model: nn.Module, scheme: str | None = None) -> dict[str, 
       forward:        to n*in*N*s,          from out_pad*N*s
       input gradient: to n*out*N*s,         from in_pad*N*s     (skipped when X needs no gradient)
       naive update:   to (R_row*in + R_col*out)*s                  -- O(n*out*in)
-      DEU update:     to (R_row + R_col)*N*s                       -- O(n*N*(out+in))
+      DEU update:     to (R_row*min(N, in) + R_col*min(N, out))*s  -- O(n*N*(out+in)) at most
+    (DEU sends per copy the smaller of the encoded factor, N columns, and the encoded gradient,
+    in or out columns: ``layers.ships_gradient``.)
     Workers reuse the X^T and dY^T of this step's rounds (``Worker.sgd_update``), and a layer whose
     input needs no gradient neither ships (naive) nor updates (DEU) its column copy (R_col terms drop).
     """
@@ -258,5 +260,5 @@ def predicted_traffic(model: nn.Module, scheme: str | None = None) -> dict[str, 
         if (scheme or ctx.scheme) == "naive":
             to_w += (R_row * layer.in_features + R_col * layer.out_features) * s
         else:
-            to_w += (R_row + R_col) * N * s
+            to_w += (R_row * min(N, layer.in_features) + R_col * min(N, layer.out_features)) * s
     return {"bytes_to_workers": to_w, "bytes_from_workers": from_w}

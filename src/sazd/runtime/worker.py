@@ -9,6 +9,7 @@ stay the encoding of the true weights after each update.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -118,19 +119,30 @@ class Worker:
         this worker's last input of the block, so the master need not send X and dY twice to workers
         that took part in this iteration's rounds; the others get the very tensor the round sent.
         """
-        weight = self.weights[key]
         if inputs is None:
             if key not in self.last_input:
                 raise ValueError(f"worker {self.index}: no cached input for {key!r}; send `inputs`")
             inputs = self.last_input[key]
+        return self._sgd(key, lambda weight, buffer: sgd_apply_product(
+            weight, left.to(self.device), inputs.to(self.device).T, buffer, step))
 
-        def apply() -> None:
-            left_, right_ = left.to(self.device), inputs.to(self.device).T
-            self.momentum[key] = sgd_apply_product(weight, left_, right_, self.momentum.get(key), step)
-            if self.momentum[key] is None:
-                del self.momentum[key]
+    def sgd_step(self, key: str, grad: Tensor, step: SGDStep) -> int:
+        """DEU update of block ``key`` with its coded gradient sent whole (``C_j(dW)``)."""
+        return self._sgd(key, lambda weight, buffer: sgd_apply(weight, grad.to(self.device), buffer, step))
 
-        self._timed(apply)
+    def _sgd(self, key: str, apply: Callable[[Tensor, Tensor | None], Tensor | None]) -> int:
+        """One timed SGD step of block ``key``: ``apply(weight, momentum buffer)`` returns the new buffer."""
+        if key not in self.weights:
+            raise KeyError(f"worker {self.index} holds no block {key!r} (blocks: {sorted(self.weights)})")
+
+        def run() -> None:
+            buffer = apply(self.weights[key], self.momentum.get(key))
+            if buffer is None:
+                self.momentum.pop(key, None)
+            else:
+                self.momentum[key] = buffer
+
+        self._timed(run)
         self.updates_applied += 1
         return self.updates_applied
 
