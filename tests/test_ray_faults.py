@@ -81,6 +81,23 @@ def at_iteration(t: int, action):
     return callback
 
 
+def test_skipped_workers_cost_no_extra_master_egress(digits, cluster):
+    """Two actors 20x slower: rounds skip them while they are busy, and with their DEU update they get
+    the round's X^T or dY^T, the very object already in Ray's store, so the master's egress per
+    iteration equals that of an in-process run in which every worker answers every round."""
+    steps = dict(scheme="deu", optim=SGD, max_steps=8, epochs=3)
+    with Trainer(digits_config(**steps), data=digits) as tr:  # in-process, constant task time
+        tr.train()
+        full = [(r["bytes_sent_once"], r["bytes_to_workers"]) for r in tr.history if r["kind"] == "iteration"]
+    assert cluster.wait_all(cluster.submit("set_delay", (20.0,), [0, 1])) == {0: 0, 1: 1}
+    with Trainer(config(**steps), cluster=cluster, data=digits) as tr:
+        tr.train()
+        slow = [(r["bytes_sent_once"], r["bytes_to_workers"]) for r in tr.history if r["kind"] == "iteration"]
+    assert len(slow) == len(full) == 8
+    assert [once for once, _ in slow] == [once for once, _ in full]
+    assert [per_worker for _, per_worker in slow] != [per_worker for _, per_worker in full]  # skips happened
+
+
 @pytest.mark.parametrize("scheme", ["deu", "naive"])
 def test_killing_n_minus_k_actors_mid_run_is_repaired_and_changes_nothing(scheme, digits, cluster):
     """30 steps (22 per epoch): the kills land after step 10, before an epoch boundary and its
