@@ -107,6 +107,8 @@ def formula_bytes(dims: tuple[int, ...], code: Code, batch: int, scheme: str, el
     the master once, as Ray's object store or a multicast would send it; per-worker arguments (coded
     blocks, encoded factors) still count per worker.
     """
+    from sazd.parallel.plan import update_bytes
+
     n, k, N, s = code.n, code.k, batch, element_size
     to_w = from_w = once = 0
     for i, fin, fout in coded_pairs(dims, min_features):
@@ -121,12 +123,7 @@ def formula_bytes(dims: tuple[int, ...], code: Code, batch: int, scheme: str, el
             from_w += in_pad * N * s
         if i == 0:  # the first layer's input needs no gradient: its column copy is not kept
             R_col = 0
-        # naive ships both coded copies; under DEU workers keep this step's X^T and dY^T from the
-        # rounds, so only the encoded factors are new (or the encoded gradient, when narrower than N)
-        if scheme == "naive":
-            update = (R_row * fin + R_col * fout) * s
-        else:
-            update = (R_row * min(N, fin) + R_col * min(N, fout)) * s
+        update = update_bytes(scheme, R_row, R_col, fin, fout, N, s)
         to_w += update
         once += update
     return {"bytes_to_workers": to_w, "bytes_from_workers": from_w, "bytes_sent_once": once}

@@ -257,8 +257,15 @@ def predicted_traffic(model: nn.Module, scheme: str | None = None) -> dict[str, 
             from_w += layer.in_pad * N * s
         if not layer.last_input_grad:
             R_col = 0
-        if (scheme or ctx.scheme) == "naive":
-            to_w += (R_row * layer.in_features + R_col * layer.out_features) * s
-        else:
-            to_w += (R_row * min(N, layer.in_features) + R_col * min(N, layer.out_features)) * s
+        to_w += update_bytes(scheme or ctx.scheme, R_row, R_col, layer.in_features, layer.out_features, N, s)
     return {"bytes_to_workers": to_w, "bytes_from_workers": from_w}
+
+
+def update_bytes(scheme: str, rows_row: int, rows_col: int, fan_in: int, fan_out: int, batch_rows: int,
+                 element_size: int) -> int:
+    """Bytes to the workers of one coded layer's weight update, the coded rows of the row and column
+    copies summed over the workers: naive ships both copies (fan columns each); DEU the smaller of
+    the encoded factor (``batch_rows`` columns) and the encoded gradient per copy (``ships_gradient``)."""
+    if scheme == "naive":
+        return (rows_row * fan_in + rows_col * fan_out) * element_size
+    return (rows_row * min(batch_rows, fan_in) + rows_col * min(batch_rows, fan_out)) * element_size

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
-from sazd.runtime.worker import Worker
+from sazd.runtime.worker import check_method
 
 
 class ClusterError(RuntimeError):
@@ -70,16 +70,16 @@ def map_tensors(obj: Any, fn: Callable[[Any], Any], kind: type = Tensor) -> Any:
     return obj
 
 
-def iter_tensors(obj: Any) -> Iterator[Tensor]:
-    """Every tensor inside ``obj`` (nested tuples, lists, dicts), in order."""
-    if isinstance(obj, Tensor):
+def iter_tensors(obj: Any, kind: type = Tensor) -> Iterator[Any]:
+    """Every ``kind`` (default: tensor) inside ``obj`` (nested tuples, lists, dicts), in order."""
+    if isinstance(obj, kind):
         yield obj
     elif isinstance(obj, dict):
         for v in obj.values():
-            yield from iter_tensors(v)
+            yield from iter_tensors(v, kind)
     elif isinstance(obj, (list, tuple)):
         for v in obj:
-            yield from iter_tensors(v)
+            yield from iter_tensors(v, kind)
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -89,7 +89,8 @@ def tensor_bytes(obj: Any) -> int:
 
 class SentTensors:
     """The tensors that have left the master, by identity, each with the backend's handle for it
-    (Ray: its ObjectRef). An entry holds while the tensor lives unmodified (same ``_version``)."""
+    (Ray: its ObjectRef). An entry holds while the tensor lives unmodified (same ``_version``); it is
+    dropped, with its handle, when the tensor dies."""
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple[weakref.ref, int, Any]] = {}
@@ -102,11 +103,8 @@ class SentTensors:
         return False, None
 
     def add(self, t: Tensor, handle: Any) -> None:
-        self._entries[id(t)] = (weakref.ref(t), t._version, handle)
-
-    def prune(self) -> None:
-        """Forget tensors that died (their handles go with them)."""
-        self._entries = {key: e for key, e in self._entries.items() if e[0]() is not None}
+        key = id(t)
+        self._entries[key] = (weakref.ref(t, lambda _: self._entries.pop(key, None)), t._version, handle)
 
 
 def resolve_args(
@@ -221,8 +219,7 @@ class Cluster(ABC):
     ) -> tuple[list[int], dict[int, tuple], bool]:
         """Validate a submit; return (workers, per-worker argument tuples, broadcast?) and count the
         master's egress with each tensor sent once."""
-        if method.startswith("_") or not callable(getattr(Worker, method, None)):
-            raise ValueError(f"method {method!r} is not a public Worker method")
+        check_method(method)
         workers = self.alive() if workers is None else self._check_workers(workers)
         if not workers:
             raise ClusterError(f"submit {method!r}: no live workers (n={self.n}, all dead); respawn some")
@@ -232,7 +229,6 @@ class Cluster(ABC):
 
     def _send_once(self, args: Any) -> None:
         """Count each tensor of ``args`` that has not left the master before, and store it."""
-        self._sent.prune()
         for t in iter_tensors(args):
             if not self._sent.get(t)[0]:
                 self._sent.add(t, self._store(t))

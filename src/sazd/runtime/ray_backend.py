@@ -51,6 +51,7 @@ from sazd.runtime.cluster import (
     Counters,
     Round,
     SentTensors,
+    iter_tensors,
     map_tensors,
     tensor_bytes,
 )
@@ -104,8 +105,7 @@ class RayWorker(Worker):
 
 def _fetch(args: tuple) -> tuple:
     """``args`` with every object-store reference inside replaced by its value (one ``ray.get``)."""
-    refs: list[ray.ObjectRef] = []
-    map_tensors(args, refs.append, ray.ObjectRef)
+    refs = list(iter_tensors(args, ray.ObjectRef))
     if not refs:
         return args
     values = iter(ray.get(refs))

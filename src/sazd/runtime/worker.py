@@ -63,6 +63,13 @@ def sgd_apply_product(
     return sgd_apply(weight, left @ right, buffer, step)
 
 
+def check_method(method: str, nested: bool = False) -> None:
+    """Refuse anything but a public ``Worker`` method (``nested``: inside ``batch``, not ``batch``)."""
+    public = not method.startswith("_") and callable(getattr(Worker, method, None))
+    if not public or (nested and method == "batch"):
+        raise ValueError(f"method {method!r} is not a public Worker method")
+
+
 class Worker:
     """Coded state of worker ``index`` and the operations the master may ask of it."""
 
@@ -149,8 +156,7 @@ class Worker:
     def batch(self, calls: list[tuple[str, tuple]]) -> list:
         """Run several calls ``(method, args)`` in order as one task (one message per worker)."""
         for method, _ in calls:
-            if method.startswith("_") or method == "batch" or not callable(getattr(Worker, method, None)):
-                raise ValueError(f"batch: {method!r} is not a public Worker method")
+            check_method(method, nested=True)
         return [getattr(self, method)(*args) for method, args in calls]
 
     def _timed(self, fn):
