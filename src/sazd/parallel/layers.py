@@ -134,7 +134,8 @@ class CodedContext:
         self._queued = {}
         try:
             yield
-            queued = {j: calls for j, calls in self._queued.items() if j in set(self.cluster.alive())}
+            alive = set(self.cluster.alive())
+            queued = {j: calls for j, calls in self._queued.items() if j in alive}
         finally:
             self._queued = None
         if queued:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from sazd.codes.base import Code
-from sazd.parallel.layers import SCHEMES, CodedContext, CodedConv2d, CodedLayer, CodedLinear
+from sazd.parallel.layers import SCHEMES, CodedContext, CodedConv2d, CodedLayer, CodedLinear, ships_gradient
 from sazd.runtime.cluster import Cluster, ClusterError
 
 STYLES = ("coded", "master")
@@ -266,6 +266,7 @@ def update_bytes(scheme: str, rows_row: int, rows_col: int, fan_in: int, fan_out
     """Bytes to the workers of one coded layer's weight update, the coded rows of the row and column
     copies summed over the workers: naive ships both copies (fan columns each); DEU the smaller of
     the encoded factor (``batch_rows`` columns) and the encoded gradient per copy (``ships_gradient``)."""
-    if scheme == "naive":
-        return (rows_row * fan_in + rows_col * fan_out) * element_size
-    return (rows_row * min(batch_rows, fan_in) + rows_col * min(batch_rows, fan_out)) * element_size
+    def columns(fan: int) -> int:  # per coded row
+        return fan if scheme == "naive" or ships_gradient(batch_rows, fan) else batch_rows
+
+    return (rows_row * columns(fan_in) + rows_col * columns(fan_out)) * element_size
