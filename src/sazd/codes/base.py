@@ -39,10 +39,10 @@ REFUSE_ERROR = 1.0  # ... and from this one on the result would be noise: refuse
 HALF_ROUNDOFFS = 16  # a stable decode of half-precision products stays within 16 unit roundoffs
 PROBE_COLUMNS = 4  # probe columns; more for short blocks, so that it holds >= PROBE_VALUES values
 PROBE_VALUES = 4096
-PROBE_INNER = 32  # inner dimension of the probe's products
+PROBE_INNER = 8  # inner dimension of the probe's products
 # The certified error is this multiple of the probe's: the same decode of other data measured up to
-# 2.2x the probe's error in 99 % of cases and 3.8x at worst (tiny results; docs/certified-decoding.md).
-PROBE_MARGIN = 3
+# 1.2x the probe's error in 99 % of cases and 3x at worst (tiny results; docs/certified-decoding.md).
+PROBE_MARGIN = 2
 PROBE_SEED = 0
 CERTIFICATE_LIMIT = 4096  # certificates kept per code (one per worker set, r, dtype and device type)
 
@@ -252,9 +252,9 @@ class Code(ABC):
             if not bad:
                 cert = self._certificate(tuple(sorted(results)), r, ref.dtype, ref.device)
                 raise DecodeError(
-                    f"decoding from workers {sorted(results)} overflowed although every result was "
-                    f"finite: this straggler set is numerically unstable for {self!r} at r={r} rows per "
-                    f"block (certified error {cert.error:.1e}); {self.stability_hint}"
+                    f"refusing to decode: decoding from workers {sorted(results)} overflowed although "
+                    f"every result was finite: this straggler set is numerically unstable for {self!r} "
+                    f"at r={r} rows per block (certified error {cert.error:.1e}); {self.stability_hint}"
                 )
             good = self._drop_non_finite(results, bad)
             return self.decode(good, rows=r * self.k, allow_unstable=allow_unstable)
