@@ -16,8 +16,8 @@ from sazd.codes import (
     GaussianMDS,
     Poly,
     Replication,
-    UnstableDecodeWarning,
     Uncoded,
+    UnstableDecodeWarning,
     code_options,
     get_code,
     straggler_sets,
@@ -37,7 +37,7 @@ def products(code, r: int = 16, cols: int = 6, dtype=F64, seed: int = 0):
 # ------------------------------------------------------------------- unstable decodes are never silent
 def test_non_systematic_sazd_on_long_blocks_is_refused_not_returned_as_noise():
     code = SAZD(10, 8, systematic=False)
-    exact, got = products(code, r=1024, dtype=F32)
+    _, got = products(code, r=1024, dtype=F32)
     with pytest.raises(DecodeError, match=r"refusing to decode.*\[0, 1, 2, 3, 4, 5, 6, 7\].*shift_unit"):
         code.decode({j: got[j] for j in range(8)})
     assert code.certify(range(8), 8 * 1024, F32).refused
@@ -66,7 +66,7 @@ def test_systematic_sazd_with_four_parity_workers_warns_or_refuses_its_hard_sets
 def test_integer_node_poly_is_refused_in_float32_and_certified_in_float64_at_k_8():
     code = Poly(10, 8)
     _, got = products(code, dtype=F32)
-    with pytest.raises(DecodeError, match="chebyshev"):
+    with pytest.raises(DecodeError, match=r"chebyshev"):
         code.decode({j: got[j] for j in range(2, 10)})
     exact, got = products(code, dtype=F64)
     with warnings.catch_warnings():
@@ -109,7 +109,7 @@ def test_integer_results_decode_exactly_once_a_code_turns_on_the_switch():
     got = {j: coded[j].long() for j in (3, 1, 5)}
     assert torch.equal(code.decode(got), W)
     assert code.certify((3, 1, 5), 12, torch.int64).error == 0
-    with pytest.raises(TypeError, match="complex"):
+    with pytest.raises(TypeError, match=r"complex"):
         code.decode({j: t.to(torch.complex64) for j, t in got.items()})
 
 
@@ -129,7 +129,7 @@ def test_nan_and_inf_results_are_erasures_or_a_clear_refusal():
 
 def test_finite_results_whose_decode_overflows_are_refused():
     huge = {j: torch.full((4, 3), 3e38, dtype=F32) * (1 - 2 * (j % 2)) for j in range(2, 8)}
-    with pytest.raises(DecodeError, match="refusing to decode.*overflowed"):
+    with pytest.raises(DecodeError, match=r"refusing to decode.*overflowed"):
         GaussianMDS(8, 6).decode(huge)
 
 
@@ -137,15 +137,15 @@ def test_wrong_shapes_scalars_and_non_tensors_are_refused():
     code = SAZD(6, 4)
     _, got = products(code)
     results = {j: got[j] for j in (0, 1, 4, 5)}
-    with pytest.raises(ValueError, match="result of worker 5 has shape"):
+    with pytest.raises(ValueError, match=r"result of worker 5 has shape"):
         code.decode({**results, 5: got[5][:-1]})
-    with pytest.raises(ValueError, match="result of worker 4 has shape"):
+    with pytest.raises(ValueError, match=r"result of worker 4 has shape"):
         code.decode({**results, 4: got[4][:, :2]})
-    with pytest.raises(ValueError, match="worker 1 must be a tensor with rows on dim 0"):
+    with pytest.raises(ValueError, match=r"worker 1 must be a tensor with rows on dim 0"):
         code.decode({**results, 1: torch.tensor(1.0)})
-    with pytest.raises(TypeError, match="worker 1 must be a torch.Tensor, got ndarray"):
+    with pytest.raises(TypeError, match=r"worker 1 must be a torch.Tensor, got ndarray"):
         code.decode({**results, 1: got[1].numpy()})
-    with pytest.raises(TypeError, match="results must be a mapping"):
+    with pytest.raises(TypeError, match=r"results must be a mapping"):
         code.decode([got[j] for j in (0, 1, 4, 5)])
 
 
@@ -153,9 +153,9 @@ def test_mixed_dtypes_and_devices_are_refused():
     code = Poly(6, 4, nodes="chebyshev")
     _, got = products(code)
     results = {j: got[j] for j in (0, 1, 4, 5)}
-    with pytest.raises(ValueError, match="results must share dtype and device.*float32"):
+    with pytest.raises(ValueError, match=r"results must share dtype and device.*float32"):
         code.decode({**results, 4: got[4].float()})
-    with pytest.raises(ValueError, match="results must share dtype and device.*meta"):
+    with pytest.raises(ValueError, match=r"results must share dtype and device.*meta"):
         code.decode({**results, 4: torch.empty_like(got[4], device="meta")})
 
 
@@ -171,15 +171,15 @@ def test_results_that_require_grad_decode_without_a_graph():
 def test_worker_ids_out_of_range_or_duplicated_are_value_errors(workers):
     code = Poly(6, 4)
     for call in (code.can_decode, code.condition_number, lambda w: code.certify(w, 8)):
-        with pytest.raises(ValueError, match="unknown worker id|duplicate worker id"):
+        with pytest.raises(ValueError, match=r"unknown worker id|duplicate worker id"):
             call(workers)
-    with pytest.raises(ValueError, match="unknown worker id|duplicate"):
+    with pytest.raises(ValueError, match=r"unknown worker id|duplicate"):
         Replication(6, 3).can_decode(workers)
 
 
 @pytest.mark.parametrize("workers", [["0", 1, 2, 3], [True, 1, 2, 3], [0.0, 1, 2, 3], "0123", 5])
 def test_worker_ids_of_the_wrong_type_are_type_errors(workers):
-    with pytest.raises(TypeError, match="worker id|collection of worker ids"):
+    with pytest.raises(TypeError, match=r"worker id|collection of worker ids"):
         SAZD(6, 4).can_decode(workers)
 
 
@@ -194,38 +194,38 @@ def test_verify_needs_at_least_one_sample_and_reports_refused_sets_as_infinite()
     code = SAZD(6, 4)
     with pytest.raises(ValueError, match=r"samples must be an integer >= 1.*samples=0"):
         code.verify(rows=8, samples=0)
-    with pytest.raises(TypeError, match="samples must be an integer"):
+    with pytest.raises(TypeError, match=r"samples must be an integer"):
         code.verify(rows=8, samples=True)
-    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+    with pytest.raises(TypeError, match=r"dtype must be a torch.dtype"):
         code.verify(rows=8, dtype="float32")
-    with pytest.raises(ValueError, match="device='gpu0' is not a device"):
+    with pytest.raises(ValueError, match=r"device='gpu0' is not a device"):
         code.verify(rows=8, device="gpu0")
     assert SAZD(10, 8, systematic=False).verify(rows=8 * 2048, samples=2) == math.inf
     assert 0 < code.verify(rows=8, samples=1) < 1e-6
 
 
 def test_bools_strings_and_floats_are_not_accepted_for_ints_and_bools():
-    with pytest.raises(TypeError, match="systematic must be True or False.*'no'"):
+    with pytest.raises(TypeError, match=r"systematic must be True or False.*'no'"):
         SAZD(6, 4, systematic="no")
-    with pytest.raises(TypeError, match="systematic must be True or False"):
+    with pytest.raises(TypeError, match=r"systematic must be True or False"):
         Poly(6, 4, systematic=1)
-    with pytest.raises(TypeError, match="systematic must be True or False"):
+    with pytest.raises(TypeError, match=r"systematic must be True or False"):
         get_code("gaussian", 6, 4, systematic="false")
-    with pytest.raises(TypeError, match="n must be an integer.*n=True"):
+    with pytest.raises(TypeError, match=r"n must be an integer.*n=True"):
         SAZD(True, 1)
-    with pytest.raises(TypeError, match="k must be an integer.*k=4.0"):
+    with pytest.raises(TypeError, match=r"k must be an integer.*k=4.0"):
         GaussianMDS(6, 4.0)
-    with pytest.raises(TypeError, match="k must be an integer"):
+    with pytest.raises(TypeError, match=r"k must be an integer"):
         Uncoded("3")
-    with pytest.raises(TypeError, match="shift_unit must be an integer.*2.0"):
+    with pytest.raises(TypeError, match=r"shift_unit must be an integer.*2.0"):
         SAZD(6, 4, shift_unit=2.0)
-    with pytest.raises(ValueError, match="shift_unit must be an integer >= 1 or 'auto'.*'big'"):
+    with pytest.raises(ValueError, match=r"shift_unit must be an integer >= 1 or 'auto'.*'big'"):
         SAZD(6, 4, shift_unit="big")
-    with pytest.raises(TypeError, match="nodes must be one of"):
+    with pytest.raises(TypeError, match=r"nodes must be one of"):
         Poly(6, 4, nodes=None)
-    with pytest.raises(TypeError, match="seed must be an integer"):
+    with pytest.raises(TypeError, match=r"seed must be an integer"):
         GaussianMDS(6, 4, seed=1.5)
-    with pytest.raises(TypeError, match="allow_unstable must be True or False"):
+    with pytest.raises(TypeError, match=r"allow_unstable must be True or False"):
         SAZD(6, 4).decode({}, allow_unstable="yes")
 
 
@@ -241,47 +241,47 @@ def test_rows_arguments_are_checked_everywhere():
     results = {j: got[j] for j in (0, 1, 4, 5)}
     with pytest.raises(ValueError, match=r"rows=10 must be a positive multiple of k=4.*pad to 12"):
         code.decode(results, rows=10)
-    with pytest.raises(TypeError, match="rows must be an integer"):
+    with pytest.raises(TypeError, match=r"rows must be an integer"):
         code.decode(results, rows="64")
-    with pytest.raises(TypeError, match="rows must be an integer"):
+    with pytest.raises(TypeError, match=r"rows must be an integer"):
         code.overhead_rows(True)
-    with pytest.raises(ValueError, match="rows=0 must be a positive multiple"):
+    with pytest.raises(ValueError, match=r"rows=0 must be a positive multiple"):
         code.certify((0, 1, 2, 3), 0)
     for c in (code, Poly(6, 4)):
         with pytest.raises(ValueError, match=r"r must be an integer >= 1.*r=0"):
             c.block_rows(0)
-        with pytest.raises(TypeError, match="r must be an integer"):
+        with pytest.raises(TypeError, match=r"r must be an integer"):
             c.block_rows(1.5)
     with pytest.raises(TypeError, match=r"W must be a floating-point tensor.*int64"):
         code.encode(torch.arange(8).reshape(8, 1))
-    with pytest.raises(TypeError, match="W must be a torch.Tensor, got list"):
+    with pytest.raises(TypeError, match=r"W must be a torch.Tensor, got list"):
         code.encode([[1.0]] * 8)
 
 
 def test_registry_functions_check_their_arguments():
-    with pytest.raises(TypeError, match="code name must be a string"):
+    with pytest.raises(TypeError, match=r"code name must be a string"):
         get_code(5, 6, 4)
-    with pytest.raises(TypeError, match="code name must be a string"):
+    with pytest.raises(TypeError, match=r"code name must be a string"):
         code_options(None)
-    with pytest.raises(ValueError, match="unknown code 'rs'"):
+    with pytest.raises(ValueError, match=r"unknown code 'rs'"):
         code_options("rs")
-    with pytest.raises(TypeError, match="n must be an integer"):
+    with pytest.raises(TypeError, match=r"n must be an integer"):
         get_code("uncoded", "4", 4)
-    with pytest.raises(TypeError, match="n must be an integer"):
+    with pytest.raises(TypeError, match=r"n must be an integer"):
         get_code("sazd", 6.0, 4)
     with pytest.raises(ValueError, match=r"samples must be an integer >= 1.*samples=0"):
         straggler_sets(6, 4, samples=0)
     with pytest.raises(ValueError, match=r"n must be an integer >= 5"):
         straggler_sets(3, 5)
-    with pytest.raises(TypeError, match="seed must be an integer"):
+    with pytest.raises(TypeError, match=r"seed must be an integer"):
         straggler_sets(6, 4, samples=2, seed="0")
 
 
 def test_certify_refuses_bad_dtypes_devices_and_undecodable_sets():
     code = Replication(6, 3)
-    with pytest.raises(TypeError, match="floating-point dtype.*torch.int32"):
+    with pytest.raises(TypeError, match=r"floating-point dtype.*torch.int32"):
         code.certify((0, 1, 2), 3, torch.int32)
-    with pytest.raises(TypeError, match="device must be a string"):
+    with pytest.raises(TypeError, match=r"device must be a string"):
         code.certify((0, 1, 2), 3, F32, device=0.5)
     with pytest.raises(DecodeError, match=r"workers \[0, 1, 3\] cannot decode"):
         code.certify((0, 3, 1), 3)

@@ -49,11 +49,12 @@ class SAZD(Code):
                 )
         else:
             shift_unit = check_int(shift_unit, "shift_unit", 1, "rows, or 'auto'")
-            if shift_unit > MAX_SHIFT_UNIT:
+            extra = ((n - k - 1) if self.is_systematic else (n - 1)) * (k - 1)  # last block: extra * g rows
+            if shift_unit > MAX_SHIFT_UNIT and extra:
                 raise ValueError(
-                    f"shift_unit={shift_unit} is too large: the last parity block would get "
-                    f"{(n - k - 1) * (k - 1)} x {shift_unit} extra rows; use shift_unit <= {MAX_SHIFT_UNIT} "
-                    "or 'auto' (see `sazd design`)"
+                    f"shift_unit={shift_unit} is too large: the last coded block would get {extra} x "
+                    f"{shift_unit} extra rows; use shift_unit <= {MAX_SHIFT_UNIT} or 'auto' "
+                    "(see `sazd design`)"
                 )
         self.shift_unit = shift_unit
 
