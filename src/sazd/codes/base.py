@@ -412,7 +412,7 @@ class Code(ABC):
 
     def _check_results(self, results: Mapping[int, Tensor], rows: int | None) -> tuple[Tensor, int]:
         """Validate ``decode``'s arguments; return the first result and the rows per block."""
-        if not isinstance(results, Mapping):
+        if type(results) is not dict and not isinstance(results, Mapping):
             raise ArgumentTypeError(
                 f"results must be a mapping worker -> tensor, got {type(results).__name__}; "
                 "pass e.g. {j: coded[j] @ X for j in workers}"
@@ -497,7 +497,7 @@ def _checked_can_decode(
 # ------------------------------------------------------------------- argument checks
 def check_int(value: Any, name: str, minimum: int | None, meaning: str) -> int:
     """``value`` must be an integer (not a bool) and, when ``minimum`` is given, >= minimum."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+    if type(value) is not int and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
         raise ArgumentTypeError(f"{name} must be an integer ({meaning}), got {name}={value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum} ({meaning}), got {name}={value!r}")
@@ -533,22 +533,27 @@ def check_device(device: Any) -> torch.device:
 
 def check_workers(code: Code, workers: Collection[int], name: str = "workers") -> list[int]:
     """Worker ids: integers in 0..n-1, no duplicates. Returns them as a list of ints."""
-    if isinstance(workers, str | bytes) or not isinstance(workers, Collection):
+    if type(workers) not in (list, tuple, set, frozenset) and (
+        isinstance(workers, str | bytes) or not isinstance(workers, Collection)
+    ):
         raise ArgumentTypeError(
             f"{name} must be a collection of worker ids (e.g. a list or set of ints), got {workers!r}"
         )
     ids: list[int] = []
     for j in workers:
-        problem = f"unknown worker id {j!r} in {name}: worker ids are integers 0..{code.n - 1}"
-        if not isinstance(j, numbers.Integral) or isinstance(j, bool):
-            raise ArgumentTypeError(problem)
+        if type(j) is not int and (not isinstance(j, numbers.Integral) or isinstance(j, bool)):
+            raise ArgumentTypeError(_unknown_worker(code, j, name))
         if not 0 <= j < code.n:
-            raise ValueError(problem)
+            raise ValueError(_unknown_worker(code, j, name))
         ids.append(int(j))
     if len(set(ids)) != len(ids):
         dup = next(j for j in ids if ids.count(j) > 1)
         raise ValueError(f"duplicate worker id {dup} in {list(workers)}; name each worker once")
     return ids
+
+
+def _unknown_worker(code: Code, j: Any, name: str) -> str:
+    return f"unknown worker id {j!r} in {name}: worker ids are integers 0..{code.n - 1}"
 
 
 def check_subset(code: Code, workers: Sequence[int]) -> None:
