@@ -7,12 +7,13 @@ product ``coded[j] @ X`` is the coded version of ``W @ X``; ``decode`` turns the
 
 Certified decoding: how much a decode amplifies the rounding errors of the workers' products depends
 only on the code, the set of workers used, the rows per block ``r``, the results' dtype and the device
--- never on the data. So the first decode of each such key also decodes a small random probe (the
-exact float64 coded blocks of random source blocks, rounded to the results' dtype as a worker's
-product would be) and measures its relative error against the exact answer: a ``Certificate``,
-cached for every later decode. Above ``warning_bound(dtype)`` the decode warns once
-(``UnstableDecodeWarning``); from ``REFUSE_ERROR`` on, or when the probe comes out NaN/Inf, it
-refuses (``DecodeError``), so noise is never returned as a result. See docs/certified-decoding.md.
+-- never on the data. So the first decode of each such key also decodes a small random probe (exact
+float64 coded blocks, rounded to the results' dtype and multiplied in it, as a worker's product
+is) and measures its relative error against the exact float64 answer; ``PROBE_MARGIN`` times that
+is the key's ``Certificate``, cached for every later decode. Above ``warning_bound(dtype)`` the
+decode warns once (``UnstableDecodeWarning``); from ``REFUSE_ERROR`` on, or when the probe comes
+out NaN/Inf, it refuses (``DecodeError``), so noise is never returned as a result. See
+docs/certified-decoding.md.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from torch import Tensor
 MAX_WORKERS = 32
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
-WARN_ERROR = 1e-3  # probe errors above this (or above 16 unit roundoffs of a half dtype) warn
+WARN_ERROR = 1e-3  # certified errors above this (or above 16 unit roundoffs of a half dtype) warn
 REFUSE_ERROR = 1.0  # ... and from this one on the result would be noise: refused
 HALF_ROUNDOFFS = 16  # a stable decode of half-precision products stays within 16 unit roundoffs
 PROBE_COLUMNS = 4  # probe columns; more for short blocks, so that it holds >= PROBE_VALUES values
@@ -268,9 +269,10 @@ class Code(ABC):
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
     ) -> Certificate:
-        """The measured relative decode error of these workers' results (``rows`` source rows in all,
+        """The certified relative decode error of these workers' results (``rows`` source rows in all,
         results in ``dtype`` on ``device``): the certificate ``decode`` checks, computed on first use
-        and cached. Raises ``DecodeError`` when these workers cannot decode at all."""
+        and cached; it decodes nothing and warns about nothing. Raises ``DecodeError`` when these
+        workers cannot decode at all."""
         chosen = check_workers(self, workers)
         r = self._rows_per_block(rows, "rows")
         check_dtype(dtype, "dtype", self.accepts_integer_results)
