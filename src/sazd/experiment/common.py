@@ -1,0 +1,329 @@
+"""Shared machinery of the experiments: output directory, resumable cell store, machine description,
+progress bar, run-to-run spread and the written outputs (csv, json, markdown)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime as _dt
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MARKER = ".sazd-experiment"  # written into every directory an experiment creates; nothing else is reused
+CELLS = "cells.jsonl"
+
+
+# ------------------------------------------------------------------ output directory
+def prepare_out(out: str | None, experiment: str) -> Path:
+    """The output directory: ``out`` or ``runs/experiment-<name>-<UTC time>``.
+
+    A directory is used only when it is new, empty, or was created by the same experiment (it then
+    holds completed cells to resume from); anything else is refused, never overwritten.
+    """
+    if out is None:
+        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
+        path = Path("runs") / f"experiment-{experiment}-{stamp}"
+    else:
+        path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} is a file; give a directory")
+    marker = path / MARKER
+    if path.is_dir() and any(path.iterdir()):
+        if not marker.is_file():
+            raise ValueError(
+                f"--out {path} exists and was not created by `sazd experiment`; choose a new directory"
+            )
+        owner = marker.read_text().strip()
+        if owner != experiment:
+            raise ValueError(f"--out {path} holds a `sazd experiment {owner}` run; choose another directory")
+    path.mkdir(parents=True, exist_ok=True)
+    marker.write_text(experiment + "\n")
+    return path
+
+
+# ------------------------------------------------------------------ resumable cells
+class CellStore:
+    """Completed cells, one JSON object per line in ``DIR/cells.jsonl``, keyed by ``cell["key"]``.
+
+    A cell is written (and flushed) the moment it finishes, so an interrupted sweep loses at most the
+    cell in flight. Lines that do not parse (a write cut short) are ignored and rerun.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / CELLS
+        self.cells: dict[str, dict[str, Any]] = {}
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError):
+                    cell = json.loads(line)
+                    if isinstance(cell, dict) and isinstance(cell.get("key"), str):
+                        self.cells[cell["key"]] = cell
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.cells
+
+    def add(self, cell: dict[str, Any]) -> None:
+        self.cells[cell["key"]] = cell
+        with self.path.open("a") as f:
+            f.write(json.dumps(cell, default=_jsonable) + "\n")
+            f.flush()
+
+
+def cell_key(**fields: Any) -> str:
+    return "|".join(f"{k}={fields[k]}" for k in sorted(fields))
+
+
+def run_cells(
+    store: CellStore,
+    cells: Sequence[dict[str, Any]],
+    run_one: Callable[[dict[str, Any]], dict[str, Any]],
+    desc: str,
+    seconds_per_cell: float,
+) -> list[dict[str, Any]]:
+    """Run every cell not yet in ``store`` (printing the expected run time first), with a progress bar;
+    return all cells of the grid, in grid order."""
+    todo = [c for c in cells if c["key"] not in store]
+    done = len(cells) - len(todo)
+    print(
+        f"{desc}: {len(cells)} cells, {done} already done, {len(todo)} to run; expected run time about "
+        f"{_duration(len(todo) * seconds_per_cell)} on this machine",
+        file=sys.stderr,
+        flush=True,
+    )
+    with progress(total=len(todo), desc=desc) as bar:
+        for cell in todo:
+            start = time.perf_counter()
+            result = run_one(cell)
+            store.add({**cell, **result, "cell_s": round(time.perf_counter() - start, 3)})
+            bar.update(1)
+    return [store.cells[c["key"]] for c in cells]
+
+
+def progress(total: int, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+# ------------------------------------------------------------------ machine
+def machine() -> dict[str, Any]:
+    """CPU model, cores, load, torch/ray versions and the date: where the figures came from."""
+    from sazd.bench.train import machine as bench_machine
+
+    info = bench_machine()
+    try:
+        import ray
+
+        info["ray"] = ray.__version__
+    except ImportError:
+        info["ray"] = "not installed"
+    info["date_utc"] = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M")
+    return info
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    return (
+        f"{m['cpu']}, {m['nproc']} cores, torch {m['torch']} ({m['torch_threads']} threads), ray {m['ray']}, "
+        f"python {m['python']}, {m['date_utc']} UTC, load average at start "
+        f"{m.get('loadavg_at_start')} (the machine was shared with other jobs)"
+    )
+
+
+# ------------------------------------------------------------------ spread and ties
+@dataclass(frozen=True)
+class Spread:
+    """Run-to-run spread of one quantity over seeds: mean, and half the range (max - min) / 2."""
+
+    mean: float
+    half_range: float
+    count: int
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> Spread | None:
+        vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+        if not vals:
+            return None
+        return cls(statistics.fmean(vals), (max(vals) - min(vals)) / 2, len(vals))
+
+    def fmt(self, scale: float = 1.0, digits: int = 1) -> str:
+        return f"{self.mean * scale:.{digits}f} ± {self.half_range * scale:.{digits}f}"
+
+
+def compare(a: Spread | None, b: Spread | None) -> str:
+    """``"a"`` / ``"b"`` (the better, higher one) or ``"tie"`` when the difference of the means is
+    within the seeds' spread: ``|mean_a - mean_b| <= half_range_a + half_range_b`` (the two ranges
+    overlap). With fewer than 3 seeds on either side the verdict is ``"n/a"``."""
+    if a is None or b is None:
+        return "a" if b is None and a is not None else ("b" if a is None and b is not None else "n/a")
+    if min(a.count, b.count) < 3:
+        return "n/a"
+    if abs(a.mean - b.mean) <= a.half_range + b.half_range:
+        return "tie"
+    return "a" if a.mean > b.mean else "b"
+
+
+# ------------------------------------------------------------------ flags
+def int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not values or any(v < minimum for v in values):
+        raise ValueError(f"{flag} must list integers >= {minimum}, got {text!r}")
+    return values
+
+
+def choice_list(text: str, flag: str, allowed: Sequence[str]) -> list[str]:
+    values = [v.strip() for v in str(text).split(",") if v.strip()]
+    bad = [v for v in values if v not in allowed]
+    if not values or bad:
+        raise ValueError(f"{flag}: unknown value(s) {bad or text!r}; choose from {', '.join(allowed)}")
+    return values
+
+
+def positive(value: float, flag: str) -> float:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{flag} must be a positive number, got {value!r}")
+    return value
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, experiment: str) -> None:
+    parser.add_argument(
+        "--out",
+        default=None,
+        help=f"output directory (default runs/experiment-{experiment}-<time>); an existing "
+        "directory of the same experiment is resumed, any other is refused",
+    )
+    parser.add_argument("--quick", action="store_true", help="a small grid that finishes in a few minutes")
+
+
+# ------------------------------------------------------------------ outputs
+def write_results(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """``results.csv`` (one row per cell, nested fields left out) and ``results.json`` (everything)."""
+    flat = [{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in rows]
+    fields = list(dict.fromkeys(k for r in flat for k in r))
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(flat)
+    (out / "results.json").write_text(json.dumps({**summary, "cells": rows}, indent=1, default=_jsonable))
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt_error(err: float | None) -> str:
+    if err is None:
+        return "—"
+    if not math.isfinite(err):
+        return "refused"
+    return f"{err:.1e}"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return str(value)
+
+
+def json_error(err: float) -> float | str:
+    return err if math.isfinite(err) else str(err)
+
+
+def read_error(value: Any) -> float:
+    return float(value) if value is not None else math.nan
+
+
+def setup_matplotlib() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 100, "font.size": 9, "axes.grid": True, "grid.alpha": 0.3})
+    return plt
+
+
+# ------------------------------------------------------------------ the codes compared
+@dataclass(frozen=True)
+class Variant:
+    """One code as the experiments compare it: a short label, the registry name and its options."""
+
+    label: str
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+    title: str = ""
+
+    def build(self, n: int, k: int) -> Any:
+        from sazd.codes import get_code
+
+        return get_code(self.name, n=n if self.name != "uncoded" else k, k=k, **dict(self.options))
+
+    def n_for(self, k: int, m: int) -> int:
+        return k if self.name == "uncoded" else k + m
+
+
+_VARIANTS = (
+    Variant("uncoded", "uncoded", (), "uncoded (n = k, waits for every worker)"),
+    Variant("sazd", "sazd", (("systematic", True),), "SAZD systematic"),
+    Variant("sazd-nonsys", "sazd", (("systematic", False),), "SAZD non-systematic (paper's form)"),
+    Variant("poly", "poly", (("nodes", "integer"),), "Poly, integer nodes (paper's baseline)"),
+    Variant("poly-cheb", "poly", (("nodes", "chebyshev"),), "Poly, Chebyshev nodes"),
+    Variant("gaussian", "gaussian", (), "Gaussian MDS"),
+    Variant("cyclic", "cyclic", (), "cyclic shift-and-add"),
+)
+
+
+def variants() -> dict[str, Variant]:
+    """The variants whose code exists in this sazd (``sazd.codes.CODE_NAMES``), by label."""
+    from sazd.codes import CODE_NAMES
+
+    return {v.label: v for v in _VARIANTS if v.name in CODE_NAMES}
+
+
+def pick_variants(text: str | None, flag: str = "--codes", coded_only: bool = False) -> list[Variant]:
+    available = {k: v for k, v in variants().items() if not (coded_only and v.name == "uncoded")}
+    if text is None:
+        return list(available.values())
+    return [available[label] for label in choice_list(text, flag, list(available))]
+
+
+def worst_set(
+    code: Any, rows: int, dtype: Any, samples: int, seed: int
+) -> tuple[tuple[int, ...], float, list[float]]:
+    """The straggler set (received workers) with the largest certified decode error among the hard sets
+    and ``samples`` random k-subsets (all of them when that is no more), its error (inf: refused) and
+    every error measured. Uses ``Code.certify``: the error ``decode`` itself checks."""
+    from sazd.bench import pick_sets
+
+    sets, _, _ = pick_sets(code, samples, seed)
+    sets = [s for s in sets if code.can_decode(s)]
+    errors = [_cert_error(code, s, rows, dtype) for s in sets]
+    i = max(range(len(sets)), key=lambda j: errors[j] if errors[j] == errors[j] else math.inf)
+    return tuple(sets[i]), errors[i], errors
+
+
+def _cert_error(code: Any, workers: Sequence[int], rows: int, dtype: Any) -> float:
+    err = code.certify(workers, rows, dtype).error
+    return err if err == err else math.inf
+
+
+def bad_flag(experiment: str, err: Exception) -> int:
+    """A bad flag: one line on stderr, exit status 2."""
+    print(f"sazd experiment {experiment}: error: {err}", file=sys.stderr)
+    return 2

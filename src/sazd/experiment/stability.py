@@ -1,0 +1,341 @@
+"""`sazd experiment stability`: decode-error maps of every code and the storage overhead each costs.
+
+Two parts, every cell one certified measurement (``Code.certify``: decode a random probe from a
+straggler set and compare with its exact float64 product, times a safety margin — the error ``decode``
+itself checks before it returns):
+
+1. ``codes``: each code over k x (n - k) x rows per block x worker-product dtype; the worst certified
+   error over the hard straggler sets and ``--samples`` random ones, the worst set, and the storage
+   overhead (extra coded rows over an ideal MDS code, as a fraction of all coded rows).
+2. ``shift``: systematic SAZD at ``--shift-k`` over shift unit x rows x (n - k): the design trade-off —
+   a larger shift unit shortens zigzag chains (smaller error) and costs extra rows on the parity blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from sazd.experiment import common
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float64": "float64"}
+QUICK = dict(ks="2,4,8", ms="1,2,3", rows="64,1024", shift_units="auto,1,16", samples=6)
+FULL = dict(ks="2,4,8,12,16", ms="1,2,3,4", rows="64,1024,8192", shift_units="auto,1,4,16,64", samples=20)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n")[0].strip("`")
+    common.add_common_arguments(parser, "stability")
+    parser.add_argument("--codes", default=None, help="comma list of code labels (default: every coded one)")
+    parser.add_argument("--ks", default=None, help="comma list of k")
+    parser.add_argument("--ms", default=None, help="comma list of n - k (parity workers)")
+    parser.add_argument("--rows", default=None, help="comma list of rows per source block")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="worker-product dtypes")
+    parser.add_argument(
+        "--shift-units", default=None, help="SAZD shift units for the design map (auto or ints)"
+    )
+    parser.add_argument("--shift-k", type=int, default=8, help="k of the shift-unit map")
+    parser.add_argument(
+        "--samples", type=int, default=None, help="random straggler sets per cell (plus hard ones)"
+    )
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    base = QUICK if args.quick else FULL
+    s: dict[str, Any] = {
+        "variants": common.pick_variants(args.codes, coded_only=True),
+        "ks": common.int_list(args.ks or base["ks"], "--ks"),
+        "ms": common.int_list(args.ms or base["ms"], "--ms"),
+        "rows": common.int_list(args.rows or base["rows"], "--rows"),
+        "dtypes": common.choice_list(args.dtypes, "--dtypes", list(DTYPES)),
+        "samples": base["samples"] if args.samples is None else args.samples,
+        "shift_k": args.shift_k,
+    }
+    units = [u.strip() for u in (args.shift_units or base["shift_units"]).split(",") if u.strip()]
+    bad = [u for u in units if u != "auto" and not (u.isdigit() and int(u) >= 1)]
+    if not units or bad:
+        raise ValueError(f"--shift-units must list 'auto' or integers >= 1, got {args.shift_units!r}")
+    s["shift_units"] = units
+    if s["samples"] < 1:
+        raise ValueError(f"--samples must be >= 1, got {s['samples']}")
+    if s["shift_k"] < 2:
+        raise ValueError(f"--shift-k must be >= 2, got {s['shift_k']}")
+    return s
+
+
+def grid(s: dict[str, Any]) -> list[dict[str, Any]]:
+    cells = []
+    for v in s["variants"]:
+        for k in s["ks"]:
+            for m in s["ms"]:
+                for rows in s["rows"]:
+                    for dtype in s["dtypes"]:
+                        fields = dict(
+                            part="codes", code=v.label, k=k, m=m, rows=rows, dtype=dtype, shift_unit=""
+                        )
+                        cells.append({"key": common.cell_key(**fields, samples=s["samples"]), **fields})
+    if any(v.label == "sazd" for v in common.variants().values()):
+        for unit in s["shift_units"]:
+            for m in s["ms"]:
+                for rows in s["rows"]:
+                    for dtype in s["dtypes"]:
+                        fields = dict(
+                            part="shift",
+                            code="sazd",
+                            k=s["shift_k"],
+                            m=m,
+                            rows=rows,
+                            dtype=dtype,
+                            shift_unit=unit,
+                        )
+                        cells.append({"key": common.cell_key(**fields, samples=s["samples"]), **fields})
+    return cells
+
+
+def measure(cell: dict[str, Any], samples: int) -> dict[str, Any]:
+    """Worst certified error of one (code, k, m, rows, dtype) and its storage overhead."""
+    import torch
+
+    v = common.variants()[cell["code"]]
+    opts = dict(v.options)
+    if cell["shift_unit"]:
+        opts["shift_unit"] = cell["shift_unit"] if cell["shift_unit"] == "auto" else int(cell["shift_unit"])
+    try:
+        code = common.Variant(v.label, v.name, tuple(opts.items())).build(cell["k"] + cell["m"], cell["k"])
+    except ValueError as err:  # e.g. a shift unit this (n, k, rows) cannot use
+        return {"status": "invalid", "message": str(err)[:200]}
+    total = cell["k"] * cell["rows"]
+    received, err, _ = common.worst_set(code, total, getattr(torch, cell["dtype"]), samples, 0)
+    overhead = code.overhead_rows(total) / (code.n * cell["rows"])
+    missing = [j for j in range(code.n) if j not in received]
+    status = "refused" if not err < 1 else ("unstable" if err > _bound(cell["dtype"]) else "certified")
+    return {
+        "status": status,
+        "error": common.json_error(err),
+        "worst_missing": missing,
+        "overhead": overhead,
+        "code_repr": repr(code),
+    }
+
+
+def _bound(dtype: str) -> float:
+    import torch
+
+    from sazd.codes import warning_bound
+
+    return warning_bound(getattr(torch, dtype))
+
+
+# ------------------------------------------------------------------ report
+def _err(c: dict[str, Any]) -> float:
+    return common.read_error(c.get("error")) if c.get("status") != "invalid" else math.nan
+
+
+def format_report(s: dict[str, Any], cells: list[dict[str, Any]], m: dict[str, Any], plots: list[str]) -> str:
+    lines = [
+        "# Experiment: decode stability and storage overhead",
+        "",
+        f"Machine: {common.machine_line(m)} (errors are deterministic; the machine does not change them).",
+        "",
+        "## What was run",
+        "",
+        "Certified relative decode error (`Code.certify`: a probe decoded from the straggler set, compared "
+        "with its exact float64 product, times the safety margin `decode` uses) — the worst over the hard "
+        f"straggler sets and {s['samples']} random sets — for k in {s['ks']}, n - k in {s['ms']}, rows per "
+        f"block {s['rows']}, worker products in {', '.join(s['dtypes'])}. 'refused': >= 1, decoding raises. "
+        "Overhead: extra coded rows over an ideal MDS code, as a fraction of all coded rows.",
+        "",
+    ]
+    for dtype in s["dtypes"]:
+        for rows in s["rows"]:
+            part = [c for c in cells if c["part"] == "codes" and c["dtype"] == dtype and c["rows"] == rows]
+            if not part:
+                continue
+            lines += [f"### {dtype}, {rows} rows per block (worst certified error; overhead for SAZD)", ""]
+            cols = [(k, mm) for k in s["ks"] for mm in s["ms"]]
+            header = ["code"] + [f"k={k} m={mm}" for k, mm in cols]
+            body = []
+            for v in s["variants"]:
+                by = {(c["k"], c["m"]): c for c in part if c["code"] == v.label}
+                body.append([v.label] + [_cell_text(by.get(key)) for key in cols])
+            lines += [common.markdown_table(header, body), ""]
+    shift = [c for c in cells if c["part"] == "shift"]
+    if shift:
+        lines += [f"### SAZD systematic, k = {s['shift_k']}: shift unit vs error and overhead", ""]
+        cols = [(mm, rows) for mm in s["ms"] for rows in s["rows"]]
+        body = []
+        for dtype in s["dtypes"]:
+            for unit in s["shift_units"]:
+                by = {
+                    (c["m"], c["rows"]): c for c in shift if c["shift_unit"] == unit and c["dtype"] == dtype
+                }
+                body.append([dtype, unit] + [_cell_text(by.get(key), overhead=True) for key in cols])
+        lines += [
+            common.markdown_table(["dtype", "shift unit"] + [f"m={mm} r={rows}" for mm, rows in cols], body),
+            "",
+        ]
+    lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    lines += ["", "## Conclusion", "", conclusion(cells, s), ""]
+    return "\n".join(lines)
+
+
+def _cell_text(c: dict[str, Any] | None, overhead: bool = False) -> str:
+    if c is None:
+        return "—"
+    if c["status"] == "invalid":
+        return "n/a"
+    text = common.fmt_error(_err(c))
+    if (overhead or c["code"] == "sazd") and c.get("overhead"):
+        text += f" (+{c['overhead'] * 100:.1f}%)"
+    return text
+
+
+def conclusion(cells: list[dict[str, Any]], s: dict[str, Any]) -> str:
+    f32 = [c for c in cells if c["part"] == "codes" and c["dtype"] == "float32"]
+    if not f32:
+        return "No float32 cells were run."
+    parts = []
+    for v in s["variants"]:
+        cs = [c for c in f32 if c["code"] == v.label]
+        ok = [c for c in cs if _err(c) < _bound("float32")]
+        refused = [c for c in cs if c["status"] == "refused"]
+        worst_ok_m = max((c["m"] for c in ok), default=None)
+        parts.append(
+            f"{v.label}: {len(ok)} of {len(cs)} float32 cells certified (<= 1e-3), {len(refused)} refused"
+            + (f", certified up to n - k = {worst_ok_m}" if worst_ok_m else "")
+        )
+    text = "; ".join(parts) + ". "
+    m2 = 2 if 2 in s["ms"] else s["ms"][0]
+    rows = max(s["rows"])
+    trend = []
+    for v in s["variants"]:
+        cs = sorted(
+            (c for c in f32 if c["code"] == v.label and c["m"] == m2 and c["rows"] == rows),
+            key=lambda c: c["k"],
+        )
+        if len(cs) > 1:
+            trend.append(
+                f"{v.label} {common.fmt_error(_err(cs[0]))} at k={cs[0]['k']} -> "
+                f"{common.fmt_error(_err(cs[-1]))} at k={cs[-1]['k']}"
+            )
+    if trend:
+        text += f"Growth with k (float32, n - k = {m2}, {rows} rows): " + "; ".join(trend) + ". "
+    return text + (
+        "The shift map shows what a larger shift unit buys (shorter zigzag chains, smaller error) and "
+        "what it costs (extra parity rows); in bfloat16 every code is limited by bf16 rounding."
+    )
+
+
+def plot(cells: list[dict[str, Any]], s: dict[str, Any], out: Path) -> list[str]:
+    import numpy as np
+
+    plt = common.setup_matplotlib()
+    names = []
+    rows = max(s["rows"])
+    for dtype in s["dtypes"]:
+        part = [c for c in cells if c["part"] == "codes" and c["dtype"] == dtype and c["rows"] == rows]
+        if not part:
+            continue
+        fig, axes = plt.subplots(
+            1, len(s["variants"]), figsize=(2.4 * len(s["variants"]) + 1, 2.8), squeeze=False
+        )
+        image = None
+        for ax, v in zip(axes[0], s["variants"], strict=True):
+            grid_ = np.full((len(s["ms"]), len(s["ks"])), np.nan)
+            for c in part:
+                if c["code"] == v.label:
+                    e = _err(c)
+                    grid_[s["ms"].index(c["m"]), s["ks"].index(c["k"])] = (
+                        math.log10(min(max(e, 1e-9), 1.0)) if e == e else np.nan
+                    )
+            image = ax.imshow(grid_, origin="lower", cmap="viridis", vmin=-8, vmax=0, aspect="auto")
+            for (i, j), val in np.ndenumerate(grid_):
+                ax.text(
+                    j,
+                    i,
+                    "R" if val >= 0 else ("" if val != val else f"{val:.0f}"),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if val < -4 else "black",
+                )
+            ax.set_xticks(range(len(s["ks"])), s["ks"])
+            ax.set_yticks(range(len(s["ms"])), s["ms"])
+            ax.set_xlabel("k (source blocks)")
+            ax.set_title(v.label, fontsize=8)
+            ax.grid(False)
+        axes[0][0].set_ylabel("n - k (parity workers)")
+        cbar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9)
+        cbar.set_label("log10 certified rel. error (R: refused)")
+        fig.suptitle(
+            f"worst certified decode error, {dtype} products, {rows} rows per block", fontsize=9, y=1.03
+        )
+        fig.savefig(out / f"stability_{dtype}.png", bbox_inches="tight")
+        plt.close(fig)
+        names.append(f"stability_{dtype}.png")
+    shift = [c for c in cells if c["part"] == "shift" and c["dtype"] == s["dtypes"][0]]
+    if shift:
+        fig, axes = plt.subplots(1, len(s["ms"]), figsize=(3.2 * len(s["ms"]) + 1, 2.8), squeeze=False)
+        image = None
+        for ax, mm in zip(axes[0], s["ms"], strict=True):
+            grid_ = np.full((len(s["shift_units"]), len(s["rows"])), np.nan)
+            over = {}
+            for c in shift:
+                if c["m"] == mm and c["status"] != "invalid":
+                    i, j = s["shift_units"].index(c["shift_unit"]), s["rows"].index(c["rows"])
+                    grid_[i, j] = math.log10(min(max(_err(c), 1e-9), 1.0))
+                    over[i, j] = c.get("overhead", 0.0)
+            image = ax.imshow(grid_, origin="lower", cmap="viridis", vmin=-8, vmax=0, aspect="auto")
+            for (i, j), val in np.ndenumerate(grid_):
+                if val == val:
+                    ax.text(
+                        j,
+                        i,
+                        ("R" if val >= 0 else f"{val:.0f}") + f"\n+{over[i, j] * 100:.1f}%",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if val < -4 else "black",
+                    )
+            ax.set_xticks(range(len(s["rows"])), s["rows"])
+            ax.set_yticks(range(len(s["shift_units"])), s["shift_units"])
+            ax.set_xlabel("rows per source block")
+            ax.set_title(f"n - k = {mm}", fontsize=8)
+            ax.grid(False)
+        axes[0][0].set_ylabel("shift unit g")
+        cbar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9)
+        cbar.set_label("log10 certified rel. error")
+        fig.suptitle(
+            f"SAZD k = {s['shift_k']}, {s['dtypes'][0]}: error (top) and extra parity rows (bottom, % of "
+            "coded rows)",
+            fontsize=9,
+            y=1.03,
+        )
+        fig.savefig(out / "shift_units.png", bbox_inches="tight")
+        plt.close(fig)
+        names.append("shift_units.png")
+    return names
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        s = settings(args)
+        out = common.prepare_out(args.out, "stability")
+    except ValueError as err:
+        return common.bad_flag("stability", err)
+    m = common.machine()
+    cells = common.run_cells(
+        common.CellStore(out), grid(s), lambda c: measure(c, s["samples"]), "stability", seconds_per_cell=0.5
+    )
+    plots = plot(cells, s, out)
+    report = format_report(s, cells, m, plots)
+    (out / "report.md").write_text(report)
+    common.write_results(
+        out, cells, {"machine": m, "settings": {**s, "variants": [v.label for v in s["variants"]]}}
+    )
+    print(report)
+    print(f"\nwritten: {out}/report.md, results.csv, results.json, {', '.join(plots)}", file=sys.stderr)
+    return 0
