@@ -35,7 +35,8 @@ def test_stability_outputs_match_the_codes_own_certificates(tmp_path, capsys):
         code = get_code(c["code"], n=c["k"] + c["m"], k=c["k"], **opts)
         received = [j for j in range(code.n) if j not in c["worst_missing"]]
         assert c["error"] == pytest.approx(code.certify(received, 2 * 16, torch.float32).error, rel=0.5)
-        sets = ([j for j in range(code.n) if j not in (a, b)] for a in range(code.n) for b in range(a, code.n))
+        n = code.n
+        sets = ([j for j in range(n) if j not in (a, b)] for a in range(n) for b in range(a, n))
         every = [code.certify(s, 32, torch.float32).error for s in sets if len(s) == code.k]
         assert c["error"] == pytest.approx(max(every), rel=0.5)  # n, k so small that every set was tried
         assert c["overhead"] == pytest.approx((sum(code.block_rows(16)) - code.n * 16) / (code.n * 16))
@@ -108,8 +109,8 @@ def test_code_list_comes_from_the_registry():
 def test_accuracy_records_refusals_and_worst_sets(tmp_path):
     out = tmp_path / "acc"
     argv = ["experiment", "accuracy", "--out", str(out), "--dataset", "digits", "--models", "mlp",
-            "--hidden", "64", "--ks", "8", "--codes", "sazd,poly", "--regimes", "worst", "--seeds", "1", "--epochs", "1",
-            "--max-steps", "2", "--samples", "2"]
+            "--hidden", "64", "--ks", "8", "--codes", "sazd,poly", "--regimes", "worst", "--seeds", "1",
+            "--epochs", "1", "--max-steps", "2", "--samples", "2"]
     assert main(argv) == 0
     cells = {(c["code"], c["dtype"]): c for c in _cells(out)}
     for code_label in ("sazd", "poly"):
