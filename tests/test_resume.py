@@ -64,7 +64,11 @@ def test_resume_is_bit_identical_with_every_latency_model_and_fault(schedule, di
     assert_same_weights(whole, resumed)
     # the same schedule: the same simulated iteration times and the same decoding work, and a fault
     # fires once in all, not again after the resume
-    for key in ("iteration_s", "rows_decoded", "bytes_to_workers"):  # (times: to the master's wall-time noise)
+    for key in (
+        "iteration_s",
+        "rows_decoded",
+        "bytes_to_workers",
+    ):  # (times: to the master's wall-time noise)
         assert [round(r[key]) for r in tr.history] == [round(r[key]) for r in uninterrupted.history[5:]], key
     assert len(first["repairs"]) + len(second["repairs"]) == len(report["repairs"])
     if "dead" in kw.get("latency", ""):
@@ -81,8 +85,9 @@ STEPS = ("_mkdir", "_write", "_fsync", "_rename", "_remove")
 def test_a_crash_at_any_step_of_a_save_leaves_a_loadable_checkpoint(tmp_path, monkeypatch):
     def ckpt(value: float) -> checkpoint.Checkpoint:
         meta = {"run_id": "r1", "position": {"epoch": 0, "batch": int(value), "iteration": int(value)}}
-        return checkpoint.Checkpoint(model={"w": torch.full((3, 2), value)}, optim={}, meta=meta,
-                                     rng=torch.zeros(4, dtype=torch.uint8))
+        return checkpoint.Checkpoint(
+            model={"w": torch.full((3, 2), value)}, optim={}, meta=meta, rng=torch.zeros(4, dtype=torch.uint8)
+        )
 
     def counting(fail_at: int | None) -> list[str]:
         calls: list[str] = []
@@ -130,6 +135,7 @@ def test_a_crash_at_any_step_of_a_save_leaves_a_loadable_checkpoint(tmp_path, mo
 def test_sigterm_and_sigint_in_training_save_a_checkpoint_and_resume_exactly(digits, tmp_path):
     whole, _, _ = train(config(), digits)
     for sig, at in ((signal.SIGTERM, 3), (signal.SIGINT, 7)):
+
         def send(tr, sig=sig, at=at):
             if tr.position.iteration == at:
                 os.kill(os.getpid(), sig)
@@ -140,7 +146,10 @@ def test_sigterm_and_sigint_in_training_save_a_checkpoint_and_resume_exactly(dig
         assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored
         assert checkpoint.load(tmp_path / "run").position["iteration"] == at
         report = json.loads((tmp_path / "run" / "report.json").read_text())
-        assert report["status"] == "interrupted" and f"--resume {tmp_path / 'run' / 'checkpoint'}" in report["ending"]
+        assert (
+            report["status"] == "interrupted"
+            and f"--resume {tmp_path / 'run' / 'checkpoint'}" in report["ending"]
+        )
         resumed, _, _ = train(config(resume=str(tmp_path / "run")), digits)
         assert_same_weights(whole, resumed)
 
@@ -186,13 +195,39 @@ def test_losing_more_than_n_minus_k_without_checkpoint_every_still_resumes(schem
 
 def test_cli_sigterm_exits_143_with_a_checkpoint_report_and_exact_resume(tmp_path):
     run_dir = tmp_path / "run"
-    flags = ["--dataset", "digits", "--hidden", "24,18", "--min-features", "8", "--backend", "inproc",
-             "--batch-size", "64", "--dtype", "float64", "--base-time", "1000", "--lr", "0.1", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
-                                                          os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "sazd", "train", *flags, "--epochs", "50",
-                             "--run-dir", str(run_dir)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    flags = [
+        "--dataset",
+        "digits",
+        "--hidden",
+        "24,18",
+        "--min-features",
+        "8",
+        "--backend",
+        "inproc",
+        "--batch-size",
+        "64",
+        "--dtype",
+        "float64",
+        "--base-time",
+        "1000",
+        "--lr",
+        "0.1",
+        "--no-progress",
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sazd", "train", *flags, "--epochs", "50", "--run-dir", str(run_dir)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -200,7 +235,7 @@ def test_cli_sigterm_exits_143_with_a_checkpoint_report_and_exact_resume(tmp_pat
             break
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert err.count("\n") == 1 and "stopped by signal 15" in err and "--resume" in err, err
     stopped = checkpoint.load(run_dir).position["iteration"]
@@ -212,8 +247,9 @@ def test_cli_sigterm_exits_143_with_a_checkpoint_report_and_exact_resume(tmp_pat
     assert main(["train", "--resume", str(run_dir), "--max-steps", str(stopped + 3), "--no-progress"]) == 0
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
-    args = parser.parse_args([*flags, "--epochs", "50", "--max-steps", str(stopped + 3), "--run-dir",
-                              str(tmp_path / "whole")])
+    args = parser.parse_args(
+        [*flags, "--epochs", "50", "--max-steps", str(stopped + 3), "--run-dir", str(tmp_path / "whole")]
+    )
     # the same settings, uninterrupted (the data loaded as the CLI loads it: pixel statistics summed
     # with this process's thread count, like the resumed run's)
     whole, _, _ = train(cli.config_from_args(args), None)

@@ -306,8 +306,8 @@ class Cluster(ABC):
                 raise ValueError(f"schedule.clock must hold exactly {sorted(keys)}, got {clock!r:.200}")
             now, out_free, in_free = times("clock.clock/out_free/in_free",
                                            [clock["clock"], clock["out_free"], clock["in_free"]], 3)
-            busy, lag = times("clock.busy_until", clock["busy_until"], self.n), times("clock.lag_until",
-                                                                                    clock["lag_until"], self.n)
+            busy = times("clock.busy_until", clock["busy_until"], self.n)
+            lag = times("clock.lag_until", clock["lag_until"], self.n)
             if not isinstance(clock["pending"], list) or len(clock["pending"]) != self.n:
                 raise ValueError(f"schedule.clock.pending must be a list of n={self.n} lists of times")
             pending = [times(f"clock.pending[{j}]", q) for j, q in enumerate(clock["pending"])]
@@ -318,5 +318,8 @@ class Cluster(ABC):
         if hasattr(self, "clock"):
             self.clock = self.counters.sim_time_s = now
             self._out_free, self._in_free, self._busy_until, self._lag_until = out_free, in_free, busy, lag
-            self._pending = [type(q)(SimpleNamespace(worker=j, finish=t, value=None, failed=False, out_bytes=0)
-                                     for t in ts) for j, (q, ts) in enumerate(zip(self._pending, pending, strict=True))]
+            def call(j: int, t: float) -> SimpleNamespace:  # an unanswered call: its finish time matters
+                return SimpleNamespace(worker=j, finish=t, value=None, failed=False, out_bytes=0)
+
+            queues = zip(self._pending, pending, strict=True)
+            self._pending = [type(q)(call(j, t) for t in ts) for j, (q, ts) in enumerate(queues)]

@@ -43,8 +43,11 @@ TENSORS, META, SUMS = "tensors.safetensors", "meta.json", "SHA256SUMS"
 FILES = (META, TENSORS, SUMS)  # everything sazd writes into a checkpoint directory, in writing order
 META_KEYS = {"format", "run_id", "position", "optim", "config", "code", "data", "schedule"}
 # Optimizer state fields by optimizer: present for every trainable parameter once a step was taken.
-OPTIM_STATE = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq", "step"),
-               "adamw": ("exp_avg", "exp_avg_sq", "step")}
+OPTIM_STATE = {
+    "sgd": ("momentum_buffer",),
+    "adam": ("exp_avg", "exp_avg_sq", "step"),
+    "adamw": ("exp_avg", "exp_avg_sq", "step"),
+}
 
 
 class CheckpointError(ValueError):
@@ -88,7 +91,9 @@ def save(path: str | Path, ckpt: Checkpoint) -> Path:
         META: (json.dumps({"format": FORMAT, **ckpt.meta}, indent=2, sort_keys=True) + "\n").encode(),
         TENSORS: to_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}),
     }
-    payload[SUMS] = "".join(f"{hashlib.sha256(payload[n]).hexdigest()}  {n}\n" for n in (TENSORS, META)).encode()
+    payload[SUMS] = "".join(
+        f"{hashlib.sha256(payload[n]).hexdigest()}  {n}\n" for n in (TENSORS, META)
+    ).encode()
     for name in FILES:
         _write(tmp / name, payload[name])
         _fsync(tmp / name)
@@ -111,8 +116,9 @@ def check_owned(path: Path, run_id: str | None) -> None:
     if not path.exists() and not path.is_symlink():
         return
     if path.is_symlink() or not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} exists and is not a directory; choose another "
-                              "--checkpoint-dir")
+        raise CheckpointError(
+            f"checkpoint directory {path} exists and is not a directory; choose another --checkpoint-dir"
+        )
     entries = {p.name for p in path.iterdir()}
     if not entries:
         return
@@ -122,12 +128,15 @@ def check_owned(path: Path, run_id: str | None) -> None:
         return  # a save that crashed while writing meta.json
     if owner is None or foreign:
         raise CheckpointError(
-            f"checkpoint directory {path} holds files sazd did not write ({', '.join(foreign or sorted(entries))});"
-            " choose a new or empty --checkpoint-dir")
+            f"checkpoint directory {path} holds files sazd did not write "
+            f"({', '.join(foreign or sorted(entries))});"
+            " choose a new or empty --checkpoint-dir"
+        )
     if run_id is not None and owner != run_id:
         raise CheckpointError(
             f"checkpoint directory {path} holds a checkpoint of another run; resume that run with --resume "
-            f"{path}, pass --overwrite to replace it, or choose another --checkpoint-dir")
+            f"{path}, pass --overwrite to replace it, or choose another --checkpoint-dir"
+        )
 
 
 def remove(path: Path) -> None:
@@ -227,12 +236,20 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     for key, t in tensors.items():
         group, _, name = key.partition("/")
         if group not in groups or not name:
-            raise CheckpointError(f"checkpoint {path}: unexpected tensor {key!r} (not model/, optim/, "
-                                  "columns/, coded/ or rng/torch)")
+            raise CheckpointError(
+                f"checkpoint {path}: unexpected tensor {key!r} (not model/, optim/, "
+                "columns/, coded/ or rng/torch)"
+            )
         groups[group][name] = t
     _check_keys(f"checkpoint {path}: rng tensors", groups["rng"], {"torch"})
-    return Checkpoint(model=groups["model"], optim=groups["optim"], meta=meta, rng=groups["rng"]["torch"],
-                      columns=groups["columns"], coded=groups["coded"])
+    return Checkpoint(
+        model=groups["model"],
+        optim=groups["optim"],
+        meta=meta,
+        rng=groups["rng"]["torch"],
+        columns=groups["columns"],
+        coded=groups["coded"],
+    )
 
 
 def _verify(path: Path) -> None:
@@ -265,7 +282,9 @@ def _sha256(path: Path) -> str:
 
 
 # -------------------------------------------------------------------------------------- validation
-def check(ckpt: Checkpoint, template: Checkpoint, steps_per_epoch: int, optimizer: str, momentum: float) -> None:
+def check(
+    ckpt: Checkpoint, template: Checkpoint, steps_per_epoch: int, optimizer: str, momentum: float
+) -> None:
     """Validate a loaded checkpoint against ``template``: the model's tensors (names, shapes, dtypes),
     its trainable parameters in ``template.optim`` (the state ``optimizer`` keeps for them after
     ``meta["optim"]["steps"]`` steps), the position and the optimizer metadata. Raises
@@ -275,29 +294,38 @@ def check(ckpt: Checkpoint, template: Checkpoint, steps_per_epoch: int, optimize
     for key in ("epoch", "batch", "iteration"):
         _check_int(f"position.{key}", pos[key], 0)
     if pos["batch"] > steps_per_epoch:
-        raise CheckpointError(f"checkpoint field position.batch = {pos['batch']} is past the end of an epoch "
-                              f"({steps_per_epoch} batches); the checkpoint does not fit this run")
+        raise CheckpointError(
+            f"checkpoint field position.batch = {pos['batch']} is past the end of an epoch "
+            f"({steps_per_epoch} batches); the checkpoint does not fit this run"
+        )
     if pos["iteration"] != pos["epoch"] * steps_per_epoch + pos["batch"]:
         raise CheckpointError(
             f"checkpoint field position.iteration = {pos['iteration']} disagrees with epoch {pos['epoch']} "
-            f"x {steps_per_epoch} batches + batch {pos['batch']}; the checkpoint is inconsistent")
+            f"x {steps_per_epoch} batches + batch {pos['batch']}; the checkpoint is inconsistent"
+        )
     optim = ckpt.meta["optim"]
     _check_keys("checkpoint field optim", optim, {"steps", "scalars", "config"})
     _check_int("optim.steps", optim["steps"], 0)
     if optim["steps"] != pos["iteration"]:
-        raise CheckpointError(f"checkpoint field optim.steps = {optim['steps']} differs from position.iteration "
-                              f"= {pos['iteration']} (one optimizer step per iteration)")
+        raise CheckpointError(
+            f"checkpoint field optim.steps = {optim['steps']} differs from position.iteration "
+            f"= {pos['iteration']} (one optimizer step per iteration)"
+        )
     if optim["config"] != ckpt.meta["config"].get("optim"):
         raise CheckpointError("checkpoint field optim.config differs from config.optim; it is inconsistent")
     scalars = optim["scalars"]
     if not isinstance(scalars, dict) or not all(
-            v is None or (isinstance(v, bool | int | float) and math.isfinite(v)) for v in scalars.values()):
+        v is None or (isinstance(v, bool | int | float) and math.isfinite(v)) for v in scalars.values()
+    ):
         raise CheckpointError(f"checkpoint field optim.scalars must map names to numbers, got {scalars!r}")
     state = {}
     if optim["steps"] > 0 and not (optimizer == "sgd" and momentum == 0):
         step = torch.zeros((), dtype=torch.float32)
-        state = {f"{p}/{f}": (step if f == "step" else t) for p, t in template.optim.items()
-                 for f in OPTIM_STATE[optimizer]}
+        state = {
+            f"{p}/{f}": (step if f == "step" else t)
+            for p, t in template.optim.items()
+            for f in OPTIM_STATE[optimizer]
+        }
     check_tensors("model", ckpt.model, template.model)
     check_tensors("optim", ckpt.optim, state)
     check_tensors("columns", ckpt.columns, template.columns)
@@ -310,11 +338,15 @@ def check_tensors(group: str, got: dict[str, Tensor], want: dict[str, Tensor]) -
     for key, t in got.items():
         w = want[key]
         if tuple(t.shape) != tuple(w.shape) or t.dtype != w.dtype:
-            raise CheckpointError(f"checkpoint tensor {group}/{key} has shape {tuple(t.shape)} {t.dtype}, "
-                                  f"expected {tuple(w.shape)} {w.dtype}; the checkpoint does not fit this run")
+            raise CheckpointError(
+                f"checkpoint tensor {group}/{key} has shape {tuple(t.shape)} {t.dtype}, "
+                f"expected {tuple(w.shape)} {w.dtype}; the checkpoint does not fit this run"
+            )
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"checkpoint tensor {group}/{key} holds NaN or Inf; the run had diverged "
-                                  "before it was saved; resume from an earlier checkpoint")
+            raise CheckpointError(
+                f"checkpoint tensor {group}/{key} holds NaN or Inf; the run had diverged "
+                "before it was saved; resume from an earlier checkpoint"
+            )
 
 
 def _check_keys(what: str, obj: Any, want: set[str]) -> None:
@@ -322,8 +354,10 @@ def _check_keys(what: str, obj: Any, want: set[str]) -> None:
         raise CheckpointError(f"{what} must be an object, got {type(obj).__name__}")
     missing, extra = sorted(want - set(obj)), sorted(set(obj) - want)
     if missing or extra:
-        raise CheckpointError(f"{what}: missing {missing}, unexpected {extra}; the checkpoint does not fit "
-                              "this version of sazd or was edited")
+        raise CheckpointError(
+            f"{what}: missing {missing}, unexpected {extra}; the checkpoint does not fit "
+            "this version of sazd or was edited"
+        )
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
@@ -333,5 +367,10 @@ def _check_int(name: str, value: Any, low: int) -> None:
 
 def check_number(name: str, value: Any, low: float = -math.inf) -> None:
     """A finite number >= ``low`` (for schedule fields read from a checkpoint)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < low:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < low
+    ):
         raise CheckpointError(f"checkpoint field {name} must be a finite number >= {low}, got {value!r}")

@@ -226,7 +226,8 @@ def _run(args: argparse.Namespace) -> int:
             from sazd.cli import one_line
 
             ending = "" if trainer.ending in str(err) else f" {trainer.ending}"
-            print(f"sazd train: failed at iteration {trainer.position.iteration}: {one_line(err)}.{ending} "
+            message = one_line(err).rstrip(".")
+            print(f"sazd train: failed at iteration {trainer.position.iteration}: {message}.{ending} "
                   f"Report: {Path(cfg.run_dir) / 'report.json'}", file=sys.stderr)
             return 1
         if args.check:

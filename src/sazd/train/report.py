@@ -61,17 +61,8 @@ class RunDir:
                  overwrite: bool = False) -> None:
         self.path, self.run_id = Path(path), run_id
         owner = self.owner(self.path)
-        if self.path.exists() and not self.path.is_dir():
-            raise ValueError(f"--run-dir {self.path} exists and is not a directory; pick another --run-dir")
-        if owner is not None and not (resume and owner == run_id):
-            if not overwrite:
-                raise ValueError(f"--run-dir {self.path} holds an earlier run; continue it with --resume "
-                                 f"{self.path}, pass --overwrite to replace it (deletes only the files sazd "
-                                 "wrote there) or choose another --run-dir")
+        if self.check(self.path, run_id, resume=resume, overwrite=overwrite):
             self.clear()
-        elif owner is None and self.path.is_dir() and any(self.path.iterdir()):
-            raise ValueError(f"--run-dir {self.path} is not empty and is not a sazd run directory; sazd "
-                             "writes only into a new or empty directory: choose another --run-dir")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             if owner != run_id or not (self.path / MARKER).is_file():
@@ -79,6 +70,25 @@ class RunDir:
         except OSError as err:
             raise ValueError(f"--run-dir {self.path} cannot be written ({err.strerror or err}); choose a "
                              "writable --run-dir") from None
+
+    @classmethod
+    def check(cls, path: Path, run_id: str, *, resume: bool = False, overwrite: bool = False) -> bool:
+        """Whether run ``run_id`` may use ``path`` (see the class docstring), without touching it;
+        returns whether an earlier run must be cleared out first."""
+        owner = cls.owner(path)
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"--run-dir {path} exists and is not a directory; pick another --run-dir")
+        if owner is not None and not (resume and owner == run_id):
+            if not overwrite:
+                raise ValueError(f"--run-dir {path} holds an earlier run; continue it with --resume {path}, "
+                                 "pass --overwrite to replace it (deletes only the files sazd wrote there) "
+                                 "or choose another --run-dir")
+            return True
+        if owner is None and path.is_dir() and any(path.iterdir()):
+            raise ValueError(f"--run-dir {path} is not empty and is not a sazd run directory; sazd writes "
+                             "only into a new or empty directory: choose another --run-dir")
+        check_writable(path, "--run-dir")
+        return False
 
     @staticmethod
     def owner(path: Path) -> str | None:

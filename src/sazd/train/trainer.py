@@ -100,7 +100,8 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Check every setting that can be checked without data or workers; clear ValueErrors that name
         the setting by its command-line flag."""
-        for name, choices in (("model", MODELS), ("scheme", SCHEMES), ("backend", BACKENDS), ("dtype", DTYPES)):
+        for name, choices in (("model", MODELS), ("scheme", SCHEMES), ("backend", BACKENDS),
+                              ("dtype", DTYPES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
         for name, low, optional in (("epochs", 1, False), ("batch_size", 1, False), ("seed", 0, False),
@@ -112,19 +113,22 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}"
                                  f"{' (or unset)' if optional else ''}, got {value!r}")
         if type(self.stragglers) is not int or not 0 <= self.stragglers <= self.n:
-            raise ValueError(f"--stragglers must be an integer in [0, n={self.n}], got {self.stragglers!r}")
+            raise ValueError(f"--stragglers must be in [0, n={self.n}] (an integer), got {self.stragglers!r}")
         for name, low, optional in (("straggler_delay", 1.0, False), ("network_gbps", 0.0, True),
                                     ("base_time_s", 0.0, True), ("gpus_per_worker", 0.0, False)):
             value = getattr(self, name)
-            if not (optional and value is None) and not (isinstance(value, int | float) and math.isfinite(value)
-                                                         and value >= low and (value > 0 or name != "network_gbps")):
+            strict = name == "network_gbps"  # a link of 0 Gb/s carries nothing
+            ok = (isinstance(value, int | float) and math.isfinite(value)
+                  and (value > low if strict else value >= low))
+            if not (optional and value is None) and not ok:
                 flag = {"base_time_s": "base-time"}.get(name, name.replace("_", "-"))
-                raise ValueError(f"--{flag} must be a finite number {'>' if name == 'network_gbps' else '>='} "
-                                 f"{low:g}, got {value!r}")
+                raise ValueError(f"--{flag} must be a finite number {'>' if strict else '>='} {low:g}, "
+                                 f"got {value!r}")
         if self.plan is not None and not self.plan:
             raise ValueError("--plan names no layers; give layer names such as fc1,fc2 or leave --plan out")
         if self.checkpoint_every is not None and self.checkpoint_path is None:
-            raise ValueError("--checkpoint-every needs a place to write: set --run-dir or --checkpoint-dir")
+            raise ValueError("checkpoint_every needs a place to write: with --checkpoint-every, set "
+                             "--run-dir or --checkpoint-dir")
         if self.overwrite and self.resume is not None:
             raise ValueError("--overwrite starts a new run over an earlier one; it cannot go with --resume")
         self._check_device()
@@ -145,8 +149,8 @@ class TrainConfig:
         if device.type == "cuda" and self.backend == "inproc":
             count = torch.cuda.device_count() if torch.cuda.is_available() else 0
             if (device.index or 0) >= count:
-                raise ValueError(f"--device {self.device}: this machine has {count} usable CUDA device(s); use "
-                                 "--device cpu" + (f" or cuda:0..{count - 1}" if count else ""))
+                raise ValueError(f"--device {self.device}: this machine has {count} usable CUDA device(s); "
+                                 "use --device cpu" + (f" or cuda:0..{count - 1}" if count else ""))
 
     @classmethod
     def from_checkpoint(cls, d: Any) -> TrainConfig:
@@ -188,8 +192,8 @@ def _check_fields(where: str, d: Any, cls: type) -> None:
     checkpoint._check_keys(f"checkpoint field {where}", d, set(hints))
     for name, hint in hints.items():
         if not _has_type(d[name], hint):
-            raise checkpoint.CheckpointError(f"checkpoint field {where}.{name} = {d[name]!r:.80} is not of type "
-                                             f"{hint}; the checkpoint was edited or is damaged")
+            raise checkpoint.CheckpointError(f"checkpoint field {where}.{name} = {d[name]!r:.80} is not of "
+                                             f"type {hint}; the checkpoint was edited or is damaged")
 
 
 def _has_type(value: Any, hint: Any) -> bool:
@@ -208,7 +212,8 @@ def _has_type(value: Any, hint: Any) -> bool:
     if origin is tuple:
         return isinstance(value, list | tuple) and all(_has_type(v, args[0]) for v in value)
     if origin is dict:
-        return isinstance(value, dict) and all(isinstance(k, str) and _has_type(v, args[1]) for k, v in value.items())
+        return isinstance(value, dict) and all(isinstance(k, str) and _has_type(v, args[1])
+                                               for k, v in value.items())
     return dataclasses.is_dataclass(hint) and isinstance(value, dict)  # checked field by field by the caller
 
 
@@ -294,12 +299,15 @@ class Trainer:
             meta={}, columns=ckpt.columns)  # columns: checked against the coded layers in _restore
         checkpoint.check(ckpt, template, self.steps_per_epoch, cfg.optim.name, cfg.optim.momentum)
         saved, now = ckpt.meta["data"], to_jsonable(self.data_summary)
-        if not isinstance(saved, dict) or saved.keys() != now.keys() or any(  # mean/std: to summation order
-                not (saved[key] == now[key] or isinstance(now[key], float) and isinstance(saved[key], float)
-                     and math.isclose(saved[key], now[key], rel_tol=1e-12)) for key in now):
+        def same(a: Any, b: Any) -> bool:  # mean/std: equal up to the order of summation
+            floats = isinstance(a, float) and isinstance(b, float)
+            return a == b or (floats and math.isclose(a, b, rel_tol=1e-12))
+
+        if not (isinstance(saved, dict) and saved.keys() == now.keys() and all(same(saved[k], now[k])
+                                                                              for k in now)):
             raise checkpoint.CheckpointError(
-                f"checkpoint field data = {ckpt.meta['data']!r:.200} differs from the dataset loaded now "
-                f"({to_jsonable(self.data_summary)!r:.200}); resume with the same --dataset and --data-dir files")
+                f"checkpoint field data = {saved!r:.200} differs from the dataset loaded now ({now!r:.200}); "
+                "resume with the same --dataset and --data-dir files")
 
     def _claim_outputs(self, resumed: bool) -> None:
         """Check (and claim) the run and checkpoint directories: sazd writes only where it may."""
@@ -310,16 +318,19 @@ class Trainer:
                                            in ckpt.resolve().parents and ckpt.name in WRITTEN
                                            and ckpt.parent.resolve() == run_dir.resolve()))
             if near or (run_dir is not None and ckpt.resolve() in run_dir.resolve().parents):
-                raise ValueError(f"--checkpoint-dir {ckpt} would overwrite the run directory {run_dir} or its "
-                                 "files; leave --checkpoint-dir out (default RUN_DIR/checkpoint) or choose "
-                                 "a directory outside the run directory")
-        self.run = RunDir(run_dir, self.run_id, resume=resumed, overwrite=cfg.overwrite) if run_dir else None
+                raise ValueError(f"--checkpoint-dir {ckpt} would overwrite the run directory {run_dir} or "
+                                 "its files; leave --checkpoint-dir out (default RUN_DIR/checkpoint) or "
+                                 "choose a directory outside the run directory")
+        if run_dir is not None:
+            RunDir.check(run_dir, self.run_id, resume=resumed, overwrite=cfg.overwrite)
         if ckpt is not None:
             for path in (ckpt, ckpt.with_name(ckpt.name + ".tmp"), ckpt.with_name(ckpt.name + ".old")):
                 checkpoint.check_owned(path, None if cfg.overwrite else self.run_id)
             check_writable(ckpt, "--checkpoint-dir")
-            if cfg.overwrite:
-                checkpoint.remove(ckpt)  # an earlier run's; only sazd's files
+        # checked: now claim them (with --overwrite, an earlier run's files go: only those sazd wrote)
+        self.run = RunDir(run_dir, self.run_id, resume=resumed, overwrite=cfg.overwrite) if run_dir else None
+        if ckpt is not None and cfg.overwrite:
+            checkpoint.remove(ckpt)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
@@ -357,7 +368,8 @@ class Trainer:
                 raise
             report = {"format": REPORT_FORMAT, "iterations": len(self.history),
                       "position": dataclasses.asdict(self.position), "checkpoint": self.last_checkpoint}
-        status = "completed" if error is None else "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        status = ("completed" if error is None else
+                  "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
         report.update(status=status, ending=self.ending)
         if error is not None:
             report["error"] = f"{type(error).__name__}: {' '.join(str(error).split())}"
@@ -600,7 +612,8 @@ class Trainer:
         if path is None:
             return "No checkpoint directory was set (use --run-dir or --checkpoint-dir to get one)."
         if self._checkpoint_iteration == self.position.iteration:
-            return f"Checkpoint of iteration {self.position.iteration} in {path}; resume with --resume {path}."
+            return (f"Checkpoint of iteration {self._checkpoint_iteration} in {path}; resume with --resume "
+                    f"{path}.")
         try:
             if self._in_step and not isinstance(err, ClusterError | DecodeError):
                 raise RuntimeError("stopped inside an iteration")
