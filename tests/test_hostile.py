@@ -475,6 +475,7 @@ CLI_ERRORS = {
     "train: more stragglers than workers": ([*TRAIN, "--stragglers", "7"], "--stragglers"),
     "train: speed-up as straggler delay": ([*TRAIN, "--straggler-delay", "0.5"], "--straggler-delay"),
     "train: zero bandwidth": ([*TRAIN, "--network-gbps", "0"], "--network-gbps"),
+    "train: shift unit not a number": ([*TRAIN, "--shift-unit", "x"], "--shift-unit"),
     "train: hidden widths not integers": ([*TRAIN, "--hidden", "x"], "--hidden"),
     "train: n < k": ([*TRAIN, "--n", "3", "--k", "4"], "n must be >= k"),
     "train: Adam with DEU": ([*TRAIN, "--optimizer", "adam"], "deu"),

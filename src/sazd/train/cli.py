@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--n", type=int, default=None, help="workers (default k+2; k for --code uncoded)")
     g.add_argument("--k", type=int, default=4, help="workers whose answers suffice (default 4)")
     g.add_argument("--non-systematic", action="store_true", help="sazd/poly: the non-systematic form")
-    g.add_argument("--shift-unit", default=None, help="sazd: shift unit g in rows, or 'auto'")
+    g.add_argument("--shift-unit", type=_shift_unit, default=None,
+                   help="sazd: shift unit g in rows, or 'auto'")
     g.add_argument("--nodes", default=None, help="poly: evaluation nodes, integer or chebyshev")
     g.add_argument("--scheme", default="deu", choices=["deu", "naive"])
     g.add_argument("--plan", type=_plan, default=None,
@@ -117,6 +118,15 @@ def _recording(cls: type[argparse.Action]) -> type[argparse.Action]:
     return Given
 
 
+def _shift_unit(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of rows or 'auto', got {text!r}") from None
+
+
 def _plan(text: str) -> dict[str, str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
@@ -141,7 +151,7 @@ def config_from_args(args: argparse.Namespace):
     if args.non_systematic:
         options["systematic"] = False
     if args.shift_unit is not None:
-        options["shift_unit"] = args.shift_unit if args.shift_unit == "auto" else int(args.shift_unit)
+        options["shift_unit"] = args.shift_unit
     if args.nodes is not None:
         options["nodes"] = args.nodes
     n = args.n if args.n is not None else (args.k if args.code == "uncoded" else args.k + 2)
