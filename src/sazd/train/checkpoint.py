@@ -27,10 +27,13 @@ model and config before use (``check``), and nothing read from a checkpoint ever
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -326,10 +329,20 @@ def check(
             for p, t in template.optim.items()
             for f in OPTIM_STATE[optimizer]
         }
+    saved, now = ckpt.meta["data"], template.meta["data"]
+    if not (isinstance(saved, dict) and saved.keys() == now.keys()
+            and all(_same(saved[k], now[k]) for k in now)):
+        raise CheckpointError(f"checkpoint field data = {saved!r:.200} differs from the dataset loaded now "
+                              f"({now!r:.200}); resume with the same --dataset and --data-dir files")
     check_tensors("model", ckpt.model, template.model)
     check_tensors("optim", ckpt.optim, state)
     check_tensors("columns", ckpt.columns, template.columns)
     check_tensors("rng", {"torch": ckpt.rng}, {"torch": template.rng})
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, floats up to the order of summation (a dataset's mean and std)."""
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isclose(a, b, rel_tol=1e-12))
 
 
 def check_tensors(group: str, got: dict[str, Tensor], want: dict[str, Tensor]) -> None:
@@ -365,12 +378,47 @@ def _check_int(name: str, value: Any, low: int) -> None:
         raise CheckpointError(f"checkpoint field {name} must be an integer >= {low}, got {value!r}")
 
 
-def check_number(name: str, value: Any, low: float = -math.inf) -> None:
-    """A finite number >= ``low`` (for schedule fields read from a checkpoint)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < low
-    ):
-        raise CheckpointError(f"checkpoint field {name} must be a finite number >= {low}, got {value!r}")
+def check_fields(where: str, d: Any, cls: type) -> None:
+    """``d`` (read from a checkpoint) has exactly the fields of dataclass ``cls``, each of its type."""
+    hints = typing.get_type_hints(cls)
+    _check_keys(f"checkpoint field {where}", d, set(hints))
+    for name, hint in hints.items():
+        if not _has_type(d[name], hint):
+            raise CheckpointError(f"checkpoint field {where}.{name} = {d[name]!r:.80} is not of type {hint}; "
+                                  "the checkpoint was edited or is damaged")
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a simple annotation (scalars, optionals, tuple[int, ...], dict[str, X])."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint in (int, str, bool):
+        return isinstance(value, hint) and (hint is bool or not isinstance(value, bool))
+    if origin is tuple:
+        return isinstance(value, list | tuple) and all(_has_type(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) and _has_type(v, args[1])
+                                               for k, v in value.items())
+    return dataclasses.is_dataclass(hint) and isinstance(value, dict)  # checked field by field by the caller
+
+
+def resume_dirs(resume: str | Path) -> tuple[Path | None, Path | None]:
+    """Where a run resumed from ``resume`` writes unless told otherwise: (run directory, checkpoint
+    directory or None for RUN_DIR/checkpoint). A run directory resumes into itself; a checkpoint
+    directory keeps its checkpoints, with its parent as run directory when that holds the same run.
+    Never a path read from the checkpoint."""
+    from sazd.train.report import RunDir
+
+    given, found = Path(resume), find(resume)
+    if found.parent == given:  # given a run directory (found: its checkpoint, or a crash leftover)
+        return given, None
+    canonical = found.with_name(found.name.removesuffix(".tmp").removesuffix(".old"))
+    owner = RunDir.owner(found.parent)
+    return (found.parent if owner is not None and owner == run_id_of(found) else None), canonical

@@ -145,7 +145,7 @@ def config_from_args(args: argparse.Namespace):
     """A ``TrainConfig`` from parsed flags (with --resume: the checkpoint's, overridden by given flags)."""
     from sazd.train import checkpoint
     from sazd.train.optim import OptimConfig
-    from sazd.train.trainer import TrainConfig, resume_dirs
+    from sazd.train.trainer import TrainConfig
 
     options = {}
     if args.non_systematic:
@@ -187,7 +187,7 @@ def config_from_args(args: argparse.Namespace):
             setattr(saved, name, getattr(fresh, name))
     for name in ("run_dir", "checkpoint_dir", "data_dir", "address", "resume", "overwrite"):
         setattr(saved, name, getattr(fresh, name))
-    if saved.run_dir is None and resume_dirs(args.resume)[0] is None:  # resumed from a bare checkpoint
+    if saved.run_dir is None and checkpoint.resume_dirs(args.resume)[0] is None:  # a bare checkpoint dir
         saved.run_dir = _new_run_dir()
     return saved
 

@@ -17,8 +17,6 @@ import signal
 import threading
 import time
 import traceback
-import types
-import typing
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -156,8 +154,8 @@ class TrainConfig:
     def from_checkpoint(cls, d: Any) -> TrainConfig:
         """A config read from a checkpoint: every field present, of its declared type, and valid;
         otherwise a ``CheckpointError`` naming the field."""
-        _check_fields("config", d, cls)
-        _check_fields("config.optim", d["optim"], OptimConfig)
+        checkpoint.check_fields("config", d, cls)
+        checkpoint.check_fields("config.optim", d["optim"], OptimConfig)
         try:
             return cls.from_dict(d).validate()
         except ValueError as err:
@@ -187,36 +185,6 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known}, optim=OptimConfig(**optim))
 
 
-def _check_fields(where: str, d: Any, cls: type) -> None:
-    hints = typing.get_type_hints(cls)
-    checkpoint._check_keys(f"checkpoint field {where}", d, set(hints))
-    for name, hint in hints.items():
-        if not _has_type(d[name], hint):
-            raise checkpoint.CheckpointError(f"checkpoint field {where}.{name} = {d[name]!r:.80} is not of "
-                                             f"type {hint}; the checkpoint was edited or is damaged")
-
-
-def _has_type(value: Any, hint: Any) -> bool:
-    """Whether a JSON value fits a simple annotation (scalars, optionals, tuple[int, ...], dict[str, X])."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_has_type(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint in (int, str, bool):
-        return isinstance(value, hint) and (hint is bool or not isinstance(value, bool))
-    if origin is tuple:
-        return isinstance(value, list | tuple) and all(_has_type(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(isinstance(k, str) and _has_type(v, args[1])
-                                               for k, v in value.items())
-    return dataclasses.is_dataclass(hint) and isinstance(value, dict)  # checked field by field by the caller
-
-
 @dataclass
 class Position:
     """Where training stands: the next batch to run is batch ``batch`` of epoch ``epoch``."""
@@ -239,7 +207,7 @@ class Trainer:
             ckpt = checkpoint.load(found)
             _check_resumable(cfg, TrainConfig.from_checkpoint(ckpt.meta["config"]))
             if cfg.run_dir is None:  # where the user pointed: the directory resumed from
-                run_dir, ckpt_dir = resume_dirs(cfg.resume)
+                run_dir, ckpt_dir = checkpoint.resume_dirs(cfg.resume)
                 cfg.run_dir = run_dir and str(run_dir)
                 cfg.checkpoint_dir = cfg.checkpoint_dir or (ckpt_dir and str(ckpt_dir))
         cfg.validate()
@@ -296,18 +264,8 @@ class Trainer:
         template = checkpoint.Checkpoint(
             model={k: v.detach() for k, v in self.model.state_dict().items()}, rng=torch.get_rng_state(),
             optim={name: p.detach() for name, p in self.model.named_parameters() if p.requires_grad},
-            meta={}, columns=ckpt.columns)  # columns: checked against the coded layers in _restore
+            meta={"data": to_jsonable(self.data_summary)}, columns=ckpt.columns)  # columns: in _restore
         checkpoint.check(ckpt, template, self.steps_per_epoch, cfg.optim.name, cfg.optim.momentum)
-        saved, now = ckpt.meta["data"], to_jsonable(self.data_summary)
-        def same(a: Any, b: Any) -> bool:  # mean/std: equal up to the order of summation
-            floats = isinstance(a, float) and isinstance(b, float)
-            return a == b or (floats and math.isclose(a, b, rel_tol=1e-12))
-
-        if not (isinstance(saved, dict) and saved.keys() == now.keys() and all(same(saved[k], now[k])
-                                                                              for k in now)):
-            raise checkpoint.CheckpointError(
-                f"checkpoint field data = {saved!r:.200} differs from the dataset loaded now ({now!r:.200}); "
-                "resume with the same --dataset and --data-dir files")
 
     def _claim_outputs(self, resumed: bool) -> None:
         """Check (and claim) the run and checkpoint directories: sazd writes only where it may."""
@@ -715,19 +673,6 @@ def make_cluster(cfg: TrainConfig) -> Cluster:
                      seed=cfg.seed, base_time_s=cfg.base_time_s)
     return _make("ray", cfg.n, latency=latency, address=cfg.address, gpus_per_worker=cfg.gpus_per_worker,
                  seed=cfg.seed)
-
-
-def resume_dirs(resume: str | Path) -> tuple[Path | None, Path | None]:
-    """Where a run resumed from ``resume`` writes unless told otherwise: (run directory, checkpoint
-    directory or None for RUN_DIR/checkpoint). A run directory resumes into itself; a checkpoint
-    directory keeps its checkpoints, with its parent as run directory when that holds the same run.
-    Never a path read from the checkpoint."""
-    given, found = Path(resume), checkpoint.find(resume)
-    if found.parent == given:  # given a run directory (found: its checkpoint, or a crash leftover)
-        return given, None
-    canonical = found.with_name(found.name.removesuffix(".tmp").removesuffix(".old"))
-    owner = RunDir.owner(found.parent)
-    return (found.parent if owner is not None and owner == checkpoint.run_id_of(found) else None), canonical
 
 
 def _check_resumable(cfg: TrainConfig, saved: TrainConfig) -> None:
