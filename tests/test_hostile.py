@@ -591,3 +591,12 @@ def test_resume_honours_or_refuses_every_given_flag_even_at_its_default(tmp_path
     assert rc == 0, err
     report = json.loads((first / "report.json").read_text())
     assert report["cluster_settings"]["latency"] == "none" and report["position"]["iteration"] == 3
+
+
+def test_a_checkpoint_from_another_machine_resumes_with_this_machines_device(finished_run, tmp_path, capsys):
+    """Saved on a GPU machine (device cuda:7): here --device must be given again, and then it resumes."""
+    run = copy_run(finished_run, tmp_path)
+    craft(run, meta=_set("config.device", "cuda:7"))
+    refused(["train", "--resume", run, "--no-progress"], capsys, "--device cuda:7", root=tmp_path)
+    rc, err = sazd(["train", "--resume", run, "--device", "cpu", "--max-steps", "4", "--no-progress"], capsys)
+    assert rc == 0, err

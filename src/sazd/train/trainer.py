@@ -156,8 +156,10 @@ class TrainConfig:
         otherwise a ``CheckpointError`` naming the field."""
         checkpoint.check_fields("config", d, cls)
         checkpoint.check_fields("config.optim", d["optim"], OptimConfig)
-        try:
-            return cls.from_dict(d).validate()
+        try:  # (the device is this machine's business: checked once the command line's flags apply)
+            cfg = cls.from_dict(d)
+            dataclasses.replace(cfg, device="cpu").validate()
+            return cfg
         except ValueError as err:
             raise checkpoint.CheckpointError(f"checkpoint field config: {err}") from None
 
