@@ -61,7 +61,11 @@ class CellStore:
         self.path = directory / CELLS
         self.cells: dict[str, dict[str, Any]] = {}
         if self.path.is_file():
-            for line in self.path.read_text().splitlines():
+            text = self.path.read_text()
+            if text and not text.endswith("\n"):  # a write cut short: start the next cell on its own line
+                with self.path.open("a") as f:
+                    f.write("\n")
+            for line in text.splitlines():
                 with contextlib.suppress(json.JSONDecodeError):
                     cell = json.loads(line)
                     if isinstance(cell, dict) and isinstance(cell.get("key"), str):

@@ -464,23 +464,23 @@ def plot(cells: list[dict[str, Any]], s: dict[str, Any], out: Path) -> list[str]
         plt.close(fig)
         names.append("deu_sweep.png")
     bars = [c for c in cells if c["part"] in ("backends", "projection") and c.get("status") == "ok"]
-    if bars:
-        labels, stacks = [], []
-        for c in bars:
-            tag = ("proj. " + f"{s['network_gbps']:g}Gb/s") if c["part"] == "projection" else c["backend"]
-            labels.append(f"{c['model']} {tag}\n{c['scheme']} {'coded' if c['coded'] else 'uncoded'}")
-            stacks.append([c[p] for p in PHASES] + [c.get("link_s", 0.0)])
-        fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(bars) + 2), 4))
-        bottom = [0.0] * len(bars)
-        for i, label in enumerate((*PHASE_LABELS, "simulated link (projection)")):
-            vals = [st[i] * 1e3 for st in stacks]
-            if any(vals):
-                ax.bar(range(len(bars)), vals, bottom=bottom, label=label)
+    models = [m for m in s["models"] if any(c["model"] == m for c in bars)]
+    if models:
+        fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.2), squeeze=False)
+        for ax, model in zip(axes[0], models, strict=True):
+            mine = [c for c in bars if c["model"] == model]
+            labels = [(f"proj. {s['network_gbps']:g} Gb/s" if c["part"] == "projection" else c["backend"])
+                      + f"\n{c['scheme']} {'coded' if c['coded'] else 'uncoded'}" for c in mine]
+            bottom = [0.0] * len(mine)
+            names_ = (*PHASE_LABELS, "simulated link (projection)")
+            for phase, label in zip((*PHASES, "link_s"), names_, strict=True):
+                vals = [c.get(phase, 0.0) * 1e3 for c in mine]
+                ax.bar(range(len(mine)), vals, bottom=bottom, label=label)
                 bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-        ax.set_xticks(range(len(bars)), labels, rotation=90, fontsize=6)
-        ax.set_ylabel("master time per iteration (ms)")
-        ax.set_title("per-phase breakdown at the base point (projection bars: simulated link)")
-        ax.legend(fontsize=6)
+            ax.set_xticks(range(len(mine)), labels, rotation=90, fontsize=7)
+            ax.set_ylabel("master time per iteration (ms)")
+            ax.set_title(f"{model}: phases at the base point", fontsize=9)
+        axes[0][0].legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(out / "phases.png")
         plt.close(fig)
