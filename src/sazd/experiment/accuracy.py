@@ -336,14 +336,17 @@ def claim_rows(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if o is None:
                 continue
             row[other] = o["accuracy"]
+            row[f"{other}_status"] = o["status"]
             verdict = common.compare(r["accuracy"], o["accuracy"])
             row[f"vs_{other}"] = {"a": "SAZD better", "b": f"{other} better"}.get(verdict, verdict)
         out.append(row)
     return out
 
 
-def _acc(sp: Spread | None) -> str:
-    return "—" if sp is None else sp.fmt(100, 1)
+def _acc(sp: Spread | None, status: str = "") -> str:
+    if sp is None:
+        return status or "—"
+    return sp.fmt(100, 1)
 
 
 def format_report(
@@ -400,7 +403,7 @@ def format_report(
             r["n"],
             r["code"],
             r["regime"],
-            _acc(r["accuracy"]),
+            _acc(r["accuracy"], r["status"]),
             common.fmt_error(r["decode_error"]),
             r["status"],
         ]
@@ -423,9 +426,9 @@ def format_report(
             c["regime"],
             c["k"],
             _acc(c["sazd"]),
-            _acc(c.get("poly")),
+            _acc(c.get("poly"), c.get("poly_status", "")),
             c.get("vs_poly", "—"),
-            _acc(c.get("poly-cheb")),
+            _acc(c.get("poly-cheb"), c.get("poly-cheb_status", "")),
             c.get("vs_poly-cheb", "—"),
         ]
         for c in claims
@@ -487,7 +490,7 @@ def plot(
     if panels:
         fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
         for ax, (model, dtype, regime) in zip(axes[0], panels, strict=True):
-            for v in s["variants"]:
+            for i, v in enumerate(s["variants"]):
                 rows = sorted(
                     (
                         r
@@ -499,21 +502,30 @@ def plot(
                     ),
                     key=lambda r: r["k"],
                 )
-                ks = [r["k"] for r in rows if r["accuracy"] is not None]
-                if ks:
-                    acc = [r["accuracy"] for r in rows if r["accuracy"] is not None]
+                dx = 0.12 * (i - (len(s["variants"]) - 1) / 2)  # side by side: equal values stay visible
+                done = [r for r in rows if r["accuracy"] is not None]
+                if done:
                     ax.errorbar(
-                        ks,
-                        [a.mean * 100 for a in acc],
-                        yerr=[a.half_range * 100 for a in acc],
+                        [r["k"] + dx for r in done],
+                        [r["accuracy"].mean * 100 for r in done],
+                        yerr=[r["accuracy"].half_range * 100 for r in done],
                         marker="o",
                         ms=3,
                         capsize=2,
                         label=v.label,
+                        color=f"C{i}",
                     )
-                refused = [r["k"] for r in rows if r["accuracy"] is None]
+                refused = [r["k"] + dx for r in rows if r["accuracy"] is None]
                 if refused:
-                    ax.plot(refused, [0] * len(refused), "x", color="red", ms=7)
+                    ax.plot(
+                        refused,
+                        [0] * len(refused),
+                        "x",
+                        color=f"C{i}",
+                        ms=8,
+                        mew=2,
+                        label=f"{v.label}: refused",
+                    )
             ax.set_title(f"{model}, {dtype}, {regime} stragglers")
             ax.set_xlabel(f"k (n = k + {s['parity']})")
             ax.set_ylabel("test accuracy (%)  [x at 0: refused]")
@@ -523,19 +535,22 @@ def plot(
         fig.savefig(out / "accuracy.png")
         plt.close(fig)
         names.append("accuracy.png")
-    curves = [c for c in cells if c.get("curve_loss") and c["seed"] == 0 and c["regime"] in ("worst", "none")]
+    curves = [c for c in cells if "curve_loss" in c and c["seed"] == 0 and c["regime"] in ("worst", "none")]
     if curves:
         k = max(c["k"] for c in curves)
         models = sorted({c["model"] for c in curves})
         fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 3.4), squeeze=False)
         for ax, model in zip(axes[0], models, strict=True):
-            for c in curves:
-                if c["model"] == model and c["k"] == k and c["dtype"] == "float32":
-                    ax.plot(
-                        c["curve_iterations"],
-                        c["curve_loss"],
-                        label=f"{c['code']}" + (" (refused)" if c["status"] == "refused" else ""),
-                    )
+            mine = [c for c in curves if c["model"] == model and c["k"] == k and c["dtype"] == "float32"]
+            for i, c in enumerate(mine):
+                note = f" (refused at iteration {c['iterations'] + 1})" if c["status"] == "refused" else ""
+                ax.plot(
+                    c["curve_iterations"],
+                    c["curve_loss"],
+                    label=c["code"] + note,
+                    linestyle=("-", "--", ":", "-.")[i % 4],
+                    color=f"C{i}",
+                )
             ax.set_yscale("log")
             ax.set_title(f"{model}, k={k}, worst stragglers, seed 0")
             ax.set_xlabel("iteration")

@@ -234,7 +234,7 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
 def fmt_error(err: float | None) -> str:
     if err is None:
         return "—"
-    if not math.isfinite(err):
+    if not err < 1:  # from 1 on, decode raises a DecodeError (sazd.codes.base.REFUSE_ERROR)
         return "refused"
     return f"{err:.1e}"
 
