@@ -8,8 +8,9 @@ depend on the values), SGD with momentum, SAZD(n, k = n - 2) or uncoded (n = k):
 2. ``backends``: the base point on each backend of ``--backends`` (``inproc``, ``ray``: real actors on
    a local cluster) with the master's per-phase breakdown (encode, worker rounds = transfer + worker
    compute, decode, update, other).
-3. ``projection``: the base point with a simulated master link of ``--network-gbps`` — a projection
-   (measured compute plus a modelled link), not a measurement of a network.
+3. ``projection``: the base point on the workers' simulated clock — a constant ``--task-time`` per
+   worker task plus a modelled master link of ``--network-gbps`` — a projection of what the traffic
+   alone costs (deterministic), not a measurement of a network.
 4. ``stragglers``: DEU at the base point under the straggler models ``none``, ``fixed`` (2 workers 5x
    slower), ``shiftexp`` (every task 1 + Exp(1) slower) and ``dead`` (worker 0 dead from the start), on
    the workers' simulated clock with a constant task time.
@@ -114,6 +115,7 @@ def grid(s: dict[str, Any]) -> list[dict[str, Any]]:
             warmup=s["warmup"],
             task_time=s["task_time"],
             gbps=s["network_gbps"] if part == "projection" else None,
+            clock="tasks" if part in ("projection", "stragglers") else "measured",
         )
         if key not in {c["key"] for c in cells}:
             cells.append({"key": key, **full})
@@ -182,6 +184,10 @@ class Runner:
         if cell["part"] == "stragglers":
             latency = parse_latency(STRAGGLERS[cell["stragglers"]], seed=0)
             return worker_clock_cluster(cfg.n, latency=latency, base_time_s=self.s["task_time"], seed=0)
+        if cell["part"] == "projection":  # constant task time + modelled link: only the traffic differs
+            return worker_clock_cluster(
+                cfg.n, base_time_s=self.s["task_time"], network_gbps=self.s["network_gbps"], seed=0
+            )
         return make_cluster(cfg)
 
     def __call__(self, cell: dict[str, Any]) -> dict[str, Any]:
@@ -311,8 +317,10 @@ def format_report(s: dict[str, Any], cells: list[dict[str, Any]], m: dict[str, A
         f"base point width {b['width']}, batch {b['batch']}, n {b['n']} (SAZD(n, n-2); uncoded: n = k); "
         f"{s['warmup']} warmup + {s['iterations']} measured iterations per cell. Sweeps vary one of "
         f"width {s['widths']}, batch {s['batches']}, n {s['ns']}. In-process times are measured compute "
-        "on this machine with no network; the 'projection' rows add a simulated "
-        f"{s['network_gbps']:g} Gb/s master link — **a projection, not a measurement**.",
+        "on this machine with no network (on a loaded machine they are noisy; bytes are exact). The "
+        f"'projection' rows run on the workers' simulated clock — {s['task_time']:g} s per worker task "
+        f"plus a modelled {s['network_gbps']:g} Gb/s master link — so they show what the traffic alone costs: "
+        "**a projection, not a measurement**.",
         "",
         "## Claim 2: DEU trains faster than naive (coded, seconds per iteration; MB per iteration)",
         "",
@@ -469,8 +477,11 @@ def plot(cells: list[dict[str, Any]], s: dict[str, Any], out: Path) -> list[str]
         fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.2), squeeze=False)
         for ax, model in zip(axes[0], models, strict=True):
             mine = [c for c in bars if c["model"] == model]
-            labels = [(f"proj. {s['network_gbps']:g} Gb/s" if c["part"] == "projection" else c["backend"])
-                      + f"\n{c['scheme']} {'coded' if c['coded'] else 'uncoded'}" for c in mine]
+            labels = [
+                (f"proj. {s['network_gbps']:g} Gb/s" if c["part"] == "projection" else c["backend"])
+                + f"\n{c['scheme']} {'coded' if c['coded'] else 'uncoded'}"
+                for c in mine
+            ]
             bottom = [0.0] * len(mine)
             names_ = (*PHASE_LABELS, "simulated link (projection)")
             for phase, label in zip((*PHASES, "link_s"), names_, strict=True):
