@@ -319,8 +319,8 @@ def format_report(s: dict[str, Any], cells: list[dict[str, Any]], m: dict[str, A
         f"width {s['widths']}, batch {s['batches']}, n {s['ns']}. In-process times are measured compute "
         "on this machine with no network (on a loaded machine they are noisy; bytes are exact). The "
         f"'projection' rows run on the workers' simulated clock — {s['task_time']:g} s per worker task "
-        f"plus a modelled {s['network_gbps']:g} Gb/s master link — so they show what the traffic alone costs: "
-        "**a projection, not a measurement**.",
+        f"plus a modelled {s['network_gbps']:g} Gb/s master link — so they show what the traffic alone "
+        "costs: **a projection, not a measurement**.",
         "",
         "## Claim 2: DEU trains faster than naive (coded, seconds per iteration; MB per iteration)",
         "",
