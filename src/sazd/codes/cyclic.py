@@ -55,11 +55,12 @@ def is_prime(q: int) -> bool:
 
 @dataclass(frozen=True)
 class _Plan:
-    """Decode from one received set: parities ``coded`` (rows of the exponent table) solve ``missing``."""
+    """Decode from one received set: the coded blocks of workers ``coded`` give blocks ``missing``."""
 
     missing: tuple[int, ...]
-    coded: tuple[int, ...]  # workers whose coded blocks are used
-    inverse: Tensor  # (F-1, |M|, |M|) complex: inv of each nonzero frequency's subsystem
+    coded: tuple[int, ...]
+    solve: Tensor  # (t*(q-1), t*q): reduced coded blocks -> missing sub-blocks
+    amplification: float  # 2-norm of solve
 
 
 class Cyclic(Code):
@@ -131,25 +132,26 @@ class Cyclic(Code):
         return (self.q - 1) * s - pad
 
     # -------------------------------------------------------------- encoding
-    def _extend(self, blocks: Tensor) -> Tensor:
-        """(b, r, *t) -> (b, q, s * width): zero-padded sub-blocks plus minus their sum."""
+    def _sub_blocks(self, blocks: Tensor) -> Tensor:
+        """(b, r, *t) -> (b, q-1, s * width): the zero-padded sub-blocks (a view when r = (q-1)*s)."""
         b, r = blocks.shape[:2]
-        q, s = self.q, self.sub_rows(r)
+        s = self.sub_rows(r)
         flat = blocks.reshape(b, r, -1)
-        ext = flat.new_zeros((b, q * s, flat.shape[2]), dtype=compute_dtype(blocks.dtype))
-        ext[:, :r] = flat
-        ext = ext.view(b, q, -1)
-        torch.sum(ext[:, : q - 1], dim=1, out=ext[:, q - 1]).neg_()
-        return ext
+        if r != (self.q - 1) * s:
+            flat = torch.cat([flat, flat.new_zeros((b, (self.q - 1) * s - r, flat.shape[2]))], dim=1)
+        return flat.view(b, self.q - 1, -1)
 
     def _encode_blocks(self, blocks: Tensor) -> list[Tensor]:
-        ext = self._extend(blocks)
-        r = blocks.shape[1]
-        rows, width = self.q * self.sub_rows(r), ext.shape[2] // self.sub_rows(r)
+        q, r = self.q, blocks.shape[1]
+        sub = self._sub_blocks(blocks.to(compute_dtype(blocks.dtype)))
+        sums = sub.sum(1)  # Ã_i's last sub-block is -sums[i]
+        rows, width = self.block_rows(r)[-1], sub.shape[2] // self.sub_rows(r)
         coded = [blocks[i].clone() for i in range(self.k)] if self.is_systematic else []
-        for row in range(len(self._rows)):
-            c = ext.new_zeros((self.block_rows(r)[-1], width))  # trailing rows: zero (see block_rows)
-            _add_shifted(c[:rows].view(self.q, -1), ext, self._exponents[row].tolist(), range(self.k))
+        for e in self._exponents.tolist():
+            c = sub.new_zeros((rows, width))  # q*s rows, then the zero padding rows (see block_rows)
+            acc = c[: q * self.sub_rows(r)].view(q, -1)
+            _add_shifted(acc, sub, e, range(self.k))
+            acc.index_add_(0, torch.tensor(e, device=acc.device).add(q - 1).remainder(q), sums, alpha=-1.0)
             coded.append(c.view(-1, *blocks.shape[2:]).to(blocks.dtype))
         return coded
 
@@ -161,56 +163,61 @@ class Cyclic(Code):
         if len(plain) == self.k:
             return None
         plan = self._plan(tuple(sorted(results)), out.dtype, out.device)
-        q, s = self.q, self.sub_rows(r)
-        reduced = torch.stack([results[j][: q * s].reshape(q, -1) for j in plan.coded])  # (|M|, q, s*width)
-        if plain:  # R_c = C_c - sum_{i received} P^{e[c,i]} Ã_i: shifted subtractions
-            ext = self._extend(out[plain])
+        q, s, t = self.q, self.sub_rows(r), len(plan.missing)
+        # R_c = C_c - sum_{i received} P^{e[c,i]} Ã_i: shifted subtractions of the received blocks
+        reduced = torch.stack([results[j][: q * s].reshape(q, -1) for j in plan.coded])
+        if plain:
+            sub = self._sub_blocks(out[plain] if r != (q - 1) * s else out)
+            which = range(len(plain)) if r != (q - 1) * s else plain
+            sums = torch.stack([sub[b].sum(0) for b in which])  # received blocks' last sub-blocks: -sums
             for c, j in enumerate(plan.coded):
-                e = self._exponents[self._coded_row(j)].tolist()
-                _add_shifted(reduced[c], ext, [e[i] for i in plain], range(len(plain)), alpha=-1.0)
-        spectrum = torch.fft.rfft(reduced, dim=1)  # (|M|, q//2 + 1, s*width); frequency 0 is zero
-        solved = torch.zeros_like(spectrum)
-        solved[:, 1:] = torch.einsum("fab,bfx->afx", plan.inverse, spectrum[:, 1:])
-        blocks = torch.fft.irfft(solved, n=q, dim=1)  # (|M|, q, s*width): Ã of the missing blocks
+                e = self._exponents[self._coded_row(j)]
+                _add_shifted(reduced[c], sub, e[plain].tolist(), which, alpha=-1.0)
+                reduced[c].index_add_(0, e[plain].to(reduced.device).add(q - 1).remainder(q), sums)
+        solved = plan.solve @ reduced.view(t * q, -1)  # the least-squares solution, frequency by frequency
         missing = list(plan.missing)
-        out[missing] = blocks.reshape(len(missing), q * s, -1)[:, :r].view_as(out[missing])
+        out[missing] = solved.view(t, (q - 1) * s, -1)[:, :r].view_as(out[missing])
         return missing  # every used result (reduced parities, copied blocks) feeds these
 
     def _plan(self, received: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> _Plan:
         key = (received, dtype, device)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._make_plan(received, dtype, device)
+            plan = self._make_plan(received)
+            plan = _Plan(plan.missing, plan.coded, plan.solve.to(device, dtype), plan.amplification)
             if len(self._plans) >= self._CACHE_LIMIT:
                 self._plans.clear()
             self._plans[key] = plan
         return plan
 
-    def _make_plan(self, received: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> _Plan:
+    def _make_plan(self, received: tuple[int, ...]) -> _Plan:
+        """The least-squares (minimum-norm) left inverse of the missing blocks' equations, in float64,
+        for the best-conditioned choice of parities."""
         missing = tuple(i for i in range(self.k) if not (self.is_systematic and i in received))
         coded = [j for j in received if self._coded_row(j) is not None]
-        best: tuple[float, tuple[int, ...], Tensor] | None = None
+        best: _Plan | None = None
         for chosen in itertools.islice(itertools.combinations(coded, len(missing)), _CHOICE_LIMIT):
-            rows = [self._coded_row(j) for j in chosen]
-            inverse, norm = _inverse_spectrum(self._exponents[rows][:, list(missing)], self.q)
-            if best is None or norm < best[0]:
-                best = (norm, chosen, inverse)
-        if best is None or not best[0] <= SINGULAR_NORM:
+            e = self._exponents[[self._coded_row(j) for j in chosen]]
+            system = _generator(e[:, list(missing)], self.q)  # (t*q, t*(q-1))
+            sv = torch.linalg.svdvals(system)
+            amplification = float(1 / sv[-1]) if sv[-1] > 0 else math.inf
+            if best is not None and not amplification < best.amplification:
+                continue
+            best = _Plan(missing, chosen, torch.linalg.pinv(system), amplification)
+        if best is None or not best.amplification <= SINGULAR_NORM:
             raise DecodeError(
                 f"workers {list(received)} do not determine source blocks {list(missing)} of {self!r}: "
-                f"every per-frequency subsystem choice is singular; {self.stability_hint}"
+                f"the cyclic-shift system is singular for every choice of parities; {self.stability_hint}"
             )
-        cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
-        return _Plan(missing, best[1], best[2].to(device=device, dtype=cdtype))
+        return best
 
     def condition(self, workers: Collection[int]) -> float:
-        """Largest 2-norm over frequencies of the inverse subsystem the decoder solves for this received
-        set: how much it can amplify the relative rounding error of the used products (1 for a copy)."""
+        """2-norm of the left inverse the decoder applies for this received set: how much it can amplify
+        the rounding errors of the used products (1 for a copy)."""
         received = tuple(sorted(set(workers)))
         if self.is_systematic and all(i in received for i in range(self.k)):
             return 1.0
-        plan = self._plan(received, torch.float64, torch.device("cpu"))
-        return float(torch.linalg.matrix_norm(plan.inverse, ord=2).max())
+        return self._plan(received, torch.float64, torch.device("cpu")).amplification
 
     def __repr__(self) -> str:
         kind = "systematic" if self.is_systematic else "non-systematic"
@@ -222,14 +229,29 @@ class Cyclic(Code):
         return self._rows
 
 
-def _add_shifted(acc: Tensor, ext: Tensor, shifts: list[int], which: Collection[int], alpha: float = 1.0) -> None:
-    """``acc += alpha * sum_b P^{shifts[b]} ext[b]`` for b in ``which``; acc is (q, x), ext (b, q, x).
-    ``P^e`` moves sub-block t to t+e (mod q): two contiguous slices per block."""
-    q = acc.shape[0]
+def _add_shifted(acc: Tensor, sub: Tensor, shifts: list[int], which: Collection[int], alpha: float = 1.0) -> None:
+    """``acc[(t + e) % q] += alpha * sub[b, t]`` for b in ``which`` with e = its shift: acc is (q, x),
+    sub (blocks, q-1, x). Two contiguous slices per block."""
+    q, length = acc.shape[0], sub.shape[1]
     for b, e in zip(which, shifts, strict=True):
-        acc[e:].add_(ext[b, : q - e], alpha=alpha)
-        if e:
-            acc[:e].add_(ext[b, q - e :], alpha=alpha)
+        head = min(length, q - e)  # sub-blocks 0..head-1 land at e..e+head-1, the rest wrap round to 0
+        acc[e : e + head].add_(sub[b, :head], alpha=alpha)
+        if head < length:
+            acc[: length - head].add_(sub[b, head:], alpha=alpha)
+
+
+def _generator(exponents: Tensor, q: int) -> Tensor:
+    """The real (rows*q, cols*(q-1)) matrix of ``C_c = sum_i P^{e[c,i]} Ã_i`` in the sub-blocks of the
+    A_i: block (c, i) is ``P^e [I; -1^T]`` (float64)."""
+    rows, cols = exponents.shape
+    t = torch.arange(q)
+    G = torch.zeros(rows, q, cols, q - 1, dtype=torch.float64)
+    for c in range(rows):
+        for i in range(cols):
+            e = int(exponents[c, i])
+            G[c, (t[:-1] + e) % q, i, t[:-1]] = 1.0
+            G[c, (q - 1 + e) % q, i, :] = -1.0
+    return G.view(rows * q, cols * (q - 1))
 
 
 def _spectrum(exponents: Tensor, q: int) -> Tensor:
