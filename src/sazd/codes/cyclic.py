@@ -8,7 +8,8 @@ so rounding errors grow like L^(m'-1) along chains of L rows (see docs/numerics.
 The embedding. Pick a prime q. Each source block ``A_i`` (r rows) is zero-padded to (q-1)*s rows,
 s = ceil(r / (q-1)), and cut into q-1 sub-blocks of s rows; a q-th sub-block equal to minus the sum
 of the others is appended. A coded block stores its q*s rows followed by one zero row per padding
-row ((q-1)*s - r < q-1 of them), so its length tells r. The extended block ``Ã_i`` (q sub-blocks) sums to zero over its sub-blocks.
+row ((q-1)*s - r < q-1 of them), so its length tells r. The extended block ``Ã_i`` (q sub-blocks)
+sums to zero over its sub-blocks.
 ``P`` is the cyclic shift by one sub-block (sub-block t moves to t+1 mod q). Coded block
 ``C_c = sum_i P^{e[c,i]} Ã_i``: encoding adds cyclically shifted sub-blocks, nothing else.
 
@@ -45,6 +46,7 @@ from sazd.codes.base import Code, DecodeError, compute_dtype
 # A subsystem whose inverse has a 2-norm above this is treated as singular (float64 cannot solve it).
 SINGULAR_NORM = 1e8
 ROW_CHOICES = ("auto", "consecutive")
+_PLAN = torch.device("cpu")  # plans are computed on the CPU in float64, then moved to the data's device
 _MDS_CHECK_LIMIT = 20000  # square parity submatrices checked when choosing q automatically
 _CHOICE_LIMIT = 64  # parity subsets compared when more parities than missing blocks were received
 
@@ -99,7 +101,7 @@ class Cyclic(Code):
         else:
             self._rows = searched_rows(k, self.m, q)
         self.rows = rows
-        e = torch.tensor([[p * i % q for i in range(k)] for p in self._rows], dtype=torch.long)
+        e = torch.tensor([[p * i % q for i in range(k)] for p in self._rows], dtype=torch.long, device=_PLAN)
         self._exponents = e  # (coded rows, k) shifts in sub-blocks
         self._plans: dict[tuple, _Plan] = {}
 
@@ -139,7 +141,7 @@ class Cyclic(Code):
         flat = blocks.reshape(b, r, -1)
         if r != (self.q - 1) * s:
             flat = torch.cat([flat, flat.new_zeros((b, (self.q - 1) * s - r, flat.shape[2]))], dim=1)
-        return flat.view(b, self.q - 1, -1)
+        return flat.reshape(b, self.q - 1, -1)
 
     def _encode_blocks(self, blocks: Tensor) -> list[Tensor]:
         q, r = self.q, blocks.shape[1]
@@ -151,7 +153,7 @@ class Cyclic(Code):
             c = sub.new_zeros((rows, width))  # q*s rows, then the zero padding rows (see block_rows)
             acc = c[: q * self.sub_rows(r)].view(q, -1)
             _add_shifted(acc, sub, e, range(self.k))
-            acc.index_add_(0, torch.tensor(e, device=acc.device).add(q - 1).remainder(q), sums, alpha=-1.0)
+            _add_last(acc, sums, e, alpha=-1.0)
             coded.append(c.view(-1, *blocks.shape[2:]).to(blocks.dtype))
         return coded
 
@@ -173,7 +175,7 @@ class Cyclic(Code):
             for c, j in enumerate(plan.coded):
                 e = self._exponents[self._coded_row(j)]
                 _add_shifted(reduced[c], sub, e[plain].tolist(), which, alpha=-1.0)
-                reduced[c].index_add_(0, e[plain].to(reduced.device).add(q - 1).remainder(q), sums)
+                _add_last(reduced[c], sums, e[plain].tolist(), alpha=1.0)  # minus the last sub-blocks
         solved = plan.solve @ reduced.view(t * q, -1)  # the least-squares solution, frequency by frequency
         missing = list(plan.missing)
         out[missing] = solved.view(t, (q - 1) * s, -1)[:, :r].view_as(out[missing])
@@ -229,7 +231,9 @@ class Cyclic(Code):
         return self._rows
 
 
-def _add_shifted(acc: Tensor, sub: Tensor, shifts: list[int], which: Collection[int], alpha: float = 1.0) -> None:
+def _add_shifted(
+    acc: Tensor, sub: Tensor, shifts: list[int], which: Collection[int], alpha: float = 1.0
+) -> None:
     """``acc[(t + e) % q] += alpha * sub[b, t]`` for b in ``which`` with e = its shift: acc is (q, x),
     sub (blocks, q-1, x). Two contiguous slices per block."""
     q, length = acc.shape[0], sub.shape[1]
@@ -240,12 +244,19 @@ def _add_shifted(acc: Tensor, sub: Tensor, shifts: list[int], which: Collection[
             acc[: length - head].add_(sub[b, head:], alpha=alpha)
 
 
+def _add_last(acc: Tensor, sums: Tensor, shifts: list[int], alpha: float) -> None:
+    """``acc[(q - 1 + e) % q] += alpha * sums[b]``: where block b's last sub-block (-sums[b]) lands."""
+    q = acc.shape[0]
+    for b, e in enumerate(shifts):
+        acc[(q - 1 + e) % q].add_(sums[b], alpha=alpha)
+
+
 def _generator(exponents: Tensor, q: int) -> Tensor:
     """The real (rows*q, cols*(q-1)) matrix of ``C_c = sum_i P^{e[c,i]} Ã_i`` in the sub-blocks of the
     A_i: block (c, i) is ``P^e [I; -1^T]`` (float64)."""
     rows, cols = exponents.shape
-    t = torch.arange(q)
-    G = torch.zeros(rows, q, cols, q - 1, dtype=torch.float64)
+    t = torch.arange(q, device=_PLAN)
+    G = torch.zeros(rows, q, cols, q - 1, dtype=torch.float64, device=_PLAN)
     for c in range(rows):
         for i in range(cols):
             e = int(exponents[c, i])
@@ -256,7 +267,7 @@ def _generator(exponents: Tensor, q: int) -> Tensor:
 
 def _spectrum(exponents: Tensor, q: int) -> Tensor:
     """``[w^{-f e}]`` for every nonzero rfft frequency f = 1..q//2: shape (..., F-1, rows, cols)."""
-    f = torch.arange(1, q // 2 + 1, dtype=torch.float64)
+    f = torch.arange(1, q // 2 + 1, dtype=torch.float64, device=_PLAN)
     phase = (-2 * math.pi / q) * f[:, None, None] * exponents.to(torch.float64)[..., None, :, :]
     return torch.polar(torch.ones_like(phase), phase)
 
@@ -303,11 +314,11 @@ def _amplification(rows: tuple[int, ...], k: int, q: int, bound: float = math.in
     """max over square submatrices (parity rows x missing blocks) of the RMS over frequencies of the
     inverse 2-norm; translations of the missing blocks are equivalent, so the first is block 0.
     Stops (returning inf) as soon as it exceeds ``bound``."""
-    e = torch.tensor([[p * i % q for i in range(k)] for p in rows], dtype=torch.long)
+    e = torch.tensor([[p * i % q for i in range(k)] for p in rows], dtype=torch.long, device=_PLAN)
     worst = 0.0
     for t in range(min(len(rows), k), 0, -1):  # the largest subsystems are the worst: test them first
-        sub_rows = torch.tensor(list(itertools.combinations(range(len(rows)), t)))
-        cols = torch.tensor([(0, *c) for c in itertools.combinations(range(1, k), t - 1)])
+        sub_rows = torch.tensor(list(itertools.combinations(range(len(rows)), t)), device=_PLAN)
+        cols = torch.tensor([(0, *c) for c in itertools.combinations(range(1, k), t - 1)], device=_PLAN)
         sub = e[sub_rows[:, None, :, None], cols[None, :, None, :]]
         smallest = torch.linalg.svdvals(_spectrum(sub, q))[..., -1]
         if not float(smallest.min()) * SINGULAR_NORM > 1:
@@ -334,10 +345,10 @@ def _systematic_mds(k: int, m: int, q: int) -> bool:
     count = sum(math.comb(m, t) * math.comb(k, t) for t in range(1, min(m, k) + 1))
     if count > _MDS_CHECK_LIMIT:
         return True
-    e = torch.tensor([[p * i % q for i in range(k)] for p in range(m)], dtype=torch.long)
+    e = torch.tensor([[p * i % q for i in range(k)] for p in range(m)], dtype=torch.long, device=_PLAN)
     for t in range(1, min(m, k) + 1):
-        rows = torch.tensor(list(itertools.combinations(range(m), t)))  # (R, t)
-        cols = torch.tensor(list(itertools.combinations(range(k), t)))  # (C, t)
+        rows = torch.tensor(list(itertools.combinations(range(m), t)), device=_PLAN)  # (R, t)
+        cols = torch.tensor(list(itertools.combinations(range(k), t)), device=_PLAN)  # (C, t)
         sub = e[rows[:, None, :, None], cols[None, :, None, :]]  # (R, C, t, t)
         if not float(torch.linalg.svdvals(_spectrum(sub, q))[..., -1].min()) * SINGULAR_NORM > 1:
             return False
