@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -46,7 +47,6 @@ from sazd.codes.base import Code, DecodeError, compute_dtype
 # A subsystem whose inverse has a 2-norm above this is treated as singular (float64 cannot solve it).
 SINGULAR_NORM = 1e8
 ROW_CHOICES = ("auto", "consecutive")
-_PLAN = torch.device("cpu")  # plans are computed on the CPU in float64, then moved to the data's device
 _MDS_CHECK_LIMIT = 20000  # square parity submatrices checked when choosing q automatically
 _CHOICE_LIMIT = 64  # parity subsets compared when more parities than missing blocks were received
 
@@ -62,7 +62,7 @@ class _Plan:
     missing: tuple[int, ...]
     coded: tuple[int, ...]
     solve: Tensor  # (t*(q-1), t*q): reduced coded blocks -> missing sub-blocks
-    amplification: float  # 2-norm of solve
+    amplification: float  # largest inverse 2-norm over frequencies
 
 
 class Cyclic(Code):
@@ -101,8 +101,7 @@ class Cyclic(Code):
         else:
             self._rows = searched_rows(k, self.m, q)
         self.rows = rows
-        e = torch.tensor([[p * i % q for i in range(k)] for p in self._rows], dtype=torch.long, device=_PLAN)
-        self._exponents = e  # (coded rows, k) shifts in sub-blocks
+        self._exponents = _exponent_table(self._rows, k, q)  # (coded rows, k) shifts in sub-blocks
         self._plans: dict[tuple, _Plan] = {}
 
     # ------------------------------------------------------------- geometry
@@ -193,19 +192,16 @@ class Cyclic(Code):
         return plan
 
     def _make_plan(self, received: tuple[int, ...]) -> _Plan:
-        """The least-squares (minimum-norm) left inverse of the missing blocks' equations, in float64,
-        for the best-conditioned choice of parities."""
+        """The Fourier-domain left inverse of the missing blocks' equations as one real matrix, in
+        float64, for the best-conditioned choice of parities."""
         missing = tuple(i for i in range(self.k) if not (self.is_systematic and i in received))
         coded = [j for j in received if self._coded_row(j) is not None]
         best: _Plan | None = None
         for chosen in itertools.islice(itertools.combinations(coded, len(missing)), _CHOICE_LIMIT):
-            e = self._exponents[[self._coded_row(j) for j in chosen]]
-            system = _generator(e[:, list(missing)], self.q)  # (t*q, t*(q-1))
-            sv = torch.linalg.svdvals(system)
-            amplification = float(1 / sv[-1]) if sv[-1] > 0 else math.inf
-            if best is not None and not amplification < best.amplification:
-                continue
-            best = _Plan(missing, chosen, torch.linalg.pinv(system), amplification)
+            e = self._exponents[[self._coded_row(j) for j in chosen]][:, list(missing)]
+            solve, amplification = _left_inverse(e, self.q)
+            if best is None or amplification < best.amplification:
+                best = _Plan(missing, chosen, solve, amplification)
         if best is None or not best.amplification <= SINGULAR_NORM:
             raise DecodeError(
                 f"workers {list(received)} do not determine source blocks {list(missing)} of {self!r}: "
@@ -214,8 +210,8 @@ class Cyclic(Code):
         return best
 
     def condition(self, workers: Collection[int]) -> float:
-        """2-norm of the left inverse the decoder applies for this received set: how much it can amplify
-        the rounding errors of the used products (1 for a copy)."""
+        """Largest 2-norm over frequencies of the inverse the decoder applies for this received set: how
+        much it can amplify the rounding errors of the used products (1 for a copy)."""
         received = tuple(sorted(set(workers)))
         if self.is_systematic and all(i in received for i in range(self.k)):
             return 1.0
@@ -251,35 +247,35 @@ def _add_last(acc: Tensor, sums: Tensor, shifts: list[int], alpha: float) -> Non
         acc[(q - 1 + e) % q].add_(sums[b], alpha=alpha)
 
 
-def _generator(exponents: Tensor, q: int) -> Tensor:
-    """The real (rows*q, cols*(q-1)) matrix of ``C_c = sum_i P^{e[c,i]} Ã_i`` in the sub-blocks of the
-    A_i: block (c, i) is ``P^e [I; -1^T]`` (float64)."""
-    rows, cols = exponents.shape
-    t = torch.arange(q, device=_PLAN)
-    G = torch.zeros(rows, q, cols, q - 1, dtype=torch.float64, device=_PLAN)
-    for c in range(rows):
-        for i in range(cols):
-            e = int(exponents[c, i])
-            G[c, (t[:-1] + e) % q, i, t[:-1]] = 1.0
-            G[c, (q - 1 + e) % q, i, :] = -1.0
-    return G.view(rows * q, cols * (q - 1))
+def _left_inverse(exponents: np.ndarray, q: int) -> tuple[Tensor, float]:
+    """The real (t*(q-1), t*q) matrix taking reduced coded blocks ``R_c = sum_i P^{e[c,i]} Ã_i`` (t of
+    them, q sub-blocks each) to the first q-1 sub-blocks of the t unknown ``Ã_i``, and the largest
+    inverse 2-norm over frequencies (inf when a frequency's system is singular).
 
-
-def _spectrum(exponents: Tensor, q: int) -> Tensor:
-    """``[w^{-f e}]`` for every nonzero rfft frequency f = 1..q//2: shape (..., F-1, rows, cols)."""
-    f = torch.arange(1, q // 2 + 1, dtype=torch.float64, device=_PLAN)
-    phase = (-2 * math.pi / q) * f[:, None, None] * exponents.to(torch.float64)[..., None, :, :]
-    return torch.polar(torch.ones_like(phase), phase)
-
-
-def _inverse_spectrum(exponents: Tensor, q: int) -> tuple[Tensor, float]:
-    """The inverse of every nonzero frequency's system (complex128) and the largest 2-norm among them
-    (inf when one is singular)."""
-    system = _spectrum(exponents, q)
-    smallest = float(torch.linalg.svdvals(system)[..., -1].min())
+    It is the Fourier solve applied to the unit vectors: rfft along the sub-block axis, the inverse of
+    ``[w^{-f e}]`` at each frequency f >= 1 (frequency 0 of every Ã is zero), inverse rfft. Plans are
+    tiny: numpy (single-threaded) computes them in float64."""
+    t = exponents.shape[0]
+    system = _spectrum(exponents, q)  # (F-1, t, t)
+    smallest = float(np.linalg.svd(system, compute_uv=False)[..., -1].min())
     if not smallest * SINGULAR_NORM > 1:
-        return system, math.inf
-    return torch.linalg.inv(system), 1 / smallest
+        return torch.zeros(t * (q - 1), t * q, dtype=torch.float64), math.inf
+    basis = np.fft.rfft(np.eye(t * q).reshape(t, q, t * q), axis=1)
+    solved = np.zeros_like(basis)
+    solved[:, 1:] = np.einsum("fab,bfx->afx", np.linalg.inv(system), basis[:, 1:])
+    unknowns = np.fft.irfft(solved, n=q, axis=1)  # (t, q, t*q)
+    return torch.from_numpy(unknowns[:, : q - 1].reshape(t * (q - 1), t * q).copy()), 1 / smallest
+
+
+def _spectrum(exponents: np.ndarray, q: int) -> np.ndarray:
+    """``[w^{-f e}]`` for every nonzero rfft frequency f = 1..q//2: shape (..., F-1, rows, cols)."""
+    f = np.arange(1, q // 2 + 1)
+    return np.exp((-2j * np.pi / q) * f[:, None, None] * exponents[..., None, :, :])
+
+
+def _exponent_table(rows: Sequence[int], k: int, q: int) -> np.ndarray:
+    """e[c, i] = rows[c] * i mod q: coded row c shifts block i by that many sub-blocks."""
+    return np.outer(np.asarray(rows, dtype=np.int64), np.arange(k)) % q
 
 
 _SEARCH_LIMIT = 400  # candidate row sets scored by searched_rows
@@ -314,16 +310,16 @@ def _amplification(rows: tuple[int, ...], k: int, q: int, bound: float = math.in
     """max over square submatrices (parity rows x missing blocks) of the RMS over frequencies of the
     inverse 2-norm; translations of the missing blocks are equivalent, so the first is block 0.
     Stops (returning inf) as soon as it exceeds ``bound``."""
-    e = torch.tensor([[p * i % q for i in range(k)] for p in rows], dtype=torch.long, device=_PLAN)
+    e = _exponent_table(rows, k, q)
     worst = 0.0
     for t in range(min(len(rows), k), 0, -1):  # the largest subsystems are the worst: test them first
-        sub_rows = torch.tensor(list(itertools.combinations(range(len(rows)), t)), device=_PLAN)
-        cols = torch.tensor([(0, *c) for c in itertools.combinations(range(1, k), t - 1)], device=_PLAN)
+        sub_rows = np.array(list(itertools.combinations(range(len(rows)), t)))
+        cols = np.array([(0, *c) for c in itertools.combinations(range(1, k), t - 1)])
         sub = e[sub_rows[:, None, :, None], cols[None, :, None, :]]
-        smallest = torch.linalg.svdvals(_spectrum(sub, q))[..., -1]
+        smallest = np.linalg.svd(_spectrum(sub, q), compute_uv=False)[..., -1]
         if not float(smallest.min()) * SINGULAR_NORM > 1:
             return math.inf
-        worst = max(worst, float(smallest.pow(-2).mean(-1).sqrt().max()))
+        worst = max(worst, float(np.sqrt((smallest**-2.0).mean(-1)).max()))
         if worst > bound:
             return math.inf
     return worst
@@ -345,11 +341,11 @@ def _systematic_mds(k: int, m: int, q: int) -> bool:
     count = sum(math.comb(m, t) * math.comb(k, t) for t in range(1, min(m, k) + 1))
     if count > _MDS_CHECK_LIMIT:
         return True
-    e = torch.tensor([[p * i % q for i in range(k)] for p in range(m)], dtype=torch.long, device=_PLAN)
+    e = _exponent_table(range(m), k, q)
     for t in range(1, min(m, k) + 1):
-        rows = torch.tensor(list(itertools.combinations(range(m), t)), device=_PLAN)  # (R, t)
-        cols = torch.tensor(list(itertools.combinations(range(k), t)), device=_PLAN)  # (C, t)
+        rows = np.array(list(itertools.combinations(range(m), t)))  # (R, t)
+        cols = np.array(list(itertools.combinations(range(k), t)))  # (C, t)
         sub = e[rows[:, None, :, None], cols[None, :, None, :]]  # (R, C, t, t)
-        if not float(torch.linalg.svdvals(_spectrum(sub, q))[..., -1].min()) * SINGULAR_NORM > 1:
+        if not float(np.linalg.svd(_spectrum(sub, q), compute_uv=False)[..., -1].min()) * SINGULAR_NORM > 1:
             return False
     return True
