@@ -13,21 +13,24 @@ sums to zero over its sub-blocks.
 ``P`` is the cyclic shift by one sub-block (sub-block t moves to t+1 mod q). Coded block
 ``C_c = sum_i P^{e[c,i]} Ã_i``: encoding adds cyclically shifted sub-blocks, nothing else.
 
-Decoding in the Fourier domain along the sub-block axis (length q, ``torch.fft.rfft``):
-``P^e`` becomes multiplication by ``w^{-f e}`` (w = exp(2 pi i / q)); frequency 0 is zero for every
-extended block (its sub-blocks sum to zero), and each other frequency f is an independent small
-system ``Ĉ_c(f) = sum_i w^{-f e[c,i]} Â_i(f)`` in Vandermonde form with nodes on the unit circle.
+The math of decoding is the Fourier domain along the sub-block axis (length q): ``P^e`` becomes
+multiplication by ``w^{-f e}`` (w = exp(2 pi i / q)); frequency 0 is zero for every extended block
+(its sub-blocks sum to zero), and each other frequency f is an independent small system
+``Ĉ_c(f) = sum_i w^{-f e[c,i]} Â_i(f)`` in Vandermonde form with nodes on the unit circle.
 
-- systematic (default): workers 0..k-1 hold the plain ``A_i`` (r rows); parity worker k+p holds
-  ``sum_i P^{p*i} Ã_i`` (q*s rows). With every systematic worker present decoding is a copy; with
-  blocks M missing, the received blocks are subtracted (shifted, in place of the unknowns) from
-  |M| parities and only the |M| x |M| system per frequency is solved. Nodes ``w^{f i}``, i < k: any
-  prime q >= k keeps them distinct; the smallest such q spreads them round the whole circle, which is
-  also the best conditioned (docs/numerics.md has the measured amplification per q).
+- systematic (default): workers 0..k-1 hold the plain ``A_i`` (r rows); parity worker k+c holds
+  ``sum_i P^{p_c*i} Ã_i`` (q*s rows), with row multipliers p_c chosen by ``searched_rows``. With
+  every systematic worker present decoding is a copy; with blocks M missing, the received blocks
+  are subtracted (shifted, in place of the unknowns) from |M| parities and only the |M| x |M|
+  system per frequency is solved. Nodes ``w^{f i}``, i < k: any prime q >= k keeps them distinct;
+  the smallest such q spreads them round the whole circle, which is also the best conditioned
+  (docs/numerics.md has the measured amplification per q).
 - non-systematic: worker j holds ``sum_i P^{j*i} Ã_i`` (needs q >= n); every decode solves k x k.
 
 The decode plan of a received set (which parities, and the inverse of every frequency's subsystem)
-is computed once in float64 and cached per (received set, dtype, device).
+is computed once in float64 and cached per (received set, dtype, device). Its rfft -> per-frequency
+solve -> inverse rfft is linear, so the plan stores it as one small real matrix applied with a GEMM
+(t*q columns for t missing blocks: faster than three passes of FFT, solve and inverse FFT).
 """
 
 from __future__ import annotations
@@ -175,7 +178,7 @@ class Cyclic(Code):
                 e = self._exponents[self._coded_row(j)]
                 _add_shifted(reduced[c], sub, e[plain].tolist(), which, alpha=-1.0)
                 _add_last(reduced[c], sums, e[plain].tolist(), alpha=1.0)  # minus the last sub-blocks
-        solved = plan.solve @ reduced.view(t * q, -1)  # the least-squares solution, frequency by frequency
+        solved = plan.solve @ reduced.view(t * q, -1)  # the Fourier solve of every frequency at once
         missing = list(plan.missing)
         out[missing] = solved.view(t, (q - 1) * s, -1)[:, :r].view_as(out[missing])
         return missing  # every used result (reduced parities, copied blocks) feeds these
@@ -184,10 +187,11 @@ class Cyclic(Code):
         key = (received, dtype, device)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._make_plan(received)
-            plan = _Plan(plan.missing, plan.coded, plan.solve.to(device, dtype), plan.amplification)
+            master = self._plans.get((received, torch.float64, None)) or self._make_plan(received)
+            plan = _Plan(master.missing, master.coded, master.solve.to(device, dtype), master.amplification)
             if len(self._plans) >= self._CACHE_LIMIT:
                 self._plans.clear()
+            self._plans[(received, torch.float64, None)] = master  # the float64 CPU plan, for other dtypes
             self._plans[key] = plan
         return plan
 
