@@ -136,26 +136,18 @@ class Cyclic(Code):
         return (self.q - 1) * s - pad
 
     # -------------------------------------------------------------- encoding
-    def _sub_blocks(self, blocks: Tensor) -> Tensor:
-        """(b, r, *t) -> (b, q-1, s * width): the zero-padded sub-blocks (a view when r = (q-1)*s)."""
-        b, r = blocks.shape[:2]
-        s = self.sub_rows(r)
-        flat = blocks.reshape(b, r, -1)
-        if r != (self.q - 1) * s:
-            flat = torch.cat([flat, flat.new_zeros((b, (self.q - 1) * s - r, flat.shape[2]))], dim=1)
-        return flat.reshape(b, self.q - 1, -1)
-
     def _encode_blocks(self, blocks: Tensor) -> list[Tensor]:
         q, r = self.q, blocks.shape[1]
-        sub = self._sub_blocks(blocks.to(compute_dtype(blocks.dtype)))
-        sums = sub.sum(1)  # Ã_i's last sub-block is -sums[i]
-        rows, width = self.block_rows(r)[-1], sub.shape[2] // self.sub_rows(r)
+        flat = blocks.to(compute_dtype(blocks.dtype)).reshape(self.k, -1)  # block i: its r rows, flat
+        width = flat.shape[1] // r
+        size = self.sub_rows(r) * width  # elements per sub-block
+        sums = _sub_block_sums(flat, size)  # Ã_i's last sub-block is -sums[i]
         coded = [blocks[i].clone() for i in range(self.k)] if self.is_systematic else []
         for e in self._exponents.tolist():
-            c = sub.new_zeros((rows, width))  # q*s rows, then the zero padding rows (see block_rows)
-            acc = c[: q * self.sub_rows(r)].view(q, -1)
-            _add_shifted(acc, sub, e, range(self.k))
-            _add_last(acc, sums, e, alpha=-1.0)
+            c = flat.new_zeros((self.block_rows(r)[-1], width))  # q*s rows, then the padding rows
+            ring = c.view(-1)[: q * size]
+            _add_shifted(ring, flat, [shift * size for shift in e], range(self.k))
+            _add_shifted(ring, -sums, [(q - 1 + shift) % q * size for shift in e], range(self.k))
             coded.append(c.view(-1, *blocks.shape[2:]).to(blocks.dtype))
         return coded
 
@@ -167,21 +159,23 @@ class Cyclic(Code):
         if len(plain) == self.k:
             return None
         plan = self._plan(tuple(sorted(results)), out.dtype, out.device)
-        q, s, t = self.q, self.sub_rows(r), len(plan.missing)
+        q, t = self.q, len(plan.missing)
+        flat = out.view(self.k, -1)
+        size = self.sub_rows(r) * (flat.shape[1] // r)
         # R_c = C_c - sum_{i received} P^{e[c,i]} Ã_i: shifted subtractions of the received blocks
-        reduced = torch.stack([results[j][: q * s].reshape(q, -1) for j in plan.coded])
+        reduced = torch.stack([results[j].reshape(-1)[: q * size] for j in plan.coded])
         if plain:
-            sub = self._sub_blocks(out[plain] if r != (q - 1) * s else out)
-            which = range(len(plain)) if r != (q - 1) * s else plain
-            sums = torch.stack([sub[b].sum(0) for b in which])  # received blocks' last sub-blocks: -sums
+            sums = _sub_block_sums(flat, size)[plain]  # the received blocks' last sub-blocks: -sums
             for c, j in enumerate(plan.coded):
-                e = self._exponents[self._coded_row(j)]
-                _add_shifted(reduced[c], sub, e[plain].tolist(), which, alpha=-1.0)
-                _add_last(reduced[c], sums, e[plain].tolist(), alpha=1.0)  # minus the last sub-blocks
-        solved = plan.solve @ reduced.view(t * q, -1)  # the Fourier solve of every frequency at once
-        missing = list(plan.missing)
-        out[missing] = solved.view(t, (q - 1) * s, -1)[:, :r].view_as(out[missing])
-        return missing  # every used result (reduced parities, copied blocks) feeds these
+                e = self._exponents[self._coded_row(j)][plain].tolist()
+                _add_shifted(reduced[c], flat, [shift * size for shift in e], plain, alpha=-1.0)
+                _add_shifted(reduced[c], sums, [(q - 1 + shift) % q * size for shift in e],
+                             range(len(plain)))  # fmt: skip
+        solved = plan.solve @ reduced.view(t * q, size)  # the Fourier solve of every frequency at once
+        solved = solved.view(t, -1)  # row a: the q-1 sub-blocks of missing block a, padding last
+        for a, i in enumerate(plan.missing):
+            flat[i] = solved[a, : flat.shape[1]]
+        return list(plan.missing)  # every used result (reduced parities, copied blocks) feeds these
 
     def _plan(self, received: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> _Plan:
         key = (received, dtype, device)
@@ -232,23 +226,29 @@ class Cyclic(Code):
 
 
 def _add_shifted(
-    acc: Tensor, sub: Tensor, shifts: list[int], which: Collection[int], alpha: float = 1.0
+    ring: Tensor, blocks: Tensor, offsets: list[int], which: Collection[int], alpha: float = 1.0
 ) -> None:
-    """``acc[(t + e) % q] += alpha * sub[b, t]`` for b in ``which`` with e = its shift: acc is (q, x),
-    sub (blocks, q-1, x). Two contiguous slices per block."""
-    q, length = acc.shape[0], sub.shape[1]
-    for b, e in zip(which, shifts, strict=True):
-        head = min(length, q - e)  # sub-blocks 0..head-1 land at e..e+head-1, the rest wrap round to 0
-        acc[e : e + head].add_(sub[b, :head], alpha=alpha)
-        if head < length:
-            acc[: length - head].add_(sub[b, head:], alpha=alpha)
+    """``ring[(o + x) % len(ring)] += alpha * blocks[b, x]`` for b in ``which`` with o its offset: a
+    cyclic shift on the flat q sub-blocks, two contiguous slices per block (a block shorter than q-1
+    sub-blocks is its zero padding left out)."""
+    size = ring.shape[0]
+    for b, o in zip(which, offsets, strict=True):
+        block = blocks[b]
+        head = min(block.shape[0], size - o)  # elements landing at o.., the rest wrap round to 0
+        ring[o : o + head].add_(block[:head], alpha=alpha)
+        if head < block.shape[0]:
+            ring[: block.shape[0] - head].add_(block[head:], alpha=alpha)
 
 
-def _add_last(acc: Tensor, sums: Tensor, shifts: list[int], alpha: float) -> None:
-    """``acc[(q - 1 + e) % q] += alpha * sums[b]``: where block b's last sub-block (-sums[b]) lands."""
-    q = acc.shape[0]
-    for b, e in enumerate(shifts):
-        acc[(q - 1 + e) % q].add_(sums[b], alpha=alpha)
+def _sub_block_sums(flat: Tensor, size: int) -> Tensor:
+    """(b, L) -> (b, size): the sum of each row's consecutive sub-blocks of ``size`` elements (the
+    last one zero-padded), without copying the blocks."""
+    full = flat.shape[1] // size
+    sums = flat[:, : full * size].reshape(flat.shape[0], full, size).sum(1)
+    rest = flat.shape[1] - full * size
+    if rest:
+        sums[:, :rest] += flat[:, full * size :]
+    return sums
 
 
 def _left_inverse(exponents: np.ndarray, q: int) -> tuple[Tensor, float]:
