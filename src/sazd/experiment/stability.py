@@ -154,7 +154,7 @@ def format_report(s: dict[str, Any], cells: list[dict[str, Any]], m: dict[str, A
             part = [c for c in cells if c["part"] == "codes" and c["dtype"] == dtype and c["rows"] == rows]
             if not part:
                 continue
-            lines += [f"### {dtype}, {rows} rows per block (worst certified error; overhead for SAZD)", ""]
+            lines += [f"### {dtype}, {rows} rows per block (worst certified error; overhead in brackets)", ""]
             cols = [(k, mm) for k in s["ks"] for mm in s["ms"]]
             header = ["code"] + [f"k={k} m={mm}" for k, mm in cols]
             body = []
@@ -172,7 +172,7 @@ def format_report(s: dict[str, Any], cells: list[dict[str, Any]], m: dict[str, A
                 by = {
                     (c["m"], c["rows"]): c for c in shift if c["shift_unit"] == unit and c["dtype"] == dtype
                 }
-                body.append([dtype, unit] + [_cell_text(by.get(key), overhead=True) for key in cols])
+                body.append([dtype, unit] + [_cell_text(by.get(key)) for key in cols])
         lines += [
             common.markdown_table(["dtype", "shift unit"] + [f"m={mm} r={rows}" for mm, rows in cols], body),
             "",
@@ -182,13 +182,13 @@ def format_report(s: dict[str, Any], cells: list[dict[str, Any]], m: dict[str, A
     return "\n".join(lines)
 
 
-def _cell_text(c: dict[str, Any] | None, overhead: bool = False) -> str:
+def _cell_text(c: dict[str, Any] | None) -> str:
     if c is None:
         return "—"
     if c["status"] == "invalid":
         return "n/a"
     text = common.fmt_error(_err(c))
-    if (overhead or c["code"] == "sazd") and c.get("overhead"):
+    if c.get("overhead"):
         text += f" (+{c['overhead'] * 100:.1f}%)"
     return text
 
