@@ -18,7 +18,7 @@ SLOW = 1000.0  # a slow actor sleeps 999x its compute time per call
 @pytest.fixture(scope="module")
 def cluster(ray_session):
     # worker 0 is slowed by the latency model, worker 1 by set_delay in the first test
-    cluster = make_cluster("ray", N, timeout_s=60, latency=FixedStragglers([0], factor=SLOW))
+    cluster = make_cluster("ray", N, worker_timeout_s=60, latency=FixedStragglers([0], factor=SLOW))
     yield cluster
     cluster.close()
 

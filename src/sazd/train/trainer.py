@@ -42,7 +42,7 @@ from sazd.parallel import (
 from sazd.runtime.cluster import Cluster, ClusterError
 from sazd.train import checkpoint
 from sazd.train.optim import CodedOptimizer, OptimConfig, lr_at
-from sazd.train.report import RunDir, progress, to_jsonable
+from sazd.train.report import RunDir, plot_latency, progress, to_jsonable
 
 BACKENDS = ("inproc", "ray")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -75,6 +75,9 @@ class TrainConfig:
     base_time_s: float | None = None  # inproc: constant task time (deterministic simulated clock)
     address: str | None = None  # ray: join this cluster
     gpus_per_worker: float = 0.0  # ray
+    placement: str = "spread"  # ray: workers on distinct nodes ("spread") or packed ("pack")
+    worker_timeout_s: float = 60.0  # a worker silent this long is an erasure (inproc: simulated seconds)
+    compute_dtype: str | None = None  # workers' product precision: bfloat16, float16 (None: as the blocks)
     device: str = "cpu"  # inproc workers' device
     epochs: int = 1
     max_steps: int | None = None  # stop after this many iterations in all (tests, quick looks)
@@ -115,6 +118,10 @@ class TrainConfig:
             raise ValueError(f"straggler_delay must be a slowdown factor >= 1, got {self.straggler_delay!r}")
         if self.checkpoint_every is not None and self.checkpoint_path is None:
             raise ValueError("checkpoint_every needs a place to write: set run_dir or checkpoint_dir")
+        if self.placement not in ("spread", "pack"):
+            raise ValueError(f"placement must be 'spread' or 'pack', got {self.placement!r}")
+        if not (isinstance(self.worker_timeout_s, int | float) and self.worker_timeout_s > 0):
+            raise ValueError(f"worker_timeout_s must be a number of seconds > 0, got {self.worker_timeout_s!r}")
         self.make_code()  # bad n/k or code options
         self.optim.validate(self.scheme)
         return self
@@ -222,6 +229,7 @@ class Trainer:
         if self.run is not None:
             self.run.write_report(report)
             self.run.plot()
+            plot_latency(self.run.path, self.cluster.counters.responses, self.cluster.n)
         return report
 
     def _loop(self) -> None:
@@ -476,6 +484,10 @@ class Trainer:
             "repairs": list(self.cluster.counters.repairs),
             "cluster": self.cluster.counters.snapshot(),
             "cluster_settings": self.cluster.describe(),
+            "workers": self.cluster.workers_info(),
+            "worker_latency": self.cluster.counters.responses.summary(self.cluster.n,
+                                                                      self.cluster.counters.respawned),
+            "worker_errors": list(self.cluster.counters.worker_errors),
             "epochs": list(self.epochs),
             "checkpoint": None if self.last_checkpoint is None else str(self.last_checkpoint),
         }
@@ -499,9 +511,11 @@ def make_cluster(cfg: TrainConfig) -> Cluster:
     latency = straggler_latency(cfg.stragglers, cfg.straggler_delay, cfg.latency, cfg.seed)
     if cfg.backend == "inproc":
         return _make("inproc", cfg.n, latency=latency, network_gbps=cfg.network_gbps, device=cfg.device,
-                     seed=cfg.seed, base_time_s=cfg.base_time_s)
+                     seed=cfg.seed, base_time_s=cfg.base_time_s, worker_timeout_s=cfg.worker_timeout_s,
+                     compute_dtype=cfg.compute_dtype)
     return _make("ray", cfg.n, latency=latency, address=cfg.address, gpus_per_worker=cfg.gpus_per_worker,
-                 seed=cfg.seed)
+                 seed=cfg.seed, worker_timeout_s=cfg.worker_timeout_s, placement=cfg.placement,
+                 compute_dtype=cfg.compute_dtype)
 
 
 def _check_resumable(cfg: TrainConfig, saved: TrainConfig) -> None:
