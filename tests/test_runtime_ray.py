@@ -12,7 +12,7 @@ from sazd.runtime import ClusterError, FixedStragglers, SGDStep, make_cluster
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 N, K, ROWS, COLS, BATCH = 6, 4, 512, 512, 128
-SLOW = 1000.0  # a slow actor sleeps 999x its compute time per call
+SLOW = 5000.0  # a slow actor sleeps 4999x its compute time per call
 
 
 @pytest.fixture(scope="module")
@@ -127,12 +127,79 @@ def test_backlog_over_limit_kills_the_actor(cluster, blocks):
         cluster.max_backlog = 64
 
 
+def live(cluster, workers: list[int]) -> None:
+    for j in workers:
+        if j not in cluster.alive():
+            cluster.respawn(j)
+
+
+@pytest.mark.parametrize("backend", ["inproc", "ray"])
+def test_worker_errors_reach_the_master_naming_worker_and_method(backend, cluster):
+    """A fire-and-forget load that fails on one worker (nobody fetches its result) makes that worker an
+    erasure by the next round, recorded with worker and method; a call every worker fails raises the
+    workers' own exception type, with worker and method in a note."""
+    c = cluster if backend == "ray" else make_cluster("inproc", N)
+    live(c, [2, 3, 4])
+    before = len(c.counters.worker_errors)
+    block = torch.eye(4)
+    c.submit("load", {2: ({"e": block},), 3: ("not a dict of blocks",), 4: ({"e": block},)}, [2, 3, 4])
+    x = torch.ones(4, 1)
+    got = c.first_k(c.submit("matmul", ("e", x), [2, 4]), 2)  # the next round
+    assert sorted(got) == [2, 4]
+    c.ready_workers(1)
+    assert 3 not in c.alive()
+    error = c.counters.worker_errors[before]
+    assert (error["worker"], error["method"]) == (3, "load") and "AttributeError" in error["error"]
+    with pytest.raises(KeyError, match="holds no block 'nope'") as info:
+        c.first_k(c.submit("matmul", ("nope", x), [2, 4]), 1)
+    assert any("worker" in note and "'matmul'" in note for note in info.value.__notes__)
+    assert 2 in c.alive() and 4 in c.alive()  # the call was wrong, not the workers
+    live(c, [3])
+
+
+def test_a_frozen_worker_times_out_and_the_round_goes_on(cluster, blocks):
+    """SIGSTOP on an actor's process: after worker_timeout_s it is killed (an erasure, its process gone)
+    and the round completes with the others."""
+    import signal
+
+    from sazd.runtime.ray_backend import wait_until
+
+    live(cluster, [2, 3, 4, 5])
+    for j in (2, 3, 4, 5):
+        cluster.wait_all(cluster.submit("load", ({"w": blocks[j]},), [j]))
+    pid = cluster.pids()[5]
+    cluster.worker_timeout_s = 2.0
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        x = torch.randn(COLS, BATCH)
+        got = cluster.first_k(cluster.submit("matmul", ("w", x), [2, 3, 4, 5]), 3)  # 5 may be among them
+        got = cluster.first_k(cluster.submit("matmul", ("w", x), [2, 3, 4, 5]), 4)
+    except ClusterError as err:
+        assert "needed 4 answers" in str(err) and "(1 failed)" in str(err)
+    else:
+        raise AssertionError(f"a frozen worker answered: {sorted(got)}")
+    finally:
+        cluster.worker_timeout_s = 60.0
+    assert 5 not in cluster.alive() and cluster.counters.timeouts >= 1
+    assert wait_until(lambda: not os.path.exists(f"/proc/{pid}"), timeout_s=20)
+    live(cluster, [5])
+    cluster.wait_all(cluster.submit("load", ({"w": blocks[5]},), [5]))
+    assert cluster.pids()[5] != pid
+
+
+def test_workers_report_where_they_run(cluster, ray_session):
+    infos = cluster.workers_info()
+    node_ids = {node["NodeID"] for node in ray_session.nodes() if node["Alive"]}
+    assert [w["index"] for w in infos] == list(range(N))
+    assert all(w["node_id"] in node_ids and w["device"] == "cpu" and w["node_ip"] for w in infos)
+
+
 def test_too_many_dead_is_a_clear_error_not_a_hang(cluster, ray_session):
     for j in (0, 1, 2):
         ray_session.kill(cluster.actors[j], no_restart=True)
-    with pytest.raises(ClusterError, match=r"needed 4 answers.*3 failed.*2 of n=6 workers alive"):
+    with pytest.raises(ClusterError, match=r"needed 4 answers.*failed.*3 of n=6 workers alive"):
         cluster.first_k(cluster.submit("matmul", ("w", torch.ones(COLS, 1))), K)
-    assert cluster.alive() == [3, 4]
+    assert cluster.alive() == [3, 4, 5]
 
 
 def test_asking_for_missing_gpus_is_a_clear_error(ray_session):

@@ -122,6 +122,35 @@ def _kill_pid(pid: int | None, boot_id: str | None, prefix: bytes = b"ray::") ->
         return False
 
 
+def _start_time(pid: int) -> int | None:
+    """The kernel's start time of process ``pid`` (None if gone): with the PID it names one process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _process_tree(roots: Collection[int]) -> list[tuple[int, int]]:
+    """(pid, start time) of ``roots`` and every process below them, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(roots), list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return [(pid, start) for pid in found if (start := _start_time(pid)) is not None]
+
+
 def _bounded(fn: Callable[[], Any], timeout_s: float) -> bool:
     """Run ``fn`` in a daemon thread; True if it finished within ``timeout_s`` (errors are swallowed)."""
     def run() -> None:
@@ -494,6 +523,7 @@ class RayCluster(Cluster):
             return
         self._closed = True
         actors, group, self.actors = self.actors, self._group, []
+        ours = _process_tree([proc.pid for _, proc in self._ray_procs if proc.poll() is None])
         if ray.is_initialized() and not self._lost:
             def stop_actors() -> None:
                 for actor in actors:
@@ -512,12 +542,13 @@ class RayCluster(Cluster):
             time.sleep(0.05 if leftover else 0)
         for info in leftover:
             _kill_pid(info["pid"], info.get("boot_id"))
-        for _, proc in self._ray_procs:
-            if proc.poll() is None:
+        for pid, start in ours:  # the Ray we started and everything below it (agents, workers)
+            if _start_time(pid) == start:
                 with contextlib.suppress(OSError):
-                    proc.kill()
-                with contextlib.suppress(Exception):
-                    proc.wait(5)
+                    os.kill(pid, signal.SIGKILL)
+        for _, proc in self._ray_procs:
+            with contextlib.suppress(Exception):
+                proc.wait(5)
         self._outstanding = [deque() for _ in range(self.n)]
 
     # --------------------------------------------------------------- internals
