@@ -30,8 +30,8 @@ def nodes():
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"node_ip_address": "127.0.0.1", "num_cpus": 1, "include_dashboard": False,
-                                      "_system_config": SYSTEM})
+                      head_node_args={"node_ip_address": "127.0.0.1", "num_cpus": 1,
+                                      "include_dashboard": False, "_system_config": SYSTEM})
     others = [cluster.add_node(node_ip_address="127.0.0.1", num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     yield cluster, [cluster.head_node, *others]
@@ -40,8 +40,9 @@ def nodes():
 
 def sazd_train(address: str, run: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    args = ["train", "--dataset", "digits", "--hidden", "64,64", "--min-features", "16", "--n", "3", "--k", "2",
-            "--address", address, "--run-dir", str(run), "--no-progress", "--worker-timeout", "20", *extra]
+    args = ["train", "--dataset", "digits", "--hidden", "64,64", "--min-features", "16", "--n", "3",
+            "--k", "2", "--address", address, "--run-dir", str(run), "--no-progress", "--worker-timeout", "20",
+            *extra]
     return subprocess.Popen([sys.executable, "-m", "sazd", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

@@ -255,11 +255,12 @@ def test_an_address_where_no_cluster_answers_fails_fast_with_one_line(tmp_path):
     start = time.monotonic()
     proc = sazd("train", "--dataset", "digits", "--address", f"127.0.0.1:{free_port()}", "--run-dir",
                 str(tmp_path / "run"))
-    out, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert time.monotonic() - start < 30
     assert proc.returncode == 1
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("sazd train: cluster failure: no Ray cluster answers at 127.0.0.1:")
+    assert len(lines) == 1
+    assert lines[0].startswith("sazd train: cluster failure: no Ray cluster answers at 127.0.0.1:")
 
 
 def descendants(pid: int) -> set[int]:
@@ -293,8 +294,8 @@ def test_losing_the_ray_control_plane_is_one_line_and_leaves_no_process(tmp_path
     """The run starts its own Ray; its GCS is killed mid-run: exit 1 with one line soon after, and every
     process the run started is gone."""
     run = tmp_path / "run"
-    proc = sazd("train", "--dataset", "digits", "--epochs", "100", "--max-steps", "2000", "--run-dir", str(run),
-                "--no-progress")
+    proc = sazd("train", "--dataset", "digits", "--epochs", "100", "--max-steps", "2000",
+                "--run-dir", str(run), "--no-progress")
     seen: set[int] = set()
     try:
         deadline = time.monotonic() + 180

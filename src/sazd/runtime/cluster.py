@@ -79,7 +79,8 @@ class Counters:
         """The latest worker errors in one phrase ('' when none), for error messages."""
         if not self.worker_errors:
             return ""
-        shown = "; ".join(f"worker {e['worker']} {e['method']!r}: {e['error']}" for e in self.worker_errors[-count:])
+        shown = "; ".join(f"worker {e['worker']} {e['method']!r}: {e['error']}"
+                          for e in self.worker_errors[-count:])
         return f"; worker errors: {shown}"
 
 
@@ -212,7 +213,8 @@ class Cluster(ABC):
     def workers_info(self) -> list[dict[str, Any]]:
         """Where each worker runs: ``{"index", "node_id", "node_ip", "device"}`` per worker index."""
         device = str(getattr(self, "device", "cpu"))
-        return [{"index": j, "node_id": "in-process", "node_ip": None, "device": device} for j in range(self.n)]
+        return [{"index": j, "node_id": "in-process", "node_ip": None, "device": device}
+                for j in range(self.n)]
 
     def note_master_time(self, seconds: float) -> None:
         """Account for master-side work (encode, decode, update); the simulated clock advances."""

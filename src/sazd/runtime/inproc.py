@@ -186,7 +186,8 @@ class InProcessCluster(Cluster):
                 break
         failed = {c.worker for c in calls.values() if c.failed}
         late = [c for c in calls.values() if not c.failed and c.worker not in got]
-        self.counters.responses.record(self.n, round_.workers, {j: calls[j].finish - round_.sent for j in got},
+        self.counters.responses.record(self.n, round_.workers,
+                                       {j: calls[j].finish - round_.sent for j in got},
                                        failed, {c.worker: c.finish - round_.sent for c in late})
         if not done(got.keys()):
             raise ClusterError(

@@ -241,8 +241,9 @@ class RayWorker(Worker):
     def info(self) -> dict[str, Any]:
         """Where this actor runs: node, device, and its process (for killing it by PID)."""
         context = ray.get_runtime_context()
-        return {"index": self.index, "node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
-                "device": str(self.device), "pid": os.getpid(), "boot_id": _boot_id()}
+        return {"index": self.index, "node_id": context.get_node_id(),
+                "node_ip": ray.util.get_node_ip_address(), "device": str(self.device), "pid": os.getpid(),
+                "boot_id": _boot_id()}
 
 
 _ACTOR = ray.remote(RayWorker)
@@ -367,8 +368,9 @@ class RayCluster(Cluster):
                                           ("CPU", num_cpus_per_worker, "num_cpus_per_worker")):
                 if n * per_worker > have.get(name, 0) + 1e-9:
                     raise ValueError(
-                        f"{arg}={per_worker:g}: {n} workers need {n * per_worker:g} {name} but the Ray cluster "
-                        f"has {have.get(name, 0):g}; lower {arg} (0 for none) or join a bigger cluster"
+                        f"{arg}={per_worker:g}: {n} workers need {n * per_worker:g} {name} but the Ray "
+                        f"cluster has {have.get(name, 0):g}; lower {arg} (0 for none) or join a bigger "
+                        "cluster"
                     )
             bundle = {"CPU": num_cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
             if any(bundle.values()):  # Ray refuses empty bundles; zero-resource actors need no placement
@@ -624,8 +626,8 @@ class RayCluster(Cluster):
             self._erase(call)
         return got, times, failed
 
-    def _collect(self, round_: RayRound, pending: dict[Any, _Call], got: dict[int, Any], times: dict[int, float],
-                 failed: set[int], errors: list, done: Callable) -> None:
+    def _collect(self, round_: RayRound, pending: dict[Any, _Call], got: dict[int, Any],
+                 times: dict[int, float], failed: set[int], errors: list, done: Callable) -> None:
         """Fetch answers of ``pending`` into ``got`` until ``done`` or none is left to wait for."""
         while pending and not done(got.keys()):
             for ref, call in list(pending.items()):  # killed meanwhile (silent, backlog, by hand)
@@ -658,7 +660,7 @@ class RayCluster(Cluster):
                     failed.add(j)
                     continue
                 except RayTaskError as err:
-                    self.counters.note_error(j, call.method, err.cause if err.cause is not None else err)
+                    self.counters.note_error(j, call.method, _cause(err))
                     failed.add(j)
                     errors.append((call, err))
                     continue
@@ -733,7 +735,7 @@ class RayCluster(Cluster):
             try:
                 ray.get(call.status, timeout=self.worker_timeout_s)
             except RayTaskError as err:
-                self.counters.note_error(call.worker, call.method, err.cause if err.cause is not None else err)
+                self.counters.note_error(call.worker, call.method, _cause(err))
                 self._erase(call)
             except _DEATH:
                 self._erase(call)
@@ -774,6 +776,11 @@ class RayCluster(Cluster):
         with self._control_plane():
             self._prune()
         return dict(round_.calls)
+
+
+def _cause(err: RayTaskError) -> BaseException:
+    """The exception the worker's code raised."""
+    return err.cause if err.cause is not None else err
 
 
 def _worker_exception(call: _Call, err: RayTaskError) -> BaseException:

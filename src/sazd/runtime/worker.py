@@ -79,7 +79,8 @@ class Worker:
         self.index = index
         self.device = torch.device(device)
         # products in this precision (e.g. bfloat16 on a GPU), answered in the blocks' dtype
-        self.compute_dtype = None if compute_dtype is None else getattr(torch, self.check_dtype(compute_dtype))
+        self.check_dtype(compute_dtype)
+        self.compute_dtype = None if compute_dtype is None else getattr(torch, compute_dtype)
         self.weights: dict[str, Tensor] = {}
         self.momentum: dict[str, Tensor] = {}
         self.last_input: dict[str, Tensor] = {}  # per block: the x of the last matmul (DEU reuses it)

@@ -193,7 +193,8 @@ def plot_latency(path: str | Path, log: Any, n: int) -> Path:
     fig, ax = plt.subplots(figsize=(7.2, 4.0))
     for j in range(n):
         xs, ys = log.series(j)
-        line = ax.plot(xs, [1000 * y for y in ys], marker=".", markersize=3, linewidth=0.8, label=f"worker {j}")
+        line = ax.plot(xs, [1000 * y for y in ys], marker=".", markersize=3, linewidth=0.8,
+                       label=f"worker {j}")
         missed = [i for i, row in enumerate(log.rounds) if row.get(j, ("skipped", None))[0] != "answered"]
         ax.plot(missed, [0] * len(missed), "|", color=line[0].get_color(), markersize=8)
     ax.set_xlabel("compute round")

@@ -121,7 +121,8 @@ class TrainConfig:
         if self.placement not in ("spread", "pack"):
             raise ValueError(f"placement must be 'spread' or 'pack', got {self.placement!r}")
         if not (isinstance(self.worker_timeout_s, int | float) and self.worker_timeout_s > 0):
-            raise ValueError(f"worker_timeout_s must be a number of seconds > 0, got {self.worker_timeout_s!r}")
+            raise ValueError(f"worker_timeout_s must be a number of seconds > 0, "
+                             f"got {self.worker_timeout_s!r}")
         self.make_code()  # bad n/k or code options
         self.optim.validate(self.scheme)
         return self
