@@ -41,8 +41,8 @@ def nodes():
 def sazd_train(address: str, run: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     args = ["train", "--dataset", "digits", "--hidden", "64,64", "--min-features", "16", "--n", "3",
-            "--k", "2", "--address", address, "--run-dir", str(run), "--no-progress", "--worker-timeout", "20",
-            *extra]
+            "--k", "2", "--address", address, "--run-dir", str(run), "--no-progress",
+            "--worker-timeout", "20", *extra]
     return subprocess.Popen([sys.executable, "-m", "sazd", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
