@@ -294,8 +294,8 @@ def test_losing_the_ray_control_plane_is_one_line_and_leaves_no_process(tmp_path
     """The run starts its own Ray; its GCS is killed mid-run: exit 1 with one line soon after, and every
     process the run started is gone."""
     run = tmp_path / "run"
-    proc = sazd("train", "--dataset", "digits", "--n", "3", "--k", "2", "--epochs", "100", "--max-steps", "2000",
-                "--run-dir", str(run), "--no-progress")
+    proc = sazd("train", "--dataset", "digits", "--n", "3", "--k", "2", "--epochs", "100",
+                "--max-steps", "2000", "--run-dir", str(run), "--no-progress")
     seen: set[int] = set()
     try:
         deadline = time.monotonic() + 180
