@@ -222,3 +222,41 @@ def test_close_leaves_no_actors_and_keeps_shared_ray(cluster, ray_session):
     assert ray_session.is_initialized()  # the session's Ray was reused, not shut down
     with pytest.raises(ClusterError, match="closed"):
         cluster.submit("ping", ())
+
+
+def test_inproc_worker_timeout_acts_on_the_simulated_clock():
+    """Parity with Ray: a worker busy with one call longer than worker_timeout_s (simulated) is killed
+    at that moment, whether the round needs it (then the round fails) or not (then it is late, and the
+    next look at the cluster after the timeout kills it)."""
+    c = make_cluster("inproc", N, latency=FixedStragglers([0], factor=100), base_time_s=0.01,
+                     worker_timeout_s=0.5)
+    c.wait_all(c.submit("load", ({"w": torch.eye(2)},)))
+    x = torch.ones(2, 1)
+    got = c.first_k(c.submit("matmul", ("w", x)), N - 1)
+    assert 0 not in got and c.counters.timeouts == 0  # late, not yet silent for 0.5 s
+    c.note_master_time(0.6)
+    assert 0 not in c.ready_workers(K) and c.counters.timeouts == 1
+    c.respawn(0)
+    c.wait_all(c.submit("load", ({"w": torch.eye(2)},), [0]))
+    with pytest.raises(ClusterError, match=r"needed 6 answers.*\(1 failed\)"):
+        c.first_k(c.submit("matmul", ("w", x)), N)
+    assert c.counters.timeouts == 2
+    [row] = [r for r in c.counters.responses.summary(N, c.counters.respawned) if r["worker"] == 0]
+    assert row["late"] == 1 and row["failed"] == 1 and row["respawns"] == 1 and row["answered"] == 0
+
+
+def test_a_run_reports_workers_and_their_answer_times(digits, tmp_path):
+    from _support import digits_config
+
+    from sazd.train.trainer import Trainer
+
+    cfg = digits_config(max_steps=4, stragglers=1, run_dir=str(tmp_path / "run"))
+    with Trainer(cfg, data=digits) as tr:
+        report = tr.train()
+    assert [w["index"] for w in report["workers"]] == list(range(cfg.n))
+    rows = {r["worker"]: r for r in report["worker_latency"]}
+    totals = {sum(r[key] for key in ("answered", "late", "skipped", "failed")) for r in rows.values()}
+    assert len(totals) == 1 and totals.pop() > 0  # every worker has one entry per compute round
+    assert rows[0]["answered"] == 0  # the straggler's answers are never among the first k
+    assert all(rows[j]["answered"] > 0 and rows[j]["median_s"] > 0 for j in (1, 2, 3, 4))
+    assert (tmp_path / "run" / "latency.png").stat().st_size > 1000

@@ -225,5 +225,8 @@ def latency_table(rows: list[dict[str, Any]]) -> str:
 def workers_line(infos: list[dict[str, Any]]) -> str:
     """Where the workers run, in one line: ``workers on 3 node(s): 0@a1b2c3(cpu) 1@d4e5f6(cpu) ...``."""
     nodes = len({w["node_id"] for w in infos})
-    placed = " ".join(f"{w['index']}@{str(w['node_id'])[:6]}({w['device']})" for w in infos)
+    def short(node_id: Any) -> str:  # Ray's node ids are 56 hex digits; 6 tell them apart
+        return str(node_id)[:6] if len(str(node_id)) > 12 else str(node_id)
+
+    placed = " ".join(f"{w['index']}@{short(w['node_id'])}({w['device']})" for w in infos)
     return f"workers on {nodes} node(s): {placed}"
