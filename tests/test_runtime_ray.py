@@ -247,7 +247,6 @@ def test_inproc_worker_timeout_acts_on_the_simulated_clock():
 
 def test_a_run_reports_workers_and_their_answer_times(digits, tmp_path):
     from _support import digits_config
-
     from sazd.train.trainer import Trainer
 
     cfg = digits_config(max_steps=4, stragglers=1, run_dir=str(tmp_path / "run"))
