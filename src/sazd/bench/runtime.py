@@ -11,8 +11,8 @@ One run, in one Ray, three parts:
    wall time, next to the same iterations in-process on its simulated clock (the master's measured
    work plus, per round, the k-th fastest worker's measured compute: the workers as if in parallel,
    with free transfers), for each ``--widths``: the ratio from the start of a run (the first
-   ``--warmup`` iterations, actor start-up excluded) and in steady state (median of the following
-   ``--iterations``).
+   ``--warmup`` iterations; actor start-up and loading the coded blocks excluded, as in-process) and
+   in steady state (median of the following ``--iterations``).
 3. split: each steady Ray iteration split into master work (encode, decode, update, autograd),
    worker compute (the in-process run's worker time / n: the workers compute in parallel) and the rest
    of the time in worker rounds (transfer, serialisation, scheduling).
@@ -122,6 +122,8 @@ def part_iteration(args: argparse.Namespace, cluster: Any, width: int) -> dict[s
                           k=args.k, scheme="deu", backend=backend, batch_size=128, seed=args.seed,
                           optim=OptimConfig(lr=0.01, momentum=0.9), show_progress=False)
         with Trainer(cfg, cluster=cluster if backend == "ray" else None, data=data) as trainer:
+            # the blocks are loaded (in-process: at once; Ray: calls run in order, so a ping answers after)
+            trainer.cluster.wait_all(trainer.cluster.submit("ping", ()))
             for xb, yb in itertools.islice(batches(data.train_x, data.train_y, 128, args.seed, 0), steps):
                 trainer.step(xb, yb)
             recs = trainer.history
