@@ -107,15 +107,13 @@ def _boot_id() -> str:
         return socket.gethostname()
 
 
-def _kill_pid(pid: int | None, boot_id: str | None, prefix: bytes = b"ray::") -> bool:
-    """SIGKILL process ``pid`` if it runs on this machine and its command line starts with ``prefix``
-    (a reused PID is left alone); True if a signal was sent."""
-    if pid is None or boot_id != _boot_id():
+def _kill_pid(info: dict[str, Any]) -> bool:
+    """SIGKILL the process ``info`` describes (``pid``, ``boot_id``, ``start``) if it still runs on
+    this machine (same boot, same start time: a reused PID is left alone); True if a signal was sent."""
+    pid = info.get("pid")
+    if pid is None or info.get("boot_id") != _boot_id() or _start_time(pid) != info.get("start"):
         return False
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if not f.read().startswith(prefix):
-                return False
         os.kill(pid, signal.SIGKILL)
         return True
     except OSError:
@@ -393,8 +391,8 @@ class RayCluster(Cluster):
         self, method: str, args: Sequence[tuple] | tuple, workers: Sequence[int] | None = None
     ) -> RayRound:
         self._check_open()
-        workers, per_worker, broadcast = self._prepare_submit(method, args, workers)
         with self._control_plane():
+            workers, per_worker, broadcast = self._prepare_submit(method, args, workers)
             shared = self._payload(args) if broadcast else None
             calls: dict[int, _Call | None] = {}
             now = time.monotonic()
@@ -468,8 +466,7 @@ class RayCluster(Cluster):
         if worker < len(self.actors):
             with contextlib.suppress(Exception):  # already dead, or Ray already shut down
                 ray.kill(self.actors[worker], no_restart=True)
-            info = self._info[worker]
-            _kill_pid(info.get("pid"), info.get("boot_id"))
+            _kill_pid(self._info[worker])
         self._dead.add(worker)
         self._outstanding[worker].clear()
 
@@ -543,7 +540,7 @@ class RayCluster(Cluster):
             leftover = [info for info in leftover if os.path.exists(f"/proc/{info['pid']}")]
             time.sleep(0.05 if leftover else 0)
         for info in leftover:
-            _kill_pid(info["pid"], info.get("boot_id"))
+            _kill_pid(info)
         for pid, start in ours:  # the Ray we started and everything below it (agents, workers)
             if _start_time(pid) == start:
                 with contextlib.suppress(OSError):
@@ -592,6 +589,8 @@ class RayCluster(Cluster):
             raise ClusterError(f"{what} did not start: {' '.join(str(err).split())[:300]}") from err
         now = time.monotonic()
         for j, info in zip(workers, infos, strict=True):
+            if info.get("boot_id") == _boot_id():
+                info["start"] = _start_time(info["pid"])
             self._info[j] = info
             self._heard[j] = now
 
