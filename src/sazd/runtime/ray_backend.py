@@ -463,12 +463,30 @@ class RayCluster(Cluster):
         """Kill actor ``worker`` (no restart): its unfinished calls fail, as do later calls. The process
         is also killed by PID when it runs on this machine (a frozen process may not answer Ray)."""
         self._check_workers([worker])
+        self._record_raised(worker)
         if worker < len(self.actors):
             with contextlib.suppress(Exception):  # already dead, or Ray already shut down
                 ray.kill(self.actors[worker], no_restart=True)
             _kill_pid(self._info[worker])
         self._dead.add(worker)
         self._outstanding[worker].clear()
+
+    def _record_raised(self, worker: int) -> None:
+        """Before ``worker``'s unfinished calls are forgotten: record what its finished, unfetched calls
+        raised (a kill must not hide why a load or update failed)."""
+        calls = [c for c in self._outstanding[worker] if not c.fetched and not c.gathering]
+        if not calls or not ray.is_initialized():
+            return
+        with contextlib.suppress(Exception):
+            done = set(ray.wait([c.status for c in calls], num_returns=len(calls), timeout=0,
+                                fetch_local=False)[0])
+            for call in (c for c in calls if c.status in done):
+                try:
+                    ray.get(call.status, timeout=1)
+                except RayTaskError as err:
+                    self.counters.note_error(worker, call.method, _cause(err))
+                except Exception:  # died: nothing raised by the worker's code
+                    pass
 
     def respawn(self, worker: int) -> None:
         self._check_open()
