@@ -260,7 +260,7 @@ def test_an_address_where_no_cluster_answers_fails_fast_with_one_line(tmp_path):
     assert proc.returncode == 1
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1
-    assert lines[0].startswith("sazd train: cluster failure: no Ray cluster answers at 127.0.0.1:")
+    assert lines[0].startswith("sazd train: failed: no Ray cluster answers at 127.0.0.1:")
 
 
 def descendants(pid: int) -> set[int]:
