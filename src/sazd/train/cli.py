@@ -90,9 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per worker actor")
     g.add_argument("--placement", default="spread", choices=["spread", "pack"],
                    help="ray: workers on distinct nodes while there are nodes (spread) or packed (pack)")
-    g.add_argument("--worker-timeout", dest="worker_timeout_s", type=float, default=60.0,
+    g.add_argument("--worker-timeout", dest="worker_timeout_s", type=float, default=None,
                    help="seconds a worker may stay silent before it is killed, respawned and repaired "
-                        "(default 60)")
+                        "(default: 60 on Ray; none in-process, where it counts simulated seconds)")
     g.add_argument("--compute-dtype", default=None, choices=["bfloat16", "float16"],
                    help="workers' product precision (decoding stays in --dtype)")
     g.add_argument("--no-repair", dest="repair", action="store_false", help="do not respawn dead workers")

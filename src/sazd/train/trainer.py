@@ -87,7 +87,8 @@ class TrainConfig:
     address: str | None = None  # ray: join this cluster
     gpus_per_worker: float = 0.0  # ray
     placement: str = "spread"  # ray: workers on distinct nodes ("spread") or packed ("pack")
-    worker_timeout_s: float = 60.0  # a worker silent this long is an erasure (inproc: simulated seconds)
+    # a worker silent this long is an erasure; None: 60 s on Ray, none in-process (else simulated seconds)
+    worker_timeout_s: float | None = None
     compute_dtype: str | None = None  # workers' product precision: bfloat16, float16 (None: as the blocks)
     device: str = "cpu"  # inproc workers' device
     epochs: int = 1
@@ -143,9 +144,9 @@ class TrainConfig:
         self._check_device()
         if self.placement not in ("spread", "pack"):
             raise ValueError(f"placement must be 'spread' or 'pack', got {self.placement!r}")
-        if not (isinstance(self.worker_timeout_s, int | float) and self.worker_timeout_s > 0):
-            raise ValueError(f"worker_timeout_s must be a number of seconds > 0, "
-                             f"got {self.worker_timeout_s!r}")
+        timeout = self.worker_timeout_s
+        if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
+            raise ValueError(f"--worker-timeout must be a number of seconds > 0, got {timeout!r}")
         self.make_code()  # bad n/k or code options
         from sazd.runtime.latency import straggler_latency
 
@@ -696,7 +697,7 @@ def make_cluster(cfg: TrainConfig) -> Cluster:
                      seed=cfg.seed, base_time_s=cfg.base_time_s, worker_timeout_s=cfg.worker_timeout_s,
                      compute_dtype=cfg.compute_dtype)
     return _make("ray", cfg.n, latency=latency, address=cfg.address, gpus_per_worker=cfg.gpus_per_worker,
-                 seed=cfg.seed, worker_timeout_s=cfg.worker_timeout_s, placement=cfg.placement,
+                 seed=cfg.seed, worker_timeout_s=cfg.worker_timeout_s or 60.0, placement=cfg.placement,
                  compute_dtype=cfg.compute_dtype)
 
 
