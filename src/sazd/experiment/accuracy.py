@@ -128,7 +128,11 @@ def grid(s: dict[str, Any]) -> list[dict[str, Any]]:
                                 regime=regime,
                                 seed=seed,
                             )
-                            cells.append({"key": common.cell_key(**fields, **_fixed(s)), **fields})
+                            products = (
+                                {} if dtype == "float32" else {"products": compute_dtype_field() is not None}
+                            )
+                            key = common.cell_key(**fields, **_fixed(s), **products)
+                            cells.append({"key": key, **fields})
     return cells
 
 
@@ -221,7 +225,9 @@ class Runner:
         from sazd.train.trainer import TrainConfig, Trainer
 
         s, n, seed = self.s, cell["n"], cell["seed"]
-        extra = {self.dtype_field: cell["dtype"]} if self.dtype_field else {}
+        # float32 products are the blocks' own dtype (None); others go to the workers' compute dtype
+        products = None if cell["dtype"] == "float32" else cell["dtype"]
+        extra = {self.dtype_field: products} if self.dtype_field else {}
         cfg = TrainConfig(
             model=cell["model"],
             dataset=s["dataset"],
@@ -252,7 +258,7 @@ class Runner:
             latency = NoDelay()
         with (
             warnings.catch_warnings(record=True) as caught,
-            make_cluster("inproc", n, latency=latency, base_time_s=1e-3, seed=seed) as cluster,
+            make_cluster("inproc", n, latency=latency, base_time_s=1e-3, seed=seed, **extra) as cluster,
         ):
             warnings.simplefilter("always", UnstableDecodeWarning)
             trainer = Trainer(cfg, cluster=cluster, data=self.dataset(seed))
@@ -488,8 +494,12 @@ def plot(
     trained = [r for r in summary if r["accuracy"] is not None or "refused" in r["status"]]
     panels = sorted({(r["model"], r["dtype"], r["regime"]) for r in trained if r["regime"] != "none"})
     if panels:
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-        for ax, (model, dtype, regime) in zip(axes[0], panels, strict=True):
+        cols = min(len(panels), 2)
+        nrows = -(-len(panels) // cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.2 * nrows), squeeze=False)
+        for ax in axes.flat[len(panels):]:
+            ax.set_visible(False)
+        for ax, (model, dtype, regime) in zip(list(axes.flat)[: len(panels)], panels, strict=True):
             for i, v in enumerate(s["variants"]):
                 rows = sorted(
                     (
