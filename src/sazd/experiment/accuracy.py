@@ -155,6 +155,19 @@ def _fixed(s: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+SECONDS_PER_ITERATION = 0.03  # one DEU iteration on 2 idle cores, small models (measured; a rough guide)
+TRAIN_SAMPLES = {"digits": 1437}  # the IDX datasets: 60000
+
+
+def cell_seconds(s: dict[str, Any]) -> float:
+    """Expected seconds of one training cell: its iterations times a per-iteration guide."""
+    samples = s["train_limit"] or TRAIN_SAMPLES.get(s["dataset"], 60000)
+    steps = s["epochs"] * -(-samples // s["batch_size"])
+    if s["max_steps"] is not None:
+        steps = min(steps, s["max_steps"])
+    return steps * SECONDS_PER_ITERATION
+
+
 def model_rows(model: str, hidden: int | None, k: int) -> int:
     """Rows of the largest decoded product (the hidden width), padded to a multiple of k."""
     from sazd.models import DEFAULT_HIDDEN
@@ -497,7 +510,7 @@ def plot(
         cols = min(len(panels), 2)
         nrows = -(-len(panels) // cols)
         fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.2 * nrows), squeeze=False)
-        for ax in axes.flat[len(panels):]:
+        for ax in axes.flat[len(panels) :]:
             ax.set_visible(False)
         for ax, (model, dtype, regime) in zip(list(axes.flat)[: len(panels)], panels, strict=True):
             for i, v in enumerate(s["variants"]):
@@ -590,7 +603,9 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     m = common.machine()
-    cells = common.run_cells(common.CellStore(out), grid(s), runner, "accuracy", seconds_per_cell=15.0)
+    cells = common.run_cells(
+        common.CellStore(out), grid(s), runner, "accuracy", seconds_per_cell=cell_seconds(s)
+    )
     summary = summarize(cells, s)
     claims = claim_rows(summary)
     plots = plot(summary, cells, s, out)

@@ -98,7 +98,7 @@ def run_cells(
     done = len(cells) - len(todo)
     print(
         f"{desc}: {len(cells)} cells, {done} already done, {len(todo)} to run; expected run time about "
-        f"{_duration(len(todo) * seconds_per_cell)} on this machine",
+        f"{_duration(len(todo) * seconds_per_cell)} (a guide for 2 idle cores; longer on a busy machine)",
         file=sys.stderr,
         flush=True,
     )

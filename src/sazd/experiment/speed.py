@@ -530,7 +530,7 @@ def run(args: argparse.Namespace) -> int:
     m = common.machine()
     runner = Runner(s)
     try:
-        cells = common.run_cells(common.CellStore(out), grid(s), runner, "speed", seconds_per_cell=5.0)
+        cells = common.run_cells(common.CellStore(out), grid(s), runner, "speed", seconds_per_cell=1.0)
     finally:
         runner.close()
     plots = plot(cells, s, out)

@@ -328,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
         return common.bad_flag("stability", err)
     m = common.machine()
     cells = common.run_cells(
-        common.CellStore(out), grid(s), lambda c: measure(c, s["samples"]), "stability", seconds_per_cell=0.5
+        common.CellStore(out), grid(s), lambda c: measure(c, s["samples"]), "stability", seconds_per_cell=0.1
     )
     plots = plot(cells, s, out)
     report = format_report(s, cells, m, plots)
