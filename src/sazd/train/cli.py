@@ -26,10 +26,13 @@ FLAG_FIELDS.update({flag: "code_options" for flag in ("non_systematic", "shift_u
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model and data")
-    g.add_argument("--model", default="mlp", help="mlp or cnn (default mlp)")
+    g.add_argument("--model", default="mlp", help="mlp, cnn, resnet or gpt (default mlp)")
     g.add_argument("--hidden", type=_ints, default=None,
-                   help="hidden widths, e.g. 1024,1024 (mlp) or 128 (cnn)")
-    g.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, mnist, kmnist, digits, idx")
+                   help="hidden widths, e.g. 1024,1024 (mlp), 128 (cnn), 16,32,64 (resnet stages) or "
+                        "128,4,4 (gpt channels,layers,heads)")
+    g.add_argument("--dataset", default="fashion-mnist",
+                   help="fashion-mnist, mnist, kmnist, digits, idx; text for gpt: pystdlib (Python's own "
+                        "sources) or text (--data-dir DIR)")
     g.add_argument("--data-dir", default=None, help="directory with the four IDX files")
     g.add_argument("--train-limit", type=int, default=None, help="use a seeded subset of N training samples")
     g.add_argument("--test-limit", type=int, default=None, help="use a seeded subset of N test samples")
@@ -210,7 +213,8 @@ def print_summary(report: dict, cfg) -> None:
     it = report["iterations"]
     clock = "simulated" if cfg.backend == "inproc" else "wall"
     print(f"test accuracy {100 * report['test_accuracy']:.2f}% (loss {report['test_loss']:.4f}) after {it} "
-          f"iterations")
+          f"iterations" + (f"; test perplexity {report['test_perplexity']:.2f}" if "test_perplexity" in report
+                           else ""))
     if it:
         phases = ", ".join(f"{k.removesuffix('_s')} {1000 * v:.1f}" for k, v in report["phases_s"].items())
         print(f"iteration time: {1000 * report['mean_iteration_s']:.1f} ms ({clock}); "

@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from sazd.codes import DecodeError, get_code
 from sazd.data import DataBundle, batches, load_dataset, num_batches
-from sazd.models import MODELS, build_model
+from sazd.models import MODELS, build_model, task_of
 from sazd.parallel import (
     SCHEMES,
     coded_layers,
@@ -176,6 +175,7 @@ class Trainer:
         self.cfg = cfg
         self.model = build_model(cfg.model, self.data.in_shape, self.data.num_classes, hidden=cfg.hidden,
                                  seed=cfg.seed, dtype=self.dtype)
+        self.task = task_of(self.model)  # what the output scores: the loss and metrics follow it
         resolve_plan(self.model, cfg.plan, cfg.min_features)  # a bad plan fails before any worker starts
         self.cluster = cluster if cluster is not None else make_cluster(cfg)
         try:
@@ -252,7 +252,7 @@ class Trainer:
         self.model.train()
         self.opt.zero_grad()
         logits = self.model(xb)
-        loss = F.cross_entropy(logits, yb)
+        loss = self.task.loss(logits, yb)
         loss.backward()
         self.opt.step()
         wall = time.perf_counter() - start
@@ -268,7 +268,7 @@ class Trainer:
             "epoch": pos.epoch,
             "batch": pos.batch,
             "loss": float(loss.detach()),
-            "accuracy": float((logits.argmax(1) == yb).double().mean()),
+            "accuracy": float(self.task.correct(logits, yb)) / max(yb.numel(), 1),
             "lr": lr_at(self.opt.cfg, self.opt.steps - 1),
             "wall_s": wall,
             "sim_s": counters.sim_time_s - sim0,
@@ -280,6 +280,7 @@ class Trainer:
             "rounds": s1["rounds"] - s0["rounds"],
             **phases,
         }
+        rec.update(self.task.metrics(rec["loss"]))
         rec["iteration_s"] = rec["sim_s"] if self.cfg.backend == "inproc" else wall
         pos.iteration += 1
         pos.batch += 1
@@ -313,7 +314,7 @@ class Trainer:
         recs = [r for r in self.history if r["epoch"] == pos.epoch]
         test_loss, test_acc = self.evaluate()
         rec = {"kind": "epoch", "epoch": pos.epoch, "iteration": pos.iteration, "test_loss": test_loss,
-               "test_accuracy": test_acc}
+               "test_accuracy": test_acc, **self.task.metrics(test_loss, "test_")}
         if recs:
             rec["train_loss"] = sum(r["loss"] for r in recs) / len(recs)
             rec["train_accuracy"] = sum(r["accuracy"] for r in recs) / len(recs)
@@ -333,9 +334,9 @@ class Trainer:
         loss_sum, correct = 0.0, 0
         for i in range(0, x.shape[0], chunk):
             logits = plain(x[i:i + chunk])
-            loss_sum += float(F.cross_entropy(logits, y[i:i + chunk], reduction="sum"))
-            correct += int((logits.argmax(1) == y[i:i + chunk]).sum())
-        n = max(x.shape[0], 1)
+            loss_sum += float(self.task.loss(logits, y[i:i + chunk], reduction="sum"))
+            correct += int(self.task.correct(logits, y[i:i + chunk]))
+        n = max(y.numel(), 1)  # scored positions: samples, or samples x tokens
         return loss_sum / n, correct / n
 
     # --------------------------------------------------------------- repair
@@ -454,6 +455,8 @@ class Trainer:
         return {
             "test_accuracy": test_acc,
             "test_loss": test_loss,
+            **self.task.metrics(test_loss, "test_"),
+            "task": self.task.name,
             "train_loss": iters[-1]["loss"] if iters else None,
             "iterations": len(iters),
             "position": dataclasses.asdict(self.position),
