@@ -48,7 +48,7 @@ def test_gpt_shapes_tied_head_and_parameter_count():
     C, L, V, T = 32, 3, 256, 20
     model = build_model("gpt", (T,), V, hidden=(C, L, 4))
     assert model.lm_head.weight is model.wte.weight and task_of(model) is NEXT_TOKEN
-    block = 4 * C + (3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C)  # 2 LN + 4 Linear
+    block = 4 * C + (3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C)  # LNs, Linears
     assert param_count(model) == V * C + T * C + L * block + 2 * C  # the tied head adds nothing
     out = model(torch.randint(0, V, (3, T)))
     assert out.shape == (3, T, V)
@@ -79,7 +79,7 @@ def test_resnet_shapes_and_strided_shortcuts():
 
 
 def test_model_errors_name_the_fix():
-    with pytest.raises(ValueError, match="token windows.*pystdlib"):
+    with pytest.raises(ValueError, match=r"token windows.*pystdlib"):
         build_model("gpt", (1, 8, 8), 10)
     with pytest.raises(ValueError, match=r"channels, layers, heads"):
         build_model("gpt", (8,), 256, hidden=(16,))
@@ -139,7 +139,8 @@ def test_text_corpora_validate_their_files(tmp_path):
 # ---- coded training equals plain PyTorch --------------------------------------------------------
 
 
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, data, steps: int, batch_size: int) -> list[float]:
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, data, steps: int, batch_size: int
+          ) -> list[float]:
     task, losses = task_of(model), []
     model.train()
     for (xb, yb), _ in zip(batches(data.train_x, data.train_y, batch_size, 0, 0), range(steps), strict=False):
