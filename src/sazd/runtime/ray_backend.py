@@ -206,7 +206,7 @@ class RayCluster(Cluster):
         self._check_open()
         self._prune()
         workers, per_worker, broadcast = self._prepare_submit(method, args, workers)
-        shared = self._payload(args) if broadcast else None
+        shared = self._payload(per_worker[workers[0]]) if broadcast else None
         refs: dict[int, Any] = {}
         for j in workers:
             self.counters.bytes_to_workers += tensor_bytes(per_worker[j])
