@@ -7,7 +7,7 @@ from sazd.codes import get_code
 from sazd.runtime.inproc import InProcessCluster
 
 code = get_code("sazd", n=6, k=4)
-model = sazd.parallelize(model, code, InProcessCluster(6), scheme="deu")
+model = sazd.parallelize(model, code, InProcessCluster(6))    # scheme: DEU (default) or Naive
 optimizer = sazd.coded_optimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
 ```
 """
@@ -33,10 +33,11 @@ from sazd.parallel.plan import (
     repair,
     resolve_plan,
 )
-from sazd.parallel.schemes import DEU, SCHEMES, CodedWeight, Naive, Scheme, get_scheme
+from sazd.parallel.schemes import DEFAULT_SCHEME, DEU, SCHEMES, CodedWeight, Naive, Scheme, get_scheme
 
 __all__ = [
     "DEFAULT_MIN_FEATURES",
+    "DEFAULT_SCHEME",
     "DEU",
     "SCHEMES",
     "CodedContext",

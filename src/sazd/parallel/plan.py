@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from sazd.codes.base import Code
 from sazd.parallel.layers import CodedContext, CodedConv2d, CodedLayer, CodedLinear, round_up
-from sazd.parallel.schemes import Scheme, get_scheme
+from sazd.parallel.schemes import DEFAULT_SCHEME, Scheme, get_scheme
 from sazd.runtime.cluster import Cluster, ClusterError
 
 STYLES = ("coded", "master")
@@ -34,15 +34,15 @@ def parallelize(
     code: Code,
     cluster: Cluster,
     plan: Mapping[str, str] | None = None,
-    scheme: str | Scheme = "deu",
+    scheme: str | Scheme = DEFAULT_SCHEME,
     min_features: int = DEFAULT_MIN_FEATURES,
 ) -> nn.Module:
     """Replace the planned layers of ``model`` (in place) by coded layers whose weights live, encoded
     by ``code``, on the ``cluster``'s workers; returns ``model``.
 
-    ``scheme="naive"`` keeps each weight as a master parameter (any torch optimizer works; the
-    weights are re-encoded and shipped after each change); ``scheme="deu"`` keeps no plain weight on
-    the master: the workers update their coded weights. Either way, step with
+    ``scheme``: a ``Scheme`` or its name. ``Naive`` keeps each weight as a master parameter (any torch
+    optimizer works; the weights are re-encoded and shipped after each change); ``DEU`` (default)
+    keeps no plain weight on the master: the workers update their coded weights. Either way, step with
     ``sazd.coded_optimizer(torch.optim.SGD(model.parameters(), ...))`` (naive: any optimizer).
     """
     scheme = get_scheme(scheme)

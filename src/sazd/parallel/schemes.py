@@ -282,6 +282,7 @@ class DEU(Scheme):
 
 
 SCHEMES: dict[str, Scheme] = {scheme.name: scheme for scheme in (Naive(), DEU())}
+DEFAULT_SCHEME = SCHEMES["deu"]
 
 
 def get_scheme(scheme: str | Scheme) -> Scheme:
@@ -293,4 +294,4 @@ def get_scheme(scheme: str | Scheme) -> Scheme:
     return SCHEMES[scheme]
 
 
-__all__ = ["DEU", "SCHEMES", "CodedWeight", "Naive", "Scheme", "get_scheme"]
+__all__ = ["DEFAULT_SCHEME", "DEU", "SCHEMES", "CodedWeight", "Naive", "Scheme", "get_scheme"]

@@ -28,7 +28,15 @@ from sazd.codes import DecodeError, get_code
 from sazd.data import DataBundle, batches, load_dataset, num_batches
 from sazd.maintain import CodedState, Maintainer
 from sazd.models import MODELS, build_model
-from sazd.parallel import SCHEMES, coded_layers, parallelize, plain_model, predicted_traffic, resolve_plan
+from sazd.parallel import (
+    DEFAULT_SCHEME,
+    SCHEMES,
+    coded_layers,
+    parallelize,
+    plain_model,
+    predicted_traffic,
+    resolve_plan,
+)
 from sazd.runtime.cluster import Cluster, ClusterError
 from sazd.train import checkpoint
 from sazd.train.optim import CodedOptimizer, OptimConfig, lr_at
@@ -62,7 +70,7 @@ class TrainConfig:
     n: int = 6
     k: int = 4
     code_options: dict[str, Any] = field(default_factory=dict)  # e.g. systematic, shift_unit, nodes
-    scheme: str = "deu"
+    scheme: str = DEFAULT_SCHEME.name
     backend: str = "ray"
     stragglers: int = 0  # the first S workers are slow ...
     straggler_delay: float = 5.0  # ... by this factor
