@@ -59,7 +59,9 @@ def coded_pair(scheme: str, model: nn.Module | None = None, n: int = 5, k: int =
     plain = model if model is not None else Tied()
     coded = copy.deepcopy(plain)
     with pytest.warns(UserWarning, match="shared by"):
-        parallelize(coded, get_code("sazd", n=n, k=k), InProcessCluster(n), scheme=scheme, min_features=8)
+        # constant task time: every worker is idle at each round, so traffic is deterministic
+        parallelize(coded, get_code("sazd", n=n, k=k), InProcessCluster(n, base_time_s=0.0), scheme=scheme,
+                    min_features=8)
     return plain, coded
 
 

@@ -1,5 +1,5 @@
 """The trainer end to end on scikit-learn's digits: equal to plain PyTorch, traffic equal to the
-DESIGN.md formula, repair, clear errors before training, and the `sazd train` command."""
+traffic formula, repair, clear errors before training, and the `sazd train` command."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Coded Linear and Conv2d layers: the forward / backward / update algebra of DESIGN.md §3.
+"""Coded Linear and Conv2d layers: the forward / backward / update algebra.
 
 Every coded layer is one matrix product ``Y = X W^T`` with ``W`` of shape (out, in) and ``X`` of shape
 (N, in) (Linear: N = batch; Conv2d: W is (out_ch, in_ch*kh*kw) and X holds the N = batch*positions
@@ -6,11 +6,11 @@ unfolded patches). Rows are the coded axis:
 
 - forward:        worker j returns C_j(W) X^T            -> decode W X^T       (copy "<name>.row")
 - input gradient: worker j returns C_j(W^T) dY^T         -> decode W^T dY^T    (copy "<name>.col")
-- weight update:  naive  -> master forms dW = dY^T X, any torch optimizer steps W, the master
-                            re-encodes both copies and ships them (O(n*out*in) bytes);
-                  deu    -> the master encodes only dY^T and X^T; worker j applies
+- weight update:  the layer's ``Scheme`` (``sazd.parallel.schemes``): ``Naive`` hands dW = dY^T X
+                  to autograd and ships the re-encoded W after the optimizer step; ``DEU`` keeps
+                  (X, dY) and, at the step, sends the encoded factors for worker j to apply
                             C_j(W)   <- SGD(C_j(W),   C_j(dY^T) X)
-                            C_j(W^T) <- SGD(C_j(W^T), C_j(X^T) dY)     (O(n*N*(out+in)) bytes)
+                            C_j(W^T) <- SGD(C_j(W^T), C_j(X^T) dY)
 Widths not divisible by k are padded with zero rows; padded gradient rows are zero, so the padding
 stays zero under SGD and is sliced off every decoded result.
 """

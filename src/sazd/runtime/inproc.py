@@ -199,7 +199,7 @@ class InProcessCluster(Cluster):
             )
         late = [c for c in calls.values() if not c.failed and c.worker not in got]
         self.counters.late_results_discarded += len(late)
-        self._end_epoch()
+        self._mark_lagging()
         return got
 
     @_master_clock
@@ -211,7 +211,7 @@ class InProcessCluster(Cluster):
             if not call.failed:
                 self._receive(call)
                 got[call.worker] = call.value
-        self._end_epoch()
+        self._mark_lagging()
         return got
 
     @_master_clock
@@ -323,7 +323,7 @@ class InProcessCluster(Cluster):
         self.clock = t
         self.counters.sim_time_s = t
 
-    def _end_epoch(self) -> None:
+    def _mark_lagging(self) -> None:
         # Work submitted before this gather and still unfinished marks a worker as lagging.
         self._lag_until = list(self._busy_until)
 

@@ -433,7 +433,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- report
     def report(self) -> dict[str, Any]:
-        """Summary of the run: accuracy, traffic vs the DESIGN.md formula, per-phase times."""
+        """Summary of the run: accuracy, traffic vs the traffic formula, per-phase times."""
         iters = self.history
         count = max(len(iters), 1)
         if not self.epochs or self.epochs[-1]["iteration"] != self.position.iteration:
