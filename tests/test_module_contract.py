@@ -206,7 +206,7 @@ def test_auto_plan_leaves_what_it_cannot_code_on_the_master_and_says_why(scheme)
 
 def test_deu_refuses_an_optimizer_that_cannot_keep_the_code():
     _, coded = coded_pair("deu")
-    with pytest.raises(TypeError, match="Adam cannot step the DEU-coded weight of 'fc1'.*torch.optim.SGD"):
+    with pytest.raises(TypeError, match=r"Adam cannot step the DEU-coded weight of 'fc1'.*torch.optim.SGD"):
         sazd.coded_optimizer(torch.optim.Adam(coded.parameters()))
     opt = torch.optim.SGD(coded.parameters(), lr=0.1)  # not passed through coded_optimizer
     xb, yb = batches(1)[0]
