@@ -246,3 +246,18 @@ def test_custom_loop_example_runs_and_repairs_a_killed_worker(capsys):
     assert result["repairs"] == [3]
     assert result["final_loss"] < result["first_loss"]
     assert result["max_weight_error"] < 1e-9
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_clip_grad_norm_in_your_own_loop_matches_torch(scheme):
+    plain, coded = coded_pair(scheme)
+    for model, clip in ((plain, torch.nn.utils.clip_grad_norm_), (coded, sazd.parallel.clip_grad_norm_)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        opt = opt if model is plain else sazd.coded_optimizer(opt)
+        for xb, yb in batches(3):
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            norm = clip(model.parameters() if model is plain else model, 0.05)
+            assert norm > 0.05  # the clip binds
+            opt.step()
+    assert relative_weight_error(coded, plain) < 1e-9

@@ -183,9 +183,9 @@ def test_ray_backend_matches_plain_pytorch(scheme, code, digits, ray_session):
     assert report["iterations"] == 10 and report["cluster"]["late_results_discarded"] > 0
 
 
-@pytest.mark.parametrize(("backend", "flag"), [("ray", {"network_gbps": 10.0}), ("ray", {"base_time_s": 0.01}),
-                                               ("inproc", {"address": "127.0.0.1:6379"}),
-                                               ("inproc", {"gpus_per_worker": 1.0})])
+@pytest.mark.parametrize(("backend", "flag"), [
+    ("ray", {"network_gbps": 10.0}), ("ray", {"base_time_s": 0.01}),
+    ("inproc", {"address": "127.0.0.1:6379"}), ("inproc", {"gpus_per_worker": 1.0})])
 def test_a_flag_of_the_other_backend_is_an_error(backend, flag):
     (name,) = flag
     with pytest.raises(ValueError, match=f"{name}=.* applies to backend .* only; this run uses '{backend}'"):

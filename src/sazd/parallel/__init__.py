@@ -13,7 +13,7 @@ optimizer = sazd.coded_optimizer(torch.optim.SGD(model.parameters(), lr=0.1, mom
 """
 
 from sazd.parallel.layers import CodedContext, CodedConv2d, CodedLayer, CodedLinear, PhaseStats, RoundRecord
-from sazd.parallel.optimizer import coded_optimizer
+from sazd.parallel.optimizer import clip_grad_norm_, coded_optimizer, grad_norm
 from sazd.parallel.plan import (
     DEFAULT_MIN_FEATURES,
     by_weight_name,
@@ -50,11 +50,13 @@ __all__ = [
     "RoundRecord",
     "Scheme",
     "by_weight_name",
+    "clip_grad_norm_",
     "coded_layers",
     "coded_optimizer",
     "context",
     "decoded_copies",
     "get_scheme",
+    "grad_norm",
     "layer_traffic",
     "load_plain_weights",
     "load_weights",

@@ -13,7 +13,8 @@ scheme's ``after_step``:
             -> Worker.sgd_update(key, left, x, step)  C_j(W) <- SGD(C_j(W), C_j(dY^T) X)
 
 Stepping a DEU model with an optimizer that was not passed through ``coded_optimizer`` raises at that
-step (its coded weights would silently stay unchanged).
+step (its coded weights would silently stay unchanged). Clip with ``clip_grad_norm_(model, max_norm)``:
+torch's own sees no DEU weight gradient.
 """
 
 from __future__ import annotations
@@ -22,10 +23,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from sazd.parallel.layers import CodedContext, CodedLayer
+from sazd.parallel.plan import coded_layers
 from sazd.parallel.schemes import CodedWeight
+
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_ divides by (total_norm + 1e-6)
 
 
 def coded_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -42,6 +47,29 @@ def coded_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     optimizer.register_step_post_hook(_after_step)
     optimizer._sazd_hooked = True
     return optimizer
+
+
+def grad_norm(model: nn.Module) -> Tensor:
+    """Global 2-norm of every gradient of a parallelized model, DEU's dW = dY^T X kept for the
+    workers (``layer.pending``) included."""
+    sq = [torch.linalg.vector_norm(p.grad).square() for p in model.parameters() if p.grad is not None]
+    sq += [layer.grad_norm_sq() for layer in coded_layers(model) if layer.pending]
+    return torch.stack(sq).sum().sqrt() if sq else torch.zeros(())
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for a parallelized model (torch's own sees no DEU weight
+    gradient): scale every gradient by min(1, max_norm / (norm + 1e-6)); DEU layers scale theirs when
+    they send it. Returns the norm before clipping."""
+    norm = grad_norm(model)
+    coef = (max_norm / (norm + CLIP_EPS)).clamp(max=1.0)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(coef.to(p.grad))
+    for layer in coded_layers(model):
+        if layer.pending:
+            layer.grad_scale = coef
+    return norm
 
 
 def _coded_weights(optimizer: torch.optim.Optimizer) -> Iterator[tuple[CodedLayer, dict[str, Any]]]:

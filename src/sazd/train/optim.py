@@ -19,13 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sazd.parallel.optimizer import coded_optimizer
+from sazd.parallel.optimizer import clip_grad_norm_, coded_optimizer, grad_norm
 from sazd.parallel.plan import coded_layers, context, plain_weights
 from sazd.parallel.schemes import Scheme, get_scheme
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
-CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_ divides by (total_norm + 1e-6)
 
 
 @dataclass(frozen=True)
@@ -145,7 +144,7 @@ class CodedOptimizer:
         stats = self.ctx.stats
         start, others = time.perf_counter(), stats.encode_s + stats.worker_s + stats.decode_s
         if self.cfg.clip_norm is not None:
-            self._clip()
+            clip_grad_norm_(self.model, self.cfg.clip_norm)
         if self.master is not None:
             for group in self.master.param_groups:
                 group["lr"] = self.lr
@@ -156,20 +155,7 @@ class CodedOptimizer:
 
     def grad_norm(self) -> Tensor:
         """Global 2-norm of all gradients (master grads and DEU's pending dW = dY^T X)."""
-        grads = [p.grad for _, p in self.named_params if p.grad is not None]
-        sq = [torch.linalg.vector_norm(g).square() for g in grads]
-        sq += [layer.grad_norm_sq() for layer in self.layers if layer.pending]
-        return torch.stack(sq).sum().sqrt() if sq else torch.zeros(())
-
-    def _clip(self) -> None:
-        """torch.nn.utils.clip_grad_norm_: scale every gradient by min(1, max_norm/(norm + 1e-6)); DEU
-        layers scale their pending gradient when they send it (``grad_scale``)."""
-        coef = (self.cfg.clip_norm / (self.grad_norm() + CLIP_EPS)).clamp(max=1.0)
-        for _, p in self.named_params:
-            if p.grad is not None:
-                p.grad.mul_(coef.to(p.grad))
-        for layer in self.layers:
-            layer.grad_scale = coef
+        return grad_norm(self.model)
 
     # ------------------------------------------------------------ checkpoints
     def plain_state(
