@@ -98,8 +98,13 @@ class Maintainer:
         return CodedState(model, momentum, columns)
 
     def load_state(self, state: CodedState) -> None:
-        """Load a ``state()`` (plain weights, DEU momentum and column copies) and ship it."""
-        self.model.load_state_dict(state.model)
+        """Load a ``state()`` (plain weights, DEU momentum and column copies) and ship it once."""
+        coded = {f"{layer.name}.weight" for layer in coded_layers(self.model)}
+        missing, unexpected = self.model.load_state_dict(
+            {key: t for key, t in state.model.items() if key not in coded}, strict=False)
+        wrong = sorted({*unexpected, *(key for key in missing if key not in coded)})
+        if wrong:
+            raise ValueError(f"the state does not fit the model: {wrong[:5]} missing or unexpected")
         load_weights(self.model, state.model, state.momentum or None, columns=state.columns or None)
 
     def save(self, path: str | Path, optimizer: torch.optim.Optimizer | None = None,

@@ -32,6 +32,7 @@ from sazd.parallel import (
     DEFAULT_SCHEME,
     SCHEMES,
     coded_layers,
+    context,
     parallelize,
     plain_model,
     predicted_traffic,
@@ -199,7 +200,7 @@ class Trainer:
         try:
             parallelize(self.model, self.code, self.cluster, plan=cfg.plan, scheme=cfg.scheme,
                         min_features=cfg.min_features)
-            self.ctx = coded_layers(self.model)[0].ctx
+            self.ctx = context(self.model)
             self.opt = CodedOptimizer(self.model, cfg.optim)
             self.maintainer = Maintainer(self.model, repair=cfg.repair)
             self.position = Position()
