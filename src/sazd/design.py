@@ -10,7 +10,7 @@ Error model. Zigzag decoding divides by binomials (z^D - 1), i.e. runs cumulativ
 of about L = r / g rows; each step adds a rounding error of relative size u (the unit roundoff of the
 products' dtype), and the parities carry sums of k blocks. With one parity in use the missing block
 is a plain difference (no chain): err ~ c1 * u * sqrt(k). With two, one cumulative sum, a random
-walk: err ~ c2 * u * sqrt(k) * sqrt(L) (DESIGN.md: about eps * sqrt(k * r / g)). With three the
+walk: err ~ c2 * u * sqrt(k) * sqrt(L) (about eps * sqrt(k * r / g)). With three the
 divisions nest once more and the walk of a walk grows like L^(3/2). So, for m = n - k <= 3:
 
     predicted = c_m * u * sqrt(k) * L ** p_m,    L = max(1, r / g),

@@ -9,6 +9,7 @@ model) and ``RayCluster`` (workers are Ray actors).
 
 from __future__ import annotations
 
+import time
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -107,14 +108,35 @@ class SentTensors:
         self._entries[key] = (weakref.ref(t, lambda _: self._entries.pop(key, None)), t._version, handle)
 
 
-def resolve_args(
-    args: Sequence[tuple] | tuple | dict[int, tuple], workers: Sequence[int], n: int
-) -> tuple[dict[int, tuple], bool]:
+@dataclass(frozen=True)
+class Broadcast:
+    """One argument tuple for every worker called (sent once to each)."""
+
+    args: tuple
+
+
+@dataclass(frozen=True)
+class PerWorker:
+    """An argument tuple per worker id (coded blocks, encoded factors)."""
+
+    args: dict[int, tuple]
+
+
+Args = Broadcast | PerWorker | tuple | Sequence[tuple] | dict[int, tuple]
+
+
+def resolve_args(args: Args, workers: Sequence[int], n: int) -> tuple[dict[int, tuple], bool]:
     """The argument tuple of each worker in ``workers`` and whether it is one broadcast tuple.
 
-    A ``tuple`` is broadcast to every worker; a ``list`` of n tuples (indexed by worker id) or a
-    ``dict`` {worker: tuple} gives per-worker arguments.
+    ``Broadcast(args)`` / ``PerWorker({worker: args})`` say which; the short forms are a ``tuple``
+    (broadcast), a ``list`` of n tuples indexed by worker id, or a ``dict`` {worker: tuple}.
     """
+    if isinstance(args, Broadcast):
+        args = args.args
+    elif isinstance(args, PerWorker):
+        args = args.args
+        if not isinstance(args, dict):
+            raise ValueError(f"PerWorker takes a dict {{worker: tuple}}, got {type(args).__name__}")
     if isinstance(args, tuple):
         return {j: args for j in workers}, True
     if isinstance(args, dict):
@@ -130,9 +152,18 @@ def resolve_args(
             )
         return {j: args[j] for j in workers}, False
     raise ValueError(
-        f"args must be a tuple (broadcast), a list of n tuples or a dict {{worker: tuple}}, "
-        f"got {type(args).__name__}"
+        f"args must be Broadcast(tuple), PerWorker({{worker: tuple}}), a tuple, a list of n tuples or a "
+        f"dict {{worker: tuple}}, got {type(args).__name__}"
     )
+
+
+@dataclass(frozen=True)
+class Answers:
+    """The answers of one compute round and the workers it asked (DEU reuses the round's inputs on
+    exactly those)."""
+
+    results: dict[int, Any]
+    workers: frozenset[int]
 
 
 class Round(ABC):
@@ -148,13 +179,11 @@ class Cluster(ABC):
     counters: Counters
 
     @abstractmethod
-    def submit(
-        self, method: str, args: Sequence[tuple] | tuple, workers: Sequence[int] | None = None
-    ) -> Round:
+    def submit(self, method: str, args: Args, workers: Sequence[int] | None = None) -> Round:
         """Call ``Worker.<method>(*args)`` on each of ``workers`` (default: every live worker).
 
-        ``args`` is one tuple for all workers (broadcast: sent once) or a sequence of n tuples
-        indexed by worker id (per-worker inputs such as coded blocks).
+        ``args``: ``Broadcast(tuple)`` for all workers or ``PerWorker({worker: tuple})`` (per-worker
+        inputs such as coded blocks); see ``resolve_args`` for the short forms.
         """
 
     @abstractmethod
@@ -186,8 +215,30 @@ class Cluster(ABC):
         return {"backend": type(self).__name__, "n": self.n}
 
     def note_master_time(self, seconds: float) -> None:
-        """Account for master-side work (encode, decode, update); the simulated clock advances."""
-        return None  # real backends: real time passes by itself
+        """Advance a simulated clock by ``seconds`` of master-side work (real backends: nothing to do,
+        real time passes by itself)."""
+        return None
+
+    def now(self) -> float:
+        """Seconds on this cluster's clock (real backends: wall time; in-process: simulated time)."""
+        return time.perf_counter()
+
+    def compute(self, method: str, args: Args, k: int,
+                enough: Callable[[Collection[int]], bool] | None = None) -> Answers:
+        """One compute round, the single place of the retry and first-k policy: ask the ready workers
+        (``ready_workers``; every live one when those would not satisfy ``enough``), continue with the
+        first k answers (or once ``enough`` holds). When a worker of the round dies and the busy ones
+        were left out, the round is asked once more of every live worker."""
+        workers = self.ready_workers(k)
+        if enough is not None and not enough(workers):  # e.g. replication: not every k-set decodes
+            workers = self.alive()
+        try:
+            return Answers(self.first_k(self.submit(method, args, workers), k, enough), frozenset(workers))
+        except ClusterError:
+            alive = self.alive()
+            if set(alive) <= set(workers) or not (enough(alive) if enough else len(alive) >= k):
+                raise
+            return Answers(self.first_k(self.submit(method, args, alive), k, enough), frozenset(alive))
 
     @abstractmethod
     def alive(self) -> list[int]:
@@ -215,7 +266,7 @@ class Cluster(ABC):
         round_.gathered = True
 
     def _prepare_submit(
-        self, method: str, args: Sequence[tuple] | tuple, workers: Sequence[int] | None
+        self, method: str, args: Args, workers: Sequence[int] | None
     ) -> tuple[list[int], dict[int, tuple], bool]:
         """Validate a submit; return (workers, per-worker argument tuples, broadcast?) and count the
         master's egress with each tensor sent once."""
@@ -224,7 +275,7 @@ class Cluster(ABC):
         if not workers:
             raise ClusterError(f"submit {method!r}: no live workers (n={self.n}, all dead); respawn some")
         per_worker, broadcast = resolve_args(args, workers, self.n)
-        self._send_once(args if broadcast else list(per_worker.values()))
+        self._send_once(per_worker[workers[0]] if broadcast else list(per_worker.values()))
         return workers, per_worker, broadcast
 
     def _send_once(self, args: Any) -> None:

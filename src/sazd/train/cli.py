@@ -4,7 +4,7 @@
                --backend inproc --epochs 1 --stragglers 2 --json out.json
 
 Writes a run directory (config.json, metrics.jsonl, report.json, loss.png, accuracy.png), shows a
-progress bar per epoch and prints the bytes per iteration, measured and by the DESIGN.md formula for
+progress bar per epoch and prints the bytes per iteration, measured and by the traffic formula for
 both schemes. Bad settings (Adam with DEU, impossible n/k, a bad plan ...) exit with code 2 and a
 one-line message before any training starts.
 """

@@ -25,17 +25,16 @@ from torch import Tensor
 
 from sazd.codes import DecodeError, get_code
 from sazd.data import DataBundle, batches, load_dataset, num_batches
+from sazd.maintain import CodedState, Maintainer
 from sazd.models import MODELS, build_model, task_of
 from sazd.parallel import (
+    DEFAULT_SCHEME,
     SCHEMES,
     coded_layers,
-    decoded_copies,
-    load_plain_weights,
+    context,
     parallelize,
     plain_model,
-    plain_state_dict,
     predicted_traffic,
-    repair,
     resolve_plan,
 )
 from sazd.runtime.cluster import Cluster, ClusterError
@@ -49,6 +48,12 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 RESUME_FIELDS = ("model", "dataset", "train_limit", "hidden", "code", "n", "k", "code_options", "scheme",
                  "batch_size", "optim", "dtype", "seed", "plan", "min_features")
 PHASES = ("encode_s", "decode_s", "worker_s", "update_s")
+# TrainConfig fields that configure one backend, with their defaults (unset).
+BACKEND_OPTIONS = {
+    "inproc": {"network_gbps": None, "base_time_s": None, "device": "cpu"},
+    "ray": {"address": None, "gpus_per_worker": 0.0},
+}
+BACKEND_FIXED = {"inproc": {"master_time": "measured"}, "ray": {}}  # what the trainer always wants
 
 
 @dataclass
@@ -65,7 +70,7 @@ class TrainConfig:
     n: int = 6
     k: int = 4
     code_options: dict[str, Any] = field(default_factory=dict)  # e.g. systematic, shift_unit, nodes
-    scheme: str = "deu"
+    scheme: str = DEFAULT_SCHEME.name
     backend: str = "ray"
     stragglers: int = 0  # the first S workers are slow ...
     straggler_delay: float = 5.0  # ... by this factor
@@ -112,11 +117,25 @@ class TrainConfig:
             raise ValueError(f"stragglers must be in [0, n={self.n}], got {self.stragglers!r}")
         if not self.straggler_delay >= 1:
             raise ValueError(f"straggler_delay must be a slowdown factor >= 1, got {self.straggler_delay!r}")
+        self.backend_options()  # flags of the other backend are errors
         if self.checkpoint_every is not None and self.checkpoint_path is None:
             raise ValueError("checkpoint_every needs a place to write: set run_dir or checkpoint_dir")
         self.make_code()  # bad n/k or code options
         self.optim.validate(self.scheme)
         return self
+
+    def backend_options(self) -> dict[str, Any]:
+        """The options of ``backend`` (``BACKEND_OPTIONS``); a set option of the other backend is a
+        ValueError rather than silently ignored."""
+        for backend, options in BACKEND_OPTIONS.items():
+            if backend == self.backend:
+                continue
+            for name, default in options.items():
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name}={getattr(self, name)!r} applies to backend {backend!r} only; "
+                                     f"this run uses {self.backend!r}: drop it or pick that backend")
+        return {**{name: getattr(self, name) for name in BACKEND_OPTIONS[self.backend]},
+                **BACKEND_FIXED[self.backend]}
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -181,8 +200,9 @@ class Trainer:
         try:
             parallelize(self.model, self.code, self.cluster, plan=cfg.plan, scheme=cfg.scheme,
                         min_features=cfg.min_features)
-            self.ctx = coded_layers(self.model)[0].ctx
+            self.ctx = context(self.model)
             self.opt = CodedOptimizer(self.model, cfg.optim)
+            self.maintainer = Maintainer(self.model, repair=cfg.repair)
             self.position = Position()
             if ckpt is not None:
                 self._restore(ckpt)
@@ -247,7 +267,7 @@ class Trainer:
     def step(self, xb: Tensor, yb: Tensor) -> dict[str, Any]:
         """One training iteration on batch (xb, yb); advances the position and returns its record."""
         counters, stats = self.cluster.counters, self.ctx.stats
-        c0, s0, sim0 = counters.snapshot(), stats.snapshot(), counters.sim_time_s
+        c0, s0, sim0, clock0 = counters.snapshot(), stats.snapshot(), counters.sim_time_s, self.cluster.now()
         start = time.perf_counter()
         self.model.train()
         self.opt.zero_grad()
@@ -258,8 +278,7 @@ class Trainer:
         wall = time.perf_counter() - start
         s1 = stats.snapshot()
         phases = {p: s1[p] - s0[p] for p in PHASES}
-        phases["master_other_s"] = max(wall - sum(phases.values()), 0.0)
-        self.cluster.note_master_time(phases["master_other_s"])  # activations, loss, autograd
+        phases["master_other_s"] = max(wall - sum(phases.values()), 0.0)  # activations, loss, autograd
         c1 = counters.snapshot()
         pos = self.position
         rec = {
@@ -281,7 +300,7 @@ class Trainer:
             **phases,
         }
         rec.update(self.task.metrics(rec["loss"]))
-        rec["iteration_s"] = rec["sim_s"] if self.cfg.backend == "inproc" else wall
+        rec["iteration_s"] = self.cluster.now() - clock0  # the cluster's clock: simulated or wall
         pos.iteration += 1
         pos.batch += 1
         self.history.append(rec)
@@ -290,12 +309,11 @@ class Trainer:
         return rec
 
     def _after_iteration(self) -> None:
-        if self.cfg.repair:
-            self.repair_dead()
-        alive = self.cluster.alive()
-        if not self.code.can_decode(alive):
-            raise ClusterError(f"fewer than k={self.code.k} workers alive ({alive})")
-        if len(alive) == self.code.k and not self._exhausted_saved:
+        self.maintainer.steps = self.position.iteration
+        for info in self.maintainer.step():
+            if self.run is not None:
+                self.run.log({"kind": "repair", **info})
+        if self.maintainer.spare == 0 and not self._exhausted_saved:
             if self.cfg.checkpoint_path is not None:  # no redundancy left: save while we still can
                 self.save_checkpoint()
             self._exhausted_saved = True
@@ -341,22 +359,12 @@ class Trainer:
 
     # --------------------------------------------------------------- repair
     def repair_dead(self) -> list[dict[str, Any]]:
-        """Respawn and repair every dead worker (decode from k live ones); record each repair."""
-        done = []
-        for j in range(self.code.n):
-            if j in self.cluster.alive() or not self.code.can_decode(self.cluster.alive()):
-                continue
-            try:
-                self.cluster.respawn(j)
-            except (ClusterError, NotImplementedError):
-                continue
-            start = time.perf_counter()
-            info = repair(self.model, j)
-            info.update(iteration=self.position.iteration, seconds=time.perf_counter() - start)
-            self.cluster.counters.repairs.append(info)
+        """Respawn and repair every dead worker now (``Maintainer.repair_dead``); log each repair."""
+        self.maintainer.steps = self.position.iteration
+        done = self.maintainer.repair_dead()
+        for info in done:
             if self.run is not None:
                 self.run.log({"kind": "repair", **info})
-            done.append(info)
         return done
 
     # ----------------------------------------------------------- checkpoints
@@ -365,19 +373,12 @@ class Trainer:
         path = Path(path) if path is not None else self.cfg.checkpoint_path
         if path is None:
             raise ValueError("no checkpoint directory: set run_dir or checkpoint_dir")
-        optim_tensors, optim_meta = self.opt.plain_state()
+        state = self.maintainer.state()  # one round of the workers decodes everything
+        optim_tensors, optim_meta = self.opt.plain_state(state.momentum)
         meta = {"position": dataclasses.asdict(self.position), "optim": optim_meta,
                 "config": self.cfg.to_dict(), "code": repr(self.code)}
-        columns = {}
-        if self.cfg.scheme == "deu":
-            copies, buffers = decoded_copies(self.model, momentum=True)
-            for layer in coded_layers(self.model):
-                col = layer.keys[1]
-                columns[col] = copies[col]
-                if col in buffers:
-                    columns[f"{col}/momentum_buffer"] = buffers[col]
-        ckpt = checkpoint.Checkpoint(model=plain_state_dict(self.model), optim=optim_tensors, meta=meta,
-                                     rng=torch.get_rng_state(), columns=columns)
+        ckpt = checkpoint.Checkpoint(model=state.model, optim=optim_tensors, meta=meta,
+                                     rng=torch.get_rng_state(), columns=state.columns)
         self.last_checkpoint = checkpoint.save(path, ckpt)
         self._checkpoint_iteration = self.position.iteration
         if self.run is not None:
@@ -386,19 +387,14 @@ class Trainer:
 
     def _restore(self, ckpt: checkpoint.Checkpoint) -> None:
         coded = {f"{layer.name}.weight" for layer in coded_layers(self.model)}
+        missing = sorted(set(self.model.state_dict()) - set(ckpt.model))
+        if missing:
+            raise checkpoint.CheckpointError(f"checkpoint has no tensor for {missing[0]!r}")
         momentum = {key.split("/")[0]: t for key, t in ckpt.optim.items()
                     if key.split("/")[0] in coded and key.endswith("/momentum_buffer")}
-        if self.cfg.scheme == "deu":
-            load_plain_weights(self.model, ckpt.model, momentum, columns=ckpt.columns)
-        else:
-            load_plain_weights(self.model, ckpt.model)
-        with torch.no_grad():
-            for name, t in self.model.state_dict().items():
-                if name in coded:
-                    continue  # loaded (and shipped) above
-                if name not in ckpt.model:
-                    raise checkpoint.CheckpointError(f"checkpoint has no tensor for {name!r}")
-                t.copy_(ckpt.model[name])
+        if not self.ctx.scheme.decodes_weight:
+            momentum = {}  # naive: the torch optimizer holds the momentum
+        self.maintainer.load_state(CodedState(ckpt.model, momentum, ckpt.columns))
         self.opt.load_master_state(ckpt.optim, ckpt.meta["optim"])
         if ckpt.rng is not None:
             torch.set_rng_state(ckpt.rng)
@@ -439,7 +435,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- report
     def report(self) -> dict[str, Any]:
-        """Summary of the run: accuracy, traffic vs the DESIGN.md formula, per-phase times."""
+        """Summary of the run: accuracy, traffic vs the traffic formula, per-phase times."""
         iters = self.history
         count = max(len(iters), 1)
         if not self.epochs or self.epochs[-1]["iteration"] != self.position.iteration:
@@ -476,7 +472,7 @@ class Trainer:
             "phases_s": {p: mean(p) for p in (*PHASES, "master_other_s")} if iters else {},
             "rows_encoded": sum(r["rows_encoded"] for r in iters),
             "rows_decoded": sum(r["rows_decoded"] for r in iters),
-            "repairs": list(self.cluster.counters.repairs),
+            "repairs": list(self.maintainer.repairs),
             "cluster": self.cluster.counters.snapshot(),
             "cluster_settings": self.cluster.describe(),
             "epochs": list(self.epochs),
@@ -500,11 +496,7 @@ def make_cluster(cfg: TrainConfig) -> Cluster:
     from sazd.runtime.latency import straggler_latency
 
     latency = straggler_latency(cfg.stragglers, cfg.straggler_delay, cfg.latency, cfg.seed)
-    if cfg.backend == "inproc":
-        return _make("inproc", cfg.n, latency=latency, network_gbps=cfg.network_gbps, device=cfg.device,
-                     seed=cfg.seed, base_time_s=cfg.base_time_s)
-    return _make("ray", cfg.n, latency=latency, address=cfg.address, gpus_per_worker=cfg.gpus_per_worker,
-                 seed=cfg.seed)
+    return _make(cfg.backend, cfg.n, latency=latency, seed=cfg.seed, **cfg.backend_options())
 
 
 def _check_resumable(cfg: TrainConfig, saved: TrainConfig) -> None:
