@@ -243,3 +243,17 @@ def test_gpt_on_ray_with_two_stragglers_equals_plain_pytorch(text, ray_session):
         report = tr.train()
         assert relative_weight_error(plain_state_dict(tr.model), reference_run(cfg, tr.data, 3)) < 1e-9
     assert report["iterations"] == 3 and report["cluster"]["late_results_discarded"] > 0
+
+
+def test_cli_refuses_a_model_for_the_wrong_data_in_one_line(capsys):
+    import argparse
+
+    from sazd.train import cli
+
+    for argv, message in ((["--model", "gpt", "--dataset", "digits"], "token windows"),
+                          (["--model", "resnet", "--dataset", "pystdlib"], "resnet needs images")):
+        parser = argparse.ArgumentParser()
+        cli.add_arguments(parser)
+        assert cli.run(parser.parse_args([*argv, "--backend", "inproc"])) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
