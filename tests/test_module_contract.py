@@ -261,3 +261,20 @@ def test_clip_grad_norm_in_your_own_loop_matches_torch(scheme):
             assert norm > 0.05  # the clip binds
             opt.step()
     assert relative_weight_error(coded, plain) < 1e-9
+
+
+def test_deu_update_is_exact_after_a_forward_between_backward_and_step():
+    """Workers reuse a round's inputs only while it is the block's latest round: an evaluation forward
+    before the step makes the update send them again."""
+    plain, coded = coded_pair("deu")
+    data, probe = batches(3), batches(1, batch=7)[0][0]
+    for model, opt in ((plain, torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)),
+                       (coded, sazd.coded_optimizer(torch.optim.SGD(coded.parameters(), lr=0.1,
+                                                                    momentum=0.9)))):
+        for xb, yb in data:
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            with torch.no_grad():
+                model(probe)
+            opt.step()
+    assert relative_weight_error(coded, plain) < 1e-9

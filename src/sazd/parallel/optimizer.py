@@ -19,7 +19,8 @@ torch's own sees no DEU weight gradient.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -45,8 +46,21 @@ def coded_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return optimizer
     optimizer.register_step_pre_hook(_before_step)
     optimizer.register_step_post_hook(_after_step)
+    optimizer.zero_grad = _zero_grad(optimizer, optimizer.zero_grad)
     optimizer._sazd_hooked = True
     return optimizer
+
+
+def _zero_grad(optimizer: torch.optim.Optimizer, zero_grad: Callable[..., None]) -> Callable[..., None]:
+    """``optimizer.zero_grad`` that also drops the DEU gradients its coded weights keep."""
+
+    @functools.wraps(zero_grad)
+    def wrapped(*args: Any, **kwargs: Any) -> None:
+        zero_grad(*args, **kwargs)
+        for layer, _ in _coded_weights(optimizer):
+            layer.pending.clear()
+
+    return wrapped
 
 
 def grad_norm(model: nn.Module) -> Tensor:
@@ -68,7 +82,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
             p.grad.mul_(coef.to(p.grad))
     for layer in coded_layers(model):
         if layer.pending:
-            layer.grad_scale = coef
+            layer.pending.scale = coef
     return norm
 
 
