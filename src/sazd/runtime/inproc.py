@@ -51,7 +51,6 @@ from typing import Any
 import torch
 
 from sazd.runtime.cluster import (
-    Args,
     Cluster,
     ClusterError,
     Counters,
@@ -160,7 +159,7 @@ class InProcessCluster(Cluster):
     # ------------------------------------------------------------------ rounds
     @_master_clock
     def submit(
-        self, method: str, args: Args, workers: Sequence[int] | None = None
+        self, method: str, args: Sequence[tuple] | tuple, workers: Sequence[int] | None = None
     ) -> InProcessRound:
         self._check_open()
         self._enforce_backlog()
