@@ -278,3 +278,12 @@ def test_deu_update_is_exact_after_a_forward_between_backward_and_step():
                 model(probe)
             opt.step()
     assert relative_weight_error(coded, plain) < 1e-9
+
+
+def test_deu_optimizer_without_the_coded_weights_is_an_error_at_its_first_step():
+    _, coded = coded_pair("deu")
+    opt = torch.optim.SGD([p for name, p in coded.named_parameters() if "coded_weight" not in name], lr=0.1)
+    xb, yb = batches(1)[0]
+    F.cross_entropy(coded(xb), yb).backward()
+    with pytest.raises(RuntimeError, match=r"left the coded weights of \['fc1', 'mid'\] unchanged"):
+        opt.step()

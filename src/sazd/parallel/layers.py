@@ -18,10 +18,11 @@ stays zero under SGD and is sliced off every decoded result.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -89,12 +90,17 @@ class CodedContext:
     """What all coded layers of one model share: the code, the cluster, the scheme, the counters and
     the latest round of every block."""
 
-    def __init__(self, code: Code, cluster: Cluster, scheme: Scheme) -> None:
+    live: ClassVar[weakref.WeakSet[CodedContext]] = weakref.WeakSet()  # every model's, while it lives
+
+    def __init__(self, code: Code, cluster: Cluster, scheme: Scheme, model: nn.Module | None = None) -> None:
         self.code = code
         self.cluster = cluster
         self.scheme = scheme
+        self.model = None if model is None else weakref.ref(model)  # the parallelized model
+        self.left_on_master: dict[str, str] = {}  # layers the plan did not code: why
         self.stats = PhaseStats()
         self.layers: dict[str, CodedLayer] = {}
+        CodedContext.live.add(self)
         self.rounds: dict[str, RoundRecord] = {}  # block key -> its latest round
         self._queued: dict[int, list[tuple[str, tuple]]] | None = None  # inside batched(): per worker
 
@@ -232,6 +238,7 @@ class CodedLayer(nn.Module):
         self.frozen = not module.weight.requires_grad
         self.element_size = weight.element_size()
         self.pending = PendingUpdate()  # DEU: what the next optimizer step sends
+        self.stepped = False  # whether an optimizer made by ``coded_optimizer`` holds the weight
         self.last_rows, self.last_input_grad = 0, False  # shape of the last batch, for the bytes formula
         # The column copy serves only the input gradient. A layer whose input needs none (the first
         # layer) stops shipping/updating it; it is marked stale and rebuilt from W if ever needed.

@@ -57,7 +57,7 @@ def parallelize(
     if refused:
         warnings.warn("left on the master: " + "; ".join(f"{n}: {w}" for n, w in refused.items()),
                       UserWarning, stacklevel=2)
-    ctx = CodedContext(code, cluster, scheme)
+    ctx = CodedContext(code, cluster, scheme, model)
     ctx.left_on_master = left
     for name, module in targets.items():
         cls = CodedConv2d if isinstance(module, nn.Conv2d) else CodedLinear
