@@ -13,8 +13,8 @@ scheme's ``after_step``:
             -> Worker.sgd_update(key, left, x, step)  C_j(W) <- SGD(C_j(W), C_j(dY^T) X)
 
 Stepping a DEU model with an optimizer while no optimizer made by ``coded_optimizer`` holds its coded
-weights raises at that step (they would silently stay unchanged). Clip with ``clip_grad_norm_(model, max_norm)``:
-torch's own sees no DEU weight gradient.
+weights raises at that step (they would silently stay unchanged). Clip with
+``clip_grad_norm_(model, max_norm)``: torch's own sees no DEU weight gradient.
 """
 
 from __future__ import annotations
