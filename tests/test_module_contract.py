@@ -17,6 +17,7 @@ from torch import nn
 import sazd
 from sazd.codes import get_code
 from sazd.parallel import coded_layers, context, parallelize, plain_model
+from sazd.runtime import FixedStragglers
 from sazd.runtime.inproc import InProcessCluster
 from sazd.train.reference import relative_weight_error
 
@@ -261,3 +262,63 @@ def test_clip_grad_norm_in_your_own_loop_matches_torch(scheme):
             assert norm > 0.05  # the clip binds
             opt.step()
     assert relative_weight_error(coded, plain) < 1e-9
+
+
+def test_deu_update_is_exact_after_a_forward_between_backward_and_step():
+    """Workers reuse a round's inputs only while it is the block's latest round: an evaluation forward
+    before the step makes the update send them again."""
+    plain, coded = coded_pair("deu")
+    data, probe = batches(3), batches(1, batch=7)[0][0]
+    for model, opt in ((plain, torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)),
+                       (coded, sazd.coded_optimizer(torch.optim.SGD(coded.parameters(), lr=0.1,
+                                                                    momentum=0.9)))):
+        for xb, yb in data:
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            with torch.no_grad():
+                model(probe)
+            opt.step()
+    assert relative_weight_error(coded, plain) < 1e-9
+
+
+def test_deu_optimizer_without_the_coded_weights_is_an_error_at_its_first_step():
+    _, coded = coded_pair("deu")
+    opt = torch.optim.SGD([p for name, p in coded.named_parameters() if "coded_weight" not in name], lr=0.1)
+    xb, yb = batches(1)[0]
+    F.cross_entropy(coded(xb), yb).backward()
+    with pytest.raises(RuntimeError, match=r"left the coded weights of \['fc1', 'mid'\] unchanged"):
+        opt.step()
+
+
+def test_maintainer_checkpoint_resumes_your_own_loop_exactly(tmp_path):
+    """save() after 3 steps, load() into a fresh model, cluster and optimizer, 2 more steps: the same
+    weights as 5 uninterrupted steps (DEU momentum on the workers, SGD momentum of the master's)."""
+    data = batches(5)
+
+    def fresh():
+        _, coded = coded_pair("deu")
+        opt = sazd.coded_optimizer(torch.optim.SGD(coded.parameters(), lr=0.1, momentum=0.9))
+        return coded, opt, sazd.Maintainer(coded)
+
+    straight, opt, _ = fresh()
+    train(straight, opt, data)
+    first, opt, keeper = fresh()
+    train(first, opt, data[:3])
+    keeper.save(tmp_path / "ckpt", opt)
+    second, opt, keeper = fresh()
+    keeper.load(tmp_path / "ckpt", opt)
+    assert relative_weight_error(second, first) == 0
+    train(second, opt, data[3:])
+    assert relative_weight_error(second, straight) < 1e-12
+
+
+def test_maintainer_names_the_stragglers():
+    model = Tied()
+    coded = copy.deepcopy(model)
+    cluster = InProcessCluster(5, latency=FixedStragglers([0], factor=50), base_time_s=0.01)
+    with pytest.warns(UserWarning):
+        parallelize(coded, get_code("sazd", n=5, k=3), cluster, min_features=8)
+    keeper = sazd.Maintainer(coded)
+    train(coded, sazd.coded_optimizer(torch.optim.SGD(coded.parameters(), lr=0.1)), batches(1))
+    assert keeper.stragglers() == [0] and keeper.spare == 2
+    assert keeper.step() == [] and keeper.steps == 1

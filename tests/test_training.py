@@ -190,3 +190,12 @@ def test_a_flag_of_the_other_backend_is_an_error(backend, flag):
     (name,) = flag
     with pytest.raises(ValueError, match=f"{name}=.* applies to backend .* only; this run uses '{backend}'"):
         TrainConfig(backend=backend, **flag).validate()
+
+
+def test_deu_checkpoint_is_one_round_of_the_workers(digits, tmp_path):
+    cfg = config(scheme="deu", max_steps=2, plan=ALL, checkpoint_dir=str(tmp_path / "ckpt"))
+    with Trainer(cfg, data=digits) as tr:
+        tr.train()
+        rounds = tr.cluster.counters.rounds
+        tr.save_checkpoint()
+        assert tr.cluster.counters.rounds == rounds + 1  # weights, both copies and momentum at once

@@ -18,10 +18,11 @@ stays zero under SGD and is sliced off every decoded result.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -60,16 +61,46 @@ class RoundRecord:
     inputs: Tensor
 
 
+@dataclass(eq=False)
+class PendingUpdate:
+    """What a DEU layer's next optimizer step sends, in one place: the factors (X, dY) of
+    dW = dY^T X of every use since the last step, the factor on them (clipping), and the rounds of
+    the last use (forward, input gradient), whose inputs the workers they asked still hold."""
+
+    factors: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    scale: float | Tensor = 1.0
+    rounds: dict[str, RoundRecord] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.factors)
+
+    def stacked(self) -> tuple[Tensor, Tensor]:
+        """(X, dY) of every use, stacked: dW = dY^T X."""
+        if len(self.factors) == 1:
+            return self.factors[0]
+        return torch.cat([x for x, _ in self.factors]), torch.cat([d for _, d in self.factors])
+
+    def clear(self) -> None:
+        self.factors.clear()
+        self.scale = 1.0
+        self.rounds.clear()
+
+
 class CodedContext:
     """What all coded layers of one model share: the code, the cluster, the scheme, the counters and
     the latest round of every block."""
 
-    def __init__(self, code: Code, cluster: Cluster, scheme: Scheme) -> None:
+    live: ClassVar[weakref.WeakSet[CodedContext]] = weakref.WeakSet()  # every model's, while it lives
+
+    def __init__(self, code: Code, cluster: Cluster, scheme: Scheme, model: nn.Module | None = None) -> None:
         self.code = code
         self.cluster = cluster
         self.scheme = scheme
+        self.model = None if model is None else weakref.ref(model)  # the parallelized model
+        self.left_on_master: dict[str, str] = {}  # layers the plan did not code: why
         self.stats = PhaseStats()
         self.layers: dict[str, CodedLayer] = {}
+        CodedContext.live.add(self)
         self.rounds: dict[str, RoundRecord] = {}  # block key -> its latest round
         self._queued: dict[int, list[tuple[str, tuple]]] | None = None  # inside batched(): per worker
 
@@ -147,12 +178,6 @@ class CodedContext:
         return states
 
 
-def ships_gradient(batch_rows: int, fan: int) -> bool:
-    """DEU: whether a coded copy's update travels as the encoded gradient (``fan`` columns per coded
-    row) rather than the encoded left factor (``batch_rows`` = N columns): whichever is smaller."""
-    return fan < batch_rows
-
-
 def pad_rows(T: Tensor, rows: int) -> Tensor:
     """``T`` with zero rows appended up to ``rows`` rows (no copy when nothing to pad)."""
     extra = rows - T.shape[0]
@@ -173,15 +198,20 @@ class _CodedMatmul(torch.autograd.Function):
     def forward(ctx: Any, xm: Tensor, weight: Tensor, layer: CodedLayer) -> Tensor:
         ctx.layer = layer
         ctx.save_for_backward(xm)
-        return layer.forward_product(xm)
+        out, ctx.round = layer.forward_product(xm)
+        return out
 
     @staticmethod
     def backward(ctx: Any, dym: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         (xm,) = ctx.saved_tensors
         layer: CodedLayer = ctx.layer
         dym = dym.contiguous()
-        dx = layer.input_grad(dym) if ctx.needs_input_grad[0] else None
-        dw = layer.ctx.scheme.weight_grad(layer, xm, dym) if ctx.needs_input_grad[1] else None
+        rounds = {ctx.round.key: ctx.round}  # the rounds of this use of the layer
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx, back = layer.input_grad(dym)
+            rounds[back.key] = back
+        dw = layer.ctx.scheme.weight_grad(layer, xm, dym, rounds) if ctx.needs_input_grad[1] else None
         return dx, dw, None
 
 
@@ -207,9 +237,8 @@ class CodedLayer(nn.Module):
             module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
         self.frozen = not module.weight.requires_grad
         self.element_size = weight.element_size()
-        self.pending: list[tuple[Tensor, Tensor]] = []  # DEU: (Xm, dYm) awaiting the optimizer step
-        self.grad_scale: float | Tensor = 1.0  # DEU: factor on the pending gradient (clipping)
-        self.step_rounds: dict[str, RoundRecord] = {}  # DEU: this step's round of each block
+        self.pending = PendingUpdate()  # DEU: what the next optimizer step sends
+        self.stepped = False  # whether an optimizer made by ``coded_optimizer`` holds the weight
         self.last_rows, self.last_input_grad = 0, False  # shape of the last batch, for the bytes formula
         # The column copy serves only the input gradient. A layer whose input needs none (the first
         # layer) stops shipping/updating it; it is marked stale and rebuilt from W if ever needed.
@@ -269,19 +298,18 @@ class CodedLayer(nn.Module):
             self.ctx.scheme.load_weight(self, values["weight"])
 
     # ---------------------------------------------------------- the algebra
-    def forward_product(self, xm: Tensor) -> Tensor:
+    def forward_product(self, xm: Tensor) -> tuple[Tensor, RoundRecord]:
+        """``Xm W^T`` and the record of its round."""
         self.ctx.scheme.before_product(self)
-        return self._round(self.keys[0], xm.T.contiguous(), self.out_pad)[: self.out_features].T  # W X^T
+        out, record = self.ctx.product(self.keys[0], xm.T.contiguous(), self.out_pad)  # W X^T
+        return out[: self.out_features].T, record
 
-    def input_grad(self, dym: Tensor) -> Tensor:
+    def input_grad(self, dym: Tensor) -> tuple[Tensor, RoundRecord]:
+        """``dYm W`` and the record of its round."""
         if self.col_stale:
             self.refresh_col()
-        return self._round(self.keys[1], dym.T.contiguous(), self.in_pad)[: self.in_features].T  # W^T dY^T
-
-    def _round(self, key: str, inputs: Tensor, rows: int) -> Tensor:
-        """The decoded product of block ``key`` with ``inputs``; the step remembers the round."""
-        out, self.step_rounds[key] = self.ctx.product(key, inputs, rows)
-        return out
+        out, record = self.ctx.product(self.keys[1], dym.T.contiguous(), self.in_pad)  # W^T dY^T
+        return out[: self.in_features].T, record
 
     def matmul(self, xm: Tensor) -> Tensor:
         self.last_rows = xm.shape[0]
@@ -322,16 +350,10 @@ class CodedLayer(nn.Module):
     def grad_norm_sq(self) -> Tensor:
         """||dW||_F^2 of the pending DEU gradient dW = dY^T X without forming dW when the N x N Gram
         matrices are smaller: ||dY^T X||^2 = sum((dY dY^T) * (X X^T))."""
-        X, dY = self.pending_factors()
+        X, dY = self.pending.stacked()
         if X.shape[0] ** 2 <= self.out_features * self.in_features:
             return ((dY @ dY.T) * (X @ X.T)).sum()
         return (dY.T @ X).square().sum()
-
-    def pending_factors(self) -> tuple[Tensor, Tensor]:
-        """(X, dY) of every use of the layer since the last update, stacked: dW = dY^T X."""
-        if len(self.pending) == 1:
-            return self.pending[0]
-        return torch.cat([x for x, _ in self.pending]), torch.cat([d for _, d in self.pending])
 
     # --------------------------------------------------- decoding state
     def decode_matrices(

@@ -12,14 +12,15 @@ scheme's ``after_step``:
           -> CodedContext.send("sgd_update", ...)  one Worker.batch message per worker
             -> Worker.sgd_update(key, left, x, step)  C_j(W) <- SGD(C_j(W), C_j(dY^T) X)
 
-Stepping a DEU model with an optimizer that was not passed through ``coded_optimizer`` raises at that
-step (its coded weights would silently stay unchanged). Clip with ``clip_grad_norm_(model, max_norm)``:
-torch's own sees no DEU weight gradient.
+Stepping a DEU model with an optimizer while no optimizer made by ``coded_optimizer`` holds its coded
+weights raises at that step (they would silently stay unchanged). Clip with
+``clip_grad_norm_(model, max_norm)``: torch's own sees no DEU weight gradient.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -41,12 +42,26 @@ def coded_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         raise TypeError(f"coded_optimizer takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
     for layer, group in _coded_weights(optimizer):
         layer.ctx.scheme.check_optimizer(optimizer, group, layer)
+        layer.stepped = True  # by a hooked optimizer
     if getattr(optimizer, "_sazd_hooked", False):
         return optimizer
     optimizer.register_step_pre_hook(_before_step)
     optimizer.register_step_post_hook(_after_step)
+    optimizer.zero_grad = _zero_grad(optimizer, optimizer.zero_grad)
     optimizer._sazd_hooked = True
     return optimizer
+
+
+def _zero_grad(optimizer: torch.optim.Optimizer, zero_grad: Callable[..., None]) -> Callable[..., None]:
+    """``optimizer.zero_grad`` that also drops the DEU gradients its coded weights keep."""
+
+    @functools.wraps(zero_grad)
+    def wrapped(*args: Any, **kwargs: Any) -> None:
+        zero_grad(*args, **kwargs)
+        for layer, _ in _coded_weights(optimizer):
+            layer.pending.clear()
+
+    return wrapped
 
 
 def grad_norm(model: nn.Module) -> Tensor:
@@ -68,7 +83,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
             p.grad.mul_(coef.to(p.grad))
     for layer in coded_layers(model):
         if layer.pending:
-            layer.grad_scale = coef
+            layer.pending.scale = coef
     return norm
 
 
@@ -97,16 +112,21 @@ def _after_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> 
 
 
 def _refuse_unhooked(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-    """Every optimizer's step: one holding coded weights it was not hooked to update is an error."""
+    """After every optimizer's step: when it steps a parallelized model, that model's coded weights
+    must have an optimizer that updates them; else their gradients would pile up, unapplied."""
     if getattr(optimizer, "_sazd_hooked", False):
         return
+    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
     pending = sorted({layer.name for layer, _ in _coded_weights(optimizer) if layer.pending})
+    for ctx in list(CodedContext.live):
+        model = None if ctx.model is None else ctx.model()
+        if model is not None and any(id(p) in params for p in model.parameters()):
+            pending += [m.name for m in ctx.layers.values() if m.pending and not m.stepped]
     if pending:
         raise RuntimeError(
-            f"{type(optimizer).__name__}.step() left the coded weights of {pending} unchanged (their "
-            "gradient "
-            "lives on the workers); create the optimizer as sazd.coded_optimizer(torch.optim.SGD("
-            "model.parameters(), ...))")
+            f"{type(optimizer).__name__}.step() left the coded weights of {sorted(set(pending))} unchanged "
+            "(their gradient lives on the workers); create the optimizer as "
+            "sazd.coded_optimizer(torch.optim.SGD(model.parameters(), ...))")
 
 
 register_optimizer_step_post_hook(_refuse_unhooked)

@@ -14,6 +14,7 @@ explicit plan naming one is an error.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -57,7 +58,7 @@ def parallelize(
     if refused:
         warnings.warn("left on the master: " + "; ".join(f"{n}: {w}" for n, w in refused.items()),
                       UserWarning, stacklevel=2)
-    ctx = CodedContext(code, cluster, scheme)
+    ctx = CodedContext(code, cluster, scheme, model)
     ctx.left_on_master = left
     for name, module in targets.items():
         cls = CodedConv2d if isinstance(module, nn.Conv2d) else CodedLinear
@@ -217,8 +218,6 @@ def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def plain_model(model: nn.Module) -> nn.Module:
     """A plain copy of ``model`` on the master, coded layers replaced by nn.Linear / nn.Conv2d."""
-    import copy
-
     layers = coded_layers(model)
     weights = plain_weights(model)[0]
     plain_layers = {layer.name: layer.to_plain(weights[f"{layer.name}.weight"]) for layer in layers}

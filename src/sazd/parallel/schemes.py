@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sazd.parallel.layers import CodedContext, CodedLayer, ships_gradient
+from sazd.parallel.layers import CodedContext, CodedLayer, RoundRecord
 from sazd.runtime.cluster import PerWorker
 from sazd.runtime.worker import SGDStep
 
@@ -56,8 +56,10 @@ class Scheme(ABC):
         return None
 
     @abstractmethod
-    def weight_grad(self, layer: CodedLayer, xm: Tensor, dym: Tensor) -> Tensor | None:
-        """Backward: the weight gradient for autograd, or None when the scheme keeps it itself."""
+    def weight_grad(self, layer: CodedLayer, xm: Tensor, dym: Tensor,
+                    rounds: dict[str, RoundRecord]) -> Tensor | None:
+        """Backward of one use of the layer (``rounds``: its forward and input-gradient rounds): the
+        weight gradient for autograd, or None when the scheme keeps it itself."""
 
     @abstractmethod
     def load_weight(self, layer: CodedLayer, W: Tensor, momentum: Tensor | None = None) -> None:
@@ -122,7 +124,8 @@ class Naive(Scheme):
     def before_product(self, layer: CodedLayer) -> None:
         self.ship(layer, with_col=layer.last_input_grad)
 
-    def weight_grad(self, layer: CodedLayer, xm: Tensor, dym: Tensor) -> Tensor:
+    def weight_grad(self, layer: CodedLayer, xm: Tensor, dym: Tensor,
+                    rounds: dict[str, RoundRecord]) -> Tensor:
         return (dym.T @ xm).reshape(layer.weight_shape)
 
     def load_weight(self, layer: CodedLayer, W: Tensor, momentum: Tensor | None = None) -> None:
@@ -176,8 +179,10 @@ class DEU(Scheme):
     def autograd_weight(self, layer: CodedLayer) -> CodedWeight:
         return layer.coded_weight
 
-    def weight_grad(self, layer: CodedLayer, xm: Tensor, dym: Tensor) -> None:
-        layer.pending.append((xm.detach(), dym.detach()))
+    def weight_grad(self, layer: CodedLayer, xm: Tensor, dym: Tensor,
+                    rounds: dict[str, RoundRecord]) -> None:
+        layer.pending.factors.append((xm.detach(), dym.detach()))
+        layer.pending.rounds = rounds
         return None
 
     def load_weight(self, layer: CodedLayer, W: Tensor, momentum: Tensor | None = None) -> None:
@@ -236,7 +241,7 @@ class DEU(Scheme):
         ctx.check_alive()  # all layers' updates go out, or none
 
     def after_step(self, layer: CodedLayer, group: dict[str, Any]) -> None:
-        """Send the pending dW = dY^T X, encoded (and scaled by ``layer.grad_scale``), to the workers:
+        """Send the pending dW = dY^T X, encoded (and scaled), to the workers:
         worker j's row copy takes C_j(dW) = C_j(dY^T) X, its column copy C_j(dW^T) = C_j(X^T) dY.
 
         Per copy the master sends whichever is smaller: the encoded left factor (N columns; the right
@@ -248,19 +253,20 @@ class DEU(Scheme):
             return
         step = SGDStep(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
                        nesterov=group["nesterov"], weight_decay=group["weight_decay"])
-        X, dY = layer.pending_factors()
+        pending = layer.pending
+        X, dY = pending.stacked()
         row, col = layer.keys
         updates = {row: (dY.T, X.T, layer.out_pad)}  # per copy: (left factor, right^T, padded rows)
-        if col in layer.step_rounds:  # the column copy served this step: keep it current
+        if col in pending.rounds:  # the column copy served this step: keep it current
             updates[col] = (X.T, dY.T, layer.in_pad)
         else:
             layer.col_stale = True
         n = layer.ctx.code.n
         for key, (left, inputs, rows) in updates.items():
-            if not (isinstance(layer.grad_scale, float) and layer.grad_scale == 1.0):
-                left = left * layer.grad_scale
-            record = layer.step_rounds.pop(key, None)
-            if ships_gradient(X.shape[0], inputs.shape[0]):
+            if not (isinstance(pending.scale, float) and pending.scale == 1.0):
+                left = left * pending.scale
+            record = pending.rounds.get(key)
+            if self.ships_gradient(X.shape[0], inputs.shape[0]):
                 coded = layer.ctx.encode(left @ inputs.T, rows)
                 layer.ctx.send("sgd_step", PerWorker({j: (key, coded[j], step) for j in range(n)}))
                 continue
@@ -268,17 +274,22 @@ class DEU(Scheme):
             # The workers this step's round asked still hold its inputs when it is the block's latest
             # round and the layer was used once: they get None. The others (stragglers the round
             # skipped) get the very tensor the round sent, which a store-backed cluster sends once.
-            fresh = record is not None and len(layer.pending) == 1 and layer.ctx.rounds.get(key) is record
+            fresh = record is not None and len(pending.factors) == 1 and layer.ctx.rounds.get(key) is record
             cached = record.workers if fresh else frozenset()
             inputs = record.inputs if fresh else inputs.contiguous()
             layer.ctx.send("sgd_update", PerWorker(
                 {j: (key, coded[j], None if j in cached else inputs, step) for j in range(n)}))
-        layer.pending.clear()
-        layer.grad_scale = 1.0
+        pending.clear()
         layer.decoded = None
 
     def update_columns(self, fan: int, batch_rows: int) -> int:
-        return fan if ships_gradient(batch_rows, fan) else batch_rows
+        return fan if self.ships_gradient(batch_rows, fan) else batch_rows
+
+    @staticmethod
+    def ships_gradient(batch_rows: int, fan: int) -> bool:
+        """Whether a coded copy's update travels as the encoded gradient (``fan`` columns per coded
+        row) rather than the encoded left factor (``batch_rows`` = N columns): whichever is smaller."""
+        return fan < batch_rows
 
 
 SCHEMES: dict[str, Scheme] = {scheme.name: scheme for scheme in (Naive(), DEU())}

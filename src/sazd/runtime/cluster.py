@@ -108,18 +108,12 @@ class SentTensors:
         self._entries[key] = (weakref.ref(t, lambda _: self._entries.pop(key, None)), t._version, handle)
 
 
-@dataclass(frozen=True)
-class Broadcast:
-    """One argument tuple for every worker called (sent once to each)."""
-
-    args: tuple
+class Broadcast(tuple):
+    """One argument tuple for every worker called: ``Broadcast((key, x))``."""
 
 
-@dataclass(frozen=True)
-class PerWorker:
-    """An argument tuple per worker id (coded blocks, encoded factors)."""
-
-    args: dict[int, tuple]
+class PerWorker(dict):
+    """An argument tuple per worker id: ``PerWorker({j: (key, block_j) ...})``."""
 
 
 Args = Broadcast | PerWorker | tuple | Sequence[tuple] | dict[int, tuple]
@@ -128,15 +122,10 @@ Args = Broadcast | PerWorker | tuple | Sequence[tuple] | dict[int, tuple]
 def resolve_args(args: Args, workers: Sequence[int], n: int) -> tuple[dict[int, tuple], bool]:
     """The argument tuple of each worker in ``workers`` and whether it is one broadcast tuple.
 
-    ``Broadcast(args)`` / ``PerWorker({worker: args})`` say which; the short forms are a ``tuple``
-    (broadcast), a ``list`` of n tuples indexed by worker id, or a ``dict`` {worker: tuple}.
+    ``Broadcast`` (a tuple) goes to every worker, ``PerWorker`` (a dict {worker: tuple}) gives each
+    its own; a plain ``tuple`` or ``dict`` means the same, and a ``list`` of n tuples is indexed by
+    worker id.
     """
-    if isinstance(args, Broadcast):
-        args = args.args
-    elif isinstance(args, PerWorker):
-        args = args.args
-        if not isinstance(args, dict):
-            raise ValueError(f"PerWorker takes a dict {{worker: tuple}}, got {type(args).__name__}")
     if isinstance(args, tuple):
         return {j: args for j in workers}, True
     if isinstance(args, dict):
@@ -152,8 +141,8 @@ def resolve_args(args: Args, workers: Sequence[int], n: int) -> tuple[dict[int, 
             )
         return {j: args[j] for j in workers}, False
     raise ValueError(
-        f"args must be Broadcast(tuple), PerWorker({{worker: tuple}}), a tuple, a list of n tuples or a "
-        f"dict {{worker: tuple}}, got {type(args).__name__}"
+        f"args must be Broadcast(tuple), PerWorker({{worker: tuple}}) or a list of n tuples, "
+        f"got {type(args).__name__}"
     )
 
 
@@ -275,7 +264,7 @@ class Cluster(ABC):
         if not workers:
             raise ClusterError(f"submit {method!r}: no live workers (n={self.n}, all dead); respawn some")
         per_worker, broadcast = resolve_args(args, workers, self.n)
-        self._send_once(per_worker[workers[0]] if broadcast else list(per_worker.values()))
+        self._send_once(args if broadcast else list(per_worker.values()))
         return workers, per_worker, broadcast
 
     def _send_once(self, args: Any) -> None:

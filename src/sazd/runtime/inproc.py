@@ -12,7 +12,7 @@ Simulated clock (it mirrors Ray's semantics):
   the wall time between its calls (from the return of one ``submit``, ``first_k``, ``wait_all`` or
   ``ready_workers`` to the start of the next); ``"explicit"`` (default with a constant
   ``base_time_s``, so that the clock is reproducible) adds only what ``note_master_time(s)``
-  reports; ``"ignored"`` keeps a clock of the workers only.
+  reports (the other modes ignore it); ``"ignored"`` keeps a clock of the workers only.
 - A call submitted at master time t reaches worker j at ``t + in_bytes / bandwidth`` (no network
   model: at t), starts when the worker is free (``busy_until[j]``; calls run in submission order)
   and finishes ``duration * latency.slowdown(j, task)`` later.
@@ -51,7 +51,6 @@ from typing import Any
 import torch
 
 from sazd.runtime.cluster import (
-    Args,
     Cluster,
     ClusterError,
     Counters,
@@ -160,7 +159,7 @@ class InProcessCluster(Cluster):
     # ------------------------------------------------------------------ rounds
     @_master_clock
     def submit(
-        self, method: str, args: Args, workers: Sequence[int] | None = None
+        self, method: str, args: Sequence[tuple] | tuple, workers: Sequence[int] | None = None
     ) -> InProcessRound:
         self._check_open()
         self._enforce_backlog()
@@ -226,7 +225,7 @@ class InProcessCluster(Cluster):
     def note_master_time(self, seconds: float) -> None:
         if not seconds >= 0:
             raise ValueError(f"seconds must be >= 0, got {seconds!r}")
-        if self.master_time != "ignored":
+        if self.master_time == "explicit":  # "measured" has counted it already
             self._advance(self.clock + seconds)
 
     def now(self) -> float:

@@ -387,14 +387,14 @@ class Trainer:
 
     def _restore(self, ckpt: checkpoint.Checkpoint) -> None:
         coded = {f"{layer.name}.weight" for layer in coded_layers(self.model)}
-        missing = sorted(set(self.model.state_dict()) - set(ckpt.model))
-        if missing:
-            raise checkpoint.CheckpointError(f"checkpoint has no tensor for {missing[0]!r}")
         momentum = {key.split("/")[0]: t for key, t in ckpt.optim.items()
                     if key.split("/")[0] in coded and key.endswith("/momentum_buffer")}
         if not self.ctx.scheme.decodes_weight:
             momentum = {}  # naive: the torch optimizer holds the momentum
-        self.maintainer.load_state(CodedState(ckpt.model, momentum, ckpt.columns))
+        try:
+            self.maintainer.load_state(CodedState(ckpt.model, momentum, ckpt.columns))
+        except ValueError as err:
+            raise checkpoint.CheckpointError(f"the checkpoint does not fit the model: {err}") from err
         self.opt.load_master_state(ckpt.optim, ckpt.meta["optim"])
         if ckpt.rng is not None:
             torch.set_rng_state(ckpt.rng)
