@@ -18,6 +18,7 @@ the Trainer uses the same object.
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ class Maintainer:
         self.repair = repair
         self.steps = 0
         self.repairs: list[dict[str, Any]] = []  # one record per repaired worker
+        self.run_id = uuid.uuid4().hex  # names this run's checkpoints (``load`` takes the saved one's)
 
     @property
     def cluster(self) -> Any:
@@ -115,7 +117,7 @@ class Maintainer:
 
         state = self.state()
         optim = {f"{name}/momentum_buffer": t for name, t in state.momentum.items()}
-        meta = {"steps": self.steps, **(meta or {})}
+        meta = {"steps": self.steps, "run_id": self.run_id, **(meta or {})}
         if optimizer is not None:
             tensors, meta["optimizer"] = _split_tensors(optimizer.state_dict())
             optim.update(tensors)
@@ -133,6 +135,7 @@ class Maintainer:
         if optimizer is not None and "optimizer" in ckpt.meta:
             optimizer.load_state_dict(_join_tensors(ckpt.meta["optimizer"], ckpt.optim))
         self.steps = int(ckpt.meta.get("steps", 0))
+        self.run_id = str(ckpt.meta.get("run_id", self.run_id))
         return ckpt.meta
 
 
