@@ -322,6 +322,8 @@ class CodedLayer(nn.Module):
         W2 = W.reshape(self.out_features, self.in_features)
         return {self.keys[0]: W2, self.keys[1]: W2.T}
 
+    plain_copies = matrices  # the earlier name
+
     def encode_plain(self, W: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Both coded copies of the plain weight ``W`` (any shape with ``out`` rows): n blocks each."""
         copies = self.matrices(W)
