@@ -85,9 +85,17 @@ class Maintainer:
         return [j for j in self.cluster.alive() if j not in ready]
 
     # ------------------------------------------------------------ checkpoints
-    def state(self) -> CodedState:
-        """Everything of the model's coded state, decoded in one round of the workers."""
-        matrices, buffers = read_matrices(self.model, momentum=True)
+    def state(self, blocks: bool = False) -> CodedState:
+        """Everything of the model's coded state, decoded in one round of the workers (``blocks``,
+        DEU: that round asks every live worker and the state keeps each one's coded blocks too)."""
+        states, raw = None, {}
+        if blocks and self.ctx.scheme.decodes_weight:
+            keys = [key for layer in coded_layers(self.model) for key in layer.keys]
+            states = self.ctx.fetch_state(keys, every=True)
+            raw = {f"{j}/{key}{suffix}": t for j, state in states.items()
+                   for part, suffix in (("weights", ""), ("momentum", "/momentum_buffer"))
+                   for key, t in state[part].items()}
+        matrices, buffers = read_matrices(self.model, momentum=True, states=states)
         _, momentum = by_weight_name(self.model, matrices, buffers)
         columns: dict[str, Tensor] = {}
         if self.ctx.scheme.decodes_weight:  # DEU's two copies drift apart by rounding: keep both
@@ -97,7 +105,7 @@ class Maintainer:
                 if col in buffers:
                     columns[f"{col}/momentum_buffer"] = buffers[col]
         model = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
-        return CodedState(model, momentum, columns)
+        return CodedState(model, momentum, columns, raw)
 
     def load_state(self, state: CodedState) -> None:
         """Load a ``state()`` (plain weights, DEU momentum and column copies) and ship it once."""
@@ -140,12 +148,14 @@ class Maintainer:
 
 
 class CodedState:
-    """The plain ``state_dict`` of a coded model, its DEU momentum by weight name, and DEU's
-    column copies ({"fc1.col": W^T, "fc1.col/momentum_buffer": ...})."""
+    """The plain ``state_dict`` of a coded model, its DEU momentum by weight name, DEU's column copies
+    ({"fc1.col": W^T, "fc1.col/momentum_buffer": ...}) and, when asked for, every worker's coded
+    blocks ({"<j>/fc1.row": C_j, "<j>/fc1.row/momentum_buffer": ...})."""
 
     def __init__(self, model: dict[str, Tensor], momentum: dict[str, Tensor],
-                 columns: dict[str, Tensor]) -> None:
+                 columns: dict[str, Tensor], blocks: dict[str, Tensor] | None = None) -> None:
         self.model, self.momentum, self.columns = model, momentum, columns
+        self.blocks = blocks or {}
 
 
 def _split_tensors(state: Any, path: str = "#optimizer") -> tuple[dict[str, Tensor], Any]:
