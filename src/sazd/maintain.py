@@ -17,8 +17,10 @@ the Trainer uses the same object.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +106,23 @@ class Maintainer:
                 columns[col] = matrices[col]
                 if col in buffers:
                     columns[f"{col}/momentum_buffer"] = buffers[col]
-        model = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+        with self._showing(matrices):
+            model = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
         return CodedState(model, momentum, columns, raw)
+
+    @contextlib.contextmanager
+    def _showing(self, matrices: dict[str, Tensor]) -> Iterator[None]:
+        """``state_dict`` shows ``matrices``' row copies for the layers it would decode anew, and
+        only inside the block (a decode of every worker's blocks rounds differently from the first
+        k's, which is what ``layer.weight`` shows)."""
+        layers = [m for m in coded_layers(self.model) if getattr(m, "decoded", False) is None]
+        for m in layers:
+            m.decoded = matrices[m.keys[0]].reshape(m.weight_shape)
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.decoded = None
 
     def load_state(self, state: CodedState) -> None:
         """Load a ``state()`` (plain weights, DEU momentum and column copies) and ship it once."""

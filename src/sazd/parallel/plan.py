@@ -182,12 +182,12 @@ def read_matrices(
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Both plain matrices of every coded layer, {"fc1.row": W, "fc1.col": W^T}, and with ``momentum``
     the workers' SGD momentum buffers, in one round (DEU; naive: the master's weights). Never reads
-    from workers in ``exclude``; ``states``: decode these, already fetched. Also refreshes what
-    ``layer.weight`` shows."""
+    from workers in ``exclude``; ``states``: decode these, already fetched. A read of its own (no
+    ``states``) also refreshes what ``layer.weight`` shows."""
     ctx = context(model)
     layers = coded_layers(model)
     weights, buffers = ctx.scheme.read_matrices(ctx, layers, momentum, exclude, states)
-    if ctx.scheme.decodes_weight:
+    if ctx.scheme.decodes_weight and states is None:
         for layer in layers:
             layer.decoded = weights[layer.keys[0]].reshape(layer.weight_shape)
     return weights, buffers
