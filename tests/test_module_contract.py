@@ -304,12 +304,15 @@ def test_maintainer_checkpoint_resumes_your_own_loop_exactly(tmp_path):
     train(straight, opt, data)
     first, opt, keeper = fresh()
     train(first, opt, data[:3])
-    keeper.save(tmp_path / "ckpt", opt)
+    keeper.save(tmp_path / "ckpt.pt", opt)
     second, opt, keeper = fresh()
-    keeper.load(tmp_path / "ckpt", opt)
+    keeper.load(tmp_path / "ckpt.pt", opt)
     assert relative_weight_error(second, first) == 0
     train(second, opt, data[3:])
     assert relative_weight_error(second, straight) < 1e-12
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"is not a checkpoint sazd\.Maintainer\.save wrote"):
+        keeper.load(tmp_path / "bad.pt", opt)
 
 
 def test_maintainer_names_the_stragglers():

@@ -10,16 +10,16 @@ for xb, yb in loader:
 
 ``step()`` respawns each dead worker and repairs it (its coded blocks re-encoded from the weights
 decoded from k live workers, DEU momentum included), and raises ``ClusterError`` when fewer than k
-workers are alive. ``stragglers()`` says which workers lag behind. ``save`` / ``load`` write and
-read a checkpoint of the plain weights, the DEU momentum kept on the workers and the optimizer state;
-the Trainer uses the same object.
+workers are alive. ``stragglers()`` says which workers lag behind. ``state()`` / ``load_state()``
+read (in one round of the workers) and restore the plain weights, the DEU momentum kept on the
+workers and DEU's column copies; ``save`` / ``load`` put them and the optimizer's state in one file.
+The Trainer uses the same object (its checkpoints: ``sazd.train.checkpoint``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,8 @@ from torch import Tensor, nn
 
 from sazd.parallel.plan import by_weight_name, coded_layers, context, load_weights, read_matrices, repair
 from sazd.runtime.cluster import ClusterError
+
+CHECKPOINT_FORMAT = "sazd-maintainer-1"
 
 
 class Maintainer:
@@ -40,7 +42,6 @@ class Maintainer:
         self.repair = repair
         self.steps = 0
         self.repairs: list[dict[str, Any]] = []  # one record per repaired worker
-        self.run_id = uuid.uuid4().hex  # names this run's checkpoints (``load`` takes the saved one's)
 
     @property
     def cluster(self) -> Any:
@@ -134,34 +135,39 @@ class Maintainer:
             raise ValueError(f"the state does not fit the model: {wrong[:5]} missing or unexpected")
         load_weights(self.model, state.model, state.momentum or None, columns=state.columns or None)
 
-    def save(self, path: str | Path, optimizer: torch.optim.Optimizer | None = None,
-             meta: dict[str, Any] | None = None) -> Path:
-        """A checkpoint (``sazd.train.checkpoint``: safetensors + JSON with checksums) of the model's
-        plain weights, the DEU momentum and ``optimizer.state_dict()``."""
-        from sazd.train import checkpoint
-
+    def save(self, path: str | Path, optimizer: torch.optim.Optimizer | None = None) -> Path:
+        """Write the model's ``state()`` (one round of the workers) and ``optimizer.state_dict()`` to
+        ``path`` with ``torch.save``; ``load`` reads it back."""
         state = self.state()
-        optim = {f"{name}/momentum_buffer": t for name, t in state.momentum.items()}
-        meta = {"steps": self.steps, "run_id": self.run_id, **(meta or {})}
+        payload = {"format": CHECKPOINT_FORMAT, "steps": self.steps, "model": state.model,
+                   "momentum": state.momentum, "columns": state.columns,
+                   "optimizer": None if optimizer is None else optimizer.state_dict()}
+        path = Path(path)
+        torch.save(payload, path)
+        return path
+
+    def load(self, path: str | Path, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Restore what ``save`` wrote (read with ``weights_only=True``: tensors and plain data only;
+        anything else is a ValueError naming the problem)."""
+        try:
+            payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+        except Exception as err:  # unreadable, truncated, or not tensors and plain data
+            raise ValueError(f"{path} is not a checkpoint sazd.Maintainer.save wrote ({err})") from None
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not a checkpoint of format {CHECKPOINT_FORMAT!r}")
+        for part in ("model", "momentum", "columns"):
+            tensors = payload.get(part)
+            if not isinstance(tensors, dict) or not all(
+                    isinstance(k, str) and isinstance(t, Tensor) for k, t in tensors.items()):
+                raise ValueError(f"{path}: {part!r} must map names to tensors")
+        if not isinstance(payload.get("steps"), int):
+            raise ValueError(f"{path}: 'steps' must be an integer")
+        self.load_state(CodedState(payload["model"], payload["momentum"], payload["columns"]))
         if optimizer is not None:
-            tensors, meta["optimizer"] = _split_tensors(optimizer.state_dict())
-            optim.update(tensors)
-        return checkpoint.save(path, checkpoint.Checkpoint(model=state.model, optim=optim, meta=meta,
-                                                           columns=state.columns))
-
-    def load(self, path: str | Path, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-        """Restore what ``save`` wrote; returns the checkpoint's metadata."""
-        from sazd.train import checkpoint
-
-        ckpt = checkpoint.load(path)
-        momentum = {key.split("/")[0]: t for key, t in ckpt.optim.items()
-                    if "/" in key and not key.startswith("#") and key.endswith("/momentum_buffer")}
-        self.load_state(CodedState(ckpt.model, momentum, ckpt.columns))
-        if optimizer is not None and "optimizer" in ckpt.meta:
-            optimizer.load_state_dict(_join_tensors(ckpt.meta["optimizer"], ckpt.optim))
-        self.steps = int(ckpt.meta.get("steps", 0))
-        self.run_id = str(ckpt.meta.get("run_id", self.run_id))
-        return ckpt.meta
+            if payload["optimizer"] is None:
+                raise ValueError(f"{path} holds no optimizer state; save it with save(path, optimizer)")
+            optimizer.load_state_dict(payload["optimizer"])
+        self.steps = payload["steps"]
 
 
 class CodedState:
@@ -173,34 +179,3 @@ class CodedState:
                  columns: dict[str, Tensor], blocks: dict[str, Tensor] | None = None) -> None:
         self.model, self.momentum, self.columns = model, momentum, columns
         self.blocks = blocks or {}
-
-
-def _split_tensors(state: Any, path: str = "#optimizer") -> tuple[dict[str, Tensor], Any]:
-    """(tensors by path, the JSON-able rest with each tensor replaced by {"tensor": path})."""
-    if isinstance(state, Tensor):
-        return {path: state.detach().clone()}, {"tensor": path}
-    if isinstance(state, dict):
-        tensors, out = {}, {}
-        for key, value in state.items():
-            t, out[str(key)] = _split_tensors(value, f"{path}/{key}")
-            tensors.update(t)
-        return tensors, {"dict": out, "int_keys": [str(k) for k in state if isinstance(k, int)]}
-    if isinstance(state, (list, tuple)):
-        tensors, out = {}, []
-        for i, value in enumerate(state):
-            t, v = _split_tensors(value, f"{path}/{i}")
-            tensors.update(t)
-            out.append(v)
-        return tensors, {"list": out}
-    return {}, {"value": state}
-
-
-def _join_tensors(meta: Any, tensors: dict[str, Tensor]) -> Any:
-    if "tensor" in meta:
-        return tensors[meta["tensor"]]
-    if "dict" in meta:
-        ints = set(meta["int_keys"])
-        return {(int(k) if k in ints else k): _join_tensors(v, tensors) for k, v in meta["dict"].items()}
-    if "list" in meta:
-        return [_join_tensors(v, tensors) for v in meta["list"]]
-    return meta["value"]
