@@ -304,12 +304,15 @@ def test_maintainer_checkpoint_resumes_your_own_loop_exactly(tmp_path):
     train(straight, opt, data)
     first, opt, keeper = fresh()
     train(first, opt, data[:3])
-    keeper.save(tmp_path / "ckpt", opt)
+    keeper.save(tmp_path / "ckpt.pt", opt)
     second, opt, keeper = fresh()
-    keeper.load(tmp_path / "ckpt", opt)
+    keeper.load(tmp_path / "ckpt.pt", opt)
     assert relative_weight_error(second, first) == 0
     train(second, opt, data[3:])
     assert relative_weight_error(second, straight) < 1e-12
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"is not a checkpoint sazd\.Maintainer\.save wrote"):
+        keeper.load(tmp_path / "bad.pt", opt)
 
 
 def test_maintainer_names_the_stragglers():
@@ -322,3 +325,15 @@ def test_maintainer_names_the_stragglers():
     train(coded, sazd.coded_optimizer(torch.optim.SGD(coded.parameters(), lr=0.1)), batches(1))
     assert keeper.stragglers() == [0] and keeper.spare == 2
     assert keeper.step() == [] and keeper.steps == 1
+
+
+def test_deu_state_with_every_workers_blocks_is_still_one_round():
+    _, coded = coded_pair("deu")
+    train(coded, sazd.coded_optimizer(torch.optim.SGD(coded.parameters(), lr=0.1, momentum=0.9)), batches(1))
+    keeper, cluster = sazd.Maintainer(coded), context(coded).cluster
+    rounds = cluster.counters.rounds
+    state = keeper.state(blocks=True)
+    assert cluster.counters.rounds == rounds + 1
+    assert sorted({key.split("/")[0] for key in state.blocks}) == ["0", "1", "2", "3", "4"]
+    assert torch.equal(state.blocks["2/mid.row"], cluster.workers[2].weights["mid.row"])
+    assert relative_weight_error(state.model, keeper.state().model) == 0

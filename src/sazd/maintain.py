@@ -10,14 +10,17 @@ for xb, yb in loader:
 
 ``step()`` respawns each dead worker and repairs it (its coded blocks re-encoded from the weights
 decoded from k live workers, DEU momentum included), and raises ``ClusterError`` when fewer than k
-workers are alive. ``stragglers()`` says which workers lag behind. ``save`` / ``load`` write and
-read a checkpoint of the plain weights, the DEU momentum kept on the workers and the optimizer state;
-the Trainer uses the same object.
+workers are alive. ``stragglers()`` says which workers lag behind. ``state()`` / ``load_state()``
+read (in one round of the workers) and restore the plain weights, the DEU momentum kept on the
+workers and DEU's column copies; ``save`` / ``load`` put them and the optimizer's state in one file.
+The Trainer uses the same object (its checkpoints: ``sazd.train.checkpoint``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,8 @@ from torch import Tensor, nn
 
 from sazd.parallel.plan import by_weight_name, coded_layers, context, load_weights, read_matrices, repair
 from sazd.runtime.cluster import ClusterError
+
+CHECKPOINT_FORMAT = "sazd-maintainer-1"
 
 
 class Maintainer:
@@ -83,9 +88,17 @@ class Maintainer:
         return [j for j in self.cluster.alive() if j not in ready]
 
     # ------------------------------------------------------------ checkpoints
-    def state(self) -> CodedState:
-        """Everything of the model's coded state, decoded in one round of the workers."""
-        matrices, buffers = read_matrices(self.model, momentum=True)
+    def state(self, blocks: bool = False) -> CodedState:
+        """Everything of the model's coded state, decoded in one round of the workers (``blocks``,
+        DEU: that round asks every live worker and the state keeps each one's coded blocks too)."""
+        states, raw = None, {}
+        if blocks and self.ctx.scheme.decodes_weight:
+            keys = [key for layer in coded_layers(self.model) for key in layer.keys]
+            states = self.ctx.fetch_state(keys, every=True)
+            raw = {f"{j}/{key}{suffix}": t for j, state in states.items()
+                   for part, suffix in (("weights", ""), ("momentum", "/momentum_buffer"))
+                   for key, t in state[part].items()}
+        matrices, buffers = read_matrices(self.model, momentum=True, states=states)
         _, momentum = by_weight_name(self.model, matrices, buffers)
         columns: dict[str, Tensor] = {}
         if self.ctx.scheme.decodes_weight:  # DEU's two copies drift apart by rounding: keep both
@@ -94,8 +107,23 @@ class Maintainer:
                 columns[col] = matrices[col]
                 if col in buffers:
                     columns[f"{col}/momentum_buffer"] = buffers[col]
-        model = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
-        return CodedState(model, momentum, columns)
+        with self._showing(matrices):
+            model = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+        return CodedState(model, momentum, columns, raw)
+
+    @contextlib.contextmanager
+    def _showing(self, matrices: dict[str, Tensor]) -> Iterator[None]:
+        """``state_dict`` shows ``matrices``' row copies for the layers it would decode anew, and
+        only inside the block (a decode of every worker's blocks rounds differently from the first
+        k's, which is what ``layer.weight`` shows)."""
+        layers = [m for m in coded_layers(self.model) if getattr(m, "decoded", False) is None]
+        for m in layers:
+            m.decoded = matrices[m.keys[0]].reshape(m.weight_shape)
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.decoded = None
 
     def load_state(self, state: CodedState) -> None:
         """Load a ``state()`` (plain weights, DEU momentum and column copies) and ship it once."""
@@ -107,70 +135,47 @@ class Maintainer:
             raise ValueError(f"the state does not fit the model: {wrong[:5]} missing or unexpected")
         load_weights(self.model, state.model, state.momentum or None, columns=state.columns or None)
 
-    def save(self, path: str | Path, optimizer: torch.optim.Optimizer | None = None,
-             meta: dict[str, Any] | None = None) -> Path:
-        """A checkpoint (``sazd.train.checkpoint``: safetensors + JSON with checksums) of the model's
-        plain weights, the DEU momentum and ``optimizer.state_dict()``."""
-        from sazd.train import checkpoint
-
+    def save(self, path: str | Path, optimizer: torch.optim.Optimizer | None = None) -> Path:
+        """Write the model's ``state()`` (one round of the workers) and ``optimizer.state_dict()`` to
+        ``path`` with ``torch.save``; ``load`` reads it back."""
         state = self.state()
-        optim = {f"{name}/momentum_buffer": t for name, t in state.momentum.items()}
-        meta = {"steps": self.steps, **(meta or {})}
+        payload = {"format": CHECKPOINT_FORMAT, "steps": self.steps, "model": state.model,
+                   "momentum": state.momentum, "columns": state.columns,
+                   "optimizer": None if optimizer is None else optimizer.state_dict()}
+        path = Path(path)
+        torch.save(payload, path)
+        return path
+
+    def load(self, path: str | Path, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Restore what ``save`` wrote (read with ``weights_only=True``: tensors and plain data only;
+        anything else is a ValueError naming the problem)."""
+        try:
+            payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+        except Exception as err:  # unreadable, truncated, or not tensors and plain data
+            raise ValueError(f"{path} is not a checkpoint sazd.Maintainer.save wrote ({err})") from None
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not a checkpoint of format {CHECKPOINT_FORMAT!r}")
+        for part in ("model", "momentum", "columns"):
+            tensors = payload.get(part)
+            if not isinstance(tensors, dict) or not all(
+                    isinstance(k, str) and isinstance(t, Tensor) for k, t in tensors.items()):
+                raise ValueError(f"{path}: {part!r} must map names to tensors")
+        if not isinstance(payload.get("steps"), int):
+            raise ValueError(f"{path}: 'steps' must be an integer")
+        self.load_state(CodedState(payload["model"], payload["momentum"], payload["columns"]))
         if optimizer is not None:
-            tensors, meta["optimizer"] = _split_tensors(optimizer.state_dict())
-            optim.update(tensors)
-        return checkpoint.save(path, checkpoint.Checkpoint(model=state.model, optim=optim, meta=meta,
-                                                           columns=state.columns))
-
-    def load(self, path: str | Path, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-        """Restore what ``save`` wrote; returns the checkpoint's metadata."""
-        from sazd.train import checkpoint
-
-        ckpt = checkpoint.load(path)
-        momentum = {key.split("/")[0]: t for key, t in ckpt.optim.items()
-                    if "/" in key and not key.startswith("#") and key.endswith("/momentum_buffer")}
-        self.load_state(CodedState(ckpt.model, momentum, ckpt.columns))
-        if optimizer is not None and "optimizer" in ckpt.meta:
-            optimizer.load_state_dict(_join_tensors(ckpt.meta["optimizer"], ckpt.optim))
-        self.steps = int(ckpt.meta.get("steps", 0))
-        return ckpt.meta
+            if payload["optimizer"] is None:
+                raise ValueError(f"{path} holds no optimizer state; save it with save(path, optimizer)")
+            optimizer.load_state_dict(payload["optimizer"])
+        self.steps = payload["steps"]
 
 
 class CodedState:
-    """The plain ``state_dict`` of a coded model, its DEU momentum by weight name, and DEU's
-    column copies ({"fc1.col": W^T, "fc1.col/momentum_buffer": ...})."""
+    """The plain ``state_dict`` of a coded model, its DEU momentum by weight name, DEU's column copies
+    ({"fc1.col": W^T, "fc1.col/momentum_buffer": ...}) and, when asked for, every worker's coded
+    blocks ({"<j>/fc1.row": C_j, "<j>/fc1.row/momentum_buffer": ...})."""
 
     def __init__(self, model: dict[str, Tensor], momentum: dict[str, Tensor],
-                 columns: dict[str, Tensor]) -> None:
+                 columns: dict[str, Tensor], blocks: dict[str, Tensor] | None = None) -> None:
         self.model, self.momentum, self.columns = model, momentum, columns
-
-
-def _split_tensors(state: Any, path: str = "#optimizer") -> tuple[dict[str, Tensor], Any]:
-    """(tensors by path, the JSON-able rest with each tensor replaced by {"tensor": path})."""
-    if isinstance(state, Tensor):
-        return {path: state.detach().clone()}, {"tensor": path}
-    if isinstance(state, dict):
-        tensors, out = {}, {}
-        for key, value in state.items():
-            t, out[str(key)] = _split_tensors(value, f"{path}/{key}")
-            tensors.update(t)
-        return tensors, {"dict": out, "int_keys": [str(k) for k in state if isinstance(k, int)]}
-    if isinstance(state, (list, tuple)):
-        tensors, out = {}, []
-        for i, value in enumerate(state):
-            t, v = _split_tensors(value, f"{path}/{i}")
-            tensors.update(t)
-            out.append(v)
-        return tensors, {"list": out}
-    return {}, {"value": state}
-
-
-def _join_tensors(meta: Any, tensors: dict[str, Tensor]) -> Any:
-    if "tensor" in meta:
-        return tensors[meta["tensor"]]
-    if "dict" in meta:
-        ints = set(meta["int_keys"])
-        return {(int(k) if k in ints else k): _join_tensors(v, tensors) for k, v in meta["dict"].items()}
-    if "list" in meta:
-        return [_join_tensors(v, tensors) for v in meta["list"]]
-    return meta["value"]
+        self.blocks = blocks or {}

@@ -13,13 +13,25 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from sazd.codes.base import Code, DecodeError, NonFiniteResultWarning, UnstableDecodeWarning
+from sazd.codes.base import (
+    ArgumentTypeError,
+    Certificate,
+    Code,
+    DecodeError,
+    NonFiniteResultWarning,
+    UnstableDecodeWarning,
+    check_int,
+    straggler_sets,
+    warning_bound,
+)
 from sazd.codes.lc import GaussianMDS, LinearCode, Poly, Replication, Uncoded
 from sazd.codes.sazd import SAZD
 
 __all__ = [
     "CODE_NAMES",
     "SAZD",
+    "ArgumentTypeError",
+    "Certificate",
     "Code",
     "DecodeError",
     "GaussianMDS",
@@ -31,6 +43,8 @@ __all__ = [
     "UnstableDecodeWarning",
     "code_options",
     "get_code",
+    "straggler_sets",
+    "warning_bound",
 ]
 
 _CODES: dict[str, type[Code]] = {
@@ -62,6 +76,8 @@ def get_code(name: str, n: int, k: int, **opts: Any) -> Code:
                 f"unknown option {opt!r} for code {name!r}; valid options: {list(allowed) or 'none'}"
             )
     if cls is Uncoded:
+        check_int(n, "n", 1, "the number of workers")
+        check_int(k, "k", 1, "the number of source blocks")
         if n != k:
             raise ValueError(
                 f"code 'uncoded' has no redundancy, so n must equal k, got n={n}, k={k}; "
@@ -72,6 +88,8 @@ def get_code(name: str, n: int, k: int, **opts: Any) -> Code:
 
 
 def _code_class(name: str) -> type[Code]:
-    if not isinstance(name, str) or name.lower() not in _CODES:
+    if not isinstance(name, str):
+        raise ArgumentTypeError(f"code name must be a string, one of {list(CODE_NAMES)}; got {name!r}")
+    if name.lower() not in _CODES:
         raise ValueError(f"unknown code {name!r}; valid names: {list(CODE_NAMES)}")
     return _CODES[name.lower()]

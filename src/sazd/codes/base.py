@@ -1,20 +1,33 @@
-"""The interface every code implements, and the checks every code shares.
+"""The interface every code implements, and what every code shares: argument checks and certified decoding.
 
 A code splits a matrix ``W`` (rows on dim 0, any trailing shape) into ``k`` row blocks of ``r``
 rows each and encodes them into ``n`` coded blocks. Because coding acts on rows only, a worker's
 product ``coded[j] @ X`` is the coded version of ``W @ X``; ``decode`` turns the products of any
 ``k`` workers back into ``W @ X``.
+
+Certified decoding: how much a decode amplifies the rounding errors of the workers' products depends
+only on the code, the set of workers used, the rows per block ``r``, the results' dtype and the device
+-- never on the data. So the first decode of each such key also decodes a small random probe (exact
+float64 coded blocks, rounded to the results' dtype and multiplied in it, as a worker's product
+is) and measures its relative error against the exact float64 answer; ``PROBE_MARGIN`` times that
+is the key's ``Certificate``, cached for every later decode. Above ``warning_bound(dtype)`` the
+decode warns once (``UnstableDecodeWarning``); from ``REFUSE_ERROR`` on, or when the probe comes
+out NaN/Inf, it refuses (``DecodeError``), so noise is never returned as a result. See
+docs/certified-decoding.md.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import numbers
 import random
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,9 +35,27 @@ from torch import Tensor
 MAX_WORKERS = 32
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
+WARN_ERROR = 1e-3  # certified errors above this (or above 16 unit roundoffs of a half dtype) warn
+REFUSE_ERROR = 1.0  # ... and from this one on the result would be noise: refused
+HALF_ROUNDOFFS = 16  # a stable decode of half-precision products stays within 16 unit roundoffs
+PROBE_COLUMNS = 4  # probe columns; more for short blocks, so that it holds >= PROBE_VALUES values
+PROBE_VALUES = 4096
+PROBE_INNER = 8  # inner dimension of the probe's products
+# The certified error is this multiple of the probe's: the same decode of other data measured up to
+# 1.2x the probe's error in 99 % of cases and 3x at worst (tiny results; docs/certified-decoding.md).
+PROBE_MARGIN = 2
+PROBE_SEED = 0
+CERTIFICATE_LIMIT = 4096  # certificates kept per code (one per worker set, r, dtype and device type)
+
 
 class DecodeError(ValueError):
-    """Raised when a set of worker results cannot be decoded (too few usable results)."""
+    """Raised when a set of worker results cannot be decoded (too few usable results, or a straggler
+    set whose certified decode error is too large to return anything)."""
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of a public ``sazd.codes`` function has the wrong type. A ``TypeError``; also a
+    ``ValueError``, so callers that treat any bad input as a ``ValueError`` keep working."""
 
 
 class NonFiniteResultWarning(UserWarning):
@@ -40,9 +71,67 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
+def warning_bound(dtype: torch.dtype) -> float:
+    """Relative decode error above which a decode warns: ``max(1e-3, 16 u)`` for unit roundoff ``u``.
+
+    For float32/float64 that is 1e-3; float16 gives 7.8e-3 and bfloat16 6.3e-2, whose products alone
+    carry errors of a few u (bf16: u = 3.9e-3). Integer results (codes that decode them) must be exact.
+    """
+    if not dtype.is_floating_point:
+        return 0.0
+    return max(WARN_ERROR, HALF_ROUNDOFFS * torch.finfo(dtype).eps / 2)
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """The certified decode error of one straggler set: what ``Code.certify`` returns and ``decode`` checks.
+
+    ``probe_error`` is the measured relative error of decoding the probe (``inf`` when it came out
+    NaN or Inf); ``error = PROBE_MARGIN * probe_error`` the certified error; ``bound`` the warning
+    bound for ``dtype``. A decode warns when ``error > bound`` and refuses when ``error >= REFUSE_ERROR``.
+    """
+
+    code: str
+    workers: tuple[int, ...]
+    rows_per_block: int
+    dtype: torch.dtype
+    device_type: str
+    probe_error: float
+    bound: float
+
+    @property
+    def error(self) -> float:
+        return PROBE_MARGIN * self.probe_error
+
+    @property
+    def status(self) -> str:
+        """"certified", "unstable" (decodes with a warning) or "refused" (decode raises)."""
+        if self.error <= self.bound:
+            return "certified"
+        return "unstable" if self.error < REFUSE_ERROR else "refused"
+
+    @property
+    def refused(self) -> bool:
+        return not self.error < REFUSE_ERROR
+
+    def describe(self) -> str:
+        if math.isinf(self.probe_error):
+            measured = "an infinite relative error (its probe decoded to NaN/Inf)"
+        else:
+            measured = (f"a relative error of about {self.error:.1e} ({PROBE_MARGIN} x the "
+                        f"{self.probe_error:.1e} measured on a probe)")
+        return (
+            f"decoding from workers {list(self.workers)} with {self.code} at r={self.rows_per_block} rows "
+            f"per block in {self.dtype} has {measured}; warning bound {self.bound:.1e}, refusal from "
+            f"{REFUSE_ERROR:g}"
+        )
+
+
 @dataclass(frozen=True)
 class VerifyReport:
-    """Result of ``Code.verify_report``: the worst straggler set and how many sets were tried."""
+    """Result of ``Code.verify_report``: the worst straggler set and how many sets were tried.
+
+    ``worst_error`` is ``inf`` when a set was refused (or overflowed); checking stops there."""
 
     worst_error: float
     worst_set: tuple[int, ...]
@@ -53,31 +142,40 @@ class VerifyReport:
 class Code(ABC):
     """An (n, k) erasure code over the reals acting on row blocks.
 
-    Subclasses fill three hooks: ``block_rows`` (rows of each coded block for ``r`` source rows per
-    block), ``_encode_blocks`` and ``_decode_blocks``. Validation lives here so every code refuses bad
-    input with the same clear messages.
+    Subclasses fill the hooks ``block_rows`` (rows of each coded block for ``r`` source rows per
+    block), ``_encode_blocks``, ``_decode_blocks`` and ``_source_rows``. Validation and certification
+    live here so every code refuses bad input with the same clear messages and never returns an
+    uncertified decode. A subclass that overrides the public ``block_rows`` or ``can_decode`` gets the
+    argument checks wrapped around its method (``__init_subclass__``).
     """
 
     name: str = "code"
     is_systematic: bool = False
-    # what to change when a straggler set decodes unstably (named in the DecodeError)
+    # what to change when a straggler set decodes unstably (named in warnings and DecodeErrors)
     stability_hint: str = "use a better-conditioned code or fewer workers"
+    # integer/bool results are refused unless a code decodes them exactly and says so here
+    accepts_integer_results: bool = False
 
     def __init__(self, n: int, k: int) -> None:
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k must be an integer >= 1 (the number of source blocks), got k={k!r}")
-        if not isinstance(n, int) or isinstance(n, bool):
-            raise ValueError(f"n must be an integer (the number of workers), got n={n!r}")
+        check_int(k, "k", 1, "the number of source blocks")
+        check_int(n, "n", 1, "the number of workers")
         if n < k:
             raise ValueError(f"n must be >= k (n workers hold k source blocks), got n={n}, k={k}")
         if n > MAX_WORKERS:
-            raise ValueError(f"n must be <= {MAX_WORKERS}, got n={n}")
+            raise ValueError(f"n must be <= {MAX_WORKERS}, got n={n}; use fewer workers")
         self.n = n
         self.k = k
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for method, check in (("block_rows", _checked_block_rows), ("can_decode", _checked_can_decode)):
+            if method in cls.__dict__:
+                setattr(cls, method, check(cls.__dict__[method]))
 
     # ----------------------------------------------------------------- hooks
     def block_rows(self, r: int) -> list[int]:
         """Rows of each of the n coded blocks when each source block has ``r`` rows."""
+        check_int(r, "r", 1, "rows per source block")
         return [r] * self.n
 
     @abstractmethod
@@ -88,8 +186,9 @@ class Code(ABC):
     def _decode_blocks(self, results: dict[int, Tensor], r: int, out: Tensor) -> Sequence[int] | None:
         """Write the k source blocks into ``out`` (shape (k, r, *trailing)) from >= k results.
 
-        Return the blocks whose finiteness certifies every result used (blocks computed from all of
-        them), or None to have every block checked: NaN/Inf checks then cost no extra pass.
+        Results are contiguous, in ``out``'s dtype, and must not be modified. Return the blocks whose
+        finiteness certifies every result used (blocks computed from all of them), or None to have
+        every block checked: NaN/Inf checks then cost no extra pass.
         """
 
     def _source_rows(self, worker: int, rows: int) -> int:
@@ -104,7 +203,7 @@ class Code(ABC):
 
     def can_decode(self, workers: Collection[int]) -> bool:
         """Whether the results of these workers suffice to decode (any k for an MDS code)."""
-        return len(set(workers)) >= self.k
+        return len(check_workers(self, workers)) >= self.k
 
     def overhead_rows(self, rows: int) -> int:
         """Extra rows over an ideal MDS code, summed over all coded blocks, for ``rows`` source rows."""
@@ -114,65 +213,80 @@ class Code(ABC):
     def encode(self, W: Tensor) -> list[Tensor]:
         """Split ``W`` (dim 0 divisible by k) into k row blocks and encode them into n coded blocks."""
         if not isinstance(W, Tensor):
-            raise ValueError(f"W must be a torch.Tensor, got {type(W).__name__}")
+            raise ArgumentTypeError(f"W must be a torch.Tensor, got {type(W).__name__}; pass the weights")
         if W.dim() < 1:
             raise ValueError("W must have at least one dimension (rows on dim 0), got a scalar")
         if not W.is_floating_point():
-            raise ValueError(f"W must be a floating-point tensor, got dtype={W.dtype}")
+            raise ArgumentTypeError(
+                f"W must be a floating-point tensor, got dtype={W.dtype}; convert it with W.float()"
+            )
         r = self._rows_per_block(W.shape[0], "W.shape[0]")
         blocks = W.reshape(self.k, r, *W.shape[1:])
         coded = self._encode_blocks(blocks)
         assert len(coded) == self.n
         return coded
 
-    def decode(self, results: Mapping[int, Tensor], rows: int | None = None) -> Tensor:
+    def decode(
+        self, results: Mapping[int, Tensor], rows: int | None = None, *, allow_unstable: bool = False
+    ) -> Tensor:
         """Recover ``W @ X`` (shape (k*r, *trailing)) from the products of any k (or more) workers.
 
-        ``results`` maps worker index -> that worker's ``coded[j] @ X``. A result holding NaN or Inf
-        is treated as an erasure (with a ``NonFiniteResultWarning`` naming the worker) when k other
-        results remain; otherwise a ``DecodeError`` names the bad workers.
+        ``results`` maps worker index -> that worker's ``coded[j] @ X`` (floating point, any strides).
+        A result holding NaN or Inf is treated as an erasure (with a ``NonFiniteResultWarning`` naming
+        the worker) when k other results remain; otherwise a ``DecodeError`` names the bad workers.
+        Every decode is certified (see the module docstring): an unstable set warns once with an
+        ``UnstableDecodeWarning``, a hopeless one raises ``DecodeError`` -- unless ``allow_unstable``
+        (for benchmarks that time a code whatever its accuracy): then it too returns, with the warning.
         """
-        if not isinstance(results, Mapping):
-            raise ValueError(f"results must be a mapping worker -> tensor, got {type(results).__name__}")
-        self._check_workers(results)
-        ref_worker, ref = next(iter(results.items()))
-        trailing = tuple(ref.shape[1:])
-        if rows is None:
-            r = self._source_rows(ref_worker, ref.shape[0])
-        else:
-            r = self._rows_per_block(rows, "rows")
-        expected = self.block_rows(r)
-        for j, res in results.items():
-            if tuple(res.shape[1:]) != trailing or res.shape[0] != expected[j]:
-                raise ValueError(
-                    f"result of worker {j} has shape {tuple(res.shape)}, expected "
-                    f"{(expected[j], *trailing)} (coded block rows for r={r} rows per block); "
-                    "pass each worker's product coded[j] @ X unchanged"
-                )
-            if res.dtype != ref.dtype or res.device != ref.device:
-                raise ValueError(
-                    f"results must share dtype and device: worker {ref_worker} has {ref.dtype} on "
-                    f"{ref.device}, worker {j} has {res.dtype} on {res.device}"
-                )
+        check_bool(allow_unstable, "allow_unstable")
+        ref, r = self._check_results(results, rows)
         cdtype = compute_dtype(ref.dtype)
-        usable = {j: t.detach().to(cdtype) for j, t in results.items()}
+        # contiguous(): hooks may view results flat; it copies only strided or transposed ones
+        usable = {j: t.detach().to(cdtype).contiguous() for j, t in results.items()}
+        trailing = tuple(ref.shape[1:])
         out = torch.empty((self.k, r, *trailing), dtype=cdtype, device=ref.device)
         with torch.no_grad():  # decoding is not differentiated through (coded layers have own backward)
-            certify = self._decode_blocks(usable, r, out)
-        blocks = range(self.k) if certify is None else certify
+            finite_blocks = self._decode_blocks(usable, r, out)
+        blocks = range(self.k) if finite_blocks is None else finite_blocks
         if not all(_all_finite(out[i]) for i in blocks):
             bad = [j for j, t in usable.items() if not _all_finite(t)]
             if not bad:
+                cert = self._certificate(tuple(sorted(results)), r, ref.dtype, ref.device)
                 raise DecodeError(
-                    f"decoding from workers {sorted(results)} overflowed although every result was "
-                    f"finite: this straggler set is numerically unstable for {self!r} at r={r} rows per "
-                    f"block; {self.stability_hint}"
+                    f"refusing to decode: decoding from workers {sorted(results)} overflowed although "
+                    f"every result was finite: this straggler set is numerically unstable for {self!r} "
+                    f"at r={r} rows per block (certified error {cert.error:.1e}); {self.stability_hint}"
                 )
-            return self.decode(self._drop_non_finite(results, bad), rows=r * self.k)
+            good = self._drop_non_finite(results, bad)
+            return self.decode(good, rows=r * self.k, allow_unstable=allow_unstable)
+        self._require_certified(tuple(sorted(results)), r, ref.dtype, ref.device, allow_unstable)
         return out.reshape(self.k * r, *trailing).to(ref.dtype)
 
-    def verify(self, rows: int, samples: int | None = None, **kwargs) -> float:
-        """Worst relative decode error over every k-subset of workers (or ``samples`` random ones)."""
+    def certify(
+        self,
+        workers: Collection[int],
+        rows: int,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> Certificate:
+        """The certified relative decode error of these workers' results (``rows`` source rows in all,
+        results in ``dtype`` on ``device``): the certificate ``decode`` checks, computed on first use
+        and cached; it decodes nothing and warns about nothing. Raises ``DecodeError`` when these
+        workers cannot decode at all."""
+        chosen = check_workers(self, workers)
+        r = self._rows_per_block(rows, "rows")
+        check_dtype(dtype, "dtype", self.accepts_integer_results)
+        dev = check_device(device)
+        if not self.can_decode(chosen):
+            raise DecodeError(
+                f"workers {sorted(chosen)} cannot decode {self!r} (need k={self.k} that determine every "
+                "source block); choose more workers"
+            )
+        return self._certificate(tuple(sorted(chosen)), r, dtype, dev)
+
+    def verify(self, rows: int, samples: int | None = None, **kwargs: Any) -> float:
+        """Worst relative decode error over every k-subset of workers (or ``samples`` random ones);
+        ``inf`` when some set is refused."""
         return self.verify_report(rows, samples, **kwargs).worst_error
 
     def verify_report(
@@ -186,32 +300,111 @@ class Code(ABC):
         seed: int = 0,
     ) -> VerifyReport:
         """Encode a random W (float64 -> ``dtype``), let every worker multiply in ``dtype``, decode each
-        straggler set and compare with the exact float64 product ``W @ X``."""
+        straggler set and compare with the exact float64 product ``W @ X``. A refused set (or one whose
+        decode overflows) is an infinite error; NaN never counts as small."""
         self._rows_per_block(rows, "rows")
+        if samples is not None:
+            check_int(samples, "samples", 1, "the number of straggler sets to try; None tries all")
+        check_int(cols, "cols", 1, "columns of X")
+        check_int(inner, "inner", 1, "the inner dimension of W @ X")
+        check_dtype(dtype, "dtype", False)
+        dev = check_device(device)
+        check_int(seed, "seed", None, "the random seed")
         gen = torch.Generator().manual_seed(seed)
         W = torch.randn(rows, inner, generator=gen, dtype=torch.float64)
         X = torch.randn(inner, cols, generator=gen, dtype=torch.float64)
         exact = W @ X
-        coded = self.encode(W.to(device=device, dtype=dtype))
-        Xd = X.to(device=device, dtype=dtype)
-        products = [c @ Xd for c in coded]
         sets, total = straggler_sets(self.n, self.k, samples, seed)
         sets = [subset for subset in sets if self.can_decode(subset)]  # e.g. replication: not every k-set
-        worst, worst_set = -1.0, ()
+        if not sets:
+            raise ValueError(
+                f"none of the {samples} sampled straggler sets can decode {self!r}; raise samples"
+            )
+        coded = self.encode(W.to(device=dev, dtype=dtype))
+        Xd = X.to(device=dev, dtype=dtype)
+        products = [c @ Xd for c in coded]
+        worst, worst_set = -math.inf, sets[0]
         for subset in sets:
             try:
-                decoded = self.decode({j: products[j] for j in subset}).to("cpu", torch.float64)
-                err = relative_error(decoded, exact)
-            except DecodeError:  # decoding overflowed: an infinite error, reported as such
+                with warnings.catch_warnings():  # the report carries the error itself
+                    warnings.simplefilter("ignore", UnstableDecodeWarning)
+                    decoded = self.decode({j: products[j] for j in subset})
+                err = relative_error(decoded.to("cpu", torch.float64), exact)
+            except DecodeError:  # refused or overflowed: an infinite error, reported as such
                 err = math.inf
             if not err <= worst:  # also catches NaN
-                worst, worst_set = err, subset
-                if not math.isfinite(err):
+                worst, worst_set = (err if err == err else math.inf), subset
+                if math.isinf(worst):
                     break
         return VerifyReport(worst, worst_set, len(sets), total)
 
+    # --------------------------------------------------------- certification
+    def _certificate(
+        self, workers: tuple[int, ...], r: int, dtype: torch.dtype, device: torch.device
+    ) -> Certificate:
+        cache = self.__dict__.setdefault("_certificates", {})
+        key = (workers, r, dtype, device.type)
+        cert = cache.get(key)
+        if cert is None:
+            if len(cache) >= CERTIFICATE_LIMIT:
+                cache.clear()
+            cert = cache[key] = Certificate(
+                repr(self), workers, r, dtype, device.type, self._probe_error(workers, r, dtype, device),
+                warning_bound(dtype),
+            )
+        return cert
+
+    def _require_certified(
+        self, workers: tuple[int, ...], r: int, dtype: torch.dtype, device: torch.device, allow: bool
+    ) -> None:
+        """The decode check: nothing when certified (the steady state: one dict lookup), a warning once
+        per key when unstable, a ``DecodeError`` every time when refused (unless ``allow``)."""
+        cert = self._certificate(workers, r, dtype, device)
+        if cert.error <= cert.bound:
+            return
+        if cert.refused and not allow:
+            raise DecodeError(f"refusing to decode: {cert.describe()}; {self.stability_hint}")
+        warned = self.__dict__.setdefault("_warned", set())
+        key = (workers, r, dtype, device.type)
+        if key not in warned:
+            warned.add(key)
+            warnings.warn(
+                f"{cert.describe()}; the result is returned but may be inaccurate: {self.stability_hint}",
+                UnstableDecodeWarning,
+                stacklevel=3,
+            )
+
+    def _probe_error(
+        self, workers: tuple[int, ...], r: int, dtype: torch.dtype, device: torch.device
+    ) -> float:
+        """Relative error of decoding a random probe from these workers, against its exact float64 answer.
+
+        The probe is a worker's product as the workers compute it: random source blocks A (float64)
+        are encoded exactly, each coded block is rounded to ``dtype`` and multiplied on ``device`` in
+        ``dtype`` by a random X (inner dimension ``PROBE_INNER``), so the results carry the rounding of
+        real products; the answer is ``A @ X`` in float64. ``inf`` when the decode is not finite.
+        """
+        cols = max(PROBE_COLUMNS, -(-PROBE_VALUES // (self.k * r)))  # short blocks: more columns
+        gen = torch.Generator().manual_seed(PROBE_SEED)
+        if dtype.is_floating_point:
+            source = torch.randn(self.k, r, PROBE_INNER, generator=gen, dtype=torch.float64)
+            X = torch.randn(PROBE_INNER, cols, generator=gen, dtype=torch.float64)
+        else:  # small integers: exactly representable, so an exact decoder must return them exactly
+            source = torch.randint(-4, 5, (self.k, r, PROBE_INNER), generator=gen).double()
+            X = torch.randint(-4, 5, (PROBE_INNER, cols), generator=gen).double()
+        Xd = X.to(device=device, dtype=dtype)
+        cdtype = compute_dtype(dtype)
+        coded = self._encode_blocks(source)
+        probe = {j: (coded[j].to(device=device, dtype=dtype) @ Xd).to(cdtype).contiguous() for j in workers}
+        out = torch.empty((self.k, r, cols), dtype=cdtype, device=device)
+        with torch.no_grad():
+            self._decode_blocks(probe, r, out)
+        err = relative_error(out.to("cpu", torch.float64), source @ X)
+        return err if math.isfinite(err) else math.inf
+
     # --------------------------------------------------------------- helpers
     def _rows_per_block(self, rows: int, what: str) -> int:
+        check_int(rows, what, None, f"a positive multiple of k={self.k}")
         if rows < self.k or rows % self.k:
             raise ValueError(
                 f"{what}={rows} must be a positive multiple of k={self.k} (each worker gets rows/k rows); "
@@ -219,17 +412,51 @@ class Code(ABC):
             )
         return rows // self.k
 
-    def _check_workers(self, results: Mapping[int, Tensor]) -> None:
+    def _check_results(self, results: Mapping[int, Tensor], rows: int | None) -> tuple[Tensor, int]:
+        """Validate ``decode``'s arguments; return the first result and the rows per block."""
+        if type(results) is not dict and not isinstance(results, Mapping):
+            raise ArgumentTypeError(
+                f"results must be a mapping worker -> tensor, got {type(results).__name__}; "
+                "pass e.g. {j: coded[j] @ X for j in workers}"
+            )
+        check_workers(self, list(results), "results")
         for j, res in results.items():
-            if not isinstance(j, int) or isinstance(j, bool) or not 0 <= j < self.n:
-                raise ValueError(f"unknown worker id {j!r}: worker ids are integers 0..{self.n - 1}")
-            if not isinstance(res, Tensor) or res.dim() < 1:
-                raise ValueError(f"result of worker {j} must be a tensor with rows on dim 0")
+            if not isinstance(res, Tensor):
+                raise ArgumentTypeError(
+                    f"result of worker {j} must be a torch.Tensor, got {type(res).__name__}"
+                )
+            if res.dim() < 1:
+                raise ValueError(f"result of worker {j} must be a tensor with rows on dim 0, got a scalar")
+            if not (res.is_floating_point() or (self.accepts_integer_results and not res.is_complex())):
+                raise ArgumentTypeError(
+                    f"result of worker {j} has dtype {res.dtype}; {self!r} decodes floating-point "
+                    "results only: compute the products in float32/float64 (e.g. coded[j].float() @ X)"
+                )
         if len(results) < self.k:
             raise DecodeError(
                 f"need results from at least k={self.k} of n={self.n} workers, got {len(results)} "
                 f"(workers {sorted(results)}); wait for more workers"
             )
+        ref_worker, ref = next(iter(results.items()))
+        if rows is None:
+            r = self._source_rows(ref_worker, ref.shape[0])
+        else:
+            r = self._rows_per_block(rows, "rows")
+        expected = self.block_rows(r)
+        trailing = tuple(ref.shape[1:])
+        for j, res in results.items():
+            if tuple(res.shape[1:]) != trailing or res.shape[0] != expected[j]:
+                raise ValueError(
+                    f"result of worker {j} has shape {tuple(res.shape)}, expected "
+                    f"{(expected[j], *trailing)} (coded block rows for r={r} rows per block); "
+                    "pass each worker's product coded[j] @ X unchanged"
+                )
+            if res.dtype != ref.dtype or res.device != ref.device:
+                raise ValueError(
+                    f"results must share dtype and device: worker {ref_worker} has {ref.dtype} on "
+                    f"{ref.device}, worker {j} has {res.dtype} on {res.device}; convert them with .to()"
+                )
+        return ref, r
 
     def _drop_non_finite(self, results: Mapping[int, Tensor], bad: list[int]) -> dict[int, Tensor]:
         good = {j: t for j, t in results.items() if j not in bad}
@@ -249,6 +476,93 @@ class Code(ABC):
         return f"{type(self).__name__}(n={self.n}, k={self.k})"
 
 
+def _checked_block_rows(method: Callable[[Code, int], list[int]]) -> Callable[[Code, int], list[int]]:
+    @functools.wraps(method)
+    def block_rows(self: Code, r: int) -> list[int]:
+        check_int(r, "r", 1, "rows per source block")
+        return method(self, r)
+
+    return block_rows
+
+
+def _checked_can_decode(
+    method: Callable[[Code, Collection[int]], bool],
+) -> Callable[[Code, Collection[int]], bool]:
+    @functools.wraps(method)
+    def can_decode(self: Code, workers: Collection[int]) -> bool:
+        check_workers(self, workers)
+        return method(self, workers)
+
+    return can_decode
+
+
+# ------------------------------------------------------------------- argument checks
+def check_int(value: Any, name: str, minimum: int | None, meaning: str) -> int:
+    """``value`` must be an integer (not a bool) and, when ``minimum`` is given, >= minimum."""
+    if type(value) is not int and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
+        raise ArgumentTypeError(f"{name} must be an integer ({meaning}), got {name}={value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum} ({meaning}), got {name}={value!r}")
+    return int(value)
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` must be True or False (not a string or a number)."""
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"{name} must be True or False, got {name}={value!r}")
+    return value
+
+
+def check_dtype(dtype: Any, name: str, integers: bool) -> torch.dtype:
+    """A floating-point torch dtype (or an integer one when ``integers``)."""
+    if not isinstance(dtype, torch.dtype):
+        raise ArgumentTypeError(f"{name} must be a torch.dtype such as torch.float32, got {name}={dtype!r}")
+    if not (dtype.is_floating_point or (integers and not dtype.is_complex)):
+        raise ArgumentTypeError(
+            f"{name} must be a floating-point dtype (float64, float32, float16, bfloat16), got {dtype}"
+        )
+    return dtype
+
+
+def check_device(device: Any) -> torch.device:
+    if not isinstance(device, str | torch.device):
+        raise ArgumentTypeError(f"device must be a string or torch.device such as 'cpu', got {device!r}")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device={device!r} is not a device; use e.g. 'cpu' or 'cuda:0'") from err
+
+
+def check_workers(code: Code, workers: Collection[int], name: str = "workers") -> list[int]:
+    """Worker ids: integers in 0..n-1, no duplicates. Returns them as a list of ints."""
+    if type(workers) not in (list, tuple, set, frozenset) and (
+        isinstance(workers, str | bytes) or not isinstance(workers, Collection)
+    ):
+        raise ArgumentTypeError(
+            f"{name} must be a collection of worker ids (e.g. a list or set of ints), got {workers!r}"
+        )
+    ids: list[int] = []
+    for j in workers:
+        if type(j) is not int and (not isinstance(j, numbers.Integral) or isinstance(j, bool)):
+            raise ArgumentTypeError(_unknown_worker(code, j, name))
+        if not 0 <= j < code.n:
+            raise ValueError(_unknown_worker(code, j, name))
+        ids.append(int(j))
+    if len(set(ids)) != len(ids):
+        dup = next(j for j in ids if ids.count(j) > 1)
+        raise ValueError(f"duplicate worker id {dup} in {list(workers)}; name each worker once")
+    return ids
+
+
+def _unknown_worker(code: Code, j: Any, name: str) -> str:
+    return f"unknown worker id {j!r} in {name}: worker ids are integers 0..{code.n - 1}"
+
+
+def check_subset(code: Code, workers: Sequence[int]) -> None:
+    """Validate a list of worker ids (no duplicates, in range) for APIs that take a sequence."""
+    check_workers(code, workers)
+
+
 def _all_finite(t: Tensor) -> bool:
     # One fused reduction first; the elementwise pass only when the sum is not finite (it may overflow).
     if t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=compute_dtype(t.dtype)))):
@@ -266,6 +580,12 @@ def straggler_sets(
     n: int, k: int, samples: int | None = None, seed: int = 0, limit: int = 2000
 ) -> tuple[list[tuple[int, ...]], int]:
     """Every k-subset of range(n), or a random sample of ``samples`` (default: all up to ``limit``)."""
+    check_int(k, "k", 1, "the size of each set")
+    check_int(n, "n", k, "the number of workers, >= k")
+    if samples is not None:
+        check_int(samples, "samples", 1, "the number of sets to draw; None draws all")
+    check_int(seed, "seed", None, "the random seed")
+    check_int(limit, "limit", 1, "the most sets drawn when samples is None")
     total = math.comb(n, k)
     want = total if samples is None else min(samples, total)
     want = min(want, limit) if samples is None else want
@@ -276,14 +596,3 @@ def straggler_sets(
     while len(picked) < want:
         picked.add(tuple(sorted(rng.sample(range(n), k))))
     return sorted(picked), total
-
-
-def check_subset(code: Code, workers: Sequence[int]) -> None:
-    """Validate a list of worker ids (no duplicates, in range) for APIs that take a sequence."""
-    seen: set[int] = set()
-    for j in workers:
-        if not isinstance(j, int) or not 0 <= j < code.n:
-            raise ValueError(f"unknown worker id {j!r}: worker ids are integers 0..{code.n - 1}")
-        if j in seen:
-            raise ValueError(f"duplicate worker id {j} in {list(workers)}")
-        seen.add(j)

@@ -21,7 +21,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sazd.codes.base import Code, DecodeError, compute_dtype
+from sazd.codes.base import (
+    ArgumentTypeError,
+    Code,
+    DecodeError,
+    check_bool,
+    check_int,
+    check_workers,
+    compute_dtype,
+)
 
 POLY_NODES = ("integer", "chebyshev")
 
@@ -53,7 +61,13 @@ class LinearCode(Code):
 
     def __init__(self, n: int, k: int, G: Tensor, systematic: bool = False) -> None:
         super().__init__(n, k)
-        G = torch.as_tensor(G, dtype=torch.float64).clone()
+        check_bool(systematic, "systematic")
+        try:
+            G = torch.as_tensor(G, dtype=torch.float64).clone()
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ArgumentTypeError(
+                f"generator G must be an (n, k) real matrix, got {type(G).__name__}"
+            ) from err
         if tuple(G.shape) != (n, k):
             raise ValueError(f"generator must have shape (n, k)=({n}, {k}), got {tuple(G.shape)}")
         if not bool(torch.isfinite(G).all()):
@@ -75,7 +89,7 @@ class LinearCode(Code):
     def condition_number(self, workers: Collection[int]) -> float:
         """``cond(G_S)`` (2-norm) for the k workers ``decode`` would use: the bound on how much it
         amplifies the relative rounding error of the workers' products."""
-        rows = self._choose(workers)
+        rows = self._choose(check_workers(self, workers))
         return float(torch.linalg.cond(self._G[rows]))
 
     # ------------------------------------------------------------------ encode
@@ -175,10 +189,15 @@ class Poly(LinearCode):
                       "systems on integer nodes lose about log10(n**k) digits")
 
     def __init__(self, n: int, k: int, nodes: str = "integer", systematic: bool = False) -> None:
+        if not isinstance(nodes, str):
+            raise ArgumentTypeError(f"nodes must be one of {list(POLY_NODES)}, got nodes={nodes!r}")
         if nodes not in POLY_NODES:
             raise ValueError(f"nodes must be one of {list(POLY_NODES)}, got nodes={nodes!r}")
         _check_redundant(self, n, k)
+        check_bool(systematic, "systematic")
         self.nodes = nodes
+        if nodes == "chebyshev":
+            self.stability_hint = "use a smaller k, fewer parity workers, or SAZD"
         j = torch.arange(n, dtype=torch.float64)
         x = j + 1 if nodes == "integer" else torch.cos((2 * j + 1) * math.pi / (2 * n))
         G = x[:, None] ** torch.arange(k, dtype=torch.float64)  # G[j, i] = x_j**i
@@ -194,9 +213,9 @@ class GaussianMDS(LinearCode):
     name = "gaussian"
 
     def __init__(self, n: int, k: int, seed: int = 0, systematic: bool = False) -> None:
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"seed must be an integer, got seed={seed!r}")
+        check_int(seed, "seed", None, "the generator's random seed")
         _check_redundant(self, n, k)
+        check_bool(systematic, "systematic")
         self.seed = seed
         gen = torch.Generator().manual_seed(seed)
         G = torch.randn(n, k, generator=gen, dtype=torch.float64)
@@ -213,8 +232,7 @@ class Uncoded(LinearCode):
     name = "uncoded"
 
     def __init__(self, k: int) -> None:
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k must be an integer >= 1 (the number of source blocks), got k={k!r}")
+        check_int(k, "k", 1, "the number of source blocks")
         super().__init__(k, k, torch.eye(k, dtype=torch.float64), systematic=True)
 
     def __repr__(self) -> str:

@@ -114,6 +114,8 @@ def load_dataset(
     mean, std = _pixel_stats(train_x, scale)
     train_x, test_x = (train_x.to(dtype) / scale - mean) / std, (test_x.to(dtype) / scale - mean) / std
 
+    if train_x.shape[0] == 0 or test_x.shape[0] == 0:
+        raise ValueError(f"dataset {name!r}: a split holds 0 samples; use a dataset with samples")
     num_classes = 10 if name != "idx" else int(max(train_y.max(), test_y.max())) + 1
     for split, labels in (("train", train_y), ("test", test_y)):
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
@@ -200,6 +202,15 @@ def _load_idx_dir(name: str, data_dir: str | Path | None) -> tuple[tuple[torch.T
                 f"dataset {name!r}: {split} images {tuple(x.shape)} and labels {tuple(y.shape)} do not match "
                 f"({paths[split + '_x']}, {paths[split + '_y']}); expected (N, ...) images and (N,) labels"
             )
+    for split, tensor in tensors.items():
+        where = f"dataset {name!r}: {paths[split]}"
+        if tensor.shape[0] == 0:
+            raise ValueError(f"{where} holds 0 samples; point --data-dir at a dataset with samples")
+        if split.endswith("_y") and (tensor.is_floating_point() or tensor.dtype == torch.bool):
+            raise ValueError(f"{where}: labels are {tensor.dtype}, not integers; is this a label file?")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{where} holds {bad} NaN or infinite values; fix or replace the file")
     if tensors["train_x"].shape[1:] != tensors["test_x"].shape[1:]:
         raise ValueError(
             f"dataset {name!r}: train images {tuple(tensors['train_x'].shape[1:])} and test images "

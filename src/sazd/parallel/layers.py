@@ -167,13 +167,20 @@ class CodedContext:
             raise ClusterError(f"only workers {alive} are alive, too few to decode (k={self.code.k})")
 
     def fetch_state(
-        self, keys: list[str], exclude: Sequence[int] = ()
+        self, keys: list[str], exclude: Sequence[int] = (), every: bool = False
     ) -> dict[int, dict[str, dict[str, Tensor]]]:
-        """Coded weights and momentum of ``keys`` from the first decodable set of live workers."""
+        """Coded weights and momentum of ``keys`` from the first decodable set of live workers
+        (``every``: from every live one, e.g. to keep each worker's blocks)."""
         start = time.perf_counter()
         rnd = self.cluster.submit("state", Broadcast((keys,)),
                                   [j for j in self.cluster.alive() if j not in exclude])
-        states = self.cluster.first_k(rnd, self.code.k, enough=self.code.can_decode)
+        if every:
+            states = self.cluster.wait_all(rnd)
+            if not self.code.can_decode(list(states)):
+                raise ClusterError(f"only workers {sorted(states)} answered, too few to decode "
+                                   f"(k={self.code.k})")
+        else:
+            states = self.cluster.first_k(rnd, self.code.k, enough=self.code.can_decode)
         self.stats.worker_s += time.perf_counter() - start
         return states
 
@@ -321,6 +328,8 @@ class CodedLayer(nn.Module):
         """The two plain matrices the coded copies encode: {"<name>.row": W (out, in), "<name>.col": W^T}."""
         W2 = W.reshape(self.out_features, self.in_features)
         return {self.keys[0]: W2, self.keys[1]: W2.T}
+
+    plain_copies = matrices  # the earlier name
 
     def encode_plain(self, W: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Both coded copies of the plain weight ``W`` (any shape with ``out`` rows): n blocks each."""

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from sazd.codes.base import Code
 from sazd.parallel.layers import CodedContext, CodedConv2d, CodedLayer, CodedLinear, round_up
-from sazd.parallel.schemes import DEFAULT_SCHEME, Scheme, get_scheme
+from sazd.parallel.schemes import DEFAULT_SCHEME, Scheme, States, get_scheme
 from sazd.runtime.cluster import Cluster, ClusterError
 
 STYLES = ("coded", "master")
@@ -178,15 +178,16 @@ def context(model: nn.Module) -> CodedContext:
 
 
 def read_matrices(
-    model: nn.Module, momentum: bool = False, exclude: Sequence[int] = ()
+    model: nn.Module, momentum: bool = False, exclude: Sequence[int] = (), states: States | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Both plain matrices of every coded layer, {"fc1.row": W, "fc1.col": W^T}, and with ``momentum``
     the workers' SGD momentum buffers, in one round (DEU; naive: the master's weights). Never reads
-    from workers in ``exclude``. Also refreshes what ``layer.weight`` shows."""
+    from workers in ``exclude``; ``states``: decode these, already fetched. A read of its own (no
+    ``states``) also refreshes what ``layer.weight`` shows."""
     ctx = context(model)
     layers = coded_layers(model)
-    weights, buffers = ctx.scheme.read_matrices(ctx, layers, momentum, exclude)
-    if ctx.scheme.decodes_weight:
+    weights, buffers = ctx.scheme.read_matrices(ctx, layers, momentum, exclude, states)
+    if ctx.scheme.decodes_weight and states is None:
         for layer in layers:
             layer.decoded = weights[layer.keys[0]].reshape(layer.weight_shape)
     return weights, buffers

@@ -21,6 +21,8 @@ from sazd.parallel.layers import CodedContext, CodedLayer, RoundRecord
 from sazd.runtime.cluster import PerWorker
 from sazd.runtime.worker import SGDStep
 
+States = dict[int, dict[str, dict[str, Tensor]]]  # worker -> {"weights"|"momentum": {key: block}}
+
 
 class CodedWeight(nn.Parameter):
     """The parameter through which a coded layer's weight meets autograd and the optimizer: the plain
@@ -79,9 +81,11 @@ class Scheme(ABC):
 
     @abstractmethod
     def read_matrices(self, ctx: CodedContext, layers: Sequence[CodedLayer], momentum: bool,
-                      exclude: Sequence[int] = ()) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+                      exclude: Sequence[int] = (), states: States | None = None,
+                      ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Both plain matrices of ``layers`` ({"fc1.row": W, "fc1.col": W^T}) and, with ``momentum``,
-        the workers' momentum buffers; never read from workers in ``exclude``."""
+        the workers' momentum buffers; never read from workers in ``exclude`` (``states``: decode
+        these workers' states, already fetched)."""
 
     # ------------------------------------------------------------ stepping
     def check_optimizer(self, optimizer: torch.optim.Optimizer, group: dict[str, Any],
@@ -140,7 +144,8 @@ class Naive(Scheme):
         return layer.weight.detach(), None
 
     def read_matrices(self, ctx: CodedContext, layers: Sequence[CodedLayer], momentum: bool,
-                      exclude: Sequence[int] = ()) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+                      exclude: Sequence[int] = (), states: States | None = None,
+                      ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         copies = [layer.matrices(layer.weight.detach()) for layer in layers]
         return {key: t.clone() for c in copies for key, t in c.items()}, {}
 
@@ -208,12 +213,13 @@ class DEU(Scheme):
         return layer._decode_key(states, row, "weights"), layer._decode_key(states, row, "momentum")
 
     def read_matrices(self, ctx: CodedContext, layers: Sequence[CodedLayer], momentum: bool,
-                      exclude: Sequence[int] = (), row_only: bool = False,
+                      exclude: Sequence[int] = (), states: States | None = None, row_only: bool = False,
                       ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """In DEU the two copies are updated separately, so W^T of the column copy equals the row
         copy's W only to rounding; ``row_only`` reads the row copies alone."""
         keys = [layer.keys[0] for layer in layers] if row_only else [k for m in layers for k in m.keys]
-        states = ctx.fetch_state(keys, exclude)
+        if states is None:
+            states = ctx.fetch_state(keys, exclude)
         weights, buffers = {}, {}
         for layer in layers:
             if row_only:

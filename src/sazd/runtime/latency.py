@@ -11,7 +11,9 @@ worker was last (re)spawned) of worker ``worker``:
   machine, so the models below only kill incarnation 0.
 
 Every model is deterministic: a seeded model draws task ``(worker, task)``'s value from a generator
-seeded by ``(seed, worker, task)``, so the answer does not depend on the order of questions.
+seeded by ``(seed, worker, task)``, so the answer does not depend on the order of questions. A model
+therefore has no state of its own: the cluster's per-worker task numbers and incarnations are the
+whole schedule, and ``Cluster.schedule_state`` (kept in checkpoints) continues it exactly.
 
 Which workers are the stragglers of ``FixedStragglers(count=S)``: the FIRST S worker ids
 ``0..S-1``. For systematic codes these hold the plain blocks, so this is the worst case (the master

@@ -3,15 +3,22 @@
     sazd train --model mlp --dataset fashion-mnist --code sazd --n 6 --k 4 --scheme deu \\
                --backend inproc --epochs 1 --stragglers 2 --json out.json
 
-Writes a run directory (config.json, metrics.jsonl, report.json, loss.png, accuracy.png), shows a
-progress bar per epoch and prints the bytes per iteration, measured and by the traffic formula for
-both schemes. Bad settings (Adam with DEU, impossible n/k, a bad plan ...) exit with code 2 and a
-one-line message before any training starts.
+Writes a run directory (config.json, metrics.jsonl, report.json, loss.png, accuracy.png, checkpoint/),
+shows a progress bar per epoch and prints the bytes per iteration, measured and by the traffic formula
+for both schemes. Bad settings (Adam with DEU, impossible n/k, a bad plan, a foreign --run-dir ...)
+exit with code 2 and a one-line message before any worker starts; a failure during training exits
+with code 1 (SIGINT/SIGTERM: 130/143) after saving a checkpoint and the report.
+
+With --resume, the checkpoint's settings apply and every flag given on the command line is honoured
+(output paths, length, progress) or refused (a change of model, data order or update rule); paths
+come only from the command line, never from the checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import sys
 import time
 from pathlib import Path
@@ -44,10 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--n", type=int, default=None, help="workers (default k+2; k for --code uncoded)")
     g.add_argument("--k", type=int, default=4, help="workers whose answers suffice (default 4)")
     g.add_argument("--non-systematic", action="store_true", help="sazd/poly: the non-systematic form")
-    g.add_argument("--shift-unit", default=None, help="sazd: shift unit g in rows, or 'auto'")
+    g.add_argument("--shift-unit", type=_shift_unit, default=None,
+                   help="sazd: shift unit g in rows, or 'auto'")
     g.add_argument("--nodes", default=None, help="poly: evaluation nodes, integer or chebyshev")
     g.add_argument("--scheme", default="deu", choices=["deu", "naive"])
-    g.add_argument("--plan", default=None,
+    g.add_argument("--plan", type=_plan, default=None,
                    help="layers to code, e.g. fc1,fc2 (default: every Linear/Conv2d with both widths >= "
                         "--min-features)")
     g.add_argument("--min-features", type=int, default=64)
@@ -90,11 +98,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-every", type=int, default=None, help="save a checkpoint every N iterations")
     g.add_argument("--checkpoint-dir", default=None, help="default <run-dir>/checkpoint")
     g.add_argument("--resume", default=None, help="resume from a checkpoint (or run) directory")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in --run-dir (deletes only the files sazd wrote there)")
     g.add_argument("--json", default=None, help="also write the report to this JSON file")
     g.add_argument("--check", action="store_true",
                    help="also train plain PyTorch on the same batches and print the weight difference")
     g.add_argument("--no-progress", dest="show_progress", action="store_const", const=False, default=None,
                    help="no progress bar")
+    for action in parser._actions:  # record which flags were given (with --resume, those are honoured)
+        if action.dest != "help":
+            action.__class__ = _recording(type(action))
+    parser.set_defaults(_given=frozenset())
+
+
+@functools.cache
+def _recording(cls: type[argparse.Action]) -> type[argparse.Action]:
+    class Given(cls):  # type: ignore[valid-type,misc]
+        def __call__(self, parser, namespace, values, option_string=None):
+            super().__call__(parser, namespace, values, option_string)
+            namespace._given = getattr(namespace, "_given", frozenset()) | {self.dest}
+
+    return Given
+
+
+def _shift_unit(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of rows or 'auto', got {text!r}") from None
+
+
+def _plan(text: str) -> dict[str, str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"no layer names in {text!r}; give names such as fc1,fc2")
+    return dict.fromkeys(names, "coded")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -108,19 +148,16 @@ def config_from_args(args: argparse.Namespace):
     """A ``TrainConfig`` from parsed flags (with --resume: the checkpoint's, overridden by given flags)."""
     from sazd.train import checkpoint
     from sazd.train.optim import OptimConfig
-    from sazd.train.trainer import TrainConfig
+    from sazd.train.trainer import BACKEND_OPTIONS, TrainConfig
 
     options = {}
     if args.non_systematic:
         options["systematic"] = False
     if args.shift_unit is not None:
-        options["shift_unit"] = args.shift_unit if args.shift_unit == "auto" else int(args.shift_unit)
+        options["shift_unit"] = args.shift_unit
     if args.nodes is not None:
         options["nodes"] = args.nodes
     n = args.n if args.n is not None else (args.k if args.code == "uncoded" else args.k + 2)
-    plan = None
-    if args.plan:
-        plan = {name.strip(): "coded" for name in args.plan.split(",") if name.strip()}
     optim = OptimConfig(name=args.optimizer, lr=args.lr, momentum=args.momentum, dampening=args.dampening,
                         nesterov=args.nesterov, weight_decay=args.weight_decay, schedule=args.schedule,
                         step_size=args.step_size, gamma=args.gamma, clip_norm=args.clip_norm)
@@ -131,66 +168,86 @@ def config_from_args(args: argparse.Namespace):
         straggler_delay=args.straggler_delay, latency=args.latency, network_gbps=args.network_gbps,
         base_time_s=args.base_time_s, address=args.address, gpus_per_worker=args.gpus_per_worker,
         device=args.device, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-        optim=optim, dtype=args.dtype, seed=args.seed, plan=plan, min_features=args.min_features,
+        optim=optim, dtype=args.dtype, seed=args.seed, plan=args.plan, min_features=args.min_features,
         repair=args.repair, run_dir=args.run_dir, checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every=args.checkpoint_every, resume=args.resume, show_progress=args.show_progress,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, overwrite=args.overwrite,
+        show_progress=args.show_progress,
     )
     if args.resume is None:
-        if fresh.run_dir is None:
-            fresh.run_dir = str(Path("runs") / time.strftime("train-%Y%m%d-%H%M%S"))
+        fresh.run_dir = fresh.run_dir or _new_run_dir()
         return fresh
-    # Resume: start from the checkpoint's settings; flags given explicitly override them (and the
-    # trainer refuses the ones that would change the model, data order or update rule).
-    saved = TrainConfig.from_dict(checkpoint.load(args.resume).meta["config"])
-    defaults = _defaults()
-    given = {key for key, value in vars(args).items() if key in defaults and value != defaults[key]}
-    for flag in given - {"resume", "json", "check"}:
+    # Resume: the checkpoint's settings, each flag given on the command line applied over them (the
+    # trainer refuses those that would change the model, data order or update rule); paths come from
+    # the command line only.
+    saved = TrainConfig.from_checkpoint(checkpoint.load(args.resume).meta["config"])
+    for flag in args._given - {"resume", "json", "check"}:
         name = FLAG_FIELDS.get(flag, flag)
-        if name in ("n", "k"):
-            saved.n, saved.k = fresh.n, fresh.k
-        elif hasattr(saved, name):
+        if name == "optim":
+            saved.optim = dataclasses.replace(saved.optim, **{flag: getattr(fresh.optim, flag)})
+        elif name == "code_options":
+            saved.code_options = {**saved.code_options, **_code_option(flag, fresh.code_options)}
+        else:
             setattr(saved, name, getattr(fresh, name))
-    saved.resume = args.resume
+    for name in ("run_dir", "checkpoint_dir", "data_dir", "address", "resume", "overwrite"):
+        setattr(saved, name, getattr(fresh, name))
+    given = {FLAG_FIELDS.get(flag, flag) for flag in args._given}
+    for backend, options in BACKEND_OPTIONS.items():  # on another backend the old one's options lapse
+        for name, default in options.items():
+            if backend != saved.backend and name not in given:
+                setattr(saved, name, default)
+    if saved.run_dir is None and checkpoint.resume_dirs(args.resume)[0] is None:  # a bare checkpoint dir
+        saved.run_dir = _new_run_dir()
     return saved
 
 
-def _defaults() -> dict:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return vars(parser.parse_args([]))
+def _code_option(flag: str, options: dict) -> dict:
+    key = {"non_systematic": "systematic"}.get(flag, flag)
+    return {key: options.get(key, True if key == "systematic" else None)}
+
+
+def _new_run_dir() -> str:
+    base = Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+    path, i = base, 1
+    while path.exists():
+        i += 1
+        path = base.with_name(f"{base.name}-{i}")
+    return str(path)
 
 
 def run(args: argparse.Namespace) -> int:
-    from sazd.codes.base import DecodeError
-    from sazd.runtime.cluster import ClusterError
+    from sazd.cli import guarded
 
-    try:
-        cfg = config_from_args(args)
-        if args.check and cfg.resume is not None:
-            raise ValueError("--check trains plain PyTorch from the start; it cannot go with --resume")
-        from sazd.train.trainer import Trainer
+    return guarded("sazd train", _run, args)
 
-        trainer = Trainer(cfg)
-    except ValueError as err:
-        print(f"sazd train: error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    with trainer:
+
+def _run(args: argparse.Namespace) -> int:
+    from sazd.train.report import check_output_file, write_json_file
+    from sazd.train.trainer import Trainer
+
+    cfg = config_from_args(args)
+    if args.check and cfg.resume is not None:
+        raise ValueError("--check trains plain PyTorch from the start; it cannot go with --resume")
+    if args.json:
+        check_output_file(args.json, "--json")
+    with Trainer(cfg) as trainer:  # bad input stops here: exit 2, nothing trained, no worker left
         layers = list(trainer.ctx.layers)
         print(f"training {cfg.model} on {cfg.dataset}: code {trainer.code}, scheme {cfg.scheme}, backend "
               f"{cfg.backend}, coded layers {layers}", flush=True)
         try:
             report = trainer.train()
-        except ClusterError as err:
-            print(f"sazd train: cluster failure: {_one_line(err)}", file=sys.stderr)
-            return 1
-        except DecodeError as err:
-            where = f"; last checkpoint in {trainer.last_checkpoint}" if trainer.last_checkpoint else ""
-            print(f"sazd train: decoding failed: {_one_line(err)}{where}", file=sys.stderr)
-            return 1
         except KeyboardInterrupt:
-            where = f"; checkpoint in {trainer.last_checkpoint}" if trainer.last_checkpoint else ""
-            print(f"interrupted at iteration {trainer.position.iteration}{where}", file=sys.stderr)
-            return 130
+            signum = trainer.stop_signal or 2
+            print(f"sazd train: stopped by signal {signum} at iteration {trainer.position.iteration}. "
+                  f"{trainer.ending}", file=sys.stderr)
+            return 128 + signum
+        except Exception as err:  # after training began: one line, the checkpoint, the full report
+            from sazd.cli import one_line
+
+            ending = "" if trainer.ending in str(err) else f" {trainer.ending}"
+            message = one_line(err).rstrip(".")
+            print(f"sazd train: failed at iteration {trainer.position.iteration}: {message}.{ending} "
+                  f"Report: {Path(cfg.run_dir) / 'report.json'}", file=sys.stderr)
+            return 1
         if args.check:
             from sazd.parallel import plain_state_dict
             from sazd.train.reference import reference_run, relative_weight_error
@@ -200,12 +257,7 @@ def run(args: argparse.Namespace) -> int:
             report["check_max_relative_weight_error"] = error
     print_summary(report, cfg)
     if args.json:
-        import json
-
-        from sazd.train.report import to_jsonable
-
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(to_jsonable(report), indent=2, sort_keys=True) + "\n")
+        write_json_file(args.json, report)
     return 0
 
 
@@ -239,6 +291,3 @@ def print_summary(report: dict, cfg) -> None:
 def _mb(nbytes: float) -> str:
     return f"{nbytes / 1e6:.3f} MB"
 
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())

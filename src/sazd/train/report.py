@@ -5,6 +5,12 @@ metrics.jsonl holds one JSON object per line, appended and flushed as training g
 dies still leaves its history. ``plot`` draws every numeric key ending in ``loss`` into loss.png and
 every numeric key containing ``acc`` into accuracy.png, against ``iteration`` (or the line number);
 keys containing ``perplexity`` go to perplexity.png, drawn only when some were logged.
+
+Ownership: a run directory carries the marker file ``.sazd-run`` (the run's id). sazd writes only
+into a directory it creates, an empty one, or one whose marker names the same run (``--resume``);
+``--overwrite`` replaces an earlier run by deleting only the files sazd writes (``WRITTEN`` and its
+checkpoint files), never anything else. Output files given by path (``--json``) are written only
+where nothing is, or over an earlier sazd report.
 """
 
 from __future__ import annotations
@@ -12,13 +18,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 CONFIG, METRICS, REPORT = "config.json", "metrics.jsonl", "report.json"
 LOSS_PNG, ACC_PNG, PPL_PNG = "loss.png", "accuracy.png", "perplexity.png"
+MARKER = ".sazd-run"
+WRITTEN = (CONFIG, METRICS, REPORT, LOSS_PNG, ACC_PNG, PPL_PNG, MARKER)  # besides the checkpoint directory
+REPORT_FORMAT = "sazd-report-1"
 
 
 def to_jsonable(value: Any) -> Any:
@@ -42,19 +53,65 @@ def to_jsonable(value: Any) -> Any:
 
 
 class RunDir:
-    """The directory of one training run; created (with parents) on construction."""
+    """The directory of run ``run_id``; created (with parents) or claimed on construction.
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if self.path.exists() and not self.path.is_dir():
-            raise ValueError(f"run dir: {self.path} exists and is not a directory; pick another --run-dir")
-        self.path.mkdir(parents=True, exist_ok=True)
+    An existing directory is used when it is empty, or holds this run (``resume``); with ``overwrite``
+    an earlier run's files (only those sazd wrote) are deleted first. Anything else is a ValueError
+    naming the directory and the fix, raised before anything is written."""
+
+    def __init__(self, path: str | Path, run_id: str = "", *, resume: bool = False,
+                 overwrite: bool = False) -> None:
+        self.path, self.run_id = Path(path), run_id
+        owner = self.owner(self.path)
+        if self.check(self.path, run_id, resume=resume, overwrite=overwrite):
+            self.clear()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if owner != run_id or not (self.path / MARKER).is_file():
+                _atomic_write(self.path / MARKER, json.dumps({"run_id": run_id}) + "\n")
+        except OSError as err:
+            raise ValueError(f"--run-dir {self.path} cannot be written ({err.strerror or err}); choose a "
+                             "writable --run-dir") from None
+
+    @classmethod
+    def check(cls, path: Path, run_id: str, *, resume: bool = False, overwrite: bool = False) -> bool:
+        """Whether run ``run_id`` may use ``path`` (see the class docstring), without touching it;
+        returns whether an earlier run must be cleared out first."""
+        owner = cls.owner(path)
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"--run-dir {path} exists and is not a directory; pick another --run-dir")
+        if owner is not None and not (resume and owner == run_id):
+            if not overwrite:
+                raise ValueError(f"--run-dir {path} holds an earlier run; continue it with --resume {path}, "
+                                 "pass --overwrite to replace it (deletes only the files sazd wrote there) "
+                                 "or choose another --run-dir")
+            return True
+        if owner is None and path.is_dir() and any(path.iterdir()):
+            raise ValueError(f"--run-dir {path} is not empty and is not a sazd run directory; sazd writes "
+                             "only into a new or empty directory: choose another --run-dir")
+        check_writable(path, "--run-dir")
+        return False
+
+    @staticmethod
+    def owner(path: Path) -> str | None:
+        """The run id in ``path``'s marker, or None when it is not a sazd run directory."""
+        try:
+            marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
+            return str(marker["run_id"]) if isinstance(marker, dict) else None
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def clear(self) -> None:
+        """Delete what sazd wrote here (``WRITTEN`` and the default checkpoint), nothing else."""
+        from sazd.train import checkpoint
+
+        checkpoint.remove(self.path / "checkpoint")
+        for name in WRITTEN:
+            (self.path / name).unlink(missing_ok=True)
 
     def _write_json(self, name: str, obj: Any) -> Path:
         target = self.path / name
-        tmp = target.with_suffix(target.suffix + ".tmp")
-        tmp.write_text(json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n")
-        tmp.replace(target)  # atomic: a reader never sees half a file
+        _atomic_write(target, json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n")
         return target
 
     def write_config(self, config: Mapping[str, Any]) -> Path:
@@ -118,6 +175,53 @@ class RunDir:
             fig.savefig(out[kind], dpi=100)
             plt.close(fig)
         return out
+
+
+def check_output_file(path: str | Path, flag: str) -> Path:
+    """Refuse an output file before any work starts: its directory must be creatable and writable, and
+    the path must be free or hold an earlier sazd report (never a user's file or a directory)."""
+    path = Path(path)
+    if path.is_dir() or path.is_symlink():
+        raise ValueError(f"{flag} {path} is a directory or a link; give a file path for {flag}")
+    if path.exists():
+        try:
+            ours = json.loads(path.read_text(encoding="utf-8")).get("format") == REPORT_FORMAT
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise ValueError(f"{flag} {path} exists and is not a sazd report; choose another path for {flag}")
+    check_writable(path.parent, flag)
+    return path
+
+
+def check_writable(path: str | Path, flag: str) -> None:
+    """``path`` is, or can be created as, a directory this process may write into."""
+    path = there = Path(path)
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {there} is not a writable directory; choose a writable {flag}")
+
+
+def write_json_file(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically (parents created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """A reader never sees half a file, and no other file is touched (a fresh temporary name)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # readable like any other output (mkstemp creates 0600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _series(rows: list[dict[str, Any]], x: str, use_index: bool, wanted) -> dict[str, tuple[list, list]]:

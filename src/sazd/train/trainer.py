@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import signal
 import threading
 import time
+import traceback
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +35,7 @@ from sazd.parallel import (
     SCHEMES,
     coded_layers,
     context,
+    load_weights,
     parallelize,
     plain_model,
     predicted_traffic,
@@ -40,7 +44,7 @@ from sazd.parallel import (
 from sazd.runtime.cluster import Cluster, ClusterError
 from sazd.train import checkpoint
 from sazd.train.optim import CodedOptimizer, OptimConfig, lr_at
-from sazd.train.report import RunDir, progress, to_jsonable
+from sazd.train.report import REPORT_FORMAT, WRITTEN, RunDir, check_writable, progress, to_jsonable
 
 BACKENDS = ("inproc", "ray")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -93,34 +97,49 @@ class TrainConfig:
     checkpoint_dir: str | None = None  # default: <run_dir>/checkpoint
     checkpoint_every: int | None = None  # iterations
     resume: str | None = None
+    overwrite: bool = False  # replace an earlier run in run_dir (only the files sazd wrote there)
     show_progress: bool | None = None  # None: only on a terminal
 
     def validate(self) -> TrainConfig:
-        """Check every setting that can be checked without data or workers; clear ValueErrors."""
-        if self.model not in MODELS:
-            raise ValueError(f"model must be one of {list(MODELS)}, got {self.model!r}")
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"scheme must be one of {list(SCHEMES)}, got {self.scheme!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
-        for name in ("epochs", "batch_size"):
+        """Check every setting that can be checked without data or workers; clear ValueErrors that name
+        the setting by its command-line flag."""
+        for name, choices in (("model", MODELS), ("scheme", SCHEMES), ("backend", BACKENDS),
+                              ("dtype", DTYPES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"--{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+        for name, low, optional in (("epochs", 1, False), ("batch_size", 1, False), ("seed", 0, False),
+                                    ("min_features", 1, False), ("max_steps", 1, True),
+                                    ("checkpoint_every", 1, True), ("train_limit", 1, True),
+                                    ("test_limit", 1, True)):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("max_steps", "checkpoint_every"):
+            if not (optional and value is None) and (type(value) is not int or value < low):
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}"
+                                 f"{' (or unset)' if optional else ''}, got {value!r}")
+        if type(self.stragglers) is not int or not 0 <= self.stragglers <= self.n:
+            raise ValueError(f"--stragglers must be in [0, n={self.n}] (an integer), got {self.stragglers!r}")
+        for name, low, optional in (("straggler_delay", 1.0, False), ("network_gbps", 0.0, True),
+                                    ("base_time_s", 0.0, True), ("gpus_per_worker", 0.0, False)):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an integer >= 1 (or unset), got {value!r}")
-        if not 0 <= self.stragglers <= self.n:
-            raise ValueError(f"stragglers must be in [0, n={self.n}], got {self.stragglers!r}")
-        if not self.straggler_delay >= 1:
-            raise ValueError(f"straggler_delay must be a slowdown factor >= 1, got {self.straggler_delay!r}")
+            strict = name == "network_gbps"  # a link of 0 Gb/s carries nothing
+            ok = (isinstance(value, int | float) and math.isfinite(value)
+                  and (value > low if strict else value >= low))
+            if not (optional and value is None) and not ok:
+                flag = {"base_time_s": "base-time"}.get(name, name.replace("_", "-"))
+                raise ValueError(f"--{flag} must be a finite number {'>' if strict else '>='} {low:g}, "
+                                 f"got {value!r}")
+        if self.plan is not None and not self.plan:
+            raise ValueError("--plan names no layers; give layer names such as fc1,fc2 or leave --plan out")
         self.backend_options()  # flags of the other backend are errors
         if self.checkpoint_every is not None and self.checkpoint_path is None:
-            raise ValueError("checkpoint_every needs a place to write: set run_dir or checkpoint_dir")
+            raise ValueError("checkpoint_every needs a place to write: with --checkpoint-every, set "
+                             "--run-dir or --checkpoint-dir")
+        if self.overwrite and self.resume is not None:
+            raise ValueError("--overwrite starts a new run over an earlier one; it cannot go with --resume")
+        self._check_device()
         self.make_code()  # bad n/k or code options
+        from sazd.runtime.latency import straggler_latency
+
+        straggler_latency(self.stragglers, self.straggler_delay, self.latency, self.seed).bind(self.n)
         self.optim.validate(self.scheme)
         return self
 
@@ -136,6 +155,32 @@ class TrainConfig:
                                      f"this run uses {self.backend!r}: drop it or pick that backend")
         return {**{name: getattr(self, name) for name in BACKEND_OPTIONS[self.backend]},
                 **BACKEND_FIXED[self.backend]}
+
+    def _check_device(self) -> None:
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"--device {self.device!r} is not a device ({err}); use cpu or cuda") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device {self.device!r}: only cpu and cuda are supported")
+        if device.type == "cuda" and self.backend == "inproc":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if (device.index or 0) >= count:
+                raise ValueError(f"--device {self.device}: this machine has {count} usable CUDA device(s); "
+                                 "use --device cpu" + (f" or cuda:0..{count - 1}" if count else ""))
+
+    @classmethod
+    def from_checkpoint(cls, d: Any) -> TrainConfig:
+        """A config read from a checkpoint: every field present, of its declared type, and valid;
+        otherwise a ``CheckpointError`` naming the field."""
+        checkpoint.check_fields("config", d, cls)
+        checkpoint.check_fields("config.optim", d["optim"], OptimConfig)
+        try:  # (the device is this machine's business: checked once the command line's flags apply)
+            cfg = cls.from_dict(d)
+            dataclasses.replace(cfg, device="cpu").validate()
+            return cfg
+        except ValueError as err:
+            raise checkpoint.CheckpointError(f"checkpoint field config: {err}") from None
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -177,9 +222,15 @@ class Trainer:
     def __init__(self, config: TrainConfig, cluster: Cluster | None = None, data: DataBundle | None = None,
                  callbacks: list[Callable[[Trainer], None]] | None = None) -> None:
         cfg = config
-        ckpt = checkpoint.load(cfg.resume) if cfg.resume else None
-        if ckpt is not None:
-            _check_resumable(cfg, TrainConfig.from_dict(ckpt.meta["config"]))
+        ckpt = None
+        if cfg.resume:  # an untrusted input: verified, then every field checked; it chooses no path
+            found = checkpoint.find(cfg.resume)
+            ckpt = checkpoint.load(found)
+            _check_resumable(cfg, TrainConfig.from_checkpoint(ckpt.meta["config"]))
+            if cfg.run_dir is None:  # where the user pointed: the directory resumed from
+                run_dir, ckpt_dir = checkpoint.resume_dirs(cfg.resume)
+                cfg.run_dir = run_dir and str(run_dir)
+                cfg.checkpoint_dir = cfg.checkpoint_dir or (ckpt_dir and str(ckpt_dir))
         cfg.validate()
         self.code = cfg.make_code()
         self.dtype = DTYPES[cfg.dtype]
@@ -196,6 +247,13 @@ class Trainer:
                                  seed=cfg.seed, dtype=self.dtype)
         self.task = task_of(self.model)  # what the output scores: the loss and metrics follow it
         resolve_plan(self.model, cfg.plan, cfg.min_features)  # a bad plan fails before any worker starts
+        self.data_summary = {"n_train": self.data.n_train, "n_test": self.data.n_test,
+                             "in_shape": list(self.data.in_shape), "num_classes": self.data.num_classes,
+                             "mean": self.data.mean, "std": self.data.std}
+        if ckpt is not None:
+            self._check_checkpoint(ckpt)
+        self.run_id = ckpt.meta["run_id"] if ckpt is not None else uuid.uuid4().hex
+        self._claim_outputs(resumed=ckpt is not None)  # before any worker starts
         self.cluster = cluster if cluster is not None else make_cluster(cfg)
         try:
             parallelize(self.model, self.code, self.cluster, plan=cfg.plan, scheme=cfg.scheme,
@@ -211,37 +269,99 @@ class Trainer:
                 self.cluster.close()
             raise
         self._own_cluster = cluster is None
-        self.run = RunDir(cfg.run_dir) if cfg.run_dir else None
+        self.resumed_from = None if ckpt is None else dict(ckpt.position)
         self.callbacks = list(callbacks or [])
         self.history: list[dict[str, Any]] = []
         self.epochs: list[dict[str, Any]] = []
         self.last_checkpoint: Path | None = None
         self._checkpoint_iteration = -1
         self._stop_requested = False
+        self.stop_signal: int | None = None  # SIGINT or SIGTERM, when one stopped the run
+        self.ending = ""  # how an interrupted or failed run ended: where its checkpoint is
+        self._in_step = False
         self._exhausted_saved = False
+
+    def _check_checkpoint(self, ckpt: checkpoint.Checkpoint) -> None:
+        """Every tensor and field of ``ckpt`` against this model, optimizer, data and config."""
+        cfg = self.cfg
+        template = checkpoint.Checkpoint(
+            model={k: v.detach() for k, v in self.model.state_dict().items()}, rng=torch.get_rng_state(),
+            optim={name: p.detach() for name, p in self.model.named_parameters() if p.requires_grad},
+            meta={"data": to_jsonable(self.data_summary)}, columns=ckpt.columns)  # columns: in _restore
+        checkpoint.check(ckpt, template, self.steps_per_epoch, cfg.optim.name, cfg.optim.momentum)
+
+    def _claim_outputs(self, resumed: bool) -> None:
+        """Check (and claim) the run and checkpoint directories: sazd writes only where it may."""
+        cfg = self.cfg
+        run_dir, ckpt = (Path(p) if p else None for p in (cfg.run_dir, cfg.checkpoint_path))
+        if ckpt is not None:
+            near = run_dir is not None and (ckpt.resolve() == run_dir.resolve() or (run_dir.resolve()
+                                           in ckpt.resolve().parents and ckpt.name in WRITTEN
+                                           and ckpt.parent.resolve() == run_dir.resolve()))
+            if near or (run_dir is not None and ckpt.resolve() in run_dir.resolve().parents):
+                raise ValueError(f"--checkpoint-dir {ckpt} would overwrite the run directory {run_dir} or "
+                                 "its files; leave --checkpoint-dir out (default RUN_DIR/checkpoint) or "
+                                 "choose a directory outside the run directory")
+        if run_dir is not None:
+            RunDir.check(run_dir, self.run_id, resume=resumed, overwrite=cfg.overwrite)
+        if ckpt is not None:
+            for path in (ckpt, ckpt.with_name(ckpt.name + ".tmp"), ckpt.with_name(ckpt.name + ".old")):
+                checkpoint.check_owned(path, None if cfg.overwrite else self.run_id)
+            check_writable(ckpt, "--checkpoint-dir")
+        # checked: now claim them (with --overwrite, an earlier run's files go: only those sazd wrote)
+        self.run = RunDir(run_dir, self.run_id, resume=resumed, overwrite=cfg.overwrite) if run_dir else None
+        if ckpt is not None and cfg.overwrite:
+            checkpoint.remove(ckpt)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
-        """Run the remaining epochs; returns the report (also written to the run directory)."""
+        """Run the remaining epochs; returns the report (also written to the run directory).
+
+        However the run ends (done, SIGINT/SIGTERM, workers lost, any error) it leaves a checkpoint
+        (of the weights now if they can still be decoded and the state is between iterations, else the
+        latest one; ``self.ending`` says which) and a report in the run directory."""
         cfg = self.cfg
         if self.run is not None:
             self.run.write_config(cfg.to_dict())
+            if self.resumed_from is not None:
+                self.run.log({"kind": "resume", **self.resumed_from})
         try:
             with self._interrupt_guard():
+                if self.resumed_from is None and cfg.checkpoint_path is not None:
+                    self.save_checkpoint()  # iteration 0: even a run that fails at once can be resumed
                 self._loop()
-        except ClusterError as err:
-            where = self._emergency_checkpoint()
-            raise ClusterError(f"{err}. {where}") from err
-        except KeyboardInterrupt:
-            if cfg.checkpoint_path is not None and not self._stop_requested:
-                self._emergency_checkpoint()
+            if cfg.checkpoint_path is not None and self._checkpoint_iteration != self.position.iteration:
+                self.save_checkpoint()  # the end of the run, so it can be extended with --resume
+        except BaseException as err:
+            self.ending = self._emergency_checkpoint(err)
+            self._write_report(err)
+            if isinstance(err, ClusterError):
+                raise ClusterError(f"{err}. {self.ending}") from err
             raise
-        if cfg.checkpoint_every is not None and self._checkpoint_iteration != self.position.iteration:
-            self.save_checkpoint()  # the end of the run, so it can be extended with --resume
-        report = self.report()
+        return self._write_report(None)
+
+    def _write_report(self, error: BaseException | None) -> dict[str, Any]:
+        """The report, with how the run ended, into the run directory (best effort after an error)."""
+        try:
+            report = self.report()
+        except Exception:
+            if error is None:
+                raise
+            report = {"format": REPORT_FORMAT, "iterations": len(self.history),
+                      "position": dataclasses.asdict(self.position), "checkpoint": self.last_checkpoint}
+        status = ("completed" if error is None else
+                  "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
+        report.update(status=status, ending=self.ending)
+        if error is not None:
+            report["error"] = f"{type(error).__name__}: {' '.join(str(error).split())}"
+            report["traceback"] = "".join(traceback.format_exception(error))
         if self.run is not None:
-            self.run.write_report(report)
-            self.run.plot()
+            try:
+                self.run.write_report(report)
+                self.run.plot()
+            except Exception:
+                if error is None:
+                    raise
         return report
 
     def _loop(self) -> None:
@@ -253,7 +373,9 @@ class Trainer:
                            disable=None if cfg.show_progress is None else not cfg.show_progress)
             with bar:
                 for xb, yb in bar:
+                    self._in_step = True  # an error from here to the update's end may leave it half applied
                     rec = self.step(xb, yb)
+                    self._in_step = False
                     bar.set_postfix(loss=rec["loss"], acc=rec["accuracy"], iter_s=rec["iteration_s"])
                     self._after_iteration()
                     if self._done():
@@ -323,9 +445,7 @@ class Trainer:
         for callback in self.callbacks:
             callback(self)
         if self._stop_requested:
-            if self.cfg.checkpoint_path is not None:
-                self.save_checkpoint()
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt  # train() saves the checkpoint
 
     def _end_epoch(self) -> None:
         pos = self.position
@@ -373,12 +493,15 @@ class Trainer:
         path = Path(path) if path is not None else self.cfg.checkpoint_path
         if path is None:
             raise ValueError("no checkpoint directory: set run_dir or checkpoint_dir")
-        state = self.maintainer.state()  # one round of the workers decodes everything
+        schedule = self.cluster.schedule_state()
+        state = self.maintainer.state(blocks=True)  # one round of the workers: blocks and decoded state
         optim_tensors, optim_meta = self.opt.plain_state(state.momentum)
-        meta = {"position": dataclasses.asdict(self.position), "optim": optim_meta,
-                "config": self.cfg.to_dict(), "code": repr(self.code)}
+        meta = {"run_id": self.run_id, "position": dataclasses.asdict(self.position), "optim": optim_meta,
+                "config": to_jsonable(self.cfg.to_dict()), "code": repr(self.code),
+                "data": to_jsonable(self.data_summary), "schedule": schedule}
         ckpt = checkpoint.Checkpoint(model=state.model, optim=optim_tensors, meta=meta,
-                                     rng=torch.get_rng_state(), columns=state.columns)
+                                     rng=torch.get_rng_state(), columns=state.columns, coded=state.blocks)
+        self.cluster.load_schedule_state(schedule)  # saving's own rounds leave no trace in the schedule
         self.last_checkpoint = checkpoint.save(path, ckpt)
         self._checkpoint_iteration = self.position.iteration
         if self.run is not None:
@@ -386,52 +509,100 @@ class Trainer:
         return self.last_checkpoint
 
     def _restore(self, ckpt: checkpoint.Checkpoint) -> None:
-        coded = {f"{layer.name}.weight" for layer in coded_layers(self.model)}
+        """Load a checkpoint that ``_check_checkpoint`` accepted: weights, optimizer, RNG, position and
+        the cluster's schedule (latency models and faults continue where they were)."""
+        layers = coded_layers(self.model)
+        coded = {f"{layer.name}.weight" for layer in layers}
         momentum = {key.split("/")[0]: t for key, t in ckpt.optim.items()
                     if key.split("/")[0] in coded and key.endswith("/momentum_buffer")}
-        if not self.ctx.scheme.decodes_weight:
+        columns = {}
+        if self.ctx.scheme.decodes_weight:
+            for layer in layers:
+                col = layer.keys[1]
+                columns[col] = layer.matrices(torch.zeros(layer.weight_shape, dtype=self.dtype))[col]
+                if momentum:
+                    columns[f"{col}/momentum_buffer"] = columns[col]
+        else:
             momentum = {}  # naive: the torch optimizer holds the momentum
-        try:
-            self.maintainer.load_state(CodedState(ckpt.model, momentum, ckpt.columns))
-        except ValueError as err:
-            raise checkpoint.CheckpointError(f"the checkpoint does not fit the model: {err}") from err
+        checkpoint.check_tensors("columns", ckpt.columns, columns)
+        self.maintainer.load_state(CodedState(ckpt.model, momentum, ckpt.columns))
         self.opt.load_master_state(ckpt.optim, ckpt.meta["optim"])
-        if ckpt.rng is not None:
-            torch.set_rng_state(ckpt.rng)
+        torch.set_rng_state(ckpt.rng)
         self.position = Position(**ckpt.meta["position"])
-
-    def _emergency_checkpoint(self) -> str:
-        """Save a checkpoint if weights can still be read; say where the latest one is."""
-        if self.cfg.checkpoint_path is None:
-            return "No checkpoint directory was set (use --run-dir or --checkpoint-every to get one)."
         try:
+            schedule = ckpt.meta["schedule"]
+            self.cluster.load_schedule_state(schedule)
+        except ValueError as err:
+            raise checkpoint.CheckpointError(f"checkpoint field {err}") from None
+        self._load_coded(ckpt.coded, [j for j in range(self.code.n) if j not in schedule["dead"]])
+        if not self.code.can_decode(self.cluster.alive()):  # lost past decoding when it was saved:
+            state = self.cluster.schedule_state()  # those workers come back as fresh ones, weights shipped
+            for j in state["dead"]:
+                self.cluster.respawn(j)
+                state["incarnation"][j], state["tasks"][j] = state["incarnation"][j] + 1, 0
+            load_weights(self.model, ckpt.model, momentum or None, columns=ckpt.columns or None)
+            self._load_coded(ckpt.coded, [j for j in range(self.code.n) if j not in state["dead"]])
+            self.cluster.load_schedule_state({**state, "dead": []})
+        else:
+            self.cluster.load_schedule_state(schedule)  # the loads above leave no trace in the schedule
+
+    def _load_coded(self, coded: dict[str, Tensor], workers: list[int]) -> None:
+        """DEU: give ``workers`` (those alive when the checkpoint was saved) their coded blocks exactly
+        as saved, after checking them against the blocks just encoded (names, shapes, dtypes)."""
+        if not self.ctx.scheme.decodes_weight:
+            checkpoint.check_tensors("coded", coded, {})
+            return
+        states = self.cluster.wait_all(self.cluster.submit("state", (None,), workers))
+        want = {f"{j}/{key}{suffix}": t for j in workers for key, t in states[j]["weights"].items()
+                for suffix in ("", "/momentum_buffer") if not suffix or f"{j}/{key}{suffix}" in coded}
+        checkpoint.check_tensors("coded", coded, want)  # momentum only where a worker had one
+        args = {j: ({key: coded[f"{j}/{key}"] for key in states[j]["weights"]},
+                    {key: coded[f"{j}/{key}/momentum_buffer"] for key in states[j]["weights"]
+                     if f"{j}/{key}/momentum_buffer" in coded}) for j in workers}
+        self.cluster.wait_all(self.cluster.submit("load", args, workers))
+
+    def _emergency_checkpoint(self, err: BaseException) -> str:
+        """Save a checkpoint if the weights can still be decoded and no update was half applied (a
+        worker failure inside a step comes from its rounds, before the update); say where the latest
+        checkpoint is."""
+        path = self.cfg.checkpoint_path
+        if path is None:
+            return "No checkpoint directory was set (use --run-dir or --checkpoint-dir to get one)."
+        if self._checkpoint_iteration == self.position.iteration:
+            return (f"Checkpoint of iteration {self._checkpoint_iteration} in {path}; resume with --resume "
+                    f"{path}.")
+        try:
+            if self._in_step and not isinstance(err, ClusterError | DecodeError):
+                raise RuntimeError("stopped inside an iteration")
             self.save_checkpoint()
-        except (ClusterError, DecodeError, ValueError) as err:
+        except Exception as exc:
+            why = " ".join(str(exc).split())
             if self.last_checkpoint is None:
-                return f"Could not save a checkpoint ({err}) and none was saved earlier."
-            return (f"Could not save a checkpoint now ({err}); the latest one can be resumed with "
-                    f"--resume {self.last_checkpoint}.")
-        return (f"Saved a checkpoint at iteration {self.position.iteration} to {self.last_checkpoint}; "
-                f"resume with --resume {self.last_checkpoint}.")
+                return f"Could not save a checkpoint ({why}) and none was saved earlier."
+            return (f"Could not save a checkpoint now ({why}); the latest one (iteration "
+                    f"{self._checkpoint_iteration}) can be resumed with --resume {self.last_checkpoint}.")
+        return (f"Saved a checkpoint at iteration {self.position.iteration} to {path}; resume with "
+                f"--resume {path}.")
 
     @contextlib.contextmanager
     def _interrupt_guard(self) -> Iterator[None]:
-        """With checkpoints on, Ctrl-C finishes the current iteration, saves, then stops (a second
-        Ctrl-C stops at once)."""
-        if self.cfg.checkpoint_path is None or threading.current_thread() is not threading.main_thread():
+        """SIGINT (Ctrl-C) or SIGTERM finishes the current iteration, then stops with a checkpoint
+        (a second signal stops at once, with the latest checkpoint)."""
+        if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def handler(signum, frame):
             if self._stop_requested:
                 raise KeyboardInterrupt
-            self._stop_requested = True
+            self._stop_requested, self.stop_signal = True, signum
 
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
     # ---------------------------------------------------------------- report
     def report(self) -> dict[str, Any]:
@@ -449,6 +620,8 @@ class Trainer:
         to_w, from_w = sum(r["bytes_to_workers"] for r in iters), sum(r["bytes_from_workers"] for r in iters)
         formula = {s: predicted_traffic(self.model, scheme=s) for s in SCHEMES} if iters else {}
         return {
+            "format": REPORT_FORMAT,
+            "status": "completed",
             "test_accuracy": test_acc,
             "test_loss": test_loss,
             **self.task.metrics(test_loss, "test_"),

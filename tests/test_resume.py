@@ -1,0 +1,256 @@
+"""Every way a run ends leaves it resumable, and resuming continues bit for bit: with every latency
+model, straggler setting and fault schedule (the cluster's schedule is part of the checkpoint), after
+SIGINT/SIGTERM, an error or lost workers; and a crash at any step of a save keeps a loadable one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from _support import digits_config
+from sazd.parallel import plain_state_dict
+from sazd.runtime.cluster import ClusterError
+from sazd.train import checkpoint, cli
+from sazd.train.optim import OptimConfig
+from sazd.train.trainer import Trainer
+
+SGD = OptimConfig(lr=0.1, momentum=0.9, nesterov=True)
+# A long constant task time: the simulated schedule (who answers first) does not depend on how long the
+# master's own work took in wall time, so two runs compare bit for bit.
+BASE = dict(optim=SGD, epochs=1, max_steps=12, base_time_s=1000.0)
+
+
+def config(**kw):
+    return digits_config(**{**BASE, **kw})
+
+
+def train(cfg, digits, callbacks=None):
+    with Trainer(cfg, data=digits, callbacks=callbacks) as tr:
+        report = tr.train()
+        return plain_state_dict(tr.model), report, tr
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name, tensor in a.items():
+        assert torch.equal(b[name], tensor), name
+
+
+SCHEDULES = {
+    "fixed stragglers": dict(stragglers=2, straggler_delay=5.0),
+    "shifted exponential": dict(latency="shiftexp:1.0", code_options={"systematic": False}),
+    "dead worker fault, repaired": dict(latency="dead:1:7"),
+    "all at once, with a network": dict(latency="shiftexp:2.0:1.5+dead:4:9", stragglers=1, network_gbps=1.0),
+    "naive, stragglers": dict(scheme="naive", stragglers=2),
+}
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_resume_is_bit_identical_with_every_latency_model_and_fault(schedule, digits, tmp_path):
+    kw = SCHEDULES[schedule]
+    whole, report, uninterrupted = train(config(**kw), digits)
+    _, first, _ = train(config(**kw, max_steps=5, run_dir=str(tmp_path / "a")), digits)
+    resumed, second, tr = train(config(**kw, resume=str(tmp_path / "a")), digits)
+    assert tr.position.iteration == 12
+    assert_same_weights(whole, resumed)
+    # the same schedule: the same simulated iteration times and the same decoding work, and a fault
+    # fires once in all, not again after the resume
+    for key in (
+        "iteration_s",
+        "rows_decoded",
+        "bytes_to_workers",
+    ):  # (times: to the master's wall-time noise)
+        assert [round(r[key]) for r in tr.history] == [round(r[key]) for r in uninterrupted.history[5:]], key
+    assert len(first["repairs"]) + len(second["repairs"]) == len(report["repairs"])
+    if "dead" in kw.get("latency", ""):
+        assert report["repairs"], "the fault was injected"
+
+
+class Crash(Exception):
+    pass
+
+
+STEPS = ("_mkdir", "_write", "_fsync", "_rename", "_remove")
+
+
+def test_a_crash_at_any_step_of_a_save_leaves_a_loadable_checkpoint(tmp_path, monkeypatch):
+    def ckpt(value: float) -> checkpoint.Checkpoint:
+        meta = {"run_id": "r1", "position": {"epoch": 0, "batch": int(value), "iteration": int(value)}}
+        return checkpoint.Checkpoint(
+            model={"w": torch.full((3, 2), value)}, optim={}, meta=meta, rng=torch.zeros(4, dtype=torch.uint8)
+        )
+
+    def counting(fail_at: int | None) -> list[str]:
+        calls: list[str] = []
+        for name in STEPS:
+            real = getattr(checkpoint, name)
+
+            def step(*args, _real=real, _name=name):
+                calls.append(_name)
+                if len(calls) - 1 == fail_at:
+                    raise Crash(_name)
+                return _real(*args)
+
+            monkeypatch.setattr(checkpoint, name, step)
+        return calls
+
+    def loadable(path: Path) -> float:
+        found = checkpoint.find(path)
+        checkpoint._verify(found)
+        from safetensors.torch import load_file
+
+        return float(load_file(str(found / checkpoint.TENSORS))["model/w"][0, 0])
+
+    # how many file-system steps a replacing save takes
+    path = tmp_path / "probe" / "checkpoint"
+    checkpoint.save(path, ckpt(1.0))
+    calls = counting(None)
+    checkpoint.save(path, ckpt(2.0))
+    total = len(calls)
+    monkeypatch.undo()
+    assert total >= 12 and calls.count("_rename") == 2 and calls.count("_fsync") >= 5
+
+    for fail_at in range(total):
+        path = tmp_path / f"crash{fail_at}" / "checkpoint"
+        checkpoint.save(path, ckpt(1.0))
+        counting(fail_at)
+        with pytest.raises(Crash):
+            checkpoint.save(path, ckpt(2.0))
+        monkeypatch.undo()
+        assert loadable(path.parent) in (1.0, 2.0), fail_at  # the old or the new one, whole
+        checkpoint.save(path, ckpt(3.0))  # and the next save cleans up and succeeds
+        assert loadable(path.parent) == 3.0
+        assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint"]
+
+
+def test_sigterm_and_sigint_in_training_save_a_checkpoint_and_resume_exactly(digits, tmp_path):
+    whole, _, _ = train(config(), digits)
+    for sig, at in ((signal.SIGTERM, 3), (signal.SIGINT, 7)):
+
+        def send(tr, sig=sig, at=at):
+            if tr.position.iteration == at:
+                os.kill(os.getpid(), sig)
+
+        previous = signal.getsignal(signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):
+            train(config(run_dir=str(tmp_path / "run"), overwrite=sig == signal.SIGINT), digits, [send])
+        assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored
+        assert checkpoint.load(tmp_path / "run").position["iteration"] == at
+        report = json.loads((tmp_path / "run" / "report.json").read_text())
+        assert (
+            report["status"] == "interrupted"
+            and f"--resume {tmp_path / 'run' / 'checkpoint'}" in report["ending"]
+        )
+        resumed, _, _ = train(config(resume=str(tmp_path / "run")), digits)
+        assert_same_weights(whole, resumed)
+
+
+def test_an_error_after_training_began_leaves_a_checkpoint_and_a_report(digits, tmp_path):
+    whole, _, _ = train(config(), digits)
+
+    def boom(tr):
+        if tr.position.iteration == 6:
+            raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        train(config(run_dir=str(tmp_path / "run")), digits, [boom])
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["status"] == "failed" and "disk on fire" in report["error"]
+    assert "Saved a checkpoint at iteration 6" in report["ending"]
+    resumed, _, _ = train(config(resume=str(tmp_path / "run")), digits)
+    assert_same_weights(whole, resumed)
+
+
+@pytest.mark.parametrize("scheme", ["naive", "deu"])
+def test_losing_more_than_n_minus_k_without_checkpoint_every_still_resumes(scheme, digits, tmp_path):
+    """Three of six workers die at once and no --checkpoint-every was given: naive still holds the
+    weights and saves them at the failure; DEU's weights live on the workers, so the checkpoint of the
+    run's start remains. Either resumes, with the workers back, exactly like an uninterrupted run."""
+    whole, _, _ = train(config(scheme=scheme), digits)
+
+    def kill_three(tr):
+        if tr.position.iteration == 4:
+            for j in (0, 2, 5):
+                tr.cluster.kill(j)
+
+    with pytest.raises(ClusterError, match="workers alive") as info:
+        train(config(scheme=scheme, run_dir=str(tmp_path / "run"), repair=False), digits, [kill_three])
+    saved_at = {"naive": 4, "deu": 0}[scheme]
+    assert checkpoint.load(tmp_path / "run").position["iteration"] == saved_at
+    assert f"--resume {tmp_path / 'run' / 'checkpoint'}" in str(info.value)
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["status"] == "failed"
+    resumed, _, tr = train(config(scheme=scheme, resume=str(tmp_path / "run"), repair=False), digits)
+    assert_same_weights(whole, resumed)
+    assert tr.cluster.alive() == list(range(6))
+
+
+def test_cli_sigterm_exits_143_with_a_checkpoint_report_and_exact_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    flags = [
+        "--dataset",
+        "digits",
+        "--hidden",
+        "24,18",
+        "--min-features",
+        "8",
+        "--backend",
+        "inproc",
+        "--batch-size",
+        "64",
+        "--dtype",
+        "float64",
+        "--base-time",
+        "1000",
+        "--lr",
+        "0.1",
+        "--no-progress",
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sazd", "train", *flags, "--epochs", "50", "--run-dir", str(run_dir)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and '"kind": "iteration"' in metrics.read_text():
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.count("\n") == 1 and "stopped by signal 15" in err and "--resume" in err, err
+    stopped = checkpoint.load(run_dir).position["iteration"]
+    assert stopped >= 1
+    assert json.loads((run_dir / "report.json").read_text())["status"] == "interrupted"
+
+    from sazd.cli import main
+
+    assert main(["train", "--resume", str(run_dir), "--max-steps", str(stopped + 3), "--no-progress"]) == 0
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(
+        [*flags, "--epochs", "50", "--max-steps", str(stopped + 3), "--run-dir", str(tmp_path / "whole")]
+    )
+    # the same settings, uninterrupted (the data loaded as the CLI loads it: pixel statistics summed
+    # with this process's thread count, like the resumed run's)
+    whole, _, _ = train(cli.config_from_args(args), None)
+    assert_same_weights(whole, checkpoint.load(run_dir).model)
