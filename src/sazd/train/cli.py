@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", default="fashion-mnist",
                    help="fashion-mnist, mnist, kmnist, digits, idx; text for gpt: pystdlib (Python's own "
                         "sources) or text (--data-dir DIR)")
-    g.add_argument("--data-dir", default=None, help="directory with the four IDX files")
+    g.add_argument("--data-dir", default=None, help="directory with the four IDX files (text: your files)")
     g.add_argument("--train-limit", type=int, default=None, help="use a seeded subset of N training samples")
     g.add_argument("--test-limit", type=int, default=None, help="use a seeded subset of N test samples")
     g.add_argument("--dtype", default="float32", choices=["float32", "float64"])
