@@ -7,7 +7,7 @@
   also in later calls while the master's tensor lives unmodified (``SentTensors``): a broadcast is
   stored once, and a round's X^T sent again to the workers the round skipped is not stored again.
 - ``first_k`` loops on ``ray.wait(num_returns=1)`` and checks each ready result: a dead actor's
-  result counts as ready (RAY-NOTES), so a ``RayActorError`` is an erasure and another answer is
+  result counts as ready (its ``ray.get`` raises), so a ``RayActorError`` is an erasure and another answer is
   awaited. Late results are never fetched, and queued actor calls are never cancelled (cancelling
   one breaks the actor): their references are simply dropped.
 - Calls to one actor run in submission order, so a slow actor applies every update in order. The
