@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
 
     g = parser.add_argument_group("code and scheme")
-    g.add_argument("--code", default="sazd", help="sazd, poly, gaussian, uncoded, replication (default sazd)")
+    g.add_argument("--code", default="sazd",
+                   help="sazd, cyclic, poly, gaussian, uncoded, replication (default sazd)")
     g.add_argument("--n", type=int, default=None, help="workers (default k+2; k for --code uncoded)")
     g.add_argument("--k", type=int, default=4, help="workers whose answers suffice (default 4)")
     g.add_argument("--non-systematic", action="store_true", help="sazd/poly: the non-systematic form")
