@@ -22,7 +22,7 @@ from sazd.bench import (
     pick_sets,
     stability,
 )
-from sazd.codes import SAZD, Poly
+from sazd.codes import SAZD, Cyclic, Poly
 from sazd.codes.base import Code
 
 
@@ -157,25 +157,47 @@ def test_codec_refuses_impossible_missing_count():
 
 
 # ------------------------------------------------------------------ design
+FAST = ["--samples", "4", "--bench-mb", "0.05", "--repeats", "1", "--json"]
+
+
 def test_design_recommends_a_unit_whose_measured_error_meets_the_bound(capsys):
-    argv = ["--n", "7", "--k", "4", "--rows", "64", "--units", "1,4", "--samples", "4", "--json"]
+    argv = ["--n", "7", "--k", "4", "--rows", "64", "--units", "1,4", "--families", "sazd", *FAST]
     assert design.run(parse(design, argv)) == 0
     report = json.loads(capsys.readouterr().out)
     assert [c["shift_unit"] for c in report["candidates"]] == [1, 4, "auto"]
-    best = next(c for c in report["candidates"] if c["shift_unit"] == report["recommended"])
+    best = next(c for c in report["candidates"] if c["design"] == report["recommended"])
     assert best["measured_error"] <= 1e-5 and best["meets"]
     meeting = [c for c in report["candidates"] if c["meets"]]
     assert best["overhead_rows"] == min(c["overhead_rows"] for c in meeting)
     code = SAZD(7, 4, shift_unit=best["shift_unit"])
     assert best["overhead_rows"] == code.overhead_rows(4 * 64)
-    assert all(c["predicted_error"] > 0 for c in report["candidates"])
+    assert all(c["predicted_error"] > 0 and c["decode_vs_clone"] > 0 for c in report["candidates"])
+
+
+def test_design_compares_every_family_and_recommends_the_cheapest_accurate_one(capsys):
+    # four parity workers: SAZD's irregular sets fail; the cyclic code meets 1e-5
+    argv = ["--n", "8", "--k", "4", "--rows", "40", "--units", "1", "--primes", "2", *FAST, "--samples", "70"]
+    design.run(parse(design, argv))
+    report = json.loads(capsys.readouterr().out)
+    families = [c["family"] for c in report["candidates"]]
+    assert families == ["sazd"] * 2 + ["cyclic"] * 3 + ["poly"] * 2 + ["gaussian"] * 2
+    assert [c["design"] for c in report["candidates"] if c["family"] == "cyclic"] == [
+        "cyclic:q=5", "cyclic:q=7", "cyclic:q=5,rows=consecutive"]
+    cyclic = report["candidates"][2]
+    assert cyclic["meets"] and cyclic["exhaustive"] and cyclic["sets_checked"] == math.comb(8, 4)
+    assert cyclic["overhead_rows"] == Cyclic(8, 4, q=5).overhead_rows(4 * 40) > 0
+    meeting = [c for c in report["candidates"] if c["meets"]]
+    best = next(c for c in meeting if c["design"] == report["recommended"])
+    assert best["overhead_pct"] <= min(c["overhead_pct"] for c in meeting) + 0.005
+    assert all(c["predicted_error"] is None for c in report["candidates"] if c["family"] != "sazd")
 
 
 def test_design_says_so_when_nothing_meets_the_bound(capsys):
-    argv = ["--n", "6", "--k", "4", "--rows", "32", "--units", "1", "--max-error", "1e-12", "--samples", "2"]
+    argv = ["--n", "6", "--k", "4", "--rows", "32", "--units", "1", "--max-error", "1e-12", "--samples", "2",
+            "--bench-mb", "0.05", "--repeats", "1", "--primes", "1"]  # fmt: skip
     assert design.run(parse(design, argv)) == 1
     out = capsys.readouterr().out
-    assert "no shift unit meets" in out
+    assert "no design meets" in out and "cyclic:q=5" in out and "gaussian:systematic=true" in out
 
 
 def test_design_refuses_bad_input():
@@ -183,6 +205,8 @@ def test_design_refuses_bad_input():
         design.evaluate(parse(design, ["--n", "4", "--k", "4", "--rows", "8"]))
     with pytest.raises(ValueError, match="--units"):
         design.evaluate(parse(design, ["--n", "6", "--k", "4", "--rows", "8", "--units", "1,x"]))
+    with pytest.raises(ValueError, match="--families"):
+        design.evaluate(parse(design, ["--n", "6", "--k", "4", "--rows", "8", "--families", "sazd,lt"]))
 
 
 def test_poly_is_a_code_the_commands_can_build():

@@ -231,7 +231,7 @@ def test_names_systematic_flags_and_repr():
 
 
 def test_get_code_builds_each_code_by_name():
-    assert set(CODE_NAMES) == {"sazd", "poly", "gaussian", "uncoded", "replication"}
+    assert set(CODE_NAMES) == {"sazd", "cyclic", "poly", "gaussian", "uncoded", "replication"}
     assert isinstance(get_code("sazd", 6, 4, shift_unit=2), SAZD)
     assert get_code("sazd", 6, 4, shift_unit=2).shift_unit == 2
     assert get_code("poly", 6, 4, nodes="chebyshev").nodes == "chebyshev"

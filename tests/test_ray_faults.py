@@ -5,9 +5,22 @@
   an undisturbed run ends (float64: weights to 1e-9, hence the same test accuracy).
 - More than n-k die: a ``ClusterError`` that says so and where the latest checkpoint is, never a hang;
   the checkpoint holds exactly the plain-PyTorch weights of its iteration.
+- Actors frozen with SIGSTOP: silent past the worker timeout, they are killed (no process left),
+  respawned and repaired; a checkpoint due meanwhile is written from the k live workers.
+- The Ray control plane killed mid-run, and a cluster address where nothing listens: one line, exit 1,
+  promptly, and no process of the run left.
+Faults are real signals to the PIDs of the actors and Ray processes the run started.
 """
 
 from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -33,11 +46,11 @@ def shared_cluster(ray_session):
 
     ``max_backlog=None``: a respawned actor queues its calls while its process starts, which on a
     loaded 2-core machine can take longer than 64 calls; the backlog rule would then kill the new actor
-    again (it has its own test in test_runtime_ray.py). ``timeout_s``: a lost answer becomes a
+    again (it has its own test in test_runtime_ray.py). ``worker_timeout_s``: a lost answer becomes a
     ClusterError well before pytest's timeout."""
     from sazd.runtime.ray_backend import RayCluster
 
-    cluster = RayCluster(N, timeout_s=60, max_backlog=None)
+    cluster = RayCluster(N, worker_timeout_s=60, max_backlog=None)
     yield cluster
     cluster.close()
 
@@ -60,15 +73,12 @@ def config(**kw) -> TrainConfig:
 
 
 def kill_behind_the_back(trainer: Trainer, workers: list[int]) -> None:
-    """``ray.kill`` the actors without telling the cluster, and wait until Ray reports them dead, so
-    the next round really meets dead actors."""
-    import ray
-    from ray._private import state
-
-    ids = [trainer.cluster.actors[j]._actor_id.hex() for j in workers]
-    for j in workers:
-        ray.kill(trainer.cluster.actors[j], no_restart=True)
-    assert wait_until(lambda: all(state.actors()[i]["State"] == "DEAD" for i in ids), timeout_s=30)
+    """SIGKILL the actors' processes without telling the cluster, and wait until they are gone, so the
+    next round really meets dead actors."""
+    pids = [trainer.cluster.pids()[j] for j in workers]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in pids), timeout_s=30)
 
 
 def at_iteration(t: int, action):
@@ -164,7 +174,7 @@ def test_killing_more_than_n_minus_k_at_once_is_a_clear_error_not_a_hang(scheme,
     cfg = config(scheme=scheme, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=5)
     kill_three = at_iteration(7, lambda tr: kill_behind_the_back(tr, [0, 2, 5]))
     with Trainer(cfg, cluster=cluster, data=digits, callbacks=[kill_three]) as tr, \
-            pytest.raises(ClusterError, match=r"needed 4 answers.*3 failed") as info:
+            pytest.raises(ClusterError, match=r"needed 4 answers.*3 of n=6 workers alive") as info:
         tr.train()
     saved_at = 5 if scheme == "deu" else 7
     message = str(info.value)
@@ -174,3 +184,137 @@ def test_killing_more_than_n_minus_k_at_once_is_a_clear_error_not_a_hang(scheme,
     saved = checkpoint.load(tmp_path / "ckpt")
     assert saved.position["iteration"] == saved_at
     assert relative_weight_error(saved.model, reference_run(cfg, tr.data, saved_at)) < 1e-9
+
+
+def test_frozen_actors_time_out_and_are_repaired_while_a_checkpoint_is_written(digits, tmp_path, cluster):
+    """n-k actors frozen (SIGSTOP) just before a due checkpoint: it is written from the k live workers;
+    the frozen ones are killed after the worker timeout, respawned and repaired; the run ends where an
+    undisturbed run ends."""
+    frozen: list[int] = []
+
+    def freeze(tr: Trainer) -> None:
+        frozen.extend(tr.cluster.pids()[j] for j in (1, 4))
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+
+    cfg = config(scheme="deu", max_steps=12, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=5)
+    cluster.worker_timeout_s = 2.0
+    pause = at_iteration(6, lambda tr: time.sleep(2.5))  # silence past the timeout, however fast the rounds
+    try:
+        with Trainer(cfg, cluster=cluster, data=digits, callbacks=[at_iteration(4, freeze), pause]) as tr:
+            report = tr.train()
+            err = relative_weight_error(plain_state_dict(tr.model), reference_run(cfg, tr.data, 12))
+    finally:
+        cluster.worker_timeout_s = 60.0
+    assert report["iterations"] == 12 and err < 1e-9
+    assert sorted(r["worker"] for r in report["repairs"]) == [1, 4]
+    assert report["cluster"]["timeouts"] == 2
+    saved = checkpoint.load(tmp_path / "ckpt")
+    assert saved.position["iteration"] == 12  # 5 and 10 were due; the end of the run saved the last
+    assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in frozen), timeout_s=10)
+    table = {row["worker"]: row for row in report["worker_latency"]}
+    assert table[1]["respawns"] == table[4]["respawns"] == 1 and table[0]["respawns"] == 0
+    assert table[1]["failed"] + table[1]["late"] + table[1]["skipped"] >= 1
+
+
+def test_freezing_more_than_n_minus_k_is_a_clear_error_within_the_timeout(digits, tmp_path, cluster):
+    frozen: list[int] = []
+
+    def freeze(tr: Trainer) -> None:
+        frozen.extend(tr.cluster.pids()[j] for j in (0, 2, 5))
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+
+    cfg = config(scheme="deu", max_steps=12)
+    cluster.worker_timeout_s = 3.0
+    try:
+        with Trainer(cfg, cluster=cluster, data=digits, callbacks=[at_iteration(3, freeze)]) as tr:
+            start = time.monotonic()
+            with pytest.raises(ClusterError, match=r"needed 4 answers.*3 of n=6 workers alive"):
+                tr.train()
+            assert time.monotonic() - start < 60  # bounded: not a hang
+    finally:
+        cluster.worker_timeout_s = 60.0
+    assert tr.cluster.counters.timeouts == 3
+    assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in frozen), timeout_s=10)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sazd(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    return subprocess.Popen([sys.executable, "-m", "sazd", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_an_address_where_no_cluster_answers_fails_fast_with_one_line(tmp_path):
+    start = time.monotonic()
+    proc = sazd("train", "--dataset", "digits", "--address", f"127.0.0.1:{free_port()}", "--run-dir",
+                str(tmp_path / "run"))
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - start < 30
+    assert proc.returncode == 1
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1
+    assert lines[0].startswith("sazd train: failed: no Ray cluster answers at 127.0.0.1:")
+
+
+def descendants(pid: int) -> set[int]:
+    """PIDs of every process below ``pid`` (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def process_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def test_losing_the_ray_control_plane_is_one_line_and_leaves_no_process(tmp_path):
+    """The run starts its own Ray; its GCS is killed mid-run: exit 1 with one line soon after, and every
+    process the run started is gone."""
+    run = tmp_path / "run"
+    proc = sazd("train", "--dataset", "digits", "--n", "3", "--k", "2", "--epochs", "100",
+                "--max-steps", "2000", "--run-dir", str(run), "--no-progress")
+    seen: set[int] = set()
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not (run / "metrics.jsonl").exists():
+            seen |= descendants(proc.pid)
+            time.sleep(0.2)
+        assert (run / "metrics.jsonl").exists(), "training did not start"
+        seen |= descendants(proc.pid)
+        gcs = [pid for pid in seen if process_name(pid) == "gcs_server"]
+        assert len(gcs) == 1
+        os.kill(gcs[0], signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = proc.communicate(timeout=55)  # Ray itself would abort the process after 60 s
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert time.monotonic() - killed < 55
+    assert proc.returncode == 1
+    lines = [line for line in err.splitlines() if line.startswith("sazd train")]
+    assert len(lines) == 1 and "gcs_server" in lines[0], err[-2000:]
+    assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in seen), timeout_s=10), \
+        [(pid, process_name(pid)) for pid in seen if os.path.exists(f"/proc/{pid}")]

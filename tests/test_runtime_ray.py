@@ -12,13 +12,13 @@ from sazd.runtime import ClusterError, FixedStragglers, SGDStep, make_cluster
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 N, K, ROWS, COLS, BATCH = 6, 4, 512, 512, 128
-SLOW = 1000.0  # a slow actor sleeps 999x its compute time per call
+SLOW = 5000.0  # a slow actor sleeps 4999x its compute time per call
 
 
 @pytest.fixture(scope="module")
 def cluster(ray_session):
     # worker 0 is slowed by the latency model, worker 1 by set_delay in the first test
-    cluster = make_cluster("ray", N, timeout_s=60, latency=FixedStragglers([0], factor=SLOW))
+    cluster = make_cluster("ray", N, worker_timeout_s=60, latency=FixedStragglers([0], factor=SLOW))
     yield cluster
     cluster.close()
 
@@ -127,12 +127,77 @@ def test_backlog_over_limit_kills_the_actor(cluster, blocks):
         cluster.max_backlog = 64
 
 
+def live(cluster, workers: list[int]) -> None:
+    for j in workers:
+        if j not in cluster.alive():
+            cluster.respawn(j)
+
+
+@pytest.mark.parametrize("backend", ["inproc", "ray"])
+def test_worker_errors_reach_the_master_naming_worker_and_method(backend, cluster):
+    """A fire-and-forget load that fails on one worker (nobody fetches its result) makes that worker an
+    erasure by the next round, recorded with worker and method; a call every worker fails raises the
+    workers' own exception type, with worker and method in a note."""
+    c = cluster if backend == "ray" else make_cluster("inproc", N)
+    live(c, [2, 3, 4])
+    before = len(c.counters.worker_errors)
+    block = torch.eye(4)
+    c.submit("load", {2: ({"e": block},), 3: ("not a dict of blocks",), 4: ({"e": block},)}, [2, 3, 4])
+    got = c.wait_all(c.submit("ping", (), [2, 3, 4]))  # the next round: 3's answer is not taken
+    assert sorted(got) == [2, 4] and 3 not in c.alive()
+    x = torch.ones(4, 1)
+    error = c.counters.worker_errors[before]
+    assert (error["worker"], error["method"]) == (3, "load") and "AttributeError" in error["error"]
+    with pytest.raises(KeyError, match="holds no block 'nope'") as info:
+        c.first_k(c.submit("matmul", ("nope", x), [2, 4]), 1)
+    assert any("worker" in note and "'matmul'" in note for note in info.value.__notes__)
+    assert 2 in c.alive() and 4 in c.alive()  # the call was wrong, not the workers
+    live(c, [3])
+
+
+def test_a_frozen_worker_times_out_and_the_round_goes_on(cluster, blocks):
+    """SIGSTOP on an actor's process: after worker_timeout_s it is killed (an erasure, its process gone)
+    and the round completes with the others."""
+    import signal
+
+    from sazd.runtime.ray_backend import wait_until
+
+    live(cluster, [2, 3, 4, 5])
+    for j in (2, 3, 4, 5):
+        cluster.wait_all(cluster.submit("load", ({"w": blocks[j]},), [j]))
+    pid = cluster.pids()[5]
+    cluster.worker_timeout_s = 2.0
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        x = torch.randn(COLS, BATCH)
+        got = cluster.first_k(cluster.submit("matmul", ("w", x), [2, 3, 4, 5]), 3)  # 5 may be among them
+        got = cluster.first_k(cluster.submit("matmul", ("w", x), [2, 3, 4, 5]), 4)
+    except ClusterError as err:
+        assert "needed 4 answers" in str(err) and "(1 failed)" in str(err)
+    else:
+        raise AssertionError(f"a frozen worker answered: {sorted(got)}")
+    finally:
+        cluster.worker_timeout_s = 60.0
+    assert 5 not in cluster.alive() and cluster.counters.timeouts >= 1
+    assert wait_until(lambda: not os.path.exists(f"/proc/{pid}"), timeout_s=20)
+    live(cluster, [5])
+    cluster.wait_all(cluster.submit("load", ({"w": blocks[5]},), [5]))
+    assert cluster.pids()[5] != pid
+
+
+def test_workers_report_where_they_run(cluster, ray_session):
+    infos = cluster.workers_info()
+    node_ids = {node["NodeID"] for node in ray_session.nodes() if node["Alive"]}
+    assert [w["index"] for w in infos] == list(range(N))
+    assert all(w["node_id"] in node_ids and w["device"] == "cpu" and w["node_ip"] for w in infos)
+
+
 def test_too_many_dead_is_a_clear_error_not_a_hang(cluster, ray_session):
     for j in (0, 1, 2):
         ray_session.kill(cluster.actors[j], no_restart=True)
-    with pytest.raises(ClusterError, match=r"needed 4 answers.*3 failed.*2 of n=6 workers alive"):
+    with pytest.raises(ClusterError, match=r"needed 4 answers.*failed.*3 of n=6 workers alive"):
         cluster.first_k(cluster.submit("matmul", ("w", torch.ones(COLS, 1))), K)
-    assert cluster.alive() == [3, 4]
+    assert cluster.alive() == [3, 4, 5]
 
 
 def test_asking_for_missing_gpus_is_a_clear_error(ray_session):
@@ -155,3 +220,40 @@ def test_close_leaves_no_actors_and_keeps_shared_ray(cluster, ray_session):
     assert ray_session.is_initialized()  # the session's Ray was reused, not shut down
     with pytest.raises(ClusterError, match="closed"):
         cluster.submit("ping", ())
+
+
+def test_inproc_worker_timeout_acts_on_the_simulated_clock():
+    """Parity with Ray: a worker busy with one call longer than worker_timeout_s (simulated) is killed
+    at that moment, whether the round needs it (then the round fails) or not (then it is late, and the
+    next look at the cluster after the timeout kills it)."""
+    c = make_cluster("inproc", N, latency=FixedStragglers([0], factor=100), base_time_s=0.01,
+                     worker_timeout_s=0.5)
+    c.wait_all(c.submit("load", ({"w": torch.eye(2)},)))
+    x = torch.ones(2, 1)
+    got = c.first_k(c.submit("matmul", ("w", x)), N - 1)
+    assert 0 not in got and c.counters.timeouts == 0  # late, not yet silent for 0.5 s
+    c.note_master_time(0.6)
+    assert 0 not in c.ready_workers(K) and c.counters.timeouts == 1
+    c.respawn(0)
+    c.wait_all(c.submit("load", ({"w": torch.eye(2)},), [0]))
+    with pytest.raises(ClusterError, match=r"needed 6 answers.*\(1 failed\)"):
+        c.first_k(c.submit("matmul", ("w", x)), N)
+    assert c.counters.timeouts == 2
+    [row] = [r for r in c.counters.responses.summary(N, c.counters.respawned) if r["worker"] == 0]
+    assert row["late"] == 1 and row["failed"] == 1 and row["respawns"] == 1 and row["answered"] == 0
+
+
+def test_a_run_reports_workers_and_their_answer_times(digits, tmp_path):
+    from _support import digits_config
+    from sazd.train.trainer import Trainer
+
+    cfg = digits_config(max_steps=4, stragglers=1, run_dir=str(tmp_path / "run"))
+    with Trainer(cfg, data=digits) as tr:
+        report = tr.train()
+    assert [w["index"] for w in report["workers"]] == list(range(cfg.n))
+    rows = {r["worker"]: r for r in report["worker_latency"]}
+    totals = {sum(r[key] for key in ("answered", "late", "skipped", "failed")) for r in rows.values()}
+    assert len(totals) == 1 and totals.pop() > 0  # every worker has one entry per compute round
+    assert rows[0]["answered"] == 0  # the straggler's answers are never among the first k
+    assert all(rows[j]["answered"] > 0 and rows[j]["median_s"] > 0 for j in (1, 2, 3, 4))
+    assert (tmp_path / "run" / "latency.png").stat().st_size > 1000

@@ -24,6 +24,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "stability"): ("sazd.bench.stability", "worst-case decode error of every code"),
     ("bench", "codec"): ("sazd.bench.codec", "encode/decode throughput vs a plain clone()"),
     ("bench", "train"): ("sazd.bench.train", "iteration time and bytes of naive vs DEU training"),
+    ("bench", "runtime"): ("sazd.bench.runtime", "sazd's Ray runtime vs bare Ray, side by side"),
 }
 
 

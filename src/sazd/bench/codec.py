@@ -21,7 +21,7 @@ from typing import Any
 
 from sazd.bench import CodeSpec, dtype_label, int_list, machine_info, parse_code_spec, parse_dtype
 
-DEFAULT_CODES = ("sazd", "poly", "poly:nodes=chebyshev", "poly:systematic=true", "gaussian")
+DEFAULT_CODES = ("sazd", "cyclic", "poly", "poly:nodes=chebyshev", "poly:systematic=true", "gaussian")
 QUICK = {"rows": 256, "cols": 32, "repeats": 3, "warmup": 1}
 
 

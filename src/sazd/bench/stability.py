@@ -38,9 +38,11 @@ DEFAULT_CODES = (
     "sazd:shift_unit=1",
     "sazd:shift_unit=16",
     "sazd:systematic=false",
+    "cyclic",
     "poly",
     "poly:nodes=chebyshev",
     "gaussian",
+    "gaussian:systematic=true",
 )
 QUICK = {"k": "2,4", "m": "1,2", "rows": "16,64", "samples": 8}
 FIELDS = (

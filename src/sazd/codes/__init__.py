@@ -24,6 +24,7 @@ from sazd.codes.base import (
     straggler_sets,
     warning_bound,
 )
+from sazd.codes.cyclic import Cyclic
 from sazd.codes.lc import GaussianMDS, LinearCode, Poly, Replication, Uncoded
 from sazd.codes.sazd import SAZD
 
@@ -33,6 +34,7 @@ __all__ = [
     "ArgumentTypeError",
     "Certificate",
     "Code",
+    "Cyclic",
     "DecodeError",
     "GaussianMDS",
     "LinearCode",
@@ -49,6 +51,7 @@ __all__ = [
 
 _CODES: dict[str, type[Code]] = {
     "sazd": SAZD,
+    "cyclic": Cyclic,
     "poly": Poly,
     "gaussian": GaussianMDS,
     "uncoded": Uncoded,
@@ -66,7 +69,7 @@ def code_options(name: str) -> tuple[str, ...]:
 def get_code(name: str, n: int, k: int, **opts: Any) -> Code:
     """Build a code by name: ``get_code("sazd", n=10, k=8, shift_unit=4)``.
 
-    Names: "sazd", "poly", "gaussian", "uncoded" (needs n == k), "replication".
+    Names: "sazd", "cyclic", "poly", "gaussian", "uncoded" (needs n == k), "replication".
     """
     cls = _code_class(name)
     allowed = code_options(name)

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import Tensor
 
+from sazd.runtime.responses import ResponseLog
 from sazd.runtime.worker import check_method
 
 
@@ -43,6 +44,11 @@ class Counters:
     sim_time_s: float = 0.0  # in-process backend only: simulated wall time of all rounds
     respawns: int = 0  # workers replaced by fresh ones (the master then repairs them)
     backlog_kills: int = 0  # workers declared dead because their queue of calls exceeded max_backlog
+    timeouts: int = 0  # workers declared dead because they were silent longer than the worker timeout
+    # calls that raised inside a worker: {"worker", "method", "error"}; each made its worker an erasure
+    worker_errors: list[dict[str, Any]] = field(default_factory=list)
+    respawned: dict[int, int] = field(default_factory=dict)  # worker -> times respawned
+    responses: ResponseLog = field(default_factory=ResponseLog)  # every compute round, every worker
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -57,7 +63,26 @@ class Counters:
             "sim_time_s": self.sim_time_s,
             "respawns": self.respawns,
             "backlog_kills": self.backlog_kills,
+            "timeouts": self.timeouts,
+            "worker_errors": len(self.worker_errors),
         }
+
+    def note_respawn(self, worker: int) -> None:
+        self.respawns += 1
+        self.respawned[worker] = self.respawned.get(worker, 0) + 1
+
+    def note_error(self, worker: int, method: str, err: BaseException) -> None:
+        """Record an exception raised by ``worker``'s call of ``method`` (the worker becomes an erasure)."""
+        self.worker_errors.append({"worker": worker, "method": method,
+                                   "error": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"})
+
+    def recent_errors(self, count: int = 3) -> str:
+        """The latest worker errors in one phrase ('' when none), for error messages."""
+        if not self.worker_errors:
+            return ""
+        shown = "; ".join(f"worker {e['worker']} {e['method']!r}: {e['error']}"
+                          for e in self.worker_errors[-count:])
+        return f"; worker errors: {shown}"
 
 
 def map_tensors(obj: Any, fn: Callable[[Any], Any], kind: type = Tensor) -> Any:
@@ -202,6 +227,12 @@ class Cluster(ABC):
     def describe(self) -> dict[str, Any]:
         """Backend and settings, for run reports."""
         return {"backend": type(self).__name__, "n": self.n}
+
+    def workers_info(self) -> list[dict[str, Any]]:
+        """Where each worker runs: ``{"index", "node_id", "node_ip", "device"}`` per worker index."""
+        device = str(getattr(self, "device", "cpu"))
+        return [{"index": j, "node_id": "in-process", "node_ip": None, "device": device}
+                for j in range(self.n)]
 
     def note_master_time(self, seconds: float) -> None:
         """Advance a simulated clock by ``seconds`` of master-side work (real backends: nothing to do,
@@ -361,7 +392,7 @@ class Cluster(ABC):
             self._out_free, self._in_free, self._busy_until, self._lag_until = out_free, in_free, busy, lag
 
             def call(j: int, t: float) -> SimpleNamespace:  # an unanswered call: its finish time matters
-                return SimpleNamespace(worker=j, finish=t, value=None, failed=False, out_bytes=0)
+                return SimpleNamespace(worker=j, finish=t, value=None, failed=False, out_bytes=0, start=t)
 
             queues = zip(self._pending, pending, strict=True)
             self._pending = [type(q)(call(j, t) for t in ts) for j, (q, ts) in enumerate(queues)]

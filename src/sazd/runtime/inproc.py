@@ -88,6 +88,7 @@ class _Call:
     value: Any = None
     failed: bool = False
     out_bytes: int = 0
+    start: float = 0.0  # simulated time the worker started it
 
 
 @dataclass
@@ -97,6 +98,7 @@ class InProcessRound(Round):
     calls: dict[int, _Call] = field(repr=False)
     cluster_id: int = 0
     gathered: bool = False
+    sent: float = 0.0  # simulated time of the submit
 
 
 class InProcessCluster(Cluster):
@@ -109,6 +111,12 @@ class InProcessCluster(Cluster):
     only grow); ``None`` disables the check.
     ``master_time``: how the master's own work reaches the clock, one of ``MASTER_TIME`` (see the
     module docstring); default ``"measured"``, or ``"explicit"`` with ``base_time_s``.
+    ``worker_timeout_s``: as on Ray, a worker busy with one call for longer than this (simulated time)
+    is silent: it is killed at that moment, an erasure; ``None``: no timeout.
+
+    An exception raised by a worker's call makes that worker an erasure (recorded in
+    ``counters.worker_errors``); when every worker a submit asks raises, the first exception propagates
+    with the worker and method in a note.
     """
 
     def __init__(
@@ -121,6 +129,8 @@ class InProcessCluster(Cluster):
         base_time_s: float | None = None,
         max_backlog: int | None = 64,
         master_time: str | None = None,
+        worker_timeout_s: float | None = None,
+        compute_dtype: str | None = None,
     ) -> None:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
@@ -139,11 +149,15 @@ class InProcessCluster(Cluster):
         self.latency = parse_latency(latency, seed).bind(n)
         self.bytes_per_s = None if network_gbps is None else network_gbps * 1e9 / 8
         self.base_time_s = base_time_s
+        if worker_timeout_s is not None and not worker_timeout_s > 0:
+            raise ValueError(f"worker_timeout_s must be > 0 seconds (or None), got {worker_timeout_s!r}")
         self.max_backlog = max_backlog
         self.master_time = master_time
         self._left_at: float | None = None  # perf_counter when the last timed call returned
+        self.worker_timeout_s = worker_timeout_s
+        self.compute_dtype = Worker.check_dtype(compute_dtype)
         self.counters = Counters()
-        self.workers: list[Worker] = [Worker(j, device) for j in range(n)]
+        self.workers: list[Worker] = [Worker(j, device, compute_dtype) for j in range(n)]
         self.clock = 0.0
         self._busy_until = [0.0] * n
         self._lag_until = [0.0] * n  # busy_until as of the last gather: unfinished *older* work
@@ -164,14 +178,25 @@ class InProcessCluster(Cluster):
         self._check_open()
         self._enforce_backlog()
         workers, per_worker, _ = self._prepare_submit(method, args, workers)
-        calls = {}
+        calls, raised = {}, []
         for j in workers:
             nbytes = tensor_bytes(per_worker[j])
             self.counters.bytes_to_workers += nbytes
             self.counters.calls += 1
-            calls[j] = self._execute(j, method, per_worker[j], arrive=self._send(nbytes))
+            try:
+                calls[j] = self._execute(j, method, per_worker[j], arrive=self._send(nbytes))
+            except Exception as err:
+                err.add_note(f"(in-process worker {j}, call {method!r})")
+                self.counters.note_error(j, method, err)
+                raised.append((j, err))
         self.counters.rounds += 1
-        return InProcessRound(method, list(workers), calls, id(self))
+        if raised and len(raised) == len(workers):  # the call itself is wrong: nobody is to blame
+            raise raised[0][1]
+        for j, _ in raised:  # a failure confined to some workers: erasures
+            self.kill(j)
+            calls[j] = _Call(j, self.clock, failed=True)
+            self.counters.failed_results += 1
+        return InProcessRound(method, list(workers), calls, id(self), sent=self.clock)
 
     @_master_clock
     def first_k(
@@ -182,21 +207,29 @@ class InProcessCluster(Cluster):
             raise ValueError(f"k must be an integer in 1..n={self.n}, got {k!r}")
         done = (lambda got: enough(got)) if enough is not None else (lambda got: len(got) >= k)
         got: dict[int, Any] = {}
-        for call in sorted(calls.values(), key=lambda c: (c.finish, c.worker)):
+        # a call silent past the worker timeout fails when the timeout expires (the worker is killed)
+        for call in sorted(calls.values(), key=lambda c: (self._answer_or_timeout(c), c.worker)):
             if call.failed:
+                continue
+            if self._answer_or_timeout(call) < call.finish:
+                self._advance(max(self.clock, self._answer_or_timeout(call)))
+                self._time_out(call.worker)
                 continue
             self._receive(call)
             got[call.worker] = call.value
             if done(got.keys()):
                 break
-        else:
-            failed = sum(c.failed for c in calls.values())
+        failed = {c.worker for c in calls.values() if c.failed}
+        late = [c for c in calls.values() if not c.failed and c.worker not in got]
+        self.counters.responses.record(self.n, round_.workers,
+                                       {j: calls[j].finish - round_.sent for j in got},
+                                       failed, {c.worker: c.finish - round_.sent for c in late})
+        if not done(got.keys()):
             raise ClusterError(
                 f"first_k({round_.method!r}): needed {k} answers{' that can decode' if enough else ''}, "
-                f"got {len(got)} from {len(calls)} workers asked ({failed} failed); "
-                f"{len(self.alive())} of n={self.n} workers alive"
+                f"got {len(got)} from {len(calls)} workers asked ({len(failed)} failed); "
+                f"{len(self.alive())} of n={self.n} workers alive{self.counters.recent_errors()}"
             )
-        late = [c for c in calls.values() if not c.failed and c.worker not in got]
         self.counters.late_results_discarded += len(late)
         self._mark_lagging()
         return got
@@ -250,12 +283,12 @@ class InProcessCluster(Cluster):
         self._check_workers([worker])
         if worker not in self._dead:
             self.kill(worker)
-        self.workers[worker] = Worker(worker, self.device)
+        self.workers[worker] = Worker(worker, self.device, self.compute_dtype)
         self._dead.discard(worker)
         self._busy_until[worker] = self._lag_until[worker] = self.clock
         self._tasks[worker] = 0
         self._incarnation[worker] += 1
-        self.counters.respawns += 1
+        self.counters.note_respawn(worker)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -266,6 +299,8 @@ class InProcessCluster(Cluster):
             "base_time_s": self.base_time_s,
             "master_time": self.master_time,
             "device": self.device,
+            "compute_dtype": self.compute_dtype,
+            "worker_timeout_s": self.worker_timeout_s,
         }
 
     def busy_until(self, worker: int) -> float:
@@ -288,11 +323,7 @@ class InProcessCluster(Cluster):
             return _Call(j, arrive, failed=True)
         start = max(arrive, self._busy_until[j])
         t0 = time.perf_counter()
-        try:
-            value = getattr(self.workers[j], method)(*args)
-        except Exception as err:
-            err.add_note(f"(in-process worker {j}, call {method!r})")
-            raise
+        value = getattr(self.workers[j], method)(*args)
         if self.workers[j].device.type == "cuda":
             torch.cuda.synchronize(self.workers[j].device)
         measured = time.perf_counter() - t0
@@ -300,7 +331,7 @@ class InProcessCluster(Cluster):
         finish = start + base * self.latency.slowdown(j, task)
         self._busy_until[j] = finish
         value = map_tensors(value, torch.Tensor.clone)  # answers are copies, as after serialisation
-        call = _Call(j, finish, value, out_bytes=tensor_bytes(value))
+        call = _Call(j, finish, value, out_bytes=tensor_bytes(value), start=start)
         self._pending[j].append(call)
         return call
 
@@ -326,12 +357,25 @@ class InProcessCluster(Cluster):
         # Work submitted before this gather and still unfinished marks a worker as lagging.
         self._lag_until = list(self._busy_until)
 
+    def _answer_or_timeout(self, call: _Call) -> float:
+        """When ``call`` answers, or earlier when its worker times out on it."""
+        if self.worker_timeout_s is None:
+            return call.finish
+        return min(call.finish, call.start + self.worker_timeout_s)
+
+    def _time_out(self, worker: int) -> None:
+        self.kill(worker)
+        self.counters.timeouts += 1
+
     def _enforce_backlog(self) -> None:
         for j in self.alive():
             pending = self._pending[j]
             while pending and pending[0].finish <= self.clock:
                 pending.popleft()
-            if self.max_backlog is not None and len(pending) > self.max_backlog:
+            silent_at = self._answer_or_timeout(pending[0]) if pending else None
+            if silent_at is not None and silent_at < pending[0].finish and silent_at <= self.clock:
+                self._time_out(j)
+            elif self.max_backlog is not None and len(pending) > self.max_backlog:
                 self.kill(j)
                 self.counters.backlog_kills += 1
 

@@ -1,15 +1,27 @@
 """Ray cluster: each worker is a Ray actor wrapping ``Worker``; tensors travel via the object store.
 
 - ``RayCluster(n)`` starts a local Ray on loopback by itself (usage statistics off, no dashboard);
-  ``address=...`` joins an existing cluster; an already initialised Ray is reused. ``close()``
-  kills the actors and shuts Ray down only if this object started it.
+  ``address=...`` joins an existing cluster (a cluster that does not answer within ``connect_timeout_s``
+  is a ``ClusterError``); an already initialised Ray is reused. ``close()`` kills the actors and shuts
+  Ray down only if this object started it; every step is bounded, and processes of ours that outlive
+  it are killed by PID.
+- Placement (``sazd.runtime.placement``): the actors live in one placement group, spread over nodes
+  by default (``placement="pack"`` packs them); ``workers_info()`` says where each one runs.
 - Each large tensor argument is ``ray.put`` once and its reference passed to every actor that gets it,
   also in later calls while the master's tensor lives unmodified (``SentTensors``): a broadcast is
   stored once, and a round's X^T sent again to the workers the round skipped is not stored again.
 - ``first_k`` loops on ``ray.wait(num_returns=1)`` and checks each ready result: a dead actor's
-  result counts as ready (RAY-NOTES), so a ``RayActorError`` is an erasure and another answer is
-  awaited. Late results are never fetched, and queued actor calls are never cancelled (cancelling
-  one breaks the actor): their references are simply dropped.
+  result counts as ready, so a ``RayActorError`` is an erasure and another answer is awaited. Late
+  results are never fetched, and queued actor calls are never cancelled (cancelling one breaks the
+  actor): their references are simply dropped.
+- Every wait is bounded. A worker with unfinished calls that has not finished any call for
+  ``worker_timeout_s`` is silent: it is killed (an erasure; the master respawns and repairs it). Loss
+  of the Ray control plane (the head's GCS, our raylet) is a ``ClusterError`` at the next check.
+- Every call returns a small status object next to its value. Fire-and-forget calls (loads, updates)
+  and late answers are never fetched, but their status is checked at the next round: an exception
+  raised in any worker call is recorded (``counters.worker_errors``, naming worker and method) and
+  makes that worker an erasure; a round in which every asked worker raised re-raises the worker's
+  exception (its type, with the worker and method in a note).
 - Calls to one actor run in submission order, so a slow actor applies every update in order. The
   cluster tracks each actor's unfinished calls: ``ready_workers`` avoids actors still working on
   calls sent before the last gather, and an actor with more than ``max_backlog`` unfinished calls is
@@ -31,10 +43,14 @@ import atexit
 import contextlib
 import logging
 import os
+import signal
+import socket
+import threading
 import time
+import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,8 +59,20 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import ray
 import torch
-from ray.exceptions import ObjectLostError, RayActorError, WorkerCrashedError
+from ray.exceptions import (
+    GetTimeoutError,
+    NodeDiedError,
+    ObjectLostError,
+    OutOfMemoryError,
+    OwnerDiedError,
+    RayActorError,
+    RaySystemError,
+    RayTaskError,
+    RpcError,
+    WorkerCrashedError,
+)
 
+from sazd.runtime import placement as place
 from sazd.runtime.cluster import (
     Cluster,
     ClusterError,
@@ -59,13 +87,85 @@ from sazd.runtime.latency import LatencyModel, parse_latency
 from sazd.runtime.worker import Worker
 
 # A worker that answers with one of these is gone (ActorDiedError, ActorUnavailableError are
-# RayActorErrors; a lost node loses its objects): an erasure. Errors raised by Worker code propagate.
-_DEATH = (RayActorError, ObjectLostError, WorkerCrashedError)
+# RayActorErrors; a lost node loses its objects; Ray's memory monitor kills a worker with
+# OutOfMemoryError): an erasure. A RayTaskError is an exception raised by Worker code.
+_DEATH = (RayActorError, ObjectLostError, WorkerCrashedError, OutOfMemoryError, NodeDiedError, OwnerDiedError,
+          GetTimeoutError)
+# Failures of Ray itself rather than of one worker: the run cannot continue.
+_CONTROL = (RaySystemError, RpcError, OSError)
 _INLINE_BYTES = 100 * 1024  # Ray's max_direct_call_object_size: smaller arguments travel inline
+_WATCH_EVERY_S = 2.0  # how often a joined cluster's control plane is pinged while waiting
+_SHUTDOWN_S = 20.0  # bound on closing: killing actors, shutting Ray down
+
+
+def _boot_id() -> str:
+    """This machine's boot id: a PID means the same process only on the same boot of the same machine."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+def _kill_pid(info: dict[str, Any]) -> bool:
+    """SIGKILL the process ``info`` describes (``pid``, ``boot_id``, ``start``) if it still runs on
+    this machine (same boot, same start time: a reused PID is left alone); True if a signal was sent."""
+    pid = info.get("pid")
+    if pid is None or info.get("boot_id") != _boot_id() or _start_time(pid) != info.get("start"):
+        return False
+    try:
+        os.kill(pid, signal.SIGKILL)
+        return True
+    except OSError:
+        return False
+
+
+def _start_time(pid: int) -> int | None:
+    """The kernel's start time of process ``pid`` (None if gone): with the PID it names one process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _process_tree(roots: Collection[int]) -> list[tuple[int, int]]:
+    """(pid, start time) of ``roots`` and every process below them, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(roots), list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return [(pid, start) for pid in found if (start := _start_time(pid)) is not None]
+
+
+def _bounded(fn: Callable[[], Any], timeout_s: float) -> bool:
+    """Run ``fn`` in a daemon thread; True if it finished within ``timeout_s`` (errors are swallowed)."""
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            fn()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return not thread.is_alive()
 
 
 def start_local_ray(num_cpus: int | None = None, object_store_gb: float = 2.0) -> bool:
-    """Start a local, loopback-only Ray unless one is already initialised; True if this call started it."""
+    """Start a local, loopback-only Ray unless one is already initialised; True if this call started it.
+
+    ``num_cpus`` is Ray's logical CPU count (scheduling only); it should cover the actors plus the
+    driver, or the raylet warns that it starts more worker processes than it expects."""
     if ray.is_initialized():
         return False
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -81,11 +181,43 @@ def start_local_ray(num_cpus: int | None = None, object_store_gb: float = 2.0) -
     return True
 
 
+def join_ray(address: str, timeout_s: float = 30.0) -> None:
+    """Connect to the Ray cluster at ``address``; ClusterError within ``timeout_s`` if it does not answer."""
+    host, _, port = address.rpartition(":")
+    if host and port.isdigit() and "://" not in address:  # a plain host:port: is anything listening?
+        try:
+            socket.create_connection((host, int(port)), timeout=min(5.0, timeout_s)).close()
+        except OSError as err:
+            raise ClusterError(
+                f"no Ray cluster answers at {address} ({err.strerror or err}); start one with "
+                f"`ray start --head --port={port}` or fix the address"
+            ) from None
+    failure: list[BaseException] = []
+
+    def init() -> None:
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        except BaseException as err:  # reported below, in the caller's thread
+            failure.append(err)
+
+    thread = threading.Thread(target=init, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise ClusterError(f"the Ray cluster at {address} did not answer within {timeout_s:g} s; check the "
+                           f"address (host:port of the head's GCS) and that the cluster is up")
+    if failure:
+        err = failure[0]
+        raise ClusterError(f"cannot join the Ray cluster at {address}: {' '.join(str(err).split())[:300]}") \
+            from err
+
+
 class RayWorker(Worker):
     """The actor: a ``Worker`` plus one entry point that applies the task's slowdown factor."""
 
-    def __init__(self, index: int, device: str = "cpu", torch_threads: int | None = None) -> None:
-        super().__init__(index, device)
+    def __init__(self, index: int, device: str = "cpu", torch_threads: int | None = None,
+                 compute_dtype: str | None = None) -> None:
+        super().__init__(index, device, compute_dtype)
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.base_delay = 1.0
@@ -95,12 +227,24 @@ class RayWorker(Worker):
         self.base_delay = self.delay_factor
         return self.index
 
-    def call(self, method: str, slowdown: float, args: tuple) -> Any:
+    @ray.method(num_returns=2)
+    def call(self, method: str, slowdown: float, args: tuple) -> tuple[int, Any]:
+        """(status, value): the status is a small object the master checks without fetching the value."""
         self.delay_factor = self.base_delay * slowdown
         try:
-            return map_tensors(getattr(self, method)(*_fetch(args)), torch.Tensor.cpu)
+            return 0, map_tensors(getattr(self, method)(*_fetch(args)), torch.Tensor.cpu)
         finally:
             self.delay_factor = self.base_delay
+
+    def info(self) -> dict[str, Any]:
+        """Where this actor runs: node, device, and its process (for killing it by PID)."""
+        context = ray.get_runtime_context()
+        return {"index": self.index, "node_id": context.get_node_id(),
+                "node_ip": ray.util.get_node_ip_address(), "device": str(self.device), "pid": os.getpid(),
+                "boot_id": _boot_id()}
+
+
+_ACTOR = ray.remote(RayWorker)
 
 
 def _fetch(args: tuple) -> tuple:
@@ -112,21 +256,40 @@ def _fetch(args: tuple) -> tuple:
     return map_tensors(args, lambda _: next(values), ray.ObjectRef)
 
 
+@dataclass(eq=False)
+class _Call:
+    """One call sent to one actor."""
+
+    worker: int
+    method: str
+    ref: Any  # the value
+    status: Any  # small; ready when the call finished, raises when it failed
+    epoch: int  # the cluster's gather count when sent
+    seq: int  # the worker's task number: calls to one worker run in this order
+    incarnation: int
+    sent: float  # time.monotonic() when sent
+    gathering: bool = False  # a gather is waiting for it: leave it to the gather
+    fetched: bool = False  # the gather took its value or error: nothing left to check
+
+
 @dataclass
 class RayRound(Round):
     method: str
     workers: list[int]
-    refs: dict[int, Any] = field(repr=False)  # worker -> ObjectRef, or None: failed before sending
-    incarnations: dict[int, int] = field(repr=False, default_factory=dict)  # which actor of each slot
+    calls: dict[int, _Call | None] = field(repr=False)  # worker -> call, or None: dead before sending
     cluster_id: int = 0
     gathered: bool = False
+    sent: float = 0.0
 
 
 class RayCluster(Cluster):
     """``n`` Ray actors; see module docstring.
 
-    ``timeout_s`` bounds every gather: a round that gets no answer for that long raises
-    ``ClusterError`` instead of hanging. ``torch_threads``: intra-op threads per actor.
+    ``worker_timeout_s``: a worker silent that long (unfinished calls, none finished) is killed as an
+    erasure. ``start_timeout_s`` bounds starting actors (each imports torch) and reserving their
+    placement. ``placement``: ``"spread"`` (workers on distinct nodes while there are nodes) or
+    ``"pack"``. ``torch_threads``: intra-op threads per actor. ``compute_dtype``: the workers' product
+    precision (``"bfloat16"``, ``"float16"``; answers come back in the blocks' dtype).
     """
 
     def __init__(
@@ -138,9 +301,13 @@ class RayCluster(Cluster):
         latency: LatencyModel | str | None = None,
         max_backlog: int | None = 64,
         seed: int = 0,
-        timeout_s: float = 300.0,
+        worker_timeout_s: float = 60.0,
         torch_threads: int | None = 1,
         object_store_gb: float = 2.0,
+        placement: str = "spread",
+        connect_timeout_s: float = 30.0,
+        start_timeout_s: float = 120.0,
+        compute_dtype: str | None = None,
     ) -> None:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
@@ -151,115 +318,139 @@ class RayCluster(Cluster):
             )
         if max_backlog is not None and max_backlog < 1:
             raise ValueError(f"max_backlog must be >= 1 (or None), got {max_backlog!r}")
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        for name, value in (("worker_timeout_s", worker_timeout_s), ("connect_timeout_s", connect_timeout_s),
+                            ("start_timeout_s", start_timeout_s)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
+        Worker.check_dtype(compute_dtype)
+        self.placement = place.check_placement(placement)
         self.n = n
         self.latency = parse_latency(latency, seed).bind(n)
         self.max_backlog = max_backlog
-        self.timeout_s = timeout_s
+        self.worker_timeout_s = worker_timeout_s
+        self.start_timeout_s = start_timeout_s
         self.counters = Counters()
         self.device = "cuda" if gpus_per_worker > 0 else "cpu"
+        self.compute_dtype = compute_dtype
         self.address = address
         self.started_ray = False
         self.actors: list[Any] = []
-        self._outstanding: list[deque[tuple[int, Any]]] = [deque() for _ in range(n)]  # (epoch, ref)
+        self._info: list[dict[str, Any]] = [{} for _ in range(n)]
+        self._outstanding: list[deque[_Call]] = [deque() for _ in range(n)]
+        self._heard = [time.monotonic()] * n  # when each worker was last seen finishing a call
         self._epoch = 0
         self._tasks = [0] * n
         self._incarnation = [0] * n
         self._dead: set[int] = set()
         self._closed = False
         self._sent = SentTensors()
+        self._group = None
+        self._ray_procs: list[tuple[str, Any]] = []  # (name, Popen) of the Ray we started
+        self._last_watch = time.monotonic()
+        self._lost = False  # the control plane is gone: close() kills by PID instead of asking Ray
         if ray.is_initialized():
             pass
         elif address is None:
-            self.started_ray = start_local_ray(object_store_gb=object_store_gb)
+            self.started_ray = start_local_ray(num_cpus=max(os.cpu_count() or 1, n + 2),
+                                               object_store_gb=object_store_gb)
+            node = ray._private.worker._global_node
+            self._ray_procs = [(name, info.process) for name, infos in node.all_processes.items()
+                               for info in infos]
         else:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            join_ray(address, connect_timeout_s)
             self.started_ray = True
         _close_at_exit(self)  # from here on, nothing we started may outlive the interpreter
-        have = ray.cluster_resources()
-        for name, per_worker, arg in (("GPU", gpus_per_worker, "gpus_per_worker"),
-                                      ("CPU", num_cpus_per_worker, "num_cpus_per_worker")):
-            if n * per_worker > have.get(name, 0) + 1e-9:
-                self.close()
-                raise ValueError(
-                    f"{arg}={per_worker:g}: {n} workers need {n * per_worker:g} {name} but the Ray cluster "
-                    f"has {have.get(name, 0):g}; lower {arg} (0 for none) or join a bigger cluster"
-                )
-        self._actor_cls = ray.remote(RayWorker).options(
-            num_cpus=num_cpus_per_worker,
-            num_gpus=gpus_per_worker,
-            max_restarts=0,
-            max_task_retries=0,
-        )
-        self._torch_threads = torch_threads
         try:
+            have = ray.cluster_resources()
+            for name, per_worker, arg in (("GPU", gpus_per_worker, "gpus_per_worker"),
+                                          ("CPU", num_cpus_per_worker, "num_cpus_per_worker")):
+                if n * per_worker > have.get(name, 0) + 1e-9:
+                    raise ValueError(
+                        f"{arg}={per_worker:g}: {n} workers need {n * per_worker:g} {name} but the Ray "
+                        f"cluster has {have.get(name, 0):g}; lower {arg} (0 for none) or join a bigger "
+                        "cluster"
+                    )
+            bundle = {"CPU": num_cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+            if any(bundle.values()):  # Ray refuses empty bundles; zero-resource actors need no placement
+                self._group = place.reserve(n, bundle, placement, start_timeout_s)
+            self._actor_options = {"num_cpus": num_cpus_per_worker, "num_gpus": gpus_per_worker,
+                                   "max_restarts": 0, "max_task_retries": 0}
+            self._torch_threads = torch_threads
             self.actors = [self._new_actor(j) for j in range(n)]
+            self._await_started(range(n))
         except BaseException:
             self.close()
             raise
+        nodes = place.alive_nodes()
+        warning = place.sharing([w["node_id"] for w in self._info], len(nodes), placement)
+        if warning:
+            warnings.warn(warning, RuntimeWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ rounds
     def submit(
         self, method: str, args: Sequence[tuple] | tuple, workers: Sequence[int] | None = None
     ) -> RayRound:
         self._check_open()
-        self._prune()
-        workers, per_worker, broadcast = self._prepare_submit(method, args, workers)
-        shared = self._payload(args) if broadcast else None
-        refs: dict[int, Any] = {}
-        for j in workers:
-            self.counters.bytes_to_workers += tensor_bytes(per_worker[j])
-            self.counters.calls += 1
-            task = self._tasks[j]
-            self._tasks[j] += 1
-            if j not in self._dead and self.latency.fails(j, task, self._incarnation[j]):
-                self.kill(j)
-            if j in self._dead:
-                refs[j] = None
-                self.counters.failed_results += 1
-                continue
-            slowdown = self.latency.slowdown(j, task)
-            payload = shared if broadcast else self._payload(per_worker[j])
-            ref = self.actors[j].call.remote(method, slowdown, payload)
-            refs[j] = ref
-            self._outstanding[j].append((self._epoch, ref))
+        with self._control_plane():
+            workers, per_worker, broadcast = self._prepare_submit(method, args, workers)
+            shared = self._payload(args) if broadcast else None
+            calls: dict[int, _Call | None] = {}
+            now = time.monotonic()
+            for j in workers:
+                self.counters.bytes_to_workers += tensor_bytes(per_worker[j])
+                self.counters.calls += 1
+                task = self._tasks[j]
+                self._tasks[j] += 1
+                if j not in self._dead and self.latency.fails(j, task, self._incarnation[j]):
+                    self.kill(j)
+                if j in self._dead:
+                    calls[j] = None
+                    self.counters.failed_results += 1
+                    continue
+                slowdown = self.latency.slowdown(j, task)
+                payload = shared if broadcast else self._payload(per_worker[j])
+                status, ref = self.actors[j].call.remote(method, slowdown, payload)
+                if not self._outstanding[j]:
+                    self._heard[j] = now  # silence is counted from when it has work
+                call = _Call(j, method, ref, status, self._epoch, task, self._incarnation[j], now)
+                calls[j] = call
+                self._outstanding[j].append(call)
         self.counters.rounds += 1
-        incarnations = {j: self._incarnation[j] for j in workers}
-        return RayRound(method, list(workers), refs, incarnations, id(self))
+        return RayRound(method, list(workers), calls, id(self), sent=now)
 
     def first_k(
         self, round_: Round, k: int, enough: Callable[[Collection[int]], bool] | None = None
     ) -> dict[int, Any]:
-        refs = self._take(round_)
+        calls = self._take(round_)
         if not isinstance(k, int) or not 1 <= k <= self.n:
             raise ValueError(f"k must be an integer in 1..n={self.n}, got {k!r}")
         done = (lambda got: enough(got)) if enough is not None else (lambda got: len(got) >= k)
-        got = self._gather(round_, refs, done)
+        got, times, failed = self._gather(round_, calls, done)
+        self.counters.responses.record(self.n, round_.workers, times, failed)
         if not done(got.keys()):
-            failed = sum(ref is None for ref in refs.values())
             raise ClusterError(
                 f"first_k({round_.method!r}): needed {k} answers{' that can decode' if enough else ''}, "
-                f"got {len(got)} from {len(refs)} workers asked ({failed} failed); "
-                f"{len(self.alive())} of n={self.n} workers alive"
+                f"got {len(got)} from {len(calls)} workers asked ({len(failed)} failed); "
+                f"{len(self.alive())} of n={self.n} workers alive{self.counters.recent_errors()}"
             )
-        late = [j for j, ref in refs.items() if ref is not None and j not in got]
+        late = [j for j, call in calls.items() if call is not None and j not in got and j not in failed]
         self.counters.late_results_discarded += len(late)
         self._epoch += 1
         return got
 
     def wait_all(self, round_: Round) -> dict[int, Any]:
         """Every successful answer of the round (dead workers are left out: check the keys)."""
-        refs = self._take(round_)
-        got = self._gather(round_, refs, lambda got: False)
+        calls = self._take(round_)
+        got, _, _ = self._gather(round_, calls, lambda got: False)
         self._epoch += 1
         return got
 
     def ready_workers(self, k: int) -> list[int]:
         self._check_open()
-        self._prune()
+        with self._control_plane():
+            self._prune()
         alive = self.alive()
-        older = {j: sum(epoch < self._epoch for epoch, _ in self._outstanding[j]) for j in alive}
+        older = {j: sum(call.epoch < self._epoch for call in self._outstanding[j]) for j in alive}
         idle = [j for j in alive if older[j] == 0]
         busy = sorted((j for j in alive if older[j]), key=lambda j: (older[j], j))
         return sorted(idle + busy[: max(0, k - len(idle))])
@@ -269,38 +460,68 @@ class RayCluster(Cluster):
         return [j for j in range(self.n) if j not in self._dead]
 
     def kill(self, worker: int) -> None:
-        """Kill actor ``worker`` (no restart): its unfinished calls fail, as do later calls."""
+        """Kill actor ``worker`` (no restart): its unfinished calls fail, as do later calls. The process
+        is also killed by PID when it runs on this machine (a frozen process may not answer Ray)."""
         self._check_workers([worker])
+        self._record_raised(worker)
         if worker < len(self.actors):
             with contextlib.suppress(Exception):  # already dead, or Ray already shut down
                 ray.kill(self.actors[worker], no_restart=True)
+            _kill_pid(self._info[worker])
         self._dead.add(worker)
         self._outstanding[worker].clear()
+
+    def _record_raised(self, worker: int) -> None:
+        """Before ``worker``'s unfinished calls are forgotten: record what its finished, unfetched calls
+        raised (a kill must not hide why a load or update failed)."""
+        calls = [c for c in self._outstanding[worker] if not c.fetched and not c.gathering]
+        if not calls or not ray.is_initialized():
+            return
+        with contextlib.suppress(Exception):
+            done = set(ray.wait([c.status for c in calls], num_returns=len(calls), timeout=0,
+                                fetch_local=False)[0])
+            for call in (c for c in calls if c.status in done):
+                try:
+                    ray.get(call.status, timeout=1)
+                except RayTaskError as err:
+                    self.counters.note_error(worker, call.method, _cause(err))
+                except Exception:  # died: nothing raised by the worker's code
+                    pass
 
     def respawn(self, worker: int) -> None:
         self._check_open()
         self._check_workers([worker])
         self.kill(worker)
-        self.actors[worker] = self._new_actor(worker)
-        # Wait until the new process is up: calls queued while it starts would count as backlog.
-        try:
-            ray.get(self.actors[worker].ping.remote(), timeout=self.timeout_s)
-        except Exception as err:  # any failure to start is reported the same way
-            raise ClusterError(f"replacement for worker {worker} did not start: {err}") from err
+        with self._control_plane():
+            self.actors[worker] = self._new_actor(worker)
+            # Wait until the new process is up: calls queued while it starts would count as backlog.
+            self._await_started([worker], what=f"replacement for worker {worker}")
         self._dead.discard(worker)
         self._tasks[worker] = 0
         self._incarnation[worker] += 1
-        self.counters.respawns += 1
+        self.counters.note_respawn(worker)
+
+    def workers_info(self) -> list[dict[str, Any]]:
+        return [{key: info.get(key) for key in ("index", "node_id", "node_ip", "device")} | {"index": j}
+                for j, info in enumerate(self._info)]
 
     def describe(self) -> dict[str, Any]:
+        nodes = 0
+        if ray.is_initialized() and not self._closed:
+            with contextlib.suppress(Exception):
+                nodes = len(place.alive_nodes())
         return {
             "backend": "ray",
             "n": self.n,
             "latency": self.latency.describe(),
             "device": self.device,
+            "compute_dtype": self.compute_dtype,
             "address": self.address,
             "started_ray": self.started_ray,
-            "nodes": len([node for node in ray.nodes() if node.get("Alive")]) if ray.is_initialized() else 0,
+            "placement": self.placement,
+            "worker_timeout_s": self.worker_timeout_s,
+            "nodes": nodes,
+            "worker_nodes": len({info.get("node_id") for info in self._info}),
         }
 
     def backlog(self, worker: int) -> int:
@@ -308,17 +529,43 @@ class RayCluster(Cluster):
         self._prune()
         return len(self._outstanding[worker])
 
+    def pids(self) -> list[int]:
+        """Process ids of the current actors (for fault injection and leak checks)."""
+        return [info["pid"] for info in self._info if "pid" in info]
+
     def close(self) -> None:
+        """Kill the actors, release their placement, shut Ray down if we started it: each step bounded;
+        then SIGKILL whatever of ours on this machine is still alive."""
         if self._closed:
             return
         self._closed = True
-        if ray.is_initialized():
-            for actor in self.actors:
+        actors, group, self.actors = self.actors, self._group, []
+        ours = _process_tree([proc.pid for _, proc in self._ray_procs if proc.poll() is None])
+        if ray.is_initialized() and not self._lost:
+            def stop_actors() -> None:
+                for actor in actors:
+                    with contextlib.suppress(Exception):
+                        ray.kill(actor, no_restart=True)
                 with contextlib.suppress(Exception):
-                    ray.kill(actor, no_restart=True)
-            self.actors = []
-            if self.started_ray:
-                ray.shutdown()
+                    place.release(group)
+
+            _bounded(stop_actors, _SHUTDOWN_S / 2)
+        if ray.is_initialized() and self.started_ray:
+            _bounded(ray.shutdown, _SHUTDOWN_S)
+        leftover = [info for info in self._info if info.get("pid")]
+        deadline = time.monotonic() + 5.0
+        while leftover and time.monotonic() < deadline:
+            leftover = [info for info in leftover if os.path.exists(f"/proc/{info['pid']}")]
+            time.sleep(0.05 if leftover else 0)
+        for info in leftover:
+            _kill_pid(info)
+        for pid, start in ours:  # the Ray we started and everything below it (agents, workers)
+            if _start_time(pid) == start:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        for _, proc in self._ray_procs:
+            with contextlib.suppress(Exception):
+                proc.wait(5)
         self._outstanding = [deque() for _ in range(self.n)]
 
     # --------------------------------------------------------------- internals
@@ -335,57 +582,233 @@ class RayCluster(Cluster):
         return map_tensors(args, stored)
 
     def _new_actor(self, j: int) -> Any:
-        return self._actor_cls.remote(j, self.device, self._torch_threads)
+        options = dict(self._actor_options)
+        if self._group is not None:
+            options["scheduling_strategy"] = place.strategy(self._group, j)
+        return _ACTOR.options(**options).remote(j, self.device, self._torch_threads, self.compute_dtype)
 
-    def _gather(self, round_: RayRound, refs: dict[int, Any], done: Callable) -> dict[int, Any]:
-        """Fetch answers in arrival order until ``done``; dead actors are erasures."""
-        pending = {ref: j for j, ref in refs.items() if ref is not None}
+    def _await_started(self, workers: Sequence[int], what: str = "workers") -> None:
+        """Wait (bounded) until each actor of ``workers`` answers, and record where it runs."""
+        workers = list(workers)
+        refs = [self.actors[j].info.remote() for j in workers]
+        deadline = time.monotonic() + self.start_timeout_s
+        ready: list = []
+        while len(ready) < len(refs) and time.monotonic() < deadline:
+            self._watch()
+            wait_s = min(_WATCH_EVERY_S, max(deadline - time.monotonic(), 0.0))
+            ready = ray.wait(refs, num_returns=len(refs), timeout=wait_s)[0]
+        if len(ready) < len(refs):
+            missing = [j for j, ref in zip(workers, refs, strict=True) if ref not in ready]
+            raise ClusterError(f"{what}: workers {missing} did not start within {self.start_timeout_s:g} s "
+                               f"(start_timeout_s); is the Ray cluster overloaded?")
+        try:
+            infos = ray.get(refs)
+        except ray.exceptions.RayError as err:
+            raise ClusterError(f"{what} did not start: {' '.join(str(err).split())[:300]}") from err
+        now = time.monotonic()
+        for j, info in zip(workers, infos, strict=True):
+            if info.get("boot_id") == _boot_id():
+                info["start"] = _start_time(info["pid"])
+            self._info[j] = info
+            self._heard[j] = now
+
+    def _gather(
+        self, round_: RayRound, calls: dict[int, _Call | None], done: Callable
+    ) -> tuple[dict[int, Any], dict[int, float], set[int]]:
+        """Fetch answers in arrival order until ``done``; dead, silent and raising workers are erasures.
+        Returns (answers, seconds to each answer, workers whose call failed)."""
+        failed = {j for j, call in calls.items() if call is None}
+        pending = {call.ref: call for call in calls.values() if call is not None}
         got: dict[int, Any] = {}
+        times: dict[int, float] = {}
+        errors: list[tuple[_Call, RayTaskError]] = []
+        with self._control_plane():
+            while True:
+                self._collect(round_, pending, got, times, failed, errors, done)
+                # an answer is good only if the worker's earlier calls (loads, updates) succeeded
+                bad = self._check_earlier(got, calls)
+                for j in bad:
+                    del got[j], times[j]
+                    failed.add(j)
+                if not bad or not pending:
+                    break
+        for call in calls.values():
+            if call is not None:
+                call.gathering = False  # a late one's status is checked by a later _prune
+        round_.calls = {}  # drop references: late answers are never fetched
+        if errors and len(errors) == len(calls):  # the call itself is wrong: nobody is to blame
+            call, err = errors[0]
+            raise _worker_exception(call, err)
+        for call, _ in errors:  # a failure confined to some workers: erasures
+            self._erase(call)
+        return got, times, failed
+
+    def _collect(self, round_: RayRound, pending: dict[Any, _Call], got: dict[int, Any],
+                 times: dict[int, float], failed: set[int], errors: list, done: Callable) -> None:
+        """Fetch answers of ``pending`` into ``got`` until ``done`` or none is left to wait for."""
         while pending and not done(got.keys()):
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.timeout_s)
+            for ref, call in list(pending.items()):  # killed meanwhile (silent, backlog, by hand)
+                if not self._current(call):
+                    del pending[ref]
+                    failed.add(call.worker)
+                    self.counters.failed_results += 1
+            if not pending:
+                break
+            deadline = min(self._deadline(call.worker) for call in pending.values())
+            wait_s = min(max(deadline - time.monotonic(), 0.0), _WATCH_EVERY_S)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
             if not ready:
-                raise ClusterError(
-                    f"{round_.method!r}: no answer from workers {sorted(pending.values())} within "
-                    f"{self.timeout_s:g} s (timeout_s); {len(got)} answered so far"
-                )
+                self._prune()  # kills silent workers; notices finished calls; watches Ray itself
+                continue
             rest = [ref for ref in pending if ref not in ready]
             if rest:  # everything else already finished, in one call
                 ready += ray.wait(rest, num_returns=len(rest), timeout=0, fetch_local=False)[0]
             for ref in ready:
                 if done(got.keys()):
                     break
-                j = pending.pop(ref)
+                call = pending.pop(ref)
+                call.fetched = True
+                j = call.worker
+                self._heard[j] = time.monotonic()
                 try:
-                    value = ray.get(ref)
+                    value = ray.get(ref, timeout=self.worker_timeout_s)
                 except _DEATH:
-                    self.counters.failed_results += 1
-                    refs[j] = None
-                    if round_.incarnations.get(j) == self._incarnation[j]:  # not respawned since
-                        self.kill(j)  # also one only unavailable: it must not come back stale
+                    self._erase(call)
+                    failed.add(j)
+                    continue
+                except RayTaskError as err:
+                    self.counters.note_error(j, call.method, _cause(err))
+                    failed.add(j)
+                    errors.append((call, err))
                     continue
                 got[j] = value
+                times[j] = time.monotonic() - round_.sent
                 self.counters.bytes_from_workers += tensor_bytes(value)
-        round_.refs = {}  # drop references: late answers are never fetched
-        return got
+
+    def _check_earlier(self, got: dict[int, Any], calls: dict[int, _Call | None]) -> list[int]:
+        """Workers of ``got`` with an earlier, unfetched call that failed (now erasures)."""
+        earlier = [c for j in got for c in self._outstanding[j]
+                   if not c.fetched and not c.gathering and c.seq < calls[j].seq]
+        if not earlier:
+            return []
+        for call in earlier:
+            self._outstanding[call.worker].remove(call)
+        self._check_status(earlier)
+        return [j for j in got if not self._current(calls[j])]
+
+    def _erase(self, call: _Call) -> None:
+        """Call ``call`` failed: its worker is an erasure (unless it was respawned since)."""
+        self.counters.failed_results += 1
+        if self._current(call):
+            self.kill(call.worker)  # also one only unavailable: it must not come back stale
+
+    def _current(self, call: _Call) -> bool:
+        return call.worker not in self._dead and call.incarnation == self._incarnation[call.worker]
+
+    def _deadline(self, worker: int) -> float:
+        """When ``worker`` counts as silent if it finishes nothing more."""
+        queue = self._outstanding[worker]
+        oldest = queue[0].sent if queue else time.monotonic()
+        return max(self._heard[worker], oldest) + self.worker_timeout_s
 
     def _prune(self) -> None:
-        """Forget finished calls; kill actors whose backlog exceeds ``max_backlog``."""
-        refs = [ref for queue in self._outstanding for _, ref in queue]
-        if refs:
-            finished = set(ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[0])
-            for queue in self._outstanding:
-                kept = [(epoch, ref) for epoch, ref in queue if ref not in finished]
-                queue.clear()
-                queue.extend(kept)
-        if self.max_backlog is not None:
-            for j in self.alive():
-                if len(self._outstanding[j]) > self.max_backlog:
-                    self.kill(j)
-                    self.counters.backlog_kills += 1
+        """Forget finished calls (checking the status of those nobody fetches), kill silent workers and
+        workers whose backlog exceeds ``max_backlog``, and check that Ray itself is still there."""
+        self._watch()
+        calls = [call for queue in self._outstanding for call in queue]
+        if calls:
+            finished = ray.wait([call.status for call in calls], num_returns=len(calls), timeout=0,
+                                fetch_local=False)[0]
+            finished = set(finished)
+            now = time.monotonic()
+            unchecked = []
+            for call in calls:
+                if call.status in finished:
+                    self._heard[call.worker] = now
+                    if not call.gathering:
+                        self._outstanding[call.worker].remove(call)
+                        if not call.fetched:
+                            unchecked.append(call)
+            self._check_status(unchecked)
+        now = time.monotonic()
+        for j in self.alive():
+            if self._outstanding[j] and now > self._deadline(j):
+                self.kill(j)
+                self.counters.timeouts += 1
+            elif self.max_backlog is not None and len(self._outstanding[j]) > self.max_backlog:
+                self.kill(j)
+                self.counters.backlog_kills += 1
 
-    def _take(self, round_: Round) -> dict[int, Any]:
+    def _check_status(self, calls: list[_Call]) -> None:
+        """Finished calls nobody fetches: a failure makes the worker an erasure; a raise is recorded."""
+        if not calls:
+            return
+        try:
+            ray.get([call.status for call in calls], timeout=self.worker_timeout_s)
+            return
+        except Exception:  # some failed: look at each
+            pass
+        for call in calls:
+            try:
+                ray.get(call.status, timeout=self.worker_timeout_s)
+            except RayTaskError as err:
+                self.counters.note_error(call.worker, call.method, _cause(err))
+                self._erase(call)
+            except _DEATH:
+                self._erase(call)
+
+    def _watch(self) -> None:
+        """ClusterError if the Ray control plane is gone: a process of the Ray we started exited, or
+        (joined cluster) the head's GCS does not answer a ping within 5 s."""
+        for name, proc in self._ray_procs:
+            if name in ("gcs_server", "raylet") and proc.poll() is not None:
+                self._lost = True
+                raise ClusterError(f"the Ray cluster's {name} (pid {proc.pid}) exited with status "
+                                   f"{proc.returncode}; the workers are lost")
+        now = time.monotonic()
+        if self._ray_procs or now - self._last_watch < _WATCH_EVERY_S:
+            return
+        self._last_watch = now
+        try:
+            ray._private.worker.global_worker.gcs_client.internal_kv_get(b"sazd-ping", None, timeout=5)
+        except Exception as err:
+            self._lost = True
+            raise ClusterError(f"the Ray cluster's control process (GCS) does not answer: "
+                               f"{' '.join(str(err).split())[:200]}") from None
+
+    @contextlib.contextmanager
+    def _control_plane(self) -> Iterator[None]:
+        """Errors of Ray itself (not of a worker) become one ClusterError."""
+        try:
+            yield
+        except _CONTROL as err:
+            raise ClusterError(f"the Ray cluster failed: {type(err).__name__}: "
+                               f"{' '.join(str(err).split())[:300]}") from err
+
+    def _take(self, round_: Round) -> dict[int, _Call | None]:
         super()._take(round_, RayRound)
-        return dict(round_.refs)
+        for call in round_.calls.values():
+            if call is not None:
+                call.gathering = True  # its failure is the gather's to count
+        with self._control_plane():
+            self._prune()
+        return dict(round_.calls)
+
+
+def _cause(err: RayTaskError) -> BaseException:
+    """The exception the worker's code raised."""
+    return err.cause if err.cause is not None else err
+
+
+def _worker_exception(call: _Call, err: RayTaskError) -> BaseException:
+    """The worker's own exception type (Ray's subclass of it, with the remote traceback), naming worker
+    and method."""
+    try:
+        out = err.as_instanceof_cause()
+    except Exception:
+        out = err
+    out.add_note(f"(raised by Ray worker {call.worker} in {call.method!r}, by every worker asked)")
+    return out
 
 
 def _close_at_exit(cluster: RayCluster) -> None:

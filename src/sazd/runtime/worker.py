@@ -73,14 +73,26 @@ def check_method(method: str, nested: bool = False) -> None:
 class Worker:
     """Coded state of worker ``index`` and the operations the master may ask of it."""
 
-    def __init__(self, index: int, device: str = "cpu") -> None:
+    COMPUTE_DTYPES = ("bfloat16", "float16")
+
+    def __init__(self, index: int, device: str = "cpu", compute_dtype: str | None = None) -> None:
         self.index = index
         self.device = torch.device(device)
+        # products in this precision (e.g. bfloat16 on a GPU), answered in the blocks' dtype
+        self.check_dtype(compute_dtype)
+        self.compute_dtype = None if compute_dtype is None else getattr(torch, compute_dtype)
         self.weights: dict[str, Tensor] = {}
         self.momentum: dict[str, Tensor] = {}
         self.last_input: dict[str, Tensor] = {}  # per block: the x of the last matmul (DEU reuses it)
         self.delay_factor = 1.0  # straggler injection: compute takes delay_factor times longer
         self.updates_applied = 0
+
+    @classmethod
+    def check_dtype(cls, compute_dtype: str | None) -> str | None:
+        if compute_dtype is not None and compute_dtype not in cls.COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {list(cls.COMPUTE_DTYPES)} (or None for the "
+                             f"blocks' own dtype), got {compute_dtype!r}")
+        return compute_dtype
 
     # ------------------------------------------------------------------ state
     def load(self, blocks: dict[str, Tensor], momentum: dict[str, Tensor] | None = None) -> int:
@@ -116,7 +128,12 @@ class Worker:
             raise KeyError(f"worker {self.index} holds no block {key!r} (blocks: {sorted(self.weights)})")
         x = x.to(self.device)
         self.last_input[key] = x
-        return self._timed(lambda: self.weights[key] @ x)
+        return self._timed(lambda: self._product(self.weights[key], x))
+
+    def _product(self, w: Tensor, x: Tensor) -> Tensor:
+        if self.compute_dtype is None or self.compute_dtype == w.dtype:
+            return w @ x
+        return (w.to(self.compute_dtype) @ x.to(self.compute_dtype)).to(w.dtype)
 
     def sgd_update(self, key: str, left: Tensor, inputs: Tensor | None, step: SGDStep) -> int:
         """DEU update of block ``key`` with the coded gradient ``left @ inputs^T``.

@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
 
     g = parser.add_argument_group("code and scheme")
-    g.add_argument("--code", default="sazd", help="sazd, poly, gaussian, uncoded, replication (default sazd)")
+    g.add_argument("--code", default="sazd",
+                   help="sazd, cyclic, poly, gaussian, uncoded, replication (default sazd)")
     g.add_argument("--n", type=int, default=None, help="workers (default k+2; k for --code uncoded)")
     g.add_argument("--k", type=int, default=4, help="workers whose answers suffice (default 4)")
     g.add_argument("--non-systematic", action="store_true", help="sazd/poly: the non-systematic form")
@@ -91,6 +92,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="inproc: workers' device (cpu, cuda)")
     g.add_argument("--address", default=None, help="ray: join this Ray cluster")
     g.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per worker actor")
+    g.add_argument("--placement", default="spread", choices=["spread", "pack"],
+                   help="ray: workers on distinct nodes while there are nodes (spread) or packed (pack)")
+    g.add_argument("--worker-timeout", dest="worker_timeout_s", type=float, default=None,
+                   help="seconds a worker may stay silent before it is killed, respawned and repaired "
+                        "(default: 60 on Ray; none in-process, where it counts simulated seconds)")
+    g.add_argument("--compute-dtype", default=None, choices=["bfloat16", "float16"],
+                   help="workers' product precision (decoding stays in --dtype)")
     g.add_argument("--no-repair", dest="repair", action="store_false", help="do not respawn dead workers")
 
     g = parser.add_argument_group("output")
@@ -167,6 +175,7 @@ def config_from_args(args: argparse.Namespace):
         scheme=args.scheme, backend=args.backend, stragglers=args.stragglers,
         straggler_delay=args.straggler_delay, latency=args.latency, network_gbps=args.network_gbps,
         base_time_s=args.base_time_s, address=args.address, gpus_per_worker=args.gpus_per_worker,
+        placement=args.placement, worker_timeout_s=args.worker_timeout_s, compute_dtype=args.compute_dtype,
         device=args.device, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
         optim=optim, dtype=args.dtype, seed=args.seed, plan=args.plan, min_features=args.min_features,
         repair=args.repair, run_dir=args.run_dir, checkpoint_dir=args.checkpoint_dir,
@@ -279,6 +288,12 @@ def print_summary(report: dict, cfg) -> None:
               f"{_mb(report['bytes_sent_once_per_iteration'])} ({cfg.scheme})")
         print(f"bytes/iteration from workers: measured {_mb(report['bytes_from_workers_per_iteration'])}; "
               f"formula {_mb(formula[cfg.scheme]['bytes_from_workers'])}")
+    if report.get("workers"):
+        from sazd.train.report import latency_table, workers_line
+
+        print(workers_line(report["workers"]))
+        if it:
+            print(latency_table(report["worker_latency"]))
     if report["repairs"]:
         print(f"repairs: {len(report['repairs'])} (workers {[r['worker'] for r in report['repairs']]})")
     if "check_max_relative_weight_error" in report:

@@ -287,3 +287,56 @@ def progress(
     """``for xb, yb in (bar := progress(batches(...), total, "epoch 1")): ...; bar.set_postfix(loss=...)``.
     ``disable=None`` draws only when stderr is a terminal."""
     return Progress(iterable, total=total, desc=desc, disable=disable)
+
+
+LATENCY_PNG = "latency.png"
+
+
+def plot_latency(path: str | Path, log: Any, n: int) -> Path:
+    """latency.png: every worker's answer time per compute round (``log``: a ``ResponseLog``), with the
+    rounds it was late, failed or was skipped marked along the bottom."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.2, 4.0))
+    for j in range(n):
+        xs, ys = log.series(j)
+        line = ax.plot(xs, [1000 * y for y in ys], marker=".", markersize=3, linewidth=0.8,
+                       label=f"worker {j}")
+        missed = [i for i, row in enumerate(log.rounds) if row.get(j, ("skipped", None))[0] != "answered"]
+        ax.plot(missed, [0] * len(missed), "|", color=line[0].get_color(), markersize=8)
+    ax.set_xlabel("compute round")
+    ax.set_ylabel("answer time (ms)")
+    ax.set_title("worker answer times (ticks at 0: late, failed or skipped)", fontsize=9)
+    ax.grid(alpha=0.3)
+    if n:
+        ax.legend(fontsize=7, ncol=min(n, 4))
+    fig.tight_layout()
+    out = Path(path) / LATENCY_PNG
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def latency_table(rows: list[dict[str, Any]]) -> str:
+    """The per-worker latency summary (``ResponseLog.summary``) as a short text table."""
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{1000 * value:.1f}"
+
+    lines = ["worker  answered  median ms  p95 ms  late  skipped  failed  respawns"]
+    lines += [f"{r['worker']:6d}  {r['answered']:8d}  {ms(r['median_s']):>9s}  {ms(r['p95_s']):>6s}  "
+              f"{r['late']:4d}  {r['skipped']:7d}  {r['failed']:6d}  {r['respawns']:8d}" for r in rows]
+    return "\n".join(lines)
+
+
+def workers_line(infos: list[dict[str, Any]]) -> str:
+    """Where the workers run, in one line: ``workers on 3 node(s): 0@a1b2c3(cpu) 1@d4e5f6(cpu) ...``."""
+    nodes = len({w["node_id"] for w in infos})
+    def short(node_id: Any) -> str:  # Ray's node ids are 56 hex digits; 6 tell them apart
+        return str(node_id)[:6] if len(str(node_id)) > 12 else str(node_id)
+
+    placed = " ".join(f"{w['index']}@{short(w['node_id'])}({w['device']})" for w in infos)
+    return f"workers on {nodes} node(s): {placed}"

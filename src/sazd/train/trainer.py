@@ -44,7 +44,15 @@ from sazd.parallel import (
 from sazd.runtime.cluster import Cluster, ClusterError
 from sazd.train import checkpoint
 from sazd.train.optim import CodedOptimizer, OptimConfig, lr_at
-from sazd.train.report import REPORT_FORMAT, WRITTEN, RunDir, check_writable, progress, to_jsonable
+from sazd.train.report import (
+    REPORT_FORMAT,
+    WRITTEN,
+    RunDir,
+    check_writable,
+    plot_latency,
+    progress,
+    to_jsonable,
+)
 
 BACKENDS = ("inproc", "ray")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -55,8 +63,9 @@ PHASES = ("encode_s", "decode_s", "worker_s", "update_s")
 # TrainConfig fields that configure one backend, with their defaults (unset).
 BACKEND_OPTIONS = {
     "inproc": {"network_gbps": None, "base_time_s": None, "device": "cpu"},
-    "ray": {"address": None, "gpus_per_worker": 0.0},
+    "ray": {"address": None, "gpus_per_worker": 0.0, "placement": "spread"},
 }
+WORKER_TIMEOUT_S = {"inproc": None, "ray": 60.0}  # unset: none in-process (simulated task times may be long)
 BACKEND_FIXED = {"inproc": {"master_time": "measured"}, "ray": {}}  # what the trainer always wants
 
 
@@ -83,6 +92,10 @@ class TrainConfig:
     base_time_s: float | None = None  # inproc: constant task time (deterministic simulated clock)
     address: str | None = None  # ray: join this cluster
     gpus_per_worker: float = 0.0  # ray
+    placement: str = "spread"  # ray: workers on distinct nodes ("spread") or packed ("pack")
+    # a worker silent this long is an erasure; None: 60 s on Ray, none in-process (else simulated seconds)
+    worker_timeout_s: float | None = None
+    compute_dtype: str | None = None  # workers' product precision: bfloat16, float16 (None: as the blocks)
     device: str = "cpu"  # inproc workers' device
     epochs: int = 1
     max_steps: int | None = None  # stop after this many iterations in all (tests, quick looks)
@@ -136,6 +149,11 @@ class TrainConfig:
         if self.overwrite and self.resume is not None:
             raise ValueError("--overwrite starts a new run over an earlier one; it cannot go with --resume")
         self._check_device()
+        if self.placement not in ("spread", "pack"):
+            raise ValueError(f"placement must be 'spread' or 'pack', got {self.placement!r}")
+        timeout = self.worker_timeout_s
+        if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
+            raise ValueError(f"--worker-timeout must be a number of seconds > 0, got {timeout!r}")
         self.make_code()  # bad n/k or code options
         from sazd.runtime.latency import straggler_latency
 
@@ -359,6 +377,7 @@ class Trainer:
             try:
                 self.run.write_report(report)
                 self.run.plot()
+                plot_latency(self.run.path, self.cluster.counters.responses, self.cluster.n)
             except Exception:
                 if error is None:
                     raise
@@ -648,6 +667,10 @@ class Trainer:
             "repairs": list(self.maintainer.repairs),
             "cluster": self.cluster.counters.snapshot(),
             "cluster_settings": self.cluster.describe(),
+            "workers": self.cluster.workers_info(),
+            "worker_latency": self.cluster.counters.responses.summary(self.cluster.n,
+                                                                      self.cluster.counters.respawned),
+            "worker_errors": list(self.cluster.counters.worker_errors),
             "epochs": list(self.epochs),
             "checkpoint": None if self.last_checkpoint is None else str(self.last_checkpoint),
         }
@@ -669,7 +692,9 @@ def make_cluster(cfg: TrainConfig) -> Cluster:
     from sazd.runtime.latency import straggler_latency
 
     latency = straggler_latency(cfg.stragglers, cfg.straggler_delay, cfg.latency, cfg.seed)
-    return _make(cfg.backend, cfg.n, latency=latency, seed=cfg.seed, **cfg.backend_options())
+    timeout = WORKER_TIMEOUT_S[cfg.backend] if cfg.worker_timeout_s is None else cfg.worker_timeout_s
+    return _make(cfg.backend, cfg.n, latency=latency, seed=cfg.seed, worker_timeout_s=timeout,
+                 compute_dtype=cfg.compute_dtype, **cfg.backend_options())
 
 
 def _check_resumable(cfg: TrainConfig, saved: TrainConfig) -> None:

@@ -1,0 +1,67 @@
+"""Where Ray puts the n worker actors: one placement group of n bundles, spread over nodes or packed.
+
+``spread`` (the default) asks Ray for a placement group with the ``SPREAD`` strategy: each bundle
+(one worker's CPUs and GPUs) goes to a different node while there are nodes left, then nodes are
+shared. ``pack`` (``PACK``) fills as few nodes as possible. Worker j lives in bundle j; a respawned
+worker goes back into its bundle, which Ray moves to a surviving node when its node is lost.
+
+Reserving the group is bounded by a timeout: a cluster without the resources raises
+``ClusterError`` instead of waiting for ever.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from sazd.runtime.cluster import ClusterError
+
+PLACEMENTS = {"spread": "SPREAD", "pack": "PACK"}
+
+
+def check_placement(placement: str) -> str:
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {list(PLACEMENTS)}, got {placement!r}")
+    return placement
+
+
+def reserve(n: int, bundle: dict[str, float], placement: str, timeout_s: float) -> PlacementGroup:
+    """A ready placement group of ``n`` copies of ``bundle``; ClusterError if Ray cannot place it in time."""
+    group = placement_group([dict(bundle) for _ in range(n)], strategy=PLACEMENTS[check_placement(placement)])
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(group)
+        raise ClusterError(
+            f"placement: Ray could not reserve {n} bundles of {bundle} within {timeout_s:g} s; the cluster "
+            f"has {ray.available_resources()} free; use fewer resources per worker or a bigger cluster"
+        )
+    return group
+
+
+def strategy(group: PlacementGroup, index: int) -> PlacementGroupSchedulingStrategy:
+    """Worker ``index``'s place: bundle ``index`` of ``group``."""
+    return PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=index)
+
+
+def release(group: PlacementGroup | None) -> None:
+    if group is not None:
+        remove_placement_group(group)
+
+
+def alive_nodes() -> dict[str, str]:
+    """node id -> IP address of every alive node."""
+    return {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")}
+
+
+def sharing(node_ids: Sequence[str], nodes_alive: int, placement: str) -> str | None:
+    """A warning when ``spread`` placed workers on shared nodes of a multi-node cluster, else None."""
+    per_node = Counter(node_ids)
+    shared = sum(count for count in per_node.values() if count > 1)
+    if placement != "spread" or nodes_alive <= 1 or not shared:
+        return None
+    return (f"placement spread: {len(node_ids)} workers on {len(per_node)} of {nodes_alive} alive nodes; "
+            f"{shared} workers share a node (the cluster has fewer free nodes than workers)")
