@@ -1,5 +1,5 @@
 """`sazd bench train` on the in-process backend with tiny widths: the command runs, its JSON has the
-fields, traffic counters equal the DESIGN.md formula exactly, DEU moves fewer bytes than naive once
+fields, traffic counters equal the traffic formula exactly, DEU moves fewer bytes than naive once
 the layers are wide, and stragglers cost coded training less than uncoded. No wall-clock assertions."""
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Tolerances (relative Frobenius error against the exact float64 product ``W @ X``
 - SAZD decodes with additions along zigzag chains of at most r rows, each link adding one rounding of a
   value the size of the data. With r <= 8 systematic SAZD measured <= ~50 eps (worst: 5 missing
   blocks), so ``tol = 256 * eps``. The non-systematic form solves the full k x k ring system whose
-  error grows fast with r (DESIGN.md §2) and with k: worst err/eps over n <= 12 measured, for r = 1 / 2,
+  error grows fast with r and with k: worst err/eps over n <= 12 measured, for r = 1 / 2,
   k=6: 3 / 25, k=8: 28 / 264, k=9: 401 / 1032, k=11: 2576 / 9660. So it is tested with r <= 2 and
   k <= 8 under ``tol = 2048 * eps`` (2.4e-4 in float32); beyond that it is not a usable code in float32.
 Every tolerance is checked to be < 1e-2, far below the O(1) error of a wrong decode.

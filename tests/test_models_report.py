@@ -77,8 +77,8 @@ def test_float64_model_equals_float32_model(name):
 
 
 def test_model_bad_arguments():
-    with pytest.raises(ValueError, match="unknown name 'resnet'"):
-        build_model("resnet", (1, 28, 28), 10)
+    with pytest.raises(ValueError, match="unknown name 'vgg'"):
+        build_model("vgg", (1, 28, 28), 10)
     with pytest.raises(ValueError, match=r"cnn needs \(channels, height, width\).*\(784,\)"):
         build_model("cnn", (784,), 10)
     with pytest.raises(ValueError, match="num_classes: 1"):

@@ -210,7 +210,7 @@ def test_deu_ships_the_encoded_gradient_when_it_is_narrower():
     encoded gradient C_j(dW) (fan columns per coded row) instead of C_j(dY^T) (N columns): its update
     never moves more bytes than naive's. Exactness of both paths: the CNN oracle tests."""
     code = get_code("sazd", n=5, k=3)
-    model, cluster = cnn(), InProcessCluster(5)
+    model, cluster = cnn(), InProcessCluster(5, base_time_s=0.0)  # every worker idle at each round
     parallelize(model, code, cluster, plan=CNN_PLAN, scheme="deu")
     opt = CodedOptimizer(model, OptimConfig(lr=0.05, momentum=0.9))
     xb, yb = data((1, 8, 8), steps=1)[0]

@@ -1,4 +1,4 @@
-"""Faults in the middle of a real Ray training run (issue 4).
+"""Faults in the middle of a real Ray training run.
 
 - n-k worker actors die mid-run (one through ``RayCluster.kill``, one killed behind the cluster's
   back): the master treats them as erasures, respawns and repairs them, and the run ends exactly where

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -18,6 +20,7 @@ from sazd.runtime import (
     parse_latency,
     straggler_latency,
 )
+from sazd.runtime.cluster import Broadcast, PerWorker
 from sazd.runtime.worker import Worker
 
 N, K, ROWS, COLS, BATCH = 6, 4, 8, 5, 3
@@ -285,3 +288,44 @@ def test_sgd_update_from_factors_equals_torch_sgd(step):
         param.grad = left @ inputs.T
         opt.step()
     torch.testing.assert_close(worker.weights["w"], param.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_compute_asks_every_live_worker_again_when_a_worker_of_the_round_dies():
+    """The one retry policy: the round asks the ready workers (stragglers 0 and 1 are left out);
+    worker 2 dies in it, so three answers are not enough and every live worker is asked once more."""
+    latency = Combined([FixedStragglers([0, 1], factor=10), DeadWorkers([2], after_calls=2)])
+    cluster, blocks = loaded_cluster(latency=latency, base_time_s=0.01)
+    cluster.first_k(cluster.submit("ping", Broadcast(())), K)
+    x = torch.ones(COLS, BATCH, dtype=torch.float64)
+    answers = cluster.compute("matmul", Broadcast(("w", x)), K)
+    assert answers.workers == frozenset({0, 1, 3, 4, 5}) and len(answers.results) == K
+    assert all(torch.equal(r, blocks[j] @ x) for j, r in answers.results.items())
+    cluster.kill(3)
+    cluster.kill(4)
+    with pytest.raises(ClusterError, match="needed 4 answers"):
+        cluster.compute("matmul", Broadcast(("w", x)), K)
+
+
+def test_master_time_is_measured_noted_or_ignored_by_the_cluster_alone():
+    slept = 0.05
+    clocks = {}
+    for mode in ("measured", "explicit", "ignored"):
+        cluster = InProcessCluster(2, base_time_s=0.0, master_time=mode)
+        cluster.first_k(cluster.submit("ping", Broadcast(())), 1)
+        time.sleep(slept)  # master work between two calls
+        cluster.first_k(cluster.submit("ping", Broadcast(())), 1)
+        cluster.note_master_time(1000.0)  # counts in "explicit" mode only: no double counting
+        clocks[mode] = cluster.clock
+    assert slept <= clocks["measured"] < 1000.0
+    assert clocks["explicit"] == 1000.0 and clocks["ignored"] == 0.0
+    with pytest.raises(ValueError, match="master_time"):
+        InProcessCluster(2, master_time="sometimes")
+
+
+def test_per_worker_arguments_are_explicit():
+    cluster, blocks = loaded_cluster()
+    x = torch.ones(COLS, 1, dtype=torch.float64)
+    got = cluster.wait_all(cluster.submit("matmul", PerWorker({j: ("w", x * j) for j in range(N)})))
+    assert all(torch.equal(got[j], blocks[j] @ (x * j)) for j in range(N))
+    with pytest.raises(ValueError, match="no argument tuple for workers"):
+        cluster.submit("matmul", PerWorker({0: ("w", x)}))

@@ -1,5 +1,5 @@
 """The trainer end to end on scikit-learn's digits: equal to plain PyTorch, traffic equal to the
-DESIGN.md formula, repair, clear errors before training, and the `sazd train` command."""
+traffic formula, repair, clear errors before training, and the `sazd train` command."""
 
 from __future__ import annotations
 
@@ -181,3 +181,21 @@ def test_ray_backend_matches_plain_pytorch(scheme, code, digits, ray_session):
         err = relative_weight_error(plain_state_dict(tr.model), reference_run(cfg, tr.data, 10))
     assert err < 1e-9
     assert report["iterations"] == 10 and report["cluster"]["late_results_discarded"] > 0
+
+
+@pytest.mark.parametrize(("backend", "flag"), [
+    ("ray", {"network_gbps": 10.0}), ("ray", {"base_time_s": 0.01}),
+    ("inproc", {"address": "127.0.0.1:6379"}), ("inproc", {"gpus_per_worker": 1.0})])
+def test_a_flag_of_the_other_backend_is_an_error(backend, flag):
+    (name,) = flag
+    with pytest.raises(ValueError, match=f"{name}=.* applies to backend .* only; this run uses '{backend}'"):
+        TrainConfig(backend=backend, **flag).validate()
+
+
+def test_deu_checkpoint_is_one_round_of_the_workers(digits, tmp_path):
+    cfg = config(scheme="deu", max_steps=2, plan=ALL, checkpoint_dir=str(tmp_path / "ckpt"))
+    with Trainer(cfg, data=digits) as tr:
+        tr.train()
+        rounds = tr.cluster.counters.rounds
+        tr.save_checkpoint()
+        assert tr.cluster.counters.rounds == rounds + 1  # weights, both copies and momentum at once

@@ -142,7 +142,7 @@ def hard_sets(code: Code) -> list[tuple[int, ...]]:
 
     For a systematic code with s = min(m, k) missing systematic blocks:
     - every window of s adjacent missing systematic blocks, all parity received (the longest
-      zigzag chains: the sets the brief insists on);
+      zigzag chains, the hardest sets);
     - s - 1 missing systematic blocks (first and last windows, and a non-adjacent "split" pattern:
       the first and the last blocks) together with each single parity block: the decoder must then
       use parities with larger shifts, and with m >= 4 the equations left can be irregular;

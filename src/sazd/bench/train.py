@@ -6,7 +6,7 @@ One run, three parts (an MLP ``784 -> W -> ... -> W -> 10``, every hidden layer 
 1. timing: naive and DEU on the ``--backend`` (default: real Ray actors on a local cluster, or the
    running one). Per width and scheme: mean/median iteration seconds over ``--iterations`` after
    ``--warmup``, bytes master->workers and workers->master per iteration from the cluster counters
-   next to the DESIGN.md formula (``formula_bytes``), and the master's phases (encode, worker
+   next to the traffic formula (``formula_bytes``), and the master's phases (encode, worker
    rounds, decode, update, other).
 2. projection: the same configs on the in-process backend with a simulated ``--network-gbps``
    master link (measured compute, simulated transfer): the iteration time on such a cluster.
@@ -15,16 +15,9 @@ One run, three parts (an MLP ``784 -> W -> ... -> W -> 10``, every hidden layer 
    task time (``--task-time``) on a clock that counts the workers only (the master's measured work is
    reported beside it), and with ``--backend ray`` also on Ray (real sleeps inside the actors).
 
-The formula (per coded layer, N = batch, s = element size, out/in padded to multiples of k for the
-answers, R_row/R_col = coded rows of the two copies summed over the n workers):
-  forward          to n*in*N*s              from out*N*s
-  input gradient   to n*out*N*s             from in*N*s    (not for the first layer: data needs none)
-  naive update     to (R_row*in + R_col*out)*s               both coded copies re-shipped, O(n*out*in)
-  DEU update       to (R_row*min(N,in) + R_col*min(N,out))*s encoded dY^T and X^T (the workers reuse
-                                                             the X^T and dY^T of this step's rounds),
-                                                             or the encoded gradient when narrower
-(the first layer's input needs no gradient: it keeps no column copy, R_col = 0 there)
-It assumes every worker is asked every round and the first k answers are systematic blocks: exact
+The formula is ``sazd.parallel.layer_traffic`` (one per coded layer; the first layer's input, the
+data, needs no gradient, so it has no input-gradient round and keeps no column copy). It assumes
+every worker is asked every round and the first k answers are systematic blocks: exact
 without stragglers on the in-process backend with a constant task time. On Ray, an answer from a
 parity block (longer for SAZD) or a round that skips a still-busy worker makes the count differ.
 """
@@ -101,32 +94,16 @@ def coded_pairs(dims: tuple[int, ...], min_features: int = 64) -> list[tuple[int
 
 def formula_bytes(dims: tuple[int, ...], code: Code, batch: int, scheme: str, element_size: int = 4,
                   min_features: int = 64) -> dict[str, int]:
-    """Bytes of one iteration by the DESIGN.md formula (module docstring), from the shapes alone.
+    """Bytes of one iteration of the benchmark MLP by ``sazd.parallel.layer_traffic``, from the shapes
+    alone: the coded layers of the default plan, the first of which gets the data, which needs no
+    gradient."""
+    from sazd.parallel import layer_traffic
 
-    ``bytes_sent_once``: master egress when a broadcast argument (the X^T and dY^T of a round) leaves
-    the master once, as Ray's object store or a multicast would send it; per-worker arguments (coded
-    blocks, encoded factors) still count per worker.
-    """
-    from sazd.parallel.plan import update_bytes
-
-    n, k, N, s = code.n, code.k, batch, element_size
-    to_w = from_w = once = 0
+    total = {"bytes_to_workers": 0, "bytes_from_workers": 0, "bytes_sent_once": 0}
     for i, fin, fout in coded_pairs(dims, min_features):
-        out_pad, in_pad = -(-fout // k) * k, -(-fin // k) * k
-        R_row, R_col = sum(code.block_rows(out_pad // k)), sum(code.block_rows(in_pad // k))
-        to_w += n * fin * N * s  # forward: X^T to every worker
-        once += fin * N * s
-        from_w += out_pad * N * s  # k answers of out_pad/k rows
-        if i > 0:  # input gradient: dY^T to every worker, k answers of in_pad/k rows
-            to_w += n * fout * N * s
-            once += fout * N * s
-            from_w += in_pad * N * s
-        if i == 0:  # the first layer's input needs no gradient: its column copy is not kept
-            R_col = 0
-        update = update_bytes(scheme, R_row, R_col, fin, fout, N, s)
-        to_w += update
-        once += update
-    return {"bytes_to_workers": to_w, "bytes_from_workers": from_w, "bytes_sent_once": once}
+        part = layer_traffic(code, scheme, fin, fout, batch, element_size, input_grad=i > 0)
+        total = {key: total[key] + part[key] for key in total}
+    return total
 
 
 # ------------------------------------------------------------------ measuring one config
@@ -158,8 +135,8 @@ def measure(cfg: Any, data: DataBundle, warmup: int, iterations: int, cluster: A
         recs = trainer.history[warmup:]
         engine_formula = predicted_traffic(trainer.model)
         after = trainer.cluster.counters.snapshot()
-        counters = {key: after[key] - before[key]
-                    for key in ("late_results_discarded", "backlog_kills", "repairs")}
+        counters = {key: after[key] - before[key] for key in ("late_results_discarded", "backlog_kills")}
+        counters["repairs"] = len(trainer.maintainer.repairs)
         code = trainer.code
 
     times = [r["iteration_s"] for r in recs]
@@ -298,16 +275,11 @@ def _straggler_run(args: argparse.Namespace, width: int, data: DataBundle, clust
 
 def worker_clock_cluster(n: int, **opts: Any) -> Any:
     """An in-process cluster whose simulated clock counts worker tasks (and transfers) only: the
-    master's measured work does not move it, so with a constant task time (``base_time_s``) the
-    clock, and with it every iteration time, is exactly reproducible."""
+    master's work does not move it, so with a constant task time (``base_time_s``) the clock, and
+    with it every iteration time, is exactly reproducible."""
     from sazd.runtime.inproc import InProcessCluster
 
-    class WorkerClockCluster(InProcessCluster):
-        def note_master_time(self, seconds: float) -> None:
-            if not seconds >= 0:
-                raise ValueError(f"seconds must be >= 0, got {seconds!r}")
-
-    return WorkerClockCluster(n, **opts)
+    return InProcessCluster(n, master_time="ignored", **opts)
 
 
 def straggler_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:

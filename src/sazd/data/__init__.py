@@ -34,7 +34,7 @@ __all__ = [
     "write_idx",
 ]
 
-DATASETS = ("fashion-mnist", "mnist", "kmnist", "digits", "idx")
+DATASETS = ("fashion-mnist", "mnist", "kmnist", "digits", "idx", "pystdlib", "text")  # text: sazd.data.text
 DEFAULT_DIRS: dict[str, Path] = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
 # split -> file stem; "<stem>" and "<stem>.gz" are tried, also with ".idx" in place of "-idx"
 IDX_FILES = {
@@ -99,6 +99,10 @@ def load_dataset(
         raise ValueError(f"dtype: {dtype} is not supported; use torch.float32 or torch.float64")
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed: {seed!r} must be a non-negative integer")
+    from sazd.data import text  # token windows; imported here because it builds on DataBundle
+
+    if name in text.TEXT_DATASETS:
+        return text.load_text(name, data_dir, train_limit, test_limit, seed)
     if name == "digits":
         (train_x, train_y, test_x, test_y), scale = _load_digits()
     else:

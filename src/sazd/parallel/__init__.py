@@ -1,48 +1,72 @@
 """Coded model parallelism for unchanged ``nn.Module``s.
 
 ```python
+import torch
 import sazd
 from sazd.codes import get_code
 from sazd.runtime.inproc import InProcessCluster
 
 code = get_code("sazd", n=6, k=4)
-model = sazd.parallel.parallelize(model, code, InProcessCluster(6), scheme="deu")
+model = sazd.parallelize(model, code, InProcessCluster(6))    # scheme: DEU (default) or Naive
+optimizer = sazd.coded_optimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
 ```
 """
 
-from sazd.parallel.layers import SCHEMES, CodedContext, CodedConv2d, CodedLayer, CodedLinear, PhaseStats
+from sazd.parallel.layers import CodedContext, CodedConv2d, CodedLayer, CodedLinear, PhaseStats, RoundRecord
+from sazd.parallel.optimizer import clip_grad_norm_, coded_optimizer, grad_norm
 from sazd.parallel.plan import (
     DEFAULT_MIN_FEATURES,
+    by_weight_name,
     coded_layers,
     context,
     decoded_copies,
+    layer_traffic,
     load_plain_weights,
+    load_weights,
     parallelize,
     plain_model,
     plain_state_dict,
     plain_weights,
+    plan_layers,
     predicted_traffic,
+    read_matrices,
     repair,
     resolve_plan,
 )
+from sazd.parallel.schemes import DEFAULT_SCHEME, DEU, SCHEMES, CodedWeight, Naive, Scheme, get_scheme
 
 __all__ = [
     "DEFAULT_MIN_FEATURES",
+    "DEFAULT_SCHEME",
+    "DEU",
     "SCHEMES",
     "CodedContext",
     "CodedConv2d",
     "CodedLayer",
     "CodedLinear",
+    "CodedWeight",
+    "Naive",
     "PhaseStats",
+    "RoundRecord",
+    "Scheme",
+    "by_weight_name",
+    "clip_grad_norm_",
     "coded_layers",
+    "coded_optimizer",
     "context",
     "decoded_copies",
+    "get_scheme",
+    "grad_norm",
+    "layer_traffic",
     "load_plain_weights",
+    "load_weights",
     "parallelize",
     "plain_model",
     "plain_state_dict",
     "plain_weights",
+    "plan_layers",
     "predicted_traffic",
+    "read_matrices",
     "repair",
     "resolve_plan",
 ]

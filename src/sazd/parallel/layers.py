@@ -1,4 +1,4 @@
-"""Coded Linear and Conv2d layers: the forward / backward / update algebra of DESIGN.md §3.
+"""Coded Linear and Conv2d layers: the forward / backward / update algebra.
 
 Every coded layer is one matrix product ``Y = X W^T`` with ``W`` of shape (out, in) and ``X`` of shape
 (N, in) (Linear: N = batch; Conv2d: W is (out_ch, in_ch*kh*kw) and X holds the N = batch*positions
@@ -6,11 +6,11 @@ unfolded patches). Rows are the coded axis:
 
 - forward:        worker j returns C_j(W) X^T            -> decode W X^T       (copy "<name>.row")
 - input gradient: worker j returns C_j(W^T) dY^T         -> decode W^T dY^T    (copy "<name>.col")
-- weight update:  naive  -> master forms dW = dY^T X, any torch optimizer steps W, the master
-                            re-encodes both copies and ships them (O(n*out*in) bytes);
-                  deu    -> the master encodes only dY^T and X^T; worker j applies
+- weight update:  the layer's ``Scheme`` (``sazd.parallel.schemes``): ``Naive`` hands dW = dY^T X
+                  to autograd and ships the re-encoded W after the optimizer step; ``DEU`` keeps
+                  (X, dY) and, at the step, sends the encoded factors for worker j to apply
                             C_j(W)   <- SGD(C_j(W),   C_j(dY^T) X)
-                            C_j(W^T) <- SGD(C_j(W^T), C_j(X^T) dY)     (O(n*N*(out+in)) bytes)
+                            C_j(W^T) <- SGD(C_j(W^T), C_j(X^T) dY)
 Widths not divisible by k are padded with zero rows; padded gradient rows are zero, so the padding
 stays zero under SGD and is sliced off every decoded result.
 """
@@ -18,20 +18,21 @@ stays zero under SGD and is sliced off every decoded result.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sazd.codes.base import Code
-from sazd.runtime.cluster import Cluster, ClusterError, resolve_args
-from sazd.runtime.worker import SGDStep
+from sazd.runtime.cluster import Broadcast, Cluster, ClusterError, PerWorker, resolve_args
 
-SCHEMES = ("naive", "deu")
+if TYPE_CHECKING:
+    from sazd.parallel.schemes import Scheme
 
 
 @dataclass
@@ -41,7 +42,7 @@ class PhaseStats:
     encode_s: float = 0.0
     decode_s: float = 0.0
     worker_s: float = 0.0  # in cluster calls: submit + waiting for answers (in-process: the workers' work)
-    update_s: float = 0.0  # the master optimizer's step (naive: every weight; DEU: biases, uncoded layers)
+    update_s: float = 0.0  # the optimizer's own step (naive: every weight; DEU: biases, uncoded layers)
     rows_encoded: int = 0
     rows_decoded: int = 0
     rounds: int = 0
@@ -50,16 +51,57 @@ class PhaseStats:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-class CodedContext:
-    """What all coded layers of one model share: the code, the cluster, the scheme and the counters."""
+@dataclass(frozen=True, eq=False)
+class RoundRecord:
+    """One coded round of a block: the workers asked and the inputs they multiplied (and keep, in
+    ``Worker.last_input``, until the block's next round). DEU reuses them for the step's update."""
 
-    def __init__(self, code: Code, cluster: Cluster, scheme: str) -> None:
+    key: str
+    workers: frozenset[int]
+    inputs: Tensor
+
+
+@dataclass(eq=False)
+class PendingUpdate:
+    """What a DEU layer's next optimizer step sends, in one place: the factors (X, dY) of
+    dW = dY^T X of every use since the last step, the factor on them (clipping), and the rounds of
+    the last use (forward, input gradient), whose inputs the workers they asked still hold."""
+
+    factors: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    scale: float | Tensor = 1.0
+    rounds: dict[str, RoundRecord] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.factors)
+
+    def stacked(self) -> tuple[Tensor, Tensor]:
+        """(X, dY) of every use, stacked: dW = dY^T X."""
+        if len(self.factors) == 1:
+            return self.factors[0]
+        return torch.cat([x for x, _ in self.factors]), torch.cat([d for _, d in self.factors])
+
+    def clear(self) -> None:
+        self.factors.clear()
+        self.scale = 1.0
+        self.rounds.clear()
+
+
+class CodedContext:
+    """What all coded layers of one model share: the code, the cluster, the scheme, the counters and
+    the latest round of every block."""
+
+    live: ClassVar[weakref.WeakSet[CodedContext]] = weakref.WeakSet()  # every model's, while it lives
+
+    def __init__(self, code: Code, cluster: Cluster, scheme: Scheme, model: nn.Module | None = None) -> None:
         self.code = code
         self.cluster = cluster
         self.scheme = scheme
+        self.model = None if model is None else weakref.ref(model)  # the parallelized model
+        self.left_on_master: dict[str, str] = {}  # layers the plan did not code: why
         self.stats = PhaseStats()
         self.layers: dict[str, CodedLayer] = {}
-        self.last_round: dict[str, tuple[int, frozenset[int]]] = {}  # key -> (serial, workers asked)
+        CodedContext.live.add(self)
+        self.rounds: dict[str, RoundRecord] = {}  # block key -> its latest round
         self._queued: dict[int, list[tuple[str, tuple]]] | None = None  # inside batched(): per worker
 
     # ------------------------------------------------------------ encoding
@@ -67,51 +109,29 @@ class CodedContext:
         """Pad ``T`` with zero rows to ``rows`` (a multiple of k) and encode it into n blocks."""
         start = time.perf_counter()
         coded = self.code.encode(pad_rows(T, rows))
-        self._master_time("encode_s", start)
+        self.stats.encode_s += time.perf_counter() - start
         self.stats.rows_encoded += rows
         return coded
 
     def decode(self, results: dict[int, Tensor], rows: int, device: torch.device) -> Tensor:
         start = time.perf_counter()
         out = self.code.decode({j: r.to(device) for j, r in results.items()}, rows=rows)
-        self._master_time("decode_s", start)
+        self.stats.decode_s += time.perf_counter() - start
         self.stats.rows_decoded += rows
         return out
 
-    def _master_time(self, phase: str, start: float) -> None:
-        seconds = time.perf_counter() - start
-        setattr(self.stats, phase, getattr(self.stats, phase) + seconds)
-        self.cluster.note_master_time(seconds)
-
     # -------------------------------------------------------------- rounds
-    def product(self, key: str, x: Tensor, rows: int) -> Tensor:
-        """One coded round: every ready worker multiplies its block ``key`` by ``x``; decode the first
-        k answers into the (padded) product with ``rows`` rows."""
+    def product(self, key: str, x: Tensor, rows: int) -> tuple[Tensor, RoundRecord]:
+        """One coded round: the workers multiply their block ``key`` by ``x``; the first k answers
+        decode into the (padded) product with ``rows`` rows. Returns it with the round's record."""
         start = time.perf_counter()
-        workers = self._ready()
-        serial = self.last_round.get(key, (0, frozenset()))[0] + 1
-        rnd = self.cluster.submit("matmul", (key, x), workers)
-        try:
-            results = self.cluster.first_k(rnd, self.code.k, enough=self.code.can_decode)
-        except ClusterError:
-            # A worker of the round died while busy ones were left out: ask every live worker.
-            if not self.code.can_decode(self.cluster.alive()):
-                raise
-            workers = self.cluster.alive()
-            rnd = self.cluster.submit("matmul", (key, x), workers)
-            results = self.cluster.first_k(rnd, self.code.k, enough=self.code.can_decode)
-        self.last_round[key] = (serial, frozenset(workers))  # after any retry: DEU reuses these inputs
+        answers = self.cluster.compute("matmul", Broadcast((key, x)), self.code.k, self.code.can_decode)
         self.stats.worker_s += time.perf_counter() - start
         self.stats.rounds += 1
-        return self.decode(results, rows, x.device)
+        record = self.rounds[key] = RoundRecord(key, answers.workers, x)
+        return self.decode(answers.results, rows, x.device), record
 
-    def _ready(self) -> list[int]:
-        workers = self.cluster.ready_workers(self.code.k)
-        if not self.code.can_decode(workers):  # e.g. replication: not every k-set decodes
-            workers = self.cluster.alive()
-        return workers
-
-    def send(self, method: str, args: Sequence[tuple] | tuple, workers: Sequence[int] | None = None) -> None:
+    def send(self, method: str, args: Broadcast | PerWorker, workers: Sequence[int] | None = None) -> None:
         """Fire-and-forget call to ``workers`` (default: every live one); calls to a worker run in order.
         Inside ``batched()`` the call is queued and goes out with the others when the block ends."""
         workers = self.cluster.alive() if workers is None else list(workers)
@@ -139,7 +159,7 @@ class CodedContext:
         finally:
             self._queued = None
         if queued:
-            self.send("batch", {j: (calls,) for j, calls in queued.items()}, sorted(queued))
+            self.send("batch", PerWorker({j: (calls,) for j, calls in queued.items()}), sorted(queued))
 
     def check_alive(self) -> None:
         alive = self.cluster.alive()
@@ -147,20 +167,22 @@ class CodedContext:
             raise ClusterError(f"only workers {alive} are alive, too few to decode (k={self.code.k})")
 
     def fetch_state(
-        self, keys: list[str], exclude: Sequence[int] = ()
+        self, keys: list[str], exclude: Sequence[int] = (), every: bool = False
     ) -> dict[int, dict[str, dict[str, Tensor]]]:
-        """Coded weights and momentum of ``keys`` from the first decodable set of live workers."""
+        """Coded weights and momentum of ``keys`` from the first decodable set of live workers
+        (``every``: from every live one, e.g. to keep each worker's blocks)."""
         start = time.perf_counter()
-        rnd = self.cluster.submit("state", (keys,), [j for j in self.cluster.alive() if j not in exclude])
-        states = self.cluster.first_k(rnd, self.code.k, enough=self.code.can_decode)
+        rnd = self.cluster.submit("state", Broadcast((keys,)),
+                                  [j for j in self.cluster.alive() if j not in exclude])
+        if every:
+            states = self.cluster.wait_all(rnd)
+            if not self.code.can_decode(list(states)):
+                raise ClusterError(f"only workers {sorted(states)} answered, too few to decode "
+                                   f"(k={self.code.k})")
+        else:
+            states = self.cluster.first_k(rnd, self.code.k, enough=self.code.can_decode)
         self.stats.worker_s += time.perf_counter() - start
         return states
-
-
-def ships_gradient(batch_rows: int, fan: int) -> bool:
-    """DEU: whether a coded copy's update travels as the encoded gradient (``fan`` columns per coded
-    row) rather than the encoded left factor (``batch_rows`` = N columns): whichever is smaller."""
-    return fan < batch_rows
 
 
 def pad_rows(T: Tensor, rows: int) -> Tensor:
@@ -176,29 +198,37 @@ def round_up(x: int, k: int) -> int:
 
 
 class _CodedMatmul(torch.autograd.Function):
-    """``Xm (N, in) -> Xm W^T (N, out)`` through the workers; ``weight`` is the master's W (naive) or
-    an empty handle that only makes autograd call backward (DEU)."""
+    """``Xm (N, in) -> Xm W^T (N, out)`` through the workers. ``weight`` is the parameter autograd
+    hands the weight gradient to (``Scheme.autograd_weight``: naive W, DEU an empty handle)."""
 
     @staticmethod
     def forward(ctx: Any, xm: Tensor, weight: Tensor, layer: CodedLayer) -> Tensor:
         ctx.layer = layer
         ctx.save_for_backward(xm)
-        return layer.forward_product(xm)
+        out, ctx.round = layer.forward_product(xm)
+        return out
 
     @staticmethod
     def backward(ctx: Any, dym: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         (xm,) = ctx.saved_tensors
         layer: CodedLayer = ctx.layer
         dym = dym.contiguous()
-        dx = layer.input_grad(dym) if ctx.needs_input_grad[0] else None
-        if layer.ctx.scheme == "naive":
-            return dx, (dym.T @ xm).reshape(layer.weight_shape), None
-        layer.pending.append((xm.detach(), dym.detach()))
-        return dx, None, None
+        rounds = {ctx.round.key: ctx.round}  # the rounds of this use of the layer
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx, back = layer.input_grad(dym)
+            rounds[back.key] = back
+        dw = layer.ctx.scheme.weight_grad(layer, xm, dym, rounds) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
 
 
 class CodedLayer(nn.Module):
-    """A layer whose weight lives, encoded, on the workers. Subclasses map their input to ``Xm``."""
+    """A layer whose weight lives, encoded, on the workers. Subclasses map their input to ``Xm``.
+
+    ``layer.weight`` reads the plain weight (naive: the master's parameter; DEU: decoded from k
+    workers, cached until the next update); ``state_dict`` / ``load_state_dict`` speak plain
+    weights. A weight with ``requires_grad=False`` is frozen: never updated nor shipped again.
+    """
 
     def __init__(self, name: str, module: nn.Module, ctx: CodedContext) -> None:
         super().__init__()
@@ -210,22 +240,17 @@ class CodedLayer(nn.Module):
         self.in_features = weight[0].numel()
         k = ctx.code.k
         self.out_pad, self.in_pad = round_up(self.out_features, k), round_up(self.in_features, k)
-        self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone())
+        self.bias = None if module.bias is None else nn.Parameter(
+            module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
+        self.frozen = not module.weight.requires_grad
         self.element_size = weight.element_size()
-        self.pending: list[tuple[Tensor, Tensor]] = []  # DEU: (Xm, dYm) awaiting the optimizer step
-        # rounds of the pending step: key -> ((serial, workers asked), the inputs sent)
-        self._rounds_seen: dict[str, tuple[tuple[int, frozenset[int]], Tensor]] = {}
+        self.pending = PendingUpdate()  # DEU: what the next optimizer step sends
+        self.stepped = False  # whether an optimizer made by ``coded_optimizer`` holds the weight
         self.last_rows, self.last_input_grad = 0, False  # shape of the last batch, for the bytes formula
         # The column copy serves only the input gradient. A layer whose input needs none (the first
         # layer) stops shipping/updating it; it is marked stale and rebuilt from W if ever needed.
         self.col_stale = False
-        if ctx.scheme == "naive":
-            self.weight = nn.Parameter(weight.clone())
-            self._shipped_version = -1
-            self.sync()
-        else:
-            self.register_buffer("_handle", weight.new_empty(0), persistent=False)
-            self.load_plain(weight)
+        ctx.scheme.hold(self, weight)
 
     @property
     def keys(self) -> tuple[str, str]:
@@ -237,143 +262,110 @@ class CodedLayer(nn.Module):
         row, col = self.keys
         return {row: (self.out_pad, self.out_features), col: (self.in_pad, self.in_features)}
 
-    # ---------------------------------------------------------- the algebra
-    def forward_product(self, xm: Tensor) -> Tensor:
-        if self.ctx.scheme == "naive":
-            self.sync(with_col=self.last_input_grad)
-        return self._round(self.keys[0], xm.T.contiguous(), self.out_pad)[: self.out_features].T  # W X^T
+    # ------------------------------------------------------ the plain weight
+    def __getattr__(self, name: str) -> Any:
+        if name == "weight" and self.ctx.scheme.decodes_weight:
+            return self.ctx.scheme.read_weight(self)
+        return super().__getattr__(name)
 
-    def input_grad(self, dym: Tensor) -> Tensor:
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "weight":
+            raise AttributeError(
+                f"{self.name}.weight is coded on the workers and cannot be assigned; set weights with "
+                f"model.load_state_dict(...), which encodes and ships them")
+        super().__setattr__(name, value)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        weight = self.weight
+        destination[prefix + "weight"] = weight if keep_vars else weight.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        names = {"weight": self.weight_shape}
+        if self.bias is not None:
+            names["bias"] = tuple(self.bias.shape)
+        values = {}
+        for name, shape in names.items():
+            if prefix + name not in state_dict:
+                missing_keys.append(prefix + name)
+            elif tuple(state_dict[prefix + name].shape) != shape:
+                error_msgs.append(f"size mismatch for {prefix + name}: copying a param with shape "
+                                  f"{tuple(state_dict[prefix + name].shape)}, the model's is {shape}")
+            else:
+                values[name] = state_dict[prefix + name]
+        if strict:
+            unexpected_keys.extend(key for key in state_dict if key.startswith(prefix)
+                                   and "." not in key[len(prefix):] and key[len(prefix):] not in names)
+        if "bias" in values:
+            with torch.no_grad():
+                self.bias.copy_(values["bias"])
+        if "weight" in values:
+            self.ctx.scheme.load_weight(self, values["weight"])
+
+    # ---------------------------------------------------------- the algebra
+    def forward_product(self, xm: Tensor) -> tuple[Tensor, RoundRecord]:
+        """``Xm W^T`` and the record of its round."""
+        self.ctx.scheme.before_product(self)
+        out, record = self.ctx.product(self.keys[0], xm.T.contiguous(), self.out_pad)  # W X^T
+        return out[: self.out_features].T, record
+
+    def input_grad(self, dym: Tensor) -> tuple[Tensor, RoundRecord]:
+        """``dYm W`` and the record of its round."""
         if self.col_stale:
             self.refresh_col()
-        return self._round(self.keys[1], dym.T.contiguous(), self.in_pad)[: self.in_features].T  # W^T dY^T
-
-    def _round(self, key: str, inputs: Tensor, rows: int) -> Tensor:
-        """The decoded product of block ``key`` with ``inputs``; DEU remembers the round for the update."""
-        out = self.ctx.product(key, inputs, rows)
-        if self.ctx.scheme == "deu":
-            self._rounds_seen[key] = (self.ctx.last_round[key], inputs)
-        return out
+        out, record = self.ctx.product(self.keys[1], dym.T.contiguous(), self.in_pad)  # W^T dY^T
+        return out[: self.in_features].T, record
 
     def matmul(self, xm: Tensor) -> Tensor:
         self.last_rows = xm.shape[0]
         self.last_input_grad = xm.requires_grad and torch.is_grad_enabled()
-        if self.ctx.scheme == "naive":
-            return _CodedMatmul.apply(xm, self.weight, self)
-        handle = self._handle.requires_grad_(torch.is_grad_enabled())
-        return _CodedMatmul.apply(xm, handle, self)
+        return _CodedMatmul.apply(xm, self.ctx.scheme.autograd_weight(self), self)
 
-    # ------------------------------------------------------------ updating
-    def plain_copies(self, W: Tensor) -> dict[str, Tensor]:
+    # ------------------------------------------------------------ loading
+    def matrices(self, W: Tensor) -> dict[str, Tensor]:
         """The two plain matrices the coded copies encode: {"<name>.row": W (out, in), "<name>.col": W^T}."""
         W2 = W.reshape(self.out_features, self.in_features)
         return {self.keys[0]: W2, self.keys[1]: W2.T}
 
+    plain_copies = matrices  # the earlier name
+
     def encode_plain(self, W: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Both coded copies of the plain weight ``W`` (any shape with ``out`` rows): n blocks each."""
-        copies = self.plain_copies(W)
+        copies = self.matrices(W)
         return tuple(self.ctx.encode(copies[key], self.padded[key][0]) for key in self.keys)
 
-    def load_plain(
-        self, W: Tensor, momentum: Tensor | None = None, workers: Sequence[int] | None = None
-    ) -> None:
-        """Encode plain W (and, DEU, its momentum buffer) and load the blocks on ``workers`` (all)."""
-        buffers = None if momentum is None else self.plain_copies(momentum)
-        self.load_copies(self.plain_copies(W), buffers, workers)
-
-    def load_copies(self, weights: dict[str, Tensor], momentum: dict[str, Tensor] | None = None,
-                    workers: Sequence[int] | None = None) -> None:
-        """Encode the plain row and column matrices ({key: matrix}; momentum likewise) and load them."""
+    def load_matrices(self, weights: dict[str, Tensor], momentum: dict[str, Tensor] | None = None,
+                      workers: Sequence[int] | None = None) -> None:
+        """Encode plain row/column matrices ({key: matrix}; momentum likewise) and load them on
+        ``workers`` (default: every live one)."""
         coded = {key: self.ctx.encode(weights[key], self.padded[key][0]) for key in weights}
-        buffers = None
-        if momentum is not None:
-            buffers = {key: self.ctx.encode(momentum[key], self.padded[key][0]) for key in momentum}
-        args = []
-        for j in range(self.ctx.code.n):
-            mom = None if buffers is None else {key: buffers[key][j] for key in buffers}
-            args.append(({key: coded[key][j] for key in coded}, mom))
-        self.ctx.send("load", args, workers)
+        buffers = {key: self.ctx.encode(m, self.padded[key][0]) for key, m in (momentum or {}).items()}
+        args = {j: ({key: coded[key][j] for key in coded},
+                    {key: buffers[key][j] for key in buffers} if momentum is not None else None)
+                for j in range(self.ctx.code.n)}
+        self.ctx.send("load", PerWorker(args), workers)
+        self.ctx.scheme.forget_weight(self)
         if workers is None and self.keys[1] in weights:
             self.col_stale = False
 
     def refresh_col(self) -> None:
-        """Rebuild a stale column copy on every live worker: W^T from the master (naive) or from the
-        row copy decoded from k workers, with its momentum buffer (DEU)."""
-        row, col = self.keys
-        if self.ctx.scheme == "naive":
-            self.load_copies({col: self.plain_copies(self.weight.detach())[col]})
-            return
-        states = self.ctx.fetch_state([row])
-        W = self._decode_key(states, row, "weights")
-        M = self._decode_key(states, row, "momentum")
-        self.load_copies({col: W.T}, None if M is None else {col: M.T})
-
-    def sync(self, with_col: bool = True) -> None:
-        """Naive scheme: re-encode and ship W when it changed since the last shipment (the column copy
-        only when this step needs the input gradient)."""
-        if self.weight._version == self._shipped_version:
-            return
-        copies = self.plain_copies(self.weight.detach())
-        if not with_col:
-            del copies[self.keys[1]]
-            self.col_stale = True
-        self.load_copies(copies)
-        self._shipped_version = self.weight._version
+        """Rebuild a stale column copy on every live worker from the row copy (with its momentum)."""
+        W, M = self.ctx.scheme.row_state(self)
+        col = self.keys[1]
+        self.load_matrices({col: self.matrices(W)[col]}, None if M is None else {col: self.matrices(M)[col]})
 
     def grad_norm_sq(self) -> Tensor:
         """||dW||_F^2 of the pending DEU gradient dW = dY^T X without forming dW when the N x N Gram
         matrices are smaller: ||dY^T X||^2 = sum((dY dY^T) * (X X^T))."""
-        X, dY = self._pending_factors()
+        X, dY = self.pending.stacked()
         if X.shape[0] ** 2 <= self.out_features * self.in_features:
             return ((dY @ dY.T) * (X @ X.T)).sum()
         return (dY.T @ X).square().sum()
 
-    def deu_step(self, step: SGDStep, scale: float | Tensor = 1.0) -> None:
-        """Send the pending dW = dY^T X, encoded (and scaled, e.g. by a clip factor), to the workers.
-
-        Worker j's row copy takes C_j(dW) = C_j(dY^T) X and its column copy C_j(dW^T) = C_j(X^T) dY.
-        Per copy the master sends whichever is smaller: the encoded left factor (N columns; the right
-        one is the other round's input, which the workers keep), or the encoded gradient itself
-        (``fan`` = in or out columns), when N exceeds the fan — convolutions, whose N is batch x
-        positions. Either way the update is the same linear map of the coded weights.
-        """
-        if not self.pending:
-            return
-        X, dY = self._pending_factors()
-        row, col = self.keys
-        # per copy: (left factor, the round's inputs: grad = left @ inputs^T, padded rows)
-        updates = {row: (dY.T, X.T, self.out_pad)}
-        if col in self._rounds_seen:  # the column copy served this step: keep it current
-            updates[col] = (X.T, dY.T, self.in_pad)
-        else:
-            self.col_stale = True
-        scaled = not (isinstance(scale, float) and scale == 1.0)
-        for key, (left_plain, inputs, rows) in updates.items():
-            if scaled:
-                left_plain = left_plain * scale
-            seen = self._rounds_seen.pop(key, None)
-            if ships_gradient(X.shape[0], inputs.shape[0]):
-                coded = self.ctx.encode(left_plain @ inputs.T, rows)
-                self.ctx.send("sgd_step", [(key, coded[j], step) for j in range(self.ctx.code.n)])
-                continue
-            left = self.ctx.encode(left_plain, rows)
-            # Workers asked in this step's round of the block still hold its inputs when no other round
-            # of the block came since: they get None and reuse them. The others (stragglers skipped)
-            # get the very tensor the round sent, which a store-backed cluster sends once.
-            fresh = seen is not None and len(self.pending) == 1 and self.ctx.last_round.get(key) == seen[0]
-            cached = seen[0][1] if fresh else frozenset()
-            inputs = seen[1] if fresh else inputs.contiguous()
-            self.ctx.send("sgd_update", [(key, left[j], None if j in cached else inputs, step)
-                                         for j in range(self.ctx.code.n)])
-        self.pending.clear()
-
-    def _pending_factors(self) -> tuple[Tensor, Tensor]:
-        if len(self.pending) == 1:
-            return self.pending[0]
-        return torch.cat([x for x, _ in self.pending]), torch.cat([d for _, d in self.pending])
-
-    # --------------------------------------------------- plain-weight views
-    def decode_copies(
+    # --------------------------------------------------- decoding state
+    def decode_matrices(
         self, states: dict[int, dict[str, dict[str, Tensor]]], part: str
     ) -> dict[str, Tensor] | None:
         """Decode both plain matrices {"<name>.row": W, "<name>.col": W^T} of part="weights" (or the
@@ -398,8 +390,7 @@ class CodedLayer(nn.Module):
             if blocks:
                 raise ClusterError(f"workers disagree on whether {key} has a momentum buffer")
             return None
-        device = self._handle.device if self.ctx.scheme == "deu" else self.weight.device
-        return self.ctx.decode(blocks, rows, device)[:keep]
+        return self.ctx.decode(blocks, rows, self.ctx.scheme.autograd_weight(self).device)[:keep]
 
     def extra_repr(self) -> str:
         return (

@@ -9,6 +9,7 @@ model) and ``RayCluster`` (workers are Ray actors).
 
 from __future__ import annotations
 
+import time
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -132,13 +133,23 @@ class SentTensors:
         self._entries[key] = (weakref.ref(t, lambda _: self._entries.pop(key, None)), t._version, handle)
 
 
-def resolve_args(
-    args: Sequence[tuple] | tuple | dict[int, tuple], workers: Sequence[int], n: int
-) -> tuple[dict[int, tuple], bool]:
+class Broadcast(tuple):
+    """One argument tuple for every worker called: ``Broadcast((key, x))``."""
+
+
+class PerWorker(dict):
+    """An argument tuple per worker id: ``PerWorker({j: (key, block_j) ...})``."""
+
+
+Args = Broadcast | PerWorker | tuple | Sequence[tuple] | dict[int, tuple]
+
+
+def resolve_args(args: Args, workers: Sequence[int], n: int) -> tuple[dict[int, tuple], bool]:
     """The argument tuple of each worker in ``workers`` and whether it is one broadcast tuple.
 
-    A ``tuple`` is broadcast to every worker; a ``list`` of n tuples (indexed by worker id) or a
-    ``dict`` {worker: tuple} gives per-worker arguments.
+    ``Broadcast`` (a tuple) goes to every worker, ``PerWorker`` (a dict {worker: tuple}) gives each
+    its own; a plain ``tuple`` or ``dict`` means the same, and a ``list`` of n tuples is indexed by
+    worker id.
     """
     if isinstance(args, tuple):
         return {j: args for j in workers}, True
@@ -155,9 +166,18 @@ def resolve_args(
             )
         return {j: args[j] for j in workers}, False
     raise ValueError(
-        f"args must be a tuple (broadcast), a list of n tuples or a dict {{worker: tuple}}, "
+        f"args must be Broadcast(tuple), PerWorker({{worker: tuple}}) or a list of n tuples, "
         f"got {type(args).__name__}"
     )
+
+
+@dataclass(frozen=True)
+class Answers:
+    """The answers of one compute round and the workers it asked (DEU reuses the round's inputs on
+    exactly those)."""
+
+    results: dict[int, Any]
+    workers: frozenset[int]
 
 
 class Round(ABC):
@@ -173,13 +193,11 @@ class Cluster(ABC):
     counters: Counters
 
     @abstractmethod
-    def submit(
-        self, method: str, args: Sequence[tuple] | tuple, workers: Sequence[int] | None = None
-    ) -> Round:
+    def submit(self, method: str, args: Args, workers: Sequence[int] | None = None) -> Round:
         """Call ``Worker.<method>(*args)`` on each of ``workers`` (default: every live worker).
 
-        ``args`` is one tuple for all workers (broadcast: sent once) or a sequence of n tuples
-        indexed by worker id (per-worker inputs such as coded blocks).
+        ``args``: ``Broadcast(tuple)`` for all workers or ``PerWorker({worker: tuple})`` (per-worker
+        inputs such as coded blocks); see ``resolve_args`` for the short forms.
         """
 
     @abstractmethod
@@ -217,8 +235,30 @@ class Cluster(ABC):
                 for j in range(self.n)]
 
     def note_master_time(self, seconds: float) -> None:
-        """Account for master-side work (encode, decode, update); the simulated clock advances."""
-        return None  # real backends: real time passes by itself
+        """Advance a simulated clock by ``seconds`` of master-side work (real backends: nothing to do,
+        real time passes by itself)."""
+        return None
+
+    def now(self) -> float:
+        """Seconds on this cluster's clock (real backends: wall time; in-process: simulated time)."""
+        return time.perf_counter()
+
+    def compute(self, method: str, args: Args, k: int,
+                enough: Callable[[Collection[int]], bool] | None = None) -> Answers:
+        """One compute round, the single place of the retry and first-k policy: ask the ready workers
+        (``ready_workers``; every live one when those would not satisfy ``enough``), continue with the
+        first k answers (or once ``enough`` holds). When a worker of the round dies and the busy ones
+        were left out, the round is asked once more of every live worker."""
+        workers = self.ready_workers(k)
+        if enough is not None and not enough(workers):  # e.g. replication: not every k-set decodes
+            workers = self.alive()
+        try:
+            return Answers(self.first_k(self.submit(method, args, workers), k, enough), frozenset(workers))
+        except ClusterError:
+            alive = self.alive()
+            if set(alive) <= set(workers) or not (enough(alive) if enough else len(alive) >= k):
+                raise
+            return Answers(self.first_k(self.submit(method, args, alive), k, enough), frozenset(alive))
 
     @abstractmethod
     def alive(self) -> list[int]:
@@ -246,7 +286,7 @@ class Cluster(ABC):
         round_.gathered = True
 
     def _prepare_submit(
-        self, method: str, args: Sequence[tuple] | tuple, workers: Sequence[int] | None
+        self, method: str, args: Args, workers: Sequence[int] | None
     ) -> tuple[list[int], dict[int, tuple], bool]:
         """Validate a submit; return (workers, per-worker argument tuples, broadcast?) and count the
         master's egress with each tensor sent once."""

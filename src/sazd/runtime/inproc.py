@@ -7,7 +7,12 @@ deterministic simulations) and turned into a simulated duration by the latency m
 
 Simulated clock (it mirrors Ray's semantics):
 
-- The master has a clock ``self.clock``; ``note_master_time(s)`` advances it by master-side work.
+- The master has a clock ``self.clock``. The cluster alone accounts for the master's own work
+  (encode, decode, optimizer, activations), as ``master_time`` says: ``"measured"`` (default) adds
+  the wall time between its calls (from the return of one ``submit``, ``first_k``, ``wait_all`` or
+  ``ready_workers`` to the start of the next); ``"explicit"`` (default with a constant
+  ``base_time_s``, so that the clock is reproducible) adds only what ``note_master_time(s)``
+  reports (the other modes ignore it); ``"ignored"`` keeps a clock of the workers only.
 - A call submitted at master time t reaches worker j at ``t + in_bytes / bandwidth`` (no network
   model: at t), starts when the worker is free (``busy_until[j]``; calls run in submission order)
   and finishes ``duration * latency.slowdown(j, task)`` later.
@@ -36,6 +41,7 @@ Counter conventions (the same in the Ray backend):
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
@@ -55,6 +61,24 @@ from sazd.runtime.cluster import (
 )
 from sazd.runtime.latency import LatencyModel, parse_latency
 from sazd.runtime.worker import Worker
+
+MASTER_TIME = ("explicit", "measured", "ignored")
+
+
+def _master_clock(method: Callable) -> Callable:
+    """With ``master_time="measured"``, the wall time since the cluster's last timed call returned
+    is master work: it advances the clock before ``method`` runs."""
+
+    @functools.wraps(method)
+    def timed(self: InProcessCluster, *args: Any, **kwargs: Any) -> Any:
+        if self.master_time == "measured" and self._left_at is not None:
+            self._advance(self.clock + time.perf_counter() - self._left_at)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._left_at = time.perf_counter()
+
+    return timed
 
 
 @dataclass
@@ -85,6 +109,8 @@ class InProcessCluster(Cluster):
     measured time, which makes the simulated clock exactly reproducible.
     ``max_backlog``: a worker with more unfinished calls than this is declared dead (its queue would
     only grow); ``None`` disables the check.
+    ``master_time``: how the master's own work reaches the clock, one of ``MASTER_TIME`` (see the
+    module docstring); default ``"measured"``, or ``"explicit"`` with ``base_time_s``.
     ``worker_timeout_s``: as on Ray, a worker busy with one call for longer than this (simulated time)
     is silent: it is killed at that moment, an erasure; ``None``: no timeout.
 
@@ -102,11 +128,16 @@ class InProcessCluster(Cluster):
         seed: int = 0,
         base_time_s: float | None = None,
         max_backlog: int | None = 64,
+        master_time: str | None = None,
         worker_timeout_s: float | None = None,
         compute_dtype: str | None = None,
     ) -> None:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        if master_time is None:  # a constant task time asks for a reproducible clock
+            master_time = "measured" if base_time_s is None else "explicit"
+        if master_time not in MASTER_TIME:
+            raise ValueError(f"master_time must be one of {list(MASTER_TIME)}, got {master_time!r}")
         if network_gbps is not None and not network_gbps > 0:
             raise ValueError(f"network_gbps must be > 0 (or None for no network model), got {network_gbps!r}")
         if base_time_s is not None and not base_time_s >= 0:
@@ -121,6 +152,8 @@ class InProcessCluster(Cluster):
         if worker_timeout_s is not None and not worker_timeout_s > 0:
             raise ValueError(f"worker_timeout_s must be > 0 seconds (or None), got {worker_timeout_s!r}")
         self.max_backlog = max_backlog
+        self.master_time = master_time
+        self._left_at: float | None = None  # perf_counter when the last timed call returned
         self.worker_timeout_s = worker_timeout_s
         self.compute_dtype = Worker.check_dtype(compute_dtype)
         self.counters = Counters()
@@ -138,6 +171,7 @@ class InProcessCluster(Cluster):
         self._sent = SentTensors()
 
     # ------------------------------------------------------------------ rounds
+    @_master_clock
     def submit(
         self, method: str, args: Sequence[tuple] | tuple, workers: Sequence[int] | None = None
     ) -> InProcessRound:
@@ -164,6 +198,7 @@ class InProcessCluster(Cluster):
             self.counters.failed_results += 1
         return InProcessRound(method, list(workers), calls, id(self), sent=self.clock)
 
+    @_master_clock
     def first_k(
         self, round_: Round, k: int, enough: Callable[[Collection[int]], bool] | None = None
     ) -> dict[int, Any]:
@@ -196,9 +231,10 @@ class InProcessCluster(Cluster):
                 f"{len(self.alive())} of n={self.n} workers alive{self.counters.recent_errors()}"
             )
         self.counters.late_results_discarded += len(late)
-        self._end_epoch()
+        self._mark_lagging()
         return got
 
+    @_master_clock
     def wait_all(self, round_: Round) -> dict[int, Any]:
         """Every successful answer of the round (failed workers are left out: check the keys)."""
         calls = self._take(round_)
@@ -207,9 +243,10 @@ class InProcessCluster(Cluster):
             if not call.failed:
                 self._receive(call)
                 got[call.worker] = call.value
-        self._end_epoch()
+        self._mark_lagging()
         return got
 
+    @_master_clock
     def ready_workers(self, k: int) -> list[int]:
         self._check_open()
         self._enforce_backlog()
@@ -221,7 +258,11 @@ class InProcessCluster(Cluster):
     def note_master_time(self, seconds: float) -> None:
         if not seconds >= 0:
             raise ValueError(f"seconds must be >= 0, got {seconds!r}")
-        self._advance(self.clock + seconds)
+        if self.master_time == "explicit":  # "measured" has counted it already
+            self._advance(self.clock + seconds)
+
+    def now(self) -> float:
+        return self.clock
 
     # ----------------------------------------------------------------- workers
     def alive(self) -> list[int]:
@@ -256,6 +297,7 @@ class InProcessCluster(Cluster):
             "latency": self.latency.describe(),
             "network_gbps": None if self.bytes_per_s is None else self.bytes_per_s * 8 / 1e9,
             "base_time_s": self.base_time_s,
+            "master_time": self.master_time,
             "device": self.device,
             "compute_dtype": self.compute_dtype,
             "worker_timeout_s": self.worker_timeout_s,
@@ -311,7 +353,7 @@ class InProcessCluster(Cluster):
         self.clock = t
         self.counters.sim_time_s = t
 
-    def _end_epoch(self) -> None:
+    def _mark_lagging(self) -> None:
         # Work submitted before this gather and still unfinished marks a worker as lagging.
         self._lag_until = list(self._busy_until)
 

@@ -4,7 +4,7 @@
                --backend inproc --epochs 1 --stragglers 2 --json out.json
 
 Writes a run directory (config.json, metrics.jsonl, report.json, loss.png, accuracy.png, checkpoint/),
-shows a progress bar per epoch and prints the bytes per iteration, measured and by the DESIGN.md formula
+shows a progress bar per epoch and prints the bytes per iteration, measured and by the traffic formula
 for both schemes. Bad settings (Adam with DEU, impossible n/k, a bad plan, a foreign --run-dir ...)
 exit with code 2 and a one-line message before any worker starts; a failure during training exits
 with code 1 (SIGINT/SIGTERM: 130/143) after saving a checkpoint and the report.
@@ -33,11 +33,14 @@ FLAG_FIELDS.update({flag: "code_options" for flag in ("non_systematic", "shift_u
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model and data")
-    g.add_argument("--model", default="mlp", help="mlp or cnn (default mlp)")
+    g.add_argument("--model", default="mlp", help="mlp, cnn, resnet or gpt (default mlp)")
     g.add_argument("--hidden", type=_ints, default=None,
-                   help="hidden widths, e.g. 1024,1024 (mlp) or 128 (cnn)")
-    g.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, mnist, kmnist, digits, idx")
-    g.add_argument("--data-dir", default=None, help="directory with the four IDX files")
+                   help="hidden widths, e.g. 1024,1024 (mlp), 128 (cnn), 16,32,64 (resnet stages) or "
+                        "128,4,4 (gpt channels,layers,heads)")
+    g.add_argument("--dataset", default="fashion-mnist",
+                   help="fashion-mnist, mnist, kmnist, digits, idx; text for gpt: pystdlib (Python's own "
+                        "sources) or text (--data-dir DIR)")
+    g.add_argument("--data-dir", default=None, help="directory with the four IDX files (text: your files)")
     g.add_argument("--train-limit", type=int, default=None, help="use a seeded subset of N training samples")
     g.add_argument("--test-limit", type=int, default=None, help="use a seeded subset of N test samples")
     g.add_argument("--dtype", default="float32", choices=["float32", "float64"])
@@ -153,7 +156,7 @@ def config_from_args(args: argparse.Namespace):
     """A ``TrainConfig`` from parsed flags (with --resume: the checkpoint's, overridden by given flags)."""
     from sazd.train import checkpoint
     from sazd.train.optim import OptimConfig
-    from sazd.train.trainer import TrainConfig
+    from sazd.train.trainer import BACKEND_OPTIONS, TrainConfig
 
     options = {}
     if args.non_systematic:
@@ -196,6 +199,11 @@ def config_from_args(args: argparse.Namespace):
             setattr(saved, name, getattr(fresh, name))
     for name in ("run_dir", "checkpoint_dir", "data_dir", "address", "resume", "overwrite"):
         setattr(saved, name, getattr(fresh, name))
+    given = {FLAG_FIELDS.get(flag, flag) for flag in args._given}
+    for backend, options in BACKEND_OPTIONS.items():  # on another backend the old one's options lapse
+        for name, default in options.items():
+            if backend != saved.backend and name not in given:
+                setattr(saved, name, default)
     if saved.run_dir is None and checkpoint.resume_dirs(args.resume)[0] is None:  # a bare checkpoint dir
         saved.run_dir = _new_run_dir()
     return saved
@@ -266,7 +274,8 @@ def print_summary(report: dict, cfg) -> None:
     it = report["iterations"]
     clock = "simulated" if cfg.backend == "inproc" else "wall"
     print(f"test accuracy {100 * report['test_accuracy']:.2f}% (loss {report['test_loss']:.4f}) after {it} "
-          f"iterations")
+          f"iterations" + (f"; test perplexity {report['test_perplexity']:.2f}" if "test_perplexity" in report
+                           else ""))
     if it:
         phases = ", ".join(f"{k.removesuffix('_s')} {1000 * v:.1f}" for k, v in report["phases_s"].items())
         print(f"iteration time: {1000 * report['mean_iteration_s']:.1f} ms ({clock}); "

@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sazd.parallel.optimizer import clip_grad_norm_, coded_optimizer, grad_norm
 from sazd.parallel.plan import coded_layers, context, plain_weights
-from sazd.runtime.worker import SGDStep
+from sazd.parallel.schemes import Scheme, get_scheme
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
-CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_ divides by (total_norm + 1e-6)
 
 
 @dataclass(frozen=True)
@@ -46,13 +46,14 @@ class OptimConfig:
     min_lr: float = 0.0
     clip_norm: float | None = None  # clip the global gradient norm to this (torch semantics)
 
-    def validate(self, scheme: str | None = None) -> OptimConfig:
+    def validate(self, scheme: str | Scheme | None = None) -> OptimConfig:
         """Raise a clear ValueError for a bad setting (``scheme``: also check it fits the scheme)."""
         if self.name not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.name!r}")
-        if scheme == "deu" and self.name != "sgd":
+        if scheme is not None and get_scheme(scheme).sgd_only and self.name != "sgd":
             raise ValueError(
-                f"optimizer {self.name!r} cannot run with scheme 'deu': DEU workers update their coded "
+                f"optimizer {self.name!r} cannot run with scheme {get_scheme(scheme).name!r}: DEU workers "
+                "update their coded "
                 "weights themselves, which keeps them the encoding of the true weights only for an update "
                 "linear in the weights (SGD with momentum/Nesterov/weight decay); Adam's division by "
                 "sqrt(v) is elementwise and nonlinear. Use --optimizer sgd, or --scheme naive for Adam"
@@ -112,18 +113,10 @@ def build_torch_optimizer(cfg: OptimConfig, params: Iterable[Tensor]) -> torch.o
     return cls(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-def sgd_step(cfg: OptimConfig, lr: float) -> SGDStep:
-    return SGDStep(lr=lr, momentum=cfg.momentum, dampening=cfg.dampening, nesterov=cfg.nesterov,
-                   weight_decay=cfg.weight_decay)
-
-
 class CodedOptimizer:
-    """``zero_grad()`` / ``step()`` for a parallelized model, in the torch habit.
-
-    Master parameters (biases, uncoded layers; in naive also the coded weights) step with the torch
-    optimizer of ``cfg``. DEU: each coded layer's pending gradient dY^T X is sent encoded, and the
-    workers apply the same SGD step to their coded weights and momentum buffers. Naive: the changed
-    weights are re-encoded and shipped. The LR schedule sets the lr of both every step.
+    """``zero_grad()`` / ``step()`` for a parallelized model from an ``OptimConfig``: the torch
+    optimizer of ``cfg`` over every trainable parameter (coded weights included) made coded by
+    ``coded_optimizer``, the LR schedule of ``lr_at`` and clipping by global norm kept exact in DEU.
     """
 
     def __init__(self, model: nn.Module, cfg: OptimConfig) -> None:
@@ -133,7 +126,7 @@ class CodedOptimizer:
         self.layers = coded_layers(model)
         self.named_params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         params = [p for _, p in self.named_params]
-        self.master = build_torch_optimizer(cfg, params) if params else None
+        self.master = coded_optimizer(build_torch_optimizer(cfg, params)) if params else None
         self.steps = 0
 
     @property
@@ -147,47 +140,30 @@ class CodedOptimizer:
             layer.pending.clear()
 
     def step(self) -> None:
-        if self.ctx.scheme == "deu":
-            self.ctx.check_alive()  # all layers' updates go out, or none
-        lr = self.lr
-        start = time.perf_counter()
-        scale = self._clip() if self.cfg.clip_norm is not None else 1.0
+        """The torch optimizer's step at this iteration's lr; the coded weights follow (its hook)."""
+        stats = self.ctx.stats
+        start, others = time.perf_counter(), stats.encode_s + stats.worker_s + stats.decode_s
+        if self.cfg.clip_norm is not None:
+            clip_grad_norm_(self.model, self.cfg.clip_norm)
         if self.master is not None:
             for group in self.master.param_groups:
-                group["lr"] = lr
+                group["lr"] = self.lr
             self.master.step()
-        spent = time.perf_counter() - start
-        self.ctx.stats.update_s += spent
-        self.ctx.cluster.note_master_time(spent)
-        with self.ctx.batched():  # one message per worker for all layers
-            for layer in self.layers:
-                if self.ctx.scheme == "deu":
-                    layer.deu_step(sgd_step(self.cfg, lr), scale)
-                else:
-                    layer.sync(with_col=layer.last_input_grad)  # as the last step needed
+        others = stats.encode_s + stats.worker_s + stats.decode_s - others  # the coded updates' share
+        stats.update_s += time.perf_counter() - start - others
         self.steps += 1
 
     def grad_norm(self) -> Tensor:
         """Global 2-norm of all gradients (master grads and DEU's pending dW = dY^T X)."""
-        grads = [p.grad for _, p in self.named_params if p.grad is not None]
-        sq = [torch.linalg.vector_norm(g).square() for g in grads]
-        if self.ctx.scheme == "deu":
-            sq += [layer.grad_norm_sq() for layer in self.layers if layer.pending]
-        return torch.stack(sq).sum().sqrt() if sq else torch.zeros(())
-
-    def _clip(self) -> Tensor:
-        """torch.nn.utils.clip_grad_norm_: scale every gradient by min(1, max_norm/(norm + 1e-6)); for
-        DEU layers the factor is returned and applied to dY before encoding."""
-        coef = (self.cfg.clip_norm / (self.grad_norm() + CLIP_EPS)).clamp(max=1.0)
-        for _, p in self.named_params:
-            if p.grad is not None:
-                p.grad.mul_(coef.to(p.grad))
-        return coef
+        return grad_norm(self.model)
 
     # ------------------------------------------------------------ checkpoints
-    def plain_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    def plain_state(
+        self, buffers: dict[str, Tensor] | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Optimizer state by parameter name, as for the plain model: tensors {"fc1.weight/momentum_buffer":
-        t} (DEU coded momentum decoded from k workers) and JSON metadata."""
+        t} (DEU coded momentum decoded from k workers, or ``buffers`` already decoded by name) and
+        JSON metadata."""
         tensors: dict[str, Tensor] = {}
         scalars: dict[str, Any] = {}
         if self.master is not None:
@@ -198,8 +174,8 @@ class CodedOptimizer:
                         tensors[f"{name}/{field}"] = value.detach().clone()
                     else:
                         scalars[f"{name}/{field}"] = value
-        if self.ctx.scheme == "deu":
-            _, buffers = plain_weights(self.model, momentum=True)
+        if self.ctx.scheme.decodes_weight:
+            _, buffers = plain_weights(self.model, momentum=True) if buffers is None else ({}, buffers)
             tensors.update({f"{name}/momentum_buffer": buf for name, buf in buffers.items()})
         return tensors, {"steps": self.steps, "scalars": scalars, "config": self.cfg.to_dict()}
 

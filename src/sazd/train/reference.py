@@ -64,7 +64,7 @@ def reference_run(cfg, data, iterations: int) -> nn.Module:
     """Plain PyTorch training of ``cfg``'s model (same seed and init) on the trainer's batch order
     (``sazd.data.batches`` epoch by epoch) for ``iterations`` steps; ``data`` already in cfg's dtype."""
     from sazd.data import batches
-    from sazd.models import build_model
+    from sazd.models import build_model, task_of
     from sazd.train.trainer import DTYPES
 
     model = build_model(cfg.model, data.in_shape, data.num_classes, hidden=cfg.hidden, seed=cfg.seed,
@@ -79,5 +79,5 @@ def reference_run(cfg, data, iterations: int) -> nn.Module:
                 yield xb, yb
                 count += 1
 
-    train_reference(model, stream(), cfg.optim)
+    train_reference(model, stream(), cfg.optim, loss_fn=task_of(model).loss)
     return model

@@ -1,8 +1,10 @@
-"""A run directory (config.json, metrics.jsonl, report.json, loss.png, accuracy.png) and a progress bar.
+"""A run directory (config.json, metrics.jsonl, report.json, loss.png, accuracy.png, and perplexity.png
+for language models) and a progress bar.
 
 metrics.jsonl holds one JSON object per line, appended and flushed as training goes, so a run that
 dies still leaves its history. ``plot`` draws every numeric key ending in ``loss`` into loss.png and
-every numeric key containing ``acc`` into accuracy.png, against ``iteration`` (or the line number).
+every numeric key containing ``acc`` into accuracy.png, against ``iteration`` (or the line number);
+keys containing ``perplexity`` go to perplexity.png, drawn only when some were logged.
 
 Ownership: a run directory carries the marker file ``.sazd-run`` (the run's id). sazd writes only
 into a directory it creates, an empty one, or one whose marker names the same run (``--resume``);
@@ -24,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 CONFIG, METRICS, REPORT = "config.json", "metrics.jsonl", "report.json"
-LOSS_PNG, ACC_PNG = "loss.png", "accuracy.png"
+LOSS_PNG, ACC_PNG, PPL_PNG = "loss.png", "accuracy.png", "perplexity.png"
 MARKER = ".sazd-run"
-WRITTEN = (CONFIG, METRICS, REPORT, LOSS_PNG, ACC_PNG, MARKER)  # besides the checkpoint directory
+WRITTEN = (CONFIG, METRICS, REPORT, LOSS_PNG, ACC_PNG, PPL_PNG, MARKER)  # besides the checkpoint directory
 REPORT_FORMAT = "sazd-report-1"
 
 
@@ -138,7 +140,8 @@ class RunDir:
         return json.loads((self.path / REPORT).read_text(encoding="utf-8"))
 
     def plot(self, x: str = "iteration") -> dict[str, Path]:
-        """Draw loss.png and accuracy.png from metrics.jsonl; returns {"loss": path, "accuracy": path}."""
+        """Draw loss.png and accuracy.png (and perplexity.png when logged) from metrics.jsonl; returns
+        {"loss": path, "accuracy": path[, "perplexity": path]}."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -150,8 +153,11 @@ class RunDir:
         for kind, filename, wanted in (
             ("loss", LOSS_PNG, lambda key: key.endswith("loss")),
             ("accuracy", ACC_PNG, lambda key: "acc" in key),
+            ("perplexity", PPL_PNG, lambda key: "perplexity" in key),
         ):
             series = _series(rows, x, use_index, wanted)
+            if kind == "perplexity" and not series:
+                continue
             fig, ax = plt.subplots(figsize=(6.4, 4.0))
             for key, (xs, ys) in sorted(series.items()):
                 ax.plot(xs, ys, label=key, marker="o" if len(xs) < 30 else None, markersize=3)

@@ -24,22 +24,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from sazd.codes import DecodeError, get_code
 from sazd.data import DataBundle, batches, load_dataset, num_batches
-from sazd.models import MODELS, build_model
+from sazd.maintain import CodedState, Maintainer
+from sazd.models import MODELS, build_model, task_of
 from sazd.parallel import (
+    DEFAULT_SCHEME,
     SCHEMES,
     coded_layers,
-    decoded_copies,
-    load_plain_weights,
+    context,
+    load_weights,
     parallelize,
     plain_model,
-    plain_state_dict,
     predicted_traffic,
-    repair,
     resolve_plan,
 )
 from sazd.runtime.cluster import Cluster, ClusterError
@@ -61,6 +60,13 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 RESUME_FIELDS = ("model", "dataset", "train_limit", "hidden", "code", "n", "k", "code_options", "scheme",
                  "batch_size", "optim", "dtype", "seed", "plan", "min_features")
 PHASES = ("encode_s", "decode_s", "worker_s", "update_s")
+# TrainConfig fields that configure one backend, with their defaults (unset).
+BACKEND_OPTIONS = {
+    "inproc": {"network_gbps": None, "base_time_s": None, "device": "cpu"},
+    "ray": {"address": None, "gpus_per_worker": 0.0, "placement": "spread"},
+}
+WORKER_TIMEOUT_S = {"inproc": None, "ray": 60.0}  # unset: none in-process (simulated task times may be long)
+BACKEND_FIXED = {"inproc": {"master_time": "measured"}, "ray": {}}  # what the trainer always wants
 
 
 @dataclass
@@ -77,7 +83,7 @@ class TrainConfig:
     n: int = 6
     k: int = 4
     code_options: dict[str, Any] = field(default_factory=dict)  # e.g. systematic, shift_unit, nodes
-    scheme: str = "deu"
+    scheme: str = DEFAULT_SCHEME.name
     backend: str = "ray"
     stragglers: int = 0  # the first S workers are slow ...
     straggler_delay: float = 5.0  # ... by this factor
@@ -136,6 +142,7 @@ class TrainConfig:
                                  f"got {value!r}")
         if self.plan is not None and not self.plan:
             raise ValueError("--plan names no layers; give layer names such as fc1,fc2 or leave --plan out")
+        self.backend_options()  # flags of the other backend are errors
         if self.checkpoint_every is not None and self.checkpoint_path is None:
             raise ValueError("checkpoint_every needs a place to write: with --checkpoint-every, set "
                              "--run-dir or --checkpoint-dir")
@@ -153,6 +160,19 @@ class TrainConfig:
         straggler_latency(self.stragglers, self.straggler_delay, self.latency, self.seed).bind(self.n)
         self.optim.validate(self.scheme)
         return self
+
+    def backend_options(self) -> dict[str, Any]:
+        """The options of ``backend`` (``BACKEND_OPTIONS``); a set option of the other backend is a
+        ValueError rather than silently ignored."""
+        for backend, options in BACKEND_OPTIONS.items():
+            if backend == self.backend:
+                continue
+            for name, default in options.items():
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name}={getattr(self, name)!r} applies to backend {backend!r} only; "
+                                     f"this run uses {self.backend!r}: drop it or pick that backend")
+        return {**{name: getattr(self, name) for name in BACKEND_OPTIONS[self.backend]},
+                **BACKEND_FIXED[self.backend]}
 
     def _check_device(self) -> None:
         try:
@@ -243,6 +263,7 @@ class Trainer:
         self.cfg = cfg
         self.model = build_model(cfg.model, self.data.in_shape, self.data.num_classes, hidden=cfg.hidden,
                                  seed=cfg.seed, dtype=self.dtype)
+        self.task = task_of(self.model)  # what the output scores: the loss and metrics follow it
         resolve_plan(self.model, cfg.plan, cfg.min_features)  # a bad plan fails before any worker starts
         self.data_summary = {"n_train": self.data.n_train, "n_test": self.data.n_test,
                              "in_shape": list(self.data.in_shape), "num_classes": self.data.num_classes,
@@ -255,8 +276,9 @@ class Trainer:
         try:
             parallelize(self.model, self.code, self.cluster, plan=cfg.plan, scheme=cfg.scheme,
                         min_features=cfg.min_features)
-            self.ctx = coded_layers(self.model)[0].ctx
+            self.ctx = context(self.model)
             self.opt = CodedOptimizer(self.model, cfg.optim)
+            self.maintainer = Maintainer(self.model, repair=cfg.repair)
             self.position = Position()
             if ckpt is not None:
                 self._restore(ckpt)
@@ -386,19 +408,18 @@ class Trainer:
     def step(self, xb: Tensor, yb: Tensor) -> dict[str, Any]:
         """One training iteration on batch (xb, yb); advances the position and returns its record."""
         counters, stats = self.cluster.counters, self.ctx.stats
-        c0, s0, sim0 = counters.snapshot(), stats.snapshot(), counters.sim_time_s
+        c0, s0, sim0, clock0 = counters.snapshot(), stats.snapshot(), counters.sim_time_s, self.cluster.now()
         start = time.perf_counter()
         self.model.train()
         self.opt.zero_grad()
         logits = self.model(xb)
-        loss = F.cross_entropy(logits, yb)
+        loss = self.task.loss(logits, yb)
         loss.backward()
         self.opt.step()
         wall = time.perf_counter() - start
         s1 = stats.snapshot()
         phases = {p: s1[p] - s0[p] for p in PHASES}
-        phases["master_other_s"] = max(wall - sum(phases.values()), 0.0)
-        self.cluster.note_master_time(phases["master_other_s"])  # activations, loss, autograd
+        phases["master_other_s"] = max(wall - sum(phases.values()), 0.0)  # activations, loss, autograd
         c1 = counters.snapshot()
         pos = self.position
         rec = {
@@ -407,7 +428,7 @@ class Trainer:
             "epoch": pos.epoch,
             "batch": pos.batch,
             "loss": float(loss.detach()),
-            "accuracy": float((logits.argmax(1) == yb).double().mean()),
+            "accuracy": float(self.task.correct(logits, yb)) / max(yb.numel(), 1),
             "lr": lr_at(self.opt.cfg, self.opt.steps - 1),
             "wall_s": wall,
             "sim_s": counters.sim_time_s - sim0,
@@ -419,7 +440,8 @@ class Trainer:
             "rounds": s1["rounds"] - s0["rounds"],
             **phases,
         }
-        rec["iteration_s"] = rec["sim_s"] if self.cfg.backend == "inproc" else wall
+        rec.update(self.task.metrics(rec["loss"]))
+        rec["iteration_s"] = self.cluster.now() - clock0  # the cluster's clock: simulated or wall
         pos.iteration += 1
         pos.batch += 1
         self.history.append(rec)
@@ -428,12 +450,11 @@ class Trainer:
         return rec
 
     def _after_iteration(self) -> None:
-        if self.cfg.repair:
-            self.repair_dead()
-        alive = self.cluster.alive()
-        if not self.code.can_decode(alive):
-            raise ClusterError(f"fewer than k={self.code.k} workers alive ({alive})")
-        if len(alive) == self.code.k and not self._exhausted_saved:
+        self.maintainer.steps = self.position.iteration
+        for info in self.maintainer.step():
+            if self.run is not None:
+                self.run.log({"kind": "repair", **info})
+        if self.maintainer.spare == 0 and not self._exhausted_saved:
             if self.cfg.checkpoint_path is not None:  # no redundancy left: save while we still can
                 self.save_checkpoint()
             self._exhausted_saved = True
@@ -450,7 +471,7 @@ class Trainer:
         recs = [r for r in self.history if r["epoch"] == pos.epoch]
         test_loss, test_acc = self.evaluate()
         rec = {"kind": "epoch", "epoch": pos.epoch, "iteration": pos.iteration, "test_loss": test_loss,
-               "test_accuracy": test_acc}
+               "test_accuracy": test_acc, **self.task.metrics(test_loss, "test_")}
         if recs:
             rec["train_loss"] = sum(r["loss"] for r in recs) / len(recs)
             rec["train_accuracy"] = sum(r["accuracy"] for r in recs) / len(recs)
@@ -470,29 +491,19 @@ class Trainer:
         loss_sum, correct = 0.0, 0
         for i in range(0, x.shape[0], chunk):
             logits = plain(x[i:i + chunk])
-            loss_sum += float(F.cross_entropy(logits, y[i:i + chunk], reduction="sum"))
-            correct += int((logits.argmax(1) == y[i:i + chunk]).sum())
-        n = max(x.shape[0], 1)
+            loss_sum += float(self.task.loss(logits, y[i:i + chunk], reduction="sum"))
+            correct += int(self.task.correct(logits, y[i:i + chunk]))
+        n = max(y.numel(), 1)  # scored positions: samples, or samples x tokens
         return loss_sum / n, correct / n
 
     # --------------------------------------------------------------- repair
     def repair_dead(self) -> list[dict[str, Any]]:
-        """Respawn and repair every dead worker (decode from k live ones); record each repair."""
-        done = []
-        for j in range(self.code.n):
-            if j in self.cluster.alive() or not self.code.can_decode(self.cluster.alive()):
-                continue
-            try:
-                self.cluster.respawn(j)
-            except (ClusterError, NotImplementedError):
-                continue
-            start = time.perf_counter()
-            info = repair(self.model, j)
-            info.update(iteration=self.position.iteration, seconds=time.perf_counter() - start)
-            self.cluster.counters.repairs.append(info)
+        """Respawn and repair every dead worker now (``Maintainer.repair_dead``); log each repair."""
+        self.maintainer.steps = self.position.iteration
+        done = self.maintainer.repair_dead()
+        for info in done:
             if self.run is not None:
                 self.run.log({"kind": "repair", **info})
-            done.append(info)
         return done
 
     # ----------------------------------------------------------- checkpoints
@@ -502,24 +513,13 @@ class Trainer:
         if path is None:
             raise ValueError("no checkpoint directory: set run_dir or checkpoint_dir")
         schedule = self.cluster.schedule_state()
-        optim_tensors, optim_meta = self.opt.plain_state()
+        state = self.maintainer.state(blocks=True)  # one round of the workers: blocks and decoded state
+        optim_tensors, optim_meta = self.opt.plain_state(state.momentum)
         meta = {"run_id": self.run_id, "position": dataclasses.asdict(self.position), "optim": optim_meta,
                 "config": to_jsonable(self.cfg.to_dict()), "code": repr(self.code),
                 "data": to_jsonable(self.data_summary), "schedule": schedule}
-        columns, coded = {}, {}
-        if self.cfg.scheme == "deu":
-            copies, buffers = decoded_copies(self.model, momentum=True)
-            for layer in coded_layers(self.model):
-                col = layer.keys[1]
-                columns[col] = copies[col]
-                if col in buffers:
-                    columns[f"{col}/momentum_buffer"] = buffers[col]
-            states = self.cluster.wait_all(self.cluster.submit("state", (None,)))
-            coded = {f"{j}/{key}{suffix}": t for j, state in states.items()
-                     for part, suffix in (("weights", ""), ("momentum", "/momentum_buffer"))
-                     for key, t in state[part].items()}
-        ckpt = checkpoint.Checkpoint(model=plain_state_dict(self.model), optim=optim_tensors, meta=meta,
-                                     rng=torch.get_rng_state(), columns=columns, coded=coded)
+        ckpt = checkpoint.Checkpoint(model=state.model, optim=optim_tensors, meta=meta,
+                                     rng=torch.get_rng_state(), columns=state.columns, coded=state.blocks)
         self.cluster.load_schedule_state(schedule)  # saving's own rounds leave no trace in the schedule
         self.last_checkpoint = checkpoint.save(path, ckpt)
         self._checkpoint_iteration = self.position.iteration
@@ -535,18 +535,16 @@ class Trainer:
         momentum = {key.split("/")[0]: t for key, t in ckpt.optim.items()
                     if key.split("/")[0] in coded and key.endswith("/momentum_buffer")}
         columns = {}
-        if self.cfg.scheme == "deu":
+        if self.ctx.scheme.decodes_weight:
             for layer in layers:
                 col = layer.keys[1]
-                columns[col] = layer.plain_copies(torch.zeros(layer.weight_shape, dtype=self.dtype))[col]
+                columns[col] = layer.matrices(torch.zeros(layer.weight_shape, dtype=self.dtype))[col]
                 if momentum:
                     columns[f"{col}/momentum_buffer"] = columns[col]
+        else:
+            momentum = {}  # naive: the torch optimizer holds the momentum
         checkpoint.check_tensors("columns", ckpt.columns, columns)
-        load_plain_weights(self.model, ckpt.model, momentum, columns=ckpt.columns)
-        with torch.no_grad():
-            for name, t in self.model.state_dict().items():
-                if name not in coded:  # coded weights were loaded (and shipped) above
-                    t.copy_(ckpt.model[name])
+        self.maintainer.load_state(CodedState(ckpt.model, momentum, ckpt.columns))
         self.opt.load_master_state(ckpt.optim, ckpt.meta["optim"])
         torch.set_rng_state(ckpt.rng)
         self.position = Position(**ckpt.meta["position"])
@@ -561,7 +559,7 @@ class Trainer:
             for j in state["dead"]:
                 self.cluster.respawn(j)
                 state["incarnation"][j], state["tasks"][j] = state["incarnation"][j] + 1, 0
-            load_plain_weights(self.model, ckpt.model, momentum, columns=ckpt.columns)
+            load_weights(self.model, ckpt.model, momentum or None, columns=ckpt.columns or None)
             self._load_coded(ckpt.coded, [j for j in range(self.code.n) if j not in state["dead"]])
             self.cluster.load_schedule_state({**state, "dead": []})
         else:
@@ -570,7 +568,7 @@ class Trainer:
     def _load_coded(self, coded: dict[str, Tensor], workers: list[int]) -> None:
         """DEU: give ``workers`` (those alive when the checkpoint was saved) their coded blocks exactly
         as saved, after checking them against the blocks just encoded (names, shapes, dtypes)."""
-        if self.cfg.scheme != "deu":
+        if not self.ctx.scheme.decodes_weight:
             checkpoint.check_tensors("coded", coded, {})
             return
         states = self.cluster.wait_all(self.cluster.submit("state", (None,), workers))
@@ -627,7 +625,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- report
     def report(self) -> dict[str, Any]:
-        """Summary of the run: accuracy, traffic vs the DESIGN.md formula, per-phase times."""
+        """Summary of the run: accuracy, traffic vs the traffic formula, per-phase times."""
         iters = self.history
         count = max(len(iters), 1)
         if not self.epochs or self.epochs[-1]["iteration"] != self.position.iteration:
@@ -645,6 +643,8 @@ class Trainer:
             "status": "completed",
             "test_accuracy": test_acc,
             "test_loss": test_loss,
+            **self.task.metrics(test_loss, "test_"),
+            "task": self.task.name,
             "train_loss": iters[-1]["loss"] if iters else None,
             "iterations": len(iters),
             "position": dataclasses.asdict(self.position),
@@ -664,7 +664,7 @@ class Trainer:
             "phases_s": {p: mean(p) for p in (*PHASES, "master_other_s")} if iters else {},
             "rows_encoded": sum(r["rows_encoded"] for r in iters),
             "rows_decoded": sum(r["rows_decoded"] for r in iters),
-            "repairs": list(self.cluster.counters.repairs),
+            "repairs": list(self.maintainer.repairs),
             "cluster": self.cluster.counters.snapshot(),
             "cluster_settings": self.cluster.describe(),
             "workers": self.cluster.workers_info(),
@@ -692,13 +692,9 @@ def make_cluster(cfg: TrainConfig) -> Cluster:
     from sazd.runtime.latency import straggler_latency
 
     latency = straggler_latency(cfg.stragglers, cfg.straggler_delay, cfg.latency, cfg.seed)
-    if cfg.backend == "inproc":
-        return _make("inproc", cfg.n, latency=latency, network_gbps=cfg.network_gbps, device=cfg.device,
-                     seed=cfg.seed, base_time_s=cfg.base_time_s, worker_timeout_s=cfg.worker_timeout_s,
-                     compute_dtype=cfg.compute_dtype)
-    return _make("ray", cfg.n, latency=latency, address=cfg.address, gpus_per_worker=cfg.gpus_per_worker,
-                 seed=cfg.seed, worker_timeout_s=cfg.worker_timeout_s or 60.0, placement=cfg.placement,
-                 compute_dtype=cfg.compute_dtype)
+    timeout = WORKER_TIMEOUT_S[cfg.backend] if cfg.worker_timeout_s is None else cfg.worker_timeout_s
+    return _make(cfg.backend, cfg.n, latency=latency, seed=cfg.seed, worker_timeout_s=timeout,
+                 compute_dtype=cfg.compute_dtype, **cfg.backend_options())
 
 
 def _check_resumable(cfg: TrainConfig, saved: TrainConfig) -> None:

@@ -1,0 +1,132 @@
+"""Torch optimizers on coded models: ``coded_optimizer(torch.optim.SGD(model.parameters(), ...))``.
+
+A coded layer's weight reaches the optimizer as a ``CodedWeight`` parameter. ``coded_optimizer``
+checks that the optimizer can step it in the layer's scheme (DEU: ``torch.optim.SGD`` only) and hooks
+the optimizer's ``step``; each step then reads every coded weight's parameter group (lr, momentum,
+dampening, Nesterov, weight decay — as any ``torch.optim.lr_scheduler`` left them) and calls the
+scheme's ``after_step``:
+
+    optimizer.step()                               torch steps the master's parameters, then
+      -> _after_step(optimizer)                    this hook, per coded weight and its group:
+        -> DEU.after_step(layer, group)            encode the pending dY^T (and X^T), queue updates
+          -> CodedContext.send("sgd_update", ...)  one Worker.batch message per worker
+            -> Worker.sgd_update(key, left, x, step)  C_j(W) <- SGD(C_j(W), C_j(dY^T) X)
+
+Stepping a DEU model with an optimizer while no optimizer made by ``coded_optimizer`` holds its coded
+weights raises at that step (they would silently stay unchanged). Clip with
+``clip_grad_norm_(model, max_norm)``: torch's own sees no DEU weight gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from sazd.parallel.layers import CodedContext, CodedLayer
+from sazd.parallel.plan import coded_layers
+from sazd.parallel.schemes import CodedWeight
+
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_ divides by (total_norm + 1e-6)
+
+
+def coded_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Make ``optimizer`` step the coded weights among its parameters; returns ``optimizer``.
+
+    Raises TypeError at once when it cannot keep the code (DEU with anything but torch.optim.SGD)."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"coded_optimizer takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    for layer, group in _coded_weights(optimizer):
+        layer.ctx.scheme.check_optimizer(optimizer, group, layer)
+        layer.stepped = True  # by a hooked optimizer
+    if getattr(optimizer, "_sazd_hooked", False):
+        return optimizer
+    optimizer.register_step_pre_hook(_before_step)
+    optimizer.register_step_post_hook(_after_step)
+    optimizer.zero_grad = _zero_grad(optimizer, optimizer.zero_grad)
+    optimizer._sazd_hooked = True
+    return optimizer
+
+
+def _zero_grad(optimizer: torch.optim.Optimizer, zero_grad: Callable[..., None]) -> Callable[..., None]:
+    """``optimizer.zero_grad`` that also drops the DEU gradients its coded weights keep."""
+
+    @functools.wraps(zero_grad)
+    def wrapped(*args: Any, **kwargs: Any) -> None:
+        zero_grad(*args, **kwargs)
+        for layer, _ in _coded_weights(optimizer):
+            layer.pending.clear()
+
+    return wrapped
+
+
+def grad_norm(model: nn.Module) -> Tensor:
+    """Global 2-norm of every gradient of a parallelized model, DEU's dW = dY^T X kept for the
+    workers (``layer.pending``) included."""
+    sq = [torch.linalg.vector_norm(p.grad).square() for p in model.parameters() if p.grad is not None]
+    sq += [layer.grad_norm_sq() for layer in coded_layers(model) if layer.pending]
+    return torch.stack(sq).sum().sqrt() if sq else torch.zeros(())
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for a parallelized model (torch's own sees no DEU weight
+    gradient): scale every gradient by min(1, max_norm / (norm + 1e-6)); DEU layers scale theirs when
+    they send it. Returns the norm before clipping."""
+    norm = grad_norm(model)
+    coef = (max_norm / (norm + CLIP_EPS)).clamp(max=1.0)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(coef.to(p.grad))
+    for layer in coded_layers(model):
+        if layer.pending:
+            layer.pending.scale = coef
+    return norm
+
+
+def _coded_weights(optimizer: torch.optim.Optimizer) -> Iterator[tuple[CodedLayer, dict[str, Any]]]:
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if isinstance(param, CodedWeight):
+                yield param.layer, group
+
+
+def _before_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    contexts = {id(layer.ctx): layer.ctx for layer, _ in _coded_weights(optimizer)}
+    for ctx in contexts.values():
+        ctx.scheme.before_step(ctx)
+
+
+def _after_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    by_context: dict[int, tuple[CodedContext, list[tuple[CodedLayer, dict[str, Any]]]]] = {}
+    for layer, group in _coded_weights(optimizer):
+        layer.ctx.scheme.check_optimizer(optimizer, group, layer)  # groups may have been added since
+        by_context.setdefault(id(layer.ctx), (layer.ctx, []))[1].append((layer, group))
+    for ctx, items in by_context.values():
+        with ctx.batched():  # one message per worker for all layers
+            for layer, group in items:
+                ctx.scheme.after_step(layer, group)
+
+
+def _refuse_unhooked(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    """After every optimizer's step: when it steps a parallelized model, that model's coded weights
+    must have an optimizer that updates them; else their gradients would pile up, unapplied."""
+    if getattr(optimizer, "_sazd_hooked", False):
+        return
+    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    pending = sorted({layer.name for layer, _ in _coded_weights(optimizer) if layer.pending})
+    for ctx in list(CodedContext.live):
+        model = None if ctx.model is None else ctx.model()
+        if model is not None and any(id(p) in params for p in model.parameters()):
+            pending += [m.name for m in ctx.layers.values() if m.pending and not m.stepped]
+    if pending:
+        raise RuntimeError(
+            f"{type(optimizer).__name__}.step() left the coded weights of {sorted(set(pending))} unchanged "
+            "(their gradient lives on the workers); create the optimizer as "
+            "sazd.coded_optimizer(torch.optim.SGD(model.parameters(), ...))")
+
+
+register_optimizer_step_post_hook(_refuse_unhooked)
