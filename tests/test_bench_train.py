@@ -41,7 +41,7 @@ def test_command_json_fields_and_files(tmp_path, capsys) -> None:
     assert all(r["network_gbps"] == 10.0 for r in rep["projection"])
     for part in ("timing", "projection"):  # at width 192 the weights outweigh a batch of 8 by far
         naive, deu = (next(r for r in rep[part] if r["width"] == 192 and r["scheme"] == scheme)
-                      for scheme in bench.SCHEMES)
+                      for scheme in bench.scheme_names())
         assert deu["bytes_to_workers"] < naive["bytes_to_workers"]
         assert next(r for r in rep[f"{part}_ratios"] if r["width"] == 192)["bytes_ratio"] > 1
     for name in ("timing", "projection"):

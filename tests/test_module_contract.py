@@ -337,3 +337,23 @@ def test_deu_state_with_every_workers_blocks_is_still_one_round():
     assert sorted({key.split("/")[0] for key in state.blocks}) == ["0", "1", "2", "3", "4"]
     assert torch.equal(state.blocks["2/mid.row"], cluster.workers[2].weights["mid.row"])
     assert relative_weight_error(state.model, keeper.state().model) == 0
+
+
+def test_decode_device_is_checked_and_decoding_there_returns_to_the_activations_device(digits):
+    """The master decodes where it is told (its GPU when it has one) and hands the product back on
+    the activations' device; a device this machine lacks is refused before any round."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).double()
+    model = copy.deepcopy(plain)
+    cluster = InProcessCluster(6)
+    code = get_code("sazd", 6, 4)
+    sazd.parallelize(model, code, cluster, plan={"0": "coded", "2": "coded"}, decode_device="cpu")
+    x = digits.train_x[:16].reshape(16, -1)
+    torch.testing.assert_close(model(x), plain(x), rtol=1e-12, atol=1e-12)
+    absent = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ValueError, match="decode_device"):
+        sazd.parallelize(copy.deepcopy(plain), code, InProcessCluster(6), decode_device=f"cuda:{absent}")
+    with pytest.raises(ValueError, match="decode_device"):
+        sazd.parallelize(copy.deepcopy(plain), code, InProcessCluster(6), decode_device="tpu")
+    with pytest.raises(TypeError, match="decode_device"):
+        sazd.parallelize(copy.deepcopy(plain), code, InProcessCluster(6), decode_device=3)

@@ -27,7 +27,7 @@ import pytest
 from _support import digits_config
 from sazd.parallel import plain_state_dict, plain_weights
 from sazd.runtime.cluster import ClusterError, Counters
-from sazd.runtime.ray_backend import wait_until
+from sazd.runtime.ray_backend import process_tree, wait_until
 from sazd.train import checkpoint
 from sazd.train.optim import OptimConfig
 from sazd.train.reference import reference_run, relative_weight_error
@@ -264,22 +264,8 @@ def test_an_address_where_no_cluster_answers_fails_fast_with_one_line(tmp_path):
 
 
 def descendants(pid: int) -> set[int]:
-    """PIDs of every process below ``pid`` (read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.add(child)
-            todo.append(child)
-    return out
+    """PIDs of every process below ``pid``."""
+    return {p for p, _ in process_tree([pid])} - {pid}
 
 
 def process_name(pid: int) -> str:

@@ -111,6 +111,7 @@ def part_iteration(args: argparse.Namespace, cluster: Any, width: int) -> dict[s
 
     from sazd.bench.train import synthetic_data
     from sazd.data import batches
+    from sazd.parallel.schemes import DEU
     from sazd.train.optim import OptimConfig
     from sazd.train.trainer import TrainConfig, Trainer
 
@@ -119,7 +120,7 @@ def part_iteration(args: argparse.Namespace, cluster: Any, width: int) -> dict[s
     out: dict[str, Any] = {"width": width}
     for backend in ("ray", "inproc"):
         cfg = TrainConfig(model="mlp", dataset="synthetic", hidden=(width, width), code=args.code, n=args.n,
-                          k=args.k, scheme="deu", backend=backend, batch_size=128, seed=args.seed,
+                          k=args.k, scheme=DEU.name, backend=backend, batch_size=128, seed=args.seed,
                           optim=OptimConfig(lr=0.01, momentum=0.9), show_progress=False)
         with Trainer(cfg, cluster=cluster if backend == "ray" else None, data=data) as trainer:
             # the blocks are loaded (in-process: at once; Ray: calls run in order, so a ping answers after)

@@ -45,8 +45,18 @@ if TYPE_CHECKING:
 PHASES = ("encode_s", "worker_s", "decode_s", "update_s", "master_other_s")
 MASTER_PHASES = ("encode_s", "decode_s", "update_s", "master_other_s")
 PARTS = ("timing", "projection", "stragglers")
-SCHEMES = ("naive", "deu")
 IN_SHAPE, CLASSES = (1, 28, 28), 10  # fashion-mnist shaped
+
+
+def scheme_names() -> tuple[str, str]:
+    """The two schemes compared, naive first (imported here: `sazd --help` stays free of torch)."""
+    from sazd.parallel.schemes import DEU, Naive
+
+    return Naive.name, DEU.name
+
+
+def _deu() -> str:
+    return scheme_names()[1]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -196,9 +206,9 @@ def part_timing(args: argparse.Namespace, widths: list[int], data: DataBundle) -
     from sazd.train.trainer import make_cluster
 
     rows = []
-    with make_cluster(config(args, widths[0], "deu", args.backend)) as cluster:
+    with make_cluster(config(args, widths[0], _deu(), args.backend)) as cluster:
         for width in widths:
-            for scheme in SCHEMES:
+            for scheme in scheme_names():
                 start = time.perf_counter()
                 cfg = config(args, width, scheme, args.backend)
                 row = measure(cfg, data, args.warmup, args.iterations, cluster)
@@ -211,7 +221,7 @@ def part_timing(args: argparse.Namespace, widths: list[int], data: DataBundle) -
 def part_projection(args: argparse.Namespace, widths: list[int], data: DataBundle) -> list[dict[str, Any]]:
     rows = []
     for width in widths:
-        for scheme in SCHEMES:
+        for scheme in scheme_names():
             start = time.perf_counter()
             cfg = config(args, width, scheme, "inproc", network_gbps=args.network_gbps)
             row = measure(cfg, data, args.warmup, args.iterations)
@@ -242,7 +252,8 @@ def part_stragglers(
         with contextlib.ExitStack() as stack:
             cluster = None
             if backend == "ray":
-                cluster = stack.enter_context(make_cluster(config(args, width, "deu", "ray", code=code, n=n)))
+                cfg = config(args, width, _deu(), "ray", code=code, n=n)
+                cluster = stack.enter_context(make_cluster(cfg))
             for s in (0, args.stragglers):
                 start = time.perf_counter()
                 row = _straggler_run(args, width, data, cluster, code, n, s)
@@ -259,12 +270,12 @@ def _straggler_run(args: argparse.Namespace, width: int, data: DataBundle, clust
     if cluster is not None:
         factor = args.straggler_delay if s else 1.0
         cluster.wait_all(cluster.submit("set_delay", (factor,), list(range(args.stragglers))))
-        return measure(config(args, width, "deu", "ray", code=code, n=n), data, args.warmup, args.iterations,
+        return measure(config(args, width, _deu(), "ray", code=code, n=n), data, args.warmup, args.iterations,
                        cluster)
     from sazd.runtime.latency import straggler_latency
 
     latency = straggler_latency(s, args.straggler_delay)
-    cfg = config(args, width, "deu", "inproc", code=code, n=n)
+    cfg = config(args, width, _deu(), "inproc", code=code, n=n)
     with worker_clock_cluster(n, latency=latency, base_time_s=args.task_time, seed=args.seed) as sim:
         row = measure(cfg, data, args.warmup, args.iterations, sim)
     master = sum(row["phases_s"][p] for p in MASTER_PHASES)
@@ -299,8 +310,9 @@ def scheme_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per width: DEU speedup (naive time / DEU time) and bytes ratio naive / DEU (both directions)."""
     out = []
     for width in dict.fromkeys(r["width"] for r in rows):
-        naive = next(r for r in rows if r["width"] == width and r["scheme"] == "naive")
-        deu = next(r for r in rows if r["width"] == width and r["scheme"] == "deu")
+        naive_name, deu_name = scheme_names()
+        naive = next(r for r in rows if r["width"] == width and r["scheme"] == naive_name)
+        deu = next(r for r in rows if r["width"] == width and r["scheme"] == deu_name)
 
         def total(r: dict[str, Any], prefix: str) -> float:
             return r[f"{prefix}_to_workers"] + r[f"{prefix}_from_workers"]
@@ -388,7 +400,7 @@ def format_report(rep: dict[str, Any]) -> str:
         by = {(r["width"], r["scheme"]): r for r in rep["projection"]}
         rows = []
         for ratio in rep["projection_ratios"]:
-            naive, deu = by[ratio["width"], "naive"], by[ratio["width"], "deu"]
+            naive, deu = (by[ratio["width"], name] for name in scheme_names())
             rows.append([ratio["width"], f"{naive['mean_s']:.3f}", f"{deu['mean_s']:.3f}",
                          f"{ratio['speedup_deu']:.2f}x", f"{naive['min_s']:.3f}", f"{deu['min_s']:.3f}",
                          _mb(_total_bytes(naive)), _mb(_total_bytes(deu)), f"{naive['link_s']:.3f}",

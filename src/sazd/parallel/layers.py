@@ -92,8 +92,10 @@ class CodedContext:
 
     live: ClassVar[weakref.WeakSet[CodedContext]] = weakref.WeakSet()  # every model's, while it lives
 
-    def __init__(self, code: Code, cluster: Cluster, scheme: Scheme, model: nn.Module | None = None) -> None:
+    def __init__(self, code: Code, cluster: Cluster, scheme: Scheme, model: nn.Module | None = None,
+                 decode_device: torch.device | None = None) -> None:
         self.code = code
+        self.decode_device = decode_device  # where the master decodes (None: where the activations are)
         self.cluster = cluster
         self.scheme = scheme
         self.model = None if model is None else weakref.ref(model)  # the parallelized model
@@ -115,7 +117,8 @@ class CodedContext:
 
     def decode(self, results: dict[int, Tensor], rows: int, device: torch.device) -> Tensor:
         start = time.perf_counter()
-        out = self.code.decode({j: r.to(device) for j, r in results.items()}, rows=rows)
+        where = device if self.decode_device is None else self.decode_device
+        out = self.code.decode({j: r.to(where) for j, r in results.items()}, rows=rows).to(device)
         self.stats.decode_s += time.perf_counter() - start
         self.stats.rows_decoded += rows
         return out

@@ -18,6 +18,7 @@ import copy
 import warnings
 from collections.abc import Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from sazd.codes.base import Code
@@ -37,6 +38,7 @@ def parallelize(
     plan: Mapping[str, str] | None = None,
     scheme: str | Scheme = DEFAULT_SCHEME,
     min_features: int = DEFAULT_MIN_FEATURES,
+    decode_device: str | torch.device | None = None,
 ) -> nn.Module:
     """Replace the planned layers of ``model`` (in place) by coded layers whose weights live, encoded
     by ``code``, on the ``cluster``'s workers; returns ``model``.
@@ -45,8 +47,11 @@ def parallelize(
     optimizer works; the weights are re-encoded and shipped after each change); ``DEU`` (default)
     keeps no plain weight on the master: the workers update their coded weights. Either way, step with
     ``sazd.coded_optimizer(torch.optim.SGD(model.parameters(), ...))`` (naive: any optimizer).
+    ``decode_device``: where the master decodes the workers' answers (e.g. ``"cuda"`` on a master with
+    a GPU; default: the device of the activations); decoded products return to the activations' device.
     """
     scheme = get_scheme(scheme)
+    decode_device = check_decode_device(decode_device)
     if cluster.n != code.n:
         raise ValueError(f"cluster has n={cluster.n} workers but the code needs n={code.n}; make them equal")
     if not code.can_decode(cluster.alive()):
@@ -58,7 +63,7 @@ def parallelize(
     if refused:
         warnings.warn("left on the master: " + "; ".join(f"{n}: {w}" for n, w in refused.items()),
                       UserWarning, stacklevel=2)
-    ctx = CodedContext(code, cluster, scheme, model)
+    ctx = CodedContext(code, cluster, scheme, model, decode_device)
     ctx.left_on_master = left
     for name, module in targets.items():
         cls = CodedConv2d if isinstance(module, nn.Conv2d) else CodedLinear
@@ -70,6 +75,26 @@ def parallelize(
 def resolve_plan(model: nn.Module, plan: Mapping[str, str] | None, min_features: int) -> dict[str, nn.Module]:
     """The submodules to code, checked: every name exists and every layer can be coded."""
     return plan_layers(model, plan, min_features)[0]
+
+
+def check_decode_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a usable ``torch.device`` (None stays None); a clear error for a bad or absent one."""
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"decode_device must be a device name or torch.device, got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"decode_device {device!r} is not a device ({err}); use 'cpu' or 'cuda'") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"decode_device {device}: this machine has {count} usable CUDA device(s); "
+                             "decode on 'cpu'")
+    elif device.type != "cpu":
+        raise ValueError(f"decode_device {device}: only cpu and cuda are supported")
+    return device
 
 
 def plan_layers(model: nn.Module, plan: Mapping[str, str] | None, min_features: int,

@@ -129,7 +129,7 @@ def _start_time(pid: int) -> int | None:
         return None
 
 
-def _process_tree(roots: Collection[int]) -> list[tuple[int, int]]:
+def process_tree(roots: Collection[int]) -> list[tuple[int, int]]:
     """(pid, start time) of ``roots`` and every process below them, read from /proc."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -540,7 +540,7 @@ class RayCluster(Cluster):
             return
         self._closed = True
         actors, group, self.actors = self.actors, self._group, []
-        ours = _process_tree([proc.pid for _, proc in self._ray_procs if proc.poll() is None])
+        ours = process_tree([proc.pid for _, proc in self._ray_procs if proc.poll() is None])
         if ray.is_initialized() and not self._lost:
             def stop_actors() -> None:
                 for actor in actors:

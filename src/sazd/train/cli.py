@@ -97,6 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--worker-timeout", dest="worker_timeout_s", type=float, default=None,
                    help="seconds a worker may stay silent before it is killed, respawned and repaired "
                         "(default: 60 on Ray; none in-process, where it counts simulated seconds)")
+    g.add_argument("--decode-device", default="auto",
+                   help="where the master decodes: auto (its GPU when it has one), cpu, cuda")
     g.add_argument("--compute-dtype", default=None, choices=["bfloat16", "float16"],
                    help="workers' product precision (decoding stays in --dtype)")
     g.add_argument("--no-repair", dest="repair", action="store_false", help="do not respawn dead workers")
@@ -176,6 +178,7 @@ def config_from_args(args: argparse.Namespace):
         straggler_delay=args.straggler_delay, latency=args.latency, network_gbps=args.network_gbps,
         base_time_s=args.base_time_s, address=args.address, gpus_per_worker=args.gpus_per_worker,
         placement=args.placement, worker_timeout_s=args.worker_timeout_s, compute_dtype=args.compute_dtype,
+        decode_device=args.decode_device,
         device=args.device, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
         optim=optim, dtype=args.dtype, seed=args.seed, plan=args.plan, min_features=args.min_features,
         repair=args.repair, run_dir=args.run_dir, checkpoint_dir=args.checkpoint_dir,

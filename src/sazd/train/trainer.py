@@ -41,6 +41,7 @@ from sazd.parallel import (
     predicted_traffic,
     resolve_plan,
 )
+from sazd.parallel.plan import check_decode_device
 from sazd.runtime.cluster import Cluster, ClusterError
 from sazd.train import checkpoint
 from sazd.train.optim import CodedOptimizer, OptimConfig, lr_at
@@ -97,6 +98,7 @@ class TrainConfig:
     worker_timeout_s: float | None = None
     compute_dtype: str | None = None  # workers' product precision: bfloat16, float16 (None: as the blocks)
     device: str = "cpu"  # inproc workers' device
+    decode_device: str = "auto"  # where the master decodes: auto (its GPU when it has one), cpu, cuda
     epochs: int = 1
     max_steps: int | None = None  # stop after this many iterations in all (tests, quick looks)
     batch_size: int = 128
@@ -175,6 +177,7 @@ class TrainConfig:
                 **BACKEND_FIXED[self.backend]}
 
     def _check_device(self) -> None:
+        check_decode_device(self.master_decode_device())
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError) as err:
@@ -187,6 +190,12 @@ class TrainConfig:
                 raise ValueError(f"--device {self.device}: this machine has {count} usable CUDA device(s); "
                                  "use --device cpu" + (f" or cuda:0..{count - 1}" if count else ""))
 
+    def master_decode_device(self) -> str | None:
+        """The device the master decodes on: ``decode_device``, where "auto" is its GPU when it has one."""
+        if self.decode_device == "auto":
+            return "cuda" if torch.cuda.is_available() else None
+        return self.decode_device
+
     @classmethod
     def from_checkpoint(cls, d: Any) -> TrainConfig:
         """A config read from a checkpoint: every field present, of its declared type, and valid;
@@ -195,7 +204,7 @@ class TrainConfig:
         checkpoint.check_fields("config.optim", d["optim"], OptimConfig)
         try:  # (the device is this machine's business: checked once the command line's flags apply)
             cfg = cls.from_dict(d)
-            dataclasses.replace(cfg, device="cpu").validate()
+            dataclasses.replace(cfg, device="cpu", decode_device="auto").validate()
             return cfg
         except ValueError as err:
             raise checkpoint.CheckpointError(f"checkpoint field config: {err}") from None
@@ -275,7 +284,7 @@ class Trainer:
         self.cluster = cluster if cluster is not None else make_cluster(cfg)
         try:
             parallelize(self.model, self.code, self.cluster, plan=cfg.plan, scheme=cfg.scheme,
-                        min_features=cfg.min_features)
+                        min_features=cfg.min_features, decode_device=cfg.master_decode_device())
             self.ctx = context(self.model)
             self.opt = CodedOptimizer(self.model, cfg.optim)
             self.maintainer = Maintainer(self.model, repair=cfg.repair)
