@@ -71,7 +71,7 @@ def test_spread_placement_and_a_lost_node_is_repaired(nodes, tmp_path):
     raylet = members[2].all_processes["raylet"][0].process
     lost_node = members[2].node_id
     run = tmp_path / "run"
-    proc = sazd_train(cluster.address, run, "--epochs", "50", "--max-steps", "60")
+    proc = sazd_train(cluster.address, run, "--epochs", "50", "--max-steps", "300")
     try:
         deadline = time.monotonic() + 150
         while iterations(run) < 10 and proc.poll() is None and time.monotonic() < deadline:
@@ -84,7 +84,7 @@ def test_spread_placement_and_a_lost_node_is_repaired(nodes, tmp_path):
             proc.kill()
     assert proc.returncode == 0, err[-3000:]
     report = json.loads((run / "report.json").read_text())
-    assert report["iterations"] == 60
+    assert report["iterations"] == 300
     workers = report["workers"]
     assert [w["index"] for w in workers] == [0, 1, 2]
     assert lost_node not in {w["node_id"] for w in workers}  # the replacement runs on a surviving node

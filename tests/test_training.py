@@ -6,13 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import warnings
 
 import pytest
 import torch
 
 from _support import digits_config
+from sazd.codes import DecodeError, UnstableDecodeWarning
 from sazd.parallel import plain_state_dict, predicted_traffic
-from sazd.runtime.cluster import ClusterError
+from sazd.runtime.cluster import Broadcast, ClusterError
 from sazd.train import checkpoint, cli
 from sazd.train import trainer as trainer_module
 from sazd.train.optim import OptimConfig, lr_at
@@ -199,3 +201,30 @@ def test_deu_checkpoint_is_one_round_of_the_workers(digits, tmp_path):
         rounds = tr.cluster.counters.rounds
         tr.save_checkpoint()
         assert tr.cluster.counters.rounds == rounds + 1  # weights, both copies and momentum at once
+
+
+def test_half_precision_worker_products_are_certified_as_such_and_decoded_in_float32(digits):
+    """Workers multiply in bfloat16 and answer in bfloat16; the master decodes in float32 (the product
+    it hands on is float32) and certifies each worker set at bfloat16's precision, so a code that is
+    hopeless there, though fine on float32 products, is refused."""
+    cfg = config(dtype="float32", compute_dtype="bfloat16", max_steps=3, epochs=1, show_progress=False)
+    with Trainer(cfg, data=digits) as tr:
+        x = digits.train_x[:8].float()
+        answers = tr.cluster.compute("matmul", Broadcast(("fc1.row", x.reshape(8, -1).T.contiguous())), 4)
+        assert {t.dtype for t in answers.results.values()} == {torch.bfloat16}
+        assert tr.model(x).dtype == torch.float32
+        report = tr.train()
+    plain = reference_run(tr.cfg, tr.data, 3)  # plain PyTorch in float32
+    error = relative_weight_error(plain_state_dict(tr.model), plain)
+    assert 0 < error < 5e-2, error  # bf16 products: not float32's answer, but close to it
+    assert math.isfinite(report["train_loss"])
+    # Chebyshev Poly, k = 8, non-systematic: fine on float32 products, hopeless on bfloat16 ones
+    poly = dict(dtype="float32", code="poly", n=10, k=8, max_steps=2, epochs=1, hidden=(32, 32),
+                code_options={"nodes": "chebyshev", "systematic": False})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnstableDecodeWarning)
+        with Trainer(config(**poly), data=digits) as tr:
+            tr.train()
+    with pytest.raises(DecodeError, match="bfloat16"), Trainer(config(**poly, compute_dtype="bfloat16"),
+                                                               data=digits) as tr:
+        tr.train()

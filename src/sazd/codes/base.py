@@ -227,7 +227,8 @@ class Code(ABC):
         return coded
 
     def decode(
-        self, results: Mapping[int, Tensor], rows: int | None = None, *, allow_unstable: bool = False
+        self, results: Mapping[int, Tensor], rows: int | None = None, *, allow_unstable: bool = False,
+        out_dtype: torch.dtype | None = None,
     ) -> Tensor:
         """Recover ``W @ X`` (shape (k*r, *trailing)) from the products of any k (or more) workers.
 
@@ -237,8 +238,12 @@ class Code(ABC):
         Every decode is certified (see the module docstring): an unstable set warns once with an
         ``UnstableDecodeWarning``, a hopeless one raises ``DecodeError`` -- unless ``allow_unstable``
         (for benchmarks that time a code whatever its accuracy): then it too returns, with the warning.
+        ``out_dtype``: the dtype of the decoded product (default: the results'); half-precision results
+        decode in float32, so ``out_dtype=torch.float32`` keeps that precision.
         """
         check_bool(allow_unstable, "allow_unstable")
+        if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+            raise TypeError(f"out_dtype must be a floating torch.dtype (or None), got {out_dtype!r}")
         ref, r = self._check_results(results, rows)
         cdtype = compute_dtype(ref.dtype)
         # contiguous(): hooks may view results flat; it copies only strided or transposed ones
@@ -258,9 +263,9 @@ class Code(ABC):
                     f"at r={r} rows per block (certified error {cert.error:.1e}); {self.stability_hint}"
                 )
             good = self._drop_non_finite(results, bad)
-            return self.decode(good, rows=r * self.k, allow_unstable=allow_unstable)
+            return self.decode(good, rows=r * self.k, allow_unstable=allow_unstable, out_dtype=out_dtype)
         self._require_certified(tuple(sorted(results)), r, ref.dtype, ref.device, allow_unstable)
-        return out.reshape(self.k * r, *trailing).to(ref.dtype)
+        return out.reshape(self.k * r, *trailing).to(ref.dtype if out_dtype is None else out_dtype)
 
     def certify(
         self,

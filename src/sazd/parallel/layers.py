@@ -115,10 +115,14 @@ class CodedContext:
         self.stats.rows_encoded += rows
         return coded
 
-    def decode(self, results: dict[int, Tensor], rows: int, device: torch.device) -> Tensor:
+    def decode(self, results: dict[int, Tensor], rows: int, device: torch.device,
+               dtype: torch.dtype | None = None) -> Tensor:
+        """The product from the workers' ``results``, on ``device`` in ``dtype`` (default: the results'),
+        decoded on ``decode_device`` when set."""
         start = time.perf_counter()
         where = device if self.decode_device is None else self.decode_device
-        out = self.code.decode({j: r.to(where) for j, r in results.items()}, rows=rows).to(device)
+        out = self.code.decode({j: r.to(where) for j, r in results.items()}, rows=rows, out_dtype=dtype)
+        out = out.to(device)
         self.stats.decode_s += time.perf_counter() - start
         self.stats.rows_decoded += rows
         return out
@@ -132,7 +136,7 @@ class CodedContext:
         self.stats.worker_s += time.perf_counter() - start
         self.stats.rounds += 1
         record = self.rounds[key] = RoundRecord(key, answers.workers, x)
-        return self.decode(answers.results, rows, x.device), record
+        return self.decode(answers.results, rows, x.device, x.dtype), record
 
     def send(self, method: str, args: Broadcast | PerWorker, workers: Sequence[int] | None = None) -> None:
         """Fire-and-forget call to ``workers`` (default: every live one); calls to a worker run in order.

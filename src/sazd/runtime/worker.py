@@ -78,7 +78,8 @@ class Worker:
     def __init__(self, index: int, device: str = "cpu", compute_dtype: str | None = None) -> None:
         self.index = index
         self.device = torch.device(device)
-        # products in this precision (e.g. bfloat16 on a GPU), answered in the blocks' dtype
+        # products in this precision (e.g. bfloat16 on a GPU), answered in it: the master's decode
+        # certifies them at that precision and decodes in float32
         self.check_dtype(compute_dtype)
         self.compute_dtype = None if compute_dtype is None else getattr(torch, compute_dtype)
         self.weights: dict[str, Tensor] = {}
@@ -133,7 +134,7 @@ class Worker:
     def _product(self, w: Tensor, x: Tensor) -> Tensor:
         if self.compute_dtype is None or self.compute_dtype == w.dtype:
             return w @ x
-        return (w.to(self.compute_dtype) @ x.to(self.compute_dtype)).to(w.dtype)
+        return w.to(self.compute_dtype) @ x.to(self.compute_dtype)  # the master decodes it in float32
 
     def sgd_update(self, key: str, left: Tensor, inputs: Tensor | None, step: SGDStep) -> int:
         """DEU update of block ``key`` with the coded gradient ``left @ inputs^T``.
