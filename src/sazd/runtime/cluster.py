@@ -316,6 +316,14 @@ class Cluster(ABC):
             raise ValueError(f"workers must be distinct ids in 0..{self.n - 1}, got {workers!r}")
         return workers
 
+    def _stop_test(
+        self, k: int, enough: Callable[[Collection[int]], bool] | None
+    ) -> Callable[[Collection[int]], bool]:
+        """When ``first_k`` has enough answers: ``enough`` when given, else k of them (k checked)."""
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.n:
+            raise ValueError(f"k must be an integer in 1..n={self.n}, got {k!r}")
+        return enough if enough is not None else (lambda got: len(got) >= k)
+
     def _check_open(self) -> None:
         if self._closed:
             raise ClusterError("the cluster is closed")

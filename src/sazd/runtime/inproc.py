@@ -203,9 +203,7 @@ class InProcessCluster(Cluster):
         self, round_: Round, k: int, enough: Callable[[Collection[int]], bool] | None = None
     ) -> dict[int, Any]:
         calls = self._take(round_)
-        if not isinstance(k, int) or not 1 <= k <= self.n:
-            raise ValueError(f"k must be an integer in 1..n={self.n}, got {k!r}")
-        done = (lambda got: enough(got)) if enough is not None else (lambda got: len(got) >= k)
+        done = self._stop_test(k, enough)
         got: dict[int, Any] = {}
         # a call silent past the worker timeout fails when the timeout expires (the worker is killed)
         for call in sorted(calls.values(), key=lambda c: (self._answer_or_timeout(c), c.worker)):

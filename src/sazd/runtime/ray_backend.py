@@ -422,9 +422,7 @@ class RayCluster(Cluster):
         self, round_: Round, k: int, enough: Callable[[Collection[int]], bool] | None = None
     ) -> dict[int, Any]:
         calls = self._take(round_)
-        if not isinstance(k, int) or not 1 <= k <= self.n:
-            raise ValueError(f"k must be an integer in 1..n={self.n}, got {k!r}")
-        done = (lambda got: enough(got)) if enough is not None else (lambda got: len(got) >= k)
+        done = self._stop_test(k, enough)
         got, times, failed = self._gather(round_, calls, done)
         self.counters.responses.record(self.n, round_.workers, times, failed)
         if not done(got.keys()):
