@@ -156,3 +156,25 @@ def test_speed_bytes_follow_the_formula_and_uncoded_stops_on_a_dead_worker(tmp_p
         assert (out / name).is_file()
     assert "projection, not a measurement" in (out / "report.md").read_text()
     assert not any(math.isnan(c.get("iteration_s", 0.0)) for c in cells)
+
+
+def test_accuracy_judges_the_gpt_by_validation_loss(tmp_path):
+    out = tmp_path / "gpt"
+    argv = ["experiment", "accuracy", "--out", str(out), "--models", "gpt", "--hidden", "64", "--ks", "2",
+            "--codes", "sazd,poly", "--regimes", "worst", "--dtypes", "float32", "--seeds", "3",
+            "--epochs", "1", "--max-steps", "2", "--batch-size", "8", "--train-limit", "32",
+            "--test-limit", "32", "--samples", "2"]
+    assert main(argv) == 0
+    cells = _cells(out)
+    assert len(cells) == 2 * 3 and all(c["status"] == "ok" for c in cells)
+    for c in cells:
+        assert math.isfinite(c["test_loss"]) and c["test_loss"] > 0  # bytes: a loss, not an accuracy
+    summary = json.loads((out / "results.json").read_text())
+    claim = summary["claims"][0]
+    assert claim["metric"] == "loss" and claim["vs_poly"] in ("SAZD better", "poly better", "tie")
+    sazd = [c["test_loss"] for c in cells if c["code"] == "sazd"]
+    assert claim["sazd"]["mean"] == pytest.approx(sum(sazd) / 3)
+    report = (out / "report.md").read_text()
+    assert "val loss (nats/byte)" in report and "pystdlib" in report and "lower is better" in report
+    lower, higher = common.Spread.of([1.0, 1.01, 1.02]), common.Spread.of([2.0, 2.01, 2.02])
+    assert common.compare(lower, higher, higher_is_better=False) == "a"

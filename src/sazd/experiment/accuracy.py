@@ -13,6 +13,10 @@ Every run is DEU training on the in-process backend (the simulated clock decides
 Next to each accuracy stands the code's certified decode error on that set (for ``random``: the median
 over the sets tried, and the worst). A run stopped by a ``DecodeError`` is a result ("refused"), not a
 crash. Uncoded training (n = k, no straggler tolerance) is the reference for each k.
+
+The ``gpt`` (a decoder-only transformer) trains on its own corpus, ``pystdlib`` (bytes as tokens),
+whatever ``--dataset`` says; its metric is the validation loss (cross-entropy in nats per byte, lower is
+better) where the image models report test accuracy (higher is better).
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from typing import Any
 from sazd.experiment import common
 from sazd.experiment.common import Spread, Variant
 
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "gpt")
+CORPUS = "pystdlib"  # the gpt's dataset; --dataset names the image models'
+GPT_LAYERS = (2, 2)  # (layers, heads) of the gpt when --hidden sets its width
 DTYPES = ("float32", "bfloat16")
 REGIMES = ("worst", "random")
 # names a TrainConfig field for the workers' product dtype may have; none present: bf16 is unavailable
@@ -45,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dataset", default=None, help="fashion-mnist (default), digits, mnist, ...")
     parser.add_argument("--data-dir", default=None, help="directory of the IDX files")
-    parser.add_argument("--models", default=None, help="comma list of mlp,cnn (default both)")
+    parser.add_argument(
+        "--models", default=None, help="comma list of mlp,cnn,gpt (default mlp,cnn; gpt: on pystdlib)"
+    )
     parser.add_argument("--ks", default=None, help="comma list of k (default 2,4,8,12,16)")
     parser.add_argument("--parity", type=int, default=2, help="n - k (default 2)")
     parser.add_argument(
@@ -131,7 +139,8 @@ def grid(s: dict[str, Any]) -> list[dict[str, Any]]:
                             products = (
                                 {} if dtype == "float32" else {"products": compute_dtype_field() is not None}
                             )
-                            key = common.cell_key(**fields, **_fixed(s), **products)
+                            corpus = {"corpus": CORPUS} if model == "gpt" else {}
+                            key = common.cell_key(**fields, **_fixed(s), **products, **corpus)
                             cells.append({"key": key, **fields})
     return cells
 
@@ -156,12 +165,16 @@ def _fixed(s: dict[str, Any]) -> dict[str, Any]:
 
 
 SECONDS_PER_ITERATION = 0.03  # one DEU iteration on 2 idle cores, small models (measured; a rough guide)
-TRAIN_SAMPLES = {"digits": 1437}  # the IDX datasets: 60000
+TRAIN_SAMPLES = {"digits": 1437, CORPUS: 21000}  # the IDX datasets: 60000; pystdlib: 64-byte windows
+
+
+def dataset_of(model: str, s: dict[str, Any]) -> str:
+    return CORPUS if model == "gpt" else s["dataset"]
 
 
 def cell_seconds(s: dict[str, Any]) -> float:
     """Expected seconds of one training cell: its iterations times a per-iteration guide."""
-    samples = s["train_limit"] or TRAIN_SAMPLES.get(s["dataset"], 60000)
+    samples = s["train_limit"] or max(TRAIN_SAMPLES.get(dataset_of(m, s), 60000) for m in s["models"])
     steps = s["epochs"] * -(-samples // s["batch_size"])
     if s["max_steps"] is not None:
         steps = min(steps, s["max_steps"])
@@ -169,10 +182,14 @@ def cell_seconds(s: dict[str, Any]) -> float:
 
 
 def model_rows(model: str, hidden: int | None, k: int) -> int:
-    """Rows of the largest decoded product (the hidden width), padded to a multiple of k."""
+    """Rows of the largest decoded product (the hidden width; the gpt's: 4 x its width, the MLP's first
+    layer), padded to a multiple of k."""
     from sazd.models import DEFAULT_HIDDEN
 
-    width = hidden if hidden is not None else max(DEFAULT_HIDDEN[model])
+    if model == "gpt":
+        width = 4 * (hidden if hidden is not None else DEFAULT_HIDDEN["gpt"][0])
+    else:
+        width = hidden if hidden is not None else max(DEFAULT_HIDDEN[model])
     return k * -(-width // k)
 
 
@@ -182,21 +199,22 @@ class Runner:
     def __init__(self, s: dict[str, Any]) -> None:
         self.s = s
         self.variants = {v.label: v for v in s["variants"]}
-        self.data: dict[int, Any] = {}
+        self.data: dict[tuple[str, int], Any] = {}
         self.sets: dict[tuple, tuple] = {}
         self.dtype_field = compute_dtype_field()
 
-    def dataset(self, seed: int) -> Any:
+    def dataset(self, name: str, seed: int) -> Any:
         import torch
 
         from sazd.data import load_dataset
 
-        if seed not in self.data:
+        if (name, seed) not in self.data:
             s = self.s
-            self.data[seed] = load_dataset(
-                s["dataset"], s["data_dir"], s["train_limit"], s["test_limit"], seed, torch.float32
+            data_dir = None if name == CORPUS else s["data_dir"]
+            self.data[name, seed] = load_dataset(
+                name, data_dir, s["train_limit"], s["test_limit"], seed, torch.float32
             )
-        return self.data[seed]
+        return self.data[name, seed]
 
     def straggler_set(self, v: Variant, cell: dict[str, Any]) -> tuple[tuple[int, ...], float, float]:
         """(worst received set, its certified error, median certified error over the sets tried)."""
@@ -243,8 +261,8 @@ class Runner:
         extra = {self.dtype_field: products} if self.dtype_field else {}
         cfg = TrainConfig(
             model=cell["model"],
-            dataset=s["dataset"],
-            data_dir=s["data_dir"],
+            dataset=dataset_of(cell["model"], s),
+            data_dir=None if cell["model"] == "gpt" else s["data_dir"],
             train_limit=s["train_limit"],
             test_limit=s["test_limit"],
             hidden=None if s["hidden"] is None else _hidden(cell["model"], s["hidden"]),
@@ -274,7 +292,7 @@ class Runner:
             make_cluster("inproc", n, latency=latency, base_time_s=1e-3, seed=seed, **extra) as cluster,
         ):
             warnings.simplefilter("always", UnstableDecodeWarning)
-            trainer = Trainer(cfg, cluster=cluster, data=self.dataset(seed))
+            trainer = Trainer(cfg, cluster=cluster, data=self.dataset(cfg.dataset, seed))
             try:
                 rep = trainer.train()
             except DecodeError as err:
@@ -300,6 +318,8 @@ class Runner:
 
 
 def _hidden(model: str, width: int) -> tuple[int, ...]:
+    if model == "gpt":
+        return (width, *GPT_LAYERS)
     return (width,) if model == "cnn" else (width, width)
 
 
@@ -321,7 +341,9 @@ def summarize(cells: list[dict[str, Any]], s: dict[str, Any]) -> list[dict[str, 
         groups.setdefault((c["model"], c["dtype"], c["k"], c["code"], c["regime"]), []).append(c)
     rows = []
     for (model, dtype, k, code, regime), runs in groups.items():
-        acc = Spread.of(r.get("test_accuracy") for r in runs if r["status"] in ("ok", "unstable"))
+        trained = [r for r in runs if r["status"] in ("ok", "unstable")]
+        acc = Spread.of(r.get("test_accuracy") for r in trained) if model != "gpt" else None
+        loss = Spread.of(common.read_error(r.get("test_loss")) for r in trained) if model == "gpt" else None
         statuses = sorted({r["status"] for r in runs})
         rows.append(
             {
@@ -332,6 +354,7 @@ def summarize(cells: list[dict[str, Any]], s: dict[str, Any]) -> list[dict[str, 
                 "code": code,
                 "regime": regime,
                 "accuracy": acc,
+                "loss": loss,
                 "status": "/".join(statuses),
                 "decode_error": common.read_error(runs[0].get("decode_error"))
                 if "decode_error" in runs[0]
@@ -349,23 +372,50 @@ def claim_rows(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (model, dtype, regime, k, code), r in by.items():
         if code != "sazd":
             continue
-        row = {"model": model, "dtype": dtype, "regime": regime, "k": k, "sazd": r["accuracy"]}
+        metric = metric_of(model)
+        row = {"model": model, "dtype": dtype, "regime": regime, "k": k, "metric": metric.key}
+        row["sazd"] = r[metric.key]
         for other in ("poly", "poly-cheb"):
             o = by.get((model, dtype, regime, k, other))
             if o is None:
                 continue
-            row[other] = o["accuracy"]
+            row[other] = o[metric.key]
             row[f"{other}_status"] = o["status"]
-            verdict = common.compare(r["accuracy"], o["accuracy"])
+            verdict = common.compare(r[metric.key], o[metric.key], higher_is_better=metric.higher_is_better)
             row[f"vs_{other}"] = {"a": "SAZD better", "b": f"{other} better"}.get(verdict, verdict)
         out.append(row)
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """What a model is judged by: the summary field, its table heading, scale, digits and direction."""
+
+    key: str
+    heading: str
+    scale: float
+    digits: int
+    higher_is_better: bool
+
+    def fmt(self, sp: Spread | None, status: str = "") -> str:
+        if sp is None:
+            return status or "—"
+        return sp.fmt(self.scale, self.digits)
+
+
+ACCURACY = Metric("accuracy", "test accuracy %", 100, 1, True)
+VAL_LOSS = Metric("loss", "val loss (nats/byte)", 1, 3, False)
+
+
+UNIFORM_LOSS = math.log(256)  # a byte model that predicts nothing: where refused gpt cells are drawn
+
+
+def metric_of(model: str) -> Metric:
+    return VAL_LOSS if model == "gpt" else ACCURACY
+
+
 def _acc(sp: Spread | None, status: str = "") -> str:
-    if sp is None:
-        return status or "—"
-    return sp.fmt(100, 1)
+    return ACCURACY.fmt(sp, status)
 
 
 def format_report(
@@ -379,6 +429,13 @@ def format_report(
 ) -> str:
     limit = "" if s["max_steps"] is None else f", at most {s['max_steps']} iterations"
     width = "" if s["hidden"] is None else f", hidden width {s['hidden']}"
+    if "gpt" in s["models"]:
+        layers = "" if s["hidden"] is None else f" (gpt: {GPT_LAYERS[0]} layers, {GPT_LAYERS[1]} heads)"
+        width += layers
+    images = [m for m in s["models"] if m != "gpt"]
+    trained = [f"the {', '.join(images)} on {s['dataset']}"] if images else []
+    if "gpt" in s["models"]:
+        trained.append(f"the gpt on the {CORPUS} byte corpus (64-byte windows)")
     lines = [
         "# Experiment: accuracy of coded training",
         "",
@@ -388,7 +445,7 @@ def format_report(
         "",
         "## What was run",
         "",
-        f"DEU training of the {', '.join(s['models'])} on {s['dataset']} ({s['epochs']} epochs{limit}, "
+        f"DEU training of {' and '.join(trained)} ({s['epochs']} epochs{limit}, "
         f"batch {s['batch_size']}, SGD lr {s['lr']} momentum 0.9{width}), in-process backend, "
         f"n = k + {s['parity']}, k in {s['ks']}, {s['seeds']} seeds per cell. Codes: "
         + "; ".join(f"`{v.label}` = {v.title}" for v in s["variants"])
@@ -403,7 +460,13 @@ def format_report(
         "Accuracy: mean ± half the range over seeds (percent). Decode error: the certified relative "
         "error of decoding from that set at the hidden width's rows, in the worker-product dtype "
         "(random regime: the median over the sets tried); 'refused' = at or above 1, decoding raises. "
-        "A difference within the seeds' ranges (the ranges overlap) is called a tie.",
+        "A difference within the seeds' ranges (the ranges overlap) is called a tie."
+        + (
+            " The gpt's metric is its validation loss (cross-entropy, nats per byte; mean ± half the "
+            "range over seeds; lower is better)."
+            if "gpt" in s["models"]
+            else ""
+        ),
         "",
     ]
     if not bf16 and "bfloat16" in s["dtypes"]:
@@ -413,21 +476,26 @@ def format_report(
             "",
         ]
     lines += ["## Results", ""]
+    gpt = "gpt" in s["models"]
     headers = ["model", "dtype", "k", "n", "code", "regime", "test accuracy %", "decode error", "status"]
-    rows = [
-        [
+    if gpt:
+        headers.insert(7, VAL_LOSS.heading)
+    rows = []
+    for r in summary:
+        row = [
             r["model"],
             r["dtype"],
             r["k"],
             r["n"],
             r["code"],
             r["regime"],
-            _acc(r["accuracy"], r["status"]),
+            _acc(r["accuracy"], r["status"]) if r["model"] != "gpt" else "—",
             common.fmt_error(r["decode_error"]),
             r["status"],
         ]
-        for r in summary
-    ]
+        if gpt:
+            row.insert(7, VAL_LOSS.fmt(r["loss"], r["status"]) if r["model"] == "gpt" else "—")
+        rows.append(row)
     lines += [common.markdown_table(headers, rows), ""]
     refusals = [r for r in summary if "refused" in r["status"] and r["message"]]
     if refusals:
@@ -438,37 +506,34 @@ def format_report(
         ]
         lines.append("")
     lines += ["## Claim 1: SAZD trains to a better accuracy than the polynomial code", ""]
-    crow = [
-        [
+    if gpt:
+        lines += [
+            "For the gpt the metric is the validation loss (nats per byte) and better means lower.",
+            "",
+        ]
+    crow = []
+    for c in claims:
+        metric = metric_of(c["model"])
+        row = [
             c["model"],
             c["dtype"],
             c["regime"],
             c["k"],
-            _acc(c["sazd"]),
-            _acc(c.get("poly"), c.get("poly_status", "")),
+            metric.fmt(c["sazd"]),
+            metric.fmt(c.get("poly"), c.get("poly_status", "")),
             c.get("vs_poly", "—"),
-            _acc(c.get("poly-cheb"), c.get("poly-cheb_status", "")),
+            metric.fmt(c.get("poly-cheb"), c.get("poly-cheb_status", "")),
             c.get("vs_poly-cheb", "—"),
         ]
-        for c in claims
-    ]
-    lines += [
-        common.markdown_table(
-            [
-                "model",
-                "dtype",
-                "regime",
-                "k",
-                "SAZD %",
-                "Poly (integer) %",
-                "verdict",
-                "Poly (Chebyshev) %",
-                "verdict",
-            ],
-            crow,
-        ),
-        "",
-    ]
+        if gpt:
+            row.insert(4, metric.heading)
+        crow.append(row)
+    unit = "" if gpt else " %"
+    cheaders = ["model", "dtype", "regime", "k", f"SAZD{unit}", f"Poly (integer){unit}", "verdict",
+                f"Poly (Chebyshev){unit}", "verdict"]
+    if gpt:
+        cheaders.insert(4, "metric")
+    lines += [common.markdown_table(cheaders, crow), ""]
     lines += (
         ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + ["", "## Conclusion", "", conclusion(claims), ""]
     )
@@ -504,7 +569,9 @@ def plot(
 ) -> list[str]:
     plt = common.setup_matplotlib()
     names = []
-    trained = [r for r in summary if r["accuracy"] is not None or "refused" in r["status"]]
+    trained = [
+        r for r in summary if r[metric_of(r["model"]).key] is not None or "refused" in r["status"]
+    ]
     panels = sorted({(r["model"], r["dtype"], r["regime"]) for r in trained if r["regime"] != "none"})
     if panels:
         cols = min(len(panels), 2)
@@ -513,6 +580,8 @@ def plot(
         for ax in axes.flat[len(panels) :]:
             ax.set_visible(False)
         for ax, (model, dtype, regime) in zip(list(axes.flat)[: len(panels)], panels, strict=True):
+            metric = metric_of(model)
+            refused_at = 0.0 if metric is ACCURACY else UNIFORM_LOSS
             for i, v in enumerate(s["variants"]):
                 rows = sorted(
                     (
@@ -526,23 +595,23 @@ def plot(
                     key=lambda r: r["k"],
                 )
                 dx = 0.12 * (i - (len(s["variants"]) - 1) / 2)  # side by side: equal values stay visible
-                done = [r for r in rows if r["accuracy"] is not None]
+                done = [r for r in rows if r[metric.key] is not None]
                 if done:
                     ax.errorbar(
                         [r["k"] + dx for r in done],
-                        [r["accuracy"].mean * 100 for r in done],
-                        yerr=[r["accuracy"].half_range * 100 for r in done],
+                        [r[metric.key].mean * metric.scale for r in done],
+                        yerr=[r[metric.key].half_range * metric.scale for r in done],
                         marker="o",
                         ms=3,
                         capsize=2,
                         label=v.label,
                         color=f"C{i}",
                     )
-                refused = [r["k"] + dx for r in rows if r["accuracy"] is None]
+                refused = [r["k"] + dx for r in rows if r[metric.key] is None]
                 if refused:
                     ax.plot(
                         refused,
-                        [0] * len(refused),
+                        [refused_at] * len(refused),
                         "x",
                         color=f"C{i}",
                         ms=8,
@@ -551,7 +620,11 @@ def plot(
                     )
             ax.set_title(f"{model}, {dtype}, {regime} stragglers")
             ax.set_xlabel(f"k (n = k + {s['parity']})")
-            ax.set_ylabel("test accuracy (%)  [x at 0: refused]")
+            ax.set_ylabel(
+                "test accuracy (%)  [x at 0: refused]"
+                if metric is ACCURACY
+                else "validation loss (nats/byte)  [x at ln 256: refused]"
+            )
             ax.set_xticks(s["ks"])
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
@@ -577,7 +650,7 @@ def plot(
             ax.set_yscale("log")
             ax.set_title(f"{model}, k={k}, worst stragglers, seed 0")
             ax.set_xlabel("iteration")
-            ax.set_ylabel("training loss (cross-entropy, log)")
+            ax.set_ylabel(f"training loss (cross-entropy{', nats/byte' if model == 'gpt' else ''}, log)")
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "curves.png")

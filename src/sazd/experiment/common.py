@@ -165,17 +165,18 @@ class Spread:
         return f"{self.mean * scale:.{digits}f} ± {self.half_range * scale:.{digits}f}"
 
 
-def compare(a: Spread | None, b: Spread | None) -> str:
-    """``"a"`` / ``"b"`` (the better, higher one) or ``"tie"`` when the difference of the means is
-    within the seeds' spread: ``|mean_a - mean_b| <= half_range_a + half_range_b`` (the two ranges
-    overlap). With fewer than 3 seeds on either side the verdict is ``"n/a"``."""
+def compare(a: Spread | None, b: Spread | None, higher_is_better: bool = True) -> str:
+    """``"a"`` / ``"b"`` (the better one: higher, or lower for a loss with ``higher_is_better=False``)
+    or ``"tie"`` when the difference of the means is within the seeds' spread:
+    ``|mean_a - mean_b| <= half_range_a + half_range_b`` (the two ranges overlap). With fewer than 3
+    seeds on either side the verdict is ``"n/a"``."""
     if a is None or b is None:
         return "a" if b is None and a is not None else ("b" if a is None and b is not None else "n/a")
     if min(a.count, b.count) < 3:
         return "n/a"
     if abs(a.mean - b.mean) <= a.half_range + b.half_range:
         return "tie"
-    return "a" if a.mean > b.mean else "b"
+    return "a" if (a.mean > b.mean) == higher_is_better else "b"
 
 
 # ------------------------------------------------------------------ flags
