@@ -623,7 +623,7 @@ def plot(
             ax.set_ylabel(
                 "test accuracy (%)  [x at 0: refused]"
                 if metric is ACCURACY
-                else "validation loss (nats/byte)  [x at ln 256: refused]"
+                else "val loss (nats/byte)  [x at ln 256: refused]"
             )
             ax.set_xticks(s["ks"])
         axes[0][0].legend(fontsize=7)
