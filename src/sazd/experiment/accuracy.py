@@ -627,10 +627,7 @@ def plot(
             )
             ax.set_xticks(s["ks"])
         axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "accuracy.png")
-        plt.close(fig)
-        names.append("accuracy.png")
+        common.save_figure(fig, out, "accuracy.png", names)
     curves = [c for c in cells if "curve_loss" in c and c["seed"] == 0 and c["regime"] in ("worst", "none")]
     if curves:
         k = max(c["k"] for c in curves)
@@ -652,10 +649,7 @@ def plot(
             ax.set_xlabel("iteration")
             ax.set_ylabel(f"training loss (cross-entropy{', nats/byte' if model == 'gpt' else ''}, log)")
         axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "curves.png")
-        plt.close(fig)
-        names.append("curves.png")
+        common.save_figure(fig, out, "curves.png", names)
     return names
 
 

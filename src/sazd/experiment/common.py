@@ -328,6 +328,18 @@ def _cert_error(code: Any, workers: Sequence[int], rows: int, dtype: Any) -> flo
     return err if err == err else math.inf
 
 
+def save_figure(fig: Any, out: Path, name: str, names: list[str], *, bbox_tight: bool = False) -> None:
+    """Lay out ``fig`` (or crop it to its contents with ``bbox_tight``), write it to ``out/name``, close it
+    and list the file in ``names``."""
+    import matplotlib.pyplot as plt
+
+    if not bbox_tight:
+        fig.tight_layout()
+    fig.savefig(out / name, **({"bbox_inches": "tight"} if bbox_tight else {}))
+    plt.close(fig)
+    names.append(name)
+
+
 def bad_flag(experiment: str, err: Exception) -> int:
     """A bad flag: one line on stderr, exit status 2."""
     print(f"sazd experiment {experiment}: error: {err}", file=sys.stderr)

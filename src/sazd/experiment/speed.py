@@ -489,10 +489,7 @@ def plot(cells: list[dict[str, Any]], s: dict[str, Any], out: Path) -> list[str]
             ax.set_ylabel("naive / DEU (ratio, >1: DEU better)")
             ax.set_title(f"DEU gain vs {axis} (in-process, measured)")
         axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "deu_sweep.png")
-        plt.close(fig)
-        names.append("deu_sweep.png")
+        common.save_figure(fig, out, "deu_sweep.png", names)
     bars = [c for c in cells if c["part"] in ("backends", "projection") and c.get("status") == "ok"]
     models = [m for m in s["models"] if any(c["model"] == m for c in bars)]
     if models:
@@ -514,10 +511,7 @@ def plot(cells: list[dict[str, Any]], s: dict[str, Any], out: Path) -> list[str]
             ax.set_ylabel("master time per iteration (ms)")
             ax.set_title(f"{model}: phases at the base point", fontsize=9)
         axes[0][0].legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(out / "phases.png")
-        plt.close(fig)
-        names.append("phases.png")
+        common.save_figure(fig, out, "phases.png", names)
     return names
 
 

@@ -273,9 +273,7 @@ def plot(cells: list[dict[str, Any]], s: dict[str, Any], out: Path) -> list[str]
         fig.suptitle(
             f"worst certified decode error, {dtype} products, {rows} rows per block", fontsize=9, y=1.03
         )
-        fig.savefig(out / f"stability_{dtype}.png", bbox_inches="tight")
-        plt.close(fig)
-        names.append(f"stability_{dtype}.png")
+        common.save_figure(fig, out, f"stability_{dtype}.png", names, bbox_tight=True)
     shift = [c for c in cells if c["part"] == "shift" and c["dtype"] == s["dtypes"][0]]
     if shift:
         fig, axes = plt.subplots(1, len(s["ms"]), figsize=(3.2 * len(s["ms"]) + 1, 2.8), squeeze=False)
@@ -314,9 +312,7 @@ def plot(cells: list[dict[str, Any]], s: dict[str, Any], out: Path) -> list[str]
             fontsize=9,
             y=1.03,
         )
-        fig.savefig(out / "shift_units.png", bbox_inches="tight")
-        plt.close(fig)
-        names.append("shift_units.png")
+        common.save_figure(fig, out, "shift_units.png", names, bbox_tight=True)
     return names
 
 
