@@ -94,7 +94,7 @@ def test_spread_placement_and_a_lost_node_is_repaired(nodes, tmp_path):
         # training goes on: the lost worker is repaired, then more iterations follow
         assert wait_for(run, lambda rows: iterations(rows, after="repair") >= 20, proc), "no repair"
         proc.send_signal(signal.SIGINT)  # stops after the current iteration, with a report
-        out, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()

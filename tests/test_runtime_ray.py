@@ -261,3 +261,25 @@ def test_a_run_reports_workers_and_their_answer_times(digits, tmp_path):
     assert rows[0]["answered"] == 0  # the straggler's answers are never among the first k
     assert all(rows[j]["answered"] > 0 and rows[j]["median_s"] > 0 for j in (1, 2, 3, 4))
     assert (tmp_path / "run" / "latency.png").stat().st_size > 1000
+
+
+def test_bench_runtime_reports_the_round_the_iterations_and_the_floor(ray_session, tmp_path, capsys):
+    import json
+
+    from sazd.cli import main
+
+    out = tmp_path / "runtime.json"
+    assert main(["bench", "runtime", "--rows", "64", "--cols", "64", "--batch", "8", "--rounds", "3",
+                 "--widths", "64", "--warmup", "1", "--iterations", "2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "sazd/bare = " in printed and "Ray/floor" in printed
+    rep = json.loads(out.read_text())
+    assert rep["round"]["payload"] == {"rows": 64, "cols": 64, "batch": 8, "n": 6, "k": 4}
+    assert rep["round"]["sazd"]["median_s"] > 0 and rep["round"]["bare"]["median_s"] > 0
+    [row] = rep["iteration"]
+    assert row["width"] == 64 and row["floor"]["cores"] >= 1
+    for key in ("ratio_start", "ratio_steady", "ratio_floor"):
+        assert row[key] > 0
+    # the floor is the in-process master's work plus all workers' compute over the cores
+    want = row["inproc"]["master_s"] + row["inproc"]["worker_s"] / row["floor"]["cores"]
+    assert row["floor"]["floor_s"] == pytest.approx(want)
