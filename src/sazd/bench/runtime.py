@@ -5,8 +5,9 @@ One run, in one Ray, three parts:
 1. round: one coded round -- n calls, the first k gathered -- of a ``--rows x --cols`` block times a
    ``--cols x --batch`` input, through ``RayCluster`` (``submit`` + ``first_k``: its direct
    connections) and through bare Ray (``ray.put`` of the input, one actor method call per actor,
-   ``ray.wait(num_returns=k)``, ``ray.get``) on two sets of n actors holding the same blocks. Rounds alternate between the two, so load from
-   anything else on the machine hits both alike; medians are reported.
+   ``ray.wait(num_returns=k)``, ``ray.get``) on two sets of n actors holding the same blocks. Rounds
+   alternate between the two, so load from anything else on the machine hits both alike; medians
+   are reported.
 2. iteration: Ray DEU training iterations of the MLP ``784-W-W-10`` (batch 128, ``--code`` (n, k)),
    wall time, next to the same iterations in-process on its simulated clock (the master's measured
    work plus, per round, the k-th fastest worker's measured compute: the workers as if in parallel,
