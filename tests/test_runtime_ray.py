@@ -89,9 +89,10 @@ def test_dead_actor_is_an_erasure_and_respawn_is_empty(cluster, blocks, ray_sess
     from sazd.runtime.ray_backend import wait_until
 
     x = torch.randn(COLS, BATCH)
-    victim = cluster.actors[4]._actor_id.hex()
+    victim, pid = cluster.actors[4]._actor_id.hex(), cluster.pids()[4]
     ray_session.kill(cluster.actors[4], no_restart=True)  # dies behind the cluster's back
     assert wait_until(lambda: state.actors()[victim]["State"] == "DEAD", timeout_s=20)
+    assert wait_until(lambda: not os.path.exists(f"/proc/{pid}"), timeout_s=20)
     failed_before = cluster.counters.failed_results
     # its result is "ready" at once, as an error: an erasure, not an answer
     with pytest.raises(ClusterError, match=r"needed 2 answers, got 1 from 2 workers asked \(1 failed\)"):

@@ -32,9 +32,10 @@ class Counters:
 
     bytes_to_workers: int = 0
     bytes_from_workers: int = 0
-    # Master egress when each distinct tensor leaves the master once (Ray puts it in the object store
-    # once; a tree or multicast network needs no more): a broadcast counts once, and a tensor sent
-    # again later, unmodified (a round's X^T to the workers the round skipped), costs nothing more.
+    # Master egress when each distinct tensor leaves the master once (what a multicast or broadcast-tree
+    # network needs; sazd's own connections send each worker a copy, counted in bytes_to_workers): a
+    # broadcast counts once, and a tensor sent again later, unmodified (a round's X^T to the workers
+    # the round skipped), costs nothing more.
     bytes_sent_once: int = 0
     calls: int = 0
     rounds: int = 0
@@ -116,23 +117,19 @@ def tensor_bytes(obj: Any) -> int:
 
 
 class SentTensors:
-    """The tensors that have left the master, by identity, each with the backend's handle for it
-    (Ray: its ObjectRef). An entry holds while the tensor lives unmodified (same ``_version``); it is
-    dropped, with its handle, when the tensor dies."""
+    """The tensors that have left the master, by identity, while they live unmodified (same
+    ``_version``); an entry is dropped when its tensor dies."""
 
     def __init__(self) -> None:
-        self._entries: dict[int, tuple[weakref.ref, int, Any]] = {}
+        self._entries: dict[int, tuple[weakref.ref, int]] = {}
 
-    def get(self, t: Tensor) -> tuple[bool, Any]:
-        """(whether ``t`` was sent before, unmodified since; its handle)."""
+    def __contains__(self, t: Tensor) -> bool:
         entry = self._entries.get(id(t))
-        if entry is not None and entry[0]() is t and entry[1] == t._version:
-            return True, entry[2]
-        return False, None
+        return entry is not None and entry[0]() is t and entry[1] == t._version
 
-    def add(self, t: Tensor, handle: Any) -> None:
+    def add(self, t: Tensor) -> None:
         key = id(t)
-        self._entries[key] = (weakref.ref(t, lambda _: self._entries.pop(key, None)), t._version, handle)
+        self._entries[key] = (weakref.ref(t, lambda _: self._entries.pop(key, None)), t._version)
 
 
 class Broadcast(tuple):
@@ -301,15 +298,11 @@ class Cluster(ABC):
         return workers, per_worker, broadcast
 
     def _send_once(self, args: Any) -> None:
-        """Count each tensor of ``args`` that has not left the master before, and store it."""
+        """Count each tensor of ``args`` that has not left the master before (unmodified)."""
         for t in iter_tensors(args):
-            if not self._sent.get(t)[0]:
-                self._sent.add(t, self._store(t))
+            if t not in self._sent:
+                self._sent.add(t)
                 self.counters.bytes_sent_once += t.numel() * t.element_size()
-
-    def _store(self, t: Tensor) -> Any:
-        """The backend's handle for a tensor leaving the master (Ray: an object-store reference)."""
-        return None
 
     def _check_workers(self, workers: Sequence[int]) -> list[int]:
         workers = list(workers)
