@@ -393,7 +393,7 @@ def format_report(rep: dict[str, Any]) -> str:
               f"{r['bytes_ratio']:.1f}x", f"{r['formula_bytes_ratio']:.1f}x", f"{r['sent_once_ratio']:.1f}x",
               f"{r['formula_sent_once_ratio']:.1f}x"] for r in rep["timing_ratios"]]))
         out.append("   bytes: to + from workers, each worker's copy of a broadcast counted; sent once: the "
-                   "master's egress with each tensor sent once (Ray object store), + from workers")
+                   "master's egress with each tensor sent once (a multicasting network), + from workers")
     if "projection" in rep:
         out += ["", f"2. projection: in-process backend, simulated {s['network_gbps']:g} Gb/s master link "
                     "(measured compute), simulated seconds per iteration"]

@@ -30,10 +30,11 @@ Counter conventions (the same in the Ray backend):
   argument counts once for each worker it is sent to (it is real traffic to each of them).
 - ``bytes_from_workers``: tensor bytes of the answers the master collects (the first k of
   ``first_k``, all of ``wait_all``). Discarded late answers are not counted and do not occupy the
-  simulated link: as in Ray, where a late result stays in the worker's object store and is never
-  fetched.
+  simulated link (the model of a master that never fetches them; the Ray backend's connections do
+  receive and drop them).
 - ``bytes_sent_once``: the master's egress when each distinct tensor leaves it once (``SentTensors``:
-  a broadcast counts once, a tensor sent again unmodified counts no more), as Ray's object store does.
+  a broadcast counts once, a tensor sent again unmodified counts no more), as on a network that
+  multicasts.
 - ``calls``: worker calls sent; ``rounds``: ``submit`` calls; ``late_results_discarded``: successful
   answers left behind by ``first_k``; ``failed_results``: calls that failed because their worker
   was dead or died; ``sim_time_s``: the simulated master clock.
