@@ -1,5 +1,6 @@
 """Shared machinery of the experiments: output directory, resumable cell store, machine description,
-progress bar, run-to-run spread and the written outputs (csv, json, markdown)."""
+progress bar, run-to-run spread, the written outputs (csv, json, markdown) and the commands' common
+start (flags checked, bad ones refused with exit status 2) and end (outputs written and printed)."""
 
 from __future__ import annotations
 
@@ -352,9 +353,9 @@ def run_experiment(
     settings: Callable[[argparse.Namespace], dict[str, Any]],
     body: Callable[[dict[str, Any], Path], int],
 ) -> int:
-    """``body(settings, output directory)``. A bad flag or ``--out`` (a ValueError from ``settings`` or
-    :func:`prepare_out`, both of which check before anything is written) is one line on stderr and exit
-    status 2."""
+    """Run ``body(settings(args), output directory)`` and return its exit status. A bad flag or ``--out``
+    (a ValueError from ``settings`` or :func:`prepare_out`, both of which check before anything is
+    written) is one line on stderr and exit status 2."""
     try:
         s = settings(args)
         out = prepare_out(args.out, experiment)
