@@ -47,19 +47,19 @@ def test_first_k_skips_slow_actors_and_matches_local(cluster, blocks):
     # workers 0 and 1 stay busy for seconds: the next tests use the others
 
 
-def test_a_tensor_is_stored_once_and_reused_while_it_lives(cluster, blocks):
-    x = torch.randn(COLS, BATCH)  # 256 KB: travels through the object store
-    first = cluster.wait_all(cluster.submit("matmul", ("w", x), [2, 3]))
-    handle = cluster._sent.get(x)[1]
-    assert handle is not None
-    again = cluster.wait_all(cluster.submit("matmul", [("w", x)] * N, [4, 5]))  # no second put
-    assert cluster._sent.get(x)[1] is handle
-    for j, y in {**first, **again}.items():
-        torch.testing.assert_close(y, blocks[j] @ x)
-    x.add_(1.0)  # modified: stored anew, and the actors see the new values
-    got = cluster.wait_all(cluster.submit("matmul", ("w", x), [2]))
-    assert cluster._sent.get(x)[1] is not handle
-    torch.testing.assert_close(got[2], blocks[2] @ x)
+def test_a_worker_gets_each_tensor_as_it_was_at_submit(cluster, blocks):
+    x = torch.randn(COLS, BATCH)
+    want = {j: blocks[j] @ x for j in (2, 3)}
+    before = cluster.counters.bytes_sent_once
+    round_ = cluster.submit("matmul", ("w", x), [2, 3])
+    x.add_(1.0)  # changed at once: the workers still multiply what was submitted
+    for j, y in cluster.wait_all(round_).items():
+        torch.testing.assert_close(y, want[j])
+    for _ in range(2):  # the changed tensor leaves the master once more, then never again
+        again = cluster.wait_all(cluster.submit("matmul", [("w", x)] * N, [4, 5]))
+        for j, y in again.items():
+            torch.testing.assert_close(y, blocks[j] @ x)
+    assert cluster.counters.bytes_sent_once - before == 2 * x.numel() * x.element_size()
 
 
 def test_slow_actor_applies_updates_in_order(cluster, blocks):
@@ -193,8 +193,12 @@ def test_workers_report_where_they_run(cluster, ray_session):
 
 
 def test_too_many_dead_is_a_clear_error_not_a_hang(cluster, ray_session):
+    from sazd.runtime.ray_backend import wait_until
+
+    pids = [cluster.pids()[j] for j in (0, 1, 2)]
     for j in (0, 1, 2):
         ray_session.kill(cluster.actors[j], no_restart=True)
+    assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in pids), 30)  # really dead
     with pytest.raises(ClusterError, match=r"needed 4 answers.*failed.*3 of n=6 workers alive"):
         cluster.first_k(cluster.submit("matmul", ("w", torch.ones(COLS, 1))), K)
     assert cluster.alive() == [3, 4, 5]
@@ -257,3 +261,25 @@ def test_a_run_reports_workers_and_their_answer_times(digits, tmp_path):
     assert rows[0]["answered"] == 0  # the straggler's answers are never among the first k
     assert all(rows[j]["answered"] > 0 and rows[j]["median_s"] > 0 for j in (1, 2, 3, 4))
     assert (tmp_path / "run" / "latency.png").stat().st_size > 1000
+
+
+def test_bench_runtime_reports_the_round_the_iterations_and_the_floor(ray_session, tmp_path, capsys):
+    import json
+
+    from sazd.cli import main
+
+    out = tmp_path / "runtime.json"
+    assert main(["bench", "runtime", "--rows", "64", "--cols", "64", "--batch", "8", "--rounds", "3",
+                 "--widths", "64", "--warmup", "1", "--iterations", "2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "sazd/bare = " in printed and "Ray/floor" in printed
+    rep = json.loads(out.read_text())
+    assert rep["round"]["payload"] == {"rows": 64, "cols": 64, "batch": 8, "n": 6, "k": 4}
+    assert rep["round"]["sazd"]["median_s"] > 0 and rep["round"]["bare"]["median_s"] > 0
+    [row] = rep["iteration"]
+    assert row["width"] == 64 and row["floor"]["cores"] >= 1
+    for key in ("ratio_start", "ratio_steady", "ratio_floor"):
+        assert row[key] > 0
+    # the floor is the in-process master's work plus all workers' compute over the cores
+    want = row["inproc"]["master_s"] + row["inproc"]["worker_s"] / row["floor"]["cores"]
+    assert row["floor"]["floor_s"] == pytest.approx(want)

@@ -3,10 +3,11 @@
 One run, in one Ray, three parts:
 
 1. round: one coded round -- n calls, the first k gathered -- of a ``--rows x --cols`` block times a
-   ``--cols x --batch`` input, through ``RayCluster`` (``submit`` + ``first_k``) and through bare Ray
-   (``ray.put`` of the input, one actor method call per actor, ``ray.wait(num_returns=k)``, ``ray.get``)
-   on two sets of n actors holding the same blocks. Rounds alternate between the two, so load from
-   anything else on the machine hits both alike; medians are reported.
+   ``--cols x --batch`` input, through ``RayCluster`` (``submit`` + ``first_k``: its direct
+   connections) and through bare Ray (``ray.put`` of the input, one actor method call per actor,
+   ``ray.wait(num_returns=k)``, ``ray.get``) on two sets of n actors holding the same blocks. Rounds
+   alternate between the two, so load from anything else on the machine hits both alike; medians
+   are reported.
 2. iteration: Ray DEU training iterations of the MLP ``784-W-W-10`` (batch 128, ``--code`` (n, k)),
    wall time, next to the same iterations in-process on its simulated clock (the master's measured
    work plus, per round, the k-th fastest worker's measured compute: the workers as if in parallel,
@@ -16,12 +17,17 @@ One run, in one Ray, three parts:
 3. split: each steady Ray iteration split into master work (encode, decode, update, autograd),
    worker compute (the in-process run's worker time / n: the workers compute in parallel) and the rest
    of the time in worker rounds (transfer, serialisation, scheduling).
+4. floor: the in-process clock gives every worker a core of its own. On a machine with fewer cores
+   than workers no runtime can reach it: the least wall time is the master's work plus all n workers'
+   compute spread over the cores this process may use, ``master + n * compute / cores``. Ray's steady
+   iteration over that floor is what the runtime itself costs on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -141,6 +147,9 @@ def part_iteration(args: argparse.Namespace, cluster: Any, width: int) -> dict[s
     compute = local["worker_s"] / args.n
     out["split"] = {"master_s": ray_["master_s"], "worker_compute_s": compute,
                     "transfer_and_overhead_s": max(ray_["worker_s"] - compute, 0.0)}
+    cores = len(os.sched_getaffinity(0))
+    out["floor"] = {"cores": cores, "floor_s": local["master_s"] + args.n * compute / cores}
+    out["ratio_floor"] = ray_["steady_s"] / out["floor"]["floor_s"]
     return out
 
 
@@ -177,7 +186,9 @@ def run(args: argparse.Namespace) -> int:
                       f"{1000 * row['inproc']['steady_s']:.0f} ms); Ray steady split: master "
                       f"{1000 * split['master_s']:.0f} ms, worker compute "
                       f"{1000 * split['worker_compute_s']:.0f} ms, transfer+overhead "
-                      f"{1000 * split['transfer_and_overhead_s']:.0f} ms", flush=True)
+                      f"{1000 * split['transfer_and_overhead_s']:.0f} ms; floor on {row['floor']['cores']} "
+                      f"cores {1000 * row['floor']['floor_s']:.0f} ms, Ray/floor {row['ratio_floor']:.2f}x",
+                      flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -45,6 +45,7 @@ class Counters:
     respawns: int = 0  # workers replaced by fresh ones (the master then repairs them)
     backlog_kills: int = 0  # workers declared dead because their queue of calls exceeded max_backlog
     timeouts: int = 0  # workers declared dead because they were silent longer than the worker timeout
+    node_losses: int = 0  # workers declared dead because Ray declared their node dead
     # calls that raised inside a worker: {"worker", "method", "error"}; each made its worker an erasure
     worker_errors: list[dict[str, Any]] = field(default_factory=list)
     respawned: dict[int, int] = field(default_factory=dict)  # worker -> times respawned
@@ -64,6 +65,7 @@ class Counters:
             "respawns": self.respawns,
             "backlog_kills": self.backlog_kills,
             "timeouts": self.timeouts,
+            "node_losses": self.node_losses,
             "worker_errors": len(self.worker_errors),
         }
 

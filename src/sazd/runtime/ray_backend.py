@@ -1,4 +1,4 @@
-"""Ray cluster: each worker is a Ray actor wrapping ``Worker``; tensors travel via the object store.
+"""Ray cluster: each worker is a Ray actor wrapping ``Worker``; calls travel over direct connections.
 
 - ``RayCluster(n)`` starts a local Ray on loopback by itself (usage statistics off, no dashboard);
   ``address=...`` joins an existing cluster (a cluster that does not answer within ``connect_timeout_s``
@@ -7,18 +7,19 @@
   it are killed by PID.
 - Placement (``sazd.runtime.placement``): the actors live in one placement group, spread over nodes
   by default (``placement="pack"`` packs them); ``workers_info()`` says where each one runs.
-- Each large tensor argument is ``ray.put`` once and its reference passed to every actor that gets it,
-  also in later calls while the master's tensor lives unmodified (``SentTensors``): a broadcast is
-  stored once, and a round's X^T sent again to the workers the round skipped is not stored again.
-- ``first_k`` loops on ``ray.wait(num_returns=1)`` and checks each ready result: a dead actor's
-  result counts as ready, so a ``RayActorError`` is an erasure and another answer is awaited. Late
-  results are never fetched, and queued actor calls are never cancelled (cancelling one breaks the
-  actor): their references are simply dropped.
+- Ray starts, places, watches and kills the actors. The calls of training and their answers travel
+  over one authenticated TCP connection per worker (``sazd.runtime.channel``), not through Ray's task
+  path and object store, whose per-call cost dominated small rounds. ``submit`` copies its tensor
+  arguments once (a broadcast once for every worker), so the master may change them afterwards.
+- ``first_k`` takes answers in arrival order: a broken connection (the actor died, was killed or lost
+  its node) answers every unanswered call of that worker as an erasure, and another answer is
+  awaited. Late answers are read and dropped by the connection's own thread; queued calls are never
+  cancelled.
 - Every wait is bounded. A worker with unfinished calls that has not finished any call for
   ``worker_timeout_s`` is silent: it is killed (an erasure; the master respawns and repairs it). Loss
   of the Ray control plane (the head's GCS, our raylet) is a ``ClusterError`` at the next check.
-- Every call returns a small status object next to its value. Fire-and-forget calls (loads, updates)
-  and late answers are never fetched, but their status is checked at the next round: an exception
+- Every call is answered with a status and a value. Fire-and-forget calls (loads, updates) and late
+  answers are never used, but their status is checked at the next round: an exception
   raised in any worker call is recorded (``counters.worker_errors``, naming worker and method) and
   makes that worker an erasure; a round in which every asked worker raised re-raises the worker's
   exception (its type, with the worker and method in a note).
@@ -43,6 +44,7 @@ import atexit
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import threading
@@ -59,41 +61,25 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import ray
 import torch
-from ray.exceptions import (
-    GetTimeoutError,
-    NodeDiedError,
-    ObjectLostError,
-    OutOfMemoryError,
-    OwnerDiedError,
-    RayActorError,
-    RaySystemError,
-    RayTaskError,
-    RpcError,
-    WorkerCrashedError,
-)
+from ray.exceptions import RaySystemError, RpcError
 
+from sazd.runtime import channel
 from sazd.runtime import placement as place
+from sazd.runtime.channel import Channel, Reply, WorkerLost, WorkerRaised
 from sazd.runtime.cluster import (
     Cluster,
     ClusterError,
     Counters,
     Round,
     SentTensors,
-    iter_tensors,
     map_tensors,
     tensor_bytes,
 )
 from sazd.runtime.latency import LatencyModel, parse_latency
-from sazd.runtime.worker import Worker
+from sazd.runtime.worker import Worker, check_method
 
-# A worker that answers with one of these is gone (ActorDiedError, ActorUnavailableError are
-# RayActorErrors; a lost node loses its objects; Ray's memory monitor kills a worker with
-# OutOfMemoryError): an erasure. A RayTaskError is an exception raised by Worker code.
-_DEATH = (RayActorError, ObjectLostError, WorkerCrashedError, OutOfMemoryError, NodeDiedError, OwnerDiedError,
-          GetTimeoutError)
 # Failures of Ray itself rather than of one worker: the run cannot continue.
 _CONTROL = (RaySystemError, RpcError, OSError)
-_INLINE_BYTES = 100 * 1024  # Ray's max_direct_call_object_size: smaller arguments travel inline
 _WATCH_EVERY_S = 2.0  # how often a joined cluster's control plane is pinged while waiting
 _SHUTDOWN_S = 20.0  # bound on closing: killing actors, shutting Ray down
 
@@ -149,16 +135,37 @@ def process_tree(roots: Collection[int]) -> list[tuple[int, int]]:
     return [(pid, start) for pid in found if (start := _start_time(pid)) is not None]
 
 
-def _bounded(fn: Callable[[], Any], timeout_s: float) -> bool:
-    """Run ``fn`` in a daemon thread; True if it finished within ``timeout_s`` (errors are swallowed)."""
+def _within(fn: Callable[[], Any], timeout_s: float) -> Any:
+    """``fn()`` run in a daemon thread: its value or its exception, or TimeoutError after ``timeout_s``
+    (the thread is then left to finish or hang on its own)."""
+    box: list[Any] = []
+
     def run() -> None:
-        with contextlib.suppress(Exception):
-            fn()
+        try:
+            box.append((True, fn()))
+        except BaseException as err:  # handed to the caller's thread
+            box.append((False, err))
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(timeout_s)
-    return not thread.is_alive()
+    if not box:
+        raise TimeoutError(f"not finished within {timeout_s:g} s")
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _bounded(fn: Callable[[], Any], timeout_s: float) -> bool:
+    """Run ``fn`` in a daemon thread; True if it finished within ``timeout_s`` (errors are swallowed)."""
+    try:
+        _within(fn, timeout_s)
+    except TimeoutError:
+        return False
+    except Exception:
+        pass
+    return True
 
 
 def start_local_ray(num_cpus: int | None = None, object_store_gb: float = 2.0) -> bool:
@@ -192,28 +199,19 @@ def join_ray(address: str, timeout_s: float = 30.0) -> None:
                 f"no Ray cluster answers at {address} ({err.strerror or err}); start one with "
                 f"`ray start --head --port={port}` or fix the address"
             ) from None
-    failure: list[BaseException] = []
-
-    def init() -> None:
-        try:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        except BaseException as err:  # reported below, in the caller's thread
-            failure.append(err)
-
-    thread = threading.Thread(target=init, daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
+    try:
+        _within(lambda: ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING),
+                timeout_s)
+    except TimeoutError:
         raise ClusterError(f"the Ray cluster at {address} did not answer within {timeout_s:g} s; check the "
-                           f"address (host:port of the head's GCS) and that the cluster is up")
-    if failure:
-        err = failure[0]
+                           f"address (host:port of the head's GCS) and that the cluster is up") from None
+    except BaseException as err:
         raise ClusterError(f"cannot join the Ray cluster at {address}: {' '.join(str(err).split())[:300]}") \
             from err
 
 
 class RayWorker(Worker):
-    """The actor: a ``Worker`` plus one entry point that applies the task's slowdown factor."""
+    """The actor: a ``Worker`` answering calls on its channel, each with the task's slowdown factor."""
 
     def __init__(self, index: int, device: str = "cpu", torch_threads: int | None = None,
                  compute_dtype: str | None = None) -> None:
@@ -227,33 +225,25 @@ class RayWorker(Worker):
         self.base_delay = self.delay_factor
         return self.index
 
-    @ray.method(num_returns=2)
-    def call(self, method: str, slowdown: float, args: tuple) -> tuple[int, Any]:
-        """(status, value): the status is a small object the master checks without fetching the value."""
+    def _answer(self, method: str, slowdown: float, args: tuple) -> Any:
+        check_method(method)
         self.delay_factor = self.base_delay * slowdown
         try:
-            return 0, map_tensors(getattr(self, method)(*_fetch(args)), torch.Tensor.cpu)
+            return map_tensors(getattr(self, method)(*args), torch.Tensor.cpu)
         finally:
             self.delay_factor = self.base_delay
 
-    def info(self) -> dict[str, Any]:
-        """Where this actor runs: node, device, and its process (for killing it by PID)."""
+    def open_channel(self, authkey: bytes) -> dict[str, Any]:
+        """Listen for the master's connection; say where this actor runs (node, device, its process,
+        for killing it by PID) and the address to connect to."""
         context = ray.get_runtime_context()
-        return {"index": self.index, "node_id": context.get_node_id(),
-                "node_ip": ray.util.get_node_ip_address(), "device": str(self.device), "pid": os.getpid(),
-                "boot_id": _boot_id()}
+        node_ip = ray.util.get_node_ip_address()
+        return {"index": self.index, "node_id": context.get_node_id(), "node_ip": node_ip,
+                "device": str(self.device), "pid": os.getpid(), "boot_id": _boot_id(),
+                "address": channel.serve(node_ip, authkey, self._answer)}
 
 
 _ACTOR = ray.remote(RayWorker)
-
-
-def _fetch(args: tuple) -> tuple:
-    """``args`` with every object-store reference inside replaced by its value (one ``ray.get``)."""
-    refs = list(iter_tensors(args, ray.ObjectRef))
-    if not refs:
-        return args
-    values = iter(ray.get(refs))
-    return map_tensors(args, lambda _: next(values), ray.ObjectRef)
 
 
 @dataclass(eq=False)
@@ -262,8 +252,7 @@ class _Call:
 
     worker: int
     method: str
-    ref: Any  # the value
-    status: Any  # small; ready when the call finished, raises when it failed
+    reply: Reply  # done when the call finished or failed
     epoch: int  # the cluster's gather count when sent
     seq: int  # the worker's task number: calls to one worker run in this order
     incarnation: int
@@ -344,6 +333,9 @@ class RayCluster(Cluster):
         self._dead: set[int] = set()
         self._closed = False
         self._sent = SentTensors()
+        self._authkey = secrets.token_bytes(32)  # what a peer must know to speak on a channel
+        self._replied = threading.Condition()  # notified by the channels whenever a reply is done
+        self._channels: list[Channel | None] = [None] * n
         self._group = None
         self._ray_procs: list[tuple[str, Any]] = []  # (name, Popen) of the Ray we started
         self._last_watch = time.monotonic()
@@ -393,7 +385,8 @@ class RayCluster(Cluster):
         self._check_open()
         with self._control_plane():
             workers, per_worker, broadcast = self._prepare_submit(method, args, workers)
-            shared = self._payload(args) if broadcast else None
+            copies: dict[int, torch.Tensor] = {}  # each tensor copied once, however many get it
+            shared = _own_copy(per_worker[workers[0]], copies) if broadcast else None
             calls: dict[int, _Call | None] = {}
             now = time.monotonic()
             for j in workers:
@@ -408,11 +401,11 @@ class RayCluster(Cluster):
                     self.counters.failed_results += 1
                     continue
                 slowdown = self.latency.slowdown(j, task)
-                payload = shared if broadcast else self._payload(per_worker[j])
-                status, ref = self.actors[j].call.remote(method, slowdown, payload)
+                payload = shared if broadcast else _own_copy(per_worker[j], copies)
+                reply = self._channels[j].send(method, slowdown, payload)
                 if not self._outstanding[j]:
                     self._heard[j] = now  # silence is counted from when it has work
-                call = _Call(j, method, ref, status, self._epoch, task, self._incarnation[j], now)
+                call = _Call(j, method, reply, self._epoch, task, self._incarnation[j], now)
                 calls[j] = call
                 self._outstanding[j].append(call)
         self.counters.rounds += 1
@@ -466,25 +459,22 @@ class RayCluster(Cluster):
             with contextlib.suppress(Exception):  # already dead, or Ray already shut down
                 ray.kill(self.actors[worker], no_restart=True)
             _kill_pid(self._info[worker])
+        if self._channels[worker] is not None:
+            self._channels[worker].close(f"worker {worker} was killed")
+            self._channels[worker] = None
         self._dead.add(worker)
         self._outstanding[worker].clear()
 
     def _record_raised(self, worker: int) -> None:
         """Before ``worker``'s unfinished calls are forgotten: record what its finished, unfetched calls
         raised (a kill must not hide why a load or update failed)."""
-        calls = [c for c in self._outstanding[worker] if not c.fetched and not c.gathering]
-        if not calls or not ray.is_initialized():
-            return
-        with contextlib.suppress(Exception):
-            done = set(ray.wait([c.status for c in calls], num_returns=len(calls), timeout=0,
-                                fetch_local=False)[0])
-            for call in (c for c in calls if c.status in done):
-                try:
-                    ray.get(call.status, timeout=1)
-                except RayTaskError as err:
-                    self.counters.note_error(worker, call.method, _cause(err))
-                except Exception:  # died: nothing raised by the worker's code
-                    pass
+        for call in self._outstanding[worker]:
+            if call.reply.done and not call.fetched and not call.gathering:
+                with contextlib.suppress(WorkerLost):  # died: nothing raised by the worker's code
+                    try:
+                        call.reply.result()
+                    except WorkerRaised as err:
+                        self.counters.note_error(worker, call.method, err.cause)
 
     def respawn(self, worker: int) -> None:
         self._check_open()
@@ -538,6 +528,10 @@ class RayCluster(Cluster):
             return
         self._closed = True
         actors, group, self.actors = self.actors, self._group, []
+        for link in self._channels:
+            if link is not None:
+                link.close("the cluster is closed")
+        self._channels = [None] * self.n
         ours = process_tree([proc.pid for _, proc in self._ray_procs if proc.poll() is None])
         if ray.is_initialized() and not self._lost:
             def stop_actors() -> None:
@@ -567,18 +561,6 @@ class RayCluster(Cluster):
         self._outstanding = [deque() for _ in range(self.n)]
 
     # --------------------------------------------------------------- internals
-    def _store(self, t: torch.Tensor) -> Any:
-        """Put a large tensor in the object store once; Ray sends small arguments inline anyway."""
-        return ray.put(t) if t.numel() * t.element_size() >= _INLINE_BYTES else None
-
-    def _payload(self, args: tuple) -> tuple:
-        """``args`` with each stored tensor replaced by its object-store reference."""
-        def stored(t: torch.Tensor) -> Any:
-            handle = self._sent.get(t)[1]
-            return t if handle is None else handle
-
-        return map_tensors(args, stored)
-
     def _new_actor(self, j: int) -> Any:
         options = dict(self._actor_options)
         if self._group is not None:
@@ -586,9 +568,10 @@ class RayCluster(Cluster):
         return _ACTOR.options(**options).remote(j, self.device, self._torch_threads, self.compute_dtype)
 
     def _await_started(self, workers: Sequence[int], what: str = "workers") -> None:
-        """Wait (bounded) until each actor of ``workers`` answers, and record where it runs."""
+        """Wait (bounded) until each actor of ``workers`` answers, record where it runs, and connect
+        to its channel."""
         workers = list(workers)
-        refs = [self.actors[j].info.remote() for j in workers]
+        refs = [self.actors[j].open_channel.remote(self._authkey) for j in workers]
         deadline = time.monotonic() + self.start_timeout_s
         ready: list = []
         while len(ready) < len(refs) and time.monotonic() < deadline:
@@ -603,12 +586,19 @@ class RayCluster(Cluster):
             infos = ray.get(refs)
         except ray.exceptions.RayError as err:
             raise ClusterError(f"{what} did not start: {' '.join(str(err).split())[:300]}") from err
-        now = time.monotonic()
         for j, info in zip(workers, infos, strict=True):
             if info.get("boot_id") == _boot_id():
                 info["start"] = _start_time(info["pid"])
             self._info[j] = info
-            self._heard[j] = now
+            try:
+                self._channels[j] = _within(
+                    lambda j=j, address=info["address"]: Channel(j, address, self._authkey, self._replied),
+                    min(self.start_timeout_s, 30.0))
+            except Exception as err:
+                raise ClusterError(f"{what}: cannot connect to worker {j} at {info['address']} "
+                                   f"({type(err).__name__}: {err}); is that port reachable from the "
+                                   "master?") from None
+            self._heard[j] = time.monotonic()
 
     def _gather(
         self, round_: RayRound, calls: dict[int, _Call | None], done: Callable
@@ -616,10 +606,10 @@ class RayCluster(Cluster):
         """Fetch answers in arrival order until ``done``; dead, silent and raising workers are erasures.
         Returns (answers, seconds to each answer, workers whose call failed)."""
         failed = {j for j, call in calls.items() if call is None}
-        pending = {call.ref: call for call in calls.values() if call is not None}
+        pending = [call for call in calls.values() if call is not None]
         got: dict[int, Any] = {}
         times: dict[int, float] = {}
-        errors: list[tuple[_Call, RayTaskError]] = []
+        errors: list[tuple[_Call, WorkerRaised]] = []
         with self._control_plane():
             while True:
                 self._collect(round_, pending, got, times, failed, errors, done)
@@ -641,41 +631,40 @@ class RayCluster(Cluster):
             self._erase(call)
         return got, times, failed
 
-    def _collect(self, round_: RayRound, pending: dict[Any, _Call], got: dict[int, Any],
+    def _collect(self, round_: RayRound, pending: list[_Call], got: dict[int, Any],
                  times: dict[int, float], failed: set[int], errors: list, done: Callable) -> None:
-        """Fetch answers of ``pending`` into ``got`` until ``done`` or none is left to wait for."""
+        """Take answers of ``pending`` into ``got`` until ``done`` or none is left to wait for."""
         while pending and not done(got.keys()):
-            for ref, call in list(pending.items()):  # killed meanwhile (silent, backlog, by hand)
+            for call in list(pending):  # killed meanwhile (silent, backlog, by hand)
                 if not self._current(call):
-                    del pending[ref]
+                    pending.remove(call)
                     failed.add(call.worker)
                     self.counters.failed_results += 1
             if not pending:
                 break
-            deadline = min(self._deadline(call.worker) for call in pending.values())
+            deadline = min(self._deadline(call.worker) for call in pending)
             wait_s = min(max(deadline - time.monotonic(), 0.0), _WATCH_EVERY_S)
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
+            with self._replied:
+                self._replied.wait_for(lambda: any(call.reply.done for call in pending), wait_s)
+            ready = [call for call in pending if call.reply.done]
             if not ready:
                 self._prune()  # kills silent workers; notices finished calls; watches Ray itself
                 continue
-            rest = [ref for ref in pending if ref not in ready]
-            if rest:  # everything else already finished, in one call
-                ready += ray.wait(rest, num_returns=len(rest), timeout=0, fetch_local=False)[0]
-            for ref in ready:
+            for call in ready:
                 if done(got.keys()):
                     break
-                call = pending.pop(ref)
+                pending.remove(call)
                 call.fetched = True
                 j = call.worker
                 self._heard[j] = time.monotonic()
                 try:
-                    value = ray.get(ref, timeout=self.worker_timeout_s)
-                except _DEATH:
+                    value = call.reply.result()
+                except WorkerLost:
                     self._erase(call)
                     failed.add(j)
                     continue
-                except RayTaskError as err:
-                    self.counters.note_error(j, call.method, _cause(err))
+                except WorkerRaised as err:
+                    self.counters.note_error(j, call.method, err.cause)
                     failed.add(j)
                     errors.append((call, err))
                     continue
@@ -715,13 +704,10 @@ class RayCluster(Cluster):
         self._watch()
         calls = [call for queue in self._outstanding for call in queue]
         if calls:
-            finished = ray.wait([call.status for call in calls], num_returns=len(calls), timeout=0,
-                                fetch_local=False)[0]
-            finished = set(finished)
             now = time.monotonic()
             unchecked = []
             for call in calls:
-                if call.status in finished:
+                if call.reply.done:
                     self._heard[call.worker] = now
                     if not call.gathering:
                         self._outstanding[call.worker].remove(call)
@@ -739,40 +725,41 @@ class RayCluster(Cluster):
 
     def _check_status(self, calls: list[_Call]) -> None:
         """Finished calls nobody fetches: a failure makes the worker an erasure; a raise is recorded."""
-        if not calls:
-            return
-        try:
-            ray.get([call.status for call in calls], timeout=self.worker_timeout_s)
-            return
-        except Exception:  # some failed: look at each
-            pass
         for call in calls:
             try:
-                ray.get(call.status, timeout=self.worker_timeout_s)
-            except RayTaskError as err:
-                self.counters.note_error(call.worker, call.method, _cause(err))
+                call.reply.result()
+            except WorkerRaised as err:
+                self.counters.note_error(call.worker, call.method, err.cause)
                 self._erase(call)
-            except _DEATH:
+            except WorkerLost:
                 self._erase(call)
 
     def _watch(self) -> None:
         """ClusterError if the Ray control plane is gone: a process of the Ray we started exited, or
-        (joined cluster) the head's GCS does not answer a ping within 5 s."""
+        (joined cluster) the head's GCS does not answer a ping within 5 s. A worker on a node Ray
+        declared dead is killed (an erasure)."""
         for name, proc in self._ray_procs:
             if name in ("gcs_server", "raylet") and proc.poll() is not None:
                 self._lost = True
                 raise ClusterError(f"the Ray cluster's {name} (pid {proc.pid}) exited with status "
                                    f"{proc.returncode}; the workers are lost")
         now = time.monotonic()
-        if self._ray_procs or now - self._last_watch < _WATCH_EVERY_S:
+        if now - self._last_watch < _WATCH_EVERY_S:
             return
         self._last_watch = now
         try:
-            ray._private.worker.global_worker.gcs_client.internal_kv_get(b"sazd-ping", None, timeout=5)
+            if not self._ray_procs:
+                ray._private.worker.global_worker.gcs_client.internal_kv_get(b"sazd-ping", None, timeout=5)
+            nodes = place.alive_nodes()
         except Exception as err:
             self._lost = True
             raise ClusterError(f"the Ray cluster's control process (GCS) does not answer: "
                                f"{' '.join(str(err).split())[:200]}") from None
+        for j in self.alive():  # Ray declared its node dead: an erasure, even if its process still answers
+            node = self._info[j].get("node_id")  # None: still starting
+            if node is not None and node not in nodes:
+                self.kill(j)
+                self.counters.node_losses += 1
 
     @contextlib.contextmanager
     def _control_plane(self) -> Iterator[None]:
@@ -793,18 +780,20 @@ class RayCluster(Cluster):
         return dict(round_.calls)
 
 
-def _cause(err: RayTaskError) -> BaseException:
-    """The exception the worker's code raised."""
-    return err.cause if err.cause is not None else err
+def _own_copy(args: Any, copies: dict[int, torch.Tensor]) -> Any:
+    """``args`` with every tensor replaced by a contiguous CPU copy of it (``copies``: by identity),
+    so that what a worker gets is what the master had at ``submit``."""
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in copies:
+            copies[id(t)] = t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+        return copies[id(t)]
+
+    return map_tensors(args, copy)
 
 
-def _worker_exception(call: _Call, err: RayTaskError) -> BaseException:
-    """The worker's own exception type (Ray's subclass of it, with the remote traceback), naming worker
-    and method."""
-    try:
-        out = err.as_instanceof_cause()
-    except Exception:
-        out = err
+def _worker_exception(call: _Call, err: WorkerRaised) -> BaseException:
+    """The worker's own exception, naming worker and method."""
+    out = err.cause
     out.add_note(f"(raised by Ray worker {call.worker} in {call.method!r}, by every worker asked)")
     return out
 

@@ -1,0 +1,133 @@
+"""The Ray backend's data plane on its own: real TCP connections on 127.0.0.1, a worker end served
+from a thread of this process, and hostile peers that break the protocol."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+from multiprocessing.connection import AuthenticationError, Client, Listener
+
+import pytest
+import torch
+
+from sazd.runtime.channel import Channel, WorkerLost, WorkerRaised, send_message, serve
+
+KEY = b"k" * 32
+
+
+def echo(method: str, slowdown: float, args: tuple):
+    if method == "raise":
+        raise KeyError(args[0])
+    if method == "unpicklable":
+        err = RuntimeError("no pickle")
+        err.payload = threading.Lock()  # an exception that cannot travel as it is
+        raise err
+    if method == "sleep":
+        time.sleep(args[0])
+    return method, slowdown, args
+
+
+def wait_done(replies, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not all(r.done for r in replies) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert all(r.done for r in replies)
+
+
+def test_tensors_of_every_kind_arrive_exactly_and_in_order():
+    link = Channel(0, serve("127.0.0.1", KEY, echo), KEY, threading.Condition())
+    base = torch.randn(6, 8, dtype=torch.float64)
+    args = ({"w": base.T, "half": base.to(torch.bfloat16), "ints": torch.arange(5)},
+            [torch.tensor(3.5), torch.empty(0, 4), base[::2, 1:]], "text", None, 7)
+    replies = [link.send(f"m{i}", 1.0 + i, args) for i in range(3)]
+    wait_done(replies)
+    for i, reply in enumerate(replies):
+        method, slowdown, got = reply.result()
+        assert (method, slowdown) == (f"m{i}", 1.0 + i)
+        assert got[2:] == ("text", None, 7)
+        for name, t in args[0].items():
+            assert got[0][name].dtype == t.dtype and torch.equal(got[0][name], t)
+        for have, want in zip(got[1], args[1], strict=True):
+            assert have.shape == want.shape and torch.equal(have, want)
+    link.close()
+
+
+def test_a_raising_worker_hands_back_its_exception_and_keeps_serving():
+    link = Channel(0, serve("127.0.0.1", KEY, echo), KEY, threading.Condition())
+    bad, odd, good = link.send("raise", 1.0, ("missing",)), link.send("unpicklable", 1.0, ()), \
+        link.send("ok", 1.0, ())
+    wait_done([bad, odd, good])
+    with pytest.raises(WorkerRaised) as raised:
+        bad.result()
+    assert isinstance(raised.value.cause, KeyError)
+    with pytest.raises(WorkerRaised, match="RuntimeError: RuntimeError: no pickle"):
+        odd.result()
+    assert good.result()[0] == "ok"
+    link.close()
+
+
+def test_a_peer_without_the_key_is_refused_and_the_master_still_connects():
+    address = serve("127.0.0.1", KEY, echo)
+    with pytest.raises(AuthenticationError):
+        Client(address, authkey=b"wrong" * 8)
+    link = Channel(0, address, KEY, threading.Condition())
+    reply = link.send("ok", 1.0, ())
+    wait_done([reply])
+    assert reply.result()[0] == "ok"
+    link.close()
+
+
+def fake_worker(answer) -> tuple[str, int]:
+    """A worker end with the key that reads one call and answers it with ``answer(conn)``."""
+    listener = Listener(("127.0.0.1", 0), authkey=KEY)
+
+    def run() -> None:
+        with listener.accept() as conn:
+            conn.recv_bytes()
+            answer(conn)
+            time.sleep(0.5)
+
+    threading.Thread(target=run, daemon=True).start()
+    return listener.address
+
+
+@pytest.mark.parametrize("answer, why", [
+    (lambda c: c.send_bytes(pickle.dumps(((0, "x"), 3))), "announces 3 tensors"),
+    (lambda c: c.send_bytes(b"not a pickle"), "connection lost"),
+    (lambda c: send_message(c, (7, None)), "malformed answer status 7"),
+    (lambda c: send_message(c, (1, "not an exception")), "malformed answer status 1"),
+    (lambda c: c.close(), "connection lost|sending failed"),
+])
+def test_a_malformed_answer_breaks_the_connection_and_fails_every_waiting_call(answer, why):
+    link = Channel(0, fake_worker(answer), KEY, threading.Condition())
+    replies = [link.send("m", 1.0, (torch.ones(3),)) for _ in range(3)]
+    wait_done(replies)
+    for reply in replies:
+        with pytest.raises(WorkerLost, match=why):
+            reply.result()
+    late = link.send("m", 1.0, ())  # a broken channel answers at once
+    assert late.done and isinstance(late.error, WorkerLost)
+
+
+def test_a_tensor_frame_that_does_not_match_its_header_breaks_the_connection():
+    from sazd.runtime.channel import _Slot
+
+    def lie(conn):  # announces 4 float32 values, sends 3
+        conn.send_bytes(pickle.dumps(((0, _Slot(torch.float32, (4,))), 1)))
+        conn.send_bytes(torch.ones(3).numpy().tobytes())
+
+    link = Channel(0, fake_worker(lie), KEY, threading.Condition())
+    reply = link.send("m", 1.0, ())
+    wait_done([reply])
+    with pytest.raises(WorkerLost, match="12 bytes, its header says 16"):
+        reply.result()
+
+
+def test_closing_fails_unanswered_calls_at_once():
+    link = Channel(0, serve("127.0.0.1", KEY, echo), KEY, threading.Condition())
+    slow = link.send("sleep", 1.0, (5.0,))
+    link.close("closed by the test")
+    assert slow.done
+    with pytest.raises(WorkerLost, match="closed by the test"):
+        slow.result()
