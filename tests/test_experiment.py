@@ -125,13 +125,9 @@ def test_accuracy_records_refusals_and_worst_sets(tmp_path):
     poly = cells["poly", "float32"]
     assert not common.read_error(poly["decode_error"]) < 1  # integer nodes at k = 8: undecodable
     assert poly["status"] == "refused" and "refus" in poly["message"].lower()
-    from sazd.experiment.accuracy import compute_dtype_field
-
-    if compute_dtype_field() is None:
-        assert cells["sazd", "bfloat16"]["status"] == "unavailable"
-    else:  # bf16 worker products: trained, next to the certified bf16 error of the same set
-        assert cells["sazd", "bfloat16"]["status"] in ("ok", "unstable")
-        assert cells["poly", "bfloat16"]["status"] == "refused"
+    # bf16 worker products: trained, next to the certified bf16 error of the same set
+    assert cells["sazd", "bfloat16"]["status"] in ("ok", "unstable")
+    assert cells["poly", "bfloat16"]["status"] == "refused"
     report = (out / "report.md").read_text()
     assert "refused" in report and "Claim 1" in report and (out / "accuracy.png").is_file()
 

@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import math
 import statistics
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,6 @@ CORPUS = "pystdlib"  # the gpt's dataset; --dataset names the image models'
 GPT_LAYERS = (2, 2)  # (layers, heads) of the gpt when --hidden sets its width
 DTYPES = ("float32", "bfloat16")
 REGIMES = ("worst", "random")
-# names a TrainConfig field for the workers' product dtype may have; none present: bf16 is unavailable
-COMPUTE_DTYPE_FIELDS = ("compute_dtype", "worker_dtype", "product_dtype")
 QUICK = dict(dataset="digits", models="mlp", ks="2,4", epochs=2, hidden=64, seeds=3)
 FULL = dict(dataset="fashion-mnist", models="mlp,cnn", ks="2,4,8,12,16", epochs=2, hidden=None, seeds=3)
 
@@ -112,13 +111,6 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     return s
 
 
-def compute_dtype_field() -> str | None:
-    from sazd.train.trainer import TrainConfig
-
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return next((f for f in COMPUTE_DTYPE_FIELDS if f in names), None)
-
-
 def grid(s: dict[str, Any]) -> list[dict[str, Any]]:
     cells = []
     for model in s["models"]:
@@ -136,9 +128,8 @@ def grid(s: dict[str, Any]) -> list[dict[str, Any]]:
                                 regime=regime,
                                 seed=seed,
                             )
-                            products = (
-                                {} if dtype == "float32" else {"products": compute_dtype_field() is not None}
-                            )
+                            # bf16 cells keep this in their key so that directories of earlier runs resume
+                            products = {} if dtype == "float32" else {"products": True}
                             corpus = {"corpus": CORPUS} if model == "gpt" else {}
                             key = common.cell_key(**fields, **_fixed(s), **products, **corpus)
                             cells.append({"key": key, **fields})
@@ -201,7 +192,6 @@ class Runner:
         self.variants = {v.label: v for v in s["variants"]}
         self.data: dict[tuple[str, int], Any] = {}
         self.sets: dict[tuple, tuple] = {}
-        self.dtype_field = compute_dtype_field()
 
     def dataset(self, name: str, seed: int) -> Any:
         import torch
@@ -240,12 +230,6 @@ class Runner:
             out["decode_error"] = common.json_error(err if cell["regime"] == "worst" else median)
             out["decode_error_worst"] = common.json_error(err)
             out["stragglers"] = stragglers if cell["regime"] == "worst" else "random"
-        if cell["dtype"] != "float32" and self.dtype_field is None:
-            return {
-                **out,
-                "status": "unavailable",
-                "message": "bfloat16 worker products are not available in this sazd version",
-            }
         return {**out, **self.train(v, cell, stragglers)}
 
     def train(self, v: Variant, cell: dict[str, Any], stragglers: list[int]) -> dict[str, Any]:
@@ -258,7 +242,6 @@ class Runner:
         s, n, seed = self.s, cell["n"], cell["seed"]
         # float32 products are the blocks' own dtype (None); others go to the workers' compute dtype
         products = None if cell["dtype"] == "float32" else cell["dtype"]
-        extra = {self.dtype_field: products} if self.dtype_field else {}
         cfg = TrainConfig(
             model=cell["model"],
             dataset=dataset_of(cell["model"], s),
@@ -279,7 +262,7 @@ class Runner:
             seed=seed,
             show_progress=False,
             base_time_s=1e-3,
-            **extra,
+            compute_dtype=products,
         )
         if cell["regime"] == "worst" and stragglers:
             latency: Any = FixedStragglers(workers=stragglers, factor=s["delay"])
@@ -289,7 +272,9 @@ class Runner:
             latency = NoDelay()
         with (
             warnings.catch_warnings(record=True) as caught,
-            make_cluster("inproc", n, latency=latency, base_time_s=1e-3, seed=seed, **extra) as cluster,
+            make_cluster(
+                "inproc", n, latency=latency, base_time_s=1e-3, seed=seed, compute_dtype=products
+            ) as cluster,
         ):
             warnings.simplefilter("always", UnstableDecodeWarning)
             trainer = Trainer(cfg, cluster=cluster, data=self.dataset(cfg.dataset, seed))
@@ -424,7 +409,6 @@ def format_report(
     claims: list[dict[str, Any]],
     m: dict[str, Any],
     plots: list[str],
-    bf16: bool,
     command: str,
 ) -> str:
     limit = "" if s["max_steps"] is None else f", at most {s['max_steps']} iterations"
@@ -469,12 +453,6 @@ def format_report(
         ),
         "",
     ]
-    if not bf16 and "bfloat16" in s["dtypes"]:
-        lines += [
-            "**bfloat16 worker products are not available in this sazd version**: the bf16 rows show the "
-            "certified bf16 decode error only; no bf16 training was run (status `unavailable`).",
-            "",
-        ]
     lines += ["## Results", ""]
     gpt = "gpt" in s["models"]
     headers = ["model", "dtype", "k", "n", "code", "regime", "test accuracy %", "decode error", "status"]
@@ -653,25 +631,14 @@ def plot(
     return names
 
 
-def run(args: argparse.Namespace) -> int:
-    import sys
+def _row_json(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: (dataclasses.asdict(v) if isinstance(v, Spread) else v) for k, v in r.items()}
 
-    try:
-        s = settings(args)
-        out = common.prepare_out(args.out, "accuracy")
-    except ValueError as err:
-        return common.bad_flag("accuracy", err)
-    runner = Runner(s)
-    bf16 = runner.dtype_field is not None
-    if not bf16 and "bfloat16" in s["dtypes"]:
-        print(
-            "note: bfloat16 worker products are not available in this sazd version; bf16 cells record the "
-            "certified bf16 decode error only",
-            file=sys.stderr,
-        )
+
+def experiment(s: dict[str, Any], out: Path) -> int:
     m = common.machine()
     cells = common.run_cells(
-        common.CellStore(out), grid(s), runner, "accuracy", seconds_per_cell=cell_seconds(s)
+        common.CellStore(out), grid(s), Runner(s), "accuracy", seconds_per_cell=cell_seconds(s)
     )
     summary = summarize(cells, s)
     claims = claim_rows(summary)
@@ -681,27 +648,15 @@ def run(args: argparse.Namespace) -> int:
         if sys.argv[1:3] == ["experiment", "accuracy"]
         else "sazd experiment accuracy"
     )
-    report = format_report(s, summary, claims, m, plots, bf16, command)
-    (out / "report.md").write_text(report)
-    common.write_results(
-        out,
-        cells,
-        {
-            "machine": m,
-            "settings": _jsonable_settings(s),
-            "bf16_products": bf16,
-            "summary": [_row_json(r) for r in summary],
-            "claims": [_row_json(c) for c in claims],
-        },
-    )
-    print(report)
-    print(f"\nwritten: {out}/report.md, results.csv, results.json, {', '.join(plots)}", file=sys.stderr)
-    return 0
+    results = {
+        "machine": m,
+        "settings": common.settings_json(s),
+        "bf16_products": True,
+        "summary": [_row_json(r) for r in summary],
+        "claims": [_row_json(c) for c in claims],
+    }
+    return common.publish(out, format_report(s, summary, claims, m, plots, command), cells, results, plots)
 
 
-def _jsonable_settings(s: dict[str, Any]) -> dict[str, Any]:
-    return {**s, "variants": [v.label for v in s["variants"]]}
-
-
-def _row_json(r: dict[str, Any]) -> dict[str, Any]:
-    return {k: (dataclasses.asdict(v) if isinstance(v, Spread) else v) for k, v in r.items()}
+def run(args: argparse.Namespace) -> int:
+    return common.run_experiment("accuracy", args, settings, experiment)

@@ -1,5 +1,6 @@
 """Shared machinery of the experiments: output directory, resumable cell store, machine description,
-progress bar, run-to-run spread and the written outputs (csv, json, markdown)."""
+progress bar, run-to-run spread, the written outputs (csv, json, markdown) and the commands' common
+start (flags checked, bad ones refused with exit status 2) and end (outputs written and printed)."""
 
 from __future__ import annotations
 
@@ -226,6 +227,11 @@ def write_results(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]
     (out / "results.json").write_text(json.dumps({**summary, "cells": rows}, indent=1, default=_jsonable))
 
 
+def settings_json(s: dict[str, Any]) -> dict[str, Any]:
+    """The settings as written to ``results.json``: the codes by their labels."""
+    return {**s, "variants": [v.label for v in s["variants"]]}
+
+
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -340,7 +346,32 @@ def save_figure(fig: Any, out: Path, name: str, names: list[str], *, bbox_tight:
     names.append(name)
 
 
-def bad_flag(experiment: str, err: Exception) -> int:
-    """A bad flag: one line on stderr, exit status 2."""
-    print(f"sazd experiment {experiment}: error: {err}", file=sys.stderr)
-    return 2
+# ------------------------------------------------------------------ the command
+def run_experiment(
+    experiment: str,
+    args: argparse.Namespace,
+    settings: Callable[[argparse.Namespace], dict[str, Any]],
+    body: Callable[[dict[str, Any], Path], int],
+) -> int:
+    """Run ``body(settings(args), output directory)`` and return its exit status. A bad flag or ``--out``
+    (a ValueError from ``settings`` or :func:`prepare_out`, both of which check before anything is
+    written) is one line on stderr and exit status 2."""
+    try:
+        s = settings(args)
+        out = prepare_out(args.out, experiment)
+    except ValueError as err:
+        print(f"sazd experiment {experiment}: error: {err}", file=sys.stderr)
+        return 2
+    return body(s, out)
+
+
+def publish(
+    out: Path, report: str, cells: list[dict[str, Any]], summary: dict[str, Any], plots: list[str]
+) -> int:
+    """Write ``report.md`` and the results (:func:`write_results`), print the report and where it all went;
+    exit status 0."""
+    (out / "report.md").write_text(report)
+    write_results(out, cells, summary)
+    print(report)
+    print(f"\nwritten: {out}/report.md, results.csv, results.json, {', '.join(plots)}", file=sys.stderr)
+    return 0

@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import itertools
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -515,12 +514,7 @@ def plot(cells: list[dict[str, Any]], s: dict[str, Any], out: Path) -> list[str]
     return names
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        s = settings(args)
-        out = common.prepare_out(args.out, "speed")
-    except ValueError as err:
-        return common.bad_flag("speed", err)
+def experiment(s: dict[str, Any], out: Path) -> int:
     m = common.machine()
     runner = Runner(s)
     try:
@@ -528,16 +522,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         runner.close()
     plots = plot(cells, s, out)
-    report = format_report(s, cells, m, plots)
-    (out / "report.md").write_text(report)
-    common.write_results(
-        out,
-        cells,
-        {"machine": m, "settings": s, "deu": deu_rows(cells, s), "stragglers": straggler_rows(cells)},
-    )
-    print(report)
-    print(f"\nwritten: {out}/report.md, results.csv, results.json, {', '.join(plots)}", file=sys.stderr)
-    return 0
+    summary = {"machine": m, "settings": s, "deu": deu_rows(cells, s), "stragglers": straggler_rows(cells)}
+    return common.publish(out, format_report(s, cells, m, plots), cells, summary, plots)
+
+
+def run(args: argparse.Namespace) -> int:
+    return common.run_experiment("speed", args, settings, experiment)
 
 
 __all__ = ["add_arguments", "run"]

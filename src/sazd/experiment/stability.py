@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +228,41 @@ def conclusion(cells: list[dict[str, Any]], s: dict[str, Any]) -> str:
     )
 
 
+def _log_error(err: float) -> float:
+    """What the maps colour: log10 of a certified error clipped to [1e-9, 1] (0: refused; nan: none)."""
+    return math.log10(min(max(err, 1e-9), 1.0)) if err == err else math.nan
+
+
+def _heatmap(
+    ax: Any,
+    values: Any,
+    xs: list[Any],
+    ys: list[Any],
+    xlabel: str,
+    title: str,
+    fontsize: int,
+    notes: dict[tuple[int, int], str] | None = None,
+) -> Any:
+    """Colour ``values[y, x]`` (log10 errors, 1e-8 .. 1) on ``ax`` and write each measured one on its
+    cell ("R": refused), with its line of ``notes`` below; return the image for the colour bar."""
+    import numpy as np
+
+    image = ax.imshow(values, origin="lower", cmap="viridis", vmin=-8, vmax=0, aspect="auto")
+    for (i, j), val in np.ndenumerate(values):
+        if val == val:
+            text = "R" if val >= 0 else f"{val:.0f}"
+            if notes is not None:
+                text += "\n" + notes[i, j]
+            color = "white" if val < -4 else "black"
+            ax.text(j, i, text, ha="center", va="center", fontsize=fontsize, color=color)
+    ax.set_xticks(range(len(xs)), xs)
+    ax.set_yticks(range(len(ys)), ys)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=8)
+    ax.grid(False)
+    return image
+
+
 def plot(cells: list[dict[str, Any]], s: dict[str, Any], out: Path) -> list[str]:
     import numpy as np
 
@@ -247,26 +281,8 @@ def plot(cells: list[dict[str, Any]], s: dict[str, Any], out: Path) -> list[str]
             grid_ = np.full((len(s["ms"]), len(s["ks"])), np.nan)
             for c in part:
                 if c["code"] == v.label:
-                    e = _err(c)
-                    grid_[s["ms"].index(c["m"]), s["ks"].index(c["k"])] = (
-                        math.log10(min(max(e, 1e-9), 1.0)) if e == e else np.nan
-                    )
-            image = ax.imshow(grid_, origin="lower", cmap="viridis", vmin=-8, vmax=0, aspect="auto")
-            for (i, j), val in np.ndenumerate(grid_):
-                ax.text(
-                    j,
-                    i,
-                    "R" if val >= 0 else ("" if val != val else f"{val:.0f}"),
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if val < -4 else "black",
-                )
-            ax.set_xticks(range(len(s["ks"])), s["ks"])
-            ax.set_yticks(range(len(s["ms"])), s["ms"])
-            ax.set_xlabel("k (source blocks)")
-            ax.set_title(v.label, fontsize=8)
-            ax.grid(False)
+                    grid_[s["ms"].index(c["m"]), s["ks"].index(c["k"])] = _log_error(_err(c))
+            image = _heatmap(ax, grid_, s["ks"], s["ms"], "k (source blocks)", v.label, 7)
         axes[0][0].set_ylabel("n - k (parity workers)")
         cbar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9)
         cbar.set_label("log10 certified rel. error (R: refused)")
@@ -284,25 +300,10 @@ def plot(cells: list[dict[str, Any]], s: dict[str, Any], out: Path) -> list[str]
             for c in shift:
                 if c["m"] == mm and c["status"] != "invalid":
                     i, j = s["shift_units"].index(c["shift_unit"]), s["rows"].index(c["rows"])
-                    grid_[i, j] = math.log10(min(max(_err(c), 1e-9), 1.0))
-                    over[i, j] = c.get("overhead", 0.0)
-            image = ax.imshow(grid_, origin="lower", cmap="viridis", vmin=-8, vmax=0, aspect="auto")
-            for (i, j), val in np.ndenumerate(grid_):
-                if val == val:
-                    ax.text(
-                        j,
-                        i,
-                        ("R" if val >= 0 else f"{val:.0f}") + f"\n+{over[i, j] * 100:.1f}%",
-                        ha="center",
-                        va="center",
-                        fontsize=6,
-                        color="white" if val < -4 else "black",
-                    )
-            ax.set_xticks(range(len(s["rows"])), s["rows"])
-            ax.set_yticks(range(len(s["shift_units"])), s["shift_units"])
-            ax.set_xlabel("rows per source block")
-            ax.set_title(f"n - k = {mm}", fontsize=8)
-            ax.grid(False)
+                    grid_[i, j] = _log_error(_err(c))
+                    over[i, j] = f"+{c.get('overhead', 0.0) * 100:.1f}%"
+            title = f"n - k = {mm}"
+            image = _heatmap(ax, grid_, s["rows"], s["shift_units"], "rows per source block", title, 6, over)
         axes[0][0].set_ylabel("shift unit g")
         cbar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9)
         cbar.set_label("log10 certified rel. error")
@@ -316,22 +317,15 @@ def plot(cells: list[dict[str, Any]], s: dict[str, Any], out: Path) -> list[str]
     return names
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        s = settings(args)
-        out = common.prepare_out(args.out, "stability")
-    except ValueError as err:
-        return common.bad_flag("stability", err)
+def experiment(s: dict[str, Any], out: Path) -> int:
     m = common.machine()
     cells = common.run_cells(
         common.CellStore(out), grid(s), lambda c: measure(c, s["samples"]), "stability", seconds_per_cell=0.1
     )
     plots = plot(cells, s, out)
-    report = format_report(s, cells, m, plots)
-    (out / "report.md").write_text(report)
-    common.write_results(
-        out, cells, {"machine": m, "settings": {**s, "variants": [v.label for v in s["variants"]]}}
-    )
-    print(report)
-    print(f"\nwritten: {out}/report.md, results.csv, results.json, {', '.join(plots)}", file=sys.stderr)
-    return 0
+    summary = {"machine": m, "settings": common.settings_json(s)}
+    return common.publish(out, format_report(s, cells, m, plots), cells, summary, plots)
+
+
+def run(args: argparse.Namespace) -> int:
+    return common.run_experiment("stability", args, settings, experiment)
