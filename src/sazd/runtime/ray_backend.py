@@ -370,10 +370,10 @@ class RayCluster(Cluster):
             self._torch_threads = torch_threads
             self.actors = [self._new_actor(j) for j in range(n)]
             self._await_started(range(n))
+            nodes = _within(place.alive_nodes, 5.0)
         except BaseException:
             self.close()
             raise
-        nodes = place.alive_nodes()
         warning = place.sharing([w["node_id"] for w in self._info], len(nodes), placement)
         if warning:
             warnings.warn(warning, RuntimeWarning, stacklevel=2)
@@ -497,7 +497,7 @@ class RayCluster(Cluster):
         nodes = 0
         if ray.is_initialized() and not self._closed:
             with contextlib.suppress(Exception):
-                nodes = len(place.alive_nodes())
+                nodes = len(_within(place.alive_nodes, 5.0))
         return {
             "backend": "ray",
             "n": self.n,
@@ -735,22 +735,22 @@ class RayCluster(Cluster):
                 self._erase(call)
 
     def _watch(self) -> None:
-        """ClusterError if the Ray control plane is gone: a process of the Ray we started exited, or
-        (joined cluster) the head's GCS does not answer a ping within 5 s. A worker on a node Ray
-        declared dead is killed (an erasure)."""
+        """At most every ``_WATCH_EVERY_S``: ClusterError if the Ray control plane is gone (a process
+        of the Ray we started exited, or, joined, the head's GCS does not answer a ping within 5 s);
+        a worker on a node Ray declared dead is killed (an erasure)."""
+        now = time.monotonic()
+        if now - self._last_watch < _WATCH_EVERY_S:
+            return
+        self._last_watch = now
         for name, proc in self._ray_procs:
             if name in ("gcs_server", "raylet") and proc.poll() is not None:
                 self._lost = True
                 raise ClusterError(f"the Ray cluster's {name} (pid {proc.pid}) exited with status "
                                    f"{proc.returncode}; the workers are lost")
-        now = time.monotonic()
-        if now - self._last_watch < _WATCH_EVERY_S:
-            return
-        self._last_watch = now
         try:
             if not self._ray_procs:
                 ray._private.worker.global_worker.gcs_client.internal_kv_get(b"sazd-ping", None, timeout=5)
-            nodes = place.alive_nodes()
+            nodes = _within(place.alive_nodes, 5.0)  # Ray's own call waits for a lost GCS
         except Exception as err:
             self._lost = True
             raise ClusterError(f"the Ray cluster's control process (GCS) does not answer: "
