@@ -349,6 +349,17 @@ def test_adam_with_deu_is_refused_with_the_reason():
             CodedOptimizer(model, OptimConfig(name=name))
 
 
+def test_half_precision_answers_halve_the_bytes_from_workers_in_the_formula_too():
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(64, 64), relu=nn.ReLU(), fc2=nn.Linear(64, 64)))
+    cluster = InProcessCluster(6, compute_dtype="bfloat16", base_time_s=0.01)  # workers 0..3 answer first
+    parallelize(model, get_code("sazd", n=6, k=4), cluster, scheme="deu")
+    model(torch.randn(8, 64, requires_grad=True)).sum().backward()
+    predicted = predicted_traffic(model)["bytes_from_workers"]
+    assert predicted == 2 * 2 * 64 * 8 * 2  # two layers, forward and input gradient, bf16 answers
+    assert cluster.counters.bytes_from_workers == predicted
+
+
 def test_predicted_traffic_scales_as_design_says():
     """Naive ships both coded copies, O(n*out*in) per layer; DEU sends encoded factors, O(n*N*(out+in)),
     and workers reuse this step's X^T and dY^T instead of receiving them again."""

@@ -159,7 +159,7 @@ def test_losing_workers_one_by_one_without_repair_stops_with_an_error_and_a_chec
             pytest.raises(ClusterError, match=r"needed 4 answers.*3 of n=6 workers alive") as info:
         tr.train()
     assert f"--resume {tmp_path / 'run' / 'checkpoint'}" in str(info.value)
-    assert tr.cluster.counters.repairs == [] and tr.position.iteration == 12, tr.cluster.counters
+    assert tr.maintainer.repairs == [] and tr.position.iteration == 12, tr.cluster.counters
     saved = checkpoint.load(tmp_path / "run")
     assert saved.position["iteration"] == 9  # the first iteration that ended with exactly k alive
     assert relative_weight_error(saved.model, reference_run(cfg, tr.data, 9)) < 1e-9
@@ -180,7 +180,7 @@ def test_killing_more_than_n_minus_k_at_once_is_a_clear_error_not_a_hang(scheme,
     message = str(info.value)
     assert f"--resume {tmp_path / 'ckpt'}" in message
     assert ("Could not save a checkpoint now" in message) == (scheme == "deu")
-    assert tr.cluster.counters.repairs == [] and sorted(tr.cluster.alive()) == [1, 3, 4]
+    assert tr.maintainer.repairs == [] and sorted(tr.cluster.alive()) == [1, 3, 4]
     saved = checkpoint.load(tmp_path / "ckpt")
     assert saved.position["iteration"] == saved_at
     assert relative_weight_error(saved.model, reference_run(cfg, tr.data, saved_at)) < 1e-9

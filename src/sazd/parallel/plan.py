@@ -301,14 +301,16 @@ def repair(model: nn.Module, worker: int) -> dict[str, object]:
 
 # --------------------------------------------------------------- traffic
 def layer_traffic(code: Code, scheme: str | Scheme, fan_in: int, fan_out: int, batch_rows: int,
-                  element_size: int, input_grad: bool = True, trainable: bool = True) -> dict[str, int]:
+                  element_size: int, input_grad: bool = True, trainable: bool = True,
+                  answer_size: int | None = None) -> dict[str, int]:
     """Bytes of one training iteration of one coded layer (``docs/architecture.md``, traffic).
 
-    N = ``batch_rows`` rows of X (batch, or batch x positions for Conv2d), s = element size, R_row and
+    N = ``batch_rows`` rows of X (batch, or batch x positions for Conv2d), s = element size, a = the
+    answers' element size (``answer_size``: the workers' product precision, default s), R_row and
     R_col = total coded rows of the two copies over all n workers, assuming every live worker is asked
     and k answers of r rows each come back (exact for systematic codes without stragglers):
-      forward:        to n*in*N*s,          from out_pad*N*s
-      input gradient: to n*out*N*s,         from in_pad*N*s      (only when X needs a gradient)
+      forward:        to n*in*N*s,          from out_pad*N*a
+      input gradient: to n*out*N*s,         from in_pad*N*a      (only when X needs a gradient)
       update:         to (R_row*c(in) + R_col*c(out))*s          c = ``Scheme.update_columns``:
                       naive c(fan) = fan (O(n*out*in)), DEU c(fan) = min(N, fan) (O(n*N*(out+in)))
     Workers reuse the X^T and dY^T of this step's rounds, and a layer whose input needs no gradient
@@ -317,12 +319,13 @@ def layer_traffic(code: Code, scheme: str | Scheme, fan_in: int, fan_out: int, b
     """
     scheme = get_scheme(scheme)
     n, k, N, s = code.n, code.k, batch_rows, element_size
+    a = s if answer_size is None else answer_size
     out_pad, in_pad = round_up(fan_out, k), round_up(fan_in, k)
     R_row = sum(code.block_rows(out_pad // k))
     R_col = sum(code.block_rows(in_pad // k)) if input_grad else 0
-    to_w, once, from_w = n * fan_in * N * s, fan_in * N * s, out_pad * N * s
+    to_w, once, from_w = n * fan_in * N * s, fan_in * N * s, out_pad * N * a
     if input_grad:
-        to_w, once, from_w = to_w + n * fan_out * N * s, once + fan_out * N * s, from_w + in_pad * N * s
+        to_w, once, from_w = to_w + n * fan_out * N * s, once + fan_out * N * s, from_w + in_pad * N * a
     update = (R_row * scheme.update_columns(fan_in, N) + R_col * scheme.update_columns(fan_out, N)) * s
     update *= trainable
     return {"bytes_to_workers": to_w + update, "bytes_from_workers": from_w, "bytes_sent_once": once + update}
@@ -330,12 +333,14 @@ def layer_traffic(code: Code, scheme: str | Scheme, fan_in: int, fan_out: int, b
 
 def predicted_traffic(model: nn.Module, scheme: str | Scheme | None = None) -> dict[str, int]:
     """``layer_traffic`` summed over the coded layers, each at its last batch (``scheme``: predict
-    for that scheme instead of the model's own)."""
+    for that scheme instead of the model's own), answers in the cluster's product precision."""
     total = {"bytes_to_workers": 0, "bytes_from_workers": 0, "bytes_sent_once": 0}
     for layer in coded_layers(model):
+        products = getattr(layer.ctx.cluster, "compute_dtype", None)
         part = layer_traffic(layer.ctx.code, scheme or layer.ctx.scheme, layer.in_features,
                              layer.out_features, layer.last_rows, layer.element_size,
-                             layer.last_input_grad, not layer.frozen)
+                             layer.last_input_grad, not layer.frozen,
+                             None if products is None else getattr(torch, products).itemsize)
         total = {key: total[key] + part[key] for key in total}
     return total
 

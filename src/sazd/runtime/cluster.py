@@ -41,7 +41,6 @@ class Counters:
     rounds: int = 0
     late_results_discarded: int = 0
     failed_results: int = 0
-    repairs: list[dict[str, Any]] = field(default_factory=list)
     sim_time_s: float = 0.0  # in-process backend only: simulated wall time of all rounds
     respawns: int = 0  # workers replaced by fresh ones (the master then repairs them)
     backlog_kills: int = 0  # workers declared dead because their queue of calls exceeded max_backlog
@@ -61,7 +60,6 @@ class Counters:
             "rounds": self.rounds,
             "late_results_discarded": self.late_results_discarded,
             "failed_results": self.failed_results,
-            "repairs": len(self.repairs),
             "sim_time_s": self.sim_time_s,
             "respawns": self.respawns,
             "backlog_kills": self.backlog_kills,
