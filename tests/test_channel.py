@@ -11,7 +11,17 @@ from multiprocessing.connection import AuthenticationError, Client, Listener
 import pytest
 import torch
 
-from sazd.runtime.channel import Channel, WorkerLost, WorkerRaised, send_message, serve
+from sazd.runtime.channel import (
+    Channel,
+    WorkerLost,
+    WorkerRaised,
+    _length,
+    _Slot,
+    _take_socket,
+    recv_message,
+    send_message,
+    serve,
+)
 
 KEY = b"k" * 32
 
@@ -79,25 +89,31 @@ def test_a_peer_without_the_key_is_refused_and_the_master_still_connects():
 
 
 def fake_worker(answer) -> tuple[str, int]:
-    """A worker end with the key that reads one call and answers it with ``answer(conn)``."""
+    """A worker end with the key that reads one call and answers it with ``answer(sock)``."""
     listener = Listener(("127.0.0.1", 0), authkey=KEY)
 
     def run() -> None:
-        with listener.accept() as conn:
-            conn.recv_bytes()
-            answer(conn)
-            time.sleep(0.5)
+        sock = _take_socket(listener.accept())
+        recv_message(sock)
+        answer(sock)
+        time.sleep(0.5)
+        sock.close()
 
     threading.Thread(target=run, daemon=True).start()
     return listener.address
 
 
+def framed(payload: bytes) -> bytes:
+    return _length(len(payload)) + payload
+
+
 @pytest.mark.parametrize("answer, why", [
-    (lambda c: c.send_bytes(pickle.dumps(((0, "x"), 3))), "announces 3 tensors"),
-    (lambda c: c.send_bytes(b"not a pickle"), "connection lost"),
-    (lambda c: send_message(c, (7, None)), "malformed answer status 7"),
-    (lambda c: send_message(c, (1, "not an exception")), "malformed answer status 1"),
-    (lambda c: c.close(), "connection lost|sending failed"),
+    (lambda s: s.sendall(framed(pickle.dumps(((0, "x"), 3)))), "announces 3 tensors"),
+    (lambda s: s.sendall(framed(b"not a pickle")), "connection lost"),
+    (lambda s: s.sendall(_length(1 << 40)), "header of 1099511627776 bytes"),
+    (lambda s: send_message(s, (7, None)), "malformed answer status 7"),
+    (lambda s: send_message(s, (1, "not an exception")), "malformed answer status 1"),
+    (lambda s: s.close(), "connection lost|sending failed"),
 ])
 def test_a_malformed_answer_breaks_the_connection_and_fails_every_waiting_call(answer, why):
     link = Channel(0, fake_worker(answer), KEY, threading.Condition())
@@ -111,11 +127,9 @@ def test_a_malformed_answer_breaks_the_connection_and_fails_every_waiting_call(a
 
 
 def test_a_tensor_frame_that_does_not_match_its_header_breaks_the_connection():
-    from sazd.runtime.channel import _Slot
-
-    def lie(conn):  # announces 4 float32 values, sends 3
-        conn.send_bytes(pickle.dumps(((0, _Slot(torch.float32, (4,))), 1)))
-        conn.send_bytes(torch.ones(3).numpy().tobytes())
+    def lie(sock):  # announces 4 float32 values, sends 3
+        sock.sendall(framed(pickle.dumps(((0, _Slot(torch.float32, (4,))), 1))))
+        sock.sendall(framed(torch.ones(3).numpy().tobytes()))
 
     link = Channel(0, fake_worker(lie), KEY, threading.Condition())
     reply = link.send("m", 1.0, ())

@@ -9,8 +9,9 @@ every worker in every round; a message on an open connection costs a write and a
   ends prove they know the cluster's random key (``multiprocessing.connection``'s HMAC challenge)
   before anything is read, so a message's header is unpickled only from a peer of this cluster.
 - A message is a pickled header in which every tensor is a ``_Slot`` (dtype, shape), then one raw
-  byte frame per tensor, received straight into a fresh tensor's memory. What arrives is checked
-  against the header: slot count, dtypes, shapes and byte counts; a mismatch breaks the connection.
+  byte frame per tensor, written from the tensor's memory and received straight into a fresh
+  tensor's memory (one copy each way, by the kernel). What arrives is checked against the header:
+  slot count, dtypes, shapes and byte counts; a mismatch breaks the connection.
 - Calls to one worker are answered in the order sent. Each end reads and writes in threads of its
   own, so a large message in one direction never waits on the other, and the master's waits stay
   bounded by its own clock: a worker that dies or is killed breaks its connection, and every
@@ -21,9 +22,11 @@ every worker in every round; a message on an open connection costs a write and a
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 import queue
 import socket
+import struct
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -36,6 +39,8 @@ import torch
 from sazd.runtime.cluster import iter_tensors, map_tensors
 
 _MAX_TENSOR_BYTES = 1 << 40  # a header announcing more than this is not ours
+_MAX_HEADER_BYTES = 1 << 26  # headers hold names, numbers and tensor slots: a few KB
+_LENGTH = struct.Struct("!Q")  # the length prefix of every frame
 
 
 class WorkerLost(Exception):
@@ -64,13 +69,33 @@ class _Slot:
         return count * torch.empty((), dtype=self.dtype).element_size()
 
 
-def _raw(t: torch.Tensor) -> Any:
-    """The bytes of contiguous CPU tensor ``t``, as a writable buffer sharing its memory."""
-    return t.reshape(-1).view(torch.uint8).numpy()
+def _raw(t: torch.Tensor) -> memoryview:
+    """The bytes of contiguous CPU tensor ``t``, as a writable view of its memory."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def send_message(conn: Connection, obj: Any) -> None:
-    """Write ``obj`` (tensors inside tuples, lists and dicts travel as raw bytes)."""
+def _length(n: int) -> bytes:
+    return _LENGTH.pack(n)
+
+
+def _recv_into(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` from ``sock`` (straight into its memory: no intermediate buffer)."""
+    while view.nbytes:
+        got = sock.recv_into(view)
+        if got == 0:
+            raise EOFError("connection closed")
+        view = view[got:]
+
+
+def _recv_frame_length(sock: socket.socket) -> int:
+    prefix = bytearray(_LENGTH.size)
+    _recv_into(sock, memoryview(prefix))
+    return _LENGTH.unpack(prefix)[0]
+
+
+def send_message(sock: socket.socket, obj: Any) -> None:
+    """Write ``obj`` (tensors inside tuples, lists and dicts travel as raw bytes): a length-prefixed
+    header, then each tensor's bytes, length-prefixed, written from the tensor's own memory."""
     tensors: list[torch.Tensor] = []
 
     def slot(t: torch.Tensor) -> _Slot:
@@ -78,15 +103,23 @@ def send_message(conn: Connection, obj: Any) -> None:
         tensors.append(t)
         return _Slot(t.dtype, tuple(t.shape))
 
-    header = map_tensors(obj, slot)
-    conn.send_bytes(pickle.dumps((header, len(tensors)), protocol=pickle.HIGHEST_PROTOCOL))
+    header = pickle.dumps((map_tensors(obj, slot), len(tensors)), protocol=pickle.HIGHEST_PROTOCOL)
+    sock.sendall(_length(len(header)) + header)
     for t in tensors:
-        conn.send_bytes(_raw(t))
+        raw = _raw(t)
+        sock.sendall(_length(raw.nbytes))
+        if raw.nbytes:
+            sock.sendall(raw)
 
 
-def recv_message(conn: Connection) -> Any:
+def recv_message(sock: socket.socket) -> Any:
     """Read one message of ``send_message``, checking every frame against its header."""
-    header, count = pickle.loads(conn.recv_bytes())
+    size = _recv_frame_length(sock)
+    if size > _MAX_HEADER_BYTES:
+        raise ValueError(f"message header of {size} bytes (at most {_MAX_HEADER_BYTES})")
+    header = bytearray(size)
+    _recv_into(sock, memoryview(header))
+    header, count = pickle.loads(header)
     slots = list(iter_tensors(header, _Slot))
     if not isinstance(count, int) or count != len(slots):
         raise ValueError(f"message announces {count!r} tensors but its header holds {len(slots)}")
@@ -96,24 +129,25 @@ def recv_message(conn: Connection) -> Any:
                 and all(isinstance(s, int) and s >= 0 for s in slot.shape)
                 and slot.nbytes() <= _MAX_TENSOR_BYTES):
             raise ValueError(f"message holds a malformed tensor header {slot!r}")
-        out = torch.empty(slot.shape, dtype=slot.dtype)
-        got = conn.recv_bytes_into(_raw(out)) if slot.nbytes() else len(conn.recv_bytes())
+        got = _recv_frame_length(sock)
         if got != slot.nbytes():
             raise ValueError(f"tensor frame of {got} bytes, its header says {slot.nbytes()}")
+        out = torch.empty(slot.shape, dtype=slot.dtype)
+        _recv_into(sock, _raw(out))
         return out
 
     return map_tensors(header, fill, _Slot)
 
 
-def _socket_op(conn: Connection, op: Callable[[socket.socket], Any]) -> None:
-    """Apply ``op`` to the socket under ``conn`` (through a duplicate descriptor)."""
-    with contextlib.suppress(OSError), socket.fromfd(conn.fileno(), socket.AF_INET, socket.SOCK_STREAM) as s:
-        op(s)
-
-
-def _no_delay(conn: Connection) -> None:
-    """Send small frames at once (headers are followed by more frames: Nagle would hold them)."""
-    _socket_op(conn, lambda s: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1))
+def _take_socket(conn: Connection) -> socket.socket:
+    """The authenticated connection's socket, for raw reads and writes (``conn`` is closed), with
+    small frames sent at once (a header is followed by more frames: Nagle would hold it)."""
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    conn.close()
+    sock.setblocking(True)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 # --------------------------------------------------------------------------------------- worker end
@@ -131,15 +165,14 @@ def serve(host: str, authkey: bytes, handle: Callable[[str, float, tuple], Any])
             except Exception:  # a peer without the key: wait for ours
                 continue
             listener.close()
-            _no_delay(conn)
-            _answer(conn, handle)
+            _answer(_take_socket(conn), handle)
             return
 
     threading.Thread(target=accept, name="sazd-channel", daemon=True).start()
     return listener.address
 
 
-def _answer(conn: Connection, handle: Callable[[str, float, tuple], Any]) -> None:
+def _answer(conn: socket.socket, handle: Callable[[str, float, tuple], Any]) -> None:
     inbox: queue.SimpleQueue = queue.SimpleQueue()
 
     def read() -> None:  # keeps reading while the calls run, so the master never blocks writing
@@ -200,8 +233,7 @@ class Channel:
         self._pending: deque[Reply] = deque()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.broken: str | None = None
-        self._conn = Client(tuple(address), authkey=authkey)  # the caller bounds this
-        _no_delay(self._conn)
+        self._conn = _take_socket(Client(tuple(address), authkey=authkey))  # the caller bounds this
         self._writer = threading.Thread(target=self._write, name=f"sazd-send-{worker}", daemon=True)
         self._writer.start()
         threading.Thread(target=self._read, name=f"sazd-recv-{worker}", daemon=True).start()
@@ -265,5 +297,6 @@ class Channel:
                 reply.done, reply.error = True, WorkerLost(f"worker {self.worker}: {self.broken}")
             self._pending.clear()
             self._notify.notify_all()
-        _socket_op(self._conn, lambda s: s.shutdown(socket.SHUT_RDWR))
+        with contextlib.suppress(OSError):
+            self._conn.shutdown(socket.SHUT_RDWR)
         self._outbox.put(None)
