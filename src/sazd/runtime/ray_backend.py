@@ -16,8 +16,9 @@
   awaited. Late answers are read and dropped by the connection's own thread; queued calls are never
   cancelled.
 - Every wait is bounded. A worker with unfinished calls that has not finished any call for
-  ``worker_timeout_s`` is silent: it is killed (an erasure; the master respawns and repairs it). Loss
-  of the Ray control plane (the head's GCS, our raylet) is a ``ClusterError`` at the next check.
+  ``worker_timeout_s`` is silent: it is killed (an erasure; the master respawns and repairs it). Every
+  2 s while the master works or waits, the control plane is checked: its loss (the head's GCS, our
+  raylet) is a ``ClusterError``, and a worker on a node Ray declared dead is killed (an erasure).
 - Every call is answered with a status and a value. Fire-and-forget calls (loads, updates) and late
   answers are never used, but their status is checked at the next round: an exception
   raised in any worker call is recorded (``counters.worker_errors``, naming worker and method) and
