@@ -4,9 +4,10 @@ from a thread of this process, and hostile peers that break the protocol."""
 from __future__ import annotations
 
 import pickle
+import socket
+import struct
 import threading
 import time
-from multiprocessing.connection import AuthenticationError, Client, Listener
 
 import pytest
 import torch
@@ -16,8 +17,11 @@ from sazd.runtime.channel import (
     WorkerLost,
     WorkerRaised,
     _length,
+    _prove_worker,
+    _ready,
     _Slot,
-    _take_socket,
+    connect,
+    encode,
     recv_message,
     send_message,
     serve,
@@ -35,6 +39,10 @@ def echo(method: str, slowdown: float, args: tuple):
         raise err
     if method == "sleep":
         time.sleep(args[0])
+    if method == "exit":
+        raise SystemExit(3)
+    if method == "unsendable":
+        return lambda: 0
     return method, slowdown, args
 
 
@@ -50,7 +58,7 @@ def test_tensors_of_every_kind_arrive_exactly_and_in_order():
     base = torch.randn(6, 8, dtype=torch.float64)
     args = ({"w": base.T, "half": base.to(torch.bfloat16), "ints": torch.arange(5)},
             [torch.tensor(3.5), torch.empty(0, 4), base[::2, 1:]], "text", None, 7)
-    replies = [link.send(f"m{i}", 1.0 + i, args) for i in range(3)]
+    replies = [link.send(f"m{i}", 1.0 + i, encode(args)) for i in range(3)]
     wait_done(replies)
     for i, reply in enumerate(replies):
         method, slowdown, got = reply.result()
@@ -65,8 +73,8 @@ def test_tensors_of_every_kind_arrive_exactly_and_in_order():
 
 def test_a_raising_worker_hands_back_its_exception_and_keeps_serving():
     link = Channel(0, serve("127.0.0.1", KEY, echo), KEY, threading.Condition())
-    bad, odd, good = link.send("raise", 1.0, ("missing",)), link.send("unpicklable", 1.0, ()), \
-        link.send("ok", 1.0, ())
+    bad = link.send("raise", 1.0, encode(("missing",)))
+    odd, good = (link.send(method, 1.0, encode(())) for method in ("unpicklable", "ok"))
     wait_done([bad, odd, good])
     with pytest.raises(WorkerRaised) as raised:
         bad.result()
@@ -77,30 +85,53 @@ def test_a_raising_worker_hands_back_its_exception_and_keeps_serving():
     link.close()
 
 
-def test_a_peer_without_the_key_is_refused_and_the_master_still_connects():
+def test_peers_without_the_key_or_that_stall_or_reset_do_not_keep_the_master_out(monkeypatch):
+    monkeypatch.setattr("sazd.runtime.channel.HANDSHAKE_S", 3.0)
     address = serve("127.0.0.1", KEY, echo)
-    with pytest.raises(AuthenticationError):
-        Client(address, authkey=b"wrong" * 8)
+    staller = socket.create_connection(address)  # connects, never answers the challenge
+    resetter = socket.create_connection(address)
+    resetter.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    resetter.close()  # a reset right away
+    with pytest.raises(ConnectionError):
+        connect(address, b"wrong" * 8)
     link = Channel(0, address, KEY, threading.Condition())
-    reply = link.send("ok", 1.0, ())
+    reply = link.send("ok", 1.0, encode(()))
     wait_done([reply])
     assert reply.result()[0] == "ok"
+    link.close()
+    staller.close()
+
+
+def test_what_cannot_be_sent_is_refused_before_sending_and_answers_that_cannot_are_errors():
+    with pytest.raises(TypeError, match="cannot send tuple to a worker"):
+        encode((torch.ones(2), lambda: 0))
+    link = Channel(0, serve("127.0.0.1", KEY, echo), KEY, threading.Condition())
+    unsendable, exiting, good = (link.send(m, 1.0, encode(())) for m in ("unsendable", "exit", "ok"))
+    wait_done([unsendable, exiting, good])
+    with pytest.raises(WorkerRaised, match="cannot send tuple to a worker"):
+        unsendable.result()
+    with pytest.raises(WorkerRaised, match="RuntimeError: SystemExit: 3"):  # never a SystemExit here
+        exiting.result()
+    assert good.result()[0] == "ok"
     link.close()
 
 
 def fake_worker(answer) -> tuple[str, int]:
     """A worker end with the key that reads one call and answers it with ``answer(sock)``."""
-    listener = Listener(("127.0.0.1", 0), authkey=KEY)
+    listener = socket.create_server(("127.0.0.1", 0))
 
     def run() -> None:
-        sock = _take_socket(listener.accept())
+        sock, _ = listener.accept()
+        listener.close()
+        _prove_worker(sock, KEY)
+        sock = _ready(sock)
         recv_message(sock)
         answer(sock)
         time.sleep(0.5)
         sock.close()
 
     threading.Thread(target=run, daemon=True).start()
-    return listener.address
+    return listener.getsockname()[:2]
 
 
 def framed(payload: bytes) -> bytes:
@@ -117,12 +148,12 @@ def framed(payload: bytes) -> bytes:
 ])
 def test_a_malformed_answer_breaks_the_connection_and_fails_every_waiting_call(answer, why):
     link = Channel(0, fake_worker(answer), KEY, threading.Condition())
-    replies = [link.send("m", 1.0, (torch.ones(3),)) for _ in range(3)]
+    replies = [link.send("m", 1.0, encode((torch.ones(3),))) for _ in range(3)]
     wait_done(replies)
     for reply in replies:
         with pytest.raises(WorkerLost, match=why):
             reply.result()
-    late = link.send("m", 1.0, ())  # a broken channel answers at once
+    late = link.send("m", 1.0, encode(()))  # a broken channel answers at once
     assert late.done and isinstance(late.error, WorkerLost)
 
 
@@ -132,7 +163,7 @@ def test_a_tensor_frame_that_does_not_match_its_header_breaks_the_connection():
         sock.sendall(framed(torch.ones(3).numpy().tobytes()))
 
     link = Channel(0, fake_worker(lie), KEY, threading.Condition())
-    reply = link.send("m", 1.0, ())
+    reply = link.send("m", 1.0, encode(()))
     wait_done([reply])
     with pytest.raises(WorkerLost, match="12 bytes, its header says 16"):
         reply.result()
@@ -140,7 +171,7 @@ def test_a_tensor_frame_that_does_not_match_its_header_breaks_the_connection():
 
 def test_closing_fails_unanswered_calls_at_once():
     link = Channel(0, serve("127.0.0.1", KEY, echo), KEY, threading.Condition())
-    slow = link.send("sleep", 1.0, (5.0,))
+    slow = link.send("sleep", 1.0, encode((5.0,)))
     link.close("closed by the test")
     assert slow.done
     with pytest.raises(WorkerLost, match="closed by the test"):

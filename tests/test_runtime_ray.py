@@ -62,6 +62,13 @@ def test_a_worker_gets_each_tensor_as_it_was_at_submit(cluster, blocks):
     assert cluster.counters.bytes_sent_once - before == 2 * x.numel() * x.element_size()
 
 
+def test_an_argument_that_cannot_be_sent_is_a_type_error_at_submit(cluster):
+    alive, calls = cluster.alive(), cluster.counters.calls
+    with pytest.raises(TypeError, match=r"submit 'load': cannot send tuple to a worker"):
+        cluster.submit("load", ({"w": torch.ones(2, 2)}, lambda: 0), [2, 3])
+    assert cluster.alive() == alive and cluster.counters.calls == calls  # nobody was asked
+
+
 def test_slow_actor_applies_updates_in_order(cluster, blocks):
     set_delay(cluster, 20.0, [2])
     step = SGDStep(lr=0.1, momentum=0.9)

@@ -6,12 +6,15 @@ and object store costs several milliseconds of scheduling and serialisation on e
 every worker in every round; a message on an open connection costs a write and a read.
 
 - The worker listens on its node's address (``serve``); the master connects (``Channel``). Both
-  ends prove they know the cluster's random key (``multiprocessing.connection``'s HMAC challenge)
-  before anything is read, so a message's header is unpickled only from a peer of this cluster.
+  ends prove they know the cluster's random key (an HMAC challenge each way, within
+  ``HANDSHAKE_S``) before anything is unpickled, so a header is read only from a peer of this
+  cluster. A peer without the key, or one that stalls, is dropped and the worker keeps waiting.
 - A message is a pickled header in which every tensor is a ``_Slot`` (dtype, shape), then one raw
   byte frame per tensor, written from the tensor's memory and received straight into a fresh
   tensor's memory (one copy each way, by the kernel). What arrives is checked against the header:
   slot count, dtypes, shapes and byte counts; a mismatch breaks the connection.
+- A call's arguments are encoded on the caller's thread (``encode``): what cannot be sent is a
+  TypeError at ``submit``, before any worker is asked.
 - Calls to one worker are answered in the order sent. Each end reads and writes in threads of its
   own, so a large message in one direction never waits on the other, and the master's waits stay
   bounded by its own clock: a worker that dies or is killed breaks its connection, and every
@@ -22,6 +25,8 @@ every worker in every round; a message on an open connection costs a write and a
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import os
 import pickle
 import queue
@@ -31,7 +36,6 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
 
 import torch
@@ -41,6 +45,7 @@ from sazd.runtime.cluster import iter_tensors, map_tensors
 _MAX_TENSOR_BYTES = 1 << 40  # a header announcing more than this is not ours
 _MAX_HEADER_BYTES = 1 << 26  # headers hold names, numbers and tensor slots: a few KB
 _LENGTH = struct.Struct("!Q")  # the length prefix of every frame
+HANDSHAKE_S = 10.0  # bound on connecting and proving the key, each side
 
 
 class WorkerLost(Exception):
@@ -93,9 +98,16 @@ def _recv_frame_length(sock: socket.socket) -> int:
     return _LENGTH.unpack(prefix)[0]
 
 
-def send_message(sock: socket.socket, obj: Any) -> None:
-    """Write ``obj`` (tensors inside tuples, lists and dicts travel as raw bytes): a length-prefixed
-    header, then each tensor's bytes, length-prefixed, written from the tensor's own memory."""
+@dataclass(frozen=True)
+class Encoded:
+    """A message ready to write: its header (tensors replaced by slots) and the tensors, in order."""
+
+    header: Any
+    tensors: tuple[torch.Tensor, ...]
+
+
+def encode(obj: Any) -> Encoded:
+    """``obj`` split into a header and its tensors; TypeError if the header cannot be pickled."""
     tensors: list[torch.Tensor] = []
 
     def slot(t: torch.Tensor) -> _Slot:
@@ -103,13 +115,30 @@ def send_message(sock: socket.socket, obj: Any) -> None:
         tensors.append(t)
         return _Slot(t.dtype, tuple(t.shape))
 
-    header = pickle.dumps((map_tensors(obj, slot), len(tensors)), protocol=pickle.HIGHEST_PROTOCOL)
+    header = map_tensors(obj, slot)
+    try:
+        pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as err:
+        raise TypeError(f"cannot send {type(obj).__name__} to a worker: {type(err).__name__}: {err}") \
+            from None
+    return Encoded(header, tuple(tensors))
+
+
+def write(sock: socket.socket, message: Encoded) -> None:
+    """A length-prefixed header, then each tensor's bytes, length-prefixed, written from the
+    tensor's own memory."""
+    header = pickle.dumps((message.header, len(message.tensors)), protocol=pickle.HIGHEST_PROTOCOL)
     sock.sendall(_length(len(header)) + header)
-    for t in tensors:
+    for t in message.tensors:
         raw = _raw(t)
         sock.sendall(_length(raw.nbytes))
         if raw.nbytes:
             sock.sendall(raw)
+
+
+def send_message(sock: socket.socket, obj: Any) -> None:
+    """Write ``obj`` (tensors inside tuples, lists and dicts travel as raw bytes)."""
+    write(sock, encode(obj))
 
 
 def recv_message(sock: socket.socket) -> Any:
@@ -139,37 +168,89 @@ def recv_message(sock: socket.socket) -> Any:
     return map_tensors(header, fill, _Slot)
 
 
-def _take_socket(conn: Connection) -> socket.socket:
-    """The authenticated connection's socket, for raw reads and writes (``conn`` is closed), with
-    small frames sent at once (a header is followed by more frames: Nagle would hold it)."""
-    sock = socket.socket(fileno=os.dup(conn.fileno()))
-    conn.close()
-    sock.setblocking(True)
+def _proof(authkey: bytes, role: bytes, nonce: bytes) -> bytes:
+    return hmac.new(authkey, role + nonce, hashlib.sha256).digest()
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    out = bytearray(size)
+    _recv_into(sock, memoryview(out))
+    return bytes(out)
+
+
+def _ready(sock: socket.socket) -> socket.socket:
+    """Blocking from now on, small frames sent at once (Nagle would hold a header followed by more)."""
+    sock.settimeout(None)
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
 
+def _prove_worker(sock: socket.socket, authkey: bytes) -> None:
+    """Worker side: challenge the peer, check its proof, answer its challenge (within HANDSHAKE_S)."""
+    sock.settimeout(HANDSHAKE_S)
+    mine = os.urandom(32)
+    sock.sendall(mine)
+    proof, theirs = _recv_exactly(sock, 32), _recv_exactly(sock, 32)
+    if not hmac.compare_digest(proof, _proof(authkey, b"master", mine)):
+        raise ConnectionError("the peer does not hold the cluster's key")
+    sock.sendall(_proof(authkey, b"worker", theirs))
+
+
+def connect(address: tuple[str, int], authkey: bytes) -> socket.socket:
+    """Master side: connect to a worker and prove the key both ways, each step within HANDSHAKE_S."""
+    sock = socket.create_connection(tuple(address), timeout=HANDSHAKE_S)
+    try:
+        challenge = _recv_exactly(sock, 32)
+        mine = os.urandom(32)
+        sock.sendall(_proof(authkey, b"master", challenge) + mine)
+        proof = _recv_exactly(sock, 32)
+    except (OSError, EOFError) as err:
+        sock.close()
+        raise ConnectionError(f"no handshake with the worker at {tuple(address)}: "
+                              f"{type(err).__name__}: {err}") from None
+    if not hmac.compare_digest(proof, _proof(authkey, b"worker", mine)):
+        sock.close()
+        raise ConnectionError(f"the worker at {tuple(address)} does not hold the cluster's key")
+    return _ready(sock)
+
+
 # --------------------------------------------------------------------------------------- worker end
 def serve(host: str, authkey: bytes, handle: Callable[[str, float, tuple], Any]) -> tuple[str, int]:
     """Listen on ``host`` for the master; answer each call ``(method, slowdown, args)`` with
-    ``(0, handle(...))`` or ``(1, exception)``, in order. Returns the address to connect to."""
-    listener = Listener((host, 0), authkey=authkey)
+    ``(0, handle(...))`` or ``(1, exception)``, in order. Returns the address to connect to.
+
+    Each peer proves the key in a thread of its own, so one that stalls or resets delays nobody;
+    the first that proves it is the master, and the listener closes."""
+    listener = socket.create_server((host, 0))
+    claimed = threading.Lock()
+
+    def admit(sock: socket.socket) -> None:
+        try:
+            _prove_worker(sock, authkey)
+        except Exception:  # no key, stalled, reset: not the master
+            sock.close()
+            return
+        if not claimed.acquire(blocking=False):  # another peer with the key came first
+            sock.close()
+            return
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        listener.close()
+        _answer(_ready(sock), handle)
 
     def accept() -> None:
-        while True:
+        while not claimed.locked():
             try:
-                conn = listener.accept()
-            except OSError:  # closed
-                return
-            except Exception:  # a peer without the key: wait for ours
+                sock, _ = listener.accept()
+            except (ConnectionAbortedError, ConnectionResetError):  # a peer gone before we took it
                 continue
-            listener.close()
-            _answer(_take_socket(conn), handle)
-            return
+            except OSError:  # closed: the master is admitted
+                return
+            threading.Thread(target=admit, args=(sock,), name="sazd-channel-admit", daemon=True).start()
 
     threading.Thread(target=accept, name="sazd-channel", daemon=True).start()
-    return listener.address
+    return listener.getsockname()[:2]
 
 
 def _answer(conn: socket.socket, handle: Callable[[str, float, tuple], Any]) -> None:
@@ -186,23 +267,28 @@ def _answer(conn: socket.socket, handle: Callable[[str, float, tuple], Any]) -> 
     while (call := inbox.get()) is not None:
         try:
             method, slowdown, args = call
-            answer = (0, handle(method, slowdown, args))
-        except BaseException as err:  # the master decides what a raising worker means
-            answer = (1, _portable(err))
+            answer = encode((0, handle(method, slowdown, args)))
+        except BaseException as err:  # raised, or an answer that cannot be sent: the master decides
+            answer = encode((1, _portable(err)))
         try:
-            send_message(conn, answer)
+            write(conn, answer)
         except Exception:
             break
+    with contextlib.suppress(OSError):  # wakes our reader and tells the master at once
+        conn.shutdown(socket.SHUT_RDWR)
     conn.close()
 
 
-def _portable(err: BaseException) -> BaseException:
-    """``err`` if it survives pickling, else a RuntimeError naming it."""
+def _portable(err: BaseException) -> Exception:
+    """``err`` if it is an Exception that survives pickling, else a RuntimeError naming it (a worker
+    never hands the master a SystemExit or KeyboardInterrupt)."""
     try:
-        pickle.loads(pickle.dumps(err))
-        return err
+        if isinstance(err, Exception):
+            pickle.loads(pickle.dumps(err))
+            return err
     except Exception:
-        return RuntimeError(f"{type(err).__name__}: {err}")
+        pass
+    return RuntimeError(f"{type(err).__name__}: {err}")
 
 
 # --------------------------------------------------------------------------------------- master end
@@ -216,6 +302,10 @@ class Reply:
         self.value: Any = None
         self.error: Exception | None = None
 
+    def fail(self, error: Exception) -> None:
+        self.error = error  # before done: a reader that sees done sees the error
+        self.done = True
+
     def result(self) -> Any:
         """The value (the reply must be done); raises ``WorkerLost`` or ``WorkerRaised``."""
         if self.error is not None:
@@ -228,26 +318,29 @@ class Channel:
 
     def __init__(self, worker: int, address: tuple[str, int], authkey: bytes,
                  notify: threading.Condition) -> None:
+        """Connect and prove the key (bounded by ``HANDSHAKE_S`` per step); raises OSError or
+        ConnectionError when the worker cannot be reached."""
         self.worker = worker
         self._notify = notify
         self._pending: deque[Reply] = deque()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.broken: str | None = None
-        self._conn = _take_socket(Client(tuple(address), authkey=authkey))  # the caller bounds this
+        self._conn = connect(address, authkey)
         self._writer = threading.Thread(target=self._write, name=f"sazd-send-{worker}", daemon=True)
         self._writer.start()
         threading.Thread(target=self._read, name=f"sazd-recv-{worker}", daemon=True).start()
 
-    def send(self, method: str, slowdown: float, args: tuple) -> Reply:
-        """Queue one call; its reply is filled in when the answer arrives. ``args`` must not change
-        afterwards (the write happens in another thread)."""
+    def send(self, method: str, slowdown: float, args: Encoded) -> Reply:
+        """Queue one call (``args`` from ``encode``); its reply is filled in when the answer arrives.
+        The tensors of ``args`` must not change afterwards (the write happens in another thread)."""
         reply = Reply()
+        message = Encoded((method, slowdown, args.header), args.tensors)
         with self._notify:
             if self.broken is not None:
-                reply.done, reply.error = True, WorkerLost(f"worker {self.worker}: {self.broken}")
+                reply.fail(WorkerLost(f"worker {self.worker}: {self.broken}"))
                 return reply
             self._pending.append(reply)
-        self._outbox.put((method, slowdown, args))
+        self._outbox.put(message)
         return reply
 
     def close(self, why: str = "connection closed by the master") -> None:
@@ -256,7 +349,7 @@ class Channel:
     def _write(self) -> None:
         while (message := self._outbox.get()) is not None:
             try:
-                send_message(self._conn, message)
+                write(self._conn, message)
             except Exception as err:
                 self._break(f"sending failed ({type(err).__name__}: {err})")
                 return
@@ -271,7 +364,7 @@ class Channel:
         while True:
             try:
                 status, value = recv_message(self._conn)
-                if status not in (0, 1) or (status == 1 and not isinstance(value, BaseException)):
+                if status not in (0, 1) or (status == 1 and not isinstance(value, Exception)):
                     raise ValueError(f"malformed answer status {status!r}")
             except Exception as err:
                 self._break(f"connection lost ({type(err).__name__}: {err})")
@@ -281,10 +374,9 @@ class Channel:
                     break
                 reply = self._pending.popleft()
                 if status == 0:
-                    reply.value = value
+                    reply.value, reply.done = value, True
                 else:
-                    reply.error = WorkerRaised(value)
-                reply.done = True
+                    reply.fail(WorkerRaised(value))
                 self._notify.notify_all()
         self._break("answer to no call")
 
@@ -294,7 +386,7 @@ class Channel:
             if self.broken is None:
                 self.broken = why
             for reply in self._pending:
-                reply.done, reply.error = True, WorkerLost(f"worker {self.worker}: {self.broken}")
+                reply.fail(WorkerLost(f"worker {self.worker}: {self.broken}"))
             self._pending.clear()
             self._notify.notify_all()
         with contextlib.suppress(OSError):

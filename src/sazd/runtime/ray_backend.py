@@ -13,8 +13,9 @@
   arguments once (a broadcast once for every worker), so the master may change them afterwards.
 - ``first_k`` takes answers in arrival order: a broken connection (the actor died, was killed or lost
   its node) answers every unanswered call of that worker as an erasure, and another answer is
-  awaited. Late answers are read and dropped by the connection's own thread; queued calls are never
-  cancelled.
+  awaited. Late answers are read by the connection's own thread and dropped at the next round
+  (their status checked); queued calls are never cancelled. An argument that cannot be sent is a
+  TypeError at ``submit``, before any worker is asked.
 - Every wait is bounded. A worker with unfinished calls that has not finished any call for
   ``worker_timeout_s`` is silent: it is killed (an erasure; the master respawns and repairs it). Every
   2 s while the master works or waits, the control plane is checked: its loss (the head's GCS, our
@@ -32,7 +33,8 @@
   sleeps ``(factor - 1)`` times its compute time (``Worker._timed``: products and updates; loads
   and state fetches are not slowed, unlike the in-process simulation which slows every call);
   ``set_delay`` on an actor multiplies in. A ``DeadWorkers`` model really kills the actor when its task comes.
-- Actors have ``max_restarts=0`` and ``max_task_retries=0``: a retried call would run on fresh state.
+- Actors have ``max_restarts=0``: a restarted actor would hold no blocks while the master believed
+  it repaired; the master respawns and repairs instead.
 
 Counters follow the in-process conventions (see ``sazd.runtime.inproc``): a broadcast argument's
 bytes count once per worker called; only collected answers count as bytes from workers. ``sim_time_s``
@@ -66,7 +68,7 @@ from ray.exceptions import RaySystemError, RpcError
 
 from sazd.runtime import channel
 from sazd.runtime import placement as place
-from sazd.runtime.channel import Channel, Reply, WorkerLost, WorkerRaised
+from sazd.runtime.channel import Channel, Reply, WorkerLost, WorkerRaised, encode
 from sazd.runtime.cluster import (
     Cluster,
     ClusterError,
@@ -386,8 +388,16 @@ class RayCluster(Cluster):
         self._check_open()
         with self._control_plane():
             workers, per_worker, broadcast = self._prepare_submit(method, args, workers)
-            copies: dict[int, torch.Tensor] = {}  # each tensor copied once, however many get it
-            shared = _own_copy(per_worker[workers[0]], copies) if broadcast else None
+            # what the workers get: encoded (and checked) before anyone is asked, each tensor copied once
+            copies: dict[int, torch.Tensor] = {}
+            try:
+                if broadcast:
+                    shared = encode(_own_copy(per_worker[workers[0]], copies))
+                    payloads = {j: shared for j in workers}
+                else:
+                    payloads = {j: encode(_own_copy(per_worker[j], copies)) for j in workers}
+            except TypeError as err:
+                raise TypeError(f"submit {method!r}: {err}") from None
             calls: dict[int, _Call | None] = {}
             now = time.monotonic()
             for j in workers:
@@ -402,8 +412,7 @@ class RayCluster(Cluster):
                     self.counters.failed_results += 1
                     continue
                 slowdown = self.latency.slowdown(j, task)
-                payload = shared if broadcast else _own_copy(per_worker[j], copies)
-                reply = self._channels[j].send(method, slowdown, payload)
+                reply = self._channels[j].send(method, slowdown, payloads[j])
                 if not self._outstanding[j]:
                     self._heard[j] = now  # silence is counted from when it has work
                 call = _Call(j, method, reply, self._epoch, task, self._incarnation[j], now)
@@ -592,10 +601,8 @@ class RayCluster(Cluster):
                 info["start"] = _start_time(info["pid"])
             self._info[j] = info
             try:
-                self._channels[j] = _within(
-                    lambda j=j, address=info["address"]: Channel(j, address, self._authkey, self._replied),
-                    min(self.start_timeout_s, 30.0))
-            except Exception as err:
+                self._channels[j] = Channel(j, info["address"], self._authkey, self._replied)
+            except (OSError, ConnectionError) as err:
                 raise ClusterError(f"{what}: cannot connect to worker {j} at {info['address']} "
                                    f"({type(err).__name__}: {err}); is that port reachable from the "
                                    "master?") from None
