@@ -284,16 +284,23 @@ class Cluster(ABC):
 
     def _prepare_submit(
         self, method: str, args: Args, workers: Sequence[int] | None
-    ) -> tuple[list[int], dict[int, tuple], bool]:
-        """Validate a submit; return (workers, per-worker argument tuples, broadcast?) and count the
-        master's egress with each tensor sent once."""
+    ) -> tuple[list[int], dict[int, tuple], dict[int, Any]]:
+        """Validate a submit; return (workers, per-worker argument tuples, what each worker is sent)
+        and count the master's egress with each tensor sent once. Nothing is counted when a check
+        fails, including the backend's ``_payloads``."""
         check_method(method)
         workers = self.alive() if workers is None else self._check_workers(workers)
         if not workers:
             raise ClusterError(f"submit {method!r}: no live workers (n={self.n}, all dead); respawn some")
         per_worker, broadcast = resolve_args(args, workers, self.n)
+        payloads = self._payloads(method, workers, per_worker, broadcast)
         self._send_once(args if broadcast else list(per_worker.values()))
-        return workers, per_worker, broadcast
+        return workers, per_worker, payloads
+
+    def _payloads(self, method: str, workers: list[int], per_worker: dict[int, tuple],
+                  broadcast: bool) -> dict[int, Any]:
+        """What each worker is sent (the backend may encode, and refuse what it cannot send)."""
+        return per_worker
 
     def _send_once(self, args: Any) -> None:
         """Count each tensor of ``args`` that has not left the master before (unmodified)."""

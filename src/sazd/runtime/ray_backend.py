@@ -387,17 +387,7 @@ class RayCluster(Cluster):
     ) -> RayRound:
         self._check_open()
         with self._control_plane():
-            workers, per_worker, broadcast = self._prepare_submit(method, args, workers)
-            # what the workers get: encoded (and checked) before anyone is asked, each tensor copied once
-            copies: dict[int, torch.Tensor] = {}
-            try:
-                if broadcast:
-                    shared = encode(_own_copy(per_worker[workers[0]], copies))
-                    payloads = {j: shared for j in workers}
-                else:
-                    payloads = {j: encode(_own_copy(per_worker[j], copies)) for j in workers}
-            except TypeError as err:
-                raise TypeError(f"submit {method!r}: {err}") from None
+            workers, per_worker, payloads = self._prepare_submit(method, args, workers)
             calls: dict[int, _Call | None] = {}
             now = time.monotonic()
             for j in workers:
@@ -420,6 +410,18 @@ class RayCluster(Cluster):
                 self._outstanding[j].append(call)
         self.counters.rounds += 1
         return RayRound(method, list(workers), calls, id(self), sent=now)
+
+    def _payloads(self, method: str, workers: list[int], per_worker: dict[int, tuple],
+                  broadcast: bool) -> dict[int, Any]:
+        """Each worker's call encoded (and checked) before anyone is asked, each tensor copied once."""
+        copies: dict[int, torch.Tensor] = {}
+        try:
+            if broadcast:
+                shared = encode(_own_copy(per_worker[workers[0]], copies))
+                return {j: shared for j in workers}
+            return {j: encode(_own_copy(per_worker[j], copies)) for j in workers}
+        except TypeError as err:
+            raise TypeError(f"submit {method!r}: {err}") from None
 
     def first_k(
         self, round_: Round, k: int, enough: Callable[[Collection[int]], bool] | None = None
