@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import math
 import os
 import pickle
 import queue
@@ -68,10 +69,7 @@ class _Slot:
     shape: tuple[int, ...]
 
     def nbytes(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _raw(t: torch.Tensor) -> memoryview:
