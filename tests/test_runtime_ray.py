@@ -286,8 +286,36 @@ def test_bench_runtime_reports_the_round_the_iterations_and_the_floor(ray_sessio
     assert rep["round"]["sazd"]["median_s"] > 0 and rep["round"]["bare"]["median_s"] > 0
     [row] = rep["iteration"]
     assert row["width"] == 64 and row["floor"]["cores"] >= 1
-    for key in ("ratio_start", "ratio_steady", "ratio_floor"):
+    for key in ("ratio_start", "ratio_steady", "ratio_sim_start", "ratio_sim_steady", "ratio_floor"):
         assert row[key] > 0
-    # the floor is the in-process master's work plus all workers' compute over the cores
-    want = row["inproc"]["master_s"] + row["inproc"]["worker_s"] / row["floor"]["cores"]
+    # wall time against wall time; the in-process side at the process's own threads, Ray's master at
+    # what its workers leave it
+    assert row["ratio_steady"] == pytest.approx(row["ray"]["steady_s"] / row["inproc"]["steady_s"])
+    assert row["inproc"]["threads"] == torch.get_num_threads() >= row["ray"]["threads"] >= 1
+    assert row["inproc"]["sim_steady_s"] < row["inproc"]["steady_s"]  # simulated: workers in parallel
+    # the floor is the in-process master's work plus all workers' compute (core-seconds) over the cores
+    threads = min(row["inproc"]["threads"], row["floor"]["cores"])
+    want = row["inproc"]["master_s"] + row["inproc"]["worker_s"] * threads / row["floor"]["cores"]
     assert row["floor"]["floor_s"] == pytest.approx(want)
+
+
+def test_the_master_leaves_the_workers_on_its_machine_their_cores(ray_session):
+    from sazd.runtime.placement import master_threads, usable_cores
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(usable_cores())
+    try:
+        c = make_cluster("ray", 2, worker_timeout_s=60)
+        try:  # the workers run here with one thread each
+            want = max(1, usable_cores() - 2)
+            assert c.master_threads == want == torch.get_num_threads()
+            assert c.describe()["master_threads"] == want
+        finally:
+            c.close()
+        assert torch.get_num_threads() == usable_cores()  # given back
+    finally:
+        torch.set_num_threads(before)
+    assert master_threads(cores=16, worker_threads_here=6, current=8) == 8  # never more than it had
+    assert master_threads(cores=16, worker_threads_here=6, current=16) == 10
+    assert master_threads(cores=2, worker_threads_here=6, current=2) == 1  # at least one
+    assert master_threads(cores=4, worker_threads_here=0, current=4) == 4  # workers elsewhere

@@ -8,26 +8,29 @@ One run, in one Ray, three parts:
    ``ray.wait(num_returns=k)``, ``ray.get``) on two sets of n actors holding the same blocks. Rounds
    alternate between the two, so load from anything else on the machine hits both alike; medians
    are reported.
-2. iteration: Ray DEU training iterations of the MLP ``784-W-W-10`` (batch 128, ``--code`` (n, k)),
-   wall time, next to the same iterations in-process on its simulated clock (the master's measured
-   work plus, per round, the k-th fastest worker's measured compute: the workers as if in parallel,
-   with free transfers), for each ``--widths``: the ratio from the start of a run (the first
-   ``--warmup`` iterations; actor start-up and loading the coded blocks excluded, as in-process) and
-   in steady state (median of the following ``--iterations``).
+2. iteration: Ray DEU training iterations of the MLP ``784-W-W-10`` (batch 128, ``--code`` (n, k))
+   next to the same iterations in-process, for each ``--widths``, wall time against wall time: the
+   same work on the same machine, the in-process master computing every worker's product itself with
+   the process's own torch threads (Ray's master runs with ``RayCluster.master_threads``). The ratio
+   from the start of a run (the first ``--warmup`` iterations; actor start-up and loading the coded
+   blocks excluded, as in-process) and in steady state (median of the following ``--iterations``).
+   Also against the in-process simulated clock (the master's measured work plus, per round, the k-th
+   fastest worker's measured compute: every worker on a core of its own, transfers free).
 3. split: each steady Ray iteration split into master work (encode, decode, update, autograd),
-   worker compute (the in-process run's worker time / n: the workers compute in parallel) and the rest
-   of the time in worker rounds (transfer, serialisation, scheduling).
-4. floor: the in-process clock gives every worker a core of its own. On a machine with fewer cores
+   worker compute (the in-process run's simulated worker time / n) and the rest of the time in
+   worker rounds (transfer, serialisation, scheduling).
+4. floor: the simulated clock gives every worker a core of its own. On a machine with fewer cores
    than workers no runtime can reach it: the least wall time is the master's work plus all n workers'
-   compute spread over the cores this process may use, ``master + n * compute / cores``. Ray's steady
-   iteration over that floor is what the runtime itself costs on this machine.
+   compute spread over the cores this process may use, ``master + n * compute * threads / cores``
+   (``compute`` measured in-process on ``threads`` threads, counted as if they scaled perfectly:
+   exact with ``OMP_NUM_THREADS=1``). Ray's steady iteration over that floor is what the runtime
+   itself costs on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -112,48 +115,79 @@ def part_round(args: argparse.Namespace, cluster: Any) -> dict[str, Any]:
     return row
 
 
-def part_iteration(args: argparse.Namespace, cluster: Any, width: int) -> dict[str, Any]:
+def part_iteration(args: argparse.Namespace, cluster: Any, width: int, own_threads: int) -> dict[str, Any]:
     import itertools
+
+    import torch
 
     from sazd.bench.train import synthetic_data
     from sazd.data import batches
     from sazd.parallel.schemes import DEU
+    from sazd.runtime.placement import usable_cores
     from sazd.train.optim import OptimConfig
     from sazd.train.trainer import TrainConfig, Trainer
 
     steps = args.warmup + args.iterations
     data = synthetic_data(128 * steps, args.seed)
     out: dict[str, Any] = {"width": width}
-    for backend in ("ray", "inproc"):
+    for backend, threads in (("ray", cluster.master_threads), ("inproc", own_threads)):
         cfg = TrainConfig(model="mlp", dataset="synthetic", hidden=(width, width), code=args.code, n=args.n,
                           k=args.k, scheme=DEU.name, backend=backend, batch_size=128, seed=args.seed,
                           optim=OptimConfig(lr=0.01, momentum=0.9), show_progress=False)
-        with Trainer(cfg, cluster=cluster if backend == "ray" else None, data=data) as trainer:
-            # the blocks are loaded (in-process: at once; Ray: calls run in order, so a ping answers after)
-            trainer.cluster.wait_all(trainer.cluster.submit("ping", ()))
-            for xb, yb in itertools.islice(batches(data.train_x, data.train_y, 128, args.seed, 0), steps):
-                trainer.step(xb, yb)
-            recs = trainer.history
+        torch.set_num_threads(threads)
+        try:
+            with Trainer(cfg, cluster=cluster if backend == "ray" else None, data=data) as trainer:
+                # the blocks are loaded (in-process: at once; Ray: calls run in order, so a ping answers
+                # after them)
+                trainer.cluster.wait_all(trainer.cluster.submit("ping", ()))
+                for xb, yb in itertools.islice(batches(data.train_x, data.train_y, 128, args.seed, 0), steps):
+                    trainer.step(xb, yb)
+                recs = trainer.history
+        finally:
+            torch.set_num_threads(cluster.master_threads)
         start, steady = recs[: args.warmup], recs[args.warmup:]
         out[backend] = {
-            "start_s": statistics.fmean(r["iteration_s"] for r in start),
-            "steady_s": statistics.median(r["iteration_s"] for r in steady),
+            "threads": threads,
+            "start_s": statistics.fmean(r["wall_s"] for r in start),
+            "steady_s": statistics.median(r["wall_s"] for r in steady),
+            "sim_start_s": statistics.fmean(r["iteration_s"] for r in start),
+            "sim_steady_s": statistics.median(r["iteration_s"] for r in steady),
             "master_s": statistics.median(sum(r[p] for p in MASTER) for r in steady),
             "worker_s": statistics.median(r["worker_s"] for r in steady),
         }
     ray_, local = out["ray"], out["inproc"]
     out["ratio_start"] = ray_["start_s"] / local["start_s"]
     out["ratio_steady"] = ray_["steady_s"] / local["steady_s"]
+    out["ratio_sim_start"] = ray_["start_s"] / local["sim_start_s"]
+    out["ratio_sim_steady"] = ray_["steady_s"] / local["sim_steady_s"]
     compute = local["worker_s"] / args.n
     out["split"] = {"master_s": ray_["master_s"], "worker_compute_s": compute,
                     "transfer_and_overhead_s": max(ray_["worker_s"] - compute, 0.0)}
-    cores = len(os.sched_getaffinity(0))
-    out["floor"] = {"cores": cores, "floor_s": local["master_s"] + args.n * compute / cores}
+    cores = usable_cores()
+    core_s = args.n * compute * min(local["threads"], cores)  # the workers' compute in core-seconds
+    out["floor"] = {"cores": cores, "floor_s": local["master_s"] + core_s / cores}
     out["ratio_floor"] = ray_["steady_s"] / out["floor"]["floor_s"]
     return out
 
 
+def print_iteration(row: dict[str, Any]) -> None:
+    ray_, local, split, floor = row["ray"], row["inproc"], row["split"], row["floor"]
+    print(f"DEU iteration W={row['width']}, Ray/in-process wall time: {row['ratio_start']:.2f}x from the "
+          f"start ({1000 * ray_['start_s']:.0f} vs {1000 * local['start_s']:.0f} ms), "
+          f"{row['ratio_steady']:.2f}x steady ({1000 * ray_['steady_s']:.0f} vs "
+          f"{1000 * local['steady_s']:.0f} ms; master threads {ray_['threads']} vs {local['threads']})",
+          flush=True)
+    print(f"  Ray/in-process simulated clock (each worker a core of its own): {row['ratio_sim_start']:.2f}x "
+          f"from the start, {row['ratio_sim_steady']:.2f}x steady ({1000 * local['sim_steady_s']:.0f} ms); "
+          f"Ray steady split: master {1000 * split['master_s']:.0f} ms, worker compute "
+          f"{1000 * split['worker_compute_s']:.0f} ms, transfer+overhead "
+          f"{1000 * split['transfer_and_overhead_s']:.0f} ms; floor on {floor['cores']} cores "
+          f"{1000 * floor['floor_s']:.0f} ms, Ray/floor {row['ratio_floor']:.2f}x", flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from sazd.runtime.ray_backend import RayCluster
 
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
@@ -167,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"sazd bench runtime: error: {err}", file=sys.stderr)
         return 2
     results: dict[str, Any] = {"note": "side by side in one run, on one machine; ratios are what to compare"}
+    own_threads = torch.get_num_threads()
     with RayCluster(args.n, worker_timeout_s=600) as cluster:
         if "round" in parts:
             row = results["round"] = part_round(args, cluster)
@@ -177,18 +212,9 @@ def run(args: argparse.Namespace) -> int:
         if "iteration" in parts:
             results["iteration"] = []
             for width in widths:
-                row = part_iteration(args, cluster, width)
+                row = part_iteration(args, cluster, width, own_threads)
                 results["iteration"].append(row)
-                split = row["split"]
-                print(f"DEU iteration W={width}: Ray/in-process {row['ratio_start']:.2f}x from the start "
-                      f"({1000 * row['ray']['start_s']:.0f} vs {1000 * row['inproc']['start_s']:.0f} ms), "
-                      f"{row['ratio_steady']:.2f}x steady ({1000 * row['ray']['steady_s']:.0f} vs "
-                      f"{1000 * row['inproc']['steady_s']:.0f} ms); Ray steady split: master "
-                      f"{1000 * split['master_s']:.0f} ms, worker compute "
-                      f"{1000 * split['worker_compute_s']:.0f} ms, transfer+overhead "
-                      f"{1000 * split['transfer_and_overhead_s']:.0f} ms; floor on {row['floor']['cores']} "
-                      f"cores {1000 * row['floor']['floor_s']:.0f} ms, Ray/floor {row['ratio_floor']:.2f}x",
-                      flush=True)
+                print_iteration(row)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -6,7 +6,10 @@
   Ray down only if this object started it; every step is bounded, and processes of ours that outlive
   it are killed by PID.
 - Placement (``sazd.runtime.placement``): the actors live in one placement group, spread over nodes
-  by default (``placement="pack"`` packs them); ``workers_info()`` says where each one runs.
+  by default (``placement="pack"`` packs them); ``workers_info()`` says where each one runs. While
+  the cluster is open, the master's torch threads are lowered to the cores its workers on the same
+  machine leave (``master_threads``; given back at ``close``): a master that computes on the cores
+  its own workers need slows both.
 - Ray starts, places, watches and kills the actors. The calls of training and their answers travel
   over one authenticated TCP connection per worker (``sazd.runtime.channel``), not through Ray's task
   path and object store, whose per-call cost dominated small rounds. ``submit`` copies its tensor
@@ -243,6 +246,7 @@ class RayWorker(Worker):
         node_ip = ray.util.get_node_ip_address()
         return {"index": self.index, "node_id": context.get_node_id(), "node_ip": node_ip,
                 "device": str(self.device), "pid": os.getpid(), "boot_id": _boot_id(),
+                "threads": torch.get_num_threads(),
                 "address": channel.serve(node_ip, authkey, self._answer)}
 
 
@@ -343,6 +347,8 @@ class RayCluster(Cluster):
         self._ray_procs: list[tuple[str, Any]] = []  # (name, Popen) of the Ray we started
         self._last_watch = time.monotonic()
         self._lost = False  # the control plane is gone: close() kills by PID instead of asking Ray
+        self._threads_before = torch.get_num_threads()  # the master's own, given back at close
+        self.master_threads = self._threads_before
         if ray.is_initialized():
             pass
         elif address is None:
@@ -373,6 +379,7 @@ class RayCluster(Cluster):
             self._torch_threads = torch_threads
             self.actors = [self._new_actor(j) for j in range(n)]
             self._await_started(range(n))
+            self._share_cores()
             nodes = _within(place.alive_nodes, 5.0)
         except BaseException:
             self.close()
@@ -496,6 +503,7 @@ class RayCluster(Cluster):
             self.actors[worker] = self._new_actor(worker)
             # Wait until the new process is up: calls queued while it starts would count as backlog.
             self._await_started([worker], what=f"replacement for worker {worker}")
+        self._share_cores()
         self._dead.discard(worker)
         self._tasks[worker] = 0
         self._incarnation[worker] += 1
@@ -522,6 +530,7 @@ class RayCluster(Cluster):
             "worker_timeout_s": self.worker_timeout_s,
             "nodes": nodes,
             "worker_nodes": len({info.get("node_id") for info in self._info}),
+            "master_threads": self.master_threads,
         }
 
     def backlog(self, worker: int) -> int:
@@ -539,6 +548,8 @@ class RayCluster(Cluster):
         if self._closed:
             return
         self._closed = True
+        if torch.get_num_threads() == self.master_threads:  # unchanged by anyone else since
+            torch.set_num_threads(self._threads_before)
         actors, group, self.actors = self.actors, self._group, []
         for link in self._channels:
             if link is not None:
@@ -573,6 +584,13 @@ class RayCluster(Cluster):
         self._outstanding = [deque() for _ in range(self.n)]
 
     # --------------------------------------------------------------- internals
+    def _share_cores(self) -> None:
+        """Give the master only the cores that the workers on its machine leave (see
+        ``placement.master_threads``); workers on other machines take none of them."""
+        here = sum(info.get("threads", 1) for info in self._info if info.get("boot_id") == _boot_id())
+        self.master_threads = place.master_threads(place.usable_cores(), here, self._threads_before)
+        torch.set_num_threads(self.master_threads)
+
     def _new_actor(self, j: int) -> Any:
         options = dict(self._actor_options)
         if self._group is not None:
