@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="iteration: 'from the start' iterations")
     parser.add_argument("--iterations", type=int, default=8, help="iteration: steady iterations")
     parser.add_argument("--parts", default="round,iteration", help="round, iteration (comma-separated)")
+    parser.add_argument("--master-threads", type=int, default=None,
+                        help="iteration: Ray master's torch threads (default: what its workers leave it)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -130,7 +132,7 @@ def part_iteration(args: argparse.Namespace, cluster: Any, width: int, own_threa
     steps = args.warmup + args.iterations
     data = synthetic_data(128 * steps, args.seed)
     out: dict[str, Any] = {"width": width}
-    for backend, threads in (("ray", cluster.master_threads), ("inproc", own_threads)):
+    for backend, threads in (("ray", args.master_threads or cluster.master_threads), ("inproc", own_threads)):
         cfg = TrainConfig(model="mlp", dataset="synthetic", hidden=(width, width), code=args.code, n=args.n,
                           k=args.k, scheme=DEU.name, backend=backend, batch_size=128, seed=args.seed,
                           optim=OptimConfig(lr=0.01, momentum=0.9), show_progress=False)
@@ -185,18 +187,35 @@ def print_iteration(row: dict[str, Any]) -> None:
           f"{1000 * floor['floor_s']:.0f} ms, Ray/floor {row['ratio_floor']:.2f}x", flush=True)
 
 
+def check_args(args: argparse.Namespace) -> tuple[set[str], list[int]]:
+    """The parts and widths asked for; ValueError naming the flag when anything cannot be run."""
+    from sazd.codes import get_code
+
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not parts <= {"round", "iteration"} or not parts:
+        raise ValueError(f"--parts must name round and/or iteration, got {args.parts!r}")
+    widths = int_list(args.widths, "--widths")
+    if min(widths) < 64:
+        raise ValueError(f"--widths {args.widths!r}: widths below 64 are not coded by the default plan; "
+                         "use widths >= 64")
+    for name in ("n", "rows", "cols", "batch", "rounds", "warmup", "iterations"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 1 <= args.k <= args.n:
+        raise ValueError(f"--k {args.k}: a round gathers k of n={args.n} answers; pick 1 <= k <= n")
+    get_code(args.code, args.n, args.k)  # a code that cannot be built is refused before Ray starts
+    if args.master_threads is not None and args.master_threads < 1:
+        raise ValueError(f"--master-threads must be >= 1, got {args.master_threads}")
+    return parts, widths
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from sazd.runtime.ray_backend import RayCluster
 
-    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    if not parts <= {"round", "iteration"} or not parts:
-        print(f"sazd bench runtime: error: --parts must name round and/or iteration, got {args.parts!r}",
-              file=sys.stderr)
-        return 2
     try:
-        widths = int_list(args.widths, "--widths")
+        parts, widths = check_args(args)
     except ValueError as err:
         print(f"sazd bench runtime: error: {err}", file=sys.stderr)
         return 2
