@@ -16,12 +16,14 @@ from sazd.runtime.channel import (
     Channel,
     WorkerLost,
     WorkerRaised,
+    _answer,
     _length,
     _prove_worker,
     _ready,
     _Slot,
     connect,
     encode,
+    open_channels,
     recv_message,
     send_message,
     serve,
@@ -176,3 +178,40 @@ def test_closing_fails_unanswered_calls_at_once():
     assert slow.done
     with pytest.raises(WorkerLost, match="closed by the test"):
         slow.result()
+
+
+def gated_worker(barrier: threading.Barrier) -> tuple[str, int]:
+    """A worker that proves the key only once every worker sharing ``barrier`` has been connected."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def run() -> None:
+        sock, _ = listener.accept()
+        listener.close()
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            sock.close()
+            return
+        _prove_worker(sock, KEY)
+        _answer(_ready(sock), echo)
+
+    threading.Thread(target=run, daemon=True).start()
+    return listener.getsockname()[:2]
+
+
+def test_workers_are_connected_at_once_and_an_unreachable_one_fails_alone(monkeypatch):
+    monkeypatch.setattr("sazd.runtime.channel.HANDSHAKE_S", 3.0)
+    barrier = threading.Barrier(3, timeout=6.0)  # one at a time, the first handshake would time out
+    addresses = {j: gated_worker(barrier) for j in range(3)}
+    gone = socket.create_server(("127.0.0.1", 0))
+    addresses[3] = gone.getsockname()[:2]
+    gone.close()  # nothing listens there any more
+    opened = open_channels(addresses, KEY, threading.Condition())
+    assert isinstance(opened[3], OSError)
+    links = [opened[j] for j in range(3)]
+    assert all(isinstance(link, Channel) for link in links)
+    replies = [link.send("ok", 1.0, encode((j,))) for j, link in enumerate(links)]
+    wait_done(replies)
+    assert [r.result() for r in replies] == [("ok", 1.0, (j,)) for j in range(3)]
+    for link in links:
+        link.close()

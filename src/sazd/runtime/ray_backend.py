@@ -71,7 +71,7 @@ from ray.exceptions import RaySystemError, RpcError
 
 from sazd.runtime import channel
 from sazd.runtime import placement as place
-from sazd.runtime.channel import Channel, Reply, WorkerLost, WorkerRaised, encode
+from sazd.runtime.channel import Channel, Reply, WorkerLost, WorkerRaised, encode, open_channels
 from sazd.runtime.cluster import (
     Cluster,
     ClusterError,
@@ -620,13 +620,17 @@ class RayCluster(Cluster):
             if info.get("boot_id") == _boot_id():
                 info["start"] = _start_time(info["pid"])
             self._info[j] = info
-            try:
-                self._channels[j] = Channel(j, info["address"], self._authkey, self._replied)
-            except (OSError, ConnectionError) as err:
-                raise ClusterError(f"{what}: cannot connect to worker {j} at {info['address']} "
-                                   f"({type(err).__name__}: {err}); is that port reachable from the "
-                                   "master?") from None
+        opened = open_channels({j: tuple(self._info[j]["address"]) for j in workers}, self._authkey,
+                               self._replied)
+        for j in workers:  # every channel is kept, so that close() closes it, before any error
+            self._channels[j] = opened[j] if isinstance(opened[j], Channel) else None
             self._heard[j] = time.monotonic()
+        for j in workers:
+            if isinstance(opened[j], Exception):
+                err = opened[j]
+                raise ClusterError(f"{what}: cannot connect to worker {j} at {self._info[j]['address']} "
+                                   f"({type(err).__name__}: {err}); is that port reachable from the "
+                                   "master?")
 
     def _gather(
         self, round_: RayRound, calls: dict[int, _Call | None], done: Callable
