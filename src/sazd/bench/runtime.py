@@ -17,8 +17,9 @@ One run, in one Ray, three parts:
    Also against the in-process simulated clock (the master's measured work plus, per round, the k-th
    fastest worker's measured compute: every worker on a core of its own, transfers free).
 3. split: each steady Ray iteration split into master work (encode, decode, update, autograd),
-   worker compute (the in-process run's simulated worker time / n) and the rest of the time in
-   worker rounds (transfer, serialisation, scheduling).
+   worker compute (the in-process master's wall time in worker rounds, where it computes all n
+   workers' products one after another, / n) and the rest of the time in worker rounds (transfer,
+   serialisation, scheduling).
 4. floor: the simulated clock gives every worker a core of its own. On a machine with fewer cores
    than workers no runtime can reach it: the least wall time is the master's work plus all n workers'
    compute spread over the cores this process may use, ``master + n * compute * threads / cores``
