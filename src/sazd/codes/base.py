@@ -156,6 +156,13 @@ class Code(ABC):
     # integer/bool results are refused unless a code decodes them exactly and says so here
     accepts_integer_results: bool = False
 
+    def _coded_row(self, worker: int) -> int | None:
+        """Row of the code's table for this worker (parity p of a systematic code is row p), or None
+        for a plain systematic block."""
+        if self.is_systematic:
+            return None if worker < self.k else worker - self.k
+        return worker
+
     def __init__(self, n: int, k: int) -> None:
         check_int(k, "k", 1, "the number of source blocks")
         check_int(n, "n", 1, "the number of workers")

@@ -112,12 +112,6 @@ class Cyclic(Code):
         """Rows s of each sub-block for source blocks of r rows (padding r up to (q-1)*s)."""
         return -(-r // (self.q - 1))
 
-    def _coded_row(self, worker: int) -> int | None:
-        """Row of the exponent table for this worker, or None for a plain systematic block."""
-        if self.is_systematic:
-            return None if worker < self.k else worker - self.k
-        return worker
-
     def block_rows(self, r: int) -> list[int]:
         s = self.sub_rows(r)
         coded = self.q * s + (self.q - 1) * s - r  # q sub-blocks, then one zero row per padding row

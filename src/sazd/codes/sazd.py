@@ -66,22 +66,16 @@ class SAZD(Code):
             return max(1, -(-r // AUTO_CHAIN_ROWS))
         return int(self.shift_unit)
 
-    def _shift_index(self, worker: int) -> int | None:
-        """p with shifts ``p*i*g`` for this worker, or None for a plain systematic block."""
-        if self.is_systematic:
-            return None if worker < self.k else worker - self.k
-        return worker
-
     def block_rows(self, r: int) -> list[int]:
         g = self.shift_for(r)
         rows = []
         for j in range(self.n):
-            p = self._shift_index(j)
+            p = self._coded_row(j)
             rows.append(r if p is None else r + p * (self.k - 1) * g)
         return rows
 
     def _source_rows(self, worker: int, rows: int) -> int:
-        p = self._shift_index(worker)
+        p = self._coded_row(worker)
         if not p or self.k == 1:  # no shifted rows
             return rows
         return _invert_rows(rows, p * (self.k - 1), self.shift_unit)
