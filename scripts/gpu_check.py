@@ -127,8 +127,8 @@ def timed(fn, repeats: int = 20) -> float:
 def deu_iteration(device: str) -> float:
     import itertools
 
-    from sazd.bench.train import synthetic_data
     from sazd.data import batches
+    from sazd.measure.training import synthetic_data
     from sazd.train.optim import OptimConfig
     from sazd.train.trainer import TrainConfig, Trainer
 

@@ -12,18 +12,11 @@ import pytest
 import torch
 
 from sazd import design
-from sazd.bench import (
-    CodeSpec,
-    Problem,
-    codec,
-    hard_sets,
-    measure_worst,
-    parse_code_spec,
-    pick_sets,
-    stability,
-)
+from sazd.bench import codec, stability
 from sazd.codes import SAZD, Cyclic, Poly
 from sazd.codes.base import Code
+from sazd.measure.codes import CodeSpec, parse_code_spec
+from sazd.measure.decode import Problem, hard_sets, measure_worst, pick_sets
 
 
 def parse(module, argv: list[str]) -> argparse.Namespace:

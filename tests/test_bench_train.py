@@ -13,6 +13,8 @@ import pytest
 from sazd.bench import train as bench
 from sazd.cli import main
 from sazd.codes import get_code
+from sazd.measure.training import PHASES, measure_training, synthetic_data, worker_clock_cluster
+from sazd.parallel import layer_traffic
 
 TINY = ["--backend", "inproc", "--widths", "64,192", "--iterations", "1", "--warmup", "1",
         "--batch-size", "8", "--task-time", "0.05"]
@@ -31,7 +33,7 @@ def test_command_json_fields_and_files(tmp_path, capsys) -> None:
         for row in rep[part]:
             assert row["iterations"] == 1
             assert row["mean_s"] > 0 and row["median_s"] > 0
-            assert set(row["phases_s"]) == set(bench.PHASES)
+            assert set(row["phases_s"]) == set(PHASES)
             for key in ("bytes_to_workers", "bytes_from_workers", "formula_to_workers",
                         "formula_from_workers"):
                 assert row[key] > 0
@@ -53,7 +55,7 @@ def test_command_json_fields_and_files(tmp_path, capsys) -> None:
 def test_table_output_names_machine_and_ratios(tmp_path, capsys) -> None:
     assert main(["bench", "train", *TINY, "--parts", "stragglers", "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out
-    assert "machine:" in text and "nproc=" in text and "torch threads=" in text
+    assert "machine:" in text and " cores, " in text and " threads), " in text and "load average" in text
     assert "with / without stragglers: coded 1.00x, uncoded 5.00x" in text
     rep = json.loads((tmp_path / "results.json").read_text())
     kinds = [(r["kind"], r["n"], r["stragglers"]) for r in rep["stragglers"]]
@@ -79,12 +81,12 @@ def test_bytes_equal_the_formula_exactly(scheme: str, code: str) -> None:
     equal the formula to the byte, every iteration."""
     args = _args(batch_size=8, code=code)
     width, iterations = 96, 3
-    data = bench.synthetic_data(args.batch_size * (1 + iterations))
+    data = synthetic_data(args.batch_size * (1 + iterations))
     cfg = bench.config(args, width, scheme, "inproc", base_time_s=0.01)
-    row = bench.measure(cfg, data, warmup=1, iterations=iterations)
-    assert row["bytes_exact"]
-    assert row["bytes_to_workers"] == row["formula_to_workers"] == row["engine_formula_to_workers"]
-    assert row["bytes_from_workers"] == row["formula_from_workers"] == row["engine_formula_from_workers"]
+    row = measure_training(cfg, data, warmup=1, iterations=iterations)
+    assert row["bytes_exact"] and row["iterations"] == iterations
+    assert row["bytes_to_workers"] == row["formula_to_workers"]
+    assert row["bytes_from_workers"] == row["formula_from_workers"]
     # the formula itself, by hand for the coded layers fc1 (784 -> 96) and fc2 (96 -> 96), n=6, k=4
     c = get_code(code, n=6, k=4)
     N, s, n = 8, 4, 6
@@ -103,12 +105,18 @@ def test_bytes_equal_the_formula_exactly(scheme: str, code: str) -> None:
 
 
 def test_deu_moves_fewer_bytes_than_naive() -> None:
-    """By the formula at batch 128: from width 256 up DEU sends less, and the gap grows with the width."""
+    """By the model's formula at batch 128 for the benchmark MLP 784-W-W-10 (coded: 784->W, W->W; the
+    first layer's input is data): from width 256 up DEU sends less, and the gap grows with the width."""
     c = get_code("sazd", n=6, k=4)
+
+    def mlp_traffic(width: int, scheme: str) -> dict[str, int]:
+        first = layer_traffic(c, scheme, 784, width, 128, 4, input_grad=False)
+        second = layer_traffic(c, scheme, width, width, 128, 4)
+        return {key: first[key] + second[key] for key in first}
+
     ratios, once = [], []
     for width in (256, 1024, 2048, 4096):
-        dims = bench.mlp_dims(width, 2)
-        naive, deu = (bench.formula_bytes(dims, c, 128, scheme) for scheme in ("naive", "deu"))
+        naive, deu = (mlp_traffic(width, scheme) for scheme in ("naive", "deu"))
         assert deu["bytes_from_workers"] == naive["bytes_from_workers"]  # the same products come back
         assert deu["bytes_to_workers"] < naive["bytes_to_workers"]
         assert deu["bytes_sent_once"] < naive["bytes_sent_once"] <= naive["bytes_to_workers"]
@@ -124,7 +132,7 @@ def test_simulated_stragglers_cost_coded_less_than_uncoded() -> None:
     """On the workers' simulated clock with a constant task time the figures are exact: coded DEU
     never waits for the S <= n-k stragglers, uncoded waits for every one of their 5x slower tasks."""
     args = _args(stragglers=2, straggler_delay=5.0, task_time=0.05)
-    rows = bench.part_stragglers(args, 64, bench.synthetic_data(8 * 3), "inproc")
+    rows = bench.part_stragglers(args, 64, synthetic_data(8 * 3), "inproc")
     ratios = bench.straggler_ratios(rows)
     assert ratios["coded"] <= ratios["uncoded"]
     assert ratios["coded"] == pytest.approx(1.0, rel=1e-9)
@@ -137,7 +145,7 @@ def test_simulated_stragglers_cost_coded_less_than_uncoded() -> None:
 
 
 def test_worker_clock_ignores_master_time() -> None:
-    cluster = bench.worker_clock_cluster(3, base_time_s=0.5)
+    cluster = worker_clock_cluster(3, base_time_s=0.5)
     cluster.note_master_time(10.0)
     assert cluster.clock == 0.0
     with pytest.raises(ValueError, match="seconds"):

@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from _support import digits_config
-from sazd.bench import Problem, measure_worst, pick_sets
 from sazd.codes import Cyclic, DecodeError, get_code
 from sazd.codes.base import relative_error
 from sazd.codes.cyclic import is_prime, searched_rows
+from sazd.measure.decode import Problem, measure_worst, pick_sets
 from sazd.parallel import plain_state_dict
 from sazd.train.optim import OptimConfig
 from sazd.train.reference import reference_run, relative_weight_error

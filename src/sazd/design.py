@@ -39,18 +39,11 @@ import math
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from sazd.bench import (
-    CodeSpec,
-    Problem,
-    dtype_label,
-    int_list,
-    json_float,
-    machine_info,
-    measure_worst,
-    parse_dtype,
-    pick_sets,
-    unit_roundoff,
-)
+from sazd.measure.codes import CodeSpec, dtype_label, parse_dtype, unit_roundoff
+from sazd.measure.decode import Problem, measure_worst, pick_sets
+from sazd.measure.flags import int_list, json_float
+from sazd.measure.machine import machine
+from sazd.measure.timing import alternate
 
 if TYPE_CHECKING:
     from sazd.codes.base import Code
@@ -132,7 +125,7 @@ def decode_vs_clone(code: Code, k: int, r: int, mb: float, repeats: int, seed: i
     plus as many parity workers, on a random W with about ``mb`` MB of output (fp32, CPU)."""
     import torch
 
-    from sazd.bench.codec import Op, received_set, time_all
+    from sazd.bench.codec import Op, received_set
 
     cols = max(1, round(mb * 1e6 / 4 / (k * r)))
     W = torch.randn(k * r, cols, generator=torch.Generator().manual_seed(seed))
@@ -144,7 +137,7 @@ def decode_vs_clone(code: Code, k: int, r: int, mb: float, repeats: int, seed: i
         counters = {"bytes_written": W.numel() * 4}
         ops = [Op("clone", "clone", W.clone, counters),
                Op("code", "decode", lambda: code.decode(results, allow_unstable=True), counters)]
-        time_all(ops, repeats, warmup=1, sync=lambda: None)
+        alternate(ops, repeats, warmup=1)
     return ops[0].seconds / ops[1].seconds
 
 
@@ -186,7 +179,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     best = min(ok, key=lambda row: (round(row["overhead_pct"], 2), -round(row["decode_vs_clone"], 1),
                                     row["measured_error"]), default=None)  # fmt: skip
     return {
-        "machine": machine_info(),
+        "machine": machine(),
         "config": {
             "n": args.n, "k": args.k, "rows_per_block": args.rows, "max_error": args.max_error,
             "dtype": dtype_label(dtype), "samples": args.samples, "cols": args.cols, "seed": args.seed,

@@ -2,8 +2,9 @@
 
 Throughput is GB/s of OUTPUT bytes (encode: all n coded blocks; decode: the k*r decoded rows). The
 physical reference is ``clone()`` of a tensor with the same number of bytes as each output, timed in
-the same run and interleaved with the codecs (round-robin over all operations in every repeat, so
-load changes hit all of them alike); each figure is the median of ``--repeats`` after ``--warmup``.
+the same run and interleaved with the codecs (``sazd.measure.timing.alternate``: every repeat runs
+every operation once, so load changes hit all of them alike); each figure is the median of
+``--repeats`` after ``--warmup``.
 Decoding uses exactly k results: the systematic workers minus a window of ``s`` adjacent missing
 blocks (the last s: the longest zigzag chains), plus the first s parity workers. Decode plans are
 cached by the codes, so warmup also covers planning.
@@ -14,12 +15,14 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
-from sazd.bench import CodeSpec, dtype_label, int_list, machine_info, parse_code_spec, parse_dtype
+from sazd.measure.codes import CodeSpec, dtype_label, parse_code_spec, parse_dtype
+from sazd.measure.flags import int_list
+from sazd.measure.machine import machine
+from sazd.measure.table import table
+from sazd.measure.timing import Timed, alternate
 
 DEFAULT_CODES = ("sazd", "cyclic", "poly", "poly:nodes=chebyshev", "poly:systematic=true", "gaussian")
 QUICK = {"rows": 256, "cols": 32, "repeats": 3, "warmup": 1}
@@ -50,12 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-class Op:
-    """One timed operation and its deterministic counters."""
+class Op(Timed):
+    """One timed operation of a code and its deterministic counters."""
 
     def __init__(self, code: str, op: str, fn: Callable[[], Any], counters: dict[str, Any]) -> None:
-        self.code, self.op, self.fn, self.counters = code, op, fn, counters
-        self.times: list[float] = []
+        super().__init__(f"{code} {op}", fn)
+        self.code, self.op, self.counters = code, op, counters
 
     @property
     def out_bytes(self) -> int:
@@ -63,7 +66,7 @@ class Op:
 
     @property
     def seconds(self) -> float:
-        return statistics.median(self.times)
+        return self.median_s
 
     @property
     def gbps(self) -> float:
@@ -110,18 +113,6 @@ def build_ops(spec: CodeSpec, args: argparse.Namespace, W: Any, missing: list[in
     return ops
 
 
-def time_all(ops: list[Op], repeats: int, warmup: int, sync: Callable[[], None]) -> None:
-    """Round-robin: every repeat runs every op once, so slow drifts of the machine hit all alike."""
-    for rep in range(warmup + repeats):
-        for op in ops:
-            sync()
-            start = time.perf_counter()
-            op.fn()
-            sync()
-            if rep >= warmup:
-                op.times.append(time.perf_counter() - start)
-
-
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -150,7 +141,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "max_abs_error": 0.0,
         })  # fmt: skip
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    time_all([*clones.values(), *ops], args.repeats, args.warmup, sync)
+    alternate([*clones.values(), *ops], args.repeats, args.warmup, sync)
 
     rows = []
     for op in ops:
@@ -160,7 +151,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "gbps": op.gbps, "clone_gbps": ref.gbps, "vs_clone": op.gbps / ref.gbps, **op.counters,
         })  # fmt: skip
     return {
-        "machine": {**machine_info(), "device": args.device},
+        "machine": machine(args.device),
         "config": {
             "k": args.k, "n": args.n, "rows": args.rows, "rows_per_block": args.rows // args.k,
             "cols": args.cols, "dtype": dtype_label(dtype), "repeats": args.repeats, "warmup": args.warmup,
@@ -186,25 +177,20 @@ def speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def format_report(report: dict[str, Any]) -> str:
     cfg, mach = report["config"], report["machine"]
-    head = (
-        f"{'code':<22} {'op':<17} {'out MB':>7} {'median ms':>9} {'GB/s':>7} {'clone GB/s':>10} "
-        f"{'vs clone':>8} {'read MB':>8} {'rows solved':>11} {'max abs err':>11}"
-    )
     lines = [
         f"k={cfg['k']} n={cfg['n']} rows={cfg['rows']} ({cfg['rows_per_block']} per block) "
         f"cols={cfg['cols']} {cfg['dtype']} on {mach['device']}; torch {mach['torch']} with "
-        f"{mach['torch_threads']} threads, {mach['nproc']} cores (load {mach['loadavg_1m']}); median of "
-        f"{cfg['repeats']}",
-        head,
-        "-" * len(head),
-    ]
-    for r in report["results"]:
-        lines.append(
-            f"{r['code']:<22} {r['op']:<17} {r['out_mb']:>7.2f} {r['median_ms']:>9.3f} {r['gbps']:>7.2f} "
-            f"{r['clone_gbps']:>10.2f} {r['vs_clone']:>8.2f} {r['bytes_read'] / 1e6:>8.2f} "
-            f"{r['rows_solved']:>11} {r['max_abs_error']:>11.1e}"
-        )
-    lines.append("")
+        f"{mach['torch_threads']} threads, {mach['nproc']} cores (load {mach['loadavg_at_start']}); median "
+        f"of {cfg['repeats']}",
+        table(
+            ["code", "op", "out MB", "median ms", "GB/s", "clone GB/s", "vs clone", "read MB", "rows solved",
+             "max abs err"],
+            [[r["code"], r["op"], f"{r['out_mb']:.2f}", f"{r['median_ms']:.3f}", f"{r['gbps']:.2f}",
+              f"{r['clone_gbps']:.2f}", f"{r['vs_clone']:.2f}", f"{r['bytes_read'] / 1e6:.2f}",
+              r["rows_solved"], f"{r['max_abs_error']:.1e}"] for r in report["results"]],
+        ),
+        "",
+    ]  # fmt: skip
     for s in report["speedups"]:
         lines.append(f"{s['op']:<17} {s['code']} is {s['speedup']:.2f}x as fast as {s['vs']}")
     return "\n".join(lines)

@@ -38,9 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sazd.bench import int_list
-
-MASTER = ("encode_s", "decode_s", "update_s", "master_other_s")
+from sazd.measure.flags import int_list
+from sazd.measure.timing import Timed, alternate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,30 +84,24 @@ def part_round(args: argparse.Namespace, cluster: Any) -> dict[str, Any]:
     bare = [ray.remote(BareWorker).options(num_cpus=0.01).remote(b) for b in blocks]
     ray.get([a.matmul.remote(torch.zeros(args.cols, 1)) for a in bare])
 
-    def sazd_round(x: torch.Tensor) -> float:
-        start = time.perf_counter()
+    x = torch.zeros(args.cols, args.batch)
+
+    def fresh_input(rep: int) -> None:
+        nonlocal x
+        time.sleep(0.01)  # let late answers land, so no round queues behind the previous one
+        x = torch.randn(args.cols, args.batch, generator=gen)
+
+    def sazd_round() -> None:
         got = cluster.first_k(cluster.submit("matmul", ("w", x)), args.k)
         assert len(got) == args.k
-        return time.perf_counter() - start
 
-    def bare_round(x: torch.Tensor) -> float:
-        start = time.perf_counter()
+    def bare_round() -> None:
         ref = ray.put(x)
-        refs = [a.matmul.remote(ref) for a in bare]
-        ready, _ = ray.wait(refs, num_returns=args.k)
-        got = ray.get(ready)
-        assert len(got) == args.k
-        return time.perf_counter() - start
+        ready, _ = ray.wait([a.matmul.remote(ref) for a in bare], num_returns=args.k)
+        assert len(ray.get(ready)) == args.k
 
-    times: dict[str, list[float]] = {"sazd": [], "bare": []}
-    for i in range(args.rounds + 3):
-        x = torch.randn(args.cols, args.batch, generator=gen)
-        for name, fn in (("sazd", sazd_round), ("bare", bare_round)) if i % 2 else \
-                (("bare", bare_round), ("sazd", sazd_round)):
-            t = fn(x)
-            if i >= 3:
-                times[name].append(t)
-        time.sleep(0.01)  # let late answers land, so no round queues behind the previous one
+    times = {op.name: op.times for op in alternate([Timed("sazd", sazd_round), Timed("bare", bare_round)],
+                                                    args.rounds, warmup=3, before_repeat=fresh_input)}
     for actor in bare:
         ray.kill(actor)
     row = {name: {"median_s": statistics.median(ts), "p90_s": sorted(ts)[int(0.9 * len(ts))]}
@@ -119,19 +112,15 @@ def part_round(args: argparse.Namespace, cluster: Any) -> dict[str, Any]:
 
 
 def part_iteration(args: argparse.Namespace, cluster: Any, width: int, own_threads: int) -> dict[str, Any]:
-    import itertools
-
     import torch
 
-    from sazd.bench.train import synthetic_data
-    from sazd.data import batches
+    from sazd.measure.training import measure_training, synthetic_data
     from sazd.parallel.schemes import DEU
     from sazd.runtime.placement import usable_cores
     from sazd.train.optim import OptimConfig
-    from sazd.train.trainer import TrainConfig, Trainer
+    from sazd.train.trainer import TrainConfig
 
-    steps = args.warmup + args.iterations
-    data = synthetic_data(128 * steps, args.seed)
+    data = synthetic_data(128 * (args.warmup + args.iterations), args.seed)
     out: dict[str, Any] = {"width": width}
     for backend, threads in (("ray", args.master_threads or cluster.master_threads), ("inproc", own_threads)):
         cfg = TrainConfig(model="mlp", dataset="synthetic", hidden=(width, width), code=args.code, n=args.n,
@@ -139,24 +128,18 @@ def part_iteration(args: argparse.Namespace, cluster: Any, width: int, own_threa
                           optim=OptimConfig(lr=0.01, momentum=0.9), show_progress=False)
         torch.set_num_threads(threads)
         try:
-            with Trainer(cfg, cluster=cluster if backend == "ray" else None, data=data) as trainer:
-                # the blocks are loaded (in-process: at once; Ray: calls run in order, so a ping answers
-                # after them)
-                trainer.cluster.wait_all(trainer.cluster.submit("ping", ()))
-                for xb, yb in itertools.islice(batches(data.train_x, data.train_y, 128, args.seed, 0), steps):
-                    trainer.step(xb, yb)
-                recs = trainer.history
+            row = measure_training(cfg, data, args.warmup, args.iterations,
+                                   cluster if backend == "ray" else None, wait_loaded=True)
         finally:
             torch.set_num_threads(cluster.master_threads)
-        start, steady = recs[: args.warmup], recs[args.warmup:]
         out[backend] = {
             "threads": threads,
-            "start_s": statistics.fmean(r["wall_s"] for r in start),
-            "steady_s": statistics.median(r["wall_s"] for r in steady),
-            "sim_start_s": statistics.fmean(r["iteration_s"] for r in start),
-            "sim_steady_s": statistics.median(r["iteration_s"] for r in steady),
-            "master_s": statistics.median(sum(r[p] for p in MASTER) for r in steady),
-            "worker_s": statistics.median(r["worker_s"] for r in steady),
+            "start_s": row["warmup_wall_s"],
+            "steady_s": row["median_wall_s"],
+            "sim_start_s": row["warmup_s"],
+            "sim_steady_s": row["median_s"],
+            "master_s": row["master_median_s"],
+            "worker_s": row["phases_median_s"]["worker_s"],
         }
     ray_, local = out["ray"], out["inproc"]
     out["ratio_start"] = ray_["start_s"] / local["start_s"]

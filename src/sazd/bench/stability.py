@@ -4,7 +4,7 @@ For each code, k, m = n - k, rows per block r and dtype: a random float64 ``W`` 
 ``X`` (inner x cols) are rounded to the dtype, every worker multiplies its coded block by X in that
 dtype, each chosen straggler set is decoded, and the worst ``||Y - WX|| / ||WX||`` against the exact
 float64 product is reported. Sets: every adjacent window of missing blocks (the longest zigzag
-chains, see ``sazd.bench.hard_sets``) plus ``--samples`` random k-subsets; all subsets when that is
+chains, see ``sazd.measure.decode.hard_sets``) plus ``--samples`` random k-subsets; all subsets when that is
 no more. Output: a table on stdout, ``stability.csv`` and ``stability.png`` in ``--out``, and
 ``--json`` prints the results for machines instead of the table.
 """
@@ -20,18 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sazd.bench import (
-    CodeSpec,
-    Problem,
-    dtype_label,
-    int_list,
-    json_float,
-    machine_info,
-    measure_worst,
-    parse_code_spec,
-    parse_dtype,
-    pick_sets,
-)
+from sazd.measure.codes import CodeSpec, dtype_label, parse_code_spec, parse_dtype
+from sazd.measure.decode import Problem, measure_worst, pick_sets
+from sazd.measure.flags import int_list, json_float
+from sazd.measure.machine import machine
+from sazd.measure.table import table
 
 DEFAULT_CODES = (
     "sazd",
@@ -139,19 +132,12 @@ def run_grid(args: argparse.Namespace, log=None) -> list[dict[str, Any]]:
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    head = (
-        f"{'code':<24} {'k':>3} {'m':>2} {'r':>6} {'dtype':>5} {'worst err':>9} {'worst missing':>15} "
-        f"{'sets':>10} {'ovh rows':>8} {'ovh %':>6}"
-    )
-    lines = [head, "-" * len(head)]
-    for row in results:
-        sets = f"{row['sets_checked']}/{row['sets_total']}"
-        lines.append(
-            f"{row['code']:<24} {row['k']:>3} {row['m']:>2} {row['rows_per_block']:>6} {row['dtype']:>5} "
-            f"{fmt_error(row):>9} {row['worst_missing']:>15} {sets:>10} {row['overhead_rows']:>8} "
-            f"{row['overhead_pct']:>6.2f}" + ("" if row["status"] == "ok" else f"  ({row['status']})")
-        )
-    return "\n".join(lines)
+    return table(
+        ["code", "k", "m", "r", "dtype", "worst err", "worst missing", "sets", "ovh rows", "ovh %", "status"],
+        [[row["code"], row["k"], row["m"], row["rows_per_block"], row["dtype"], fmt_error(row),
+          row["worst_missing"], f"{row['sets_checked']}/{row['sets_total']}", row["overhead_rows"],
+          f"{row['overhead_pct']:.2f}", row["status"]] for row in results],
+    )  # fmt: skip
 
 
 def fmt_error(row: dict[str, Any]) -> str:
@@ -232,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(results, args.out / "stability.csv")
     plot(results, args.out / "stability.png", args.plot_k)
-    info = {**machine_info(), "seconds": round(elapsed, 2)}
+    info = {**machine(), "seconds": round(elapsed, 2)}
     if args.json:
         payload = {
             "machine": info,

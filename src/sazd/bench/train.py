@@ -6,8 +6,8 @@ One run, three parts (an MLP ``784 -> W -> ... -> W -> 10``, every hidden layer 
 1. timing: naive and DEU on the ``--backend`` (default: real Ray actors on a local cluster, or the
    running one). Per width and scheme: mean/median iteration seconds over ``--iterations`` after
    ``--warmup``, bytes master->workers and workers->master per iteration from the cluster counters
-   next to the traffic formula (``formula_bytes``), and the master's phases (encode, worker
-   rounds, decode, update, other).
+   next to the model's own traffic formula, and the master's phases (encode, worker rounds, decode,
+   update, other).
 2. projection: the same configs on the in-process backend with a simulated ``--network-gbps``
    master link (measured compute, simulated transfer): the iteration time on such a cluster.
 3. stragglers: DEU with the code and ``--stragglers S`` workers ``--straggler-delay`` times slower
@@ -15,8 +15,9 @@ One run, three parts (an MLP ``784 -> W -> ... -> W -> 10``, every hidden layer 
    task time (``--task-time``) on a clock that counts the workers only (the master's measured work is
    reported beside it), and with ``--backend ray`` also on Ray (real sleeps inside the actors).
 
-The formula is ``sazd.parallel.layer_traffic`` (one per coded layer; the first layer's input, the
-data, needs no gradient, so it has no input-gradient round and keeps no column copy). It assumes
+Every config is measured by ``sazd.measure.training.measure_training``; the formula is the model's
+own, ``sazd.parallel.predicted_traffic`` (``layer_traffic`` per coded layer; the first layer's input,
+the data, needs no gradient, so it has no input-gradient round and keeps no column copy). It assumes
 every worker is asked every round and the first k answers are systematic blocks: exact
 without stragglers on the in-process backend with a constant task time. On Ray, an answer from a
 parity block (longer for SAZD) or a round that skips a still-busy worker makes the count differ.
@@ -27,25 +28,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import itertools
 import json
-import os
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sazd.bench import int_list
+from sazd.measure.flags import int_list
+from sazd.measure.machine import machine, machine_line
+from sazd.measure.table import table
 
 if TYPE_CHECKING:
-    from sazd.codes.base import Code
     from sazd.data import DataBundle
 
-PHASES = ("encode_s", "worker_s", "decode_s", "update_s", "master_other_s")
-MASTER_PHASES = ("encode_s", "decode_s", "update_s", "master_other_s")
+PHASES = ("encode_s", "worker_s", "decode_s", "update_s", "master_other_s")  # the master's, per iteration
 PARTS = ("timing", "projection", "stragglers")
-IN_SHAPE, CLASSES = (1, 28, 28), 10  # fashion-mnist shaped
 
 
 def scheme_names() -> tuple[str, str]:
@@ -90,99 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="write results.json and CSV tables here")
 
 
-# ------------------------------------------------------------------ the formula
-def mlp_dims(width: int, depth: int) -> tuple[int, ...]:
-    """Feature widths of the benchmark MLP: (784, W, ..., W, 10)."""
-    return (IN_SHAPE[0] * IN_SHAPE[1] * IN_SHAPE[2], *([width] * depth), CLASSES)
-
-
-def coded_pairs(dims: tuple[int, ...], min_features: int = 64) -> list[tuple[int, int, int]]:
-    """(layer index, in, out) of the layers the default plan codes: both widths >= min_features."""
-    return [(i, fin, fout) for i, (fin, fout) in enumerate(itertools.pairwise(dims))
-            if min(fin, fout) >= min_features]
-
-
-def formula_bytes(dims: tuple[int, ...], code: Code, batch: int, scheme: str, element_size: int = 4,
-                  min_features: int = 64) -> dict[str, int]:
-    """Bytes of one iteration of the benchmark MLP by ``sazd.parallel.layer_traffic``, from the shapes
-    alone: the coded layers of the default plan, the first of which gets the data, which needs no
-    gradient."""
-    from sazd.parallel import layer_traffic
-
-    total = {"bytes_to_workers": 0, "bytes_from_workers": 0, "bytes_sent_once": 0}
-    for i, fin, fout in coded_pairs(dims, min_features):
-        part = layer_traffic(code, scheme, fin, fout, batch, element_size, input_grad=i > 0)
-        total = {key: total[key] + part[key] for key in total}
-    return total
-
-
 # ------------------------------------------------------------------ measuring one config
-def synthetic_data(samples: int, seed: int = 0) -> DataBundle:
-    """Random fashion-mnist shaped images and labels (timing does not depend on the values)."""
-    import torch
-
-    from sazd.data import DataBundle
-
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(samples, *IN_SHAPE, generator=gen)
-    y = torch.randint(0, CLASSES, (samples,), generator=gen)
-    return DataBundle("synthetic", x, y, x[:256], y[:256], IN_SHAPE, CLASSES, 0.0, 1.0)
-
-
-def measure(cfg: Any, data: DataBundle, warmup: int, iterations: int, cluster: Any = None) -> dict[str, Any]:
-    """Run ``warmup + iterations`` training steps of ``cfg`` (a TrainConfig) on ``cluster`` (default: a
-    new one for ``cfg``); summarise the measured ones."""
-    from sazd.data import batches
-    from sazd.parallel import predicted_traffic
-    from sazd.train.trainer import Trainer
-
-    with Trainer(cfg, cluster=cluster, data=data) as trainer:
-        before = trainer.cluster.counters.snapshot()
-        for xb, yb in itertools.islice(batches(data.train_x, data.train_y, cfg.batch_size, cfg.seed, 0),
-                                       warmup + iterations):
-            trainer.step(xb, yb)
-            trainer.repair_dead()  # a straggler whose backlog grew too long is replaced, as in training
-        recs = trainer.history[warmup:]
-        engine_formula = predicted_traffic(trainer.model)
-        after = trainer.cluster.counters.snapshot()
-        counters = {key: after[key] - before[key] for key in ("late_results_discarded", "backlog_kills")}
-        counters["repairs"] = len(trainer.maintainer.repairs)
-        code = trainer.code
-
-    times = [r["iteration_s"] for r in recs]
-    dims = (IN_SHAPE[0] * IN_SHAPE[1] * IN_SHAPE[2], *cfg.hidden, CLASSES)
-    size = 4 if cfg.dtype == "float32" else 8
-    formula = formula_bytes(dims, code, cfg.batch_size, cfg.scheme, size, cfg.min_features)
-    per_iter = {key: [r[key] for r in recs] for key in formula}
-    return {
-        "width": cfg.hidden[0],
-        "scheme": cfg.scheme,
-        "code": repr(code),
-        "n": cfg.n,
-        "k": cfg.k,
-        "backend": cfg.backend,
-        "stragglers": cfg.stragglers,
-        "iterations": len(recs),
-        "mean_s": statistics.fmean(times),
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "mean_wall_s": statistics.fmean(r["wall_s"] for r in recs),
-        "bytes_to_workers": statistics.fmean(per_iter["bytes_to_workers"]),
-        "bytes_from_workers": statistics.fmean(per_iter["bytes_from_workers"]),
-        "bytes_sent_once": statistics.fmean(per_iter["bytes_sent_once"]),
-        "formula_to_workers": formula["bytes_to_workers"],
-        "formula_from_workers": formula["bytes_from_workers"],
-        "formula_sent_once": formula["bytes_sent_once"],
-        "engine_formula_to_workers": engine_formula["bytes_to_workers"],
-        "engine_formula_from_workers": engine_formula["bytes_from_workers"],
-        "bytes_exact": all(a == formula[key] for key, vals in per_iter.items() for a in vals),
-        "phases_s": {p: statistics.fmean(r[p] for r in recs) for p in PHASES},
-        "late_results_discarded": counters["late_results_discarded"],
-        "backlog_kills": counters["backlog_kills"],
-        "repairs": counters["repairs"],
-    }
-
-
 def config(args: argparse.Namespace, width: int, scheme: str, backend: str, **over: Any) -> Any:
     from sazd.train.optim import OptimConfig
     from sazd.train.trainer import TrainConfig
@@ -203,6 +108,7 @@ def _log(text: str) -> None:
 def part_timing(args: argparse.Namespace, widths: list[int], data: DataBundle) -> list[dict[str, Any]]:
     """Every config on one cluster of ``args.backend``: Ray actors start once (each loads torch, which
     takes seconds), and each config loads its own blocks onto them."""
+    from sazd.measure.training import measure_training
     from sazd.train.trainer import make_cluster
 
     rows = []
@@ -211,7 +117,7 @@ def part_timing(args: argparse.Namespace, widths: list[int], data: DataBundle) -
             for scheme in scheme_names():
                 start = time.perf_counter()
                 cfg = config(args, width, scheme, args.backend)
-                row = measure(cfg, data, args.warmup, args.iterations, cluster)
+                row = {"width": width, **measure_training(cfg, data, args.warmup, args.iterations, cluster)}
                 rows.append(row)
                 _log(f"timing   {args.backend:6s} W={width:5d} {scheme:5s}: {row['mean_s']:.3f} s/iteration "
                      f"({time.perf_counter() - start:.0f} s)")
@@ -219,16 +125,16 @@ def part_timing(args: argparse.Namespace, widths: list[int], data: DataBundle) -
 
 
 def part_projection(args: argparse.Namespace, widths: list[int], data: DataBundle) -> list[dict[str, Any]]:
+    from sazd.measure.training import link_seconds, measure_training
+
     rows = []
     for width in widths:
         for scheme in scheme_names():
             start = time.perf_counter()
             cfg = config(args, width, scheme, "inproc", network_gbps=args.network_gbps)
-            row = measure(cfg, data, args.warmup, args.iterations)
+            row = {"width": width, **measure_training(cfg, data, args.warmup, args.iterations)}
             row["network_gbps"] = args.network_gbps
-            # the busier side of the full-duplex master link, occupied this long per iteration
-            busier = max(row["bytes_to_workers"], row["bytes_from_workers"])
-            row["link_s"] = busier / (args.network_gbps * 1e9 / 8)
+            row["link_s"] = link_seconds(row, args.network_gbps)
             rows.append(row)
             _log(f"project  {args.network_gbps:g} Gb/s W={width:5d} {scheme:5s}: {row['mean_s']:.3f} "
                  f"simulated s/iteration ({time.perf_counter() - start:.0f} s)")
@@ -267,30 +173,22 @@ def part_stragglers(
 def _straggler_run(args: argparse.Namespace, width: int, data: DataBundle, cluster: Any, code: str, n: int,
                    s: int) -> dict[str, Any]:
     """One DEU run with ``s`` stragglers: in-process when ``cluster`` is None, else on that Ray cluster."""
+    from sazd.measure.training import MASTER_PHASES, measure_training, worker_clock_cluster
+    from sazd.runtime.latency import straggler_latency
+
     if cluster is not None:
         factor = args.straggler_delay if s else 1.0
         cluster.wait_all(cluster.submit("set_delay", (factor,), list(range(args.stragglers))))
-        return measure(config(args, width, _deu(), "ray", code=code, n=n), data, args.warmup, args.iterations,
-                       cluster)
-    from sazd.runtime.latency import straggler_latency
-
+        cfg = config(args, width, _deu(), "ray", code=code, n=n)
+        return {"width": width, **measure_training(cfg, data, args.warmup, args.iterations, cluster)}
     latency = straggler_latency(s, args.straggler_delay)
     cfg = config(args, width, _deu(), "inproc", code=code, n=n)
     with worker_clock_cluster(n, latency=latency, base_time_s=args.task_time, seed=args.seed) as sim:
-        row = measure(cfg, data, args.warmup, args.iterations, sim)
+        row = {"width": width, **measure_training(cfg, data, args.warmup, args.iterations, sim)}
     master = sum(row["phases_s"][p] for p in MASTER_PHASES)
     row["master_s"] = master  # measured on this machine: what the master's own work would add, serially
     row["mean_with_master_s"] = row["mean_s"] + master
     return row
-
-
-def worker_clock_cluster(n: int, **opts: Any) -> Any:
-    """An in-process cluster whose simulated clock counts worker tasks (and transfers) only: the
-    master's work does not move it, so with a constant task time (``base_time_s``) the clock, and
-    with it every iteration time, is exactly reproducible."""
-    from sazd.runtime.inproc import InProcessCluster
-
-    return InProcessCluster(n, master_time="ignored", **opts)
 
 
 def straggler_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -333,25 +231,7 @@ def scheme_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-# ------------------------------------------------------------------ machine and output
-def machine() -> dict[str, Any]:
-    import platform
-
-    import torch
-
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info = {"cpu": cpu, "nproc": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
-    with contextlib.suppress(OSError):
-        info["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    return info
-
-
+# ------------------------------------------------------------------ output
 def _total_bytes(row: dict[str, Any]) -> float:
     return row["bytes_to_workers"] + row["bytes_from_workers"]
 
@@ -360,18 +240,9 @@ def _mb(x: float) -> str:
     return f"{x / 1e6:.2f}"
 
 
-def format_table(headers: list[str], rows: list[list[Any]]) -> str:
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    line = "  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))
-    body = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join([line, "-" * len(line), *body])
-
-
 def format_report(rep: dict[str, Any]) -> str:
     m, s = rep["machine"], rep["settings"]
-    out = [f"machine: {m['cpu']}, nproc={m['nproc']}, torch threads={m['torch_threads']}, "
-           f"torch {m['torch']}, load average at start {m.get('loadavg_at_start')}",
+    out = [f"machine: {machine_line(m)}",
            f"model: MLP 784 -> W x{s['depth']} -> 10, batch {s['batch_size']}, fp32, SGD lr={s['lr']} "
            f"momentum={s['momentum']}; code {s['code']} n={s['n']} k={s['k']}; "
            f"{s['warmup']} warmup + {s['iterations']} measured iterations per config"]
@@ -382,11 +253,11 @@ def format_report(rep: dict[str, Any]) -> str:
                  _mb(r["formula_to_workers"]), _mb(r["formula_from_workers"]), _mb(r["formula_sent_once"]),
                  "yes" if r["bytes_exact"] else "no",
                  *(f"{r['phases_s'][p]:.3f}" for p in PHASES)] for r in rep["timing"]]
-        out.append(format_table(["W", "scheme", "mean_s", "median_s", "to_MB", "from_MB", "once_MB",
+        out.append(table(["W", "scheme", "mean_s", "median_s", "to_MB", "from_MB", "once_MB",
                                  "formula_to", "formula_from", "formula_once", "exact", "encode", "workers",
                                  "decode", "update", "other"], rows))
         out += ["", "   DEU vs naive per width:"]
-        out.append(format_table(
+        out.append(table(
             ["W", "DEU speedup (mean)", "(median)", "bytes naive/DEU", "(formula)", "sent once naive/DEU",
              "(formula)"],
             [[r["width"], f"{r['speedup_deu']:.2f}x", f"{r['speedup_deu_median']:.2f}x",
@@ -405,7 +276,7 @@ def format_report(rep: dict[str, Any]) -> str:
                          f"{ratio['speedup_deu']:.2f}x", f"{naive['min_s']:.3f}", f"{deu['min_s']:.3f}",
                          _mb(_total_bytes(naive)), _mb(_total_bytes(deu)), f"{naive['link_s']:.3f}",
                          f"{deu['link_s']:.3f}", f"{ratio['link_speedup']:.2f}x"])
-        out.append(format_table(["W", "naive_s", "deu_s", "DEU speedup", "naive_min", "deu_min", "naive_MB",
+        out.append(table(["W", "naive_s", "deu_s", "DEU speedup", "naive_min", "deu_min", "naive_MB",
                                  "deu_MB", "naive_link_s", "deu_link_s", "link speedup"], rows))
     for key, title in (("stragglers", "in-process simulated clock of the workers, constant task time "
                                       f"{s['task_time']:g} s"),
@@ -416,7 +287,7 @@ def format_report(rep: dict[str, Any]) -> str:
         out += ["", f"3. stragglers (DEU, W={rows_[0]['width']}, S={s['stragglers']} workers "
                     f"{s['straggler_delay']:g}x slower per task): {title}"]
         master = "master_s" in rows_[0]
-        out.append(format_table(
+        out.append(table(
             ["run", "code", "n", "k", "S", "mean_s", "median_s",
              *(["master_s", "decode_s"] if master else []), "late_discarded", "backlog_kills"],
             [[r["kind"], r["code"].split("(")[0], r["n"], r["k"], r["stragglers"], f"{r['mean_s']:.4f}",
@@ -483,10 +354,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Run the requested parts; the report dict (what --json prints)."""
     import torch
 
+    from sazd.measure.training import synthetic_data
+
     widths, parts = check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    started_ray = False
     uses_ray = ((args.backend == "ray" and "timing" in parts)
                 or (args.ray_stragglers and "stragglers" in parts))
     rep: dict[str, Any] = {"machine": machine()}
@@ -494,9 +366,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                        if not key.startswith("_") and key not in ("json", "out")}
     data = synthetic_data(args.batch_size * (args.warmup + args.iterations), args.seed)
     start = time.perf_counter()
-    try:
-        if uses_ray:
-            started_ray = _start_ray(args.address)
+    with contextlib.ExitStack() as stack:
+        if uses_ray:  # one Ray for every config: each cluster would otherwise start and stop its own
+            from sazd.measure.ray_session import ray_session
+
+            stack.enter_context(ray_session(args.address))
         if "timing" in parts:
             rep["timing"] = part_timing(args, widths, data)
             rep["timing_ratios"] = scheme_ratios(rep["timing"])
@@ -510,34 +384,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             if args.ray_stragglers:
                 rep["stragglers_ray"] = part_stragglers(args, width, data, "ray")
                 rep["stragglers_ray_ratios"] = straggler_ratios(rep["stragglers_ray"])
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
     rep["total_s"] = time.perf_counter() - start
     return rep
 
 
-def _start_ray(address: str | None) -> bool:
-    """Start (or join) Ray once for all configs; True if this call started it (we then shut it down)."""
-    import logging
-
-    import ray
-
-    from sazd.runtime.ray_backend import start_local_ray
-
-    if ray.is_initialized():
-        return False
-    if address is None:
-        return start_local_ray()
-    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    return True
-
-
 def run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     rep = benchmark(args)
     if args.out is not None:
         for path in write_outputs(rep, args.out):

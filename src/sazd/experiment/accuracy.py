@@ -32,6 +32,10 @@ from typing import Any
 
 from sazd.experiment import common
 from sazd.experiment.common import Spread, Variant
+from sazd.measure.decode import worst_certified_set
+from sazd.measure.flags import choice_list, int_list, json_float, positive
+from sazd.measure.machine import machine, machine_line
+from sazd.measure.table import table
 
 MODELS = ("mlp", "cnn", "gpt")
 CORPUS = "pystdlib"  # the gpt's dataset; --dataset names the image models'
@@ -82,12 +86,12 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--seeds must be >= 1, got {s['seeds']}")
     s["dataset"] = args.dataset or base["dataset"]
     s["data_dir"] = args.data_dir
-    s["models"] = common.choice_list(args.models or base["models"], "--models", MODELS)
-    s["ks"] = common.int_list(args.ks or base["ks"], "--ks")
-    s["parity"] = common.int_list(str(args.parity), "--parity")[0]
+    s["models"] = choice_list(args.models or base["models"], "--models", MODELS)
+    s["ks"] = int_list(args.ks or base["ks"], "--ks")
+    s["parity"] = int_list(str(args.parity), "--parity")[0]
     s["variants"] = common.pick_variants(args.codes)
-    s["dtypes"] = common.choice_list(args.dtypes, "--dtypes", DTYPES)
-    s["regimes"] = common.choice_list(args.regimes, "--regimes", REGIMES)
+    s["dtypes"] = choice_list(args.dtypes, "--dtypes", DTYPES)
+    s["regimes"] = choice_list(args.regimes, "--regimes", REGIMES)
     s["epochs"] = base["epochs"] if args.epochs is None else args.epochs
     if s["epochs"] < 1:
         raise ValueError(f"--epochs must be >= 1, got {s['epochs']}")
@@ -104,7 +108,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     s["max_steps"], s["batch_size"], s["samples"] = args.max_steps, args.batch_size, args.samples
     s["hidden"] = args.hidden if args.hidden is not None else base["hidden"]
     s["train_limit"], s["test_limit"] = args.train_limit, args.test_limit
-    s["lr"] = common.positive(args.lr, "--lr")
+    s["lr"] = positive(args.lr, "--lr")
     s["delay"] = args.delay
     if not args.delay > 1:
         raise ValueError(f"--delay must be > 1, got {args.delay}")
@@ -214,7 +218,7 @@ class Runner:
         if key not in self.sets:
             code = v.build(cell["n"], cell["k"])
             rows = model_rows(cell["model"], self.s["hidden"], cell["k"])
-            received, err, errors = common.worst_set(
+            received, err, errors = worst_certified_set(
                 code, rows, getattr(torch, cell["dtype"]), self.s["samples"], 0
             )
             self.sets[key] = (received, err, statistics.median(errors))
@@ -227,8 +231,8 @@ class Runner:
         if v.name != "uncoded":
             received, err, median = self.straggler_set(v, cell)
             stragglers = [j for j in range(cell["n"]) if j not in received]
-            out["decode_error"] = common.json_error(err if cell["regime"] == "worst" else median)
-            out["decode_error_worst"] = common.json_error(err)
+            out["decode_error"] = json_float(err if cell["regime"] == "worst" else median)
+            out["decode_error_worst"] = json_float(err)
             out["stragglers"] = stragglers if cell["regime"] == "worst" else "random"
         return {**out, **self.train(v, cell, stragglers)}
 
@@ -295,7 +299,7 @@ class Runner:
         return {
             "status": status,
             "test_accuracy": rep["test_accuracy"],
-            "test_loss": common.json_error(loss),
+            "test_loss": json_float(loss),
             "iterations": rep["iterations"],
             "unstable_warnings": unstable,
             **_curves(trainer),
@@ -425,7 +429,7 @@ def format_report(
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {common.machine_line(m)}.",
+        f"Machine: {machine_line(m)}.",
         "",
         "## What was run",
         "",
@@ -474,7 +478,7 @@ def format_report(
         if gpt:
             row.insert(7, VAL_LOSS.fmt(r["loss"], r["status"]) if r["model"] == "gpt" else "—")
         rows.append(row)
-    lines += [common.markdown_table(headers, rows), ""]
+    lines += [table(headers, rows, markdown=True), ""]
     refusals = [r for r in summary if "refused" in r["status"] and r["message"]]
     if refusals:
         lines += ["Refusals (first message of each):", ""]
@@ -511,7 +515,7 @@ def format_report(
                 f"Poly (Chebyshev){unit}", "verdict"]
     if gpt:
         cheaders.insert(4, "metric")
-    lines += [common.markdown_table(cheaders, crow), ""]
+    lines += [table(cheaders, crow, markdown=True), ""]
     lines += (
         ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + ["", "## Conclusion", "", conclusion(claims), ""]
     )
@@ -636,7 +640,7 @@ def _row_json(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def experiment(s: dict[str, Any], out: Path) -> int:
-    m = common.machine()
+    m = machine()
     cells = common.run_cells(
         common.CellStore(out), grid(s), Runner(s), "accuracy", seconds_per_cell=cell_seconds(s)
     )

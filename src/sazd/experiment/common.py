@@ -1,6 +1,7 @@
-"""Shared machinery of the experiments: output directory, resumable cell store, machine description,
-progress bar, run-to-run spread, the written outputs (csv, json, markdown) and the commands' common
-start (flags checked, bad ones refused with exit status 2) and end (outputs written and printed)."""
+"""Shared machinery of the experiments: output directory, resumable cell store, progress bar,
+run-to-run spread, the codes compared, the written outputs (csv, json) and the commands' common start
+(flags checked, bad ones refused with exit status 2) and end (outputs written and printed). What they
+measure with, and the machine description and tables, is :mod:`sazd.measure`'s."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from sazd.measure.flags import choice_list
 
 MARKER = ".sazd-experiment"  # written into every directory an experiment creates; nothing else is reused
 CELLS = "cells.jsonl"
@@ -122,30 +125,6 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
-# ------------------------------------------------------------------ machine
-def machine() -> dict[str, Any]:
-    """CPU model, cores, load, torch/ray versions and the date: where the figures came from."""
-    from sazd.bench.train import machine as bench_machine
-
-    info = bench_machine()
-    try:
-        import ray
-
-        info["ray"] = ray.__version__
-    except ImportError:
-        info["ray"] = "not installed"
-    info["date_utc"] = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M")
-    return info
-
-
-def machine_line(m: dict[str, Any]) -> str:
-    return (
-        f"{m['cpu']}, {m['nproc']} cores, torch {m['torch']} ({m['torch_threads']} threads), ray {m['ray']}, "
-        f"python {m['python']}, {m['date_utc']} UTC, load average at start "
-        f"{m.get('loadavg_at_start')} (the machine was shared with other jobs)"
-    )
-
-
 # ------------------------------------------------------------------ spread and ties
 @dataclass(frozen=True)
 class Spread:
@@ -181,30 +160,6 @@ def compare(a: Spread | None, b: Spread | None, higher_is_better: bool = True) -
 
 
 # ------------------------------------------------------------------ flags
-def int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
-    if not values or any(v < minimum for v in values):
-        raise ValueError(f"{flag} must list integers >= {minimum}, got {text!r}")
-    return values
-
-
-def choice_list(text: str, flag: str, allowed: Sequence[str]) -> list[str]:
-    values = [v.strip() for v in str(text).split(",") if v.strip()]
-    bad = [v for v in values if v not in allowed]
-    if not values or bad:
-        raise ValueError(f"{flag}: unknown value(s) {bad or text!r}; choose from {', '.join(allowed)}")
-    return values
-
-
-def positive(value: float, flag: str) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{flag} must be a positive number, got {value!r}")
-    return value
-
-
 def add_common_arguments(parser: argparse.ArgumentParser, experiment: str) -> None:
     parser.add_argument(
         "--out",
@@ -232,12 +187,6 @@ def settings_json(s: dict[str, Any]) -> dict[str, Any]:
     return {**s, "variants": [v.label for v in s["variants"]]}
 
 
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def fmt_error(err: float | None) -> str:
     if err is None:
         return "—"
@@ -250,10 +199,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return str(value)
-
-
-def json_error(err: float) -> float | str:
-    return err if math.isfinite(err) else str(err)
 
 
 def read_error(value: Any) -> float:
@@ -312,26 +257,6 @@ def pick_variants(text: str | None, flag: str = "--codes", coded_only: bool = Fa
     if text is None:
         return list(available.values())
     return [available[label] for label in choice_list(text, flag, list(available))]
-
-
-def worst_set(
-    code: Any, rows: int, dtype: Any, samples: int, seed: int
-) -> tuple[tuple[int, ...], float, list[float]]:
-    """The straggler set (received workers) with the largest certified decode error among the hard sets
-    and ``samples`` random k-subsets (all of them when that is no more), its error (inf: refused) and
-    every error measured. Uses ``Code.certify``: the error ``decode`` itself checks."""
-    from sazd.bench import pick_sets
-
-    sets, _, _ = pick_sets(code, samples, seed)
-    sets = [s for s in sets if code.can_decode(s)]
-    errors = [_cert_error(code, s, rows, dtype) for s in sets]
-    i = max(range(len(sets)), key=lambda j: errors[j] if errors[j] == errors[j] else math.inf)
-    return tuple(sets[i]), errors[i], errors
-
-
-def _cert_error(code: Any, workers: Sequence[int], rows: int, dtype: Any) -> float:
-    err = code.certify(workers, rows, dtype).error
-    return err if err == err else math.inf
 
 
 def save_figure(fig: Any, out: Path, name: str, names: list[str], *, bbox_tight: bool = False) -> None:

@@ -21,18 +21,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import statistics
 from pathlib import Path
 from typing import Any
 
 from sazd.experiment import common
+from sazd.measure.flags import choice_list, int_list, positive
+from sazd.measure.machine import machine, machine_line
+from sazd.measure.table import table
 
 MODELS = ("mlp", "cnn")
 BACKENDS = ("inproc", "ray")
 SCHEMES = ("naive", "deu")
 STRAGGLERS = {"none": None, "fixed": "fixed:2:5", "shiftexp": "shiftexp:1", "dead": "dead:0"}
-PHASES = ("encode_s", "worker_s", "decode_s", "update_s", "master_other_s")
-PHASE_LABELS = (
+PHASE_LABELS = (  # of sazd.measure.training.PHASES, in order
     "master encode",
     "worker rounds (transfer + compute)",
     "decode",
@@ -70,16 +71,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     base = QUICK if args.quick else FULL
     s: dict[str, Any] = {
-        "widths": common.int_list(args.widths or base["widths"], "--widths"),
-        "batches": common.int_list(args.batches or base["batches"], "--batches"),
-        "ns": common.int_list(args.ns or base["ns"], "--ns", minimum=3),
-        "models": common.choice_list(args.models or base["models"], "--models", MODELS),
-        "backends": common.choice_list(args.backends or base["backends"], "--backends", BACKENDS),
-        "stragglers": common.choice_list(args.stragglers, "--stragglers", list(STRAGGLERS)),
+        "widths": int_list(args.widths or base["widths"], "--widths"),
+        "batches": int_list(args.batches or base["batches"], "--batches"),
+        "ns": int_list(args.ns or base["ns"], "--ns", minimum=3),
+        "models": choice_list(args.models or base["models"], "--models", MODELS),
+        "backends": choice_list(args.backends or base["backends"], "--backends", BACKENDS),
+        "stragglers": choice_list(args.stragglers, "--stragglers", list(STRAGGLERS)),
         "iterations": base["iterations"] if args.iterations is None else args.iterations,
         "warmup": args.warmup,
-        "network_gbps": common.positive(args.network_gbps, "--network-gbps"),
-        "task_time": common.positive(args.task_time, "--task-time"),
+        "network_gbps": positive(args.network_gbps, "--network-gbps"),
+        "task_time": positive(args.task_time, "--task-time"),
     }
     if s["iterations"] < 1:
         raise ValueError(f"--iterations must be >= 1, got {s['iterations']}")
@@ -172,7 +173,7 @@ class Runner:
         return (cell["n"] if cell["coded"] else k), k
 
     def cluster(self, cell: dict[str, Any], cfg: Any) -> Any:
-        from sazd.bench.train import worker_clock_cluster
+        from sazd.measure.training import worker_clock_cluster
         from sazd.runtime.latency import parse_latency
         from sazd.train.trainer import make_cluster
 
@@ -190,51 +191,31 @@ class Runner:
         return make_cluster(cfg)
 
     def __call__(self, cell: dict[str, Any]) -> dict[str, Any]:
-        from sazd.bench.train import synthetic_data
         from sazd.codes import DecodeError
-        from sazd.data import batches
-        from sazd.parallel import predicted_traffic
+        from sazd.measure.training import link_seconds, measure_training, synthetic_data
         from sazd.runtime.cluster import ClusterError
-        from sazd.train.trainer import Trainer
 
         cfg = self.config(cell)
-        steps = self.s["warmup"] + self.s["iterations"]
+        warmup, iterations = self.s["warmup"], self.s["iterations"]
         if cell["batch"] not in self.data:
-            self.data[cell["batch"]] = synthetic_data(cell["batch"] * steps)
-        data = self.data[cell["batch"]]
-        with self.cluster(cell, cfg) as cluster, Trainer(cfg, cluster=cluster, data=data) as trainer:
-            try:
-                for xb, yb in itertools.islice(
-                    batches(data.train_x, data.train_y, cfg.batch_size, 0, 0), steps
-                ):
-                    trainer.step(xb, yb)
-                    trainer.repair_dead()
-            except (ClusterError, DecodeError) as err:  # e.g. uncoded with a dead worker: a result
-                return {"status": "stopped", "message": str(err)[:200]}
-            recs = trainer.history[self.s["warmup"] :]
-            formula = predicted_traffic(trainer.model)
+            self.data[cell["batch"]] = synthetic_data(cell["batch"] * (warmup + iterations))
+        try:
+            with self.cluster(cell, cfg) as cluster:
+                row = measure_training(cfg, self.data[cell["batch"]], warmup, iterations, cluster)
+        except (ClusterError, DecodeError) as err:  # e.g. uncoded with a dead worker: a result
+            return {"status": "stopped", "message": str(err)[:200]}
         # times: the median iteration (a shared machine's descheduling spikes do not move it); bytes: the mean
-        mean = {key: statistics.median(r[key] for r in recs) for key in ("iteration_s", "wall_s", *PHASES)}
-        mean.update(
-            {
-                key: statistics.fmean(r[key] for r in recs)
-                for key in ("bytes_to_workers", "bytes_from_workers", "bytes_sent_once")
-            }
-        )
         out = {
             "status": "ok",
-            "code": repr(trainer.code),
-            "iteration_s": mean["iteration_s"],
-            "wall_s": mean["wall_s"],
-            "bytes_to_workers": mean["bytes_to_workers"],
-            "bytes_from_workers": mean["bytes_from_workers"],
-            "bytes_sent_once": mean["bytes_sent_once"],
-            "formula_to_workers": formula["bytes_to_workers"],
-            **{p: mean[p] for p in PHASES},
+            "code": row["code"],
+            "iteration_s": row["median_s"],
+            "wall_s": row["median_wall_s"],
+            **{key: row[key] for key in ("bytes_to_workers", "bytes_from_workers", "bytes_sent_once")},
+            "formula_to_workers": row["formula_to_workers"],
+            **row["phases_median_s"],
         }
         if cell["part"] == "projection":
-            busier = max(mean["bytes_to_workers"], mean["bytes_from_workers"])
-            out["link_s"] = busier / (self.s["network_gbps"] * 1e9 / 8)
+            out["link_s"] = link_seconds(out, self.s["network_gbps"])
         return out
 
 
@@ -304,7 +285,7 @@ def format_report(s: dict[str, Any], cells: list[dict[str, Any]], m: dict[str, A
     lines = [
         "# Experiment: speed of naive vs DEU and coded vs uncoded training",
         "",
-        f"Machine: {common.machine_line(m)}. Timings on a shared machine vary; compare ratios measured "
+        f"Machine: {machine_line(m)}. Timings on a shared machine vary; compare ratios measured "
         "side by side in this run.",
         "",
         "## What was run",
@@ -322,7 +303,7 @@ def format_report(s: dict[str, Any], cells: list[dict[str, Any]], m: dict[str, A
         "",
     ]
     lines.append(
-        common.markdown_table(
+        table(
             [
                 "part",
                 "model",
@@ -354,6 +335,7 @@ def format_report(s: dict[str, Any], cells: list[dict[str, Any]], m: dict[str, A
                 ]
                 for r in deu
             ],
+            markdown=True,
         )
     )
     lines += [
@@ -364,7 +346,7 @@ def format_report(s: dict[str, Any], cells: list[dict[str, Any]], m: dict[str, A
     ]
     srows = straggler_rows(cells)
     lines.append(
-        common.markdown_table(
+        table(
             ["model", "code", "straggler model", "s/iteration", "vs none", "status"],
             [
                 [
@@ -377,6 +359,7 @@ def format_report(s: dict[str, Any], cells: list[dict[str, Any]], m: dict[str, A
                 ]
                 for r in srows
             ],
+            markdown=True,
         )
     )
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
@@ -457,6 +440,8 @@ def _on_axis(row: dict[str, Any], axis: str, base: dict[str, int]) -> bool:
 
 
 def plot(cells: list[dict[str, Any]], s: dict[str, Any], out: Path) -> list[str]:
+    from sazd.measure.training import PHASES
+
     plt = common.setup_matplotlib()
     names = []
     deu = deu_rows(cells, s)
@@ -515,12 +500,14 @@ def plot(cells: list[dict[str, Any]], s: dict[str, Any], out: Path) -> list[str]
 
 
 def experiment(s: dict[str, Any], out: Path) -> int:
-    m = common.machine()
-    runner = Runner(s)
-    try:
+    m = machine()
+    with contextlib.ExitStack() as stack:
+        if "ray" in s["backends"]:  # one Ray for every cell: each cluster would start and stop its own
+            from sazd.measure.ray_session import ray_session
+
+            stack.enter_context(ray_session())
+        runner = stack.enter_context(contextlib.closing(Runner(s)))
         cells = common.run_cells(common.CellStore(out), grid(s), runner, "speed", seconds_per_cell=1.0)
-    finally:
-        runner.close()
     plots = plot(cells, s, out)
     summary = {"machine": m, "settings": s, "deu": deu_rows(cells, s), "stragglers": straggler_rows(cells)}
     return common.publish(out, format_report(s, cells, m, plots), cells, summary, plots)

@@ -19,6 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from sazd.experiment import common
+from sazd.measure.decode import worst_certified_set
+from sazd.measure.flags import choice_list, int_list, json_float
+from sazd.measure.machine import machine, machine_line
+from sazd.measure.table import table
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float64": "float64"}
 QUICK = dict(ks="2,4,8", ms="1,2,3", rows="64,1024", shift_units="auto,1,16", samples=6)
@@ -46,10 +50,10 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     base = QUICK if args.quick else FULL
     s: dict[str, Any] = {
         "variants": common.pick_variants(args.codes, coded_only=True),
-        "ks": common.int_list(args.ks or base["ks"], "--ks"),
-        "ms": common.int_list(args.ms or base["ms"], "--ms"),
-        "rows": common.int_list(args.rows or base["rows"], "--rows"),
-        "dtypes": common.choice_list(args.dtypes, "--dtypes", list(DTYPES)),
+        "ks": int_list(args.ks or base["ks"], "--ks"),
+        "ms": int_list(args.ms or base["ms"], "--ms"),
+        "rows": int_list(args.rows or base["rows"], "--rows"),
+        "dtypes": choice_list(args.dtypes, "--dtypes", list(DTYPES)),
         "samples": base["samples"] if args.samples is None else args.samples,
         "shift_k": args.shift_k,
     }
@@ -107,13 +111,13 @@ def measure(cell: dict[str, Any], samples: int) -> dict[str, Any]:
     except ValueError as err:  # e.g. a shift unit this (n, k, rows) cannot use
         return {"status": "invalid", "message": str(err)[:200]}
     total = cell["k"] * cell["rows"]
-    received, err, _ = common.worst_set(code, total, getattr(torch, cell["dtype"]), samples, 0)
+    received, err, _ = worst_certified_set(code, total, getattr(torch, cell["dtype"]), samples, 0)
     overhead = code.overhead_rows(total) / (code.n * cell["rows"])
     missing = [j for j in range(code.n) if j not in received]
     status = "refused" if not err < 1 else ("unstable" if err > _bound(cell["dtype"]) else "certified")
     return {
         "status": status,
-        "error": common.json_error(err),
+        "error": json_float(err),
         "worst_missing": missing,
         "overhead": overhead,
         "code_repr": repr(code),
@@ -137,7 +141,7 @@ def format_report(s: dict[str, Any], cells: list[dict[str, Any]], m: dict[str, A
     lines = [
         "# Experiment: decode stability and storage overhead",
         "",
-        f"Machine: {common.machine_line(m)} (errors are deterministic; the machine does not change them).",
+        f"Machine: {machine_line(m)} (errors are deterministic; the machine does not change them).",
         "",
         "## What was run",
         "",
@@ -160,7 +164,7 @@ def format_report(s: dict[str, Any], cells: list[dict[str, Any]], m: dict[str, A
             for v in s["variants"]:
                 by = {(c["k"], c["m"]): c for c in part if c["code"] == v.label}
                 body.append([v.label] + [_cell_text(by.get(key)) for key in cols])
-            lines += [common.markdown_table(header, body), ""]
+            lines += [table(header, body, markdown=True), ""]
     shift = [c for c in cells if c["part"] == "shift"]
     if shift:
         lines += [f"### SAZD systematic, k = {s['shift_k']}: shift unit vs error and overhead", ""]
@@ -173,7 +177,7 @@ def format_report(s: dict[str, Any], cells: list[dict[str, Any]], m: dict[str, A
                 }
                 body.append([dtype, unit] + [_cell_text(by.get(key)) for key in cols])
         lines += [
-            common.markdown_table(["dtype", "shift unit"] + [f"m={mm} r={rows}" for mm, rows in cols], body),
+            table(["dtype", "shift unit"] + [f"m={mm} r={rows}" for mm, rows in cols], body, markdown=True),
             "",
         ]
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots]
@@ -318,7 +322,7 @@ def plot(cells: list[dict[str, Any]], s: dict[str, Any], out: Path) -> list[str]
 
 
 def experiment(s: dict[str, Any], out: Path) -> int:
-    m = common.machine()
+    m = machine()
     cells = common.run_cells(
         common.CellStore(out), grid(s), lambda c: measure(c, s["samples"]), "stability", seconds_per_cell=0.1
     )
