@@ -140,10 +140,13 @@ def test_speed_bytes_follow_the_formula_and_uncoded_stops_on_a_dead_worker(tmp_p
             "--warmup", "0"]
     assert main(argv) == 0
     cells = _cells(out)
+    # on the workers' clock with a constant task time every worker is asked every round and the
+    # systematic blocks answer first, so the bytes are the formula's; on the measured clock of the
+    # sweep a loaded machine may reorder answers, so there only the naive/DEU order is asserted
+    steady = [c for c in cells if c["part"] == "stragglers" and c["stragglers"] == "none"]
+    assert len(steady) == 2 and all(c["bytes_to_workers"] == c["formula_to_workers"] for c in steady)
     sweep = {(c["scheme"], c["coded"]): c for c in cells if c["part"] == "sweep"}
-    for c in sweep.values():
-        assert c["bytes_to_workers"] == c["formula_to_workers"]  # every worker asked, systematic answers
-    assert sweep["naive", True]["bytes_to_workers"] > sweep["deu", True]["bytes_to_workers"]
+    assert sweep["naive", True]["bytes_to_workers"] > 2 * sweep["deu", True]["bytes_to_workers"]
     dead = {c["coded"]: c for c in cells if c["part"] == "stragglers" and c["stragglers"] == "dead"}
     assert dead[True]["status"] == "ok" and dead[False]["status"] == "stopped"
     proj = [c for c in cells if c["part"] == "projection"]

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sazd.files import write_atomic
 from sazd.measure.flags import int_list
 from sazd.measure.timing import Timed, alternate
 
@@ -188,6 +189,8 @@ def check_args(args: argparse.Namespace) -> tuple[set[str], list[int]]:
     if not 1 <= args.k <= args.n:
         raise ValueError(f"--k {args.k}: a round gathers k of n={args.n} answers; pick 1 <= k <= n")
     get_code(args.code, args.n, args.k)  # a code that cannot be built is refused before Ray starts
+    if args.json and (Path(args.json).is_symlink() or Path(args.json).is_dir()):
+        raise ValueError(f"--json {args.json} is a link or a directory; give a new file path")
     if args.master_threads is not None and args.master_threads < 1:
         raise ValueError(f"--master-threads must be >= 1, got {args.master_threads}")
     return parts, widths
@@ -220,5 +223,5 @@ def run(args: argparse.Namespace) -> int:
                 print_iteration(row)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_atomic(args.json, json.dumps(results, indent=2) + "\n", "--json")
     return 0

@@ -12,7 +12,6 @@ no more. Output: a table on stdout, ``stability.csv`` and ``stability.png`` in `
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
@@ -20,11 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sazd.files import check_dir, make_dir, write_atomic
 from sazd.measure.codes import CodeSpec, dtype_label, parse_code_spec, parse_dtype
 from sazd.measure.decode import Problem, measure_worst, pick_sets
+from sazd.measure.figures import pyplot, write_figure
 from sazd.measure.flags import int_list, json_float
 from sazd.measure.machine import machine
-from sazd.measure.table import table
+from sazd.measure.table import csv_text, table
 
 DEFAULT_CODES = (
     "sazd",
@@ -146,23 +147,16 @@ def fmt_error(row: dict[str, Any]) -> str:
 
 
 def write_csv(results: list[dict[str, Any]], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        for row in results:
-            writer.writerow({
-                **row, "worst_error": f"{row['worst_error']:.3e}", "seconds": f"{row['seconds']:.3f}",
-                "overhead_pct": f"{row['overhead_pct']:.3f}",
-            })  # fmt: skip
+    rows = [{
+        **row, "worst_error": f"{row['worst_error']:.3e}", "seconds": f"{row['seconds']:.3f}",
+        "overhead_pct": f"{row['overhead_pct']:.3f}",
+    } for row in results]  # fmt: skip
+    write_atomic(path, csv_text(rows, FIELDS), "table")
 
 
 def plot(results: list[dict[str, Any]], path: Path, plot_k: int) -> None:
     """Worst error vs rows per block, one line per code; panels: dtype (rows) x m (columns)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ks = sorted({row["k"] for row in results})
     k = min(ks, key=lambda v: (abs(v - plot_k), -v))
     sel = [row for row in results if row["k"] == k]
@@ -200,8 +194,7 @@ def plot(results: list[dict[str, Any]], path: Path, plot_k: int) -> None:
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"Worst-case decode error (x = >= {ceiling:g}, inf or nan; dashed: 1e-5)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    write_figure(fig, path, dpi=110)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -209,13 +202,14 @@ def run(args: argparse.Namespace) -> int:
         args.k, args.m, args.rows, args.samples = QUICK["k"], QUICK["m"], QUICK["rows"], QUICK["samples"]
     import torch
 
+    check_dir(args.out, "--out")  # before the work: a link or a foreign link inside is refused
     start = time.perf_counter()
     log = None if args.json else (lambda row: print(
         f"  {row['code']:<24} k={row['k']:<2} m={row['m']} r={row['rows_per_block']:<5} {row['dtype']}: "
         f"{row['worst_error']:.1e} ({row['seconds']:.2f} s)", file=sys.stderr, flush=True))  # fmt: skip
     results = run_grid(args, log)
     elapsed = time.perf_counter() - start
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_dir(args.out, "--out")
     write_csv(results, args.out / "stability.csv")
     plot(results, args.out / "stability.png", args.plot_k)
     info = {**machine(), "seconds": round(elapsed, 2)}

@@ -27,16 +27,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sazd.files import check_dir, make_dir, write_atomic
 from sazd.measure.flags import int_list
 from sazd.measure.machine import machine, machine_line
-from sazd.measure.table import table
+from sazd.measure.table import csv_text, table
 
 if TYPE_CHECKING:
     from sazd.data import DataBundle
@@ -304,25 +304,22 @@ def format_report(rep: dict[str, Any]) -> str:
 
 
 def write_outputs(rep: dict[str, Any], out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    written = [out / "results.json"]
-    written[0].write_text(json.dumps(rep, indent=1))
+    """``results.json`` and one CSV per part in ``out``; nothing is written through a link."""
+    make_dir(out, "--out")
+    written = [write_atomic(out / "results.json", json.dumps(rep, indent=1), "results")]
     for key in ("timing", "projection", "stragglers", "stragglers_ray"):
-        if key not in rep:
-            continue
-        flat = [{**{k: v for k, v in r.items() if k != "phases_s"}, **r["phases_s"]} for r in rep[key]]
-        path = out / f"{key}.csv"
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(flat[0]))
-            writer.writeheader()
-            writer.writerows(flat)
-        written.append(path)
+        if key in rep:
+            flat = [{**{k: v for k, v in r.items() if not isinstance(v, dict)}, **r["phases_s"]}
+                    for r in rep[key]]
+            written.append(write_atomic(out / f"{key}.csv", csv_text(flat), "table"))
     return written
 
 
 # ------------------------------------------------------------------ the command
 def check_args(args: argparse.Namespace) -> tuple[list[int], list[str]]:
     widths = int_list(args.widths, "--widths")
+    if args.out is not None:
+        check_dir(args.out, "--out")  # before the work: a link or a foreign link inside is refused
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     bad = [p for p in parts if p not in PARTS]
     if bad or not parts:

@@ -33,6 +33,7 @@ from typing import Any
 from sazd.experiment import common
 from sazd.experiment.common import Spread, Variant
 from sazd.measure.decode import worst_certified_set
+from sazd.measure.figures import pyplot
 from sazd.measure.flags import choice_list, int_list, json_float, positive
 from sazd.measure.machine import machine, machine_line
 from sazd.measure.table import table
@@ -112,6 +113,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     s["delay"] = args.delay
     if not args.delay > 1:
         raise ValueError(f"--delay must be > 1, got {args.delay}")
+    common.check_codes(s["variants"], [(k, s["parity"]) for k in s["ks"]], "--ks/--parity")
     return s
 
 
@@ -549,7 +551,7 @@ def conclusion(claims: list[dict[str, Any]]) -> str:
 def plot(
     summary: list[dict[str, Any]], cells: list[dict[str, Any]], s: dict[str, Any], out: Path
 ) -> list[str]:
-    plt = common.setup_matplotlib()
+    plt = pyplot()
     names = []
     trained = [
         r for r in summary if r[metric_of(r["model"]).key] is not None or "refused" in r["status"]

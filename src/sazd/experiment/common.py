@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import datetime as _dt
 import json
 import math
@@ -19,38 +18,60 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sazd.files import LOCK_NAME, DirLock, OutputError, append_text, check_dir, make_dir, write_atomic
+from sazd.measure.figures import write_figure
 from sazd.measure.flags import choice_list
+from sazd.measure.table import csv_text
 
 MARKER = ".sazd-experiment"  # written into every directory an experiment creates; nothing else is reused
 CELLS = "cells.jsonl"
 
 
 # ------------------------------------------------------------------ output directory
-def prepare_out(out: str | None, experiment: str) -> Path:
-    """The output directory: ``out`` or ``runs/experiment-<name>-<UTC time>``.
+def out_path(out: str | None, experiment: str) -> Path:
+    """``out``, or ``runs/experiment-<name>-<UTC time>`` when it is not given."""
+    if out is not None:
+        return Path(out)
+    return Path("runs") / f"experiment-{experiment}-{_dt.datetime.now(_dt.UTC).strftime('%Y%m%d-%H%M%S')}"
+
+
+def claim_out(path: Path, experiment: str) -> DirLock:
+    """Make ``path`` this process's output directory and return its held lock.
 
     A directory is used only when it is new, empty, or was created by the same experiment (it then
-    holds completed cells to resume from); anything else is refused, never overwritten.
-    """
-    if out is None:
-        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
-        path = Path("runs") / f"experiment-{experiment}-{stamp}"
-    else:
-        path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {path} is a file; give a directory")
+    holds completed cells to resume from); anything else is refused, never overwritten. Refused too:
+    a link, a directory holding a link or anything but plain files, and a directory another
+    ``sazd experiment`` holds (its lock names the process). Checked before anything is created, and
+    again under the lock."""
+    _check_out(path, experiment)
+    lock = DirLock(make_dir(path, "--out"), "--out").acquire()
+    try:
+        _check_out(path, experiment)
+        write_atomic(path / MARKER, experiment + "\n", "experiment marker")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _check_out(path: Path, experiment: str) -> None:
+    check_dir(path, "--out")
+    if not path.is_dir():
+        return
+    entries = [e for e in path.iterdir() if e.name != LOCK_NAME]
+    odd = [e.name for e in entries if not (e.is_file() or e.is_dir())]
+    if odd:
+        raise OutputError(f"--out {path} holds {odd[0]!r}, which is not a plain file; choose another "
+                          "directory")
+    if not entries:
+        return
     marker = path / MARKER
-    if path.is_dir() and any(path.iterdir()):
-        if not marker.is_file():
-            raise ValueError(
-                f"--out {path} exists and was not created by `sazd experiment`; choose a new directory"
-            )
-        owner = marker.read_text().strip()
-        if owner != experiment:
-            raise ValueError(f"--out {path} holds a `sazd experiment {owner}` run; choose another directory")
-    path.mkdir(parents=True, exist_ok=True)
-    marker.write_text(experiment + "\n")
-    return path
+    if not marker.is_file():
+        raise OutputError(f"--out {path} exists and was not created by `sazd experiment`; choose a new "
+                          "directory")
+    owner = marker.read_text().strip()
+    if owner != experiment:
+        raise OutputError(f"--out {path} holds a `sazd experiment {owner}` run; choose another directory")
 
 
 # ------------------------------------------------------------------ resumable cells
@@ -67,8 +88,7 @@ class CellStore:
         if self.path.is_file():
             text = self.path.read_text()
             if text and not text.endswith("\n"):  # a write cut short: start the next cell on its own line
-                with self.path.open("a") as f:
-                    f.write("\n")
+                append_text(self.path, "\n", "cell store")
             for line in text.splitlines():
                 with contextlib.suppress(json.JSONDecodeError):
                     cell = json.loads(line)
@@ -80,9 +100,7 @@ class CellStore:
 
     def add(self, cell: dict[str, Any]) -> None:
         self.cells[cell["key"]] = cell
-        with self.path.open("a") as f:
-            f.write(json.dumps(cell, default=_jsonable) + "\n")
-            f.flush()
+        append_text(self.path, json.dumps(cell, default=_jsonable) + "\n", "cell store")
 
 
 def cell_key(**fields: Any) -> str:
@@ -174,12 +192,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, experiment: str) -> No
 def write_results(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     """``results.csv`` (one row per cell, nested fields left out) and ``results.json`` (everything)."""
     flat = [{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in rows]
-    fields = list(dict.fromkeys(k for r in flat for k in r))
-    with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(flat)
-    (out / "results.json").write_text(json.dumps({**summary, "cells": rows}, indent=1, default=_jsonable))
+    write_atomic(out / "results.csv", csv_text(flat), "results")
+    write_atomic(out / "results.json", json.dumps({**summary, "cells": rows}, indent=1, default=_jsonable),
+                 "results")
 
 
 def settings_json(s: dict[str, Any]) -> dict[str, Any]:
@@ -203,16 +218,6 @@ def _jsonable(value: Any) -> Any:
 
 def read_error(value: Any) -> float:
     return float(value) if value is not None else math.nan
-
-
-def setup_matplotlib() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"figure.dpi": 100, "font.size": 9, "axes.grid": True, "grid.alpha": 0.3})
-    return plt
 
 
 # ------------------------------------------------------------------ the codes compared
@@ -259,15 +264,26 @@ def pick_variants(text: str | None, flag: str = "--codes", coded_only: bool = Fa
     return [available[label] for label in choice_list(text, flag, list(available))]
 
 
+def check_codes(variants: Sequence[Variant], shapes: Iterable[tuple[int, int]], flags: str) -> None:
+    """Build every code of the grid, each variant at each ``(k, n - k)`` of ``shapes``, before anything
+    runs or is written: a shape a code refuses (e.g. more workers than any code supports) is a
+    ValueError naming ``flags``, the flags that chose it."""
+    for k, m in dict.fromkeys(shapes):
+        for v in variants:
+            n = v.n_for(k, m)
+            try:
+                v.build(n, k)
+            except ValueError as err:
+                raise ValueError(f"{flags}: the grid needs {v.label} with n={n}, k={k}, which cannot be "
+                                 f"built ({err}); choose smaller values") from None
+
+
 def save_figure(fig: Any, out: Path, name: str, names: list[str], *, bbox_tight: bool = False) -> None:
     """Lay out ``fig`` (or crop it to its contents with ``bbox_tight``), write it to ``out/name``, close it
     and list the file in ``names``."""
-    import matplotlib.pyplot as plt
-
     if not bbox_tight:
         fig.tight_layout()
-    fig.savefig(out / name, **({"bbox_inches": "tight"} if bbox_tight else {}))
-    plt.close(fig)
+    write_figure(fig, out / name, **({"bbox_inches": "tight"} if bbox_tight else {}))
     names.append(name)
 
 
@@ -278,16 +294,19 @@ def run_experiment(
     settings: Callable[[argparse.Namespace], dict[str, Any]],
     body: Callable[[dict[str, Any], Path], int],
 ) -> int:
-    """Run ``body(settings(args), output directory)`` and return its exit status. A bad flag or ``--out``
-    (a ValueError from ``settings`` or :func:`prepare_out`, both of which check before anything is
-    written) is one line on stderr and exit status 2."""
+    """Run ``body(settings(args), output directory)`` holding the directory's lock, and return its exit
+    status. A bad flag or ``--out`` (a ValueError from ``settings``, which checks every flag and builds
+    every code of the grid, or from :func:`claim_out`; both come before anything is written) is one
+    line on stderr and exit status 2."""
     try:
         s = settings(args)
-        out = prepare_out(args.out, experiment)
+        out = out_path(args.out, experiment)
+        lock = claim_out(out, experiment)
     except ValueError as err:
-        print(f"sazd experiment {experiment}: error: {err}", file=sys.stderr)
+        print(f"sazd experiment {experiment}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    return body(s, out)
+    with lock:
+        return body(s, out)
 
 
 def publish(
@@ -295,7 +314,7 @@ def publish(
 ) -> int:
     """Write ``report.md`` and the results (:func:`write_results`), print the report and where it all went;
     exit status 0."""
-    (out / "report.md").write_text(report)
+    write_atomic(out / "report.md", report, "report")
     write_results(out, cells, summary)
     print(report)
     print(f"\nwritten: {out}/report.md, results.csv, results.json, {', '.join(plots)}", file=sys.stderr)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sazd.experiment import common
+from sazd.measure.figures import pyplot
 from sazd.measure.flags import choice_list, int_list, positive
 from sazd.measure.machine import machine, machine_line
 from sazd.measure.table import table
@@ -87,6 +88,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     if s["warmup"] < 0:
         raise ValueError(f"--warmup must be >= 0, got {s['warmup']}")
     s["base"] = {"width": _middle(s["widths"]), "batch": _middle(s["batches"]), "n": _middle(s["ns"])}
+    compared = [v for v in common.variants().values() if v.label in ("sazd", "uncoded")]
+    common.check_codes(compared, [(n - 2, 2) for n in s["ns"]], "--ns")
     return s
 
 
@@ -442,7 +445,7 @@ def _on_axis(row: dict[str, Any], axis: str, base: dict[str, int]) -> bool:
 def plot(cells: list[dict[str, Any]], s: dict[str, Any], out: Path) -> list[str]:
     from sazd.measure.training import PHASES
 
-    plt = common.setup_matplotlib()
+    plt = pyplot()
     names = []
     deu = deu_rows(cells, s)
     sweep = [r for r in deu if r["part"] == "sweep"]

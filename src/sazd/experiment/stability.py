@@ -20,6 +20,7 @@ from typing import Any
 
 from sazd.experiment import common
 from sazd.measure.decode import worst_certified_set
+from sazd.measure.figures import pyplot
 from sazd.measure.flags import choice_list, int_list, json_float
 from sazd.measure.machine import machine, machine_line
 from sazd.measure.table import table
@@ -66,6 +67,9 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--samples must be >= 1, got {s['samples']}")
     if s["shift_k"] < 2:
         raise ValueError(f"--shift-k must be >= 2, got {s['shift_k']}")
+    common.check_codes(s["variants"], [(k, m) for k in s["ks"] for m in s["ms"]], "--ks/--ms")
+    sazd = [v for v in common.variants().values() if v.label == "sazd"]
+    common.check_codes(sazd, [(s["shift_k"], m) for m in s["ms"]], "--shift-k/--ms")
     return s
 
 
@@ -270,7 +274,7 @@ def _heatmap(
 def plot(cells: list[dict[str, Any]], s: dict[str, Any], out: Path) -> list[str]:
     import numpy as np
 
-    plt = common.setup_matplotlib()
+    plt = pyplot()
     names = []
     rows = max(s["rows"])
     for dtype in s["dtypes"]:

@@ -1,7 +1,9 @@
-"""The one table printer: aligned plain text for a terminal, or a markdown table for a report."""
+"""The one table printer: aligned plain text for a terminal, a markdown table for a report, or CSV."""
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -16,3 +18,13 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], markdown: bool 
     head = "  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))
     body = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     return "\n".join([head, "-" * len(head), *body])
+
+
+def csv_text(rows: Sequence[dict[str, Any]], fields: Sequence[str] | None = None) -> str:
+    """``rows`` as CSV with a header (``fields``: their order, default every key in first-seen order),
+    to be written by ``sazd.files.write_atomic``."""
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(fields or dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
