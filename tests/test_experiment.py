@@ -5,6 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import select
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +16,7 @@ import torch
 from sazd.cli import main
 from sazd.codes import get_code
 from sazd.experiment import common, stability
+from sazd.files import LOCK_NAME
 
 STAB = ["experiment", "stability", "--codes", "sazd,poly", "--ks", "2", "--ms", "1,2", "--rows", "16",
         "--dtypes", "float32", "--shift-units", "auto,1", "--shift-k", "2", "--samples", "2"]
@@ -177,3 +182,108 @@ def test_accuracy_judges_the_gpt_by_validation_loss(tmp_path):
     assert "val loss (nats/byte)" in report and "pystdlib" in report and "lower is better" in report
     lower, higher = common.Spread.of([1.0, 1.01, 1.02]), common.Spread.of([2.0, 2.01, 2.02])
     assert common.compare(lower, higher, higher_is_better=False) == "a"
+
+
+# ------------------------------------------------------------------ hostile: flags, links, locks
+@pytest.mark.parametrize("argv, flag", [
+    (["experiment", "accuracy", "--parity", "40"], "--ks/--parity"),
+    (["experiment", "accuracy", "--ks", "2,31", "--codes", "sazd"], "--ks/--parity"),
+    (["experiment", "speed", "--ns", "4,40"], "--ns"),
+    (["experiment", "stability", "--ms", "1,40"], "--ks/--ms"),
+    (["experiment", "stability", "--shift-k", "40"], "--shift-k/--ms"),
+    (["experiment", "accuracy", "--dtypes", "float32,int8"], "--dtypes"),
+    (["experiment", "speed", "--task-time", "0"], "--task-time"),
+])
+def test_out_of_range_flags_are_refused_before_the_directory_is_made(tmp_path, capsys, argv, flag):
+    out = tmp_path / "never"
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and flag in err, err
+    assert not out.exists()
+
+
+def _started(out, experiment="stability"):
+    """A directory an interrupted `sazd experiment` left: its marker and nothing else."""
+    out.mkdir()
+    (out / common.MARKER).write_text(experiment + "\n")
+    return out
+
+
+@pytest.mark.parametrize("name", ["report.md", common.CELLS, "results.json", common.MARKER])
+def test_a_link_in_the_directory_is_never_written_through(tmp_path, capsys, name):
+    users = tmp_path / "users-file.txt"
+    users.write_text("the user's own words\n")
+    out = _started(tmp_path / "stab")
+    (out / name).unlink(missing_ok=True)
+    (out / name).symlink_to(users)
+    assert main([*STAB, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "link" in err and name in err, err
+    assert users.read_text() == "the user's own words\n"
+    assert sorted(p.name for p in out.iterdir()) == sorted({common.MARKER, name})  # nothing else made
+
+
+def test_out_that_is_a_link_or_holds_a_fifo_is_refused(tmp_path, capsys):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "alias").symlink_to(real, target_is_directory=True)
+    assert main([*STAB, "--out", str(tmp_path / "alias")]) == 2
+    assert "link" in capsys.readouterr().err and not any(real.iterdir())
+    out = _started(tmp_path / "fifo")
+    os.mkfifo(out / common.CELLS)  # reading it would block for ever
+    assert main([*STAB, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a plain file" in err, err
+
+
+def _hold_lock(directory):
+    """Another process that owns ``directory`` (a DirLock) until its stdin closes; returns it once the
+    lock is held (bounded wait)."""
+    code = ("import sys; from sazd.files import DirLock; lock = DirLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); sys.stdin.read()")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(directory)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    ready = select.select([proc.stdout], [], [], 60)[0]
+    assert ready and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_directory_another_process_holds_is_refused_naming_it(tmp_path, capsys):
+    out = _started(tmp_path / "stab")
+    holder = _hold_lock(out)
+    try:
+        assert main([*STAB, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"in use by process {holder.pid}" in err, err
+        assert not (out / common.CELLS).exists()  # the holder's directory was not touched
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert main([*STAB, "--out", str(out)]) == 0  # once the holder is gone the run proceeds
+    assert not (out / LOCK_NAME).exists()  # and leaves no lock behind
+
+
+def test_a_stale_lock_is_taken_over_and_said(tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=30)
+    out = _started(tmp_path / "stab")
+    (out / LOCK_NAME).write_text(f"{dead.pid}\n")
+    assert main([*STAB, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"locked by process {dead.pid}, which is no longer running" in err
+
+
+def test_two_experiments_on_one_out_never_both_write(tmp_path):
+    """Two processes started together on one directory: each either finishes alone (0) or is refused
+    (2) while the other holds it, and the cells are written once each."""
+    out = tmp_path / "stab"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-m", "sazd", *STAB, "--out", str(out)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) in ([0, 0], [0, 2]), results
+    for rc, err in results:
+        assert rc == 0 or "in use by process" in err, err
+    keys = [c["key"] for c in _cells(out)]
+    assert len(keys) == len(set(keys))  # no cell written twice: never two writers at once
