@@ -115,18 +115,15 @@ def part_round(args: argparse.Namespace, cluster: Any) -> dict[str, Any]:
 def part_iteration(args: argparse.Namespace, cluster: Any, width: int, own_threads: int) -> dict[str, Any]:
     import torch
 
-    from sazd.measure.training import measure_training, synthetic_data
+    from sazd.measure.training import bench_config, measure_training, synthetic_data
     from sazd.parallel.schemes import DEU
     from sazd.runtime.placement import usable_cores
-    from sazd.train.optim import OptimConfig
-    from sazd.train.trainer import TrainConfig
 
     data = synthetic_data(128 * (args.warmup + args.iterations), args.seed)
     out: dict[str, Any] = {"width": width}
     for backend, threads in (("ray", args.master_threads or cluster.master_threads), ("inproc", own_threads)):
-        cfg = TrainConfig(model="mlp", dataset="synthetic", hidden=(width, width), code=args.code, n=args.n,
-                          k=args.k, scheme=DEU.name, backend=backend, batch_size=128, seed=args.seed,
-                          optim=OptimConfig(lr=0.01, momentum=0.9), show_progress=False)
+        cfg = bench_config("mlp", width, code=args.code, n=args.n, k=args.k, scheme=DEU.name, backend=backend,
+                           batch_size=128, seed=args.seed)
         torch.set_num_threads(threads)
         try:
             row = measure_training(cfg, data, args.warmup, args.iterations,

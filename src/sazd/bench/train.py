@@ -89,15 +89,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------ measuring one config
 def config(args: argparse.Namespace, width: int, scheme: str, backend: str, **over: Any) -> Any:
-    from sazd.train.optim import OptimConfig
-    from sazd.train.trainer import TrainConfig
+    """The benchmark MLP of the flags at ``width`` (fp32), for ``scheme`` on ``backend``."""
+    from sazd.measure.training import bench_config
 
-    fields = dict(model="mlp", dataset="synthetic", hidden=(width,) * args.depth, code=args.code, n=args.n,
-                  k=args.k, scheme=scheme, backend=backend, batch_size=args.batch_size, dtype="float32",
-                  optim=OptimConfig(lr=args.lr, momentum=args.momentum), seed=args.seed,
-                  address=args.address, show_progress=False)
-    fields.update(over)
-    return TrainConfig(**fields)
+    fields = dict(depth=args.depth, lr=args.lr, momentum=args.momentum, code=args.code, n=args.n, k=args.k,
+                  scheme=scheme, backend=backend, batch_size=args.batch_size, dtype="float32", seed=args.seed,
+                  address=args.address)
+    return bench_config("mlp", width, **{**fields, **over})
 
 
 def _log(text: str) -> None:

@@ -149,26 +149,13 @@ class Runner:
         self.stack.close()
 
     def config(self, cell: dict[str, Any]) -> Any:
-        from sazd.train.optim import OptimConfig
-        from sazd.train.trainer import TrainConfig
+        from sazd.measure.training import bench_config
 
         n, k = self.workers(cell)
-        hidden = (cell["width"],) if cell["model"] == "cnn" else (cell["width"], cell["width"])
-        return TrainConfig(
-            model=cell["model"],
-            dataset="synthetic",
-            hidden=hidden,
-            code="sazd" if cell["coded"] else "uncoded",
-            n=n,
-            k=k,
-            scheme=cell["scheme"],
-            backend=cell["backend"],
-            batch_size=cell["batch"],
-            optim=OptimConfig(lr=0.01, momentum=0.9),
-            seed=0,
-            show_progress=False,
-            network_gbps=self.s["network_gbps"] if cell["part"] == "projection" else None,
-        )
+        network = self.s["network_gbps"] if cell["part"] == "projection" else None
+        return bench_config(cell["model"], cell["width"], code="sazd" if cell["coded"] else "uncoded", n=n,
+                            k=k, scheme=cell["scheme"], backend=cell["backend"], batch_size=cell["batch"],
+                            seed=0, network_gbps=network)
 
     @staticmethod
     def workers(cell: dict[str, Any]) -> tuple[int, int]:
@@ -194,9 +181,7 @@ class Runner:
         return make_cluster(cfg)
 
     def __call__(self, cell: dict[str, Any]) -> dict[str, Any]:
-        from sazd.codes import DecodeError
-        from sazd.measure.training import link_seconds, measure_training, synthetic_data
-        from sazd.runtime.cluster import ClusterError
+        from sazd.measure.training import STOPPED_BY, link_seconds, measure_training, synthetic_data
 
         cfg = self.config(cell)
         warmup, iterations = self.s["warmup"], self.s["iterations"]
@@ -205,7 +190,7 @@ class Runner:
         try:
             with self.cluster(cell, cfg) as cluster:
                 row = measure_training(cfg, self.data[cell["batch"]], warmup, iterations, cluster)
-        except (ClusterError, DecodeError) as err:  # e.g. uncoded with a dead worker: a result
+        except STOPPED_BY as err:  # e.g. uncoded with a dead worker: a result
             return {"status": "stopped", "message": str(err)[:200]}
         # times: the median iteration (a shared machine's descheduling spikes do not move it); bytes: the mean
         out = {

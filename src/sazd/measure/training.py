@@ -15,16 +15,29 @@ from typing import Any
 
 import torch
 
+from sazd.codes import DecodeError
 from sazd.data import DataBundle, batches
 from sazd.parallel import predicted_traffic
-from sazd.runtime.cluster import Cluster
+from sazd.runtime.cluster import Cluster, ClusterError
 from sazd.runtime.inproc import InProcessCluster
+from sazd.train.optim import OptimConfig
 from sazd.train.trainer import TrainConfig, Trainer
 
 PHASES = ("encode_s", "worker_s", "decode_s", "update_s", "master_other_s")
 MASTER_PHASES = ("encode_s", "decode_s", "update_s", "master_other_s")
 BYTES = ("bytes_to_workers", "bytes_from_workers", "bytes_sent_once")
 IN_SHAPE, CLASSES = (1, 28, 28), 10  # fashion-mnist shaped
+STOPPED_BY = (ClusterError, DecodeError)  # what ends a run early (e.g. uncoded with a dead worker)
+
+
+def bench_config(model: str, width: int, *, depth: int = 2, lr: float = 0.01, momentum: float = 0.9,
+                 **fields: Any) -> TrainConfig:
+    """The benchmark model on synthetic data: the MLP ``784 -> W x depth -> 10`` or the CNN with W
+    hidden units, SGD with momentum, no progress bar; ``fields`` are the rest of the TrainConfig
+    (scheme, backend, code, n, k, batch_size, ...)."""
+    hidden = (width,) if model == "cnn" else (width,) * depth
+    return TrainConfig(model=model, dataset="synthetic", hidden=hidden, show_progress=False,
+                       optim=OptimConfig(lr=lr, momentum=momentum), **fields)
 
 
 def synthetic_data(samples: int, seed: int = 0) -> DataBundle:
@@ -53,9 +66,9 @@ def measure_training(
     """Run ``warmup + iterations`` training steps of ``cfg`` on ``cluster`` (default: a new one for
     ``cfg``) and summarise the measured ones (the warmup's own means as ``warmup_s`` and
     ``warmup_wall_s``). ``wait_loaded``: wait until every worker holds its blocks before the first
-    step (a ping answers after the loads), so the first iterations time training, not loading. A
-    ``ClusterError`` or ``DecodeError`` (e.g. uncoded training with a dead worker) propagates: the
-    caller decides whether it is a result."""
+    step (a ping answers after the loads), so the first iterations time training, not loading. The
+    errors of ``STOPPED_BY`` (e.g. uncoded training with a dead worker) propagate: the caller decides
+    whether they are a result."""
     with Trainer(cfg, cluster=cluster, data=data) as trainer:
         if wait_loaded:
             trainer.cluster.wait_all(trainer.cluster.submit("ping", ()))
