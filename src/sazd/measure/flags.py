@@ -33,13 +33,6 @@ def positive(value: Any, flag: str) -> float:
     return value
 
 
-def at_most(value: int, limit: int, flag: str, why: str) -> int:
-    """``value`` <= ``limit``, else a ValueError saying ``why`` the limit is there."""
-    if value > limit:
-        raise ValueError(f"{flag} {value} is above {limit}: {why}")
-    return value
-
-
 def json_float(x: float) -> float | str:
     """Strict JSON has no inf/nan: write them as the strings "inf" / "nan"."""
     return x if math.isfinite(x) else str(x)
