@@ -258,7 +258,7 @@ class Runner:
             code=v.name,
             n=n,
             k=cell["k"],
-            code_options=dict(v.options),
+            code_options=v.options,
             scheme="deu",
             backend="inproc",
             epochs=s["epochs"],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sazd.files import LOCK_NAME, DirLock, OutputError, append_text, check_dir, make_dir, write_atomic
+from sazd.measure.codes import CodeSpec
 from sazd.measure.figures import write_figure
 from sazd.measure.flags import choice_list
 from sazd.measure.table import csv_text
@@ -223,30 +225,39 @@ def read_error(value: Any) -> float:
 # ------------------------------------------------------------------ the codes compared
 @dataclass(frozen=True)
 class Variant:
-    """One code as the experiments compare it: a short label, the registry name and its options."""
+    """One code as the experiments compare it: a short label, the code (``CodeSpec``: registry name and
+    options) and a title for reports."""
 
     label: str
-    name: str
-    options: tuple[tuple[str, Any], ...] = ()
+    spec: CodeSpec
     title: str = ""
 
-    def build(self, n: int, k: int) -> Any:
-        from sazd.codes import get_code
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
-        return get_code(self.name, n=n if self.name != "uncoded" else k, k=k, **dict(self.options))
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.spec.opts)
+
+    def with_options(self, **opts: Any) -> Variant:
+        return dataclasses.replace(self, spec=CodeSpec(self.name, {**self.spec.opts, **opts}))
+
+    def build(self, n: int, k: int) -> Any:
+        return self.spec.build(self.n_for(k, n - k), k)
 
     def n_for(self, k: int, m: int) -> int:
         return k if self.name == "uncoded" else k + m
 
 
 _VARIANTS = (
-    Variant("uncoded", "uncoded", (), "uncoded (n = k, waits for every worker)"),
-    Variant("sazd", "sazd", (("systematic", True),), "SAZD systematic"),
-    Variant("sazd-nonsys", "sazd", (("systematic", False),), "SAZD non-systematic (paper's form)"),
-    Variant("poly", "poly", (("nodes", "integer"),), "Poly, integer nodes (paper's baseline)"),
-    Variant("poly-cheb", "poly", (("nodes", "chebyshev"),), "Poly, Chebyshev nodes"),
-    Variant("gaussian", "gaussian", (), "Gaussian MDS"),
-    Variant("cyclic", "cyclic", (), "cyclic shift-and-add"),
+    Variant("uncoded", CodeSpec("uncoded"), "uncoded (n = k, waits for every worker)"),
+    Variant("sazd", CodeSpec("sazd", {"systematic": True}), "SAZD systematic"),
+    Variant("sazd-nonsys", CodeSpec("sazd", {"systematic": False}), "SAZD non-systematic (paper's form)"),
+    Variant("poly", CodeSpec("poly", {"nodes": "integer"}), "Poly, integer nodes (paper's baseline)"),
+    Variant("poly-cheb", CodeSpec("poly", {"nodes": "chebyshev"}), "Poly, Chebyshev nodes"),
+    Variant("gaussian", CodeSpec("gaussian"), "Gaussian MDS"),
+    Variant("cyclic", CodeSpec("cyclic"), "cyclic shift-and-add"),
 )
 
 

@@ -107,11 +107,11 @@ def measure(cell: dict[str, Any], samples: int) -> dict[str, Any]:
     import torch
 
     v = common.variants()[cell["code"]]
-    opts = dict(v.options)
-    if cell["shift_unit"]:
-        opts["shift_unit"] = cell["shift_unit"] if cell["shift_unit"] == "auto" else int(cell["shift_unit"])
+    unit = cell["shift_unit"]
+    if unit:
+        v = v.with_options(shift_unit=unit if unit == "auto" else int(unit))
     try:
-        code = common.Variant(v.label, v.name, tuple(opts.items())).build(cell["k"] + cell["m"], cell["k"])
+        code = v.build(cell["k"] + cell["m"], cell["k"])
     except ValueError as err:  # e.g. a shift unit this (n, k, rows) cannot use
         return {"status": "invalid", "message": str(err)[:200]}
     total = cell["k"] * cell["rows"]
