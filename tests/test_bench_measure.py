@@ -152,3 +152,23 @@ def test_bench_runtime_refuses_a_linked_json_before_starting_ray(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--json" in err and "link" in err, err
     assert users.read_text() == "{}" and json.loads(users.read_text()) == {}
+
+
+@pytest.mark.slow
+def test_a_ray_session_leaves_no_process_of_its_ray_behind():
+    """A local Ray started for a measurement: inside, its processes run below ours; after the session
+    none of them is left (shut down, or killed after the bounded shutdown)."""
+    code = ("import os, ray; from sazd.measure.ray_session import ray_session; "
+            "from sazd.runtime.ray_backend import process_tree\n"
+            "with ray_session():\n"
+            "    assert ray.is_initialized()\n"
+            "    below = [p for p, _ in process_tree([os.getpid()]) if p != os.getpid()]\n"
+            "    print(' '.join(map(str, below)), flush=True)\n"
+            "print('after', ray.is_initialized(), flush=True)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    inside, after = out.stdout.strip().splitlines()
+    pids = [int(p) for p in inside.split()]
+    assert pids and after == "after False"  # Ray ran below us, and was shut down
+    assert not [p for p in pids if Path(f"/proc/{p}").exists()], "a Ray process outlived the session"
