@@ -133,7 +133,6 @@ def test_codec_quick_reports_positive_ratios_and_exact_counters(capsys):
         (c, op) for c in ("sazd", "poly") for op in ("encode", "decode 1 missing", "decode 2 missing")
     ]
     assert all(r["gbps"] > 0 and r["clone_gbps"] > 0 and r["vs_clone"] > 0 for r in rows)
-    assert all(0 < r["best_ms"] <= r["median_ms"] for r in rows)  # best and median of the same repeats
     r_block = report["config"]["rows_per_block"]
     out_bytes = report["config"]["rows"] * report["config"]["cols"] * 4
     sazd_decode = [r for r in rows if r["code"] == "sazd" and r["op"].startswith("decode")]

@@ -148,7 +148,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         ref = clones[op.out_bytes]
         rows.append({
             "code": op.code, "op": op.op, "out_mb": op.out_bytes / 1e6, "median_ms": op.seconds * 1e3,
-            "best_ms": op.best_s * 1e3,
             "gbps": op.gbps, "clone_gbps": ref.gbps, "vs_clone": op.gbps / ref.gbps, **op.counters,
         })  # fmt: skip
     return {
