@@ -172,3 +172,16 @@ def test_a_ray_session_leaves_no_process_of_its_ray_behind():
     pids = [int(p) for p in inside.split()]
     assert pids and after == "after False"  # Ray ran below us, and was shut down
     assert not [p for p in pids if Path(f"/proc/{p}").exists()], "a Ray process outlived the session"
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "runtime", "--json", "/proc/sazd-nowhere/out.json"],
+    ["bench", "runtime", "--json", "/proc/out.json"],
+    ["bench", "train", "--backend", "inproc", "--widths", "64", "--out", "/proc/sazd-nowhere"],
+    ["bench", "stability", "--quick", "--codes", "sazd", "--out", "/dev/null/sazd"],
+    ["experiment", "stability", "--quick", "--out", "/proc/sazd-nowhere"],
+])
+def test_an_unwritable_output_is_refused_before_any_work(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write in" in err and "choose a writable place" in err, err

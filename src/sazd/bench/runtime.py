@@ -34,11 +34,10 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from sazd.files import write_atomic
-from sazd.measure.flags import int_list
+from sazd.measure.flags import int_list, output_file
 from sazd.measure.timing import Timed, alternate
 
 
@@ -185,8 +184,8 @@ def check_args(args: argparse.Namespace) -> tuple[set[str], list[int]]:
     if not 1 <= args.k <= args.n:
         raise ValueError(f"--k {args.k}: a round gathers k of n={args.n} answers; pick 1 <= k <= n")
     get_code(args.code, args.n, args.k)  # a code that cannot be built is refused before Ray starts
-    if args.json and (Path(args.json).is_symlink() or Path(args.json).is_dir()):
-        raise ValueError(f"--json {args.json} is a link or a directory; give a new file path")
+    if args.json:
+        output_file(args.json, "--json")  # before Ray starts: a link, a directory, an unwritable place
     if args.master_threads is not None and args.master_threads < 1:
         raise ValueError(f"--master-threads must be >= 1, got {args.master_threads}")
     return parts, widths
@@ -218,6 +217,5 @@ def run(args: argparse.Namespace) -> int:
                 results["iteration"].append(row)
                 print_iteration(row)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(args.json, json.dumps(results, indent=2) + "\n", "--json")
     return 0

@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sazd.files import check_dir, make_dir, write_atomic
+from sazd.files import write_atomic
 from sazd.measure.codes import CodeSpec, dtype_label, parse_code_spec, parse_dtype
 from sazd.measure.decode import Problem, measure_worst, pick_sets
 from sazd.measure.figures import pyplot, write_figure
-from sazd.measure.flags import int_list, json_float
+from sazd.measure.flags import int_list, json_float, output_dir
 from sazd.measure.machine import machine
 from sazd.measure.table import csv_text, table
 
@@ -202,14 +202,13 @@ def run(args: argparse.Namespace) -> int:
         args.k, args.m, args.rows, args.samples = QUICK["k"], QUICK["m"], QUICK["rows"], QUICK["samples"]
     import torch
 
-    check_dir(args.out, "--out")  # before the work: a link or a foreign link inside is refused
+    output_dir(args.out, "--out")  # before the work: a link, a link inside, an unwritable place
     start = time.perf_counter()
     log = None if args.json else (lambda row: print(
         f"  {row['code']:<24} k={row['k']:<2} m={row['m']} r={row['rows_per_block']:<5} {row['dtype']}: "
         f"{row['worst_error']:.1e} ({row['seconds']:.2f} s)", file=sys.stderr, flush=True))  # fmt: skip
     results = run_grid(args, log)
     elapsed = time.perf_counter() - start
-    make_dir(args.out, "--out")
     write_csv(results, args.out / "stability.csv")
     plot(results, args.out / "stability.png", args.plot_k)
     info = {**machine(), "seconds": round(elapsed, 2)}

@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sazd.files import check_dir, make_dir, write_atomic
-from sazd.measure.flags import int_list
+from sazd.files import make_dir, write_atomic
+from sazd.measure.flags import int_list, output_dir
 from sazd.measure.machine import machine, machine_line
 from sazd.measure.table import csv_text, table
 
@@ -317,7 +317,7 @@ def write_outputs(rep: dict[str, Any], out: Path) -> list[Path]:
 def check_args(args: argparse.Namespace) -> tuple[list[int], list[str]]:
     widths = int_list(args.widths, "--widths")
     if args.out is not None:
-        check_dir(args.out, "--out")  # before the work: a link or a foreign link inside is refused
+        output_dir(args.out, "--out")  # before the work: a link, a link inside, an unwritable place
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     bad = [p for p in parts if p not in PARTS]
     if bad or not parts:

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sazd.files import LOCK_NAME, DirLock, OutputError, append_text, check_dir, make_dir, write_atomic
+from sazd.files import LOCK_NAME, DirLock, OutputError, append_text, check_dir, write_atomic
 from sazd.measure.codes import CodeSpec
 from sazd.measure.figures import write_figure
-from sazd.measure.flags import choice_list
+from sazd.measure.flags import choice_list, output_dir
 from sazd.measure.table import csv_text
 
 MARKER = ".sazd-experiment"  # written into every directory an experiment creates; nothing else is reused
@@ -46,7 +46,7 @@ def claim_out(path: Path, experiment: str) -> DirLock:
     ``sazd experiment`` holds (its lock names the process). Checked before anything is created, and
     again under the lock."""
     _check_out(path, experiment)
-    lock = DirLock(make_dir(path, "--out"), "--out").acquire()
+    lock = DirLock(output_dir(path, "--out"), "--out").acquire()
     try:
         _check_out(path, experiment)
         write_atomic(path / MARKER, experiment + "\n", "experiment marker")

@@ -1,10 +1,17 @@
-"""Checking the list and number flags of the measuring commands: a ValueError naming the flag."""
+"""Checking the flags of the measuring commands (lists, numbers, output places): a ValueError naming
+the flag."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
+
+from sazd.files import OutputError, make_dir
 
 
 def int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
@@ -36,3 +43,45 @@ def positive(value: Any, flag: str) -> float:
 def json_float(x: float) -> float | str:
     """Strict JSON has no inf/nan: write them as the strings "inf" / "nan"."""
     return x if math.isfinite(x) else str(x)
+
+
+def output_dir(path: str | Path, flag: str) -> Path:
+    """``path`` made ready for a command's files before it starts working: created, not a link nor
+    holding one (``sazd.files.check_dir``), and a file can be created in it (checked by making and
+    removing one), so an unwritable place fails at once, not after the measurement."""
+    with _unwritable(flag, path):
+        path = make_dir(path, flag)
+    _probe(path, flag)
+    return path
+
+
+def output_file(path: str | Path, flag: str) -> Path:
+    """``path`` checked as a command's output file before it starts working: not a link nor a
+    directory, and its directory exists (it is created) and takes a new file."""
+    path = Path(path)
+    if path.is_symlink() or path.is_dir():
+        raise OutputError(f"{flag} {path} is a link or a directory; sazd never writes through a link: "
+                          "give a new file path")
+    with _unwritable(flag, path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    _probe(path.parent, flag)
+    return path
+
+
+@contextlib.contextmanager
+def _unwritable(flag: str, place: str | Path) -> Iterator[None]:
+    """An OSError inside (other than sazd's own refusals) becomes a one-line OutputError naming ``flag``."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as err:
+        raise OutputError(f"{flag}: cannot write in {place} ({err.strerror or err}); choose a writable "
+                          "place") from None
+
+
+def _probe(directory: Path, flag: str) -> None:
+    with _unwritable(flag, directory):
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".sazd-probe-")
+    os.close(fd)
+    os.unlink(name)
