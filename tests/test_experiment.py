@@ -223,6 +223,17 @@ def test_a_link_in_the_directory_is_never_written_through(tmp_path, capsys, name
     assert sorted(p.name for p in out.iterdir()) == sorted({common.MARKER, name})  # nothing else made
 
 
+def test_a_hard_link_in_the_directory_is_never_appended_to(tmp_path, capsys):
+    users = tmp_path / "users-file.txt"
+    users.write_text("the user's own words\n")
+    out = _started(tmp_path / "stab")
+    os.link(users, out / common.CELLS)
+    assert main([*STAB, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hard link" in err and common.CELLS in err, err
+    assert users.read_text() == "the user's own words\n"
+
+
 def test_out_that_is_a_link_or_holds_a_fifo_is_refused(tmp_path, capsys):
     real = tmp_path / "real"
     real.mkdir()

@@ -42,7 +42,8 @@ def claim_out(path: Path, experiment: str) -> DirLock:
 
     A directory is used only when it is new, empty, or was created by the same experiment (it then
     holds completed cells to resume from); anything else is refused, never overwritten. Refused too:
-    a link, a directory holding a link or anything but plain files, and a directory another
+    a link, a directory holding a (symbolic or hard) link or anything but plain files, a place where
+    no file can be created, and a directory another
     ``sazd experiment`` holds (its lock names the process). Checked before anything is created, and
     again under the lock."""
     _check_out(path, experiment)
@@ -65,6 +66,10 @@ def _check_out(path: Path, experiment: str) -> None:
     if odd:
         raise OutputError(f"--out {path} holds {odd[0]!r}, which is not a plain file; choose another "
                           "directory")
+    shared = [e.name for e in entries if e.is_file() and e.stat().st_nlink > 1]
+    if shared:  # a hard link: appending to it would change the other name's file too
+        raise OutputError(f"--out {path} holds {shared[0]!r}, a file with another name elsewhere (a hard "
+                          "link); sazd never writes through a link: remove it or choose another directory")
     if not entries:
         return
     marker = path / MARKER
