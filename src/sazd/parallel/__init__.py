@@ -12,39 +12,41 @@ optimizer = sazd.coded_optimizer(torch.optim.SGD(model.parameters(), lr=0.1, mom
 ```
 """
 
-from sazd.parallel.layers import CodedContext, CodedConv2d, CodedLayer, CodedLinear, PhaseStats, RoundRecord
+from sazd.parallel.coded import CodedLayer, CodedParameter, coded_matmul, coded_parameters
+from sazd.parallel.context import CodedContext, PhaseStats, RoundRecord
 from sazd.parallel.optimizer import clip_grad_norm_, coded_optimizer, grad_norm
 from sazd.parallel.plan import (
     DEFAULT_MIN_FEATURES,
+    Coded,
+    Master,
     by_weight_name,
     coded_layers,
     context,
-    decoded_copies,
     layer_traffic,
-    load_plain_weights,
     load_weights,
     parallelize,
     plain_model,
     plain_state_dict,
     plain_weights,
     plan_layers,
+    plan_weights,
     predicted_traffic,
     read_matrices,
     repair,
     resolve_plan,
 )
-from sazd.parallel.schemes import DEFAULT_SCHEME, DEU, SCHEMES, CodedWeight, Naive, Scheme, get_scheme
+from sazd.parallel.schemes import DEFAULT_SCHEME, DEU, SCHEMES, Naive, Scheme, get_scheme
 
 __all__ = [
     "DEFAULT_MIN_FEATURES",
     "DEFAULT_SCHEME",
     "DEU",
     "SCHEMES",
+    "Coded",
     "CodedContext",
-    "CodedConv2d",
     "CodedLayer",
-    "CodedLinear",
-    "CodedWeight",
+    "CodedParameter",
+    "Master",
     "Naive",
     "PhaseStats",
     "RoundRecord",
@@ -52,19 +54,20 @@ __all__ = [
     "by_weight_name",
     "clip_grad_norm_",
     "coded_layers",
+    "coded_matmul",
     "coded_optimizer",
+    "coded_parameters",
     "context",
-    "decoded_copies",
     "get_scheme",
     "grad_norm",
     "layer_traffic",
-    "load_plain_weights",
     "load_weights",
     "parallelize",
     "plain_model",
     "plain_state_dict",
     "plain_weights",
     "plan_layers",
+    "plan_weights",
     "predicted_traffic",
     "read_matrices",
     "repair",

@@ -1,8 +1,9 @@
 """Torch optimizers on coded models: ``coded_optimizer(torch.optim.SGD(model.parameters(), ...))``.
 
-A coded layer's weight reaches the optimizer as a ``CodedWeight`` parameter. ``coded_optimizer``
-checks that the optimizer can step it in the layer's scheme (DEU: ``torch.optim.SGD`` only) and hooks
-the optimizer's ``step``; each step then reads every coded weight's parameter group (lr, momentum,
+A coded weight reaches the optimizer as the module's own parameter (a ``CodedParameter``; an
+optimizer made before ``parallelize`` holds the same object). ``coded_optimizer`` checks that the
+optimizer can step it in its scheme (DEU: ``torch.optim.SGD`` only) and hooks the optimizer's
+``step``; each step then reads every coded weight's parameter group (lr, momentum,
 dampening, Nesterov, weight decay — as any ``torch.optim.lr_scheduler`` left them) and calls the
 scheme's ``after_step``:
 
@@ -13,13 +14,16 @@ scheme's ``after_step``:
             -> Worker.sgd_update(key, left, x, step)  C_j(W) <- SGD(C_j(W), C_j(dY^T) X)
 
 Stepping a DEU model with an optimizer while no optimizer made by ``coded_optimizer`` holds its coded
-weights raises at that step (they would silently stay unchanged). Clip with
+weights raises at that step (they would silently stay unchanged). A new optimizer (a second
+fine-tuning phase) starts, as torch's do, without momentum: ``coded_optimizer`` drops the workers'
+DEU momentum of the weights an earlier optimizer stepped. Clip with
 ``clip_grad_norm_(model, max_norm)``: torch's own sees no DEU weight gradient.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,9 +31,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from sazd.parallel.layers import CodedContext, CodedLayer
+from sazd.parallel.coded import CodedLayer, CodedParameter
+from sazd.parallel.context import CodedContext
 from sazd.parallel.plan import coded_layers
-from sazd.parallel.schemes import CodedWeight
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_ divides by (total_norm + 1e-6)
 
@@ -41,8 +45,12 @@ def coded_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"coded_optimizer takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
     for layer, group in _coded_weights(optimizer):
-        layer.ctx.scheme.check_optimizer(optimizer, group, layer)
-        layer.stepped = True  # by a hooked optimizer
+        layer.scheme.check_optimizer(optimizer, group, layer)
+    for layer, _ in _coded_weights(optimizer):
+        earlier = None if layer.stepped_by is None else layer.stepped_by()
+        if earlier is not None and earlier is not optimizer:
+            layer.scheme.new_optimizer(layer)  # DEU: the workers drop the earlier one's momentum
+        layer.stepped_by = weakref.ref(optimizer)
     if getattr(optimizer, "_sazd_hooked", False):
         return optimizer
     optimizer.register_step_pre_hook(_before_step)
@@ -90,25 +98,26 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
 def _coded_weights(optimizer: torch.optim.Optimizer) -> Iterator[tuple[CodedLayer, dict[str, Any]]]:
     for group in optimizer.param_groups:
         for param in group["params"]:
-            if isinstance(param, CodedWeight):
+            if isinstance(param, CodedParameter):
                 yield param.layer, group
 
 
 def _before_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
     contexts = {id(layer.ctx): layer.ctx for layer, _ in _coded_weights(optimizer)}
     for ctx in contexts.values():
-        ctx.scheme.before_step(ctx)
+        for scheme in {id(m.scheme): m.scheme for m in ctx.layers.values()}.values():
+            scheme.before_step(ctx)
 
 
 def _after_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
     by_context: dict[int, tuple[CodedContext, list[tuple[CodedLayer, dict[str, Any]]]]] = {}
     for layer, group in _coded_weights(optimizer):
-        layer.ctx.scheme.check_optimizer(optimizer, group, layer)  # groups may have been added since
+        layer.scheme.check_optimizer(optimizer, group, layer)  # groups may have been added since
         by_context.setdefault(id(layer.ctx), (layer.ctx, []))[1].append((layer, group))
     for ctx, items in by_context.values():
         with ctx.batched():  # one message per worker for all layers
             for layer, group in items:
-                ctx.scheme.after_step(layer, group)
+                layer.scheme.after_step(layer, group)
 
 
 def _refuse_unhooked(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
