@@ -10,7 +10,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -75,7 +74,8 @@ def max_diff(a: nn.Module, b: nn.Module) -> float:
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_conv1d_is_a_layout_state_dict_and_training_equal_plain_in_float64(scheme):
     plain, coded = pair(scheme)
-    assert [layer.weight_name for layer in coded_layers(coded)] == ["c_fc.weight", "c_proj.weight", "head.weight"]
+    names = [layer.weight_name for layer in coded_layers(coded)]
+    assert names == ["c_fc.weight", "c_proj.weight", "head.weight"]
     assert type(coded.c_fc) is Conv1D and isinstance(coded.c_fc.weight, CodedParameter)
     sd = coded.state_dict()
     assert [(k, v.shape) for k, v in sd.items()] == [(k, v.shape) for k, v in plain.state_dict().items()]
@@ -252,27 +252,28 @@ def test_deu_other_uses_decode_with_a_one_time_warning_naming_the_operation():
 def test_explicit_plan_takes_patterns_and_a_scheme_per_weight():
     plan = {"c_*": Coded(scheme="naive"), "head": Master()}
     plain, coded = pair("deu", plan=plan)
-    assert {layer.name: layer.scheme.name for layer in coded_layers(coded)} == {"c_fc": "naive", "c_proj": "naive"}
+    schemes = {layer.name: layer.scheme.name for layer in coded_layers(coded)}
+    assert schemes == {"c_fc": "naive", "c_proj": "naive"}
     train(plain, torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9), data())
     train(coded, sazd.coded_optimizer(torch.optim.SGD(coded.parameters(), lr=0.05, momentum=0.9)), data())
     assert max_diff(coded, plain) < 1e-11
 
 
 def test_maintainer_load_of_another_models_checkpoint_changes_nothing(tmp_path):
-    plain, coded = pair("deu")
+    _, coded = pair("deu")
     opt = sazd.coded_optimizer(optimizer("deu", coded.parameters()))
     train(coded, opt, data(1))
     other = code_it(Encoder(), "deu")
     sazd.Maintainer(other).save(tmp_path / "other.pt")
     before = {k: v.clone() for k, v in coded.state_dict().items()}
-    with pytest.raises(ValueError, match="does not fit the model.*nothing was loaded"):
+    with pytest.raises(ValueError, match=r"does not fit the model.*nothing was loaded"):
         sazd.Maintainer(coded).load(tmp_path / "other.pt", opt)
     sazd.Maintainer(coded).save(tmp_path / "own.pt")  # no optimizer state
-    with pytest.raises(ValueError, match="holds no optimizer state.*nothing was loaded"):
+    with pytest.raises(ValueError, match=r"holds no optimizer state.*nothing was loaded"):
         sazd.Maintainer(coded).load(tmp_path / "own.pt", opt)
     lone = torch.optim.SGD([coded.head.bias], lr=0.1)
     sazd.Maintainer(coded).save(tmp_path / "own.pt", opt)
-    with pytest.raises(ValueError, match="parameter groups of sizes.*nothing was loaded"):
+    with pytest.raises(ValueError, match=r"parameter groups of sizes.*nothing was loaded"):
         sazd.Maintainer(coded).load(tmp_path / "own.pt", lone)
     after = coded.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
