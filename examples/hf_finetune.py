@@ -75,16 +75,17 @@ def main(steps: int = 60, width: int = 128, layers: int = 2, block: int = 64, ba
     probe = data.test_x[:4]
     with torch.no_grad():
         reload_error = float((loaded(probe).logits - model(probe).logits).abs().max())
-        prompt = probe[:, :16]
-        tokens = model.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=0)
-        reloaded = loaded.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=0)
+        prompt = probe[:, : block // 4]
+        new_tokens = block // 2  # prompt + new tokens fit GPT-2's n_positions = block
+        tokens = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        reloaded = loaded.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     coded_names = sorted(sazd.parallel.context(model).layers)
     print(f"coded {len(coded_names)} weight matrices, e.g. {coded_names[:2]}")
     print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} (plain PyTorch: {reference[0]:.3f} -> "
           f"{reference[-1]:.3f}); weights vs plain: {weight_error:.1e}")
     print(f"from_pretrained of the saved model: logits within {reload_error:.1e}, generate() "
           f"{'the same' if torch.equal(tokens, reloaded) else 'DIFFERENT'} tokens: "
-          f"{bytes(tokens[0, 16:].tolist())!r}")
+          f"{bytes(tokens[0, block // 4:].tolist())!r}")
     return {"losses": losses, "reference": reference, "weight_error": weight_error, "coded": coded_names,
             "reload_error": reload_error, "same_tokens": torch.equal(tokens, reloaded)}
 
