@@ -16,7 +16,8 @@ scheme's ``after_step``:
 Stepping a DEU model with an optimizer while no optimizer made by ``coded_optimizer`` holds its coded
 weights raises at that step (they would silently stay unchanged). A new optimizer (a second
 fine-tuning phase) starts, as torch's do, without momentum: ``coded_optimizer`` drops the workers'
-DEU momentum of the weights an earlier optimizer stepped. Clip with
+DEU momentum of the weights an earlier optimizer stepped; ``optimizer.load_state_dict`` (a plain
+model's state included: parameter names and order are the plain model's) ships DEU momentum to them. Clip with
 ``clip_grad_norm_(model, max_norm)``: torch's own sees no DEU weight gradient.
 """
 
@@ -55,6 +56,7 @@ def coded_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return optimizer
     optimizer.register_step_pre_hook(_before_step)
     optimizer.register_step_post_hook(_after_step)
+    optimizer.register_load_state_dict_post_hook(_loaded)
     optimizer.zero_grad = _zero_grad(optimizer, optimizer.zero_grad)
     optimizer._sazd_hooked = True
     return optimizer
@@ -100,6 +102,15 @@ def _coded_weights(optimizer: torch.optim.Optimizer) -> Iterator[tuple[CodedLaye
         for param in group["params"]:
             if isinstance(param, CodedParameter):
                 yield param.layer, group
+
+
+def _loaded(optimizer: torch.optim.Optimizer) -> None:
+    """After ``optimizer.load_state_dict`` (e.g. a plain model's state): state the scheme keeps on the
+    workers (DEU's momentum) goes there, out of the torch optimizer's state."""
+    for layer, _ in _coded_weights(optimizer):
+        state = optimizer.state.get(layer.param)
+        if state:
+            layer.scheme.take_optimizer_state(layer, state)
 
 
 def _before_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:

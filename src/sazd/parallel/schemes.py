@@ -100,6 +100,10 @@ class Scheme(ABC):
         """A new optimizer takes over the weight: state an earlier one left on the workers goes."""
         return None
 
+    def take_optimizer_state(self, layer: CodedLayer, state: dict[str, Any]) -> None:
+        """An optimizer loaded ``state`` for the weight: move what the workers keep to them."""
+        return None
+
     def before_step(self, ctx: CodedContext) -> None:
         """Before an optimizer step that holds coded weights of ``ctx``."""
         return None
@@ -234,6 +238,13 @@ class DEU(Scheme):
     def new_optimizer(self, layer: CodedLayer) -> None:
         """torch's optimizers start without momentum: so do the workers' blocks under a new one."""
         layer.ctx.send("drop_momentum", (list(layer.keys),))
+
+    def take_optimizer_state(self, layer: CodedLayer, state: dict[str, Any]) -> None:
+        """SGD's momentum buffer of a coded weight lives on the workers, encoded."""
+        buffer = state.pop("momentum_buffer", None)
+        if buffer is not None:
+            layer.sync()
+            layer.load_matrices({}, layer.matrices(buffer.detach().to(layer.plain())))
 
     # ------------------------------------------------------------ stepping
     def check_optimizer(self, optimizer: torch.optim.Optimizer, group: dict[str, Any],
