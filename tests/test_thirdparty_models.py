@@ -447,3 +447,35 @@ def test_on_ray_forward_and_deu_steps_equal_plain(name, ray_session):
         assert_state_close(model, plain, train_tol(name))
     finally:
         cluster.close()
+
+
+# ------------------------------------------------------------------ sazd bench train --model
+def test_bench_train_model_times_the_coded_step_beside_plain(capsys):
+    import json
+
+    from sazd.cli import main
+
+    flags = ["--model", "vit-timm", "--iterations", "2", "--warmup", "0", "--batch-size", "2"]
+    assert main(["bench", "train", *flags, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["zoo"]
+    assert [r["scheme"] for r in rows] == ["naive", "deu"]
+    for r in rows:
+        assert (r["coded"], r["total"]) == (8, 10)  # patch_embed.proj and head are narrower than 64
+        assert r["float64_error"] <= TOL
+        assert r["plain_step_s"] > 0 and r["coded_step_s"] > 0
+        assert sum(r["phases_s"].values()) == pytest.approx(r["coded_mean_s"], rel=1e-6)
+        assert r["phases_s"]["worker_s"] > 0
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--model", "gpt3"], "gpt3"),
+    (["--model", ","], "--model"),
+    (["--model", "vit-timm", "--iterations", "0"], "--iterations"),
+    (["--model", "vit-timm", "--batch-size", "0"], "--batch-size"),
+])
+def test_bench_train_model_refuses_bad_flags_in_one_line(flags, named, capsys):
+    from sazd.cli import main
+
+    assert main(["bench", "train", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and named in err

@@ -302,15 +302,87 @@ def weight_matrices(model: nn.Module) -> list[str]:
     return names
 
 
-def trainable_fraction(model: nn.Module) -> float:
-    """Share of the parameters (each tensor once) that train."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad) / max(1, sum(p.numel() for p in params))
+# ------------------------------------------------------------------ the coded step beside the plain one
+STEP_PHASES = ("encode_s", "worker_s", "decode_s", "master_other_s")
 
 
-def param_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def step_optimizer(model: nn.Module, scheme: str) -> torch.optim.Optimizer:
+    """What the tests train with: AdamW under naive, SGD with momentum under DEU (SGD only)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if scheme == "naive":
+        return torch.optim.AdamW(params, lr=1e-3)
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9)
 
 
-__all__ = ["ZOO", "ZOO_MODELS", "EncoderClassifier", "TimmViT", "ZooModel", "build", "get",
-           "param_bytes", "trainable_fraction", "weight_matrices"]
+def measure_step(name: str, scheme: str = "deu", code: str = "sazd", n: int = 6, k: int = 4,
+                 batch_size: int = 8, warmup: int = 2, iterations: int = 10, seed: int = 0,
+                 ) -> dict[str, object]:
+    """Zoo model ``name`` coded with the automatic plan on an in-process cluster (the workers' products
+    computed one after another, in this process) beside the plain model: coded / total weight
+    matrices, the float64 forward's relative error, and the median wall time of a float32 training
+    step of each (steps interleaved, plain then coded, so load hits both alike), with the coded
+    step's phases from the context's counters (worker_s: the workers' products), per step on
+    average: they add up to ``coded_mean_s``."""
+    import copy
+    import statistics
+    import time
+    import warnings
+
+    import sazd
+    from sazd.codes import get_code
+    from sazd.runtime.inproc import InProcessCluster
+
+    entry = get(name)
+
+    def parallelize(model: nn.Module) -> nn.Module:
+        with warnings.catch_warnings():  # what stays on the master is reported from the context
+            warnings.simplefilter("ignore", UserWarning)
+            return sazd.parallelize(model, get_code(code, n=n, k=k), InProcessCluster(n), scheme=scheme)
+
+    plain64 = entry.build(seed, torch.float64)
+    coded64 = parallelize(copy.deepcopy(plain64))
+    probe = entry.batch(batch_size, seed, torch.float64)
+    with torch.no_grad():
+        ref = entry.logits(plain64, probe)
+        error = float((entry.logits(coded64, probe) - ref).abs().max() / ref.abs().max())
+    ctx64 = sazd.parallel.context(coded64)
+
+    plain = entry.build(seed)
+    model = parallelize(copy.deepcopy(plain))
+    optimizers = {id(plain): step_optimizer(plain, scheme),
+                  id(model): sazd.coded_optimizer(step_optimizer(model, scheme))}
+    stats = sazd.parallel.context(model).stats
+
+    def step(m: nn.Module, batch: Batch) -> float:
+        start = time.perf_counter()
+        optimizers[id(m)].zero_grad()
+        entry.loss(m, batch).backward()
+        optimizers[id(m)].step()
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {"plain": [], "coded": []}
+    phases = {p: 0.0 for p in STEP_PHASES}
+    for i in range(warmup + iterations):
+        batch = entry.batch(batch_size, seed=seed + 1 + i)
+        plain_s = step(plain, batch)
+        before = stats.snapshot()
+        coded_s = step(model, batch)
+        after = stats.snapshot()
+        if i < warmup:
+            continue
+        times["plain"].append(plain_s)
+        times["coded"].append(coded_s)
+        for p in ("encode_s", "worker_s", "decode_s"):
+            phases[p] += (after[p] - before[p]) / iterations
+        phases["master_other_s"] += (coded_s - sum(after[p] - before[p] for p in ("encode_s", "worker_s",
+                                                                                  "decode_s"))) / iterations
+    plain_s, coded_s = statistics.median(times["plain"]), statistics.median(times["coded"])
+    return {"model": name, "scheme": scheme, "code": code, "n": n, "k": k, "batch_size": batch_size,
+            "coded": len(ctx64.layers), "total": len(weight_matrices(plain64)),
+            "left_on_master": dict(ctx64.left_on_master), "float64_error": error,
+            "plain_step_s": plain_s, "coded_step_s": coded_s, "ratio": coded_s / plain_s,
+            "coded_mean_s": statistics.fmean(times["coded"]), "phases_s": phases, "iterations": iterations}
+
+
+__all__ = ["STEP_PHASES", "ZOO", "ZOO_MODELS", "EncoderClassifier", "TimmViT", "ZooModel", "build", "get",
+           "measure_step", "step_optimizer", "weight_matrices"]
