@@ -301,3 +301,18 @@ def test_two_models_and_conv1d_on_ray(ray_session):
         assert torch.allclose(pairs[1][1](x), pairs[1][0](x), rtol=0, atol=1e-11)
     finally:
         cluster.close()
+
+
+def test_a_checkpoint_block_that_is_not_the_encoding_of_its_weight_is_refused_by_worker_and_block():
+    _, coded = pair("deu")
+    train(coded, sazd.coded_optimizer(optimizer("deu", coded.parameters())), data(2))
+    keeper = sazd.Maintainer(coded)
+    state = keeper.state(blocks=True)
+    keeper.load_state(state)  # its own blocks pass
+    before = {k: v.clone() for k, v in coded.state_dict().items()}
+    state.blocks["3/c_proj.row"] = state.blocks["3/c_proj.row"] + 0.5
+    wrong = r"block c_proj\.row of worker 3 is not the encoding of c_proj\.weight"
+    with pytest.raises(ValueError, match=wrong):
+        keeper.load_state(state)
+    after = coded.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

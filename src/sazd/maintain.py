@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from sazd.parallel.coded import CodedLayer
 from sazd.parallel.plan import (
     by_weight_name,
+    check_blocks,
     check_weights,
     coded_layers,
     context,
@@ -129,6 +130,8 @@ class Maintainer:
         """Load a ``state()`` (plain weights, DEU momentum and column copies) and ship it once. Every
         part is checked against the model before anything changes (all or nothing)."""
         check_state(self.model, state)
+        if state.blocks:
+            check_blocks(self.model, state.blocks, state.model)
         coded = {layer.weight_name for layer in coded_layers(self.model)}
         plain = {key: t for key, t in state.model.items() if key not in coded}
         self.model.load_state_dict(plain, strict=False)

@@ -403,6 +403,36 @@ def check_weights(model: nn.Module, weights: Mapping[str, Tensor],
                                  f"{(layer.in_features, layer.out_features)}")
 
 
+def check_blocks(model: nn.Module, blocks: Mapping[str, Tensor], weights: Mapping[str, Tensor]) -> None:
+    """Raise ValueError, naming worker and block, when a coded block read from a checkpoint
+    (``blocks``: {"<j>/fc1.row": C_j, ...}) is not the encoding of the checkpoint's plain weight
+    (``weights`` by parameter name), beyond rounding. The row copies are checked: they are what the
+    weight is decoded from (a column copy may be stale by design: the first layer's), relative to the
+    block's largest entry, 1e-6 in float64 and 1e-2 in lower precisions (codes amplify rounding by
+    their conditioning; a block of another weight, another worker or corrupted is off by O(1))."""
+    for layer in coded_layers(model):
+        row = layer.checkpoint_keys[0]
+        M = layer.matrices(weights[layer.weight_name].detach())[layer.keys[0]]
+        for name, matrix in {row: M}.items():
+            held = {int(key.split("/", 1)[0]): t for key, t in blocks.items()
+                    if key.split("/", 1)[1:] == [name] and key.split("/", 1)[0].isdigit()}
+            if not held:
+                continue
+            encoded = layer.ctx.encode(matrix.to(next(iter(held.values())).dtype), layer.out_pad)
+            for j, block in sorted(held.items()):
+                want = encoded[j]
+                if tuple(block.shape) != tuple(want.shape):
+                    raise ValueError(f"checkpoint block {name} of worker {j} has shape {tuple(block.shape)}, "
+                                     f"the encoding of {layer.weight_name} has {tuple(want.shape)}")
+                tol = 1e-6 if block.dtype == torch.float64 else 1e-2
+                scale = max(1.0, want.abs().max().item())
+                error = (block.to(want) - want).abs().max().item()
+                if not error <= tol * scale:
+                    raise ValueError(f"checkpoint block {name} of worker {j} is not the encoding of "
+                                     f"{layer.weight_name} (max error {error:.3g} > {tol * scale:.3g}); "
+                                     "the checkpoint is corrupt or of another model")
+
+
 def repair(model: nn.Module, worker: int) -> dict[str, object]:
     """Reload the (respawned, empty) ``worker`` with its coded blocks: the plain weights (and DEU
     momentum) come from the master (naive) or are decoded from k live workers (DEU)."""
