@@ -1,11 +1,14 @@
-"""Training schemes: how a coded layer holds its weight, how an optimizer step reaches the workers,
-and what the update costs. One class per scheme; a new scheme is one more subclass of ``Scheme``.
+"""Training schemes: everything that differs between naive and DEU coded weights — where the
+weight's truth lives, how an optimizer step reaches the workers, what a checkpoint keeps, what a new
+optimizer resets and what the update costs. One class per scheme; a new scheme is one more subclass
+of ``Scheme``, and nothing outside ``sazd.parallel`` asks which scheme a weight has.
 
-- ``Naive``: the master keeps W as a parameter; any torch optimizer steps it and the changed W is
+- ``Naive``: the master's parameter is the truth; any torch optimizer steps it and the changed W is
   re-encoded and shipped (both coded copies, ``O(n * out * in)`` bytes).
-- ``DEU``: the master keeps no plain weight; worker j applies ``C_j(W) <- SGD(C_j(W), C_j(dY^T) X)``
-  itself. The code is linear, so its blocks stay the encoding of the true weights for any update
-  linear in (weights, gradient, momentum): SGD with momentum, dampening, Nesterov and weight decay.
+- ``DEU``: the workers' blocks are the truth; worker j applies ``C_j(W) <- SGD(C_j(W), C_j(dY^T) X)``
+  itself and the master's copy is a cache, decoded when read. The code is linear, so the blocks stay
+  the encoding of the true weights for any update linear in (weights, gradient, momentum): SGD with
+  momentum, dampening, Nesterov and weight decay.
 """
 
 from __future__ import annotations
