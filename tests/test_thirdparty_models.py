@@ -151,6 +151,36 @@ def logits_equal(entry: zoo.ZooModel, batch: zoo.Batch, tol: float = TOL):
     return compare
 
 
+# ------------------------------------------------------------------ the zoo itself
+def test_zoo_counts_each_weight_matrix_once():
+    counts = {name: len(zoo.weight_matrices(zoo.build(name))) for name in MODELS}
+    assert counts == {"gpt2-hf": 9, "llama-hf": 15, "bert-hf": 14, "vit-hf": 14, "resnet-hf": 8,
+                      "vit-timm": 10, "transformer-encoder": 9,
+                      "lora-llama": 23}  # 15 base + 8 adapters; peft's wrappers only forward their base's
+    encoder = zoo.weight_matrices(zoo.build("transformer-encoder"))
+    assert "encoder.layers.0.self_attn.in_proj_weight" in encoder
+
+
+def test_zoo_builds_the_same_weights_from_a_seed_and_leaves_the_global_rng_alone():
+    state = torch.random.get_rng_state()
+    a, b, c = zoo.build("vit-timm", seed=3), zoo.build("vit-timm", seed=3), zoo.build("vit-timm", seed=4)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    assert all(torch.equal(x, y) for x, y in pairs)
+    assert not torch.equal(a.head.weight, c.head.weight)
+
+
+@pytest.mark.parametrize(("call", "named"), [
+    (lambda: zoo.get("gpt-5"), "gpt-5"),
+    (lambda: zoo.build("resnet50"), "resnet50"),
+    (lambda: zoo.get("vit-timm").batch(0), "batch_size"),
+    (lambda: zoo.get("vit-timm").batch(2.5), "batch_size"),
+])
+def test_zoo_refuses_bad_names_and_sizes_by_name(call, named):
+    with pytest.raises(ValueError, match=named):
+        call()
+
+
 # ------------------------------------------------------------------ coverage
 @pytest.mark.parametrize("name", MODELS)
 def test_every_wide_weight_matrix_is_coded(name):
