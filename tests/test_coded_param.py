@@ -316,3 +316,36 @@ def test_a_checkpoint_block_that_is_not_the_encoding_of_its_weight_is_refused_by
         keeper.load_state(state)
     after = coded.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+class TiedHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.wte = nn.Embedding(16, 12)
+        self.head = nn.Linear(12, 16, bias=False)
+        self.head.weight = self.wte.weight
+        self.double()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.wte(ids)))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_weight_tied_to_an_embedding_coded_by_plan_trains_exactly_or_is_refused(scheme):
+    plain = TiedHead()
+    coded = code_it(copy.deepcopy(plain), scheme, plan={"head": Coded()})
+    ids = torch.arange(12).reshape(3, 4) % 16
+    opts = optimizer(scheme, plain.parameters()), sazd.coded_optimizer(optimizer(scheme, coded.parameters()))
+    for model, opt in zip((plain, coded), opts, strict=True):
+        opt.zero_grad()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(ids).square().mean().backward()
+        if model is coded and scheme == "deu":
+            refused = r"head\.weight got a gradient from a use that is not a coded"
+            with pytest.raises(RuntimeError, match=refused):
+                opt.step()
+            return
+        opt.step()
+    assert max_diff(coded, plain) < 1e-11

@@ -264,6 +264,13 @@ class DEU(Scheme):
 
     def before_step(self, ctx: CodedContext) -> None:
         ctx.check_alive()  # all layers' updates go out, or none
+        for layer in ctx.layers.values():
+            if layer.scheme is self and layer.param.grad is not None:
+                raise RuntimeError(
+                    f"the DEU-coded weight {layer.weight_name} got a gradient from a use that is not a "
+                    "coded product (e.g. the embedding lookup of a tied weight); the workers cannot step "
+                    f"that part exactly. Code it with plan={{{layer.name!r}: Coded(scheme='naive')}} or "
+                    "leave it on the master")
 
     def after_step(self, layer: CodedLayer, group: dict[str, Any]) -> None:
         """Send the pending dW = dY^T X, encoded (and scaled), to the workers:
