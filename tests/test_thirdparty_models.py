@@ -461,6 +461,27 @@ def test_two_models_with_the_same_layer_names_on_one_cluster():
         assert_state_close(second["b"], plain_b, 1e-6)
 
 
+# ------------------------------------------------------------------ torch.compile
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpt2-hf"])  # Conv1D: addmm, the tied lm_head beside it
+def test_torch_compile_traces_with_few_graph_breaks_and_trains_exactly(name):
+    """Dynamo's tracing (backend "eager": inductor's code generation would add minutes, not breaks):
+    at most 3 graph breaks per coded weight, the compiled forward and 3 DEU steps equal plain's."""
+    plain, model, entry = pair(name, scheme="deu")
+    batch = entry.batch(2, seed=2, dtype=F64)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(entry.logits)(model, batch)
+    assert explained.graph_break_count <= 3 * len(context(model).layers), explained.break_reasons[:3]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    assert rel(entry.logits(compiled, batch), entry.logits(plain, batch)) <= TOL
+    data = batches(entry, 3)
+    ref = train(plain, entry, sgd(plain), data)
+    got = train(compiled, entry, sazd.coded_optimizer(sgd(model)), data)
+    assert max(abs(a - b) / abs(b) for a, b in zip(got, ref, strict=True)) <= TOL
+    assert_state_close(model, plain)
+
+
 # ------------------------------------------------------------------ on Ray
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2-hf", "lora-llama"])
