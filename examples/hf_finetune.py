@@ -91,7 +91,7 @@ def main(steps: int = 60, width: int = 128, layers: int = 2, block: int = 64, ba
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--width", type=int, default=128, help="GPT-2 n_embd (4 heads)")
     parser.add_argument("--layers", type=int, default=2)

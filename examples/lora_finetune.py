@@ -89,7 +89,7 @@ def main(steps: int = 40, width: int = 128, layers: int = 2, block: int = 64, ba
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--width", type=int, default=128, help="Llama hidden size (4 heads)")
     parser.add_argument("--layers", type=int, default=2)
