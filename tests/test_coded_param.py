@@ -349,3 +349,17 @@ def test_a_weight_tied_to_an_embedding_coded_by_plan_trains_exactly_or_is_refuse
             return
         opt.step()
     assert max_diff(coded, plain) < 1e-11
+
+
+def test_bad_uses_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        pair("deu", plan={"c_fc": Coded(scheme="adam")})
+    with pytest.raises(ValueError, match="a style is Coded"):
+        pair("deu", plan={"c_fc": "rowwise"})
+    _, coded = pair("deu")
+    with pytest.raises(ValueError, match=r"c_fc\.weight is coded with shape \(12, 24\).*re-parallelize"):
+        coded.c_fc.weight.data = torch.zeros(24, 12, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"same dtype.*torch\.autocast"):
+        coded(data(1)[0].float())
+    with pytest.raises(ValueError, match="already parallelized"):
+        code_it(coded, "deu")
