@@ -53,7 +53,18 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: lis
     return losses
 
 
+def check_sizes(steps: int, width: int, layers: int, block: int, batch: int) -> None:
+    """A ValueError naming the first bad size and what it must be."""
+    for flag, value, least in (("steps", steps, 1), ("layers", layers, 1), ("block", block, 8),
+                               ("batch", batch, 1), ("width", width, 4)):
+        if not isinstance(value, int) or value < least:
+            raise ValueError(f"--{flag} must be an integer >= {least}, got {value!r}")
+    if width % 4:
+        raise ValueError(f"--width must be a multiple of the 4 attention heads, got {width}")
+
+
 def main(steps: int = 40, width: int = 128, layers: int = 2, block: int = 64, batch: int = 16) -> dict:
+    check_sizes(steps, width, layers, block, batch)
     data = load_text("pystdlib", block_size=block, train_limit=steps * batch)
     batches = [data.train_x[i * batch:(i + 1) * batch] for i in range(steps)]
 
@@ -96,4 +107,8 @@ if __name__ == "__main__":
     parser.add_argument("--block", type=int, default=64, help="tokens per window")
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args()
+    try:
+        check_sizes(args.steps, args.width, args.layers, args.block, args.batch)
+    except ValueError as err:
+        parser.error(str(err))
     main(args.steps, args.width, args.layers, args.block, args.batch)

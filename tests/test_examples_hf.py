@@ -37,3 +37,15 @@ def test_lora_finetune_trains_adapters_on_a_coded_llama_and_merges():
     assert max(abs(a - b) for a, b in zip(result["losses"], result["reference"], strict=True)) <= 1e-4
     assert result["merge_error"] <= 1e-4, "merge_and_unload changed what the model computes"
     assert result["reload_error"] <= 1e-4
+
+
+@pytest.mark.parametrize("example", ["hf_finetune.py", "lora_finetune.py"])
+@pytest.mark.parametrize(("sizes", "flag"), [
+    ({"steps": 0}, "--steps"),
+    ({"width": 30}, "--width"),
+    ({"block": 2}, "--block"),
+])
+def test_examples_refuse_bad_sizes_by_flag(example, sizes, flag):
+    with pytest.raises(ValueError, match=flag):
+        run_example(example, **sizes)
+
