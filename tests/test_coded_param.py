@@ -363,3 +363,12 @@ def test_bad_uses_are_refused_with_the_fix():
         coded(data(1)[0].float())
     with pytest.raises(ValueError, match="already parallelized"):
         code_it(coded, "deu")
+
+
+def test_a_coded_optimizer_without_the_live_coded_weights_is_an_error_at_its_first_step():
+    _, coded = pair("deu")
+    opt = sazd.coded_optimizer(torch.optim.SGD([coded.head.bias, coded.c_fc.bias], lr=0.1))
+    coded(data(1)[0]).square().mean().backward()
+    left = r"left the coded weights of \['c_fc', 'c_proj', 'head'\] unchanged"
+    with pytest.raises(RuntimeError, match=left):
+        opt.step()

@@ -133,11 +133,11 @@ def _after_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> 
 
 def _refuse_unhooked(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
     """After every optimizer's step: when it steps a parallelized model, that model's coded weights
-    must have an optimizer that updates them; else their gradients would pile up, unapplied."""
-    if getattr(optimizer, "_sazd_hooked", False):
-        return
+    must have an optimizer that updates them; else their gradients would pile up, unapplied. (A
+    hooked optimizer's own hook ran first and sent its weights' updates.)"""
     params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    pending = sorted({layer.name for layer, _ in _coded_weights(optimizer) if layer.pending})
+    hooked = getattr(optimizer, "_sazd_hooked", False)
+    pending = [] if hooked else [layer.name for layer, _ in _coded_weights(optimizer) if layer.pending]
     for ctx in list(CodedContext.live):
         model = None if ctx.model is None else ctx.model()
         if model is not None and any(id(p) in params for p in model.parameters()):
@@ -145,8 +145,8 @@ def _refuse_unhooked(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict
     if pending:
         raise RuntimeError(
             f"{type(optimizer).__name__}.step() left the coded weights of {sorted(set(pending))} unchanged "
-            "(their gradient lives on the workers); create the optimizer as "
-            "sazd.coded_optimizer(torch.optim.SGD(model.parameters(), ...))")
+            "(their gradient lives on the workers) and no optimizer made by sazd.coded_optimizer holds "
+            "them; create the optimizer as sazd.coded_optimizer(torch.optim.SGD(model.parameters(), ...))")
 
 
 register_optimizer_step_post_hook(_refuse_unhooked)
