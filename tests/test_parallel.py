@@ -11,6 +11,7 @@ from torch import nn
 
 from sazd.codes import get_code
 from sazd.parallel import (
+    Coded,
     coded_layers,
     parallelize,
     plain_model,
@@ -20,7 +21,7 @@ from sazd.parallel import (
     repair,
     resolve_plan,
 )
-from sazd.parallel.layers import pad_rows
+from sazd.parallel.context import pad_rows
 from sazd.runtime.cluster import ClusterError
 from sazd.runtime.inproc import InProcessCluster
 from sazd.train.optim import CodedOptimizer, OptimConfig
@@ -307,9 +308,11 @@ def test_bad_plans_are_refused_before_training():
         conv_same=nn.Conv2d(4, 8, 3, padding="same"),
         conv_reflect=nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"),
     ))
-    with pytest.raises(ValueError, match=r"'fc9'.*lacks"):
+    with pytest.raises(ValueError, match=r"'fc9', which matches no module"):
         resolve_plan(model, {"fc9": "coded"}, 1)
-    with pytest.raises(ValueError, match=r"LayerNorm; only nn\.Linear and nn\.Conv2d"):
+    with pytest.raises(ValueError, match=r"'conv\?', which matches no module"):
+        resolve_plan(model, {"conv?": "coded"}, 1)
+    with pytest.raises(ValueError, match=r"LayerNorm, which holds no weight matrix a product reads"):
         resolve_plan(model, {"norm": "coded"}, 1)
     with pytest.raises(ValueError, match="Embedding"):
         resolve_plan(model, {"emb": "coded"}, 1)
@@ -317,9 +320,9 @@ def test_bad_plans_are_refused_before_training():
         resolve_plan(model, {"conv": "coded"}, 1)
     with pytest.raises(ValueError, match="padding='same'"):
         resolve_plan(model, {"conv_same": "coded"}, 1)
-    with pytest.raises(ValueError, match="padding_mode='reflect'"):
-        resolve_plan(model, {"conv_reflect": "coded"}, 1)
-    with pytest.raises(ValueError, match="style is one of"):
+    assert list(resolve_plan(model, {"conv_reflect": "coded"}, 1)) == ["conv_reflect"]  # F.pad, then conv2d
+    assert list(resolve_plan(model, {"conv_*": "master", "f*": Coded()}, 1)) == ["fc"]  # fnmatch patterns
+    with pytest.raises(ValueError, match="a style is Coded"):
         resolve_plan(model, {"fc": "rowwise"}, 1)
     with pytest.raises(ValueError, match="min_features=64"):
         resolve_plan(model, None, 64)

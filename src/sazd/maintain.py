@@ -27,7 +27,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sazd.parallel.plan import by_weight_name, coded_layers, context, load_weights, read_matrices, repair
+from sazd.parallel.coded import CodedLayer
+from sazd.parallel.plan import (
+    by_weight_name,
+    check_blocks,
+    check_weights,
+    coded_layers,
+    context,
+    load_weights,
+    read_matrices,
+    repair,
+)
 from sazd.runtime.cluster import ClusterError
 
 CHECKPOINT_FORMAT = "sazd-maintainer-1"
@@ -89,50 +99,42 @@ class Maintainer:
 
     # ------------------------------------------------------------ checkpoints
     def state(self, blocks: bool = False) -> CodedState:
-        """Everything of the model's coded state, decoded in one round of the workers (``blocks``,
-        DEU: that round asks every live worker and the state keeps each one's coded blocks too)."""
+        """Everything of the model's coded state, decoded in one round of the workers (``blocks``: that
+        round asks every live worker and the state keeps each one's coded blocks too, where the
+        scheme needs them to continue exactly)."""
+        layers = coded_layers(self.model)
+        schemes = {id(m.scheme): m.scheme for m in layers}.values()
         states, raw = None, {}
-        if blocks and self.ctx.scheme.decodes_weight:
-            keys = [key for layer in coded_layers(self.model) for key in layer.keys]
-            states = self.ctx.fetch_state(keys, every=True)
-            raw = {f"{j}/{key}{suffix}": t for j, state in states.items()
+        if blocks:
+            for scheme in schemes:
+                fetched = scheme.fetch_blocks(self.ctx, [m for m in layers if m.scheme is scheme])
+                for j, state in (fetched or {}).items():
+                    merged = (states := states or {}).setdefault(j, {"weights": {}, "momentum": {}})
+                    merged["weights"].update(state["weights"])
+                    merged["momentum"].update(state["momentum"])
+            prefix = len(self.ctx.prefix)
+            raw = {f"{j}/{key[prefix:]}{suffix}": t for j, state in (states or {}).items()
                    for part, suffix in (("weights", ""), ("momentum", "/momentum_buffer"))
                    for key, t in state[part].items()}
         matrices, buffers = read_matrices(self.model, momentum=True, states=states)
         _, momentum = by_weight_name(self.model, matrices, buffers)
         columns: dict[str, Tensor] = {}
-        if self.ctx.scheme.decodes_weight:  # DEU's two copies drift apart by rounding: keep both
-            for layer in coded_layers(self.model):
-                col = layer.keys[1]
-                columns[col] = matrices[col]
-                if col in buffers:
-                    columns[f"{col}/momentum_buffer"] = buffers[col]
-        with self._showing(matrices):
+        for scheme in schemes:
+            own = [m for m in layers if m.scheme is scheme]
+            columns.update(scheme.checkpoint_columns(own, matrices, buffers))
+        with _showing(layers, matrices):
             model = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
         return CodedState(model, momentum, columns, raw)
 
-    @contextlib.contextmanager
-    def _showing(self, matrices: dict[str, Tensor]) -> Iterator[None]:
-        """``state_dict`` shows ``matrices``' row copies for the layers it would decode anew, and
-        only inside the block (a decode of every worker's blocks rounds differently from the first
-        k's, which is what ``layer.weight`` shows)."""
-        layers = [m for m in coded_layers(self.model) if getattr(m, "decoded", False) is None]
-        for m in layers:
-            m.decoded = matrices[m.keys[0]].reshape(m.weight_shape)
-        try:
-            yield
-        finally:
-            for m in layers:
-                m.decoded = None
-
     def load_state(self, state: CodedState) -> None:
-        """Load a ``state()`` (plain weights, DEU momentum and column copies) and ship it once."""
-        coded = {f"{layer.name}.weight" for layer in coded_layers(self.model)}
-        missing, unexpected = self.model.load_state_dict(
-            {key: t for key, t in state.model.items() if key not in coded}, strict=False)
-        wrong = sorted({*unexpected, *(key for key in missing if key not in coded)})
-        if wrong:
-            raise ValueError(f"the state does not fit the model: {wrong[:5]} missing or unexpected")
+        """Load a ``state()`` (plain weights, DEU momentum and column copies) and ship it once. Every
+        part is checked against the model before anything changes (all or nothing)."""
+        check_state(self.model, state)
+        if state.blocks:
+            check_blocks(self.model, state.blocks, state.model)
+        coded = {layer.weight_name for layer in coded_layers(self.model)}
+        plain = {key: t for key, t in state.model.items() if key not in coded}
+        self.model.load_state_dict(plain, strict=False)
         load_weights(self.model, state.model, state.momentum or None, columns=state.columns or None)
 
     def save(self, path: str | Path, optimizer: torch.optim.Optimizer | None = None) -> Path:
@@ -162,12 +164,71 @@ class Maintainer:
                 raise ValueError(f"{path}: {part!r} must map names to tensors")
         if not isinstance(payload.get("steps"), int):
             raise ValueError(f"{path}: 'steps' must be an integer")
-        self.load_state(CodedState(payload["model"], payload["momentum"], payload["columns"]))
+        state = CodedState(payload["model"], payload["momentum"], payload["columns"])
+        try:
+            check_state(self.model, state)
+            if optimizer is not None:
+                if payload["optimizer"] is None:
+                    raise ValueError("it holds no optimizer state; save it with save(path, optimizer)")
+                check_optimizer_state(optimizer, payload["optimizer"])
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}; nothing was loaded") from None
+        self.load_state(state)
         if optimizer is not None:
-            if payload["optimizer"] is None:
-                raise ValueError(f"{path} holds no optimizer state; save it with save(path, optimizer)")
             optimizer.load_state_dict(payload["optimizer"])
         self.steps = payload["steps"]
+
+
+@contextlib.contextmanager
+def _showing(layers: list[CodedLayer], matrices: dict[str, Tensor]) -> Iterator[None]:
+    """``state_dict`` shows ``matrices``' row copies for the weights it would decode anew, and only
+    inside the block (a decode of every worker's blocks rounds differently from the first k's, which
+    is what the weight shows)."""
+    stale = [m for m in layers if not m.fresh]
+    for m in stale:
+        m.show(matrices[m.keys[0]])
+    try:
+        yield
+    finally:
+        for m in stale:
+            m.fresh = False
+
+
+def check_state(model: nn.Module, state: CodedState) -> None:
+    """Raise ValueError naming the first part of ``state`` that does not fit ``model``: its keys,
+    shapes and dtypes (plain weights, DEU momentum, column copies)."""
+    want = model.state_dict(keep_vars=True)  # the live tensors: no decode round
+    missing = sorted(set(want) - set(state.model))
+    unexpected = sorted(set(state.model) - set(want))
+    if missing or unexpected:
+        raise ValueError(f"the state does not fit the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    for key, t in state.model.items():
+        if tuple(t.shape) != tuple(want[key].shape):
+            raise ValueError(f"the state's {key!r} has shape {tuple(t.shape)}, the model's is "
+                             f"{tuple(want[key].shape)}")
+    check_weights(model, state.model, state.momentum or None, state.columns or None)
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: Any) -> None:
+    """Raise ValueError when ``saved`` (an ``optimizer.state_dict()``) does not fit ``optimizer``."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list):
+        raise ValueError("its optimizer state is not an optimizer.state_dict()")
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    saved_sizes = [len(g.get("params", ())) for g in saved["param_groups"]]
+    if sizes != saved_sizes:
+        raise ValueError(f"its optimizer state has parameter groups of sizes {saved_sizes}, the optimizer's "
+                         f"are {sizes} (another model's or another optimizer's state)")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in saved["param_groups"] for i in g["params"]]
+    for index, entry in saved.get("state", {}).items():
+        if index not in ids:
+            continue
+        param = params[ids.index(index)]
+        for name, value in entry.items():
+            if isinstance(value, Tensor) and value.dim() > 0 and tuple(value.shape) != tuple(param.shape):
+                raise ValueError(f"its optimizer state {name!r} of parameter {ids.index(index)} has shape "
+                                 f"{tuple(value.shape)}, the parameter's is {tuple(param.shape)}")
 
 
 class CodedState:

@@ -83,6 +83,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--threads", type=int, default=0, help="master torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=None,
+                        help="third-party models of sazd.models.zoo, comma-separated (gpt2-hf, llama-hf, "
+                        "bert-hf, vit-hf, resnet-hf, vit-timm, transformer-encoder, lora-llama): instead of "
+                        "the MLP parts, their coded training step in-process beside the plain step, per "
+                        "scheme (uses --code --n --k --batch-size --warmup --iterations --seed)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
     parser.add_argument("--out", type=Path, default=None, help="write results.json and CSV tables here")
 
@@ -383,7 +388,55 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return rep
 
 
+def zoo_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """``--model``: each named zoo model's coded step beside its plain step, naive and DEU."""
+    from sazd.models import zoo
+
+    names = [name.strip() for name in args.model.split(",") if name.strip()]
+    if not names:
+        raise ValueError(f"--model {args.model!r}: name a model, one of {','.join(zoo.ZOO_MODELS)}")
+    for name in names:
+        zoo.get(name)  # an unknown name: ValueError listing the models
+    for flag in ("batch_size", "iterations", "n", "k"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    rep: dict[str, Any] = {"machine": machine(), "zoo": []}
+    start = time.perf_counter()
+    for name in names:
+        for scheme in scheme_names():
+            row = zoo.measure_step(name, scheme, args.code, args.n, args.k, args.batch_size, args.warmup,
+                                   args.iterations, args.seed)
+            rep["zoo"].append(row)
+            _log(f"zoo {name} {scheme}: coded step {row['ratio']:.2f}x the plain step")
+    rep["total_s"] = time.perf_counter() - start
+    return rep
+
+
+def format_zoo(rep: dict[str, Any]) -> str:
+    m, rows = rep["machine"], rep["zoo"]
+    head = (f"machine: {machine_line(m)}; in-process cluster, code {rows[0]['code']} n={rows[0]['n']} "
+            f"k={rows[0]['k']}, batch {rows[0]['batch_size']}, float32 steps (naive: AdamW, DEU: SGD "
+            "momentum)")
+    rows_table = table(
+        ["model", "scheme", "coded/total", "float64 err", "plain ms", "coded ms", "coded/plain",
+         "encode", "decode", "workers", "other"],
+        [[r["model"], r["scheme"], f"{r['coded']}/{r['total']}", f"{r['float64_error']:.1e}",
+          f"{1e3 * r['plain_step_s']:.1f}", f"{1e3 * r['coded_step_s']:.1f}", f"{r['ratio']:.2f}x",
+          *(f"{1e3 * r['phases_s'][p]:.1f}" for p in ("encode_s", "decode_s", "worker_s", "master_other_s"))]
+         for r in rows])
+    return "\n".join([head, "", rows_table, "   step times: medians; phases (ms): means per coded step",
+                      "", f"total {rep['total_s']:.0f} s"])
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        rep = zoo_benchmark(args)
+        print(json.dumps(rep, indent=1) if args.json else format_zoo(rep))
+        return 0
     rep = benchmark(args)
     if args.out is not None:
         for path in write_outputs(rep, args.out):

@@ -1,8 +1,9 @@
 """Torch optimizers on coded models: ``coded_optimizer(torch.optim.SGD(model.parameters(), ...))``.
 
-A coded layer's weight reaches the optimizer as a ``CodedWeight`` parameter. ``coded_optimizer``
-checks that the optimizer can step it in the layer's scheme (DEU: ``torch.optim.SGD`` only) and hooks
-the optimizer's ``step``; each step then reads every coded weight's parameter group (lr, momentum,
+A coded weight reaches the optimizer as the module's own parameter (a ``CodedParameter``; an
+optimizer made before ``parallelize`` holds the same object). ``coded_optimizer`` checks that the
+optimizer can step it in its scheme (DEU: ``torch.optim.SGD`` only) and hooks the optimizer's
+``step``; each step then reads every coded weight's parameter group (lr, momentum,
 dampening, Nesterov, weight decay — as any ``torch.optim.lr_scheduler`` left them) and calls the
 scheme's ``after_step``:
 
@@ -13,13 +14,17 @@ scheme's ``after_step``:
             -> Worker.sgd_update(key, left, x, step)  C_j(W) <- SGD(C_j(W), C_j(dY^T) X)
 
 Stepping a DEU model with an optimizer while no optimizer made by ``coded_optimizer`` holds its coded
-weights raises at that step (they would silently stay unchanged). Clip with
+weights raises at that step (they would silently stay unchanged). A new optimizer (a second
+fine-tuning phase) starts, as torch's do, without momentum: ``coded_optimizer`` drops the workers'
+DEU momentum of the weights an earlier optimizer stepped; ``optimizer.load_state_dict`` (a plain
+model's state included: parameter names and order are the plain model's) ships DEU momentum to them. Clip with
 ``clip_grad_norm_(model, max_norm)``: torch's own sees no DEU weight gradient.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,9 +32,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from sazd.parallel.layers import CodedContext, CodedLayer
+from sazd.parallel.coded import CodedLayer, CodedParameter
+from sazd.parallel.context import CodedContext
 from sazd.parallel.plan import coded_layers
-from sazd.parallel.schemes import CodedWeight
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_ divides by (total_norm + 1e-6)
 
@@ -41,12 +46,17 @@ def coded_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"coded_optimizer takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
     for layer, group in _coded_weights(optimizer):
-        layer.ctx.scheme.check_optimizer(optimizer, group, layer)
-        layer.stepped = True  # by a hooked optimizer
+        layer.scheme.check_optimizer(optimizer, group, layer)
+    for layer, _ in _coded_weights(optimizer):
+        earlier = None if layer.stepped_by is None else layer.stepped_by()
+        if earlier is not None and earlier is not optimizer:
+            layer.scheme.new_optimizer(layer)  # DEU: the workers drop the earlier one's momentum
+        layer.stepped_by = weakref.ref(optimizer)
     if getattr(optimizer, "_sazd_hooked", False):
         return optimizer
     optimizer.register_step_pre_hook(_before_step)
     optimizer.register_step_post_hook(_after_step)
+    optimizer.register_load_state_dict_post_hook(_loaded)
     optimizer.zero_grad = _zero_grad(optimizer, optimizer.zero_grad)
     optimizer._sazd_hooked = True
     return optimizer
@@ -90,34 +100,44 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
 def _coded_weights(optimizer: torch.optim.Optimizer) -> Iterator[tuple[CodedLayer, dict[str, Any]]]:
     for group in optimizer.param_groups:
         for param in group["params"]:
-            if isinstance(param, CodedWeight):
+            if isinstance(param, CodedParameter):
                 yield param.layer, group
+
+
+def _loaded(optimizer: torch.optim.Optimizer) -> None:
+    """After ``optimizer.load_state_dict`` (e.g. a plain model's state): state the scheme keeps on the
+    workers (DEU's momentum) goes there, out of the torch optimizer's state."""
+    for layer, _ in _coded_weights(optimizer):
+        state = optimizer.state.get(layer.param)
+        if state:
+            layer.scheme.take_optimizer_state(layer, state)
 
 
 def _before_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
     contexts = {id(layer.ctx): layer.ctx for layer, _ in _coded_weights(optimizer)}
     for ctx in contexts.values():
-        ctx.scheme.before_step(ctx)
+        for scheme in {id(m.scheme): m.scheme for m in ctx.layers.values()}.values():
+            scheme.before_step(ctx)
 
 
 def _after_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
     by_context: dict[int, tuple[CodedContext, list[tuple[CodedLayer, dict[str, Any]]]]] = {}
     for layer, group in _coded_weights(optimizer):
-        layer.ctx.scheme.check_optimizer(optimizer, group, layer)  # groups may have been added since
+        layer.scheme.check_optimizer(optimizer, group, layer)  # groups may have been added since
         by_context.setdefault(id(layer.ctx), (layer.ctx, []))[1].append((layer, group))
     for ctx, items in by_context.values():
         with ctx.batched():  # one message per worker for all layers
             for layer, group in items:
-                ctx.scheme.after_step(layer, group)
+                layer.scheme.after_step(layer, group)
 
 
 def _refuse_unhooked(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
     """After every optimizer's step: when it steps a parallelized model, that model's coded weights
-    must have an optimizer that updates them; else their gradients would pile up, unapplied."""
-    if getattr(optimizer, "_sazd_hooked", False):
-        return
+    must have an optimizer that updates them; else their gradients would pile up, unapplied. (A
+    hooked optimizer's own hook ran first and sent its weights' updates.)"""
     params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    pending = sorted({layer.name for layer, _ in _coded_weights(optimizer) if layer.pending})
+    hooked = getattr(optimizer, "_sazd_hooked", False)
+    pending = [] if hooked else [layer.name for layer, _ in _coded_weights(optimizer) if layer.pending]
     for ctx in list(CodedContext.live):
         model = None if ctx.model is None else ctx.model()
         if model is not None and any(id(p) in params for p in model.parameters()):
@@ -125,8 +145,8 @@ def _refuse_unhooked(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict
     if pending:
         raise RuntimeError(
             f"{type(optimizer).__name__}.step() left the coded weights of {sorted(set(pending))} unchanged "
-            "(their gradient lives on the workers); create the optimizer as "
-            "sazd.coded_optimizer(torch.optim.SGD(model.parameters(), ...))")
+            "(their gradient lives on the workers) and no optimizer made by sazd.coded_optimizer holds "
+            "them; create the optimizer as sazd.coded_optimizer(torch.optim.SGD(model.parameters(), ...))")
 
 
 register_optimizer_step_post_hook(_refuse_unhooked)

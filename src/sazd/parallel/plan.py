@@ -1,52 +1,98 @@
 """Make an unchanged ``nn.Module`` coded (``parallelize``), read its plain weights back, and the
 traffic formula of one iteration.
 
-Like ``torch.distributed.tensor.parallel.parallelize_module``, a plan maps submodule names to a
-style: ``{"fc1": "coded", "fc2": "coded"}``. Without a plan, every ``nn.Linear`` / ``nn.Conv2d``
-(subclasses included) whose two coded axes (output features, and input features x kernel size) are
-both at least ``min_features`` wide is coded: narrower layers cost a round trip per product and save
-nothing, so they stay on the master with the biases, activations and loss. Layers that cannot be
-coded (a weight shared with another module, a grouped convolution, the projections inside
-``nn.MultiheadAttention``, which reads them without calling them...) also stay on the master; the
-automatic plan says which and why (``UserWarning``, and ``context(model).left_on_master``), and an
-explicit plan naming one is an error.
+Like ``torch.distributed.tensor.parallel.parallelize_module``, a plan maps submodule names, or
+fnmatch patterns of them, to a style object: ``{"fc1": Coded(), "transformer.h.*.attn.c_attn":
+Coded(scheme="naive"), "lm_head": Master()}`` (the strings "coded" and "master" mean ``Coded()`` and
+``Master()``). Without a plan, every weight matrix that a product reads is coded when both of its
+coded axes (output features, and input features x kernel size) are at least ``min_features`` wide:
+the weights of ``nn.Linear`` and ``nn.Conv2d`` (subclasses included), transformers' ``Conv1D`` (stored
+transposed) and ``nn.MultiheadAttention``'s ``in_proj_weight``. Narrower weights cost a round trip per
+product and save nothing, so they stay on the master with the biases, activations and loss. What
+stays on the master is said, with why (``UserWarning`` and ``context(model).left_on_master``).
 """
 
 from __future__ import annotations
 
 import copy
+import fnmatch
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from sazd.codes.base import Code
-from sazd.parallel.layers import CodedContext, CodedConv2d, CodedLayer, CodedLinear, round_up
+from sazd.parallel.coded import CodedLayer, coded_parameters
+from sazd.parallel.context import CodedContext, round_up
 from sazd.parallel.schemes import DEFAULT_SCHEME, Scheme, States, get_scheme
 from sazd.runtime.cluster import Cluster, ClusterError
 
-STYLES = ("coded", "master")
 DEFAULT_MIN_FEATURES = 64
-CODABLE = (nn.Linear, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class Coded:
+    """Plan style: code the module's weight matrices (``scheme``: this weight's own; default: the
+    model's)."""
+
+    scheme: str | Scheme | None = None
+
+
+@dataclass(frozen=True)
+class Master:
+    """Plan style: keep the module on the master."""
+
+
+Style = Coded | Master | str
+
+
+def as_style(style: Style, name: str) -> Coded | Master:
+    if isinstance(style, (Coded, Master)):
+        return style
+    if style == "coded":
+        return Coded()
+    if style == "master":
+        return Master()
+    raise ValueError(f"plan[{name!r}] = {style!r}; a style is Coded(), Master(), 'coded' or 'master'")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One weight matrix to code: the module holding it, the parameter's attribute, its layout."""
+
+    module: str
+    attr: str
+    transposed: bool = False
+
+    @property
+    def weight_name(self) -> str:
+        return f"{self.module}.{self.attr}" if self.module else self.attr
+
+    @property
+    def name(self) -> str:
+        return self.module if self.attr == "weight" and self.module else self.weight_name
 
 
 def parallelize(
     model: nn.Module,
     code: Code,
     cluster: Cluster,
-    plan: Mapping[str, str] | None = None,
+    plan: Mapping[str, Style] | None = None,
     scheme: str | Scheme = DEFAULT_SCHEME,
     min_features: int = DEFAULT_MIN_FEATURES,
     decode_device: str | torch.device | None = None,
 ) -> nn.Module:
-    """Replace the planned layers of ``model`` (in place) by coded layers whose weights live, encoded
-    by ``code``, on the ``cluster``'s workers; returns ``model``.
+    """Code the planned weights of ``model`` (in place): each stays its module's parameter (same
+    object, name and place in ``model.parameters()``; an optimizer made before works), its class
+    becomes ``CodedParameter`` and its value lives, encoded by ``code``, on the ``cluster``'s
+    workers, where its products run. Returns ``model``.
 
-    ``scheme``: a ``Scheme`` or its name. ``Naive`` keeps each weight as a master parameter (any torch
+    ``scheme``: a ``Scheme`` or its name. ``Naive`` keeps each weight on the master too (any torch
     optimizer works; the weights are re-encoded and shipped after each change); ``DEU`` (default)
-    keeps no plain weight on the master: the workers update their coded weights. Either way, step with
-    ``sazd.coded_optimizer(torch.optim.SGD(model.parameters(), ...))`` (naive: any optimizer).
+    lets the workers update their coded weights (the master's copy is decoded when read). Either way,
+    step with ``sazd.coded_optimizer(torch.optim.SGD(model.parameters(), ...))`` (naive: any optimizer).
     ``decode_device``: where the master decodes the workers' answers (e.g. ``"cuda"`` on a master with
     a GPU; default: the device of the activations); decoded products return to the activations' device.
     """
@@ -56,25 +102,23 @@ def parallelize(
         raise ValueError(f"cluster has n={cluster.n} workers but the code needs n={code.n}; make them equal")
     if not code.can_decode(cluster.alive()):
         raise ClusterError(f"only workers {cluster.alive()} are alive; the code needs k={code.k} of {code.n}")
-    if coded_layers(model):
-        raise ValueError("model is already parallelized (it holds coded layers); parallelize a plain model")
-    targets, left = plan_layers(model, plan, min_features)
-    refused = {name: why for name, why in left.items() if not why.startswith("narrower")}
+    if coded_parameters(model):
+        raise ValueError("model is already parallelized (it holds coded weights); parallelize a plain model")
+    targets, left = plan_weights(model, plan, min_features)
+    refused = {name: why for name, why in left.items() if not why.startswith(("narrower", "plan says"))}
     if refused:
         warnings.warn("left on the master: " + "; ".join(f"{n}: {w}" for n, w in refused.items()),
                       UserWarning, stacklevel=2)
     ctx = CodedContext(code, cluster, scheme, model, decode_device)
     ctx.left_on_master = left
-    for name, module in targets.items():
-        cls = CodedConv2d if isinstance(module, nn.Conv2d) else CodedLinear
-        ctx.layers[name] = layer = cls(name, module, ctx)
-        _replace(model, name, layer)
+    with ctx.batched():
+        for target, style in targets:
+            param = getattr(model.get_submodule(target.module), target.attr)
+            own = scheme if style.scheme is None else get_scheme(style.scheme)
+            layer = CodedLayer(target.name, target.weight_name, param, ctx, own, target.transposed)
+            ctx.layers[target.name] = layer
+            own.hold(layer)
     return model
-
-
-def resolve_plan(model: nn.Module, plan: Mapping[str, str] | None, min_features: int) -> dict[str, nn.Module]:
-    """The submodules to code, checked: every name exists and every layer can be coded."""
-    return plan_layers(model, plan, min_features)[0]
 
 
 def check_decode_device(device: str | torch.device | None) -> torch.device | None:
@@ -97,132 +141,187 @@ def check_decode_device(device: str | torch.device | None) -> torch.device | Non
     return device
 
 
-def plan_layers(model: nn.Module, plan: Mapping[str, str] | None, min_features: int,
-                ) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """(the submodules to code, {Linear/Conv2d left on the master: why}). An explicit plan entry
-    that cannot be coded is a ValueError naming the layer and the reason."""
+def plan_weights(model: nn.Module, plan: Mapping[str, Style] | None, min_features: int,
+                 ) -> tuple[list[tuple[Target, Coded]], dict[str, str]]:
+    """([(weight to code, its style)], {module left on the master: why}). An explicit plan entry that
+    matches no module, or names one that cannot be coded, is a ValueError naming it and the reason."""
     modules = dict(model.named_modules())
-    shared = _shared_weights(model)
+    owners = _owners(model)
     if plan is None:
         if not isinstance(min_features, int) or min_features < 1:
             raise ValueError(f"min_features must be an integer >= 1, got {min_features!r}")
-        chosen, left = {}, {}
+        chosen, left = [], {}
         for name, m in modules.items():
-            if not isinstance(m, CODABLE):
+            targets = product_weights(name, m)
+            if not targets:
                 continue
-            why = why_not_codable(name, m, modules, shared)
-            if why is None and min(_widths(m)) < min_features:
-                why = f"narrower than min_features={min_features} (widths {_widths(m)})"
+            why = why_not_codable(name, m, modules, owners)
+            if why is None and min(min(_widths(getattr(m, t.attr), t)) for t in targets) < min_features:
+                widths = [_widths(getattr(m, t.attr), t) for t in targets]
+                shown = widths[0] if len(widths) == 1 else widths
+                why = f"narrower than min_features={min_features} (widths {shown})"
             if why is None:
-                chosen[name] = m
+                chosen += [(t, Coded()) for t in targets]
             else:
                 left[name] = why
         if not chosen:
             raise ValueError(
-                f"no Linear/Conv2d layer can be coded with both widths (out, in*kernel) >= min_features="
-                f"{min_features} ({left}); pass plan={{'name': 'coded'}} or a smaller min_features"
+                f"no weight matrix can be coded with both widths (out, in*kernel) >= min_features="
+                f"{min_features} ({left}); pass plan={{'name': Coded()}} or a smaller min_features"
             )
-        return chosen, left
+        return _dedupe(model, chosen), left
     if not isinstance(plan, Mapping):
-        raise ValueError(f"plan must map layer names to 'coded' or 'master', got {type(plan).__name__}")
-    chosen = {}
-    for name, style in plan.items():
-        if name not in modules or name == "":
-            codable = [n for n, m in modules.items() if isinstance(m, CODABLE)]
-            raise ValueError(f"plan names layer {name!r}, which the model lacks; its layers: {codable}")
-        if style not in STYLES:
-            raise ValueError(f"plan[{name!r}] = {style!r}; a style is one of {list(STYLES)}")
-        if style == "coded":
-            why = why_not_codable(name, modules[name], modules, shared)
-            if why is not None:
-                raise ValueError(f"layer {name!r} cannot be coded: {why}; set plan[{name!r}] = 'master' "
-                                 "or drop it from the plan")
-            chosen[name] = modules[name]
-    return chosen, {name: "plan says 'master'" for name, s in plan.items() if s == "master"}
+        raise ValueError(f"plan must map layer names (or patterns) to Coded() or Master(), got "
+                         f"{type(plan).__name__}")
+    styles: dict[str, Coded | Master] = {}
+    for pattern, style in plan.items():
+        style = as_style(style, pattern)
+        matched = [n for n in modules if n and (n == pattern or fnmatch.fnmatchcase(n, pattern))]
+        if not matched:
+            codable = [n for n, m in modules.items() if product_weights(n, m)]
+            raise ValueError(f"plan names layer {pattern!r}, which matches no module of the model; its "
+                             f"layers with weight matrices: {codable}")
+        for name in matched:
+            styles[name] = style
+    chosen, left = [], {}
+    for name, style in styles.items():
+        if isinstance(style, Master):
+            left[name] = "plan says Master()"
+            continue
+        why = why_not_codable(name, modules[name], modules, owners, explicit=True)
+        if why is not None:
+            raise ValueError(f"layer {name!r} cannot be coded: {why}; set plan[{name!r}] = Master() "
+                             "or drop it from the plan")
+        chosen += [(t, style) for t in product_weights(name, modules[name])]
+    return _dedupe(model, chosen), left
+
+
+def plan_layers(model: nn.Module, plan: Mapping[str, Style] | None, min_features: int,
+                ) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """(the modules whose weights would be coded, {module left on the master: why})."""
+    targets, left = plan_weights(model, plan, min_features)
+    return {t.module: model.get_submodule(t.module) for t, _ in targets}, left
+
+
+def resolve_plan(model: nn.Module, plan: Mapping[str, Style] | None, min_features: int,
+                 ) -> dict[str, nn.Module]:
+    """The submodules whose weights would be coded, checked: every name exists and can be coded."""
+    return plan_layers(model, plan, min_features)[0]
+
+
+def product_weights(name: str, m: nn.Module) -> list[Target]:
+    """The weight matrices of module ``m`` that its forward reads through a product."""
+    if isinstance(m, (nn.Linear, nn.Conv2d)):
+        return [Target(name, "weight")]
+    weight = getattr(m, "weight", None)
+    if type(m).__name__ == "Conv1D" and isinstance(weight, Tensor) and weight.dim() == 2:
+        return [Target(name, "weight", transposed=True)]  # transformers' Conv1D: x @ W + b, W (in, out)
+    if isinstance(m, nn.MultiheadAttention):
+        attrs = ("in_proj_weight",) if m.in_proj_weight is not None else (
+            "q_proj_weight", "k_proj_weight", "v_proj_weight")
+        return [Target(name, attr) for attr in attrs]
+    return []
 
 
 def why_not_codable(name: str, m: nn.Module, modules: Mapping[str, nn.Module],
-                    shared: Mapping[int, list[str]]) -> str | None:
-    """Why module ``name`` cannot be coded, or None when it can."""
-    if not isinstance(m, CODABLE):
-        return (f"it is a {type(m).__name__}; only nn.Linear and nn.Conv2d (and subclasses that keep their "
-                "forward) can be coded")
-    base = nn.Linear if isinstance(m, nn.Linear) else nn.Conv2d
-    overridden = [f for f in ("forward", "_conv_forward") if hasattr(base, f)
-                  and getattr(type(m), f) is not getattr(base, f)]
-    if overridden:
-        return f"its class {type(m).__name__} overrides {overridden[0]}, which a coded layer would not run"
-    parent = modules.get(name.rpartition(".")[0])
-    if isinstance(parent, nn.MultiheadAttention):
-        return "nn.MultiheadAttention reads this projection's weight directly instead of calling it"
-    owners = shared.get(id(m.weight), [name])
-    if len(owners) > 1:
-        return (f"its weight is shared by {owners} (tied, or one module under several names); one coded "
-                "copy cannot serve the other uses")
-    if not m.weight.is_floating_point():
-        return f"its weight is {m.weight.dtype}; coded layers need floating point"
+                    owners: Mapping[int, list[str]], explicit: bool = False) -> str | None:
+    """Why module ``name``'s weights cannot be coded, or None when they can."""
+    targets = product_weights(name, m)
+    if not targets:
+        return (f"it is a {type(m).__name__}, which holds no weight matrix a product reads (coded: "
+                "nn.Linear, nn.Conv2d, transformers' Conv1D, nn.MultiheadAttention's in_proj_weight)")
+    for t in targets:
+        param = getattr(m, t.attr)
+        if not isinstance(param, nn.Parameter):
+            return f"its {t.attr} is not a parameter"
+        if not param.is_floating_point():
+            return f"its {t.attr} is {param.dtype}; coded weights need floating point"
+        users = owners.get(id(param), [t.weight_name])
+        others = [u for u in users if u != t.weight_name]
+        if others and not explicit:
+            non_products = [u for u in others if not product_weights(u.rpartition(".")[0],
+                                                                     modules.get(u.rpartition(".")[0]))]
+            if non_products:
+                return (f"its {t.attr} is tied to {non_products}, whose use is not a product (each such use "
+                        "would decode it from the workers); code it anyway with plan={"
+                        f"{name!r}: Coded()}} (naive: free; DEU: one decode round per step)")
     if isinstance(m, nn.Conv2d):
         if m.groups != 1:
             return f"it is a grouped Conv2d (groups={m.groups}); only groups=1 codes"
-        if m.padding_mode != "zeros":
-            return f"it has padding_mode={m.padding_mode!r}; only 'zeros' can be coded"
-        if isinstance(m.padding, str):
+        if isinstance(m.padding, str) and m.padding != "valid":
             return f"it has padding={m.padding!r}; give the padding as integers to code it"
     return None
 
 
-def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
-    """id(parameter) -> every module name that holds it (more than one: a tie)."""
+def _owners(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> every name it has (more than one: tied, or one module under several names)."""
     owners: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        for param in module._parameters.values():
+        for attr, param in module._parameters.items():
             if param is not None:
-                owners.setdefault(id(param), []).append(name)
+                full = f"{name}.{attr}" if name else attr
+                if full not in owners.setdefault(id(param), []):
+                    owners[id(param)].append(full)
     return owners
 
 
-def _widths(m: nn.Module) -> tuple[int, int]:
-    return m.weight.shape[0], m.weight[0].numel()
+def _dedupe(model: nn.Module, chosen: list[tuple[Target, Coded]]) -> list[tuple[Target, Coded]]:
+    """One entry per parameter (a tied weight, or a module under several names, is coded once)."""
+    seen, out = set(), []
+    for target, style in chosen:
+        param = getattr(model.get_submodule(target.module), target.attr)
+        if id(param) not in seen:
+            seen.add(id(param))
+            out.append((target, style))
+    return out
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, new)
+def _widths(W: Tensor, target: Target) -> tuple[int, int]:
+    return (W.shape[1], W.shape[0]) if target.transposed else (W.shape[0], W[0].numel())
 
 
 # --------------------------------------------------------------- reading back
 def coded_layers(model: nn.Module) -> list[CodedLayer]:
-    return [m for m in model.modules() if isinstance(m, CodedLayer)]
+    """The ``CodedLayer`` of every coded weight of ``model``, in parameter order."""
+    return [p.layer for p in coded_parameters(model)]
 
 
 def context(model: nn.Module) -> CodedContext:
     layers = coded_layers(model)
     if not layers:
-        raise ValueError("model has no coded layers; call sazd.parallelize(model, code, cluster) first")
+        raise ValueError("model has no coded weights; call sazd.parallelize(model, code, cluster) first")
     return layers[0].ctx
 
 
 def read_matrices(
     model: nn.Module, momentum: bool = False, exclude: Sequence[int] = (), states: States | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Both plain matrices of every coded layer, {"fc1.row": W, "fc1.col": W^T}, and with ``momentum``
-    the workers' SGD momentum buffers, in one round (DEU; naive: the master's weights). Never reads
-    from workers in ``exclude``; ``states``: decode these, already fetched. A read of its own (no
-    ``states``) also refreshes what ``layer.weight`` shows."""
+    """Both plain matrices of every coded weight, {"fc1.row": M, "fc1.col": M^T} (by block key), and
+    with ``momentum`` the workers' SGD momentum buffers, in one round per scheme (DEU; naive: the
+    master's weights). Never reads from workers in ``exclude``; ``states``: decode these, already
+    fetched. A read of its own (no ``states``) also refreshes the master's copies."""
     ctx = context(model)
     layers = coded_layers(model)
-    weights, buffers = ctx.scheme.read_matrices(ctx, layers, momentum, exclude, states)
-    if ctx.scheme.decodes_weight and states is None:
-        for layer in layers:
-            layer.decoded = weights[layer.keys[0]].reshape(layer.weight_shape)
+    weights: dict[str, Tensor] = {}
+    buffers: dict[str, Tensor] = {}
+    for scheme in {id(m.scheme): m.scheme for m in layers}.values():
+        own = [m for m in layers if m.scheme is scheme]
+        w, b = scheme.read_matrices(ctx, own, momentum, exclude, states)
+        weights.update(w)
+        buffers.update(b)
+        if states is None:
+            for layer in own:
+                if not layer.fresh:
+                    layer.show(w[layer.keys[0]])
     return weights, buffers
 
 
 def plain_weights(
     model: nn.Module, momentum: bool = False, exclude: Sequence[int] = ()
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """The plain weight of every coded layer ({"fc1.weight": W}, decoded from the row copy in DEU) and,
-    with ``momentum``, its SGD momentum buffer (DEU only: naive keeps momentum in the optimizer)."""
+    """The plain weight of every coded weight ({"fc1.weight": W}, decoded from the row copy in DEU)
+    and, with ``momentum``, its workers' SGD momentum buffer (DEU only: naive keeps momentum in the
+    optimizer)."""
     return by_weight_name(model, *read_matrices(model, momentum, exclude))
 
 
@@ -231,9 +330,9 @@ def by_weight_name(model: nn.Module, matrices: Mapping[str, Tensor], buffers: Ma
     """``read_matrices``' row copies as plain weights and momentum by parameter name ("fc1.weight")."""
     weights, moms = {}, {}
     for layer in coded_layers(model):
-        weights[f"{layer.name}.weight"] = matrices[layer.keys[0]].reshape(layer.weight_shape)
+        weights[layer.weight_name] = layer.to_param(matrices[layer.keys[0]])
         if layer.keys[0] in buffers:
-            moms[f"{layer.name}.weight"] = buffers[layer.keys[0]].reshape(layer.weight_shape)
+            moms[layer.weight_name] = layer.to_param(buffers[layer.keys[0]])
     return weights, moms
 
 
@@ -243,45 +342,95 @@ def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def plain_model(model: nn.Module) -> nn.Module:
-    """A plain copy of ``model`` on the master, coded layers replaced by nn.Linear / nn.Conv2d."""
+    """A plain copy of ``model`` on the master: every coded weight a plain parameter again."""
     layers = coded_layers(model)
-    weights = plain_weights(model)[0]
-    plain_layers = {layer.name: layer.to_plain(weights[f"{layer.name}.weight"]) for layer in layers}
-    for layer in layers:  # copy the model with its plain layers in place of the coded ones
-        _replace(model, layer.name, plain_layers[layer.name])
-    try:
-        plain = copy.deepcopy(model)
-    finally:
-        for layer in layers:
-            _replace(model, layer.name, layer)
-    return plain
+    if layers:
+        read_matrices(model)  # every master copy current, in one round
+    return copy.deepcopy(model)
 
 
 def load_weights(model: nn.Module, weights: Mapping[str, Tensor],
                  momentum: Mapping[str, Tensor] | None = None,
                  columns: Mapping[str, Tensor] | None = None) -> None:
-    """Set every coded layer's weight (and, DEU, momentum) from plain tensors and ship them.
+    """Set every coded weight (and, DEU, the workers' momentum) from plain tensors and ship them.
+    Everything is checked before anything is shipped.
 
-    DEU: ``columns`` may give the column copies ({"fc1.col": W^T, "fc1.col/momentum_buffer": ...}, as
-    ``read_matrices`` returns them) so both copies continue bit for bit; otherwise W^T is used."""
-    for layer in coded_layers(model):
-        key = f"{layer.name}.weight"
-        if key not in weights:
-            raise ValueError(f"weights has no entry {key!r}; it must hold every coded layer's weight")
-        W = weights[key]
-        if tuple(W.shape) != layer.weight_shape:
-            raise ValueError(f"weights[{key!r}] has shape {tuple(W.shape)}, expected {layer.weight_shape}")
-        M = None if momentum is None else momentum.get(key)
-        if not layer.ctx.scheme.decodes_weight or columns is None or layer.keys[1] not in columns:
-            layer.ctx.scheme.load_weight(layer, W, M)
+    DEU: ``columns`` may give the column copies ({"fc1.col": M^T, "fc1.col/momentum_buffer": ...}, as
+    ``Maintainer.state`` keeps them) so both copies continue bit for bit; otherwise M^T is used."""
+    check_weights(model, weights, momentum, columns)
+    layers = coded_layers(model)
+    for layer in layers:
+        W = weights[layer.weight_name]
+        M = None if momentum is None else momentum.get(layer.weight_name)
+        col = layer.checkpoint_keys[1]
+        if columns is None or col not in columns:
+            layer.scheme.load_weight(layer, W, M)
             continue
-        device = layer.coded_weight
-        col = layer.keys[1]
-        copies = {**layer.matrices(W.to(device)), col: columns[col].to(device)}
+        device = layer.plain()
+        W = W.detach().to(device)
+        layer.show(layer.matrices(W)[layer.keys[0]])
+        copies = {**layer.matrices(W), layer.keys[1]: columns[col].to(device)}
         buffers = None if M is None else layer.matrices(M.to(device))
         if buffers is not None and f"{col}/momentum_buffer" in columns:
-            buffers[col] = columns[f"{col}/momentum_buffer"].to(device)
+            buffers[layer.keys[1]] = columns[f"{col}/momentum_buffer"].to(device)
         layer.load_matrices(copies, buffers)
+        layer.mark_shipped()
+
+
+def check_weights(model: nn.Module, weights: Mapping[str, Tensor],
+                  momentum: Mapping[str, Tensor] | None = None,
+                  columns: Mapping[str, Tensor] | None = None) -> None:
+    """Raise ValueError when ``load_weights`` could not load these tensors (a missing weight, a shape,
+    momentum or a column copy of a weight the model does not code)."""
+    layers = coded_layers(model)
+    names = {layer.weight_name for layer in layers}
+    cols = {f"{layer.checkpoint_keys[1]}{suffix}" for layer in layers for suffix in ("", "/momentum_buffer")}
+    unknown = sorted(set(momentum or {}) - names) + sorted(set(columns or {}) - cols)
+    if unknown:
+        raise ValueError(f"momentum or column copies of weights the model does not code: {unknown[:5]}")
+    for layer in layers:
+        key = layer.weight_name
+        if key not in weights:
+            raise ValueError(f"weights has no entry {key!r}; it must hold every coded weight")
+        for what, t in (("weights", weights[key]), ("momentum", (momentum or {}).get(key))):
+            if t is not None and tuple(t.shape) != layer.weight_shape:
+                raise ValueError(f"{what}[{key!r}] has shape {tuple(t.shape)}, expected {layer.weight_shape}")
+        col = layer.checkpoint_keys[1]
+        for name in (col, f"{col}/momentum_buffer"):
+            t = (columns or {}).get(name)
+            if t is not None and tuple(t.shape) != (layer.in_features, layer.out_features):
+                raise ValueError(f"columns[{name!r}] has shape {tuple(t.shape)}, expected "
+                                 f"{(layer.in_features, layer.out_features)}")
+
+
+def check_blocks(model: nn.Module, blocks: Mapping[str, Tensor], weights: Mapping[str, Tensor]) -> None:
+    """Raise ValueError, naming worker and block, when a coded block read from a checkpoint
+    (``blocks``: {"<j>/fc1.row": C_j, ...}) is not the encoding of the checkpoint's plain weight
+    (``weights`` by parameter name), beyond rounding. The row copies are checked: they are what the
+    weight is decoded from (a column copy may be stale by design: the first layer's), relative to the
+    block's largest entry, 1e-6 in float64 and 1e-2 in lower precisions (codes amplify rounding by
+    their conditioning; a block of another weight, another worker or corrupted is off by O(1))."""
+    for layer in coded_layers(model):
+        row = layer.checkpoint_keys[0]
+        M = layer.matrices(weights[layer.weight_name].detach())[layer.keys[0]]
+        for name, matrix in {row: M}.items():
+            held = {int(key.split("/", 1)[0]): t for key, t in blocks.items()
+                    if key.split("/", 1)[1:] == [name] and key.split("/", 1)[0].isdigit()}
+            if not held:
+                continue
+            encoded = layer.ctx.encode(matrix.to(next(iter(held.values())).dtype), layer.out_pad)
+            for j, block in sorted(held.items()):
+                want = encoded[j]
+                if tuple(block.shape) != tuple(want.shape):
+                    raise ValueError(f"checkpoint block {name} of worker {j} has shape {tuple(block.shape)}, "
+                                     f"the encoding of {layer.weight_name} has {tuple(want.shape)}")
+                tol = 1e-6 if block.dtype == torch.float64 else 1e-2
+                scale = max(1.0, want.abs().max().item())
+                error = (block.to(want) - want).abs().max().item()
+                if not error <= tol * scale:
+                    raise ValueError(f"checkpoint block {name} of worker {j} is not the encoding of "
+                                     f"{layer.weight_name} (max error {error:.3g} > {tol * scale:.3g}); "
+                                     "the checkpoint is corrupt or of another model")
 
 
 def repair(model: nn.Module, worker: int) -> dict[str, object]:
@@ -337,7 +486,7 @@ def predicted_traffic(model: nn.Module, scheme: str | Scheme | None = None) -> d
     total = {"bytes_to_workers": 0, "bytes_from_workers": 0, "bytes_sent_once": 0}
     for layer in coded_layers(model):
         products = getattr(layer.ctx.cluster, "compute_dtype", None)
-        part = layer_traffic(layer.ctx.code, scheme or layer.ctx.scheme, layer.in_features,
+        part = layer_traffic(layer.ctx.code, scheme or layer.scheme, layer.in_features,
                              layer.out_features, layer.last_rows, layer.element_size,
                              layer.last_input_grad, not layer.frozen,
                              None if products is None else getattr(torch, products).itemsize)
@@ -345,6 +494,3 @@ def predicted_traffic(model: nn.Module, scheme: str | Scheme | None = None) -> d
     return total
 
 
-# Earlier names, kept for callers that use them.
-decoded_copies = read_matrices
-load_plain_weights = load_weights

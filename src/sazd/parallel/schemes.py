@@ -1,96 +1,110 @@
-"""Training schemes: how a coded layer holds its weight, how an optimizer step reaches the workers,
-and what the update costs. One class per scheme; a new scheme is one more subclass of ``Scheme``.
+"""Training schemes: everything that differs between naive and DEU coded weights — where the
+weight's truth lives, how an optimizer step reaches the workers, what a checkpoint keeps, what a new
+optimizer resets and what the update costs. One class per scheme; a new scheme is one more subclass
+of ``Scheme``, and nothing outside ``sazd.parallel`` asks which scheme a weight has.
 
-- ``Naive``: the master keeps W as a parameter; any torch optimizer steps it and the changed W is
+- ``Naive``: the master's parameter is the truth; any torch optimizer steps it and the changed W is
   re-encoded and shipped (both coded copies, ``O(n * out * in)`` bytes).
-- ``DEU``: the master keeps no plain weight; worker j applies ``C_j(W) <- SGD(C_j(W), C_j(dY^T) X)``
-  itself. The code is linear, so its blocks stay the encoding of the true weights for any update
-  linear in (weights, gradient, momentum): SGD with momentum, dampening, Nesterov and weight decay.
+- ``DEU``: the workers' blocks are the truth; worker j applies ``C_j(W) <- SGD(C_j(W), C_j(dY^T) X)``
+  itself and the master's copy is a cache, decoded when read. The code is linear, so the blocks stay
+  the encoding of the true weights for any update linear in (weights, gradient, momentum): SGD with
+  momentum, dampening, Nesterov and weight decay.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from sazd.parallel.layers import CodedContext, CodedLayer, RoundRecord
+from sazd.parallel.context import CodedContext, RoundRecord
 from sazd.runtime.cluster import PerWorker
 from sazd.runtime.worker import SGDStep
+
+if TYPE_CHECKING:
+    from sazd.parallel.coded import CodedLayer
 
 States = dict[int, dict[str, dict[str, Tensor]]]  # worker -> {"weights"|"momentum": {key: block}}
 
 
-class CodedWeight(nn.Parameter):
-    """The parameter through which a coded layer's weight meets autograd and the optimizer: the plain
-    W under naive, an empty handle under DEU (the weight itself lives on the workers)."""
-
-    layer: CodedLayer
-
-
-def coded_weight(data: Tensor, layer: CodedLayer, requires_grad: bool) -> CodedWeight:
-    param = CodedWeight(data, requires_grad=requires_grad)
-    param.layer = layer
-    return param
-
-
 class Scheme(ABC):
-    """The behaviour of one training scheme; every method takes the coded layer it acts on."""
+    """The behaviour of one training scheme; every method takes the coded weight (``CodedLayer``) it
+    acts on. Nothing outside ``sazd.parallel`` asks which scheme a weight has: it calls these."""
 
     name: str
-    decodes_weight: bool  # whether ``layer.weight`` is decoded from the workers
     sgd_only: bool  # whether only (linear) SGD can step the coded weights
+    decodes_weight: bool  # whether the master's copy must be decoded from the workers after a step
 
     # ------------------------------------------------------------ holding
-    @abstractmethod
-    def hold(self, layer: CodedLayer, weight: Tensor) -> None:
-        """Set the layer up with its initial plain ``weight`` and ship it, encoded."""
+    def hold(self, layer: CodedLayer) -> None:
+        """Ship the weight's initial value (the parameter's data), encoded."""
+        self.load_weight(layer, layer.plain())
 
     @abstractmethod
-    def autograd_weight(self, layer: CodedLayer) -> CodedWeight:
-        """The parameter autograd hands the layer's weight gradient to."""
+    def reship(self, layer: CodedLayer, keep_momentum: bool = True) -> None:
+        """The master's copy was written (in place, by an optimizer, ``.to(dtype)``): encode and ship it
+        (DEU: the workers keep their momentum, as torch's SGD keeps its buffer)."""
 
-    def before_product(self, layer: CodedLayer) -> None:
-        """Called before each forward round of the layer."""
-        return None
+    def refresh(self, layer: CodedLayer) -> None:
+        """Make the master's copy of ``layer`` current (it is, unless the workers updated it)."""
+        layer.fresh = True
 
     @abstractmethod
     def weight_grad(self, layer: CodedLayer, xm: Tensor, dym: Tensor,
                     rounds: dict[str, RoundRecord]) -> Tensor | None:
-        """Backward of one use of the layer (``rounds``: its forward and input-gradient rounds): the
-        weight gradient for autograd, or None when the scheme keeps it itself."""
+        """Backward of one use of the weight (``rounds``: its forward and input-gradient rounds), with
+        dM = dym^T xm: the gradient for autograd (parameter layout), or None when the scheme keeps it."""
 
-    @abstractmethod
     def load_weight(self, layer: CodedLayer, W: Tensor, momentum: Tensor | None = None) -> None:
-        """Set the plain weight (and DEU momentum) of the layer and ship it, encoded."""
-
-    @abstractmethod
-    def read_weight(self, layer: CodedLayer) -> Tensor:
-        """The plain weight, as ``layer.weight`` shows it."""
+        """Set the plain weight (parameter layout; DEU: and the workers' momentum) and ship it."""
+        W = W.detach().to(layer.plain())
+        layer.show(layer.matrices(W)[layer.keys[0]])
+        moms = None if momentum is None else layer.matrices(momentum.detach().to(W))
+        layer.load_matrices(layer.matrices(W), moms)
+        layer.mark_shipped()
 
     @abstractmethod
     def row_state(self, layer: CodedLayer) -> tuple[Tensor, Tensor | None]:
-        """The plain W of the row copy and its momentum buffer (None: the master keeps it)."""
-
-    def forget_weight(self, layer: CodedLayer) -> None:
-        """The workers' blocks of the layer changed: drop what was decoded of them."""
-        return None
+        """M of the row copy and its momentum buffer (None: the master's optimizer keeps it)."""
 
     @abstractmethod
     def read_matrices(self, ctx: CodedContext, layers: Sequence[CodedLayer], momentum: bool,
                       exclude: Sequence[int] = (), states: States | None = None,
                       ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Both plain matrices of ``layers`` ({"fc1.row": W, "fc1.col": W^T}) and, with ``momentum``,
-        the workers' momentum buffers; never read from workers in ``exclude`` (``states``: decode
-        these workers' states, already fetched)."""
+        """Both plain matrices of ``layers`` ({row key: M, col key: M^T}) and, with ``momentum``, the
+        workers' momentum buffers; never read from workers in ``exclude`` (``states``: decode these
+        workers' states, already fetched)."""
+
+    # ------------------------------------------------------------ checkpoints
+    def fetch_blocks(self, ctx: CodedContext, layers: Sequence[CodedLayer]) -> States | None:
+        """Every live worker's blocks of ``layers`` when a checkpoint must keep them (None: it need not)."""
+        return None
+
+    def checkpoint_columns(self, layers: Sequence[CodedLayer], matrices: dict[str, Tensor],
+                           buffers: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The column copies a checkpoint keeps, by checkpoint key ("fc1.col", "fc1.col/momentum_buffer")."""
+        return {}
+
+    def column_shapes(self, layers: Sequence[CodedLayer], dtype: torch.dtype, momentum: bool,
+                      ) -> dict[str, Tensor]:
+        """Zero tensors shaped as ``checkpoint_columns`` writes them, to check a checkpoint against."""
+        return {}
 
     # ------------------------------------------------------------ stepping
     def check_optimizer(self, optimizer: torch.optim.Optimizer, group: dict[str, Any],
                         layer: CodedLayer) -> None:
         """Raise if ``optimizer`` cannot step the layer's coded weight in this scheme."""
+        return None
+
+    def new_optimizer(self, layer: CodedLayer) -> None:
+        """A new optimizer takes over the weight: state an earlier one left on the workers goes."""
+        return None
+
+    def take_optimizer_state(self, layer: CodedLayer, state: dict[str, Any]) -> None:
+        """An optimizer loaded ``state`` for the weight: move what the workers keep to them."""
         return None
 
     def before_step(self, ctx: CodedContext) -> None:
@@ -99,7 +113,7 @@ class Scheme(ABC):
 
     @abstractmethod
     def after_step(self, layer: CodedLayer, group: dict[str, Any]) -> None:
-        """After the optimizer stepped (``group``: the layer's parameter group): bring the workers'
+        """After the optimizer stepped (``group``: the weight's parameter group): bring the workers'
         blocks to the new weight."""
 
     @abstractmethod
@@ -111,78 +125,60 @@ class Scheme(ABC):
 
 
 class Naive(Scheme):
-    """The master keeps W; after each change it re-encodes and ships both coded copies."""
+    """The master keeps W (the parameter); after each change it re-encodes and ships the coded copies."""
 
     name = "naive"
-    decodes_weight = False
     sgd_only = False
+    decodes_weight = False
 
-    def hold(self, layer: CodedLayer, weight: Tensor) -> None:
-        layer.register_parameter("weight", coded_weight(weight.clone(), layer, not layer.frozen))
-        layer.shipped_version = -1
-        self.ship(layer)
-
-    def autograd_weight(self, layer: CodedLayer) -> CodedWeight:
-        return layer._parameters["weight"]
-
-    def before_product(self, layer: CodedLayer) -> None:
-        self.ship(layer, with_col=layer.last_input_grad)
+    def reship(self, layer: CodedLayer, keep_momentum: bool = True) -> None:
+        """Re-encode and ship W (the column copy only when the last step needed the input gradient)."""
+        copies = layer.matrices(layer.plain())
+        if not layer.last_input_grad:
+            del copies[layer.keys[1]]
+            layer.col_stale = True
+        layer.load_matrices(copies)
+        layer.mark_shipped()
 
     def weight_grad(self, layer: CodedLayer, xm: Tensor, dym: Tensor,
                     rounds: dict[str, RoundRecord]) -> Tensor:
-        return (dym.T @ xm).reshape(layer.weight_shape)
-
-    def load_weight(self, layer: CodedLayer, W: Tensor, momentum: Tensor | None = None) -> None:
-        with torch.no_grad():
-            layer.weight.copy_(W)
-        self.ship(layer)
-
-    def read_weight(self, layer: CodedLayer) -> Tensor:
-        return layer._parameters["weight"]
+        return layer.to_param(dym.T @ xm)
 
     def row_state(self, layer: CodedLayer) -> tuple[Tensor, Tensor | None]:
-        return layer.weight.detach(), None
+        return layer.matrices(layer.plain())[layer.keys[0]], None
 
     def read_matrices(self, ctx: CodedContext, layers: Sequence[CodedLayer], momentum: bool,
                       exclude: Sequence[int] = (), states: States | None = None,
                       ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        copies = [layer.matrices(layer.weight.detach()) for layer in layers]
+        copies = [layer.matrices(layer.plain()) for layer in layers]
         return {key: t.clone() for c in copies for key, t in c.items()}, {}
 
     def after_step(self, layer: CodedLayer, group: dict[str, Any]) -> None:
-        self.ship(layer, with_col=layer.last_input_grad)  # as the last step needed
-
-    def ship(self, layer: CodedLayer, with_col: bool = True) -> None:
-        """Re-encode and ship W when it changed since the last shipment (the column copy only when a
-        step needs the input gradient). A change is any in-place write: torch counts them per tensor."""
-        W = layer.weight
-        if W._version == layer.shipped_version:
-            return
-        copies = layer.matrices(W.detach())
-        if not with_col:
-            del copies[layer.keys[1]]
-            layer.col_stale = True
-        layer.load_matrices(copies)
-        layer.shipped_version = W._version
+        layer.sync()  # the optimizer wrote W: ship it now
 
     def update_columns(self, fan: int, batch_rows: int) -> int:
         return fan
 
 
 class DEU(Scheme):
-    """Workers update their coded weights with SGD from the encoded gradient factors."""
+    """Workers update their coded weights with SGD from the encoded gradient factors; the master's copy
+    of W is a cache, decoded from k workers when something reads it after an update."""
 
     name = "deu"
-    decodes_weight = True
     sgd_only = True
+    decodes_weight = True
 
-    def hold(self, layer: CodedLayer, weight: Tensor) -> None:
-        layer.register_parameter("coded_weight", coded_weight(weight.new_empty(0), layer, not layer.frozen))
-        layer.decoded = None
-        self.load_weight(layer, weight)
+    def reship(self, layer: CodedLayer, keep_momentum: bool = True) -> None:
+        layer.load_matrices(layer.matrices(layer.plain()), keep_momentum=keep_momentum)
+        layer.mark_shipped()
 
-    def autograd_weight(self, layer: CodedLayer) -> CodedWeight:
-        return layer.coded_weight
+    def refresh(self, layer: CodedLayer) -> None:
+        """Decode the master's copy from k workers; one round decodes every DEU weight of the model
+        not decoded since its last update (``state_dict`` costs one round)."""
+        stale = [m for m in layer.ctx.layers.values() if m.scheme is self and not m.fresh]
+        weights, _ = self.read_matrices(layer.ctx, stale, momentum=False, row_only=True)
+        for m in stale:
+            m.show(weights[m.keys[0]])
 
     def weight_grad(self, layer: CodedLayer, xm: Tensor, dym: Tensor,
                     rounds: dict[str, RoundRecord]) -> None:
@@ -190,45 +186,68 @@ class DEU(Scheme):
         layer.pending.rounds = rounds
         return None
 
-    def load_weight(self, layer: CodedLayer, W: Tensor, momentum: Tensor | None = None) -> None:
-        W = W.detach().to(layer.coded_weight)
-        layer.load_matrices(layer.matrices(W), None if momentum is None else layer.matrices(momentum.to(W)))
-
-    def read_weight(self, layer: CodedLayer) -> Tensor:
-        """The plain W decoded from k workers; one round decodes every layer of the model not yet
-        decoded since its last update (``state_dict`` costs one round)."""
-        if layer.decoded is None:
-            stale = [m for m in layer.ctx.layers.values() if m.decoded is None]
-            weights, _ = self.read_matrices(layer.ctx, stale, momentum=False, row_only=True)
-            for m in stale:
-                m.decoded = weights[m.keys[0]].reshape(m.weight_shape)
-        return layer.decoded.clone()
-
-    def forget_weight(self, layer: CodedLayer) -> None:
-        layer.decoded = None
-
     def row_state(self, layer: CodedLayer) -> tuple[Tensor, Tensor | None]:
+        layer.sync()
         row = layer.keys[0]
         states = layer.ctx.fetch_state([row])
-        return layer._decode_key(states, row, "weights"), layer._decode_key(states, row, "momentum")
+        return layer.decode_key(states, row, "weights"), layer.decode_key(states, row, "momentum")
 
     def read_matrices(self, ctx: CodedContext, layers: Sequence[CodedLayer], momentum: bool,
                       exclude: Sequence[int] = (), states: States | None = None, row_only: bool = False,
                       ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """In DEU the two copies are updated separately, so W^T of the column copy equals the row
-        copy's W only to rounding; ``row_only`` reads the row copies alone."""
+        """In DEU the two copies are updated separately, so M^T of the column copy equals the row
+        copy's M only to rounding; ``row_only`` reads the row copies alone."""
+        for layer in layers:
+            layer.sync()  # an edit not yet shipped
         keys = [layer.keys[0] for layer in layers] if row_only else [k for m in layers for k in m.keys]
         if states is None:
             states = ctx.fetch_state(keys, exclude)
         weights, buffers = {}, {}
         for layer in layers:
             if row_only:
-                weights[layer.keys[0]] = layer._decode_key(states, layer.keys[0], "weights")
+                weights[layer.keys[0]] = layer.decode_key(states, layer.keys[0], "weights")
                 continue
             weights.update(layer.decode_matrices(states, "weights"))
             if momentum:
                 buffers.update(layer.decode_matrices(states, "momentum") or {})
         return weights, buffers
+
+    def fetch_blocks(self, ctx: CodedContext, layers: Sequence[CodedLayer]) -> States:
+        for layer in layers:
+            layer.sync()
+        return ctx.fetch_state([key for layer in layers for key in layer.keys], every=True)
+
+    def checkpoint_columns(self, layers: Sequence[CodedLayer], matrices: dict[str, Tensor],
+                           buffers: dict[str, Tensor]) -> dict[str, Tensor]:
+        """DEU's two copies drift apart by rounding: a checkpoint keeps the column copy too."""
+        columns = {}
+        for layer in layers:
+            col, name = layer.keys[1], layer.checkpoint_keys[1]
+            columns[name] = matrices[col]
+            if col in buffers:
+                columns[f"{name}/momentum_buffer"] = buffers[col]
+        return columns
+
+    def column_shapes(self, layers: Sequence[CodedLayer], dtype: torch.dtype, momentum: bool,
+                      ) -> dict[str, Tensor]:
+        columns = {}
+        for layer in layers:
+            name = layer.checkpoint_keys[1]
+            columns[name] = torch.zeros(layer.in_features, layer.out_features, dtype=dtype)
+            if momentum:
+                columns[f"{name}/momentum_buffer"] = columns[name]
+        return columns
+
+    def new_optimizer(self, layer: CodedLayer) -> None:
+        """torch's optimizers start without momentum: so do the workers' blocks under a new one."""
+        layer.ctx.send("drop_momentum", (list(layer.keys),))
+
+    def take_optimizer_state(self, layer: CodedLayer, state: dict[str, Any]) -> None:
+        """SGD's momentum buffer of a coded weight lives on the workers, encoded."""
+        buffer = state.pop("momentum_buffer", None)
+        if buffer is not None:
+            layer.sync()
+            layer.load_matrices({}, layer.matrices(buffer.detach().to(layer.plain())))
 
     # ------------------------------------------------------------ stepping
     def check_optimizer(self, optimizer: torch.optim.Optimizer, group: dict[str, Any],
@@ -245,6 +264,13 @@ class DEU(Scheme):
 
     def before_step(self, ctx: CodedContext) -> None:
         ctx.check_alive()  # all layers' updates go out, or none
+        for layer in ctx.layers.values():
+            if layer.scheme is self and layer.param.grad is not None:
+                raise RuntimeError(
+                    f"the DEU-coded weight {layer.weight_name} got a gradient from a use that is not a "
+                    "coded product (e.g. the embedding lookup of a tied weight); the workers cannot step "
+                    f"that part exactly. Code it with plan={{{layer.name!r}: Coded(scheme='naive')}} or "
+                    "leave it on the master")
 
     def after_step(self, layer: CodedLayer, group: dict[str, Any]) -> None:
         """Send the pending dW = dY^T X, encoded (and scaled), to the workers:
@@ -255,6 +281,7 @@ class DEU(Scheme):
         the encoded gradient itself (``fan`` columns) when N exceeds the fan (convolutions, whose N
         is batch x positions). Either way the update is the same linear map of the coded weights.
         """
+        layer.sync()  # an edit since the last product goes out before the update
         if not layer.pending:
             return
         step = SGDStep(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
@@ -286,7 +313,7 @@ class DEU(Scheme):
             layer.ctx.send("sgd_update", PerWorker(
                 {j: (key, coded[j], None if j in cached else inputs, step) for j in range(n)}))
         pending.clear()
-        layer.decoded = None
+        layer.fresh = False
 
     def update_columns(self, fan: int, batch_rows: int) -> int:
         return fan if self.ships_gradient(batch_rows, fan) else batch_rows
@@ -311,4 +338,4 @@ def get_scheme(scheme: str | Scheme) -> Scheme:
     return SCHEMES[scheme]
 
 
-__all__ = ["DEFAULT_SCHEME", "DEU", "SCHEMES", "CodedWeight", "Naive", "Scheme", "get_scheme"]
+__all__ = ["DEFAULT_SCHEME", "DEU", "SCHEMES", "Naive", "Scheme", "States", "get_scheme"]

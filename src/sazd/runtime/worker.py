@@ -96,13 +96,24 @@ class Worker:
         return compute_dtype
 
     # ------------------------------------------------------------------ state
-    def load(self, blocks: dict[str, Tensor], momentum: dict[str, Tensor] | None = None) -> int:
-        """Replace (or add) coded blocks, and optionally their momentum buffers."""
+    def load(self, blocks: dict[str, Tensor], momentum: dict[str, Tensor] | None = None,
+             keep_momentum: bool = False) -> int:
+        """Replace (or add) coded blocks, and optionally their momentum buffers. A replaced block's
+        momentum goes, unless ``keep_momentum`` (an edit of the weight, a new dtype): then it stays,
+        cast to the new block's dtype."""
         for key, block in blocks.items():
             self.weights[key] = block.to(self.device).clone()
-            self.momentum.pop(key, None)
+            kept = self.momentum.pop(key, None)
+            if keep_momentum and kept is not None:
+                self.momentum[key] = kept.to(self.weights[key].dtype)
         for key, buf in (momentum or {}).items():
             self.momentum[key] = buf.to(self.device).clone()
+        return self.index
+
+    def drop_momentum(self, keys: list[str]) -> int:
+        """Forget the momentum buffers of ``keys`` (a new optimizer starts without momentum)."""
+        for key in keys:
+            self.momentum.pop(key, None)
         return self.index
 
     def state(self, keys: list[str] | None = None) -> dict[str, dict[str, Tensor]]:

@@ -174,9 +174,9 @@ class CodedOptimizer:
                         tensors[f"{name}/{field}"] = value.detach().clone()
                     else:
                         scalars[f"{name}/{field}"] = value
-        if self.ctx.scheme.decodes_weight:
-            _, buffers = plain_weights(self.model, momentum=True) if buffers is None else ({}, buffers)
-            tensors.update({f"{name}/momentum_buffer": buf for name, buf in buffers.items()})
+        # momentum the workers keep (DEU; none under naive, whose torch optimizer holds it)
+        _, buffers = plain_weights(self.model, momentum=True) if buffers is None else ({}, buffers)
+        tensors.update({f"{name}/momentum_buffer": buf for name, buf in buffers.items()})
         return tensors, {"steps": self.steps, "scalars": scalars, "config": self.cfg.to_dict()}
 
     def load_master_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:

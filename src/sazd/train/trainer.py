@@ -553,7 +553,7 @@ class Trainer:
         else:
             momentum = {}  # naive: the torch optimizer holds the momentum
         checkpoint.check_tensors("columns", ckpt.columns, columns)
-        self.maintainer.load_state(CodedState(ckpt.model, momentum, ckpt.columns))
+        self.maintainer.load_state(CodedState(ckpt.model, momentum, ckpt.columns, ckpt.coded))
         self.opt.load_master_state(ckpt.optim, ckpt.meta["optim"])
         torch.set_rng_state(ckpt.rng)
         self.position = Position(**ckpt.meta["position"])

@@ -1,0 +1,567 @@
+"""A coded weight stays its module's parameter: ``CodedParameter`` and the algebra of its products.
+
+``parallelize`` swaps the class of a planned weight, in place, to ``CodedParameter`` (as PyTorch's
+tensor parallelism swaps parameters for ``DTensor``s): the module, its ``forward``, the parameter
+object, its name and its place in ``model.parameters()`` all stay what they were. The parameter's
+products go to the workers as coded rounds, through one autograd Function (``_CodedProduct``):
+
+    F.linear(x, W, b)           x W^T + b     (nn.Linear, nn.MultiheadAttention's out_proj)
+    torch.addmm(b, x, W)        x W + b       (transformers' Conv1D: W stored (in, out))
+    x @ W, torch.matmul(x, W)   either layout
+    F.conv2d(x, W, b, ...)      on unfolded patches (groups=1)
+    F.multi_head_attention_forward: its in-projection (``in_proj_weight``) and out-projection
+
+Each coded weight is one matrix M (out, in) (Conv1D: M = W^T; Conv2d: W flattened to (out, in*kh*kw))
+and two coded copies live on the workers:
+
+- forward:        worker j returns C_j(M) X^T            -> decode M X^T       (copy "<name>.row")
+- input gradient: worker j returns C_j(M^T) dY^T         -> decode M^T dY^T    (copy "<name>.col")
+- weight update:  the layer's ``Scheme`` (``sazd.parallel.schemes``).
+
+Every other use of the parameter (an embedding lookup of a tied weight, ``print``, ``.to``) runs on
+the master's copy, which DEU refreshes from k workers first (a one-time warning names the operation).
+In-place writes (``w.zero_()``, ``w.data += d``, ``w.copy_``, an optimizer's step) are seen through
+torch's version counters and re-encoded and shipped before the next product; ``model.to(dtype)``
+re-encodes the blocks in the new dtype. Widths not divisible by k are padded with zero rows.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sazd.parallel.context import CodedContext, PendingUpdate, RoundRecord, round_up
+from sazd.runtime.cluster import ClusterError, PerWorker
+
+if TYPE_CHECKING:
+    from sazd.parallel.schemes import Scheme
+
+_no_subclass = torch._C.DisableTorchFunctionSubclass
+
+
+class CodedLayer:
+    """The state of one coded weight: its shapes, block keys, scheme and DEU's pending update.
+
+    ``name`` is the weight's name without a trailing ``.weight`` ("fc1", "attn.in_proj_weight");
+    ``weight_name`` its full parameter name; ``transposed``: the parameter stores M^T (Conv1D)."""
+
+    def __init__(self, name: str, weight_name: str, param: nn.Parameter, ctx: CodedContext,
+                 scheme: Scheme, transposed: bool = False) -> None:
+        W = param.detach()
+        self.name, self.weight_name = name, weight_name
+        self.ctx, self.scheme, self.transposed = ctx, scheme, transposed
+        self.weight_shape = tuple(W.shape)
+        self.out_features, self.in_features = (W.shape[1], W.shape[0]) if transposed else (
+            W.shape[0], W[0].numel())
+        k = ctx.code.k
+        self.out_pad, self.in_pad = round_up(self.out_features, k), round_up(self.in_features, k)
+        self.pending = PendingUpdate()  # DEU: what the next optimizer step sends
+        self.stepped_by: weakref.ref | None = None  # the optimizer made by ``coded_optimizer`` holding it
+        self.last_rows, self.last_input_grad = 0, False  # shape of the last batch, for the bytes formula
+        # The column copy serves only the input gradient. A weight whose input needs none (the first
+        # layer) stops shipping/updating it; it is marked stale and rebuilt from M if ever needed.
+        self.col_stale = False
+        self.fresh = True  # the master's copy equals the workers' blocks (DEU: False after a step)
+        self.clean_version = -1  # param._version when master copy and blocks last agreed
+        self._aliases: list[tuple[Any, int]] = []  # ``.data`` handed out: (tensor or weakref, version)
+        param.__class__ = CodedParameter
+        param.layer = self
+        self._param = param
+
+    @property
+    def param(self) -> CodedParameter:
+        return self._param
+
+    @property
+    def frozen(self) -> bool:
+        return not self._param.requires_grad
+
+    @property
+    def stepped(self) -> bool:
+        return self.stepped_by is not None and self.stepped_by() is not None
+
+    @property
+    def element_size(self) -> int:
+        return self._param.element_size()
+
+    @property
+    def keys(self) -> tuple[str, str]:
+        """The worker block keys of the two coded copies."""
+        return f"{self.ctx.prefix}{self.name}.row", f"{self.ctx.prefix}{self.name}.col"
+
+    @property
+    def checkpoint_keys(self) -> tuple[str, str]:
+        """The names of the two copies in checkpoints (no per-model prefix)."""
+        return f"{self.name}.row", f"{self.name}.col"
+
+    @property
+    def padded(self) -> dict[str, tuple[int, int]]:
+        """Per copy: (padded rows, real rows)."""
+        row, col = self.keys
+        return {row: (self.out_pad, self.out_features), col: (self.in_pad, self.in_features)}
+
+    # ------------------------------------------------------ the master's copy
+    def plain(self) -> Tensor:
+        """The master's copy of the weight as a plain tensor (no refresh)."""
+        with _no_subclass():
+            return self._param.detach()
+
+    def refresh(self, operation: str | None = None) -> None:
+        """Make the master's copy current (DEU: decode it from k workers after an update);
+        ``operation``: the use that needs it, warned about once."""
+        if self.fresh:
+            return
+        if operation is not None:
+            _warn_once(operation, self.weight_name)
+        self.scheme.refresh(self)
+
+    def show(self, M: Tensor) -> None:
+        """Write the plain matrix ``M`` (out, in) into the master's copy as the blocks' value."""
+        with torch.no_grad(), _no_subclass():
+            self._param.copy_(self.to_param(M))
+        self.fresh, self.clean_version = True, self._param._version
+
+    def handed_out(self, alias: Tensor) -> None:
+        """``alias`` (``param.data``) shares the weight's storage with a version counter of its own."""
+        self._aliases.append((alias, alias._version))
+
+    def written(self) -> bool:
+        """Whether the master's copy was written since it last agreed with the blocks."""
+        changed = self._param._version != self.clean_version
+        kept = []
+        for ref, version in self._aliases:
+            alias = ref if isinstance(ref, Tensor) else ref()
+            if alias is None:
+                continue
+            changed = changed or alias._version != version
+            kept.append((weakref.ref(alias), alias._version))
+        self._aliases = kept
+        return changed
+
+    def sync(self) -> None:
+        """Ship the master's copy when something wrote it (in-place edit, optimizer, ``load_state_dict``)."""
+        if self.written():
+            self.scheme.reship(self)
+
+    def mark_shipped(self) -> None:
+        self.fresh, self.clean_version = True, self._param._version
+        self._aliases = [(weakref.ref(a), a._version) for a in self._live_aliases()]
+
+    def _live_aliases(self) -> list[Tensor]:
+        out = []
+        for ref, _ in self._aliases:
+            alias = ref if isinstance(ref, Tensor) else ref()
+            if alias is not None:
+                out.append(alias)
+        return out
+
+    # ---------------------------------------------------------- the algebra
+    def matrices(self, W: Tensor) -> dict[str, Tensor]:
+        """The two matrices the coded copies encode, from a weight in the parameter's layout:
+        {row key: M (out, in), col key: M^T}."""
+        M = W.T if self.transposed else W.reshape(self.out_features, self.in_features)
+        return {self.keys[0]: M, self.keys[1]: M.T}
+
+    def encode_plain(self, W: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Both coded copies of the weight ``W`` (parameter layout): n blocks each."""
+        copies = self.matrices(W)
+        return tuple(self.ctx.encode(copies[key], self.padded[key][0]) for key in self.keys)
+
+    def to_param(self, M: Tensor) -> Tensor:
+        """The parameter-layout weight of the matrix M (out, in)."""
+        return M.T if self.transposed else M.reshape(self.weight_shape)
+
+    def round(self, key: str, xm: Tensor) -> tuple[Tensor, RoundRecord]:
+        """``xm (N, fan) -> xm A^T (N, rows)`` with A the copy ``key``, through the workers."""
+        if key == self.keys[1] and self.col_stale:
+            self.refresh_col()
+        rows, keep = self.padded[key]
+        out, record = self.ctx.product(key, xm.T.contiguous(), rows)
+        return out[:keep].T, record
+
+    def product(self, xm: Tensor, transpose: bool = False) -> Tensor:
+        """``xm M^T`` (``transpose``: ``xm M``) of a 2-D ``xm`` through the coded copies, differentiable."""
+        self.sync()
+        self.last_rows = xm.shape[0]
+        self.last_input_grad = xm.requires_grad and torch.is_grad_enabled()
+        return _CodedProduct.apply(xm, self._param, self, transpose)
+
+    # ------------------------------------------------------------ loading
+    def load_matrices(self, weights: dict[str, Tensor], momentum: dict[str, Tensor] | None = None,
+                      workers: Sequence[int] | None = None, keep_momentum: bool = False) -> None:
+        """Encode plain row/column matrices ({key: matrix}; momentum likewise) and load them on
+        ``workers`` (default: every live one); ``keep_momentum``: the workers keep (cast) theirs."""
+        coded = {key: self.ctx.encode(weights[key], self.padded[key][0]) for key in weights}
+        buffers = {key: self.ctx.encode(m, self.padded[key][0]) for key, m in (momentum or {}).items()}
+        args = {j: ({key: coded[key][j] for key in coded},
+                    {key: buffers[key][j] for key in buffers} if momentum is not None else None,
+                    keep_momentum)
+                for j in range(self.ctx.code.n)}
+        self.ctx.send("load", PerWorker(args), workers)
+        if workers is None and self.keys[1] in weights:
+            self.col_stale = False
+
+    def refresh_col(self) -> None:
+        """Rebuild a stale column copy on every live worker from the row copy (with its momentum)."""
+        M, mom = self.scheme.row_state(self)
+        col = self.keys[1]
+        self.load_matrices({col: M.T}, None if mom is None else {col: mom.T})
+
+    def grad_norm_sq(self) -> Tensor:
+        """||dM||_F^2 of the pending DEU gradient dM = dY^T X without forming dM when the N x N Gram
+        matrices are smaller: ||dY^T X||^2 = sum((dY dY^T) * (X X^T))."""
+        X, dY = self.pending.stacked()
+        if X.shape[0] ** 2 <= self.out_features * self.in_features:
+            return ((dY @ dY.T) * (X @ X.T)).sum()
+        return (dY.T @ X).square().sum()
+
+    # --------------------------------------------------- decoding state
+    def decode_matrices(self, states: dict[int, dict[str, dict[str, Tensor]]], part: str,
+                        ) -> dict[str, Tensor] | None:
+        """Decode both plain matrices {row key: M, col key: M^T} of part="weights" (or the momentum
+        buffers, part="momentum"; None when there are none) from worker states."""
+        row, col = self.keys
+        out = {}
+        for key in (row,) if self.col_stale else self.keys:
+            out[key] = self.decode_key(states, key, part)
+            if out[key] is None:
+                return None
+        if self.col_stale:  # the workers' column copy is not maintained: M^T from the row copy
+            out[col] = out[row].T.contiguous()
+        return out
+
+    def decode_key(self, states: dict[int, dict[str, dict[str, Tensor]]], key: str, part: str,
+                   ) -> Tensor | None:
+        rows, keep = self.padded[key]
+        blocks = {j: s[part][key] for j, s in states.items() if key in s[part]}
+        if part == "momentum" and len(blocks) < len(states):
+            if blocks:
+                raise ClusterError(f"workers disagree on whether {key} has a momentum buffer")
+            return None
+        return self.ctx.decode(blocks, rows, self._param.device)[:keep]
+
+    def __repr__(self) -> str:
+        return (f"CodedLayer({self.weight_name!r}, out={self.out_features} (padded {self.out_pad}), "
+                f"in={self.in_features} (padded {self.in_pad}), scheme={self.scheme}, code={self.ctx.code})")
+
+
+# ----------------------------------------------------------------- the parameter
+_METADATA = {"size", "dim", "numel", "is_floating_point", "is_complex", "element_size", "stride",
+             "is_contiguous", "data_ptr", "__len__", "requires_grad_", "__hash__", "get_device",
+             "_has_compatible_shallow_copy_type", "untyped_storage", "nelement", "ndimension",
+             "is_signed", "_is_view", "__format__"}
+_VALUE_PROPERTIES = {"T", "mT", "H", "mH", "real", "imag"}  # properties that read the values
+_OVERWRITES = {"copy_", "zero_", "fill_", "normal_", "uniform_", "set_", "trunc_normal_"}
+_SILENT = {"detach", "to", "double", "float", "half", "bfloat16", "cpu", "cuda", "clone", "__reduce_ex__",
+           "__deepcopy__", "__repr__", "type"}
+
+
+class CodedParameter(nn.Parameter):
+    """A weight coded on the workers that stays its module's parameter. ``layer``: its ``CodedLayer``."""
+
+    layer: CodedLayer
+
+    @classmethod
+    def __torch_function__(cls, func: Callable, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        return _dispatch(func, args, kwargs or {})
+
+    def __deepcopy__(self, memo: dict) -> nn.Parameter:
+        """A copy is a plain parameter with the current value (a copied model is a plain model)."""
+        self.layer.refresh()
+        copied = nn.Parameter(self.layer.plain().clone(), requires_grad=self.requires_grad)
+        memo[id(self)] = copied
+        return copied
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        self.layer.refresh()
+        return nn.Parameter, (self.layer.plain().clone(), self.requires_grad)
+
+
+@torch.compiler.disable
+def _dispatch(func: Callable, args: tuple, kwargs: dict) -> Any:
+    name = getattr(func, "__name__", str(func))
+    product = _PRODUCTS.get(func)
+    if product is not None:
+        out = product(args, kwargs)
+        if out is not NotImplemented:
+            return out
+    layers = [a.layer for a in _flat(args, kwargs) if isinstance(a, CodedParameter)]
+    owner = getattr(func, "__self__", None)  # a property's getter/setter: its descriptor
+    if name in ("__get__", "__set__") and owner is not None and getattr(owner, "__name__", "") == "data":
+        return _data_access(name, args)
+    if ((name in ("__get__", "__set__") and getattr(owner, "__name__", "") not in _VALUE_PROPERTIES)
+            or name in _METADATA):
+        with _no_subclass():
+            return func(*args, **kwargs)
+    target = args[0] if args and isinstance(args[0], CodedParameter) else None
+    for layer in layers:
+        if layer is not (target.layer if target is not None else None) or name not in _OVERWRITES:
+            layer.refresh(None if name in _SILENT else name)
+    with _no_subclass():
+        out = func(*args, **kwargs)
+    if target is not None and name in _OVERWRITES:
+        target.layer.fresh = True  # fully overwritten: the master's copy is the new value (shipped next)
+    return out
+
+
+def _data_access(name: str, args: tuple) -> Any:
+    param = args[0]
+    layer: CodedLayer = param.layer
+    if name == "__get__":
+        layer.refresh()
+        with _no_subclass():
+            alias = param.data
+        layer.handed_out(alias)
+        return alias
+    value = args[1]
+    with _no_subclass():
+        old = param.data
+        if tuple(value.shape) != layer.weight_shape:
+            raise ValueError(f"{layer.weight_name} is coded with shape {layer.weight_shape}; assigning "
+                             f".data of shape {tuple(value.shape)} would not fit its blocks; "
+                             "re-parallelize a plain model instead")
+        param.data = value
+    if value.dtype != old.dtype or value.device != old.device or value.data_ptr() != old.data_ptr():
+        layer.scheme.reship(layer, keep_momentum=True)  # e.g. model.to(dtype): blocks in the new dtype
+    return None
+
+
+def _flat(args: Any, kwargs: dict) -> list[Any]:
+    out: list[Any] = []
+    stack = [args, list(kwargs.values())]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (list, tuple)):
+            stack.extend(item)
+        else:
+            out.append(item)
+    return out
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_once(operation: str, weight: str) -> None:
+    if (operation, weight) in _warned:
+        return
+    _warned.add((operation, weight))
+    warnings.warn(f"{operation} on the coded weight {weight} is not a coded product: the weight is "
+                  "decoded from the workers for it (one round after each update); use it through its "
+                  "module or leave it on the master (plan={...: 'master'})", UserWarning, stacklevel=4)
+
+
+# ----------------------------------------------------------------- products
+def _out_dtype(x: Tensor, W: Tensor) -> torch.dtype:
+    """The dtype plain PyTorch's product would answer in (autocast's, or the operands' common one)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    if x.dtype != W.dtype:
+        raise RuntimeError(f"expected both operands of the coded product with {W.layer.weight_name} to "
+                           f"have the same dtype, got {x.dtype} and {W.dtype}; cast the input (or the "
+                           "model with model.to(dtype)), or run under torch.autocast")
+    return W.dtype
+
+
+def coded_matmul(x: Tensor, W: CodedParameter, bias: Tensor | None, transposed_use: bool) -> Tensor:
+    """``x M^T + bias`` over the last axis of ``x`` (``transposed_use``: ``x M + bias``)."""
+    layer = W.layer
+    out_dtype = _out_dtype(x, W)
+    fan_in = layer.out_features if transposed_use else layer.in_features
+    fan_out = layer.in_features if transposed_use else layer.out_features
+    if x.shape[-1] != fan_in:
+        raise RuntimeError(f"{layer.weight_name}: input has {x.shape[-1]} features, the coded product "
+                           f"takes {fan_in}")
+    with torch.autocast(x.device.type, enabled=False):
+        xm = x.reshape(-1, fan_in).to(W.dtype)
+        y = layer.product(xm, transposed_use).reshape(*x.shape[:-1], fan_out)
+        if bias is not None:
+            y = y + bias.to(W.dtype)
+    return y.to(out_dtype)
+
+
+def _linear(args: tuple, kwargs: dict) -> Any:
+    x, W, bias = _bind(F.linear, ("input", "weight", "bias"), args, kwargs)
+    if not isinstance(W, CodedParameter) or isinstance(x, CodedParameter):
+        return NotImplemented
+    return coded_matmul(x, W, bias, transposed_use=W.layer.transposed)  # Conv1D's W = M^T: x W^T = x M
+
+
+def _addmm(args: tuple, kwargs: dict) -> Any:
+    bias, x, W = _bind(torch.addmm, ("input", "mat1", "mat2"), args, kwargs)
+    if (not isinstance(W, CodedParameter) or isinstance(x, CodedParameter)
+            or isinstance(bias, CodedParameter) or kwargs.get("beta", 1) != 1
+            or kwargs.get("alpha", 1) != 1 or "out" in kwargs):
+        return NotImplemented
+    return coded_matmul(x, W, bias, transposed_use=not W.layer.transposed)
+
+
+def _matmul(args: tuple, kwargs: dict) -> Any:
+    if (len(args) != 2 or kwargs or isinstance(args[0], CodedParameter)
+            or not isinstance(args[1], CodedParameter)):
+        return NotImplemented
+    x, W = args
+    if W.dim() != 2 or x.dim() < 2:
+        return NotImplemented
+    return coded_matmul(x, W, None, transposed_use=not W.layer.transposed)
+
+
+def _conv2d(args: tuple, kwargs: dict) -> Any:
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    x, W, bias, stride, padding, dilation, groups = _bind(F.conv2d, names, args, kwargs)
+    if (not isinstance(W, CodedParameter) or isinstance(x, CodedParameter) or groups not in (None, 1)
+            or (isinstance(padding, str) and padding != "valid") or x.dim() != 4):
+        return NotImplemented
+    layer = W.layer
+    pair = nn.modules.utils._pair
+    geometry = dict(kernel_size=tuple(W.shape[2:]), dilation=pair(1 if dilation is None else dilation),
+                    padding=pair(0 if padding in (None, "valid") else padding),
+                    stride=pair(1 if stride is None else stride))
+    B = x.shape[0]
+    ho, wo = (_conv_out(x.shape[2 + i], i, geometry) for i in (0, 1))
+    cols = F.unfold(x, **geometry)  # (B, C*kh*kw, L) patches; autograd's backward is F.fold
+    xm = cols.transpose(1, 2).reshape(B * ho * wo, layer.in_features)
+    ym = coded_matmul(xm, W, None, transposed_use=False)
+    y = ym.reshape(B, ho, wo, layer.out_features).permute(0, 3, 1, 2)
+    return y if bias is None else y + bias.to(y.dtype).view(1, -1, 1, 1)
+
+
+def _conv_out(size: int, i: int, g: dict[str, tuple[int, int]]) -> int:
+    span = g["dilation"][i] * (g["kernel_size"][i] - 1) + 1
+    return (size + 2 * g["padding"][i] - span) // g["stride"][i] + 1
+
+
+_MHA = inspect.signature(F.multi_head_attention_forward)
+
+
+def _attention(args: tuple, kwargs: dict) -> Any:
+    """``F.multi_head_attention_forward`` with coded in- and out-projections: the projections are coded
+    products, and torch's own function runs the attention between them with identity projections
+    (exact: a product by the identity adds only zeros)."""
+    bound = _MHA.bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    coded = [name for name in ("in_proj_weight", "out_proj_weight", "q_proj_weight", "k_proj_weight",
+                                "v_proj_weight") if isinstance(a[name], CodedParameter)]
+    if not coded or any(isinstance(a[n], CodedParameter) for n in ("query", "key", "value")):
+        return NotImplemented
+    E = a["embed_dim_to_check"]
+    q, k, v = a["query"], a["key"], a["value"]
+    if a["use_separate_proj_weight"]:
+        weights = [a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"]]
+    else:
+        W = a["in_proj_weight"]
+        weights = [W, W, W] if not isinstance(W, CodedParameter) else [W] * 3
+    biases = [None] * 3 if a["in_proj_bias"] is None else list(a["in_proj_bias"].chunk(3))
+    if isinstance(weights[0], CodedParameter) and weights[0] is weights[1] is weights[2]:
+        W = weights[0]
+        if q is k and k is v:  # self-attention: one product for q, k and v
+            qkv = coded_matmul(q, W, a["in_proj_bias"], transposed_use=W.layer.transposed)
+            q, k, v = qkv.chunk(3, dim=-1)
+        else:
+            full = [coded_matmul(t, W, None, transposed_use=W.layer.transposed) for t in (q, k, v)]
+            q, k, v = (f[..., i * E:(i + 1) * E] + (0 if b is None else b) for i, (f, b) in
+                       enumerate(zip(full, biases, strict=True)))
+    else:
+        projected = []
+        for i, (t, w, b) in enumerate(zip((q, k, v), weights, biases, strict=True)):
+            if isinstance(w, CodedParameter):
+                projected.append(coded_matmul(t, w, b, transposed_use=w.layer.transposed))
+            else:
+                rows = w if a["use_separate_proj_weight"] else w[i * E:(i + 1) * E]
+                projected.append(F.linear(t, rows, b))
+        q, k, v = projected
+    eye = torch.eye(E, dtype=q.dtype, device=q.device)
+    out_w, out_b = a["out_proj_weight"], a["out_proj_bias"]
+    coded_out = isinstance(out_w, CodedParameter)
+    a.update(query=q, key=k, value=v, in_proj_bias=None, use_separate_proj_weight=True, q_proj_weight=eye,
+             k_proj_weight=eye, v_proj_weight=eye, in_proj_weight=None)
+    if coded_out:
+        a.update(out_proj_weight=eye, out_proj_bias=None)
+    with _no_subclass():
+        out, weights_ = F.multi_head_attention_forward(**a)
+    if coded_out:
+        out = coded_matmul(out, out_w, out_b, transposed_use=out_w.layer.transposed)
+    return out, weights_
+
+
+def _bind(func: Callable, names: tuple[str, ...], args: tuple, kwargs: dict) -> list[Any]:
+    values = list(args[: len(names)]) + [None] * max(0, len(names) - len(args))
+    for i, name in enumerate(names):
+        if name in kwargs:
+            values[i] = kwargs[name]
+    return values
+
+
+_PRODUCTS: dict[Any, Callable[[tuple, dict], Any]] = {
+    F.linear: _linear,
+    torch.addmm: _addmm,
+    Tensor.addmm: _addmm,
+    torch.matmul: _matmul,
+    Tensor.matmul: _matmul,
+    Tensor.__matmul__: _matmul,
+    F.conv2d: _conv2d,
+    torch.conv2d: _conv2d,
+    F.multi_head_attention_forward: _attention,
+}
+
+
+class _CodedProduct(torch.autograd.Function):
+    """``xm (N, fan) -> xm M^T`` (or ``xm M``) through the workers. ``weight`` is the parameter autograd
+    hands the weight gradient to (naive: dW; DEU: None, the scheme keeps the factors of dW)."""
+
+    @staticmethod
+    def forward(ctx: Any, xm: Tensor, weight: Tensor, layer: CodedLayer, transpose: bool) -> Tensor:
+        ctx.layer, ctx.transpose = layer, transpose
+        ctx.save_for_backward(xm)
+        row, col = layer.keys
+        out, ctx.round = layer.round(col if transpose else row, xm)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dym: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        (xm,) = ctx.saved_tensors
+        layer: CodedLayer = ctx.layer
+        dym = dym.contiguous()
+        rounds = {ctx.round.key: ctx.round}  # the rounds of this use of the weight
+        row, col = layer.keys
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx, back = layer.round(row if ctx.transpose else col, dym)
+            rounds[back.key] = back
+        dw = None
+        if ctx.needs_input_grad[1]:
+            X, dY = (dym, xm) if ctx.transpose else (xm, dym)  # dM = dY^T X
+            dw = layer.scheme.weight_grad(layer, X, dY, rounds)
+        return dx, dw, None, None
+
+
+def _refuse_replacing(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    """Assigning a new parameter over a coded weight would leave the model silently half uncoded."""
+    held = module._parameters.get(name)
+    if isinstance(held, CodedParameter) and param is not held:
+        raise AttributeError(
+            f"{held.layer.weight_name} is coded on the workers and cannot be replaced by another parameter; "
+            "set its value with model.load_state_dict(...) or in place (with torch.no_grad(): "
+            "w.copy_(value)), which encodes and ships it")
+
+
+nn.modules.module.register_module_parameter_registration_hook(_refuse_replacing)
+
+
+def coded_parameters(model: nn.Module) -> list[CodedParameter]:
+    seen: dict[int, CodedParameter] = {}
+    for p in model.parameters():
+        if isinstance(p, CodedParameter):
+            seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+__all__ = ["CodedLayer", "CodedParameter", "coded_matmul", "coded_parameters"]

@@ -1,0 +1,212 @@
+"""What the coded weights of one model share: the code, the cluster, the counters and the rounds.
+
+A ``CodedContext`` runs the coded rounds of every coded weight of one model (``product``), sends
+fire-and-forget calls (``send``, batched per worker inside ``batched()``), encodes and decodes with the
+model's code and keeps the phase counters. The coded weights themselves: ``sazd.parallel.coded``.
+Several models may share one cluster: each context's block keys carry its own prefix.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from sazd.codes.base import Code
+from sazd.runtime.cluster import Broadcast, Cluster, ClusterError, PerWorker, resolve_args
+
+if TYPE_CHECKING:
+    from sazd.parallel.coded import CodedLayer
+    from sazd.parallel.schemes import Scheme
+
+
+@dataclass
+class PhaseStats:
+    """Master-side counters of the coded layers, accumulated; diff two snapshots for one iteration."""
+
+    encode_s: float = 0.0
+    decode_s: float = 0.0
+    worker_s: float = 0.0  # in cluster calls: submit + waiting for answers (in-process: the workers' work)
+    update_s: float = 0.0  # the optimizer's own step (naive: every weight; DEU: biases, uncoded layers)
+    rows_encoded: int = 0
+    rows_decoded: int = 0
+    rounds: int = 0
+
+    def snapshot(self) -> dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, eq=False)
+class RoundRecord:
+    """One coded round of a block: the workers asked and the inputs they multiplied (and keep, in
+    ``Worker.last_input``, until the block's next round). DEU reuses them for the step's update."""
+
+    key: str
+    workers: frozenset[int]
+    inputs: Tensor
+
+
+@dataclass(eq=False)
+class PendingUpdate:
+    """What a DEU layer's next optimizer step sends, in one place: the factors (X, dY) of
+    dW = dY^T X of every use since the last step, the factor on them (clipping), and the rounds of
+    the last use (forward, input gradient), whose inputs the workers they asked still hold."""
+
+    factors: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    scale: float | Tensor = 1.0
+    rounds: dict[str, RoundRecord] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.factors)
+
+    def stacked(self) -> tuple[Tensor, Tensor]:
+        """(X, dY) of every use, stacked: dW = dY^T X."""
+        if len(self.factors) == 1:
+            return self.factors[0]
+        return torch.cat([x for x, _ in self.factors]), torch.cat([d for _, d in self.factors])
+
+    def clear(self) -> None:
+        self.factors.clear()
+        self.scale = 1.0
+        self.rounds.clear()
+
+
+class CodedContext:
+    """What all coded weights of one model share: the code, the cluster, the default scheme, the
+    counters, the latest round of every block and the prefix of the model's block keys."""
+
+    live: ClassVar[weakref.WeakSet[CodedContext]] = weakref.WeakSet()  # every model's, while it lives
+
+    def __init__(self, code: Code, cluster: Cluster, scheme: Scheme, model: nn.Module | None = None,
+                 decode_device: torch.device | None = None) -> None:
+        self.code = code
+        self.decode_device = decode_device  # where the master decodes (None: where the activations are)
+        self.cluster = cluster
+        self.scheme = scheme
+        self.model = None if model is None else weakref.ref(model)  # the parallelized model
+        self.left_on_master: dict[str, str] = {}  # layers the plan did not code: why
+        self.stats = PhaseStats()
+        self.layers: dict[str, CodedLayer] = {}  # by coded weight name ("fc1", "attn.in_proj_weight")
+        self.prefix = _claim_prefix(cluster, self)
+        CodedContext.live.add(self)
+        self.rounds: dict[str, RoundRecord] = {}  # block key -> its latest round
+        self._queued: dict[int, list[tuple[str, tuple]]] | None = None  # inside batched(): per worker
+
+    # ------------------------------------------------------------ encoding
+    def encode(self, T: Tensor, rows: int) -> list[Tensor]:
+        """Pad ``T`` with zero rows to ``rows`` (a multiple of k) and encode it into n blocks."""
+        start = time.perf_counter()
+        coded = self.code.encode(pad_rows(T, rows))
+        self.stats.encode_s += time.perf_counter() - start
+        self.stats.rows_encoded += rows
+        return coded
+
+    def decode(self, results: dict[int, Tensor], rows: int, device: torch.device,
+               dtype: torch.dtype | None = None) -> Tensor:
+        """The product from the workers' ``results``, on ``device`` in ``dtype`` (default: the results'),
+        decoded on ``decode_device`` when set."""
+        start = time.perf_counter()
+        where = device if self.decode_device is None else self.decode_device
+        out = self.code.decode({j: r.to(where) for j, r in results.items()}, rows=rows, out_dtype=dtype)
+        out = out.to(device)
+        self.stats.decode_s += time.perf_counter() - start
+        self.stats.rows_decoded += rows
+        return out
+
+    # -------------------------------------------------------------- rounds
+    def product(self, key: str, x: Tensor, rows: int) -> tuple[Tensor, RoundRecord]:
+        """One coded round: the workers multiply their block ``key`` by ``x``; the first k answers
+        decode into the (padded) product with ``rows`` rows. Returns it with the round's record."""
+        start = time.perf_counter()
+        answers = self.cluster.compute("matmul", Broadcast((key, x)), self.code.k, self.code.can_decode)
+        self.stats.worker_s += time.perf_counter() - start
+        self.stats.rounds += 1
+        record = self.rounds[key] = RoundRecord(key, answers.workers, x)
+        return self.decode(answers.results, rows, x.device, x.dtype), record
+
+    def send(self, method: str, args: Broadcast | PerWorker, workers: Sequence[int] | None = None) -> None:
+        """Fire-and-forget call to ``workers`` (default: every live one); calls to a worker run in order.
+        Inside ``batched()`` the call is queued and goes out with the others when the block ends."""
+        workers = self.cluster.alive() if workers is None else list(workers)
+        if self._queued is not None:
+            per_worker, _ = resolve_args(args, workers, self.code.n)
+            for j in workers:
+                self._queued.setdefault(j, []).append((method, per_worker[j]))
+            return
+        start = time.perf_counter()
+        self.cluster.submit(method, args, workers)
+        self.stats.worker_s += time.perf_counter() - start
+
+    @contextmanager
+    def batched(self) -> Iterator[None]:
+        """Send the calls made inside as one ``Worker.batch`` call per worker (fewer messages; e.g. all
+        layers' DEU updates of a step). Nothing is sent if the block raises."""
+        if self._queued is not None:
+            yield
+            return
+        self._queued = {}
+        try:
+            yield
+            alive = set(self.cluster.alive())
+            queued = {j: calls for j, calls in self._queued.items() if j in alive}
+        finally:
+            self._queued = None
+        if queued:
+            self.send("batch", PerWorker({j: (calls,) for j, calls in queued.items()}), sorted(queued))
+
+    def check_alive(self) -> None:
+        alive = self.cluster.alive()
+        if not self.code.can_decode(alive):
+            raise ClusterError(f"only workers {alive} are alive, too few to decode (k={self.code.k})")
+
+    def fetch_state(
+        self, keys: list[str], exclude: Sequence[int] = (), every: bool = False
+    ) -> dict[int, dict[str, dict[str, Tensor]]]:
+        """Coded weights and momentum of ``keys`` from the first decodable set of live workers
+        (``every``: from every live one, e.g. to keep each worker's blocks)."""
+        start = time.perf_counter()
+        rnd = self.cluster.submit("state", Broadcast((keys,)),
+                                  [j for j in self.cluster.alive() if j not in exclude])
+        if every:
+            states = self.cluster.wait_all(rnd)
+            if not self.code.can_decode(list(states)):
+                raise ClusterError(f"only workers {sorted(states)} answered, too few to decode "
+                                   f"(k={self.code.k})")
+        else:
+            states = self.cluster.first_k(rnd, self.code.k, enough=self.code.can_decode)
+        self.stats.worker_s += time.perf_counter() - start
+        return states
+
+
+def _claim_prefix(cluster: Cluster, ctx: CodedContext) -> str:
+    """A block-key prefix no other live model on ``cluster`` uses: "" for the first, "m1:", "m2:"...
+    after it, so two models with the same layer names never read each other's blocks."""
+    owners: dict[str, weakref.ref] = cluster.__dict__.setdefault("_sazd_models", {})
+    index = 0
+    while True:
+        prefix = "" if index == 0 else f"m{index}:"
+        owner = owners.get(prefix)
+        if owner is None or owner() is None:
+            owners[prefix] = weakref.ref(ctx)
+            return prefix
+        index += 1
+
+
+def pad_rows(T: Tensor, rows: int) -> Tensor:
+    """``T`` with zero rows appended up to ``rows`` rows (no copy when nothing to pad)."""
+    extra = rows - T.shape[0]
+    if extra == 0:
+        return T
+    return torch.cat([T, T.new_zeros((extra, *T.shape[1:]))])
+
+
+def round_up(x: int, k: int) -> int:
+    return -(-x // k) * k
+
+
