@@ -130,8 +130,8 @@ def fuzz(cases: int, seed: int) -> tuple[Counter, list[str]]:
 
 
 def test_no_decode_is_silently_wrong_or_noise():
-    counts, examples = fuzz(cases=600, seed=1)
-    assert counts["ok"] > 300 and counts["refused"] + counts["warned"] > 10, counts
+    counts, examples = fuzz(cases=400, seed=1)
+    assert counts["ok"] > 200 and counts["refused"] > 5 and counts["warned"] > 5, counts
     assert not examples, "\n".join(examples)
 
 

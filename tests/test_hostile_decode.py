@@ -331,3 +331,15 @@ def test_decode_report_and_certify_flag_check_their_arguments():
     with pytest.warns(NonFiniteResultWarning, match=r"workers \[1\]"):
         report = code.decode_report(got)
     assert report.certificate.workers == (0, 2, 3, 4, 5) and 0 < report.error_bound < 1e-5
+
+
+def test_uncertified_decodes_still_treat_nan_results_as_erasures_and_refuse_overflow():
+    code = SAZD(6, 4)
+    exact, got = products(code, dtype=F32)
+    got = [t.clone() for t in got]
+    got[0][1, 2] = math.inf
+    with pytest.warns(NonFiniteResultWarning, match=r"workers \[0\]"):
+        assert relative_error(code.decode(dict(enumerate(got)), certify=False), exact) < 1e-5
+    huge = {j: torch.full((4, 3), 3e38, dtype=F32) * (1 - 2 * (j % 2)) for j in range(2, 8)}
+    with pytest.raises(DecodeError, match=r"refusing to decode.*overflowed"):
+        GaussianMDS(8, 6).decode(huge, certify=False)

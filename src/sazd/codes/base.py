@@ -338,18 +338,23 @@ class Code(ABC):
         cdtype = compute_dtype(ref.dtype)
         # contiguous(): hooks may view results flat; it copies only strided or transposed ones
         usable = {j: t.detach().to(cdtype).contiguous() for j, t in results.items()}
-        norms = frobenius_norms(list(usable.values()))  # one read of the results; NaN/Inf show here
-        bad = [j for j, norm in zip(usable, norms, strict=True) if not math.isfinite(norm)]
+        # Certifying reads the results once for their norm, which also shows NaN/Inf; uncertified,
+        # the results are searched for them only when the product is not finite.
+        norms = frobenius_norms(list(usable.values())) if certify else None
+        bad = [] if norms is None else [j for j, v in zip(usable, norms, strict=True) if not math.isfinite(v)]
+        if not bad:
+            trailing = tuple(ref.shape[1:])
+            out = torch.empty((self.k, r, *trailing), dtype=cdtype, device=ref.device)
+            with torch.no_grad():  # not differentiated through (coded layers have their own backward)
+                self._decode_blocks(usable, r, out)
+            (product_norm,) = frobenius_norms([out])
+            if not math.isfinite(product_norm) and norms is None:
+                bad = [j for j, t in usable.items() if not bool(torch.isfinite(t).all())]
         if bad:
             good = self._drop_non_finite(results, bad)
             return self.decode_report(
                 good, rows=r * self.k, allow_unstable=allow_unstable, out_dtype=out_dtype, certify=certify
             )
-        trailing = tuple(ref.shape[1:])
-        out = torch.empty((self.k, r, *trailing), dtype=cdtype, device=ref.device)
-        with torch.no_grad():  # decoding is not differentiated through (coded layers have own backward)
-            self._decode_blocks(usable, r, out)
-        (product_norm,) = frobenius_norms([out])
         workers = tuple(sorted(results))
         if not math.isfinite(product_norm):
             raise DecodeError(
@@ -358,7 +363,7 @@ class Code(ABC):
                 f"per block, or the results are too large for {ref.dtype}; {self.stability_hint}"
             )
         product = out.reshape(self.k * r, *trailing).to(ref.dtype if out_dtype is None else out_dtype)
-        if not certify:
+        if norms is None:
             return DecodeReport(product, math.nan, None)
         cert = self._certificate(workers, r, ref.dtype, ref.device)
         error = cert.bound_for(math.sqrt(sum(norm * norm for norm in norms)), product_norm)
