@@ -3,9 +3,11 @@
 The sweep below decodes real worker products (``coded[j] @ X`` in the results' dtype) of every code
 for many (n, k), straggler sets and block lengths up to 8192 rows, and checks each decode against the
 exact float64 product: a returned result is within the warning bound (1e-3; for bf16 the bound
-derived from its unit roundoff) unless an ``UnstableDecodeWarning`` was raised, and no returned
-result is off by 1 or more (those sets raise ``DecodeError``). The straggler sets always include the
-worst set certification finds for that code and r, so the sample cannot miss the hard cases.
+derived from its unit roundoff) unless an ``UnstableDecodeWarning`` was raised, no returned result is
+off by 1 or more (those sets raise ``DecodeError``), and none is off by more than the bound its
+``decode_report`` certifies. The straggler sets always include the worst set certification finds for
+that code and r, so the sample cannot miss the hard cases. tests/test_decode_fuzz.py adds data of
+other shapes (large-mean, ramp, block-scaled).
 """
 
 from __future__ import annotations
@@ -25,7 +27,15 @@ from sazd.codes import (
     get_code,
     warning_bound,
 )
-from sazd.codes.base import PROBE_MARGIN, REFUSE_ERROR, relative_error, straggler_sets
+from sazd.codes.base import (
+    PROBE_KINDS,
+    PROBE_MARGIN,
+    REFUSE_ERROR,
+    DecodeReport,
+    relative_error,
+    straggler_sets,
+)
+from test_decode_fuzz import own_noise
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 
@@ -89,30 +99,40 @@ def test_every_decode_is_accurate_or_warned_or_refused(name, opts, n, k, r, dtyp
     products = [c @ X.to(dtype) for c in code.encode(W.to(dtype))]
     bound = warning_bound(dtype)
     for subset in sets_for(code, r, dtype, random.Random(r + n)):
+        results = {j: products[j] for j in subset}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                decoded = code.decode({j: products[j] for j in subset})
+                report = code.decode_report(results)
             except DecodeError as err:
                 assert "refusing to decode" in str(err) and code.stability_hint in str(err)
-                assert code.certify(subset, k * r, dtype).refused
+                if "overflowed" not in str(err):  # else nothing to return, even when asked to
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", UnstableDecodeWarning)
+                        assert code.decode_report(results, allow_unstable=True).error_bound >= REFUSE_ERROR
                 continue
-        err = relative_error(decoded, exact)
+        err = relative_error(report.product, exact)
         warned = any(issubclass(w.category, UnstableDecodeWarning) for w in caught)
         where = f"{code!r} r={r} {dtype} set {subset}"
         assert err < REFUSE_ERROR, f"{where}: returned a result with error {err:.2e}"
         assert err <= bound or warned, f"{where}: error {err:.2e} > {bound:.1e} without a warning"
-        assert decoded.dtype == dtype and decoded.shape == exact.shape
+        # the bound holds for results as accurate as the probes' (its precondition): scale it where not
+        allowed = report.error_bound * max(1.0, own_noise(code, W, X, results) / report.certificate.noise)
+        assert err <= allowed, f"{where}: error {err:.2e} > its bound {allowed:.1e}"
+        assert warned == (report.status == "unstable")
+        assert report.product.dtype == dtype and report.product.shape == exact.shape
 
 
-def test_the_certificate_is_the_probe_error_and_is_cached():
+def test_the_certificate_holds_every_probe_and_is_cached():
     code = SAZD(12, 8, shift_unit=1)  # four parity workers: some sets peel with a large amplification
     workers = (0, 2, 4, 6, 8, 9, 10, 11)  # blocks 1, 3, 5, 7 missing, parities 0..3
     cert = code.certify(workers, 8 * 64, F32)
     assert isinstance(cert, Certificate)
     assert cert.workers == workers and cert.rows_per_block == 64 and cert.dtype == F32
     assert cert.device_type == "cpu" and cert.bound == 1e-3
-    assert cert.error == PROBE_MARGIN * cert.probe_error > 0
+    assert len(cert.probe_errors) == len(PROBE_KINDS) and all(e > 0 for e in cert.probe_errors)
+    assert cert.error == PROBE_MARGIN * cert.probe_error == PROBE_MARGIN * max(cert.probe_errors)
+    assert cert.amplification > 0
     assert code.certify(list(reversed(workers)), 8 * 64, F32) is cert  # cached, order-free
     assert code.certify(workers, 8 * 64, F64) is not cert  # one per dtype
     assert code.certify(workers, 8 * 64, F64).error < cert.error
@@ -120,19 +140,52 @@ def test_the_certificate_is_the_probe_error_and_is_cached():
     assert code.certify(workers, 8 * 1024, F32).error > cert.error
 
 
+def test_the_bound_follows_the_data_a_large_mean_gets_a_larger_bound_that_still_holds():
+    code = SAZD(10, 8)
+    workers = (0, 1, 2, 3, 4, 5, 8, 9)  # blocks 6 and 7 from both parities
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(32, 4, generator=gen, dtype=F64)
+    bounds = []
+    for mean in (0.0, 1e2, 1e4):
+        W = mean + torch.randn(8 * 256, 32, generator=gen, dtype=F64)
+        coded = code.encode(W.float())
+        report = code.decode_report({j: coded[j] @ X.float() for j in workers})
+        assert isinstance(report, DecodeReport) and report.certificate is code.certify(workers, 8 * 256)
+        results = {j: coded[j] @ X.float() for j in workers}
+        err = relative_error(report.product, W @ X)
+        assert err <= report.error_bound * max(1.0, own_noise(code, W, X, results) / report.certificate.noise)
+        bounds.append(report.error_bound)
+    assert bounds[0] < bounds[1] < bounds[2] < 1e-3  # coded blocks grow with the mean faster than W @ X
+
+
+def test_decode_report_bound_is_zero_for_zero_results_and_certify_false_skips_the_probe():
+    code = SAZD(6, 4)
+    zeros = {j: torch.zeros(code.block_rows(8)[j], 3) for j in (0, 1, 4, 5)}
+    report = code.decode_report(zeros)
+    assert report.error_bound == 0.0 and report.status == "certified" and not report.product.any()
+    fresh = SAZD(6, 4)
+    coded = fresh.encode(torch.randn(32, 5))
+    got = {j: coded[j] for j in (0, 2, 4, 5)}
+    plain = fresh.decode_report(got, certify=False)
+    assert plain.certificate is None and math.isnan(plain.error_bound) and plain.status == "uncertified"
+    assert "_certificates" not in fresh.__dict__  # no probe was decoded
+    assert torch.equal(plain.product, fresh.decode(got))  # certification never changes the result
+    with pytest.raises(TypeError, match="certify must be True or False"):
+        fresh.decode(got, certify="no")
+
+
 def test_unstable_sets_warn_once_per_key_and_name_the_set_the_error_and_the_fix():
     code = get_code("sazd", 10, 8, systematic=False, shift_unit=1)
     W = torch.randn(8 * 64, 16, dtype=F64)
     coded = code.encode(W.float())
     got = {j: coded[j] for j in range(2, 10)}
-    cert = code.certify(got, 8 * 64, F32)
-    assert cert.status == "unstable"
+    assert code.certify(got, 8 * 64, F32).status == "unstable"
     with pytest.warns(UnstableDecodeWarning) as record:
-        decoded = code.decode(got)
+        report = code.decode_report(got)
     (message,) = [str(w.message) for w in record if issubclass(w.category, UnstableDecodeWarning)]
-    assert "[2, 3, 4, 5, 6, 7, 8, 9]" in message and f"{cert.error:.1e}" in message
-    assert code.stability_hint in message
-    assert 1e-4 < relative_error(decoded, W) < 1.0
+    assert "[2, 3, 4, 5, 6, 7, 8, 9]" in message and f"{report.error_bound:.1e}" in message
+    assert code.stability_hint in message and report.status == "unstable"
+    assert 1e-4 < relative_error(report.product, W) <= report.error_bound < 1.0
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnstableDecodeWarning)
         code.decode(got)  # already warned for this key: silent, and as fast as any other decode
@@ -145,8 +198,9 @@ def test_refused_sets_raise_every_time_and_allow_unstable_is_an_explicit_opt_out
     for _ in range(2):
         with pytest.raises(DecodeError, match=r"refusing to decode.*\[2, 3, 4, 5, 6, 7, 8, 9\].*chebyshev"):
             code.decode(got)
-    with pytest.warns(UnstableDecodeWarning, match="relative error of about"):
-        assert code.decode(got, allow_unstable=True).shape == (8 * 32, 4)
+    with pytest.warns(UnstableDecodeWarning, match="certified relative error of"):
+        report = code.decode_report(got, allow_unstable=True)
+    assert report.product.shape == (8 * 32, 4) and report.status == "refused"
 
 
 def test_verify_report_agrees_with_certification():

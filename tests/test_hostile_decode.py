@@ -285,3 +285,61 @@ def test_certify_refuses_bad_dtypes_devices_and_undecodable_sets():
         code.certify((0, 1, 2), 3, F32, device=0.5)
     with pytest.raises(DecodeError, match=r"workers \[0, 1, 3\] cannot decode"):
         code.certify((0, 3, 1), 3)
+
+
+# ------------------------------------------------------------------- overflow when encoding
+@pytest.mark.parametrize(("n", "k"), [(32, 31), (32, 27), (30, 29)])
+def test_integer_node_poly_that_would_overflow_float32_is_refused_at_construction(n, k):
+    with pytest.raises(ValueError, match=rf"Poly\(n={n}, k={k}\).*overflow to inf.*chebyshev"):
+        Poly(n, k)
+    # the systematic form's generator is in range (its hopeless decodes are refused by certification)
+    for code in (Poly(n, k, nodes="chebyshev"), get_code("poly", n, k, systematic=True)):
+        assert all(bool(torch.isfinite(c).all()) for c in code.encode(torch.randn(k * 2, 3)))
+
+
+def test_the_largest_integer_node_poly_that_fits_float32_still_encodes_finite_weights():
+    code = Poly(32, 26)  # 32**25 = 4e37: in range
+    coded = code.encode(torch.rand(26 * 2, 3) * 0.5)
+    assert all(bool(torch.isfinite(c).all()) for c in coded)
+
+
+def test_encode_refuses_results_that_overflow_instead_of_returning_inf():
+    W = torch.full((8 * 2, 3), 1e38)
+    for code in (SAZD(10, 8), SAZD(10, 8, systematic=False), get_code("cyclic", 10, 8), Poly(10, 8)):
+        with pytest.raises(ValueError, match=r"W \(largest entry 1.0e\+38.*overflowed torch\.float32"):
+            code.encode(W)
+        assert all(bool(torch.isfinite(c).all()) for c in code.encode(W.double()))
+    with pytest.raises(ValueError, match=r"overflowed torch\.float16.*encode in float64"):
+        Poly(10, 8).encode(torch.ones(8 * 2, 3, dtype=torch.float16))  # 10**7 > 65504
+    nan = torch.randn(8 * 2, 3)
+    nan[0, 0] = math.nan  # non-finite weights are the caller's: passed through, decoded as erasures
+    assert not bool(torch.isfinite(SAZD(10, 8).encode(nan)[8]).all())
+
+
+def test_decode_report_and_certify_flag_check_their_arguments():
+    code = SAZD(6, 4)
+    coded = code.encode(torch.randn(16, 3))
+    got = {j: coded[j] for j in (0, 1, 2, 3)}
+    for bad in ("yes", 1, None):
+        with pytest.raises(TypeError, match="certify must be True or False"):
+            code.decode_report(got, certify=bad)
+    with pytest.raises(DecodeError, match="need results from at least k=4"):
+        code.decode_report({0: coded[0]})
+    # NaN results: an erasure here too, and the bound is that of the remaining set
+    got = {j: coded[j].clone() for j in range(6)}
+    got[1][0, 0] = math.nan
+    with pytest.warns(NonFiniteResultWarning, match=r"workers \[1\]"):
+        report = code.decode_report(got)
+    assert report.certificate.workers == (0, 2, 3, 4, 5) and 0 < report.error_bound < 1e-5
+
+
+def test_uncertified_decodes_still_treat_nan_results_as_erasures_and_refuse_overflow():
+    code = SAZD(6, 4)
+    exact, got = products(code, dtype=F32)
+    got = [t.clone() for t in got]
+    got[0][1, 2] = math.inf
+    with pytest.warns(NonFiniteResultWarning, match=r"workers \[0\]"):
+        assert relative_error(code.decode(dict(enumerate(got)), certify=False), exact) < 1e-5
+    huge = {j: torch.full((4, 3), 3e38, dtype=F32) * (1 - 2 * (j % 2)) for j in range(2, 8)}
+    with pytest.raises(DecodeError, match=r"refusing to decode.*overflowed"):
+        GaussianMDS(8, 6).decode(huge, certify=False)

@@ -7,7 +7,9 @@ every operation once, so load changes hit all of them alike); each figure is the
 ``--repeats`` after ``--warmup``.
 Decoding uses exactly k results: the systematic workers minus a window of ``s`` adjacent missing
 blocks (the last s: the longest zigzag chains), plus the first s parity workers. Decode plans are
-cached by the codes, so warmup also covers planning.
+cached by the codes, so warmup also covers planning. Every decode is also timed uncertified
+(``certify=False``) in the same round-robin, and the report puts the two side by side (best of the
+repeats): what certification costs per decode once its probes are cached.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from sazd.measure.table import table
 from sazd.measure.timing import Timed, alternate
 
 DEFAULT_CODES = ("sazd", "cyclic", "poly", "poly:nodes=chebyshev", "poly:systematic=true", "gaussian")
+UNCERTIFIED = ", uncertified"  # suffix of the op timing the same decode with certify=False
 QUICK = {"rows": 256, "cols": 32, "repeats": 3, "warmup": 1}
 
 
@@ -69,6 +72,10 @@ class Op(Timed):
         return self.median_s
 
     @property
+    def best_seconds(self) -> float:
+        return min(self.times)
+
+    @property
     def gbps(self) -> float:
         return self.out_bytes / self.seconds / 1e9
 
@@ -102,14 +109,14 @@ def build_ops(spec: CodeSpec, args: argparse.Namespace, W: Any, missing: list[in
         decoded = code.decode(results, allow_unstable=True)
         error = float((decoded.double() - W.double()).abs().max())
         solved = s * r if code.is_systematic else args.k * r
-        timed = functools.partial(code.decode, results, allow_unstable=True)
-        ops.append(
-            Op(spec.label, f"decode {s} missing", timed, {
-                "bytes_read": sum(block_rows[j] for j in received) * args.cols * item,
-                "bytes_written": in_bytes, "rows_written": args.k * r, "rows_solved": solved,
-                "max_abs_error": error,
-            })
-        )  # fmt: skip
+        counters = {
+            "bytes_read": sum(block_rows[j] for j in received) * args.cols * item,
+            "bytes_written": in_bytes, "rows_written": args.k * r, "rows_solved": solved,
+            "max_abs_error": error,
+        }  # fmt: skip
+        for suffix, certify in (("", True), (UNCERTIFIED, False)):
+            timed = functools.partial(code.decode, results, allow_unstable=True, certify=certify)
+            ops.append(Op(spec.label, f"decode {s} missing{suffix}", timed, counters))
     return ops
 
 
@@ -145,6 +152,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     rows = []
     for op in ops:
+        if op.op.endswith(UNCERTIFIED):  # reported next to its certified twin only
+            continue
         ref = clones[op.out_bytes]
         rows.append({
             "code": op.code, "op": op.op, "out_mb": op.out_bytes / 1e6, "median_ms": op.seconds * 1e3,
@@ -159,7 +168,21 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         },
         "results": rows,
         "speedups": speedups(rows),
+        "certification": certification_cost(ops),
     }  # fmt: skip
+
+
+def certification_cost(ops: list[Op]) -> list[dict[str, Any]]:
+    """Each decode next to the same decode uncertified: best times (ms) of the alternating repeats."""
+    plain = {(op.code, op.op): op for op in ops if op.op.endswith(UNCERTIFIED)}
+    out = []
+    for op in ops:
+        other = plain.get((op.code, op.op + UNCERTIFIED))
+        if other is not None:
+            out.append({"code": op.code, "op": op.op, "certified_ms": op.best_seconds * 1e3,
+                        "uncertified_ms": other.best_seconds * 1e3,
+                        "ratio": op.best_seconds / other.best_seconds})  # fmt: skip
+    return out
 
 
 def speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -193,6 +216,12 @@ def format_report(report: dict[str, Any]) -> str:
     ]  # fmt: skip
     for s in report["speedups"]:
         lines.append(f"{s['op']:<17} {s['code']} is {s['speedup']:.2f}x as fast as {s['vs']}")
+    if report["certification"]:
+        lines += ["", f"certified vs uncertified decode, best of {cfg['repeats']} alternating repeats:",
+                  f"{'code':<22} {'op':<17} {'certified ms':>12} {'uncertified ms':>14} {'ratio':>6}"]
+        for c in report["certification"]:
+            lines.append(f"{c['code']:<22} {c['op']:<17} {c['certified_ms']:>12.3f} "
+                         f"{c['uncertified_ms']:>14.3f} {c['ratio']:>6.2f}")
     return "\n".join(lines)
 
 

@@ -5,15 +5,18 @@ rows each and encodes them into ``n`` coded blocks. Because coding acts on rows 
 product ``coded[j] @ X`` is the coded version of ``W @ X``; ``decode`` turns the products of any
 ``k`` workers back into ``W @ X``.
 
-Certified decoding: how much a decode amplifies the rounding errors of the workers' products depends
-only on the code, the set of workers used, the rows per block ``r``, the results' dtype and the device
--- never on the data. So the first decode of each such key also decodes a small random probe (exact
-float64 coded blocks, rounded to the results' dtype and multiplied in it, as a worker's product
-is) and measures its relative error against the exact float64 answer; ``PROBE_MARGIN`` times that
-is the key's ``Certificate``, cached for every later decode. Above ``warning_bound(dtype)`` the
-decode warns once (``UnstableDecodeWarning``); from ``REFUSE_ERROR`` on, or when the probe comes
-out NaN/Inf, it refuses (``DecodeError``), so noise is never returned as a result. See
-docs/certified-decoding.md.
+Certified decoding: every decode returns with a bound on its own relative error against the exact
+product, ``margin x amplification x ||results|| / ||product||``. The amplification (absolute decode
+error per unit of the results' norm) depends on the code, the set of workers used, the rows per block
+``r``, the results' dtype and the device, and on the shape of the data only within what the probes
+span; so the first decode of each such key decodes probes of four kinds of data at once (zero-mean,
+large-mean, ramp and block-scaled blocks; exact float64 coded blocks rounded to the results' dtype
+and multiplied in it, as a worker's product is), and keeps the largest ratio in the key's
+``Certificate``. Every decode then scales it by the norms of its own results and product (data whose
+coded blocks are large next to the product, e.g. a large mean, get a larger bound). Above
+``warning_bound(dtype)`` the decode warns once per key (``UnstableDecodeWarning``); from
+``REFUSE_ERROR`` on, or when a probe comes out NaN/Inf, it refuses (``DecodeError``), so noise is
+never returned as a result. See docs/certified-decoding.md.
 """
 
 from __future__ import annotations
@@ -38,12 +41,19 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 WARN_ERROR = 1e-3  # certified errors above this (or above 16 unit roundoffs of a half dtype) warn
 REFUSE_ERROR = 1.0  # ... and from this one on the result would be noise: refused
 HALF_ROUNDOFFS = 16  # a stable decode of half-precision products stays within 16 unit roundoffs
-PROBE_COLUMNS = 4  # probe columns; more for short blocks, so that it holds >= PROBE_VALUES values
-PROBE_VALUES = 4096
-PROBE_INNER = 8  # inner dimension of the probe's products
-# The certified error is this multiple of the probe's: the same decode of other data measured up to
-# 1.2x the probe's error in 99 % of cases and 3x at worst (tiny results; docs/certified-decoding.md).
-PROBE_MARGIN = 2
+PROBE_KINDS = ("zero-mean", "large-mean", "ramp", "block-scaled")  # the data each probe holds
+PROBE_MEAN = 1000.0  # the large-mean probe: mean / standard deviation
+PROBE_BLOCK_SCALES = 1e3  # the block-scaled probe: blocks scaled from 1/this to 1
+PROBE_VALUES = 4096  # each probe holds at least this many values (more columns for short blocks)
+PROBE_INNER = 8  # inner dimension of the probes' products
+# The certified bound is this multiple of the probes' amplification: the spread between probes and other
+# data of the same kind (tiny results, rounding that happens to align; docs/certified-decoding.md).
+PROBE_MARGIN = 8
+# Where a code knows its decode's operator norm, the certified amplification is at least that norm times
+# the results' own rounding per unit of their norm, as measured on the probes and never below this many
+# float64 unit roundoffs (a float64 probe multiplies exactly as its float64 reference does, so it cannot
+# see the rounding of a longer sum).
+PRODUCT_ROUNDOFFS = 8
 PROBE_SEED = 0
 CERTIFICATE_LIMIT = 4096  # certificates kept per code (one per worker set, r, dtype and device type)
 
@@ -86,9 +96,18 @@ def warning_bound(dtype: torch.dtype) -> float:
 class Certificate:
     """The certified decode error of one straggler set: what ``Code.certify`` returns and ``decode`` checks.
 
-    ``probe_error`` is the measured relative error of decoding the probe (``inf`` when it came out
-    NaN or Inf); ``error = PROBE_MARGIN * probe_error`` the certified error; ``bound`` the warning
-    bound for ``dtype``. A decode warns when ``error > bound`` and refuses when ``error >= REFUSE_ERROR``.
+    ``probe_errors``: the measured relative error of each probe (one per ``PROBE_KINDS``; ``inf`` when
+    it came out NaN or Inf). ``amplification``: the certified absolute decode error per unit of the
+    Frobenius norm of the results used: ``PROBE_MARGIN`` times the largest a probe measured, and at
+    least the results' own rounding (per unit norm, at least ``PRODUCT_ROUNDOFFS`` float64 unit
+    roundoffs) times the decode's operator norm where the code knows it (1 where not). ``noise``:
+    that rounding of the probes' results, per unit of their norm -- the bound holds for results as
+    accurate as that; a product that is less accurate by itself (a long inner dimension summing terms
+    that cancel: an uncoded product carries that error too) carries it into the decode amplified.
+    ``error = PROBE_MARGIN * max(probe_errors)`` is the certified error for data like the probes;
+    ``bound_for`` the certified error of one decode, from its own norms. ``bound``: the warning bound
+    for ``dtype``. A decode warns when its certified error exceeds ``bound`` and refuses from
+    ``REFUSE_ERROR`` on.
     """
 
     code: str
@@ -96,35 +115,81 @@ class Certificate:
     rows_per_block: int
     dtype: torch.dtype
     device_type: str
-    probe_error: float
+    probe_errors: tuple[float, ...]
+    amplification: float
+    noise: float
     bound: float
+
+    @property
+    def probe_error(self) -> float:
+        """The largest relative error measured on a probe."""
+        return max(self.probe_errors)
 
     @property
     def error(self) -> float:
         return PROBE_MARGIN * self.probe_error
 
+    def bound_for(self, results_norm: float, product_norm: float) -> float:
+        """Certified relative error of a decode whose used results have Frobenius norm ``results_norm``
+        and whose decoded product has ``product_norm``: the absolute error is at most
+        ``e = amplification * results_norm``, and against the exact product (whose norm is at least
+        ``product_norm - e``) that is a relative error of ``e / (product_norm - e)``."""
+        e = self.amplification * results_norm
+        if e == 0:
+            return 0.0
+        return e / (product_norm - e) if e < product_norm else math.inf
+
     @property
     def status(self) -> str:
         """"certified", "unstable" (decodes with a warning) or "refused" (decode raises)."""
-        if self.error <= self.bound:
-            return "certified"
-        return "unstable" if self.error < REFUSE_ERROR else "refused"
+        return status_of(self.error, self.bound)
 
     @property
     def refused(self) -> bool:
         return not self.error < REFUSE_ERROR
 
-    def describe(self) -> str:
+    def describe(self, error: float | None = None) -> str:
+        """The set, its certified error (``error``: one decode's; default: the probes') and the bounds."""
         if math.isinf(self.probe_error):
-            measured = "an infinite relative error (its probe decoded to NaN/Inf)"
-        else:
+            kind = PROBE_KINDS[self.probe_errors.index(math.inf)]
+            measured = f"an infinite relative error (its {kind} probe decoded to NaN/Inf)"
+        elif error is None:
+            worst = PROBE_KINDS[self.probe_errors.index(self.probe_error)]
             measured = (f"a relative error of about {self.error:.1e} ({PROBE_MARGIN} x the "
-                        f"{self.probe_error:.1e} measured on a probe)")
+                        f"{self.probe_error:.1e} measured on its {worst} probe)")
+        else:
+            measured = (f"a certified relative error of {error:.1e} for these results (amplification "
+                        f"{self.amplification:.1e} x the results' norm / the product's; its probes "
+                        f"measured up to {self.probe_error:.1e})")
         return (
             f"decoding from workers {list(self.workers)} with {self.code} at r={self.rows_per_block} rows "
             f"per block in {self.dtype} has {measured}; warning bound {self.bound:.1e}, refusal from "
             f"{REFUSE_ERROR:g}"
         )
+
+
+def status_of(error: float, bound: float) -> str:
+    """"certified" (error <= bound), "unstable" (below ``REFUSE_ERROR``) or "refused"."""
+    if error <= bound:
+        return "certified"
+    return "unstable" if error < REFUSE_ERROR else "refused"
+
+
+@dataclass(frozen=True)
+class DecodeReport:
+    """What ``Code.decode_report`` returns: the decoded product and the certified bound on its relative
+    error against the exact product (``nan`` and no certificate when decoded with ``certify=False``)."""
+
+    product: Tensor
+    error_bound: float
+    certificate: Certificate | None
+
+    @property
+    def status(self) -> str:
+        """"certified", "unstable", "refused" (returned only with ``allow_unstable``) or "uncertified"."""
+        if self.certificate is None:
+            return "uncertified"
+        return status_of(self.error_bound, self.certificate.bound)
 
 
 @dataclass(frozen=True)
@@ -190,12 +255,10 @@ class Code(ABC):
         """``blocks`` has shape (k, r, *trailing); return n coded blocks."""
 
     @abstractmethod
-    def _decode_blocks(self, results: dict[int, Tensor], r: int, out: Tensor) -> Sequence[int] | None:
+    def _decode_blocks(self, results: dict[int, Tensor], r: int, out: Tensor) -> None:
         """Write the k source blocks into ``out`` (shape (k, r, *trailing)) from >= k results.
 
-        Results are contiguous, in ``out``'s dtype, and must not be modified. Return the blocks whose
-        finiteness certifies every result used (blocks computed from all of them), or None to have
-        every block checked: NaN/Inf checks then cost no extra pass.
+        Results are contiguous, finite, in ``out``'s dtype, and must not be modified.
         """
 
     def _source_rows(self, worker: int, rows: int) -> int:
@@ -231,48 +294,81 @@ class Code(ABC):
         blocks = W.reshape(self.k, r, *W.shape[1:])
         coded = self._encode_blocks(blocks)
         assert len(coded) == self.n
+        finite = all(map(math.isfinite, frobenius_norms(coded)))
+        if not finite and all(map(math.isfinite, frobenius_norms([W]))):
+            largest = float(W.abs().max())
+            raise ValueError(
+                f"encoding W (largest entry {largest:.1e} in magnitude) with {self!r} overflowed {W.dtype}: "
+                f"a coded block is Inf or NaN although W is finite; scale W down, encode in float64, or "
+                f"{self.stability_hint}"
+            )
         return coded
 
     def decode(
         self, results: Mapping[int, Tensor], rows: int | None = None, *, allow_unstable: bool = False,
-        out_dtype: torch.dtype | None = None,
+        out_dtype: torch.dtype | None = None, certify: bool = True,
     ) -> Tensor:
         """Recover ``W @ X`` (shape (k*r, *trailing)) from the products of any k (or more) workers.
 
         ``results`` maps worker index -> that worker's ``coded[j] @ X`` (floating point, any strides).
         A result holding NaN or Inf is treated as an erasure (with a ``NonFiniteResultWarning`` naming
         the worker) when k other results remain; otherwise a ``DecodeError`` names the bad workers.
-        Every decode is certified (see the module docstring): an unstable set warns once with an
-        ``UnstableDecodeWarning``, a hopeless one raises ``DecodeError`` -- unless ``allow_unstable``
-        (for benchmarks that time a code whatever its accuracy): then it too returns, with the warning.
+        Every decode is certified (see the module docstring): one whose certified error exceeds the
+        warning bound warns once per straggler set with an ``UnstableDecodeWarning``, one whose
+        certified error is 1 or more raises ``DecodeError`` -- unless ``allow_unstable`` (for benchmarks
+        that time a code whatever its accuracy): then it too returns, with the warning.
         ``out_dtype``: the dtype of the decoded product (default: the results'); half-precision results
-        decode in float32, so ``out_dtype=torch.float32`` keeps that precision.
+        decode in float32, so ``out_dtype=torch.float32`` keeps that precision. ``certify=False`` skips
+        certification (no probe, no bound, no warning, no refusal); ``decode_report`` returns the bound.
         """
+        return self.decode_report(
+            results, rows, allow_unstable=allow_unstable, out_dtype=out_dtype, certify=certify
+        ).product
+
+    def decode_report(
+        self, results: Mapping[int, Tensor], rows: int | None = None, *, allow_unstable: bool = False,
+        out_dtype: torch.dtype | None = None, certify: bool = True,
+    ) -> DecodeReport:
+        """``decode``, returning the product with its certified error bound (see ``DecodeReport``)."""
         check_bool(allow_unstable, "allow_unstable")
+        check_bool(certify, "certify")
         if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
             raise TypeError(f"out_dtype must be a floating torch.dtype (or None), got {out_dtype!r}")
         ref, r = self._check_results(results, rows)
         cdtype = compute_dtype(ref.dtype)
         # contiguous(): hooks may view results flat; it copies only strided or transposed ones
         usable = {j: t.detach().to(cdtype).contiguous() for j, t in results.items()}
-        trailing = tuple(ref.shape[1:])
-        out = torch.empty((self.k, r, *trailing), dtype=cdtype, device=ref.device)
-        with torch.no_grad():  # decoding is not differentiated through (coded layers have own backward)
-            finite_blocks = self._decode_blocks(usable, r, out)
-        blocks = range(self.k) if finite_blocks is None else finite_blocks
-        if not all(_all_finite(out[i]) for i in blocks):
-            bad = [j for j, t in usable.items() if not _all_finite(t)]
-            if not bad:
-                cert = self._certificate(tuple(sorted(results)), r, ref.dtype, ref.device)
-                raise DecodeError(
-                    f"refusing to decode: decoding from workers {sorted(results)} overflowed although "
-                    f"every result was finite: this straggler set is numerically unstable for {self!r} "
-                    f"at r={r} rows per block (certified error {cert.error:.1e}); {self.stability_hint}"
-                )
+        # Certifying reads the results once for their norm, which also shows NaN/Inf; uncertified,
+        # the results are searched for them only when the product is not finite.
+        norms = frobenius_norms(list(usable.values())) if certify else None
+        bad = [] if norms is None else [j for j, v in zip(usable, norms, strict=True) if not math.isfinite(v)]
+        if not bad:
+            trailing = tuple(ref.shape[1:])
+            out = torch.empty((self.k, r, *trailing), dtype=cdtype, device=ref.device)
+            with torch.no_grad():  # not differentiated through (coded layers have their own backward)
+                self._decode_blocks(usable, r, out)
+            (product_norm,) = frobenius_norms([out])
+            if not math.isfinite(product_norm) and norms is None:
+                bad = [j for j, t in usable.items() if not bool(torch.isfinite(t).all())]
+        if bad:
             good = self._drop_non_finite(results, bad)
-            return self.decode(good, rows=r * self.k, allow_unstable=allow_unstable, out_dtype=out_dtype)
-        self._require_certified(tuple(sorted(results)), r, ref.dtype, ref.device, allow_unstable)
-        return out.reshape(self.k * r, *trailing).to(ref.dtype if out_dtype is None else out_dtype)
+            return self.decode_report(
+                good, rows=r * self.k, allow_unstable=allow_unstable, out_dtype=out_dtype, certify=certify
+            )
+        workers = tuple(sorted(results))
+        if not math.isfinite(product_norm):
+            raise DecodeError(
+                f"refusing to decode: decoding from workers {list(workers)} overflowed although every "
+                f"result was finite: this straggler set is numerically unstable for {self!r} at r={r} rows "
+                f"per block, or the results are too large for {ref.dtype}; {self.stability_hint}"
+            )
+        product = out.reshape(self.k * r, *trailing).to(ref.dtype if out_dtype is None else out_dtype)
+        if norms is None:
+            return DecodeReport(product, math.nan, None)
+        cert = self._certificate(workers, r, ref.dtype, ref.device)
+        error = cert.bound_for(math.sqrt(sum(norm * norm for norm in norms)), product_norm)
+        self._judge(cert, error, allow_unstable)
+        return DecodeReport(product, error, cert)
 
     def certify(
         self,
@@ -360,59 +456,85 @@ class Code(ABC):
         if cert is None:
             if len(cache) >= CERTIFICATE_LIMIT:
                 cache.clear()
+            errors, amplification, noise = self._probe(workers, r, dtype, device)
             cert = cache[key] = Certificate(
-                repr(self), workers, r, dtype, device.type, self._probe_error(workers, r, dtype, device),
-                warning_bound(dtype),
+                repr(self), workers, r, dtype, device.type, errors, amplification, noise, warning_bound(dtype)
             )
         return cert
 
-    def _require_certified(
-        self, workers: tuple[int, ...], r: int, dtype: torch.dtype, device: torch.device, allow: bool
-    ) -> None:
-        """The decode check: nothing when certified (the steady state: one dict lookup), a warning once
-        per key when unstable, a ``DecodeError`` every time when refused (unless ``allow``)."""
-        cert = self._certificate(workers, r, dtype, device)
-        if cert.error <= cert.bound:
+    def _judge(self, cert: Certificate, error: float, allow: bool) -> None:
+        """Apply the bounds to one decode's certified ``error``: nothing when within the warning bound,
+        a warning once per key when above it, a ``DecodeError`` every time from ``REFUSE_ERROR`` on
+        (unless ``allow``: then the warning)."""
+        status = status_of(error, cert.bound)
+        if status == "certified":
             return
-        if cert.refused and not allow:
-            raise DecodeError(f"refusing to decode: {cert.describe()}; {self.stability_hint}")
+        if status == "refused" and not allow:
+            raise DecodeError(f"refusing to decode: {cert.describe(error)}; {self.stability_hint}")
         warned = self.__dict__.setdefault("_warned", set())
-        key = (workers, r, dtype, device.type)
+        key = (cert.workers, cert.rows_per_block, cert.dtype, cert.device_type)
         if key not in warned:
             warned.add(key)
             warnings.warn(
-                f"{cert.describe()}; the result is returned but may be inaccurate: {self.stability_hint}",
+                f"{cert.describe(error)}; the result is returned but may be inaccurate: "
+                f"{self.stability_hint}",
                 UnstableDecodeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
 
-    def _probe_error(
+    def _probe(
         self, workers: tuple[int, ...], r: int, dtype: torch.dtype, device: torch.device
-    ) -> float:
-        """Relative error of decoding a random probe from these workers, against its exact float64 answer.
-
-        The probe is a worker's product as the workers compute it: random source blocks A (float64)
-        are encoded exactly, each coded block is rounded to ``dtype`` and multiplied on ``device`` in
-        ``dtype`` by a random X (inner dimension ``PROBE_INNER``), so the results carry the rounding of
-        real products; the answer is ``A @ X`` in float64. ``inf`` when the decode is not finite.
+    ) -> tuple[tuple[float, ...], float, float]:
+        """Decode one probe of each of ``PROBE_KINDS`` from these workers, as the workers' products are
+        computed: source blocks A (float64) encoded exactly, each coded block rounded to ``dtype`` and
+        multiplied on ``device`` in ``dtype`` by a random X (inner dimension ``PROBE_INNER``). The kinds
+        sit side by side in one decode (their source columns and X are block-diagonal, so each kind's
+        output columns depend on its own data only). Returns each kind's relative error against its
+        exact float64 answer ``A @ X``, the certified amplification (the absolute decode error per
+        unit of the norm of the results used) and the results' own rounding per unit of their norm
+        (see ``Certificate``). Not finite: ``inf``.
         """
-        cols = max(PROBE_COLUMNS, -(-PROBE_VALUES // (self.k * r)))  # short blocks: more columns
+        kinds = len(PROBE_KINDS)
+        cols = -(-PROBE_VALUES // (self.k * r))  # columns per kind: short blocks get more
         gen = torch.Generator().manual_seed(PROBE_SEED)
         if dtype.is_floating_point:
-            source = torch.randn(self.k, r, PROBE_INNER, generator=gen, dtype=torch.float64)
-            X = torch.randn(PROBE_INNER, cols, generator=gen, dtype=torch.float64)
+            source = probe_blocks(self.k, r, gen)
+            X = torch.randn(kinds, PROBE_INNER, cols, generator=gen, dtype=torch.float64)
+            X[1:3].abs_()  # large-mean and ramp: no cancellation in the product itself (that is W @ X's
+            X = torch.block_diag(*X)  # own conditioning, which an uncoded product carries as well)
         else:  # small integers: exactly representable, so an exact decoder must return them exactly
-            source = torch.randint(-4, 5, (self.k, r, PROBE_INNER), generator=gen).double()
-            X = torch.randint(-4, 5, (PROBE_INNER, cols), generator=gen).double()
+            source = torch.randint(-4, 5, (self.k, r, kinds * PROBE_INNER), generator=gen).double()
+            X = torch.block_diag(*torch.randint(-4, 5, (kinds, PROBE_INNER, cols), generator=gen).double())
         Xd = X.to(device=device, dtype=dtype)
         cdtype = compute_dtype(dtype)
         coded = self._encode_blocks(source)
         probe = {j: (coded[j].to(device=device, dtype=dtype) @ Xd).to(cdtype).contiguous() for j in workers}
-        out = torch.empty((self.k, r, cols), dtype=cdtype, device=device)
+        out = torch.empty((self.k, r, kinds * cols), dtype=cdtype, device=device)
         with torch.no_grad():
             self._decode_blocks(probe, r, out)
-        err = relative_error(out.to("cpu", torch.float64), source @ X)
-        return err if math.isfinite(err) else math.inf
+        exact = (source @ X).view(-1, kinds, cols)
+        decoded = out.to("cpu", torch.float64).view(-1, kinds, cols)
+        error = torch.linalg.vector_norm(decoded - exact, dim=(0, 2))
+        got = torch.cat([t.to("cpu", torch.float64).view(-1, kinds, cols) for t in probe.values()])
+        wanted = torch.cat([(coded[j] @ X).view(-1, kinds, cols) for j in workers])
+        results = torch.linalg.vector_norm(got, dim=(0, 2))
+        relative = (error / torch.linalg.vector_norm(exact, dim=(0, 2))).tolist()
+        # How far the results themselves are off, per unit of their norm (at least PRODUCT_ROUNDOFFS)
+        floor = PRODUCT_ROUNDOFFS * torch.finfo(torch.float64).eps / 2 if dtype.is_floating_point else 0.0
+        noise = max(float((torch.linalg.vector_norm(got - wanted, dim=(0, 2)) / results).max()), floor)
+        # The certified error per unit of the results' norm: the measured one with its margin, and
+        # never below what the decode's operator norm does to the results' own error in the worst
+        # direction.
+        measured = float((error / results).max())
+        amplification = max(PROBE_MARGIN * measured, noise * self._operator_norm(workers))
+        if not (math.isfinite(amplification) and all(map(math.isfinite, relative))):
+            return tuple(e if math.isfinite(e) else math.inf for e in relative), math.inf, noise
+        return tuple(relative), amplification, noise
+
+    def _operator_norm(self, workers: tuple[int, ...]) -> float:
+        """A lower bound on the 2-norm of the decode from these workers as a linear map of their results
+        (1: every decode copies or reproduces a result); codes that know it exactly override this."""
+        return 1.0
 
     # --------------------------------------------------------------- helpers
     def _rows_per_block(self, rows: int, what: str) -> int:
@@ -575,11 +697,32 @@ def check_subset(code: Code, workers: Sequence[int]) -> None:
     check_workers(code, workers)
 
 
-def _all_finite(t: Tensor) -> bool:
-    # One fused reduction first; the elementwise pass only when the sum is not finite (it may overflow).
-    if t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=compute_dtype(t.dtype)))):
-        return True
-    return bool(torch.isfinite(t).all())
+def probe_blocks(k: int, r: int, gen: torch.Generator) -> Tensor:
+    """Source blocks (k, r, kinds * PROBE_INNER) in float64: ``PROBE_INNER`` columns of each of
+    ``PROBE_KINDS``, every kind of magnitude about 1 (so that half-precision products stay in range) --
+    zero-mean normal; 1 plus a normal of standard deviation 1/PROBE_MEAN; a ramp along the k*r rows
+    (random positive slope per column, 1 % noise); normal with block i scaled by a factor from
+    1/PROBE_BLOCK_SCALES to 1 (geometric in i)."""
+    shape = (k, r, PROBE_INNER)
+    ramp = torch.linspace(0, 1, k * r, dtype=torch.float64).view(k, r, 1)
+    scales = torch.logspace(-1, 0, k, base=PROBE_BLOCK_SCALES, dtype=torch.float64)
+    zero_mean, mean, noise, scaled = torch.randn(4, *shape, generator=gen, dtype=torch.float64)
+    slope = torch.randn(PROBE_INNER, generator=gen, dtype=torch.float64).abs()
+    return torch.cat(
+        [zero_mean, 1 + mean / PROBE_MEAN, ramp * slope + 0.01 * noise, scaled * scales.view(k, 1, 1)], dim=2
+    )
+
+
+def frobenius_norms(tensors: Sequence[Tensor]) -> list[float]:
+    """The Frobenius norm of each tensor as a float (one synchronisation for all); ``inf`` or ``nan``
+    only when the tensor holds Inf or NaN (a norm that overflowed its dtype is taken in float64)."""
+    norms = torch.stack([
+        torch.linalg.vector_norm(t if t.is_floating_point() else t.double()).double() for t in tensors
+    ]).tolist()
+    for i, (t, norm) in enumerate(zip(tensors, norms, strict=True)):
+        if not math.isfinite(norm) and bool(torch.isfinite(t).all()):
+            norms[i] = float(torch.linalg.vector_norm(t, dtype=torch.float64))
+    return norms
 
 
 def relative_error(approx: Tensor, exact: Tensor) -> float:

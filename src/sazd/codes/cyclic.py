@@ -146,12 +146,12 @@ class Cyclic(Code):
         return coded
 
     # -------------------------------------------------------------- decoding
-    def _decode_blocks(self, results: dict[int, Tensor], r: int, out: Tensor) -> list[int] | None:
+    def _decode_blocks(self, results: dict[int, Tensor], r: int, out: Tensor) -> None:
         plain = [i for i in range(self.k) if self.is_systematic and i in results]
         for i in plain:
             out[i] = results[i]
         if len(plain) == self.k:
-            return None
+            return
         plan = self._plan(tuple(sorted(results)), out.dtype, out.device)
         q, t = self.q, len(plan.missing)
         flat = out.view(self.k, -1)
@@ -169,7 +169,6 @@ class Cyclic(Code):
         solved = solved.view(t, -1)  # row a: the q-1 sub-blocks of missing block a, padding last
         for a, i in enumerate(plan.missing):
             flat[i] = solved[a, : flat.shape[1]]
-        return list(plan.missing)  # every used result (reduced parities, copied blocks) feeds these
 
     def _plan(self, received: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> _Plan:
         key = (received, dtype, device)

@@ -32,6 +32,8 @@ from sazd.codes.base import (
 )
 
 POLY_NODES = ("integer", "chebyshev")
+# A generator whose rows sum (in magnitude) to this or more overflows float32 on weights of magnitude 1.
+ENCODE_LIMIT = float(torch.finfo(torch.float32).max)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,13 @@ class LinearCode(Code):
             raise ValueError(f"generator must have shape (n, k)=({n}, {k}), got {tuple(G.shape)}")
         if not bool(torch.isfinite(G).all()):
             raise ValueError("generator has NaN or Inf entries; choose other nodes or a smaller k")
+        widest = float(G.abs().sum(1).max())  # the largest factor by which encoding can grow an entry
+        if not widest < ENCODE_LIMIT:
+            raise ValueError(
+                f"{type(self).__name__}(n={n}, k={k}) has a generator row whose entries sum to {widest:.1e} "
+                f"in magnitude: encoding float32 (or bfloat16) weights would overflow to inf (float32 holds "
+                f"up to {torch.finfo(torch.float32).max:.1e}); {self.stability_hint}"
+            )
         if systematic and not torch.equal(G[:k], torch.eye(k, dtype=torch.float64)):
             raise ValueError("a systematic generator must start with the k x k identity; use systematic_form")
         self._G = G
@@ -91,6 +100,10 @@ class LinearCode(Code):
         amplifies the relative rounding error of the workers' products."""
         rows = self._choose(check_workers(self, workers))
         return float(torch.linalg.cond(self._G[rows]))
+
+    def _operator_norm(self, workers: tuple[int, ...]) -> float:
+        """``||inv(G_S)||_2`` for the k workers ``decode`` uses: exactly the decode's 2-norm."""
+        return float(torch.linalg.matrix_norm(torch.linalg.inv(self._G[self._choose(workers)]), ord=2))
 
     # ------------------------------------------------------------------ encode
     def _encode_blocks(self, blocks: Tensor) -> list[Tensor]:
@@ -151,12 +164,12 @@ class LinearCode(Code):
             self._plans[key] = plan
         return plan
 
-    def _decode_blocks(self, results: dict[int, Tensor], r: int, out: Tensor) -> list[int] | None:
+    def _decode_blocks(self, results: dict[int, Tensor], r: int, out: Tensor) -> None:
         plan = self._plan(self._choose(results), out.dtype, out.device)
         for i, j in plan.plain.items():
             out[i] = results[j]
         if not plan.missing:
-            return None
+            return
         A = out.view(self.k, out[0].numel())
         Y = torch.stack([results[j] for j in plan.mixed]).view(len(plan.mixed), A.shape[1])
         if plan.known is not None:
@@ -167,7 +180,6 @@ class LinearCode(Code):
             torch.matmul(plan.solve, Y, out=A[lo:hi])  # contiguous rows: write in place
         else:
             A[plan.missing] = plan.solve @ Y
-        return list(plan.missing)  # a GEMM over every used result: NaN/Inf in any reaches these
 
     def _options(self) -> str:
         return f", systematic={self.is_systematic}"

@@ -97,7 +97,7 @@ class SAZD(Code):
         return coded
 
     # -------------------------------------------------------------- decoding
-    def _decode_blocks(self, results: dict[int, Tensor], r: int, out: Tensor) -> list[int] | None:
+    def _decode_blocks(self, results: dict[int, Tensor], r: int, out: Tensor) -> None:
         g = self.shift_for(r)
         if not self.is_systematic:
             # Plain zigzag peeling of the k x k system: measured far more accurate here than the
@@ -115,13 +115,12 @@ class SAZD(Code):
             in_place = {0: out[missing[0]]} if method == "primal" and chosen[0] == 0 else {}
             equations = self._reduce_parities(results, received, chosen, r, g, out, in_place)
             if not missing:
-                return None
+                return
         owned = self.is_systematic  # reduced parities are our own clones; raw results are the caller's
         blocks = _SOLVERS[method](missing, [equations[q] for q in chosen], chosen, r, g, owned)
         for i, block in zip(missing, blocks, strict=True):
             if block.data_ptr() != out[i].data_ptr():
                 out[i] = block[:r]
-        return missing  # every used result feeds these blocks: their finiteness certifies the inputs
 
     def _reduce_parities(
         self, results: dict[int, Tensor], received: list[int], chosen: tuple[int, ...], r: int, g: int,
