@@ -82,12 +82,14 @@ from sazd.runtime.cluster import (
     tensor_bytes,
 )
 from sazd.runtime.latency import LatencyModel, parse_latency
-from sazd.runtime.worker import Worker, check_method
+from sazd.runtime.tls import ClusterCerts, Identity
+from sazd.runtime.worker import METHODS, Worker, check_method
 
 # Failures of Ray itself rather than of one worker: the run cannot continue.
 _CONTROL = (RaySystemError, RpcError, OSError)
 _WATCH_EVERY_S = 2.0  # how often a joined cluster's control plane is pinged while waiting
 _SHUTDOWN_S = 20.0  # bound on closing: killing actors, shutting Ray down
+_log = logging.getLogger("sazd.runtime")
 
 
 def _boot_id() -> str:
@@ -239,15 +241,16 @@ class RayWorker(Worker):
         finally:
             self.delay_factor = self.base_delay
 
-    def open_channel(self, authkey: bytes) -> dict[str, Any]:
-        """Listen for the master's connection; say where this actor runs (node, device, its process,
-        for killing it by PID) and the address to connect to."""
+    def open_channel(self, key: bytes, identity: Identity | None) -> dict[str, Any]:
+        """Listen for the master's connection (proving ``key``; TLS with ``identity`` if given); say
+        where this actor runs (node, device, its process, for killing it by PID) and the address to
+        connect to."""
         context = ray.get_runtime_context()
         node_ip = ray.util.get_node_ip_address()
         return {"index": self.index, "node_id": context.get_node_id(), "node_ip": node_ip,
                 "device": str(self.device), "pid": os.getpid(), "boot_id": _boot_id(),
                 "threads": torch.get_num_threads(),
-                "address": channel.serve(node_ip, authkey, self._answer)}
+                "address": channel.serve(node_ip, key, self._answer, METHODS, identity)}
 
 
 _ACTOR = ray.remote(RayWorker)
@@ -304,6 +307,7 @@ class RayCluster(Cluster):
         connect_timeout_s: float = 30.0,
         start_timeout_s: float = 120.0,
         compute_dtype: str | None = None,
+        tls: bool | str | os.PathLike | None = None,
     ) -> None:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
@@ -319,6 +323,7 @@ class RayCluster(Cluster):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
         Worker.check_dtype(compute_dtype)
+        self._certs = ClusterCerts.resolve(tls)  # before anything starts: a bad directory is a ValueError
         self.placement = place.check_placement(placement)
         self.n = n
         self.latency = parse_latency(latency, seed).bind(n)
@@ -340,7 +345,6 @@ class RayCluster(Cluster):
         self._dead: set[int] = set()
         self._closed = False
         self._sent = SentTensors()
-        self._authkey = secrets.token_bytes(32)  # what a peer must know to speak on a channel
         self._replied = threading.Condition()  # notified by the channels whenever a reply is done
         self._channels: list[Channel | None] = [None] * n
         self._group = None
@@ -387,6 +391,22 @@ class RayCluster(Cluster):
         warning = place.sharing([w["node_id"] for w in self._info], len(nodes), placement)
         if warning:
             warnings.warn(warning, RuntimeWarning, stacklevel=2)
+        self._say_data_plane()
+
+    def _say_data_plane(self) -> None:
+        """With workers on other nodes, say whether their connections are encrypted."""
+        here = ray.get_runtime_context().get_node_id()
+        remote = sorted(j for j, info in enumerate(self._info) if info.get("node_id") != here)
+        if not remote:
+            return
+        if self._certs is None:
+            warnings.warn(f"workers {remote} run on other nodes and the data plane is NOT encrypted "
+                          "(authenticated with HMAC: an on-path attacker can read the tensors and break "
+                          "connections, not alter them or run code); pass tls=True (--tls) to encrypt it",
+                          RuntimeWarning, stacklevel=3)
+        else:
+            _log.info("workers %s run on other nodes; the data plane is encrypted (TLS 1.3, %s "
+                      "certificates)", remote, self._certs.source)
 
     # ------------------------------------------------------------------ rounds
     def submit(
@@ -531,7 +551,13 @@ class RayCluster(Cluster):
             "nodes": nodes,
             "worker_nodes": len({info.get("node_id") for info in self._info}),
             "master_threads": self.master_threads,
+            "data_plane": self.data_plane,
         }
+
+    @property
+    def data_plane(self) -> str:
+        """``"tls"`` (encrypted, mutually authenticated) or ``"hmac"`` (authenticated, in clear)."""
+        return "tls" if self._certs else "hmac"
 
     def backlog(self, worker: int) -> int:
         """Unfinished calls of ``worker``."""
@@ -601,7 +627,9 @@ class RayCluster(Cluster):
         """Wait (bounded) until each actor of ``workers`` answers, record where it runs, and connect
         to its channel."""
         workers = list(workers)
-        refs = [self.actors[j].open_channel.remote(self._authkey) for j in workers]
+        keys = {j: secrets.token_bytes(32) for j in workers}  # each actor's own: none speaks for another
+        worker_id = self._certs.worker if self._certs else None
+        refs = [self.actors[j].open_channel.remote(keys[j], worker_id) for j in workers]
         deadline = time.monotonic() + self.start_timeout_s
         ready: list = []
         while len(ready) < len(refs) and time.monotonic() < deadline:
@@ -620,8 +648,8 @@ class RayCluster(Cluster):
             if info.get("boot_id") == _boot_id():
                 info["start"] = _start_time(info["pid"])
             self._info[j] = info
-        opened = open_channels({j: tuple(self._info[j]["address"]) for j in workers}, self._authkey,
-                               self._replied)
+        opened = open_channels({j: tuple(self._info[j]["address"]) for j in workers}, keys,
+                               self._replied, self._certs.master if self._certs else None)
         for j in workers:  # every channel is kept, so that close() closes it, before any error
             self._channels[j] = opened[j] if isinstance(opened[j], Channel) else None
             self._heard[j] = time.monotonic()
