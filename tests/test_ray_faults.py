@@ -27,7 +27,7 @@ import pytest
 from _support import digits_config
 from sazd.parallel import plain_state_dict, plain_weights
 from sazd.runtime.cluster import ClusterError, Counters
-from sazd.runtime.ray_backend import process_tree, wait_until
+from sazd.runtime.ray import process_tree, wait_until
 from sazd.train import checkpoint
 from sazd.train.optim import OptimConfig
 from sazd.train.reference import reference_run, relative_weight_error
@@ -48,7 +48,7 @@ def shared_cluster(ray_session):
     loaded 2-core machine can take longer than 64 calls; the backlog rule would then kill the new actor
     again (it has its own test in test_runtime_ray.py). ``worker_timeout_s``: a lost answer becomes a
     ClusterError well before pytest's timeout."""
-    from sazd.runtime.ray_backend import RayCluster
+    from sazd.runtime.ray import RayCluster
 
     cluster = RayCluster(N, worker_timeout_s=60, max_backlog=None)
     yield cluster

@@ -93,7 +93,7 @@ def test_slow_actor_applies_updates_in_order(cluster, blocks):
 def test_dead_actor_is_an_erasure_and_respawn_is_empty(cluster, blocks, ray_session):
     from ray._private import state
 
-    from sazd.runtime.ray_backend import wait_until
+    from sazd.runtime.ray import wait_until
 
     x = torch.randn(COLS, BATCH)
     victim, pid = cluster.actors[4]._actor_id.hex(), cluster.pids()[4]
@@ -168,7 +168,7 @@ def test_a_frozen_worker_times_out_and_the_round_goes_on(cluster, blocks):
     and the round completes with the others."""
     import signal
 
-    from sazd.runtime.ray_backend import wait_until
+    from sazd.runtime.ray import wait_until
 
     live(cluster, [2, 3, 4, 5])
     for j in (2, 3, 4, 5):
@@ -201,7 +201,7 @@ def test_workers_report_where_they_run(cluster, ray_session):
 
 
 def test_too_many_dead_is_a_clear_error_not_a_hang(cluster, ray_session):
-    from sazd.runtime.ray_backend import wait_until
+    from sazd.runtime.ray import wait_until
 
     pids = [cluster.pids()[j] for j in (0, 1, 2)]
     for j in (0, 1, 2):
@@ -221,7 +221,7 @@ def test_asking_for_missing_gpus_is_a_clear_error(ray_session):
 def test_close_leaves_no_actors_and_keeps_shared_ray(cluster, ray_session):
     from ray._private import state
 
-    from sazd.runtime.ray_backend import wait_until
+    from sazd.runtime.ray import wait_until
 
     assert cluster.describe()["backend"] == "ray" and cluster.describe()["nodes"] >= 1
     ids = {a._actor_id.hex() for a in cluster.actors}

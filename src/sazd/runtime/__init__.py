@@ -27,7 +27,7 @@ def make_cluster(backend: str, n: int, **opts: Any) -> Cluster:
     if backend == "inproc":
         return InProcessCluster(n, **opts)
     if backend == "ray":
-        from sazd.runtime.ray_backend import RayCluster
+        from sazd.runtime.ray import RayCluster
 
         return RayCluster(n, **opts)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
