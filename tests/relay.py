@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import select
 import socket
 import struct
 import subprocess
@@ -49,7 +50,6 @@ def read_exactly(sock: socket.socket, size: int) -> bytes:
 
 def sazd_message(sock: socket.socket) -> bytes:
     """One message of the HMAC plane: length, header, tag, tensor bytes (sizes from the header), tag."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
     from sazd.runtime import wire
 
     prefix = read_exactly(sock, HEADER.size)
@@ -73,6 +73,9 @@ def forged(framing: str) -> bytes:
 
 def main() -> None:
     host, port, framing, action, capture = sys.argv[1], int(sys.argv[2]), *sys.argv[3:6]
+    if framing == "sazd":  # reads headers with the schema's own parser; imported before any traffic
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+        from sazd.runtime import wire  # noqa: F401
     listener = socket.create_server(("127.0.0.1", 0))
     print(listener.getsockname()[1], flush=True)
     master, _ = listener.accept()
@@ -98,17 +101,15 @@ def main() -> None:
 
     def from_master() -> None:
         try:
-            while not armed.is_set():  # forward as it comes until armed (between messages)
-                master.settimeout(0.05)
-                try:
-                    data = master.recv(1 << 16)
-                except TimeoutError:
-                    continue
+            while True:  # forward as it comes until armed (between messages: nothing in flight)
+                select.select([master], [], [])
+                if armed.is_set():
+                    break
+                data = master.recv(1 << 16)
                 if not data:
                     raise EOFError
                 seen(data)
                 worker.sendall(data)
-            master.settimeout(None)
             unit = tls_record if framing == "tls" else sazd_message
             first = unit(master)
             seen(first)
@@ -135,6 +136,7 @@ def main() -> None:
     for line in sys.stdin:  # until the test closes stdin: then the relay exits
         if line.strip() == "arm":
             armed.set()
+            print("armed", flush=True)
 
 
 class Relay:
@@ -145,8 +147,10 @@ class Relay:
         self.address = ("127.0.0.1", int(proc.stdout.readline()))
 
     def arm(self) -> None:
+        """From now on the master's next message is tampered with (returns once the relay knows)."""
         self.proc.stdin.write("arm\n")
         self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == "armed"
 
     def seen(self) -> bytes:
         with open(self.capture, "rb") as f:

@@ -304,3 +304,52 @@ def test_losing_the_ray_control_plane_is_one_line_and_leaves_no_process(tmp_path
     assert len(lines) == 1 and "gcs_server" in lines[0], err[-2000:]
     assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in seen), timeout_s=10), \
         [(pid, process_name(pid)) for pid in seen if os.path.exists(f"/proc/{pid}")]
+
+
+DRIVER = """
+import sys, time
+from sazd.runtime.ray import start_local_ray
+print("starting", flush=True)
+start_local_ray(num_cpus=2, object_store_gb=0.2)
+print("up", flush=True)
+time.sleep(600)
+"""
+
+
+def ray_dirs_of(pid: int) -> list[Path]:
+    temp = Path(os.environ.get("RAY_TMPDIR") or "/tmp", "ray")
+    return sorted(temp.glob(f"session_*_{pid}"))
+
+
+def driver() -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    return subprocess.Popen([sys.executable, "-c", DRIVER], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+
+
+@pytest.mark.parametrize("fault", ["SIGKILL once up", "SIGINT during start-up"])
+def test_a_killed_or_interrupted_driver_leaves_no_ray_process_nor_session_dir(fault):
+    proc = driver()
+    seen: set[int] = set()
+    try:
+        assert proc.stdout.readline().strip() == "starting"
+        if fault.startswith("SIGINT"):  # as soon as Ray's first process exists, mid-start
+            assert wait_until(lambda: bool(seen.update(descendants(proc.pid)) or any(
+                process_name(p) == "gcs_server" for p in seen)), timeout_s=60)
+            os.kill(proc.pid, signal.SIGINT)
+        else:
+            assert proc.stdout.readline().strip() == "up"
+            seen |= descendants(proc.pid)
+            assert ray_dirs_of(proc.pid)
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stdout.close()
+    ray_procs = [p for p in seen if process_name(p) in ("gcs_server", "raylet")]
+    assert ray_procs  # there was something to clean up
+    assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in seen), timeout_s=30), \
+        [(p, process_name(p)) for p in seen if os.path.exists(f"/proc/{p}")]
+    assert wait_until(lambda: not ray_dirs_of(proc.pid), timeout_s=15), ray_dirs_of(proc.pid)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +19,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import ray
 
 from sazd.runtime.cluster import ClusterError
+from sazd.runtime.ray import processes
 
 SHUTDOWN_S = 20.0  # bound on closing: killing actors, shutting Ray down
 WATCH_EVERY_S = 2.0  # how often the control plane is checked while the master works or waits
@@ -61,6 +66,7 @@ def start_local_ray(num_cpus: int | None = None, object_store_gb: float = 2.0) -
         return False
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    _start_reaper()  # before Ray starts: a Ctrl-C during start-up leaves nothing behind either
     ray.init(
         address="local",
         num_cpus=num_cpus or max(os.cpu_count() or 1, 2),
@@ -70,6 +76,34 @@ def start_local_ray(num_cpus: int | None = None, object_store_gb: float = 2.0) -
         logging_level=logging.WARNING,
     )
     return True
+
+
+_reapers: list[subprocess.Popen] = []
+
+
+def _start_reaper() -> None:
+    """A process that removes this driver's local Ray (processes, session directory) once the driver
+    closes it, exits or is killed (see ``sazd.runtime.ray.processes``)."""
+    temp_dir = os.path.join(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir(), "ray")
+    _reapers.append(subprocess.Popen(
+        [sys.executable, processes.__file__, str(os.getpid()), os.path.dirname(ray.__file__), temp_dir],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True))  # a Ctrl-C to the terminal's group must not stop it before its work
+
+
+def stop_local_ray(timeout_s: float = SHUTDOWN_S) -> None:
+    """Shut down the local Ray this process started (bounded), then let its reaper remove what is
+    left and its session directory, and wait for it (bounded)."""
+    bounded(ray.shutdown, timeout_s)
+    while _reapers:
+        reaper = _reapers.pop()
+        with contextlib.suppress(OSError):
+            reaper.stdin.close()
+        try:
+            reaper.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            reaper.kill()
+            reaper.wait(5)
 
 
 def join_ray(address: str, timeout_s: float = 30.0) -> None:

@@ -31,6 +31,7 @@ from sazd.runtime.ray.bootstrap import (
     join_ray,
     ray_processes,
     start_local_ray,
+    stop_local_ray,
     within,
 )
 from sazd.runtime.ray.liveness import Liveness
@@ -267,7 +268,9 @@ class RayCluster(Rounds, Liveness, Cluster):
                     place.release(group)
 
             bounded(stop_actors, SHUTDOWN_S / 2)
-        if ray.is_initialized() and self.started_ray:
+        if self.started_ray and self.address is None:
+            stop_local_ray()  # its reaper removes what is left of it, session directory included
+        elif ray.is_initialized() and self.started_ray:
             bounded(ray.shutdown, SHUTDOWN_S)
         leftover = [info for info in self._info if info.get("pid")]
         deadline = time.monotonic() + 5.0

@@ -1,10 +1,23 @@
-"""Processes of ours on this machine, named by PID and start time (a reused PID is left alone)."""
+"""Processes of ours on this machine, named by PID and start time (a reused PID is left alone).
+
+Run as a script, this module is the reaper of a local Ray that sazd starts (standard library only,
+so it starts in milliseconds): ``python processes.py DRIVER_PID RAY_DIR TEMP_DIR``. While the driver
+lives it records, every ``_REAP_EVERY_S``, the driver's descendants that are Ray's (their command
+line names Ray's package or ``ray::``). When its stdin closes (the driver closed it, exited, or was
+killed: the pipe's end dies with the driver) or the driver is gone, it SIGKILLs those still alive
+and everything below them, and removes the driver's own Ray session directories under TEMP_DIR
+(``session_*_<driver pid>`` made after the reaper started) and a ``session_latest`` link to them.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
+import shutil
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Collection
 from typing import Any
@@ -69,3 +82,67 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, poll_s: f
             return True
         time.sleep(poll_s)
     return predicate()
+
+
+_REAP_EVERY_S = 0.2
+
+
+def _command(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _sessions(temp_dir: str, driver: int, since: float) -> list[str]:
+    """The driver's own Ray session directories (Ray names them ``session_<time>_<driver pid>``)."""
+    try:
+        names = os.listdir(temp_dir)
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        path = os.path.join(temp_dir, name)
+        if (name.startswith("session_") and name.endswith(f"_{driver}") and not os.path.islink(path)
+                and os.path.isdir(path) and os.stat(path).st_mtime >= since - 1):
+            out.append(path)
+    return out
+
+
+def reap(driver: int, ray_dir: str, temp_dir: str) -> None:
+    """The reaper's loop (see the module docstring)."""
+    since, born = time.time(), start_time(driver)
+    ours: set[tuple[int, int]] = set()
+
+    def record() -> None:
+        sessions = [os.path.basename(path) for path in _sessions(temp_dir, driver, since)]
+        for pid, start in process_tree([driver]):
+            command = _command(pid)
+            if pid not in (driver, os.getpid()) and (
+                    ray_dir in command or command.startswith("ray::")
+                    or any(name in command for name in sessions)):
+                ours.add((pid, start))
+
+    while start_time(driver) == born:
+        ready, _, _ = select.select([sys.stdin], [], [], _REAP_EVERY_S)
+        if ready and not os.read(sys.stdin.fileno(), 1024):
+            break  # stdin closed
+        record()
+    if start_time(driver) == born:
+        record()
+    alive = [pid for pid, start in ours if start_time(pid) == start]  # not a reused PID
+    for pid, _ in process_tree(alive):  # they and whatever they started since
+        if pid != os.getpid():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: all(start_time(pid) != start for pid, start in ours), timeout_s=10)
+    latest = os.path.join(temp_dir, "session_latest")
+    for path in _sessions(temp_dir, driver, since):
+        if os.path.islink(latest) and os.path.realpath(latest) == os.path.realpath(path):
+            os.unlink(latest)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    reap(int(sys.argv[1]), sys.argv[2], sys.argv[3])
