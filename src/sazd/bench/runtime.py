@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sazd.bench import int_list
+from sazd.bench import int_list, plane
 
 MASTER = ("encode_s", "decode_s", "update_s", "master_other_s")
 
@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--code", default="sazd")
     parser.add_argument("--warmup", type=int, default=3, help="iteration: 'from the start' iterations")
     parser.add_argument("--iterations", type=int, default=8, help="iteration: steady iterations")
-    parser.add_argument("--parts", default="round,iteration", help="round, iteration (comma-separated)")
+    parser.add_argument("--parts", default="round,iteration,plane",
+                        help="round, iteration, plane (data-plane modes; comma-separated)")
     parser.add_argument("--master-threads", type=int, default=None,
                         help="iteration: Ray master's torch threads (default: what its workers leave it)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
@@ -193,8 +194,8 @@ def check_args(args: argparse.Namespace) -> tuple[set[str], list[int]]:
     from sazd.codes import get_code
 
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    if not parts <= {"round", "iteration"} or not parts:
-        raise ValueError(f"--parts must name round and/or iteration, got {args.parts!r}")
+    if not parts <= {"round", "iteration", "plane"} or not parts:
+        raise ValueError(f"--parts must name round, iteration and/or plane, got {args.parts!r}")
     widths = int_list(args.widths, "--widths")
     if min(widths) < 64:
         raise ValueError(f"--widths {args.widths!r}: widths below 64 are not coded by the default plan; "
@@ -235,6 +236,9 @@ def run(args: argparse.Namespace) -> int:
                 row = part_iteration(args, cluster, width, own_threads)
                 results["iteration"].append(row)
                 print_iteration(row)
+        if "plane" in parts:
+            results["plane"] = plane.part_plane(args, cluster)
+            plane.print_plane(results["plane"])
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
