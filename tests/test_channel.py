@@ -391,3 +391,52 @@ def test_with_tls_no_tensor_byte_crosses_the_path_in_clear(certs, tmp_path):
 def test_the_file_descriptor_limit_is_restored():
     """The descriptor test changed only its own child's limit."""
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 64
+
+
+# ------------------------------------------------------------------------------- certificates
+def test_a_master_with_another_cluster_s_certificates_is_refused(certs):
+    other = ClusterCerts.generate()
+    address = serve("127.0.0.1", KEY, echo, CALLS, certs.worker)
+    with pytest.raises(ConnectionError):
+        connect(address, KEY, other.master)  # the right key, but not this cluster's CA
+    with pytest.raises(ConnectionError):
+        connect(address, KEY)  # no TLS at all
+    link = Channel(0, address, KEY, threading.Condition(), certs.master)
+    reply = link.send("ok", 1.0, encode(()))
+    wait_done([reply])
+    assert reply.result()[0] == "ok"
+    link.close()
+
+
+def write_certs(certs: ClusterCerts, folder: Path) -> Path:
+    folder.mkdir()
+    for name, text in (("ca.pem", certs.master.ca), ("master.pem", certs.master.cert),
+                       ("master.key", certs.master.key), ("worker.pem", certs.worker.cert),
+                       ("worker.key", certs.worker.key)):
+        (folder / name).write_text(text)
+    return folder
+
+
+def test_a_user_s_certificate_directory_is_read_and_checked(certs, tmp_path):
+    folder = write_certs(certs, tmp_path / "certs")
+    loaded = ClusterCerts.resolve(folder)
+    assert loaded.master == certs.master and loaded.source == str(folder)
+    assert ClusterCerts.resolve(None) is None and ClusterCerts.resolve(False) is None
+    (folder / "worker.key").unlink()
+    with pytest.raises(ValueError, match=r"missing worker\.key"):
+        ClusterCerts.resolve(folder)
+    (folder / "worker.key").write_text("not a key")
+    with pytest.raises(ValueError, match="worker certificate or key is unusable"):
+        ClusterCerts.resolve(folder)
+    with pytest.raises(ValueError, match="not a directory"):
+        ClusterCerts.resolve(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="tls must be None, False, True or a directory"):
+        ClusterCerts.resolve(3)
+
+
+def test_the_in_process_backend_refuses_tls():
+    from sazd.runtime import make_cluster
+
+    with pytest.raises(ValueError, match="in-process backend has no connections"):
+        make_cluster("inproc", 3, tls=True)
+    make_cluster("inproc", 3, tls=False).close()

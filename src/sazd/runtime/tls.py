@@ -10,6 +10,7 @@ The worker's certificate and key reach the worker with its start-up call (Ray's 
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import ssl
@@ -31,22 +32,28 @@ class Identity:
     key: str
 
     def context(self, server: bool) -> ssl.SSLContext:
-        """A TLS 1.3 context that presents this identity and requires a peer signed by the CA."""
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.check_hostname = False  # the peer is named by the cluster's own CA, not by a host name
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.load_verify_locations(cadata=self.ca)
-        if server:
-            ctx.num_tickets = 0  # no session resumption: nothing to send after the handshake
-        with tempfile.TemporaryDirectory(prefix="sazd-tls-") as tmp:  # 0700, removed at once
-            cert, key = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
-            cert.write_text(self.cert)
-            fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(self.key)
-            ctx.load_cert_chain(cert, key)
-        return ctx
+        """A TLS 1.3 context that presents this identity and requires a peer signed by the CA (made
+        once per identity and side)."""
+        return _context(self, server)
+
+
+@functools.lru_cache(maxsize=16)
+def _context(identity: Identity, server: bool) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False  # the peer is named by the cluster's own CA, not by a host name
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=identity.ca)
+    if server:
+        ctx.num_tickets = 0  # no session resumption: nothing to send after the handshake
+    with tempfile.TemporaryDirectory(prefix="sazd-tls-") as tmp:  # 0700, removed at once
+        cert, key = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
+        cert.write_text(identity.cert)
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(identity.key)
+        ctx.load_cert_chain(cert, key)
+    return ctx
 
 
 @dataclass(frozen=True)
