@@ -88,7 +88,8 @@ def free_port() -> int:
 def env() -> dict[str, str]:
     """Every process of the test cluster alike: sazd importable, no usage statistics, and one
     authentication setting for the nodes and the driver (Ray's token is per user, not per cluster)."""
-    return {**os.environ, "PYTHONPATH": str(SRC), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    return {**os.environ, "PYTHONPATH": str(SRC), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}  # several nodes (sazd's own default is one)
 
 
 def ray_node(*args: str, space: str | None = None) -> subprocess.Popen:
@@ -100,7 +101,7 @@ def ray_node(*args: str, space: str | None = None) -> subprocess.Popen:
 
 
 DRIVER = """
-import itertools, json, os, sys
+import itertools, json, os, sys, time
 import ray
 from sazd.data import batches, load_dataset
 from sazd.runtime.ray import RayCluster
@@ -108,8 +109,12 @@ from sazd.train.trainer import TrainConfig, Trainer
 
 address, me, stop = sys.argv[1], sys.argv[2], sys.argv[3]
 ray.init(address=address, _node_ip_address=me, log_to_driver=False)  # the master is on the bridge
+deadline = time.monotonic() + 150
+while sum(node["Alive"] for node in ray.nodes()) < 3 and time.monotonic() < deadline:
+    time.sleep(0.5)  # the nodes in the namespaces join
+print("nodes", sorted(node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]), flush=True)
 cluster = RayCluster(3, tls=True, worker_timeout_s=30, placement="spread")
-print("up", json.dumps(cluster.workers_info()), json.dumps(cluster.describe()), flush=True)
+print("up", json.dumps(cluster.workers_info()), json.dumps(cluster.describe()), sep="\\t", flush=True)
 data = load_dataset("digits")
 cfg = TrainConfig(model="mlp", dataset="digits", hidden=(32, 32), n=3, k=2, backend="ray",
                   batch_size=64, show_progress=False, plan={"fc1": "coded", "fc2": "coded"})
@@ -122,7 +127,7 @@ with Trainer(cfg, cluster=cluster, data=data) as trainer:
                                       "alive": cluster.alive()}), flush=True)
             if os.path.exists(stop):
                 print("end", json.dumps(cluster.workers_info()), json.dumps(cluster.counters.snapshot()),
-                      flush=True)
+                      sep="\\t", flush=True)
                 sys.exit(0)
 """
 
@@ -162,10 +167,10 @@ def test_training_across_namespaces_with_tls_survives_a_cut_link(tmp_path):
                             return True
                 return predicate(lines)
 
-            assert read_until(lambda ls: any(line.startswith("up ") for line in ls), 180), \
+            assert read_until(lambda ls: any(line.startswith("up\t") for line in ls), 180), \
                 driver.stderr.read()[-3000:] if driver.poll() is not None else lines
-            up = next(line for line in lines if line.startswith("up "))
-            _, workers, settings = up.split(" ", 2)
+            up = next(line for line in lines if line.startswith("up\t"))
+            _, workers, settings = up.split("\t")
             workers, settings = json.loads(workers), json.loads(settings)
             assert settings["data_plane"] == "tls"
             ips = {w["node_ip"] for w in workers}
@@ -179,9 +184,9 @@ def test_training_across_namespaces_with_tls_survives_a_cut_link(tmp_path):
             after = steps(lines)
             assert read_until(lambda ls: steps(ls) >= after + 5, 120), lines[-5:]
             stop.touch()
-            assert read_until(lambda ls: any(line.startswith("end ") for line in ls), 60), lines[-5:]
-            end = next(line for line in lines if line.startswith("end "))
-            _, workers, counters = end.split(" ", 2)
+            assert read_until(lambda ls: any(line.startswith("end\t") for line in ls), 60), lines[-5:]
+            end = next(line for line in lines if line.startswith("end\t"))
+            _, workers, counters = end.split("\t")
             workers = json.loads(workers)
             assert f"{SUBNET}.2" not in {w["node_ip"] for w in workers}  # repaired elsewhere
             assert json.loads(counters)["respawns"] >= 1
@@ -197,4 +202,7 @@ def test_training_across_namespaces_with_tls_survives_a_cut_link(tmp_path):
                 with contextlib.suppress(Exception):
                     proc.wait(10)
     assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in seen), timeout_s=30)
+    temp = Path(os.environ.get("RAY_TMPDIR") or "/tmp", "ray")
+    for session in temp.glob(f"session_*_{ours[0].pid}") if ours else []:  # the test cluster's (its head)
+        shutil.rmtree(session)
     assert f"{TAG}br" not in ip("link").stdout and TAG not in ip("netns", "list").stdout

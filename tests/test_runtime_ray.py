@@ -319,3 +319,13 @@ def test_the_master_leaves_the_workers_on_its_machine_their_cores(ray_session):
     assert master_threads(cores=16, worker_threads_here=6, current=16) == 10
     assert master_threads(cores=2, worker_threads_here=6, current=2) == 1  # at least one
     assert master_threads(cores=4, worker_threads_here=0, current=4) == 4  # workers elsewhere
+
+
+def test_the_wrapped_private_ray_api_works_on_the_pinned_ray(ray_session):
+    """The only two uses of Ray's private API (sazd.runtime.ray.bootstrap), against the pinned Ray."""
+    from sazd.runtime.ray.bootstrap import ping_gcs, ray_processes
+
+    assert ray_session.__version__ == "2.60.0"  # the pin in pyproject.toml; re-check both on a bump
+    names = {name for name, proc in ray_processes() if proc.poll() is None}
+    assert {"gcs_server", "raylet"} <= names
+    ping_gcs(5.0)  # answers (raises if the GCS did not)

@@ -11,8 +11,10 @@
   machine leave (``master_threads``; given back at ``close``): a master that computes on the cores
   its own workers need slows both.
 - Ray starts, places, watches and kills the actors. The calls of training and their answers travel
-  over one authenticated TCP connection per worker (``sazd.runtime.channel``), not through Ray's task
-  path and object store, whose per-call cost dominated small rounds. ``submit`` copies its tensor
+  over one sealed TCP connection per worker (``sazd.runtime.channel``: HMAC on every message, TLS
+  1.3 with ``tls=True``), not through Ray's task path and object store, whose per-call cost
+  dominated small rounds. A local Ray we start has a reaper process: a killed or interrupted driver
+  leaves none of its processes nor its session directory. ``submit`` copies its tensor
   arguments once (a broadcast once for every worker), so the master may change them afterwards.
 - ``first_k`` takes answers in arrival order: a broken connection (the actor died, was killed or lost
   its node) answers every unanswered call of that worker as an erasure, and another answer is
@@ -27,7 +29,7 @@
   answers are never used, but their status is checked at the next round: an exception
   raised in any worker call is recorded (``counters.worker_errors``, naming worker and method) and
   makes that worker an erasure; a round in which every asked worker raised re-raises the worker's
-  exception (its type, with the worker and method in a note).
+  exception (rebuilt from its type name and message, with the worker and method in a note).
 - Calls to one actor run in submission order, so a slow actor applies every update in order. The
   cluster tracks each actor's unfinished calls: ``ready_workers`` avoids actors still working on
   calls sent before the last gather, and an actor with more than ``max_backlog`` unfinished calls is

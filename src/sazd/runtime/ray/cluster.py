@@ -50,8 +50,11 @@ class RayCluster(Rounds, Liveness, Cluster):
     erasure. ``start_timeout_s`` bounds starting actors (each imports torch) and reserving their
     placement. ``placement``: ``"spread"`` (workers on distinct nodes while there are nodes) or
     ``"pack"``. ``torch_threads``: intra-op threads per actor. ``compute_dtype``: the workers' product
-    precision (``"bfloat16"``, ``"float16"``; answers come back in the blocks' dtype).
+    precision (``"bfloat16"``, ``"float16"``; answers come back in the blocks' dtype). ``tls``:
+    ``None``/``False`` (HMAC-sealed connections, in clear), ``True`` (TLS 1.3 with certificates made
+    for this cluster) or a directory of certificates (``sazd.runtime.tls``).
     """
+
     def __init__(
         self,
         n: int,
