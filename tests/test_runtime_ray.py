@@ -271,6 +271,12 @@ def test_a_run_reports_workers_and_their_answer_times(digits, tmp_path):
     assert (tmp_path / "run" / "latency.png").stat().st_size > 1000
 
 
+def rep_plane(out):
+    import json
+
+    return json.loads(out.read_text())["plane"]
+
+
 def test_bench_runtime_reports_the_round_the_iterations_and_the_floor(ray_session, tmp_path, capsys):
     import json
 
@@ -281,6 +287,9 @@ def test_bench_runtime_reports_the_round_the_iterations_and_the_floor(ray_sessio
                  "--widths", "64", "--warmup", "1", "--iterations", "2", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "sazd/bare = " in printed and "Ray/floor" in printed
+    assert "data plane, round" in printed and "data plane, one connection" in printed
+    for mode in ("hmac", "tls"):  # each data-plane mode measured, side by side
+        assert rep_plane(out)[mode]["round_median_s"] > 0 and rep_plane(out)[mode]["throughput_best_mb_s"] > 0
     rep = json.loads(out.read_text())
     assert rep["round"]["payload"] == {"rows": 64, "cols": 64, "batch": 8, "n": 6, "k": 4}
     assert rep["round"]["sazd"]["median_s"] > 0 and rep["round"]["bare"]["median_s"] > 0
