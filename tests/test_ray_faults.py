@@ -14,6 +14,7 @@ Faults are real signals to the PIDs of the actors and Ray processes the run star
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -353,3 +354,46 @@ def test_a_killed_or_interrupted_driver_leaves_no_ray_process_nor_session_dir(fa
     assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in seen), timeout_s=30), \
         [(p, process_name(p)) for p in seen if os.path.exists(f"/proc/{p}")]
     assert wait_until(lambda: not ray_dirs_of(proc.pid), timeout_s=15), ray_dirs_of(proc.pid)
+
+
+def test_the_reaper_removes_only_its_driver_s_ray_processes_and_session_dirs(tmp_path):
+    """No Ray here: a shell stands in for the driver, with a child named like a Ray worker and one that
+    is not Ray's; the temp dir holds the driver's session, another driver's, and a link to a user's
+    directory named like the driver's session."""
+    from sazd.runtime.ray import processes
+
+    temp, user = tmp_path / "ray", tmp_path / "user-data"
+    temp.mkdir()
+    user.mkdir()
+    (user / "keep.txt").write_text("mine")
+    fake = subprocess.Popen(["bash", "-c", 'exec -a "ray::RayWorker" sleep 300 & sleep 300 & wait'],
+                            start_new_session=True)
+    assert wait_until(lambda: len(descendants(fake.pid)) == 2, timeout_s=10)
+    by_role = {p: Path(f"/proc/{p}/cmdline").read_bytes() for p in descendants(fake.pid)}
+    ray_like = next(p for p, cmd in by_role.items() if cmd.startswith(b"ray::"))
+    other = next(p for p in by_role if p != ray_like)
+    reaper = subprocess.Popen([sys.executable, processes.__file__, str(fake.pid), "/nonexistent-ray-dir",
+                               str(temp)], stdin=subprocess.PIPE, start_new_session=True)
+    time.sleep(1.0)  # it records the driver's Ray processes while the driver lives
+    ours, theirs = temp / f"session_1_{fake.pid}", temp / f"session_1_{fake.pid + 1}"
+    for path in (ours, theirs):
+        path.mkdir()
+        (path / "log").write_text("x")
+    (temp / f"session_2_{fake.pid}").symlink_to(user)
+    (temp / "session_latest").symlink_to(ours)
+    time.sleep(0.5)
+    try:
+        os.kill(fake.pid, signal.SIGKILL)
+        fake.wait(10)
+        reaper.wait(30)
+        assert wait_until(lambda: not os.path.exists(f"/proc/{ray_like}"), timeout_s=10)
+        assert os.path.exists(f"/proc/{other}")  # not Ray's: left alone
+        assert not ours.exists() and not (temp / "session_latest").is_symlink()
+        assert theirs.exists() and (user / "keep.txt").read_text() == "mine"  # never through a link
+    finally:
+        for pid in (ray_like, other):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        reaper.stdin.close()
+        if reaper.poll() is None:
+            reaper.kill()
