@@ -88,6 +88,7 @@ class RayCluster(Rounds, Liveness, Cluster):
                 raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
         Worker.check_dtype(compute_dtype)
         self._certs = ClusterCerts.resolve(tls)  # before anything starts: a bad directory is a ValueError
+        self.data_plane_note: str | None = None  # said at start when workers run on other nodes
         self.placement = place.check_placement(placement)
         self.n = n
         self.latency = parse_latency(latency, seed).bind(n)
@@ -156,19 +157,22 @@ class RayCluster(Rounds, Liveness, Cluster):
         self._say_data_plane()
 
     def _say_data_plane(self) -> None:
-        """With workers on other nodes, say whether their connections are encrypted."""
+        """With workers on other nodes, say whether their connections are encrypted: a warning when
+        they are not, a log line when they are (``data_plane_note`` holds the sentence)."""
         here = ray.get_runtime_context().get_node_id()
         remote = sorted(j for j, info in enumerate(self._info) if info.get("node_id") != here)
         if not remote:
-            return
-        if self._certs is None:
-            warnings.warn(f"workers {remote} run on other nodes and the data plane is NOT encrypted "
-                          "(authenticated with HMAC: an on-path attacker can read the tensors and break "
-                          "connections, not alter them or run code); pass tls=True (--tls) to encrypt it",
-                          RuntimeWarning, stacklevel=3)
+            self.data_plane_note = None
+        elif self._certs is None:
+            self.data_plane_note = (
+                f"workers {remote} run on other nodes and the data plane is NOT encrypted (sealed with "
+                "HMAC: an on-path attacker can read the tensors and break connections, not alter them "
+                "or run code); pass tls=True (--tls) to encrypt it")
+            warnings.warn(self.data_plane_note, RuntimeWarning, stacklevel=3)
         else:
-            _log.info("workers %s run on other nodes; the data plane is encrypted (TLS 1.3, %s "
-                      "certificates)", remote, self._certs.source)
+            self.data_plane_note = (f"workers {remote} run on other nodes; the data plane is encrypted "
+                                    f"(TLS 1.3, {self._certs.source} certificates)")
+            _log.info(self.data_plane_note)
 
     def now(self) -> float:
         """Wall time: the workers are real processes."""
