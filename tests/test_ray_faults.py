@@ -14,6 +14,7 @@ Faults are real signals to the PIDs of the actors and Ray processes the run star
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -27,7 +28,7 @@ import pytest
 from _support import digits_config
 from sazd.parallel import plain_state_dict, plain_weights
 from sazd.runtime.cluster import ClusterError, Counters
-from sazd.runtime.ray_backend import process_tree, wait_until
+from sazd.runtime.ray import process_tree, wait_until
 from sazd.train import checkpoint
 from sazd.train.optim import OptimConfig
 from sazd.train.reference import reference_run, relative_weight_error
@@ -48,7 +49,7 @@ def shared_cluster(ray_session):
     loaded 2-core machine can take longer than 64 calls; the backlog rule would then kill the new actor
     again (it has its own test in test_runtime_ray.py). ``worker_timeout_s``: a lost answer becomes a
     ClusterError well before pytest's timeout."""
-    from sazd.runtime.ray_backend import RayCluster
+    from sazd.runtime.ray import RayCluster
 
     cluster = RayCluster(N, worker_timeout_s=60, max_backlog=None)
     yield cluster
@@ -304,3 +305,95 @@ def test_losing_the_ray_control_plane_is_one_line_and_leaves_no_process(tmp_path
     assert len(lines) == 1 and "gcs_server" in lines[0], err[-2000:]
     assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in seen), timeout_s=10), \
         [(pid, process_name(pid)) for pid in seen if os.path.exists(f"/proc/{pid}")]
+
+
+DRIVER = """
+import sys, time
+from sazd.runtime.ray import start_local_ray
+print("starting", flush=True)
+start_local_ray(num_cpus=2, object_store_gb=0.2)
+print("up", flush=True)
+time.sleep(600)
+"""
+
+
+def ray_dirs_of(pid: int) -> list[Path]:
+    temp = Path(os.environ.get("RAY_TMPDIR") or "/tmp", "ray")
+    return sorted(temp.glob(f"session_*_{pid}"))
+
+
+def driver() -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    return subprocess.Popen([sys.executable, "-c", DRIVER], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+
+
+@pytest.mark.parametrize("fault", ["SIGKILL once up", "SIGINT during start-up"])
+def test_a_killed_or_interrupted_driver_leaves_no_ray_process_nor_session_dir(fault):
+    proc = driver()
+    seen: set[int] = set()
+    try:
+        assert proc.stdout.readline().strip() == "starting"
+        if fault.startswith("SIGINT"):  # as soon as Ray's first process exists, mid-start
+            assert wait_until(lambda: bool(seen.update(descendants(proc.pid)) or any(
+                process_name(p) == "gcs_server" for p in seen)), timeout_s=60)
+            os.kill(proc.pid, signal.SIGINT)
+        else:
+            assert proc.stdout.readline().strip() == "up"
+            seen |= descendants(proc.pid)
+            assert ray_dirs_of(proc.pid)
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stdout.close()
+    ray_procs = [p for p in seen if process_name(p) in ("gcs_server", "raylet")]
+    assert ray_procs  # there was something to clean up
+    assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in seen), timeout_s=30), \
+        [(p, process_name(p)) for p in seen if os.path.exists(f"/proc/{p}")]
+    assert wait_until(lambda: not ray_dirs_of(proc.pid), timeout_s=15), ray_dirs_of(proc.pid)
+
+
+def test_the_reaper_removes_only_its_driver_s_ray_processes_and_session_dirs(tmp_path):
+    """No Ray here: a shell stands in for the driver, with a child named like a Ray worker and one that
+    is not Ray's; the temp dir holds the driver's session, another driver's, and a link to a user's
+    directory named like the driver's session."""
+    from sazd.runtime.ray import processes
+
+    temp, user = tmp_path / "ray", tmp_path / "user-data"
+    temp.mkdir()
+    user.mkdir()
+    (user / "keep.txt").write_text("mine")
+    fake = subprocess.Popen(["bash", "-c", 'exec -a "ray::RayWorker" sleep 300 & sleep 300 & wait'],
+                            start_new_session=True)
+    assert wait_until(lambda: len(descendants(fake.pid)) == 2, timeout_s=10)
+    by_role = {p: Path(f"/proc/{p}/cmdline").read_bytes() for p in descendants(fake.pid)}
+    ray_like = next(p for p, cmd in by_role.items() if cmd.startswith(b"ray::"))
+    other = next(p for p in by_role if p != ray_like)
+    reaper = subprocess.Popen([sys.executable, processes.__file__, str(fake.pid), "/nonexistent-ray-dir",
+                               str(temp)], stdin=subprocess.PIPE, start_new_session=True)
+    time.sleep(1.0)  # it records the driver's Ray processes while the driver lives
+    ours, theirs = temp / f"session_1_{fake.pid}", temp / f"session_1_{fake.pid + 1}"
+    for path in (ours, theirs):
+        path.mkdir()
+        (path / "log").write_text("x")
+    (temp / f"session_2_{fake.pid}").symlink_to(user)
+    (temp / "session_latest").symlink_to(ours)
+    time.sleep(0.5)
+    try:
+        os.kill(fake.pid, signal.SIGKILL)
+        fake.wait(10)
+        reaper.wait(30)
+        assert wait_until(lambda: not os.path.exists(f"/proc/{ray_like}"), timeout_s=10)
+        assert os.path.exists(f"/proc/{other}")  # not Ray's: left alone
+        assert not ours.exists() and not (temp / "session_latest").is_symlink()
+        assert theirs.exists() and (user / "keep.txt").read_text() == "mine"  # never through a link
+    finally:
+        for pid in (ray_like, other):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        reaper.stdin.close()
+        if reaper.poll() is None:
+            reaper.kill()

@@ -36,6 +36,7 @@ import sys
 import time
 from typing import Any
 
+from sazd.bench import plane
 from sazd.files import write_atomic
 from sazd.measure.flags import int_list, output_file
 from sazd.measure.timing import Timed, alternate
@@ -53,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--code", default="sazd")
     parser.add_argument("--warmup", type=int, default=3, help="iteration: 'from the start' iterations")
     parser.add_argument("--iterations", type=int, default=8, help="iteration: steady iterations")
-    parser.add_argument("--parts", default="round,iteration", help="round, iteration (comma-separated)")
+    parser.add_argument("--parts", default="round,iteration,plane",
+                        help="round, iteration, plane (data-plane modes; comma-separated)")
     parser.add_argument("--master-threads", type=int, default=None,
                         help="iteration: Ray master's torch threads (default: what its workers leave it)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
@@ -172,8 +174,8 @@ def check_args(args: argparse.Namespace) -> tuple[set[str], list[int]]:
     from sazd.codes import get_code
 
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    if not parts <= {"round", "iteration"} or not parts:
-        raise ValueError(f"--parts must name round and/or iteration, got {args.parts!r}")
+    if not parts <= {"round", "iteration", "plane"} or not parts:
+        raise ValueError(f"--parts must name round, iteration and/or plane, got {args.parts!r}")
     widths = int_list(args.widths, "--widths")
     if min(widths) < 64:
         raise ValueError(f"--widths {args.widths!r}: widths below 64 are not coded by the default plan; "
@@ -216,6 +218,9 @@ def run(args: argparse.Namespace) -> int:
                 row = part_iteration(args, cluster, width, own_threads)
                 results["iteration"].append(row)
                 print_iteration(row)
+        if "plane" in parts:
+            results["plane"] = plane.part_plane(args, cluster)
+            plane.print_plane(results["plane"])
     if args.json:
         write_atomic(args.json, json.dumps(results, indent=2) + "\n", "--json")
     return 0

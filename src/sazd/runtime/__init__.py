@@ -25,9 +25,12 @@ def make_cluster(backend: str, n: int, **opts: Any) -> Cluster:
     """``InProcessCluster(n, **opts)`` for ``"inproc"``, ``RayCluster(n, **opts)`` for ``"ray"``
     (Ray is imported only then)."""
     if backend == "inproc":
+        if opts.pop("tls", None) not in (None, False):
+            raise ValueError("tls: the in-process backend has no connections to encrypt; use tls only "
+                             "with backend 'ray'")
         return InProcessCluster(n, **opts)
     if backend == "ray":
-        from sazd.runtime.ray_backend import RayCluster
+        from sazd.runtime.ray import RayCluster
 
         return RayCluster(n, **opts)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

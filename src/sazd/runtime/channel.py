@@ -1,39 +1,50 @@
-"""The data plane of the Ray backend: one direct, authenticated connection per worker.
+"""The data plane of the Ray backend: one direct, sealed connection per worker.
 
 Ray starts, places, watches and kills the workers; the calls of training and their answers travel
 over one TCP connection between the master and each worker. An actor call through Ray's task path
 and object store costs several milliseconds of scheduling and serialisation on each side, paid by
 every worker in every round; a message on an open connection costs a write and a read.
 
-- The worker listens on its node's address (``serve``); the master connects (``Channel``). Both
-  ends prove they know the cluster's random key (an HMAC challenge each way, within
-  ``HANDSHAKE_S``) before anything is unpickled, so a header is read only from a peer of this
-  cluster. A peer without the key, or one that stalls, is dropped and the worker keeps waiting.
-- A message is a pickled header in which every tensor is a ``_Slot`` (dtype, shape), then one raw
-  byte frame per tensor, written from the tensor's memory and received straight into a fresh
-  tensor's memory (one copy each way, by the kernel). What arrives is checked against the header:
-  slot count, dtypes, shapes and byte counts; a mismatch breaks the connection.
-- A call's arguments are encoded on the caller's thread (``encode``): what cannot be sent is a
-  TypeError at ``submit``, before any worker is asked.
+Layers, bottom up:
+
+- ``Transport``: moves bytes (``send``, ``receive_into``, ``close``). ``TcpTransport`` is a plain
+  socket; ``TlsTransport`` runs TLS 1.3 with mutual certificates (``sazd.runtime.tls``) over it. A
+  shared-memory lane would be another ``Transport``; nothing above this layer changes.
+- The handshake: the master sends a nonce; the worker answers with its nonce and its proof of the
+  worker's key (an HMAC over both nonces); only after checking it does the master prove the key in
+  turn. The master never answers a challenge of a peer that has not proven the key. Both ends
+  derive a key per direction from the two nonces. The whole handshake (TLS included) is bounded by
+  ``HANDSHAKE_S``.
+- ``Sealed``: every message carries HMAC-SHA256 tags under its direction's key and its sequence
+  number (one tag over the header, checked before the header is parsed, one over the whole
+  message). A message injected, replayed, reordered, cut or altered on the path fails its tag, and
+  the connection breaks: the worker is an erasure, never a source of code or wrong values.
+- The message schema (``sazd.runtime.wire``): msgpack, nothing unpickled; a header holds the
+  method (from the worker's closed set), numbers, strings, records and tensor slots; each tensor's
+  raw bytes follow, received straight into a fresh tensor's memory.
 - Calls to one worker are answered in the order sent. Each end reads and writes in threads of its
-  own, so a large message in one direction never waits on the other, and the master's waits stay
-  bounded by its own clock: a worker that dies or is killed breaks its connection, and every
-  unanswered call fails with ``WorkerLost``; an exception raised by the worker's code comes back as
-  ``WorkerRaised`` holding it.
+  own, so a large message in one direction never waits on the other. A worker that dies, is
+  killed or whose link is cut breaks its connection (TCP keepalive and ``TCP_USER_TIMEOUT`` notice a
+  silent peer within seconds), and every unanswered call fails with ``WorkerLost``; an exception
+  raised by the worker's code comes back as ``WorkerRaised``.
+- The worker's listener admits at most ``MAX_PENDING`` peers in handshake at once; when the process
+  runs out of descriptors or threads it pauses accepting and tries again, never closing for good.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import hmac
-import math
 import os
-import pickle
 import queue
 import socket
+import ssl
 import struct
 import threading
+import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,35 +52,225 @@ from typing import Any
 
 import torch
 
-from sazd.runtime.cluster import iter_tensors, map_tensors
+from sazd.runtime import wire
+from sazd.runtime.tls import Identity
 
-_MAX_TENSOR_BYTES = 1 << 40  # a header announcing more than this is not ours
-_MAX_HEADER_BYTES = 1 << 26  # headers hold names, numbers and tensor slots: a few KB
-_LENGTH = struct.Struct("!Q")  # the length prefix of every frame
-HANDSHAKE_S = 10.0  # bound on connecting and proving the key, each side
+HANDSHAKE_S = 10.0  # bound on connecting, TLS and proving the key, as a whole
+MAX_PENDING = 16  # peers in handshake at once on one worker's listener
+KEEPALIVE_S = (2, 1, 3)  # idle, interval, probes: a silent peer is noticed within about 5 s
+USER_TIMEOUT_MS = 10_000  # data unacknowledged this long: the link is gone
+_MAX_HEADER_BYTES = 1 << 24  # headers hold names, numbers and tensor slots: a few KB
+_MAX_TENSOR_BYTES = 1 << 40
+_LENGTH = struct.Struct("!I")
+_TAG = 32
+_CHUNK = 1 << 18
+_BACKOFF_S = 0.2  # pause before accepting again after running out of descriptors or threads
 
 
 class WorkerLost(Exception):
-    """The connection to the worker broke: it died, was killed, or its node was lost."""
+    """The connection to the worker broke: it died, was killed, its link was cut or tampered with."""
 
 
 class WorkerRaised(Exception):
-    """The worker's code raised ``cause`` while answering the call."""
+    """The worker's code raised ``cause`` (rebuilt from its type name and message)."""
 
-    def __init__(self, cause: BaseException) -> None:
+    def __init__(self, cause: Exception) -> None:
         super().__init__(f"{type(cause).__name__}: {cause}")
         self.cause = cause
 
 
+# ------------------------------------------------------------------------------------ transports
+class Transport(ABC):
+    """A reliable, ordered byte stream to one peer."""
+
+    @abstractmethod
+    def send(self, data: bytes | memoryview) -> None:
+        """Write all of ``data``."""
+
+    @abstractmethod
+    def receive_into(self, view: memoryview) -> None:
+        """Fill ``view``; EOFError when the peer closed."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close, waking a thread blocked in ``receive_into`` or ``send``."""
+
+    def receive(self, size: int) -> bytes:
+        out = bytearray(size)
+        self.receive_into(memoryview(out))
+        return bytes(out)
+
+
+class TcpTransport(Transport):
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def send(self, data: bytes | memoryview) -> None:
+        self.sock.sendall(data)
+
+    def receive_into(self, view: memoryview) -> None:
+        while view.nbytes:
+            got = self.sock.recv_into(view)
+            if got == 0:
+                raise EOFError("connection closed")
+            view = view[got:]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+class TlsTransport(TcpTransport):
+    """TLS 1.3 over a socket through memory buffers: OpenSSL's state is touched under a lock and
+    only for moments, so one thread may read while another writes (an ``SSLSocket`` shared by two
+    threads is not safe)."""
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, server: bool) -> None:
+        super().__init__(sock)
+        self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=server)
+        self._lock = threading.Lock()
+        while True:  # the socket's timeout (the handshake's deadline) bounds each step
+            try:
+                self._tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._feed()
+        self._flush()
+
+    def _flush(self) -> None:
+        with self._lock:
+            data = self._outgoing.read()
+        if data:
+            self.sock.sendall(data)
+
+    def _feed(self) -> None:
+        data = self.sock.recv(_CHUNK)
+        if not data:
+            raise EOFError("connection closed")
+        with self._lock:
+            self._incoming.write(data)
+
+    def send(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        for start in range(0, view.nbytes, _CHUNK):
+            with self._lock:
+                self._tls.write(view[start:start + _CHUNK])
+            self._flush()
+
+    def receive_into(self, view: memoryview) -> None:
+        view = view.cast("B")
+        while view.nbytes:
+            try:
+                with self._lock:
+                    got = self._tls.read(view.nbytes, view)
+            except ssl.SSLWantReadError:
+                self._feed()
+                continue
+            except ssl.SSLZeroReturnError:
+                got = 0
+            if got == 0:
+                raise EOFError("connection closed")
+            view = view[got:]
+
+
+def _tune(sock: socket.socket) -> None:
+    """Small frames at once (no Nagle); a silent or half-open peer noticed within seconds."""
+    idle, interval, probes = KEEPALIVE_S
+    for level, option, value in (
+            (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+            (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), idle),
+            (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), interval),
+            (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), probes),
+            (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), USER_TIMEOUT_MS)):
+        if option is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, option, value)
+
+
+def _open(sock: socket.socket, identity: Identity | None, server: bool) -> Transport:
+    _tune(sock)
+    if identity is None:
+        return TcpTransport(sock)
+    return TlsTransport(sock, identity.context(server), server)
+
+
+# ------------------------------------------------------------------------------------- handshake
 @dataclass(frozen=True)
-class _Slot:
-    """Where a tensor was in a message: its frame follows the header, in slot order."""
+class Keys:
+    """One connection's keys, one per direction (derived from both ends' nonces)."""
 
-    dtype: torch.dtype
-    shape: tuple[int, ...]
+    send: bytes
+    receive: bytes
 
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+
+def _mac(key: bytes, label: bytes, *parts: bytes) -> bytes:
+    return hmac.new(key, b"sazd/1 " + label + b"".join(parts), hashlib.sha256).digest()
+
+
+def _session(key: bytes, master_nonce: bytes, worker_nonce: bytes, master: bool) -> Keys:
+    to_worker = _mac(key, b"to worker", master_nonce, worker_nonce)
+    to_master = _mac(key, b"to master", master_nonce, worker_nonce)
+    return Keys(to_worker, to_master) if master else Keys(to_master, to_worker)
+
+
+def _master_handshake(link: Transport, key: bytes) -> Keys:
+    mine = os.urandom(32)
+    link.send(mine)
+    theirs, proof = link.receive(32), link.receive(_TAG)
+    if not hmac.compare_digest(proof, _mac(key, b"worker proof", mine, theirs)):
+        raise ConnectionError("the peer does not hold this worker's key")
+    link.send(_mac(key, b"master proof", mine, theirs))
+    return _session(key, mine, theirs, master=True)
+
+
+def _worker_handshake(link: Transport, key: bytes) -> Keys:
+    theirs, mine = link.receive(32), os.urandom(32)
+    link.send(mine + _mac(key, b"worker proof", theirs, mine))
+    if not hmac.compare_digest(link.receive(_TAG), _mac(key, b"master proof", theirs, mine)):
+        raise ConnectionError("the peer does not hold this worker's key")
+    return _session(key, theirs, mine, master=False)
+
+
+def _bounded_handshake(sock: socket.socket, key: bytes, identity: Identity | None,
+                       master: bool) -> Sealed:
+    """TLS (if any) and the key proofs, all within HANDSHAKE_S (a watchdog closes the socket)."""
+    watchdog = threading.Timer(HANDSHAKE_S, _shut, args=(sock,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        sock.settimeout(HANDSHAKE_S)
+        link = _open(sock, identity, server=not master)
+        keys = (_master_handshake if master else _worker_handshake)(link, key)
+    finally:
+        watchdog.cancel()
+    sock.settimeout(None)
+    return Sealed(link, keys)
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+# ---------------------------------------------------------------------------------------- sealing
+@dataclass(frozen=True)
+class Encoded:
+    """A call's arguments ready to write: the packed argument list and its tensors, in slot order."""
+
+    body: bytes
+    tensors: tuple[torch.Tensor, ...]
+
+
+def encode(args: tuple) -> Encoded:
+    """``args`` packed for the wire (``sazd.runtime.wire``); TypeError naming what cannot travel."""
+    try:
+        body, tensors = wire.pack(list(args))
+    except TypeError as err:
+        raise TypeError(f"cannot send {type(args).__name__} to a worker: {err}") from None
+    return Encoded(body, tuple(tensors))
 
 
 def _raw(t: torch.Tensor) -> memoryview:
@@ -77,219 +278,126 @@ def _raw(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def _length(n: int) -> bytes:
-    return _LENGTH.pack(n)
+class Sealed:
+    """Messages with an HMAC per direction and sequence number over a ``Transport``."""
+
+    def __init__(self, link: Transport, keys: Keys) -> None:
+        self.link = link
+        self._keys = keys
+        self._sent = self._received = 0
+
+    def write(self, header: bytes, tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> None:
+        mac = hmac.new(self._keys.send, self._sent.to_bytes(8, "big"), hashlib.sha256)
+        self._sent += 1
+        head = _LENGTH.pack(len(header)) + header
+        mac.update(head)
+        self.link.send(head + mac.copy().digest())
+        for t in tensors:
+            raw = _raw(t)
+            mac.update(raw)
+            if raw.nbytes:
+                self.link.send(raw)
+        self.link.send(mac.digest())
+
+    def read(self) -> Any:
+        """One message's value; WireError if a tag, the schema or a size does not hold."""
+        mac = hmac.new(self._keys.receive, self._received.to_bytes(8, "big"), hashlib.sha256)
+        self._received += 1
+        prefix = self.link.receive(_LENGTH.size)
+        size = _LENGTH.unpack(prefix)[0]
+        if size > _MAX_HEADER_BYTES:
+            raise wire.WireError(f"message header of {size} bytes (at most {_MAX_HEADER_BYTES})")
+        header = self.link.receive(size)
+        mac.update(prefix + header)
+        if not hmac.compare_digest(self.link.receive(_TAG), mac.copy().digest()):
+            raise wire.WireError("a message header failed its integrity check (altered, injected, "
+                                 "replayed or reordered on the path)")
+        value, tensors = wire.unpack(header, _MAX_TENSOR_BYTES)
+        for t in tensors:  # raw bytes into fresh memory; used only once the final tag holds
+            raw = _raw(t)
+            if raw.nbytes:
+                self.link.receive_into(raw)
+                mac.update(raw)
+        if not hmac.compare_digest(self.link.receive(_TAG), mac.digest()):
+            raise wire.WireError("a message's tensors failed their integrity check")
+        return value
 
 
-def _recv_into(sock: socket.socket, view: memoryview) -> None:
-    """Fill ``view`` from ``sock`` (straight into its memory: no intermediate buffer)."""
-    while view.nbytes:
-        got = sock.recv_into(view)
-        if got == 0:
-            raise EOFError("connection closed")
-        view = view[got:]
+# ------------------------------------------------------------------------------------- worker end
+def serve(host: str, key: bytes, handle: Callable[[str, float, tuple], Any], methods: frozenset[str],
+          identity: Identity | None = None) -> tuple[str, int]:
+    """Listen on ``host`` for the master; answer each call of one of ``methods`` with
+    ``handle(method, slowdown, args)``, in order. Returns the address to connect to.
 
-
-def _recv_frame_length(sock: socket.socket) -> int:
-    prefix = bytearray(_LENGTH.size)
-    _recv_into(sock, memoryview(prefix))
-    return _LENGTH.unpack(prefix)[0]
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """A message ready to write: its header (tensors replaced by slots) and the tensors, in order."""
-
-    header: Any
-    tensors: tuple[torch.Tensor, ...]
-
-
-def encode(obj: Any) -> Encoded:
-    """``obj`` split into a header and its tensors; TypeError if the header cannot be pickled."""
-    tensors: list[torch.Tensor] = []
-
-    def slot(t: torch.Tensor) -> _Slot:
-        t = t.detach().cpu().contiguous()
-        tensors.append(t)
-        return _Slot(t.dtype, tuple(t.shape))
-
-    header = map_tensors(obj, slot)
-    try:
-        pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as err:
-        raise TypeError(f"cannot send {type(obj).__name__} to a worker: {type(err).__name__}: {err}") \
-            from None
-    return Encoded(header, tuple(tensors))
-
-
-def write(sock: socket.socket, message: Encoded) -> None:
-    """A length-prefixed header, then each tensor's bytes, length-prefixed, written from the
-    tensor's own memory."""
-    header = pickle.dumps((message.header, len(message.tensors)), protocol=pickle.HIGHEST_PROTOCOL)
-    sock.sendall(_length(len(header)) + header)
-    for t in message.tensors:
-        raw = _raw(t)
-        sock.sendall(_length(raw.nbytes))
-        if raw.nbytes:
-            sock.sendall(raw)
-
-
-def send_message(sock: socket.socket, obj: Any) -> None:
-    """Write ``obj`` (tensors inside tuples, lists and dicts travel as raw bytes)."""
-    write(sock, encode(obj))
-
-
-def recv_message(sock: socket.socket) -> Any:
-    """Read one message of ``send_message``, checking every frame against its header."""
-    size = _recv_frame_length(sock)
-    if size > _MAX_HEADER_BYTES:
-        raise ValueError(f"message header of {size} bytes (at most {_MAX_HEADER_BYTES})")
-    header = bytearray(size)
-    _recv_into(sock, memoryview(header))
-    header, count = pickle.loads(header)
-    slots = list(iter_tensors(header, _Slot))
-    if not isinstance(count, int) or count != len(slots):
-        raise ValueError(f"message announces {count!r} tensors but its header holds {len(slots)}")
-
-    def fill(slot: _Slot) -> torch.Tensor:
-        if not (isinstance(slot.dtype, torch.dtype) and isinstance(slot.shape, tuple)
-                and all(isinstance(s, int) and s >= 0 for s in slot.shape)
-                and slot.nbytes() <= _MAX_TENSOR_BYTES):
-            raise ValueError(f"message holds a malformed tensor header {slot!r}")
-        got = _recv_frame_length(sock)
-        if got != slot.nbytes():
-            raise ValueError(f"tensor frame of {got} bytes, its header says {slot.nbytes()}")
-        out = torch.empty(slot.shape, dtype=slot.dtype)
-        _recv_into(sock, _raw(out))
-        return out
-
-    return map_tensors(header, fill, _Slot)
-
-
-def _proof(authkey: bytes, role: bytes, nonce: bytes) -> bytes:
-    return hmac.new(authkey, role + nonce, hashlib.sha256).digest()
-
-
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    out = bytearray(size)
-    _recv_into(sock, memoryview(out))
-    return bytes(out)
-
-
-def _ready(sock: socket.socket) -> socket.socket:
-    """Blocking from now on, small frames sent at once (Nagle would hold a header followed by more)."""
-    sock.settimeout(None)
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def _prove_worker(sock: socket.socket, authkey: bytes) -> None:
-    """Worker side: challenge the peer, check its proof, answer its challenge (within HANDSHAKE_S)."""
-    sock.settimeout(HANDSHAKE_S)
-    mine = os.urandom(32)
-    sock.sendall(mine)
-    proof, theirs = _recv_exactly(sock, 32), _recv_exactly(sock, 32)
-    if not hmac.compare_digest(proof, _proof(authkey, b"master", mine)):
-        raise ConnectionError("the peer does not hold the cluster's key")
-    sock.sendall(_proof(authkey, b"worker", theirs))
-
-
-def connect(address: tuple[str, int], authkey: bytes) -> socket.socket:
-    """Master side: connect to a worker and prove the key both ways, each step within HANDSHAKE_S."""
-    sock = socket.create_connection(tuple(address), timeout=HANDSHAKE_S)
-    try:
-        challenge = _recv_exactly(sock, 32)
-        mine = os.urandom(32)
-        sock.sendall(_proof(authkey, b"master", challenge) + mine)
-        proof = _recv_exactly(sock, 32)
-    except (OSError, EOFError) as err:
-        sock.close()
-        raise ConnectionError(f"no handshake with the worker at {tuple(address)}: "
-                              f"{type(err).__name__}: {err}") from None
-    if not hmac.compare_digest(proof, _proof(authkey, b"worker", mine)):
-        sock.close()
-        raise ConnectionError(f"the worker at {tuple(address)} does not hold the cluster's key")
-    return _ready(sock)
-
-
-# --------------------------------------------------------------------------------------- worker end
-def serve(host: str, authkey: bytes, handle: Callable[[str, float, tuple], Any]) -> tuple[str, int]:
-    """Listen on ``host`` for the master; answer each call ``(method, slowdown, args)`` with
-    ``(0, handle(...))`` or ``(1, exception)``, in order. Returns the address to connect to.
-
-    Each peer proves the key in a thread of its own, so one that stalls or resets delays nobody;
-    the first that proves it is the master, and the listener closes."""
+    Each peer proves the key in a thread of its own (at most ``MAX_PENDING`` at once), so one that
+    stalls or resets delays nobody; the first that proves it is the master, and the listener closes."""
     listener = socket.create_server((host, 0))
     claimed = threading.Lock()
+    pending = threading.BoundedSemaphore(MAX_PENDING)
 
     def admit(sock: socket.socket) -> None:
         try:
-            _prove_worker(sock, authkey)
-        except Exception:  # no key, stalled, reset: not the master
+            sealed = _bounded_handshake(sock, key, identity, master=False)
+        except Exception:  # no key, no certificate, stalled, reset: not the master
             sock.close()
             return
+        finally:
+            pending.release()
         if not claimed.acquire(blocking=False):  # another peer with the key came first
-            sock.close()
+            sealed.link.close()
             return
-        with contextlib.suppress(OSError):
-            listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        _shut(listener)  # wakes the accepting thread
         listener.close()
-        _answer(_ready(sock), handle)
+        _answer(sealed, handle, methods)
 
     def accept() -> None:
         while not claimed.locked():
+            if not pending.acquire(timeout=1.0):  # as many peers in handshake as allowed: wait
+                continue
             try:
                 sock, _ = listener.accept()
-            except (ConnectionAbortedError, ConnectionResetError):  # a peer gone before we took it
+            except OSError as err:
+                pending.release()
+                if claimed.locked() or listener.fileno() < 0:
+                    return  # closed: the master is admitted
+                if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    time.sleep(_BACKOFF_S)  # out of descriptors: pause, the listener stays
                 continue
-            except OSError:  # closed: the master is admitted
-                return
-            threading.Thread(target=admit, args=(sock,), name="sazd-channel-admit", daemon=True).start()
+            try:
+                threading.Thread(target=admit, args=(sock,), name="sazd-channel-admit", daemon=True).start()
+            except RuntimeError:  # out of threads: drop this peer, pause, keep listening
+                sock.close()
+                pending.release()
+                time.sleep(_BACKOFF_S)
 
     threading.Thread(target=accept, name="sazd-channel", daemon=True).start()
     return listener.getsockname()[:2]
 
 
-def _answer(conn: socket.socket, handle: Callable[[str, float, tuple], Any]) -> None:
+def _answer(sealed: Sealed, handle: Callable[[str, float, tuple], Any], methods: frozenset[str]) -> None:
     inbox: queue.SimpleQueue = queue.SimpleQueue()
 
     def read() -> None:  # keeps reading while the calls run, so the master never blocks writing
         try:
             while True:
-                inbox.put(recv_message(conn))
-        except Exception:  # closed, or not a message of ours
+                inbox.put(wire.parse_call(sealed.read(), methods))
+        except Exception:  # closed, tampered with, or not a message of ours: no call runs
             inbox.put(None)
 
     threading.Thread(target=read, name="sazd-channel-read", daemon=True).start()
     while (call := inbox.get()) is not None:
         try:
-            method, slowdown, args = call
-            answer = encode((0, handle(method, slowdown, args)))
-        except BaseException as err:  # raised, or an answer that cannot be sent: the master decides
-            answer = encode((1, _portable(err)))
+            header, tensors = wire.answer(handle(*call))
+        except BaseException as err:  # raised, or an answer that cannot travel: the master decides
+            header, tensors = wire.failure(err), []
         try:
-            write(conn, answer)
+            sealed.write(header, tensors)
         except Exception:
             break
-    with contextlib.suppress(OSError):  # wakes our reader and tells the master at once
-        conn.shutdown(socket.SHUT_RDWR)
-    conn.close()
+    sealed.link.close()  # wakes our reader and tells the master at once
 
 
-def _portable(err: BaseException) -> Exception:
-    """``err`` if it is an Exception that survives pickling, else a RuntimeError naming it (a worker
-    never hands the master a SystemExit or KeyboardInterrupt)."""
-    try:
-        if isinstance(err, Exception):
-            pickle.loads(pickle.dumps(err))
-            return err
-    except Exception:
-        pass
-    return RuntimeError(f"{type(err).__name__}: {err}")
-
-
-# --------------------------------------------------------------------------------------- master end
+# ------------------------------------------------------------------------------------- master end
 class Reply:
     """The answer to one call; ``done`` once it arrived or the connection broke."""
 
@@ -311,19 +419,38 @@ class Reply:
         return self.value
 
 
+def connect(address: tuple[str, int], key: bytes, identity: Identity | None = None) -> Sealed:
+    """Master side: connect to a worker, run TLS (with ``identity``) and prove the key both ways,
+    all within HANDSHAKE_S; ConnectionError otherwise."""
+    address = tuple(address)
+    try:
+        sock = socket.create_connection(address, timeout=HANDSHAKE_S)
+    except OSError as err:
+        raise ConnectionError(f"cannot reach the worker at {address}: {err.strerror or err}") from None
+    try:
+        return _bounded_handshake(sock, key, identity, master=True)
+    except ConnectionError as err:
+        sock.close()
+        raise ConnectionError(f"the worker at {address}: {err}") from None
+    except (OSError, EOFError, ssl.SSLError) as err:
+        sock.close()
+        raise ConnectionError(f"no handshake with the worker at {address}: "
+                              f"{type(err).__name__}: {err}") from None
+
+
 class Channel:
     """The master's connection to one worker. ``notify`` is notified whenever a reply is done."""
 
-    def __init__(self, worker: int, address: tuple[str, int], authkey: bytes,
-                 notify: threading.Condition) -> None:
-        """Connect and prove the key (bounded by ``HANDSHAKE_S`` per step); raises OSError or
-        ConnectionError when the worker cannot be reached."""
+    def __init__(self, worker: int, address: tuple[str, int], key: bytes, notify: threading.Condition,
+                 identity: Identity | None = None) -> None:
+        """Connect, run TLS if ``identity`` and prove the key (within ``HANDSHAKE_S``); raises
+        ConnectionError when the worker cannot be reached or proven."""
         self.worker = worker
         self._notify = notify
         self._pending: deque[Reply] = deque()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.broken: str | None = None
-        self._conn = connect(address, authkey)
+        self._sealed = connect(address, key, identity)
         self._writer = threading.Thread(target=self._write, name=f"sazd-send-{worker}", daemon=True)
         self._writer.start()
         threading.Thread(target=self._read, name=f"sazd-recv-{worker}", daemon=True).start()
@@ -332,13 +459,12 @@ class Channel:
         """Queue one call (``args`` from ``encode``); its reply is filled in when the answer arrives.
         The tensors of ``args`` must not change afterwards (the write happens in another thread)."""
         reply = Reply()
-        message = Encoded((method, slowdown, args.header), args.tensors)
         with self._notify:
             if self.broken is not None:
                 reply.fail(WorkerLost(f"worker {self.worker}: {self.broken}"))
                 return reply
             self._pending.append(reply)
-        self._outbox.put(message)
+        self._outbox.put((wire.call(method, slowdown, args.body), args.tensors))
         return reply
 
     def close(self, why: str = "connection closed by the master") -> None:
@@ -347,23 +473,19 @@ class Channel:
     def _write(self) -> None:
         while (message := self._outbox.get()) is not None:
             try:
-                write(self._conn, message)
+                self._sealed.write(*message)
             except Exception as err:
                 self._break(f"sending failed ({type(err).__name__}: {err})")
                 return
 
     def _read(self) -> None:
         self._receive()
-        self._writer.join(5.0)  # woken by the shutdown in _break
-        with contextlib.suppress(Exception):
-            self._conn.close()
+        self._writer.join(5.0)  # woken by the close in _break
 
     def _receive(self) -> None:
         while True:
             try:
-                status, value = recv_message(self._conn)
-                if status not in (0, 1) or (status == 1 and not isinstance(value, Exception)):
-                    raise ValueError(f"malformed answer status {status!r}")
+                ok, value = wire.parse_answer(self._sealed.read())
             except Exception as err:
                 self._break(f"connection lost ({type(err).__name__}: {err})")
                 return
@@ -371,7 +493,7 @@ class Channel:
                 if not self._pending:
                     break
                 reply = self._pending.popleft()
-                if status == 0:
+                if ok:
                     reply.value, reply.done = value, True
                 else:
                     reply.fail(WorkerRaised(value))
@@ -379,7 +501,7 @@ class Channel:
         self._break("answer to no call")
 
     def _break(self, why: str) -> None:
-        """Fail every unanswered call and wake both threads; the reader closes the connection."""
+        """Fail every unanswered call, close the connection and wake both threads."""
         with self._notify:
             if self.broken is None:
                 self.broken = why
@@ -387,20 +509,21 @@ class Channel:
                 reply.fail(WorkerLost(f"worker {self.worker}: {self.broken}"))
             self._pending.clear()
             self._notify.notify_all()
-        with contextlib.suppress(OSError):
-            self._conn.shutdown(socket.SHUT_RDWR)
+        self._sealed.link.close()
         self._outbox.put(None)
 
 
-def open_channels(addresses: dict[int, tuple[str, int]], authkey: bytes,
-                  notify: threading.Condition) -> dict[int, Channel | Exception]:
-    """A ``Channel`` to each worker, connected all at once: starting n workers takes one handshake's
-    bound, not n of them. Each worker's OSError or ConnectionError is returned in its place."""
+def open_channels(addresses: dict[int, tuple[str, int]], keys: dict[int, bytes],
+                  notify: threading.Condition, identity: Identity | None = None
+                  ) -> dict[int, Channel | Exception]:
+    """A ``Channel`` to each worker (``keys``: each worker's own key), connected all at once:
+    starting n workers takes one handshake's bound, not n of them. Each worker's ConnectionError is
+    returned in its place."""
     opened: dict[int, Channel | Exception] = {}
 
     def open_one(worker: int, address: tuple[str, int]) -> None:
         try:
-            opened[worker] = Channel(worker, address, authkey, notify)
+            opened[worker] = Channel(worker, address, keys[worker], notify, identity)
         except (OSError, ConnectionError) as err:
             opened[worker] = err
 
@@ -409,5 +532,11 @@ def open_channels(addresses: dict[int, tuple[str, int]], authkey: bytes,
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()  # each is bounded: a connect and three handshake steps of HANDSHAKE_S
+        thread.join()  # each is bounded by HANDSHAKE_S
     return opened
+
+
+def worker_key(cluster_key: bytes, worker: int, incarnation: int) -> bytes:
+    """The key of one worker process: a worker cannot speak for another, nor a replaced one for its
+    successor."""
+    return _mac(cluster_key, b"worker key", worker.to_bytes(4, "big"), incarnation.to_bytes(4, "big"))

@@ -9,7 +9,6 @@ model) and ``RayCluster`` (workers are Ray actors).
 
 from __future__ import annotations
 
-import time
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -231,14 +230,13 @@ class Cluster(ABC):
         return [{"index": j, "node_id": "in-process", "node_ip": None, "device": device}
                 for j in range(self.n)]
 
+    @abstractmethod
     def note_master_time(self, seconds: float) -> None:
-        """Advance a simulated clock by ``seconds`` of master-side work (real backends: nothing to do,
-        real time passes by itself)."""
-        return None
+        """Account ``seconds`` of master-side work on this backend's clock (real time: nothing to do)."""
 
+    @abstractmethod
     def now(self) -> float:
-        """Seconds on this cluster's clock (real backends: wall time; in-process: simulated time)."""
-        return time.perf_counter()
+        """Seconds on this backend's clock (real backends: wall time; in-process: simulated time)."""
 
     def compute(self, method: str, args: Args, k: int,
                 enough: Callable[[Collection[int]], bool] | None = None) -> Answers:
@@ -260,6 +258,10 @@ class Cluster(ABC):
     @abstractmethod
     def alive(self) -> list[int]:
         """Worker ids currently believed alive."""
+
+    @abstractmethod
+    def kill(self, worker: int) -> None:
+        """Worker ``worker`` dies now: its unfinished calls fail, and so do later ones (an erasure)."""
 
     @abstractmethod
     def respawn(self, worker: int) -> None:
@@ -337,70 +339,50 @@ class Cluster(ABC):
     # ------------------------------------------------ schedule state (checkpoints)
     def schedule_state(self) -> dict[str, Any]:
         """What decides the rest of the schedule, as JSON: per-worker task numbers (the latency model's
-        input), incarnations (respawns) and dead workers; on a simulated clock also the clock, each
-        worker's busy time and the finish times of its unanswered calls. ``load_schedule_state`` on a
-        fresh cluster of the same settings continues exactly from here."""
-        state: dict[str, Any] = {"n": self.n, "tasks": list(self._tasks),
-                                 "incarnation": list(self._incarnation), "dead": sorted(self._dead)}
-        if hasattr(self, "clock"):
-            state["clock"] = {"clock": self.clock, "out_free": self._out_free, "in_free": self._in_free,
-                              "busy_until": list(self._busy_until), "lag_until": list(self._lag_until),
-                              "pending": [[c.finish for c in q if not c.failed] for q in self._pending]}
-        return state
+        input), incarnations (respawns) and dead workers, plus what the backend's own clock needs
+        (``_clock_state``). ``load_schedule_state`` on a fresh cluster of the same settings continues
+        exactly from here."""
+        return {"n": self.n, "tasks": list(self._tasks), "incarnation": list(self._incarnation),
+                "dead": sorted(self._dead), **self._clock_state()}
 
     def load_schedule_state(self, state: dict[str, Any]) -> None:
         """Continue from ``schedule_state()`` of an earlier cluster (read from disk: every field is
-        checked; a bad one raises ValueError naming it). A simulated clock is taken over only by a
-        backend that has one (an in-process run may continue on Ray, and the reverse)."""
-        import math
-        from types import SimpleNamespace
-
-        def ints(name: str, value: Any) -> list[int]:
-            if not isinstance(value, list) or len(value) != self.n or not all(
-                    isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
-                raise ValueError(f"schedule.{name} must be a list of n={self.n} integers >= 0, got {value!r}")
-            return value
-
-        def times(name: str, value: Any, count: int | None = None) -> list[float]:
-            if not isinstance(value, list) or (count is not None and len(value) != count) or not all(
-                    isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-                    for v in value):
-                raise ValueError(f"schedule.{name} must be a list of {count or 'any number of'} finite "
-                                 f"times >= 0, got {value!r}")
-            return [float(v) for v in value]
-
+        checked; a bad one raises ValueError naming it). A ``clock`` entry is the in-process backend's
+        simulated clock: taken over by a backend that has one, ignored by one whose time is real (an
+        in-process run may continue on Ray, and the reverse)."""
         want = {"n", "tasks", "incarnation", "dead"}
         if not isinstance(state, dict) or not want <= set(state) <= want | {"clock"}:
             raise ValueError(f"schedule must hold {sorted(want)} and optionally 'clock', got {state!r:.200}")
         if state["n"] != self.n:
             raise ValueError(f"schedule.n = {state['n']!r}, but the cluster has n={self.n} workers")
-        tasks, incarnation = ints("tasks", state["tasks"]), ints("incarnation", state["incarnation"])
+        tasks, incarnation = self._counts("tasks", state["tasks"]), self._counts("incarnation",
+                                                                                 state["incarnation"])
         dead = state["dead"]
         if not isinstance(dead, list) or len(set(dead)) != len(dead) or not all(
                 isinstance(j, int) and not isinstance(j, bool) and 0 <= j < self.n for j in dead):
             raise ValueError(f"schedule.dead must list distinct worker ids in 0..{self.n - 1}, got {dead!r}")
-        if "clock" in state:
-            clock = state["clock"]
-            keys = {"clock", "out_free", "in_free", "busy_until", "lag_until", "pending"}
-            if not isinstance(clock, dict) or set(clock) != keys:
-                raise ValueError(f"schedule.clock must hold exactly {sorted(keys)}, got {clock!r:.200}")
-            now, out_free, in_free = times("clock.clock/out_free/in_free",
-                                           [clock["clock"], clock["out_free"], clock["in_free"]], 3)
-            busy = times("clock.busy_until", clock["busy_until"], self.n)
-            lag = times("clock.lag_until", clock["lag_until"], self.n)
-            if not isinstance(clock["pending"], list) or len(clock["pending"]) != self.n:
-                raise ValueError(f"schedule.clock.pending must be a list of n={self.n} lists of times")
-            pending = [times(f"clock.pending[{j}]", q) for j, q in enumerate(clock["pending"])]
+        clock = self._check_clock(state["clock"]) if "clock" in state else None
         for j in dead:
             if j in self.alive():
-                self.kill(j)  # type: ignore[attr-defined]  # both backends can kill a worker
+                self.kill(j)
         self._tasks, self._incarnation = list(tasks), list(incarnation)
-        if "clock" in state and hasattr(self, "clock"):
-            self.clock = self.counters.sim_time_s = now
-            self._out_free, self._in_free, self._busy_until, self._lag_until = out_free, in_free, busy, lag
+        if clock is not None:
+            self._load_clock(clock)
 
-            def call(j: int, t: float) -> SimpleNamespace:  # an unanswered call: its finish time matters
-                return SimpleNamespace(worker=j, finish=t, value=None, failed=False, out_bytes=0, start=t)
+    def _counts(self, name: str, value: Any) -> list[int]:
+        if not isinstance(value, list) or len(value) != self.n or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+            raise ValueError(f"schedule.{name} must be a list of n={self.n} integers >= 0, got {value!r}")
+        return value
 
-            queues = zip(self._pending, pending, strict=True)
-            self._pending = [type(q)(call(j, t) for t in ts) for j, (q, ts) in enumerate(queues)]
+    def _clock_state(self) -> dict[str, Any]:
+        """A backend with a simulated clock: ``{"clock": ...}``; real time needs nothing."""
+        return {}
+
+    def _check_clock(self, clock: Any) -> Any:
+        """The checked clock of a schedule, or None where this backend's time is real (ignored)."""
+        return None
+
+    def _load_clock(self, clock: Any) -> None:
+        """Take over a clock that ``_check_clock`` returned (only a backend with a clock returns one)."""
+        raise NotImplementedError(f"{type(self).__name__} has no simulated clock to load")

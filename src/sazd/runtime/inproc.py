@@ -43,6 +43,7 @@ Counter conventions (the same in the Ray backend):
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
@@ -80,6 +81,16 @@ def _master_clock(method: Callable) -> Callable:
             self._left_at = time.perf_counter()
 
     return timed
+
+
+def _times(name: str, value: Any, count: int | None = None) -> list[float]:
+    """Finite times >= 0 read from a schedule (``count`` of them when given), or ValueError naming it."""
+    if not isinstance(value, list) or (count is not None and len(value) != count) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+            for v in value):
+        raise ValueError(f"schedule.{name} must be a list of {count or 'any number of'} finite "
+                         f"times >= 0, got {value!r}")
+    return [float(v) for v in value]
 
 
 @dataclass
@@ -262,6 +273,32 @@ class InProcessCluster(Cluster):
 
     def now(self) -> float:
         return self.clock
+
+    def _clock_state(self) -> dict[str, Any]:
+        return {"clock": {"clock": self.clock, "out_free": self._out_free, "in_free": self._in_free,
+                          "busy_until": list(self._busy_until), "lag_until": list(self._lag_until),
+                          "pending": [[c.finish for c in q if not c.failed] for q in self._pending]}}
+
+    def _check_clock(self, clock: Any) -> dict[str, Any]:
+        keys = {"clock", "out_free", "in_free", "busy_until", "lag_until", "pending"}
+        if not isinstance(clock, dict) or set(clock) != keys:
+            raise ValueError(f"schedule.clock must hold exactly {sorted(keys)}, got {clock!r:.200}")
+        now, out_free, in_free = _times("clock.clock/out_free/in_free",
+                                        [clock["clock"], clock["out_free"], clock["in_free"]], 3)
+        if not isinstance(clock["pending"], list) or len(clock["pending"]) != self.n:
+            raise ValueError(f"schedule.clock.pending must be a list of n={self.n} lists of times")
+        return {"clock": now, "out_free": out_free, "in_free": in_free,
+                "busy_until": _times("clock.busy_until", clock["busy_until"], self.n),
+                "lag_until": _times("clock.lag_until", clock["lag_until"], self.n),
+                "pending": [_times(f"clock.pending[{j}]", q) for j, q in enumerate(clock["pending"])]}
+
+    def _load_clock(self, clock: dict[str, Any]) -> None:
+        self.clock = self.counters.sim_time_s = clock["clock"]
+        self._out_free, self._in_free = clock["out_free"], clock["in_free"]
+        self._busy_until, self._lag_until = clock["busy_until"], clock["lag_until"]
+        # an unanswered call: only its finish time matters
+        self._pending = [deque(_Call(j, t, start=t) for t in times)
+                         for j, times in enumerate(clock["pending"])]
 
     # ----------------------------------------------------------------- workers
     def alive(self) -> list[int]:

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sazd.runtime.wire import record
 
+
+@record
 @dataclass(frozen=True)
 class SGDStep:
     """One SGD step with PyTorch's exact semantics (``torch.optim.SGD``)."""
@@ -65,8 +68,7 @@ def sgd_apply_product(
 
 def check_method(method: str, nested: bool = False) -> None:
     """Refuse anything but a public ``Worker`` method (``nested``: inside ``batch``, not ``batch``)."""
-    public = not method.startswith("_") and callable(getattr(Worker, method, None))
-    if not public or (nested and method == "batch"):
+    if not isinstance(method, str) or method not in METHODS or (nested and method == "batch"):
         raise ValueError(f"method {method!r} is not a public Worker method")
 
 
@@ -196,3 +198,9 @@ class Worker:
                 torch.cuda.synchronize(self.device)
             time.sleep((self.delay_factor - 1) * (time.perf_counter() - start))
         return out
+
+
+# The closed set of calls a master may make (and a worker's connection accepts): every public method
+# of Worker, found here so that a new method joins without another edit.
+METHODS = frozenset(name for name in dir(Worker)
+                    if not name.startswith("_") and callable(getattr(Worker, name)))

@@ -1,0 +1,83 @@
+"""`sazd bench runtime --parts plane`: what each data-plane mode costs, side by side.
+
+Two clusters of n workers in one Ray: one whose connections are sealed with HMAC only (``"hmac"``,
+the default), one that also runs TLS 1.3 (``tls=True``). Each holds the same blocks. Measured,
+alternating between the two so that load from anything else on the machine hits both alike:
+
+- round: one coded round (``--rows x --cols`` block times a ``--cols x --batch`` input, first k of
+  n), best and median of ``--rounds``;
+- throughput: one connection, one 64 MB tensor sent to one worker (which stores it) and
+  its short answer back, best of several, in MB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+MODES = ("hmac", "tls")
+_SENDS = 5
+_SEND_MB = 64
+
+
+def part_plane(args: argparse.Namespace, cluster: Any) -> dict[str, Any]:
+    """Round times and one-connection throughput of ``cluster`` (HMAC) next to a TLS twin."""
+    import torch
+
+    from sazd.runtime.ray import RayCluster
+
+    gen = torch.Generator().manual_seed(0)
+    blocks = [torch.randn(args.rows, args.cols, generator=gen) for _ in range(args.n)]
+    big = torch.randn(_SEND_MB * 2**20 // 4, generator=gen)
+    with RayCluster(args.n, worker_timeout_s=600, tls=True) as tls_cluster:
+        clusters = {"hmac": cluster, "tls": tls_cluster}
+        for c in clusters.values():
+            c.wait_all(c.submit("load", [({"plane": b},) for b in blocks]))
+        x = torch.randn(args.cols, args.batch, generator=gen)
+
+        def one_round(c: Any) -> float:
+            start = time.perf_counter()
+            c.first_k(c.submit("matmul", ("plane", x)), args.k)
+            return time.perf_counter() - start
+
+        def one_send(c: Any) -> float:
+            start = time.perf_counter()
+            c.wait_all(c.submit("load", ({"plane_big": big},), [0]))
+            return time.perf_counter() - start
+
+        for c in clusters.values():  # warm: connections, allocators
+            one_round(c)
+            one_send(c)
+        rounds: dict[str, list[float]] = {m: [] for m in MODES}
+        sends: dict[str, list[float]] = {m: [] for m in MODES}
+        for _ in range(args.rounds):
+            for mode in MODES:
+                rounds[mode].append(one_round(clusters[mode]))
+        for _ in range(_SENDS):
+            for mode in MODES:
+                sends[mode].append(one_send(clusters[mode]))
+        for c in clusters.values():
+            c.wait_all(c.submit("load", ({"plane_big": torch.empty(0)},), [0]))  # free the worker's copy
+    mb = big.numel() * 4 / 2**20
+    out = {mode: {"round_best_s": min(rounds[mode]), "round_median_s": statistics.median(rounds[mode]),
+                  "throughput_best_mb_s": mb / min(sends[mode])} for mode in MODES}
+    out["round_tls_over_hmac"] = out["tls"]["round_median_s"] / out["hmac"]["round_median_s"]
+    out["throughput_tls_over_hmac"] = (out["tls"]["throughput_best_mb_s"]
+                                       / out["hmac"]["throughput_best_mb_s"])
+    out["setup"] = {"n": args.n, "k": args.k, "rows": args.rows, "cols": args.cols, "batch": args.batch,
+                    "rounds": args.rounds, "send_mb": mb, "sends": _SENDS}
+    return out
+
+
+def print_plane(row: dict[str, Any]) -> None:
+    s = row["setup"]
+    print(f"data plane, round {s['rows']}x{s['cols']} @ {s['cols']}x{s['batch']}, first {s['k']} of "
+          f"{s['n']} (best / median of {s['rounds']}): "
+          + ", ".join(f"{m} {1000 * row[m]['round_best_s']:.2f} / {1000 * row[m]['round_median_s']:.2f} ms"
+                      for m in MODES)
+          + f"; tls/hmac {row['round_tls_over_hmac']:.2f}x", flush=True)
+    print(f"data plane, one connection, {s['send_mb']:.0f} MB to a worker (best of {s['sends']}): "
+          + ", ".join(f"{m} {row[m]['throughput_best_mb_s']:.0f} MB/s" for m in MODES)
+          + f"; tls/hmac {row['throughput_tls_over_hmac']:.2f}x", flush=True)

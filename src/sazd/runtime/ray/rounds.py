@@ -1,0 +1,233 @@
+"""The round engine: submit a call to workers, gather the first k answers in arrival order.
+
+Answers are taken in arrival order: a broken connection answers every unanswered call of that
+worker as an erasure, and another answer is awaited. Late answers are read by the connection's own
+thread and dropped at the next round (their status checked); queued calls are never cancelled.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sazd.runtime.channel import Reply, WorkerLost, WorkerRaised, encode
+from sazd.runtime.cluster import ClusterError, Round, map_tensors, tensor_bytes
+from sazd.runtime.ray.bootstrap import WATCH_EVERY_S
+
+
+@dataclass(eq=False)
+class _Call:
+    """One call sent to one actor."""
+
+    worker: int
+    method: str
+    reply: Reply  # done when the call finished or failed
+    epoch: int  # the cluster's gather count when sent
+    seq: int  # the worker's task number: calls to one worker run in this order
+    incarnation: int
+    sent: float  # time.monotonic() when sent
+    gathering: bool = False  # a gather is waiting for it: leave it to the gather
+    fetched: bool = False  # the gather took its value or error: nothing left to check
+
+
+@dataclass
+class RayRound(Round):
+    method: str
+    workers: list[int]
+    calls: dict[int, _Call | None] = field(repr=False)  # worker -> call, or None: dead before sending
+    cluster_id: int = 0
+    gathered: bool = False
+    sent: float = 0.0
+
+class Rounds:
+    """What ``RayCluster`` does with rounds (its state: see ``RayCluster.__init__``)."""
+
+    def submit(
+        self, method: str, args: Sequence[tuple] | tuple, workers: Sequence[int] | None = None
+    ) -> RayRound:
+        self._check_open()
+        with self._control_plane():
+            workers, per_worker, payloads = self._prepare_submit(method, args, workers)
+            calls: dict[int, _Call | None] = {}
+            now = time.monotonic()
+            for j in workers:
+                self.counters.bytes_to_workers += tensor_bytes(per_worker[j])
+                self.counters.calls += 1
+                task = self._tasks[j]
+                self._tasks[j] += 1
+                if j not in self._dead and self.latency.fails(j, task, self._incarnation[j]):
+                    self.kill(j)
+                if j in self._dead:
+                    calls[j] = None
+                    self.counters.failed_results += 1
+                    continue
+                slowdown = self.latency.slowdown(j, task)
+                reply = self._channels[j].send(method, slowdown, payloads[j])
+                if not self._outstanding[j]:
+                    self._heard[j] = now  # silence is counted from when it has work
+                call = _Call(j, method, reply, self._epoch, task, self._incarnation[j], now)
+                calls[j] = call
+                self._outstanding[j].append(call)
+        self.counters.rounds += 1
+        return RayRound(method, list(workers), calls, id(self), sent=now)
+
+    def _payloads(self, method: str, workers: list[int], per_worker: dict[int, tuple],
+                  broadcast: bool) -> dict[int, Any]:
+        """Each worker's call encoded (and checked) before anyone is asked, each tensor copied once."""
+        copies: dict[int, torch.Tensor] = {}
+        try:
+            if broadcast:
+                shared = encode(own_copy(per_worker[workers[0]], copies))
+                return {j: shared for j in workers}
+            return {j: encode(own_copy(per_worker[j], copies)) for j in workers}
+        except TypeError as err:
+            raise TypeError(f"submit {method!r}: {err}") from None
+
+    def first_k(
+        self, round_: Round, k: int, enough: Callable[[Collection[int]], bool] | None = None
+    ) -> dict[int, Any]:
+        calls = self._take(round_)
+        done = self._stop_test(k, enough)
+        got, times, failed = self._gather(round_, calls, done)
+        self.counters.responses.record(self.n, round_.workers, times, failed)
+        if not done(got.keys()):
+            raise ClusterError(
+                f"first_k({round_.method!r}): needed {k} answers{' that can decode' if enough else ''}, "
+                f"got {len(got)} from {len(calls)} workers asked ({len(failed)} failed); "
+                f"{len(self.alive())} of n={self.n} workers alive{self.counters.recent_errors()}"
+            )
+        late = [j for j, call in calls.items() if call is not None and j not in got and j not in failed]
+        self.counters.late_results_discarded += len(late)
+        self._epoch += 1
+        return got
+
+    def wait_all(self, round_: Round) -> dict[int, Any]:
+        """Every successful answer of the round (dead workers are left out: check the keys)."""
+        calls = self._take(round_)
+        got, _, _ = self._gather(round_, calls, lambda got: False)
+        self._epoch += 1
+        return got
+
+    def ready_workers(self, k: int) -> list[int]:
+        self._check_open()
+        with self._control_plane():
+            self._prune()
+        alive = self.alive()
+        older = {j: sum(call.epoch < self._epoch for call in self._outstanding[j]) for j in alive}
+        idle = [j for j in alive if older[j] == 0]
+        busy = sorted((j for j in alive if older[j]), key=lambda j: (older[j], j))
+        return sorted(idle + busy[: max(0, k - len(idle))])
+
+    def _take(self, round_: Round) -> dict[int, _Call | None]:
+        super()._take(round_, RayRound)
+        for call in round_.calls.values():
+            if call is not None:
+                call.gathering = True  # its failure is the gather's to count
+        with self._control_plane():
+            self._prune()
+        return dict(round_.calls)
+
+    def _gather(
+        self, round_: RayRound, calls: dict[int, _Call | None], done: Callable
+    ) -> tuple[dict[int, Any], dict[int, float], set[int]]:
+        """Fetch answers in arrival order until ``done``; dead, silent and raising workers are erasures.
+        Returns (answers, seconds to each answer, workers whose call failed)."""
+        failed = {j for j, call in calls.items() if call is None}
+        pending = [call for call in calls.values() if call is not None]
+        got: dict[int, Any] = {}
+        times: dict[int, float] = {}
+        errors: list[tuple[_Call, WorkerRaised]] = []
+        with self._control_plane():
+            while True:
+                self._collect(round_, pending, got, times, failed, errors, done)
+                # an answer is good only if the worker's earlier calls (loads, updates) succeeded
+                bad = self._check_earlier(got, calls)
+                for j in bad:
+                    del got[j], times[j]
+                    failed.add(j)
+                if not bad or not pending:
+                    break
+        for call in calls.values():
+            if call is not None:
+                call.gathering = False  # a late one's status is checked by a later _prune
+        round_.calls = {}  # drop references: late answers are never fetched
+        if errors and len(errors) == len(calls):  # the call itself is wrong: nobody is to blame
+            call, err = errors[0]
+            raise worker_exception(call, err)
+        for call, _ in errors:  # a failure confined to some workers: erasures
+            self._erase(call)
+        return got, times, failed
+
+    def _collect(self, round_: RayRound, pending: list[_Call], got: dict[int, Any],
+                 times: dict[int, float], failed: set[int], errors: list, done: Callable) -> None:
+        """Take answers of ``pending`` into ``got`` until ``done`` or none is left to wait for."""
+        while pending and not done(got.keys()):
+            for call in list(pending):  # killed meanwhile (silent, backlog, by hand)
+                if not self._current(call):
+                    pending.remove(call)
+                    failed.add(call.worker)
+                    self.counters.failed_results += 1
+            if not pending:
+                break
+            deadline = min(self._deadline(call.worker) for call in pending)
+            wait_s = min(max(deadline - time.monotonic(), 0.0), WATCH_EVERY_S)
+            with self._replied:
+                self._replied.wait_for(lambda: any(call.reply.done for call in pending), wait_s)
+            ready = [call for call in pending if call.reply.done]
+            if not ready:
+                self._prune()  # kills silent workers; notices finished calls; watches Ray itself
+                continue
+            for call in ready:
+                if done(got.keys()):
+                    break
+                pending.remove(call)
+                call.fetched = True
+                j = call.worker
+                self._heard[j] = time.monotonic()
+                try:
+                    value = call.reply.result()
+                except WorkerLost:
+                    self._erase(call)
+                    failed.add(j)
+                    continue
+                except WorkerRaised as err:
+                    self.counters.note_error(j, call.method, err.cause)
+                    failed.add(j)
+                    errors.append((call, err))
+                    continue
+                got[j] = value
+                times[j] = time.monotonic() - round_.sent
+                self.counters.bytes_from_workers += tensor_bytes(value)
+
+    def _check_earlier(self, got: dict[int, Any], calls: dict[int, _Call | None]) -> list[int]:
+        """Workers of ``got`` with an earlier, unfetched call that failed (now erasures)."""
+        earlier = [c for j in got for c in self._outstanding[j]
+                   if not c.fetched and not c.gathering and c.seq < calls[j].seq]
+        if not earlier:
+            return []
+        for call in earlier:
+            self._outstanding[call.worker].remove(call)
+        self._check_status(earlier)
+        return [j for j in got if not self._current(calls[j])]
+
+
+def own_copy(args: Any, copies: dict[int, torch.Tensor]) -> Any:
+    """``args`` with every tensor replaced by a contiguous CPU copy of it (``copies``: by identity),
+    so that what a worker gets is what the master had at ``submit``."""
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in copies:
+            copies[id(t)] = t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+        return copies[id(t)]
+
+    return map_tensors(args, copy)
+
+
+def worker_exception(call: _Call, err: WorkerRaised) -> BaseException:
+    """The worker's own exception, naming worker and method."""
+    out = err.cause
+    out.add_note(f"(raised by Ray worker {call.worker} in {call.method!r}, by every worker asked)")
+    return out
