@@ -59,8 +59,9 @@ class Workload:
                             dtype=getattr(torch, self.dtype))
 
     def tp_spec(self, phases: list[Straggler]) -> dict[str, Any]:
-        return {"model": self.model, "in_shape": list(self.data.in_shape), "num_classes": self.data.num_classes,
-                "hidden": list(self.hidden), "seed": self.seed, "dtype": self.dtype, "dataset": self.dataset,
+        return {"model": self.model, "in_shape": list(self.data.in_shape),
+                "num_classes": self.data.num_classes, "hidden": list(self.hidden), "seed": self.seed,
+                "dtype": self.dtype, "dataset": self.dataset,
                 "train_limit": self.train_limit, "batch_size": self.batch_size, "steps": self.steps,
                 "lr": self.lr, "momentum": self.momentum, "phases": [p.to_dict() for p in phases]}
 
@@ -68,7 +69,8 @@ class Workload:
         """The ``steps`` batches of every phase, exactly the TP ranks' (``rank.spec_batches``)."""
         from sazd.bench.tp.rank import spec_batches
 
-        return spec_batches({"batch_size": self.batch_size, "steps": self.steps, "seed": self.seed}, self.data)
+        spec = {"batch_size": self.batch_size, "steps": self.steps, "seed": self.seed}
+        return spec_batches(spec, self.data)
 
     def train_config(self, code: str, n: int, k: int) -> Any:
         from sazd.train.optim import OptimConfig
@@ -180,10 +182,11 @@ class SazdSide:
                 recs = trainer.history[before[0]:]
                 timed = recs[work.warmup:]
                 after = cluster.counters.snapshot()
-                profile = self._profile(timed, {key: after[key] - before[2][key] for key in ("calls", "rounds")},
-                                        len(recs))
-                out.append(PhaseResult(self.label, self.n, straggler.to_dict(), [r["iteration_s"] for r in timed],
-                                       [r["loss"] for r in recs], dict(recorder.slowed),
+                counts = {key: after[key] - before[2][key] for key in ("calls", "rounds")}
+                profile = self._profile(timed, counts, len(recs))
+                out.append(PhaseResult(self.label, self.n, straggler.to_dict(),
+                                       [r["iteration_s"] for r in timed], [r["loss"] for r in recs],
+                                       dict(recorder.slowed),
                                        repairs=len(trainer.maintainer.repairs) - before[1],
                                        neighbour=None if neighbour is None else neighbour.method,
                                        profile=profile))
