@@ -197,7 +197,7 @@ class NoisyNeighbour(Straggler):
     @contextlib.contextmanager
     def attach(self, pid: int, prefer_cgroup: bool = True) -> Iterator[Neighbour]:
         """Slow process ``pid`` while inside; yields what was done. Undone on exit (also on error)."""
-        group = _cgroup_dir() if prefer_cgroup else None
+        group = cgroup_dir() if prefer_cgroup else None
         if group is not None:
             path = group / f"sazd-noisy-{os.getpid()}-{pid}"
             path.mkdir()
@@ -238,7 +238,7 @@ class Neighbour:
     core: int | None = None
 
 
-def _cgroup_dir() -> Path | None:
+def cgroup_dir() -> Path | None:
     """A cgroup directory with CPU quotas we may write (v2 with the cpu controller, else v1 ``cpu``)."""
     if os.geteuid() != 0:
         return None
@@ -303,4 +303,4 @@ class Recorder(LatencyModel):
 
 
 __all__ = ["KINDS", "DeadWorker", "Neighbour", "NoStraggler", "NoisyNeighbour", "RandomDelays", "Recorder",
-           "SlowWorker", "Straggler", "from_dict", "straggle"]
+           "SlowWorker", "Straggler", "cgroup_dir", "from_dict", "straggle"]
