@@ -68,7 +68,7 @@ def test_tensor_parallel_training_equals_plain_pytorch(model, tmp_path):
         loss = task.loss(plain(xb), yb)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert run.phases(0)[0]["loss"] == pytest.approx(losses, rel=1e-12)
     params = dict(plain.named_parameters())
     assert set(tp) == set(params)
@@ -103,7 +103,7 @@ def test_each_straggler_slows_exactly_the_rank_it_names():
 def test_each_straggler_slows_exactly_the_worker_it_names_in_sazd(ray_session):
     from sazd.bench.tp.sides import SazdSide, Workload
 
-    work = Workload(model="mlp", hidden=(32, 32), dataset="synthetic", train_limit=256, batch_size=16,
+    work = Workload(model="mlp", hidden=(64, 64), dataset="synthetic", train_limit=256, batch_size=16,
                     warmup=1, iterations=3)
     phases = [SlowWorker(1, 3.0), NoisyNeighbour(1, 0.5), RandomDelays("calls", {"prob": 0.5, "factor": 2.0}),
               DeadWorker(1, 2)]
