@@ -114,6 +114,17 @@ def test_each_straggler_slows_exactly_the_worker_it_names_in_sazd(ray_session):
     assert dead.stopped is None and dead.repairs == 1 and len(dead.iteration_s) == work.iterations
 
 
+@pytest.mark.slow
+def test_uncoded_sazd_stops_at_a_dead_worker_and_says_so(ray_session):
+    from sazd.bench.tp.sides import SazdSide, Workload
+    from sazd.stragglers import NoStraggler
+
+    work = Workload(model="mlp", hidden=(64, 64), dataset="synthetic", train_limit=256, batch_size=16,
+                    warmup=1, iterations=3)
+    dead, after = SazdSide("uncoded", 2, 2).run(work, [DeadWorker(1, 2), NoStraggler()])
+    assert dead.stopped.startswith("the run stopped") and after.stopped == "not reached"
+
+
 def test_crossover_is_where_sazd_gets_faster():
     assert crossover([1, 2, 5, 10], [1.0, 2.0, 5.0, 10.0], [3.0, 3.0, 3.0, 3.0]) == pytest.approx(3.0)
     assert crossover([1, 2], [1.0, 2.0], [3.0, 4.0]) is None

@@ -162,7 +162,9 @@ class SazdSide:
         self.label = "sazd uncoded" if code == "uncoded" else f"{code}({n},{k})"
 
     def run(self, work: Workload, phases: list[Straggler]) -> list[PhaseResult]:
+        from sazd.codes import DecodeError
         from sazd.runtime import make_cluster
+        from sazd.runtime.cluster import ClusterError
         from sazd.train.trainer import Trainer
 
         cfg = work.train_config(self.code, self.n, self.k)
@@ -175,10 +177,14 @@ class SazdSide:
                 cluster.latency = recorder  # the factors and deaths of this phase's calls
                 before = (len(trainer.history), len(trainer.maintainer.repairs), cluster.counters.snapshot())
                 pids = dict(enumerate(cluster.pids()))
+                stopped = None
                 with straggler.around(pids) as neighbour:
-                    for xb, yb in batches:
-                        trainer.step(xb, yb)
-                        trainer.repair_dead()
+                    try:
+                        for xb, yb in batches:
+                            trainer.step(xb, yb)
+                            trainer.repair_dead()
+                    except (ClusterError, DecodeError) as err:  # e.g. uncoded: a dead worker ends the run
+                        stopped = "the run stopped: " + " ".join(str(err).split())
                 recs = trainer.history[before[0]:]
                 timed = recs[work.warmup:]
                 after = cluster.counters.snapshot()
@@ -187,9 +193,13 @@ class SazdSide:
                 out.append(PhaseResult(self.label, self.n, straggler.to_dict(),
                                        [r["iteration_s"] for r in timed], [r["loss"] for r in recs],
                                        dict(recorder.slowed),
-                                       repairs=len(trainer.maintainer.repairs) - before[1],
+                                       stopped=stopped, repairs=len(trainer.maintainer.repairs) - before[1],
                                        neighbour=None if neighbour is None else neighbour.method,
                                        profile=profile))
+                if stopped is not None:
+                    break
+        out += [PhaseResult(self.label, self.n, s.to_dict(), [], [], {}, stopped="not reached")
+                for s in phases[len(out):]]
         return out
 
     @staticmethod
