@@ -141,6 +141,7 @@ def test_quick_sweep_writes_json_markdown_and_plot(tmp_path, ray_session, capsys
     assert sides == {"TP k=2", "sazd(4,2)", "sazd uncoded"}
     assert [p["x"] for p in result["phases"] if p["sweep"] == "factor"] == [1.0, 4.0]
     assert set(result["sweeps"]["factor"]["crossover"]) == {"sazd(4,2)", "sazd uncoded"}
+    assert result["sweeps"]["prob"]["x"] == [0.0, 0.5]  # starts from the run without a straggler
     for phase in result["phases"]:
         for row in phase["rows"]:
             assert row["p50_s"] > 0 and len(row["iteration_s"]) == 3 and row["stopped"] is None

@@ -107,11 +107,14 @@ def sweeps(phases: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per sweep (``factor``: one slow worker; ``prob``: slow calls) the x values, each side's p50 and
     each sazd side's crossover with TP."""
     out: dict[str, dict[str, Any]] = {}
+    quiet = next((p for p in phases if p["straggler"]["kind"] == "none"), None)
     for name in ("factor", "prob"):
         chosen = [p for p in phases if p.get("sweep") == name]
         if not chosen:
             continue
         xs = [p["x"] for p in chosen]
+        if name == "prob" and quiet is not None:  # no slow call at all: the run without a straggler
+            chosen, xs = [quiet, *chosen], [0.0, *xs]
         sides = list(dict.fromkeys(r["side"] for p in chosen for r in p["rows"]))
         p50 = {s: [next((r["p50_s"] for r in p["rows"] if r["side"] == s), None) for p in chosen]
                for s in sides}
@@ -139,11 +142,14 @@ def plot(sweep: dict[str, dict[str, Any]], path: Path, title: str) -> None:
             pts = [(x, 1000 * y) for x, y in zip(data["x"], ys, strict=True) if y is not None]
             style = "k-o" if side == data["tp"] else "-o"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=side, markersize=4)
+        at: dict[str, list[str]] = {}
         for side, x in data["crossover"].items():
             if x is not None:
-                ax.axvline(x, linestyle=":", color="grey")
-                ax.annotate(f"{side} < TP from {x:.2g}", (x, ax.get_ylim()[1]), rotation=90, fontsize=7,
-                            va="top", ha="right")
+                at.setdefault(f"{x:.2g}", []).append(side)
+        for x, sides in at.items():
+            ax.axvline(float(x), linestyle=":", color="grey")
+            ax.annotate(f"{', '.join(sides)} < TP from {x}", (float(x), ax.get_ylim()[1]), rotation=90,
+                        fontsize=7, va="top", ha="right")
         ax.set_xlabel(xlabels[name])
         ax.set_ylabel("median iteration (ms)")
         ax.grid(alpha=0.3)
