@@ -25,6 +25,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "codec"): ("sazd.bench.codec", "encode/decode throughput vs a plain clone()"),
     ("bench", "train"): ("sazd.bench.train", "iteration time and bytes of naive vs DEU training"),
     ("bench", "runtime"): ("sazd.bench.runtime", "sazd's Ray runtime vs bare Ray, side by side"),
+    ("bench", "tp"): ("sazd.bench.tp.command", "PyTorch tensor parallelism vs sazd, same stragglers"),
     ("experiment", "accuracy"): ("sazd.experiment.accuracy", "accuracy of each code under stragglers"),
     ("experiment", "speed"): ("sazd.experiment.speed", "naive vs DEU, coded vs uncoded speed"),
     ("experiment", "stability"): ("sazd.experiment.stability", "decode-error maps and storage overhead"),

@@ -125,6 +125,44 @@ class ShiftedExponential(LatencyModel):
         return f"shifted exponential shift={self.shift:g} rate={self.rate:g} seed={self.seed}"
 
 
+class Pareto(LatencyModel):
+    """Heavy-tailed random per-task slowdown: a Pareto factor with minimum 1 and tail index ``alpha``.
+
+    ``P(factor > x) = x^-alpha`` for ``x >= 1``: most tasks run near full speed, a few are very slow
+    (the mean ``alpha / (alpha - 1)`` is infinite for ``alpha <= 1``).
+    """
+
+    def __init__(self, alpha: float = 2.0, seed: int = 0) -> None:
+        if not alpha > 0 or math.isinf(alpha):
+            raise ValueError(f"pareto alpha must be a finite number > 0, got {alpha!r}")
+        self.alpha, self.seed = float(alpha), int(seed)
+
+    def slowdown(self, worker: int, task: int) -> float:
+        rng = np.random.default_rng([self.seed, worker, task])
+        return 1.0 + float(rng.pareto(self.alpha))  # numpy's is Lomax (minimum 0): shift to minimum 1
+
+    def describe(self) -> str:
+        return f"pareto alpha={self.alpha:g} seed={self.seed}"
+
+
+class SlowCalls(LatencyModel):
+    """Each task of each worker is, independently with probability ``prob``, ``factor`` times slower."""
+
+    def __init__(self, prob: float, factor: float = 5.0, seed: int = 0) -> None:
+        if not 0 <= prob <= 1:
+            raise ValueError(f"slow-call probability must be in [0, 1], got {prob!r}")
+        if not factor >= 1 or math.isinf(factor):
+            raise ValueError(f"slow-call factor must be a finite number >= 1, got {factor!r}")
+        self.prob, self.factor, self.seed = float(prob), float(factor), int(seed)
+
+    def slowdown(self, worker: int, task: int) -> float:
+        rng = np.random.default_rng([self.seed, worker, task])
+        return self.factor if rng.random() < self.prob else 1.0
+
+    def describe(self) -> str:
+        return f"slow calls p={self.prob:g} x{self.factor:g} seed={self.seed}"
+
+
 class DeadWorkers(LatencyModel):
     """Workers ``ids`` die at their task number ``after_calls`` (0: before answering anything).
 
@@ -173,12 +211,14 @@ class Combined(LatencyModel):
         return " + ".join(model.describe() for model in self.models)
 
 
-LATENCY_SPECS = "none | fixed:S:F | shiftexp:RATE[:SHIFT] | dead:I,J[:AFTER] (join several with '+')"
+LATENCY_SPECS = ("none | fixed:S:F | shiftexp:RATE[:SHIFT] | pareto:ALPHA | slowcalls:P:F | dead:I,J[:AFTER] "
+                 "(join several with '+')")
 
 
 def parse_latency(spec: str | LatencyModel | None, seed: int = 0) -> LatencyModel:
     """Build a model from a spec string: ``none``, ``fixed:S:F`` (the first S workers F times slower),
-    ``shiftexp:RATE[:SHIFT]``, ``dead:0,3[:AFTER]``; ``a+b`` combines models."""
+    ``shiftexp:RATE[:SHIFT]``, ``pareto:ALPHA``, ``slowcalls:P:F`` (each task F times slower with
+    probability P), ``dead:0,3[:AFTER]``; ``a+b`` combines models."""
     if spec is None:
         return NoDelay()
     if isinstance(spec, LatencyModel):
@@ -214,6 +254,10 @@ def _parse_one(part: str, seed: int, spec: str) -> LatencyModel:
         if name == "shiftexp" and len(fields) in (1, 2):
             shift = float(fields[1]) if len(fields) == 2 else 1.0
             return ShiftedExponential(shift=shift, rate=float(fields[0]), seed=seed)
+        if name == "pareto" and len(fields) == 1:
+            return Pareto(alpha=float(fields[0]), seed=seed)
+        if name == "slowcalls" and len(fields) == 2:
+            return SlowCalls(prob=float(fields[0]), factor=float(fields[1]), seed=seed)
         if name == "dead" and len(fields) in (1, 2):
             ids = [int(i) for i in fields[0].split(",") if i.strip()]
             return DeadWorkers(ids, after_calls=int(fields[1]) if len(fields) == 2 else 0)

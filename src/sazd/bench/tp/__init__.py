@@ -1,0 +1,1 @@
+"""`sazd bench tp`: PyTorch tensor parallelism against sazd, with the same stragglers on both sides."""
