@@ -52,27 +52,36 @@ SCHEDULES = {
     "all at once, with a network": dict(latency="shiftexp:2.0:1.5+dead:4:9", stragglers=1, network_gbps=1.0),
     "naive, stragglers": dict(scheme="naive", stragglers=2),
 }
+# The schedule is decided by deterministic counters (task numbers, the simulated clock of a constant
+# task time), never by the master's wall time: these must agree iteration by iteration.
+COUNTERS = ("rows_decoded", "rows_encoded", "rounds", "bytes_to_workers", "bytes_from_workers",
+            "bytes_sent_once")
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
-def test_resume_is_bit_identical_with_every_latency_model_and_fault(schedule, digits, tmp_path):
-    kw = SCHEDULES[schedule]
-    whole, report, uninterrupted = train(config(**kw), digits)
+def test_resume_follows_the_uninterrupted_schedule_with_every_latency_model(schedule, digits, tmp_path):
+    """Two epochs (44 iterations) broken at 5: the same workers asked and decoded from, the same
+    traffic, every iteration; a fault fires once in all. Weights: bit for bit, or (DEU, where a later
+    round decodes from a worker whose blocks the checkpoint rebuilt from the plain weights) to rounding."""
+    kw = {**SCHEDULES[schedule], "epochs": 2}
+    whole, report, uninterrupted = train(config(**kw, max_steps=None), digits)
     _, first, _ = train(config(**kw, max_steps=5, run_dir=str(tmp_path / "a")), digits)
-    resumed, second, tr = train(config(**kw, resume=str(tmp_path / "a")), digits)
-    assert tr.position.iteration == 12
-    assert_same_weights(whole, resumed)
-    # the same schedule: the same simulated iteration times and the same decoding work, and a fault
-    # fires once in all, not again after the resume
-    for key in (
-        "iteration_s",
-        "rows_decoded",
-        "bytes_to_workers",
-    ):  # (times: to the master's wall-time noise)
-        assert [round(r[key]) for r in tr.history] == [round(r[key]) for r in uninterrupted.history[5:]], key
+    resumed, second, tr = train(config(**kw, max_steps=None, resume=str(tmp_path / "a")), digits)
+    assert tr.position.iteration == 44
+    for key in COUNTERS:
+        assert [r[key] for r in tr.history] == [r[key] for r in uninterrupted.history[5:]], key
+    assert tr.cluster.schedule_state()["tasks"] == uninterrupted.cluster.schedule_state()["tasks"]
     assert len(first["repairs"]) + len(second["repairs"]) == len(report["repairs"])
     if "dead" in kw.get("latency", ""):
         assert report["repairs"], "the fault was injected"
+    if kw.get("scheme") == "naive":  # the master holds the weights: nothing is rebuilt
+        assert_same_weights(whole, resumed)
+    assert_close_weights(whole, resumed)
+
+
+def assert_close_weights(a: dict, b: dict) -> None:
+    for name, tensor in a.items():
+        assert torch.allclose(b[name], tensor, rtol=0, atol=1e-12 * float(tensor.abs().max())), name
 
 
 class Crash(Exception):

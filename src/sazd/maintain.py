@@ -90,11 +90,12 @@ class Maintainer:
     # ------------------------------------------------------------ checkpoints
     def state(self, blocks: bool = False) -> CodedState:
         """Everything of the model's coded state, decoded in one round of the workers (``blocks``,
-        DEU: that round asks every live worker and the state keeps each one's coded blocks too)."""
+        DEU: the state also keeps the coded blocks of the first k workers that answered; a frozen
+        worker never stalls it)."""
         states, raw = None, {}
         if blocks and self.ctx.scheme.decodes_weight:
             keys = [key for layer in coded_layers(self.model) for key in layer.keys]
-            states = self.ctx.fetch_state(keys, every=True)
+            states = self.ctx.fetch_state(keys)
             raw = {f"{j}/{key}{suffix}": t for j, state in states.items()
                    for part, suffix in (("weights", ""), ("momentum", "/momentum_buffer"))
                    for key, t in state[part].items()}
