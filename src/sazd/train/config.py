@@ -422,13 +422,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             text += f" (default {default})"
         kw: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": text.replace("%", "%%")
                               .replace("%%(names)s", "%(names)s")}
-        if kind is bool or meta.negate:
+        if name == "tls":  # --tls alone, or --tls DIR
+            kw.update(nargs="?", const=True, metavar="DIR")
+        elif kind is bool or meta.negate:
             kw["action"] = "store_const"
             kw["const"] = not meta.negate
-        elif name == "tls":
-            kw.update(nargs="?", const=True, metavar="DIR")
         else:
-            kw["type"] = meta.parse or (kind if kind in (int, float) else str)
+            kw.update(type=meta.parse or (kind if kind in (int, float) else str),
+                      metavar=name.upper().replace("-", "_"))
         action = group.add_argument(f"--no-{name}" if meta.negate else f"--{name}", **kw)
         action.names = _Names(meta)
 

@@ -161,18 +161,19 @@ def check_output_file(path: str | Path, flag: str) -> Path:
             ours = False
         if not ours:
             raise ValueError(f"{flag} {path} exists and is not a sazd report; choose another path for {flag}")
-    check_writable(path.parent, flag)
+    check_writable(path.parent, flag, shown=path)
     return path
 
 
-def check_writable(path: str | Path, flag: str) -> None:
+def check_writable(path: str | Path, flag: str, shown: str | Path | None = None) -> None:
     """``path`` is, or can be created as, a directory this process may write into (a file can be made
     there: permission bits alone do not tell, e.g. for root or in /proc)."""
     path = there = Path(path)
     while not there.exists() and there != there.parent:
         there = there.parent
     if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK) or not _can_create(there):
-        raise ValueError(f"{flag} {path}: {there} is not a writable directory; choose a writable {flag}")
+        raise ValueError(f"{flag} {shown or path}: {there} is not a writable directory; choose a writable "
+                         f"{flag}")
 
 
 def _can_create(directory: Path) -> bool:
