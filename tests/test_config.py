@@ -118,7 +118,8 @@ def test_tls_and_the_worker_timeout_reach_the_backend_only_when_given(tmp_path):
 ])
 def test_cli_refuses_bad_input_with_one_line_and_exit_2_before_training(argv, message, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    assert main(["train", "--backend", "inproc", "--dataset", "digits", "--run-dir", str(run_dir), *argv]) == 2
+    common = ["train", "--backend", "inproc", "--dataset", "digits", "--run-dir", str(run_dir)]
+    assert main([*common, *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
     assert not run_dir.exists()  # nothing trained, nothing written
