@@ -8,9 +8,10 @@ A checkpoint is a directory:
     tensors.safetensors   model/<param> (plain weights), optim/<param>/<field> (e.g. momentum_buffer;
                           DEU momentum decoded from k workers), rng/torch, and for DEU columns/<layer>.col
                           (+ /momentum_buffer): the decoded column copies W^T, which DEU updates apart
-                          from W; and coded/<worker>/<key>[/momentum_buffer]: each DEU worker's coded
-                          blocks as they are (updated in place, they differ from a fresh encoding of
-                          the decoded weights by rounding), so a resumed run continues bit for bit
+                          from W; and coded/<worker>/<key>[/momentum_buffer]: the coded blocks, as
+                          they are, of the k DEU workers that answered the checkpoint's round (updated
+                          in place, they differ from a fresh encoding of the decoded weights by
+                          rounding), so a resumed run decoding from them continues bit for bit
     SHA256SUMS            sha256 of the two files above
 
 Replacing a checkpoint is crash-safe: the new one is written completely into ``<name>.tmp`` and

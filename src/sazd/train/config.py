@@ -336,6 +336,8 @@ class TrainConfig:
         otherwise a ``CheckpointError`` naming the field."""
         from sazd.train import checkpoint
 
+        if isinstance(d, dict) and "tls" not in d:  # saved before --tls existed
+            d = {**d, "tls": None}
         checkpoint.check_fields("config", d, cls)
         checkpoint.check_fields("config.optim", d["optim"], OptimConfig)
         try:  # (the device is this machine's business: checked once the command line's flags apply)
