@@ -274,6 +274,9 @@ def test_resumes_of_0_1_and_n_iterations_each_leave_a_complete_checkpoint(scheme
     run = str(tmp_path / "run")
     whole, _, _ = train(config(scheme=scheme, max_steps=9), digits)
     train(config(scheme=scheme, max_steps=3, run_dir=run), digits)
+    with Trainer(config(scheme=scheme, max_steps=3, resume=run), data=digits) as tr:
+        fresh = tr.save_checkpoint(tmp_path / "taken-right-after-the-restore")
+    assert checkpoint.load(fresh).optim.keys() == checkpoint.load(run).optim.keys()
     for stop in (3, 4, 4, 8, 8, 9, 9):  # 0, 1, 0, n, 0, 1, 0 iterations
         _, _, tr = train(config(scheme=scheme, max_steps=stop, resume=run), digits)
         saved = checkpoint.load(run)
