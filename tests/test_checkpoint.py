@@ -131,3 +131,30 @@ def test_cli_resume(digits, tmp_path, capsys):
     assert report["position"]["iteration"] == 7 and report["iterations"] == 3
     assert run(["--resume", str(tmp_path / "r"), "--lr", "0.3"]) == 2
     assert "settings differ" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_frozen_ray_worker_does_not_hold_up_a_checkpoint(digits, tmp_path, ray_session):
+    """Worker 0 freezes mid-run (each call now sleeps a million times its compute time, far past the
+    test's timeout, while the worker timeout is longer still): the checkpoints after it are taken from
+    the first k=4 answers, so the run ends and its checkpoint holds the others' blocks."""
+    from sazd.runtime.ray_backend import RayCluster
+
+    cluster = RayCluster(6, worker_timeout_s=3600, max_backlog=None)
+    try:
+        def freeze(tr):
+            if tr.position.iteration == 1:
+                tr.cluster.wait_all(tr.cluster.submit("set_delay", (1e6,), [0]))
+
+        cfg = config(backend="ray", base_time_s=None, max_steps=4, checkpoint_every=2,
+                     run_dir=str(tmp_path / "run"))
+        with Trainer(cfg, cluster=cluster, data=digits, callbacks=[freeze]) as tr:
+            tr.train()
+            assert 0 in tr.cluster.alive()  # not declared dead: it is only silent
+        saved = checkpoint.load(tmp_path / "run")
+        assert saved.position["iteration"] == 4
+        workers = {int(key.split("/")[0]) for key in saved.coded}
+        assert len(workers) == 4 and 0 not in workers
+    finally:
+        cluster.close()
