@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 DTYPES = ("float32", "float64")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "step", "cosine")
 
 
 @dataclass(frozen=True)
@@ -78,18 +80,6 @@ def _placements() -> Iterable[str]:
     return PLACEMENTS
 
 
-def _optimizers() -> Iterable[str]:
-    from sazd.train.optim import OPTIMIZERS
-
-    return OPTIMIZERS
-
-
-def _schedules() -> Iterable[str]:
-    from sazd.train.optim import SCHEDULES
-
-    return SCHEDULES
-
-
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
@@ -117,7 +107,7 @@ def _shift_unit(text: str) -> int | str:
 class OptimConfig:
     """Optimizer and LR schedule. ``step_size``/``total_steps`` count iterations."""
 
-    name: str = setting("sgd", flag="optimizer", choices=_optimizers, group="optimizer",
+    name: str = setting("sgd", flag="optimizer", choices=OPTIMIZERS, group="optimizer",
                         help="adam/adamw only with --scheme naive")
     lr: float = setting(0.05, group="optimizer", help="learning rate")
     momentum: float = setting(0.9, group="optimizer", help="SGD momentum")
@@ -126,7 +116,7 @@ class OptimConfig:
     weight_decay: float = setting(0.0, group="optimizer", help="L2 weight decay")
     betas: tuple[float, float] = setting((0.9, 0.999), flag="")  # adam, adamw
     eps: float = setting(1e-8, flag="")  # adam, adamw
-    schedule: str = setting("constant", choices=_schedules, group="optimizer", help="learning-rate schedule")
+    schedule: str = setting("constant", choices=SCHEDULES, group="optimizer", help="learning-rate schedule")
     step_size: int = setting(1000, group="optimizer", help="step schedule: iterations between decays")
     gamma: float = setting(0.1, group="optimizer", help="step schedule: decay factor")
     total_steps: int | None = setting(None, flag="")  # cosine: decays to min_lr over this many
@@ -135,8 +125,7 @@ class OptimConfig:
                                       help="clip the global gradient norm (exact in DEU)")
 
     def validate(self, scheme: Any = None) -> OptimConfig:
-        from sazd.train.optim import validate_optim
-
+        """Raise a clear ValueError for a bad setting (``scheme``: also check it fits the scheme)."""
         validate_optim(self, scheme)
         return self
 
@@ -346,6 +335,48 @@ class TrainConfig:
             return cfg
         except ValueError as err:
             raise checkpoint.CheckpointError(f"checkpoint field config: {err}") from None
+
+
+def validate_optim(cfg: OptimConfig, scheme: Any = None) -> None:
+    """Raise a clear ValueError for a bad setting (``scheme``: also check it fits the scheme)."""
+    from sazd.parallel.schemes import get_scheme
+
+    if cfg.name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {cfg.name!r}")
+    if scheme is not None and get_scheme(scheme).sgd_only and cfg.name != "sgd":
+        raise ValueError(
+            f"optimizer {cfg.name!r} cannot run with scheme {get_scheme(scheme).name!r}: DEU workers "
+            "update their coded "
+            "weights themselves, which keeps them the encoding of the true weights only for an update "
+            "linear in the weights (SGD with momentum/Nesterov/weight decay); Adam's division by "
+            "sqrt(v) is elementwise and nonlinear. Use --optimizer sgd, or --scheme naive for Adam"
+        )
+    if not cfg.lr > 0 or math.isinf(cfg.lr):
+        raise ValueError(f"lr must be a finite number > 0, got {cfg.lr!r}")
+    if not 0 <= cfg.momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {cfg.momentum!r}")
+    if not 0 <= cfg.dampening <= 1:
+        raise ValueError(f"dampening must be in [0, 1], got {cfg.dampening!r}")
+    if cfg.nesterov and (cfg.momentum == 0 or cfg.dampening != 0):
+        raise ValueError(
+            f"nesterov needs momentum > 0 and dampening = 0, got momentum={cfg.momentum}, "
+            f"dampening={cfg.dampening}"
+        )
+    if not cfg.weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {cfg.weight_decay!r}")
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {cfg.schedule!r}")
+    if cfg.schedule == "step" and (cfg.step_size < 1 or not 0 < cfg.gamma <= 1):
+        raise ValueError(
+            f"step schedule needs step_size >= 1 and 0 < gamma <= 1, got {cfg.step_size}, {cfg.gamma}"
+        )
+    if cfg.schedule == "cosine" and cfg.total_steps is not None and cfg.total_steps < 1:
+        raise ValueError(f"cosine schedule needs total_steps >= 1 (unset: the run's length), got "
+                         f"{cfg.total_steps!r}")
+    if not 0 <= cfg.min_lr <= cfg.lr:
+        raise ValueError(f"min_lr must be in [0, lr={cfg.lr}], got {cfg.min_lr!r}")
+    if cfg.clip_norm is not None and not cfg.clip_norm > 0:
+        raise ValueError(f"clip_norm must be > 0 (or None for no clipping), got {cfg.clip_norm!r}")
 
 
 # Code options offered as flags: (flag, code_options key, Setting).

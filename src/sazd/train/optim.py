@@ -20,51 +20,7 @@ from torch import Tensor, nn
 
 from sazd.parallel.optimizer import clip_grad_norm_, coded_optimizer, grad_norm
 from sazd.parallel.plan import coded_layers, context, plain_weights
-from sazd.parallel.schemes import Scheme, get_scheme
 from sazd.train.config import OptimConfig
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "step", "cosine")
-
-
-def validate_optim(cfg: OptimConfig, scheme: str | Scheme | None = None) -> None:
-    """Raise a clear ValueError for a bad setting (``scheme``: also check it fits the scheme)."""
-    if cfg.name not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {cfg.name!r}")
-    if scheme is not None and get_scheme(scheme).sgd_only and cfg.name != "sgd":
-        raise ValueError(
-            f"optimizer {cfg.name!r} cannot run with scheme {get_scheme(scheme).name!r}: DEU workers "
-            "update their coded "
-            "weights themselves, which keeps them the encoding of the true weights only for an update "
-            "linear in the weights (SGD with momentum/Nesterov/weight decay); Adam's division by "
-            "sqrt(v) is elementwise and nonlinear. Use --optimizer sgd, or --scheme naive for Adam"
-        )
-    if not cfg.lr > 0 or math.isinf(cfg.lr):
-        raise ValueError(f"lr must be a finite number > 0, got {cfg.lr!r}")
-    if not 0 <= cfg.momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {cfg.momentum!r}")
-    if not 0 <= cfg.dampening <= 1:
-        raise ValueError(f"dampening must be in [0, 1], got {cfg.dampening!r}")
-    if cfg.nesterov and (cfg.momentum == 0 or cfg.dampening != 0):
-        raise ValueError(
-            f"nesterov needs momentum > 0 and dampening = 0, got momentum={cfg.momentum}, "
-            f"dampening={cfg.dampening}"
-        )
-    if not cfg.weight_decay >= 0:
-        raise ValueError(f"weight_decay must be >= 0, got {cfg.weight_decay!r}")
-    if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {cfg.schedule!r}")
-    if cfg.schedule == "step" and (cfg.step_size < 1 or not 0 < cfg.gamma <= 1):
-        raise ValueError(
-            f"step schedule needs step_size >= 1 and 0 < gamma <= 1, got {cfg.step_size}, {cfg.gamma}"
-        )
-    if cfg.schedule == "cosine" and cfg.total_steps is not None and cfg.total_steps < 1:
-        raise ValueError(f"cosine schedule needs total_steps >= 1 (unset: the run's length), got "
-                         f"{cfg.total_steps!r}")
-    if not 0 <= cfg.min_lr <= cfg.lr:
-        raise ValueError(f"min_lr must be in [0, lr={cfg.lr}], got {cfg.min_lr!r}")
-    if cfg.clip_norm is not None and not cfg.clip_norm > 0:
-        raise ValueError(f"clip_norm must be > 0 (or None for no clipping), got {cfg.clip_norm!r}")
 
 
 def lr_at(cfg: OptimConfig, step: int) -> float:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -177,8 +178,6 @@ def check_writable(path: str | Path, flag: str, shown: str | Path | None = None)
 
 
 def _can_create(directory: Path) -> bool:
-    import tempfile
-
     try:
         fd, name = tempfile.mkstemp(dir=directory, prefix=".sazd-probe-")
     except OSError:

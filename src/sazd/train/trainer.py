@@ -39,7 +39,9 @@ from sazd.parallel import (
     predicted_traffic,
     resolve_plan,
 )
+from sazd.runtime import make_cluster as make_backend
 from sazd.runtime.cluster import Cluster, ClusterError
+from sazd.runtime.latency import straggler_latency
 from sazd.train import checkpoint, resume, rundir
 from sazd.train.config import DTYPES, TrainConfig
 from sazd.train.optim import CodedOptimizer, lr_at
@@ -433,11 +435,8 @@ class Trainer:
 def make_cluster(cfg: TrainConfig) -> Cluster:
     """The cluster of ``cfg.backend`` with the configured stragglers / latency model; the backend's
     options that are set (its defaults apply to the others)."""
-    from sazd.runtime import make_cluster as _make
-    from sazd.runtime.latency import straggler_latency
-
     latency = straggler_latency(cfg.stragglers, cfg.straggler_delay, cfg.latency, cfg.seed)
-    return _make(cfg.backend, cfg.n, latency=latency, seed=cfg.seed, compute_dtype=cfg.compute_dtype,
+    return make_backend(cfg.backend, cfg.n, latency=latency, seed=cfg.seed, compute_dtype=cfg.compute_dtype,
                  **cfg.backend_options())
 
 
