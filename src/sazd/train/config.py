@@ -41,6 +41,7 @@ class Setting:
     path: bool = False  # a place to read or write: on resume taken from the command line only
     parse: Callable[[str], Any] | None = None  # command-line text -> value
     negate: bool = False  # a bool shown as --no-<flag> that sets False
+    bare: Any = None  # the value of the flag given without one (then the value is optional)
 
     def names(self) -> list[Any]:
         return list(self.choices() if callable(self.choices) else self.choices or ())
@@ -202,7 +203,7 @@ class TrainConfig:
                                      help="GPUs per worker actor")
     placement: str = setting("spread", choices=_placements, backend="ray", group="cluster",
                              help="workers on distinct nodes while there are nodes (spread) or packed (pack)")
-    tls: bool | str | None = setting(None, backend="ray", path=True, group="cluster",
+    tls: bool | str | None = setting(None, backend="ray", path=True, bare=True, group="cluster",
                                      help="encrypt and authenticate the data plane (TLS); DIR: use the "
                                           "certificates there instead of generating them")
     run_dir: str | None = setting(None, path=True, group="output",
@@ -455,8 +456,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             text += f" (default {default})"
         kw: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": text.replace("%", "%%")
                               .replace("%%(names)s", "%(names)s")}
-        if name == "tls":  # --tls alone, or --tls DIR
-            kw.update(nargs="?", const=True, metavar="DIR")
+        if meta.bare is not None:  # e.g. --tls alone, or --tls DIR
+            kw.update(nargs="?", const=meta.bare, metavar="DIR" if meta.path else None)
         elif kind is bool or meta.negate:
             kw["action"] = "store_const"
             kw["const"] = not meta.negate
