@@ -165,7 +165,8 @@ class CodedContext:
         if not self.code.can_decode(alive):
             raise ClusterError(f"only workers {alive} are alive, too few to decode (k={self.code.k})")
 
-    def fetch_state(self, keys: list[str], exclude: Sequence[int] = ()) -> dict[int, dict[str, dict[str, Tensor]]]:
+    def fetch_state(self, keys: list[str], exclude: Sequence[int] = ()
+                    ) -> dict[int, dict[str, dict[str, Tensor]]]:
         """Coded weights and momentum of ``keys`` from the first decodable set of live workers."""
         start = time.perf_counter()
         rnd = self.cluster.submit("state", Broadcast((keys,)),
