@@ -206,6 +206,19 @@ def test_every_wide_weight_matrix_is_coded(name):
             assert "shared" in why or "tied" in why, why
 
 
+def test_an_explicit_plan_takes_fnmatch_patterns_as_pytorch_tp_plans_do():
+    plain = zoo.build("gpt2-hf", dtype=F64)
+    model = sazd.parallelize(copy.deepcopy(plain), get_code("sazd", n=N, k=K), InProcessCluster(N),
+                             plan={"transformer.h.*.attn.c_attn": "coded"})
+    assert coded_matrices(model) == {f"transformer.h.{i}.attn.c_attn.weight" for i in (0, 1)}
+    entry = zoo.get("gpt2-hf")
+    batch = entry.batch(2, dtype=F64)
+    assert rel(entry.logits(model, batch), entry.logits(plain, batch)) <= TOL
+    with pytest.raises(ValueError, match=r"c_atn.*matches no"):  # a typo is named, not silently empty
+        sazd.parallelize(copy.deepcopy(plain), get_code("sazd", n=N, k=K), InProcessCluster(N),
+                         plan={"transformer.h.*.attn.c_atn": "coded"})
+
+
 class _no_warning_needed:
     def __enter__(self):
         return self
