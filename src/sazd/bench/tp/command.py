@@ -135,7 +135,8 @@ def gpt_hidden(text: str) -> tuple[int, int, int]:
 def command_line(args: argparse.Namespace) -> str:
     flags = ["--model", args.model, "--k", str(args.k), "--sides", args.sides, "--factors", args.factors,
              "--probs", args.probs, "--extras", args.extras, "--repeats", str(args.repeats),
-             "--warmup", str(args.warmup), "--iterations", str(args.iterations)]
+             "--warmup", str(args.warmup), "--iterations", str(args.iterations), "--batch-size",
+             str(args.batch_size), "--train-limit", str(args.train_limit)]
     flags += ["--width", str(args.width)] if args.model == "mlp" else ["--gpt", args.gpt]
     return "sazd bench tp " + shlex.join(flags)
 
