@@ -50,7 +50,7 @@ class Workload:
         from sazd.data import load_dataset
 
         if self.dataset == "synthetic":
-            from sazd.bench.train import synthetic_data
+            from sazd.measure.training import synthetic_data
 
             bundle = synthetic_data(self.train_limit, self.seed)
             bundle.train_x = bundle.train_x.to(getattr(torch, self.dtype))
