@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _support import digits_config
+from _support import digits_config, small_disk
 from sazd.parallel import plain_state_dict
 from sazd.runtime.cluster import ClusterError
 from sazd.train import checkpoint, cli
@@ -367,16 +367,8 @@ def test_one_process_at_a_time_owns_a_run_directory(digits, tmp_path, capfd):
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 200 KiB tmpfs: room for one checkpoint of the digits MLP (130 KB), not for two."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mount)],
-                          capture_output=True, timeout=30)
-    if done.returncode != 0:
-        pytest.skip(f"this container cannot mount a tmpfs: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True, timeout=30)
+    with small_disk(tmp_path, "200k") as mount:
+        yield mount
 
 
 def test_a_full_disk_names_the_last_good_checkpoint_and_still_writes_the_report(digits, tiny_disk):
