@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,20 +96,28 @@ def map_tensors(obj: Any, fn: Callable[[Any], Any], kind: type = Tensor) -> Any:
     return obj
 
 
-def iter_tensors(obj: Any, kind: type = Tensor) -> Iterator[Any]:
+def iter_tensors(obj: Any, kind: type = Tensor) -> list[Any]:
     """Every ``kind`` (default: tensor) inside ``obj`` (nested tuples, lists, dicts), in order."""
     if isinstance(obj, kind):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from iter_tensors(v, kind)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from iter_tensors(v, kind)
+        return [obj]
+    found: list[Any] = []
+    _collect(obj, kind, found)
+    return found
+
+
+def _collect(obj: Any, kind: type, found: list[Any]) -> None:
+    # one list for the whole walk: called for every argument of every worker call
+    for v in obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ():
+        if isinstance(v, kind):
+            found.append(v)
+        elif isinstance(v, (dict, list, tuple)):
+            _collect(v, kind, found)
 
 
 def tensor_bytes(obj: Any) -> int:
     """Bytes of all tensors inside ``obj`` (nested tuples, lists, dicts)."""
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
     return sum(t.numel() * t.element_size() for t in iter_tensors(obj))
 
 

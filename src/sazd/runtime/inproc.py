@@ -170,6 +170,7 @@ class InProcessCluster(Cluster):
         self.compute_dtype = Worker.check_dtype(compute_dtype)
         self.counters = Counters()
         self.workers: list[Worker] = [Worker(j, device, compute_dtype) for j in range(n)]
+        self._cuda = self.workers[0].device.type == "cuda"  # each call then waits for its kernels
         self.clock = 0.0
         self._busy_until = [0.0] * n
         self._lag_until = [0.0] * n  # busy_until as of the last gather: unfinished *older* work
@@ -191,8 +192,11 @@ class InProcessCluster(Cluster):
         self._enforce_backlog()
         workers, per_worker, _ = self._prepare_submit(method, args, workers)
         calls, raised = {}, []
+        sizes: dict[int, int] = {}  # per distinct argument tuple (a broadcast is one)
         for j in workers:
-            nbytes = tensor_bytes(per_worker[j])
+            nbytes = sizes.get(id(per_worker[j]))
+            if nbytes is None:
+                nbytes = sizes[id(per_worker[j])] = tensor_bytes(per_worker[j])
             self.counters.bytes_to_workers += nbytes
             self.counters.calls += 1
             try:
@@ -218,10 +222,13 @@ class InProcessCluster(Cluster):
         done = self._stop_test(k, enough)
         got: dict[int, Any] = {}
         # a call silent past the worker timeout fails when the timeout expires (the worker is killed)
-        for call in sorted(calls.values(), key=lambda c: (self._answer_or_timeout(c), c.worker)):
+        timeout = self.worker_timeout_s
+        order = sorted(calls.values(), key=lambda c: (c.finish, c.worker)) if timeout is None else sorted(
+            calls.values(), key=lambda c: (self._answer_or_timeout(c), c.worker))
+        for call in order:
             if call.failed:
                 continue
-            if self._answer_or_timeout(call) < call.finish:
+            if timeout is not None and self._answer_or_timeout(call) < call.finish:
                 self._advance(max(self.clock, self._answer_or_timeout(call)))
                 self._time_out(call.worker)
                 continue
@@ -358,15 +365,17 @@ class InProcessCluster(Cluster):
             self.counters.failed_results += 1
             return _Call(j, arrive, failed=True)
         start = max(arrive, self._busy_until[j])
+        worker = self.workers[j]
         t0 = time.perf_counter()
-        value = getattr(self.workers[j], method)(*args)
-        if self.workers[j].device.type == "cuda":
-            torch.cuda.synchronize(self.workers[j].device)
+        value = getattr(worker, method)(*args)
+        if self._cuda:
+            torch.cuda.synchronize(worker.device)
         measured = time.perf_counter() - t0
         base = measured if self.base_time_s is None else self.base_time_s
         finish = start + base * self.latency.slowdown(j, task)
         self._busy_until[j] = finish
-        value = map_tensors(value, torch.Tensor.clone)  # answers are copies, as after serialisation
+        # answers are copies, as after serialisation
+        value = value.clone() if isinstance(value, torch.Tensor) else map_tensors(value, torch.Tensor.clone)
         call = _Call(j, finish, value, out_bytes=tensor_bytes(value), start=start)
         self._pending[j].append(call)
         return call
