@@ -338,18 +338,21 @@ class Code(ABC):
         cdtype = compute_dtype(ref.dtype)
         # contiguous(): hooks may view results flat; it copies only strided or transposed ones
         usable = {j: t.detach().to(cdtype).contiguous() for j, t in results.items()}
-        # Certifying reads the results once for their norm, which also shows NaN/Inf; uncertified,
-        # the results are searched for them only when the product is not finite.
-        norms = frobenius_norms(list(usable.values())) if certify else None
-        bad = [] if norms is None else [j for j, v in zip(usable, norms, strict=True) if not math.isfinite(v)]
-        if not bad:
-            trailing = tuple(ref.shape[1:])
-            out = torch.empty((self.k, r, *trailing), dtype=cdtype, device=ref.device)
-            with torch.no_grad():  # not differentiated through (coded layers have their own backward)
-                self._decode_blocks(usable, r, out)
-            (product_norm,) = frobenius_norms([out])
-            if not math.isfinite(product_norm) and norms is None:
-                bad = [j for j, t in usable.items() if not bool(torch.isfinite(t).all())]
+        trailing = tuple(ref.shape[1:])
+        out = torch.empty((self.k, r, *trailing), dtype=cdtype, device=ref.device)
+        with torch.no_grad():  # not differentiated through (coded layers have their own backward)
+            self._decode_blocks(usable, r, out)
+        # Certifying reads the results once for their norm (with the product's, in one pass), which
+        # also shows NaN/Inf: such a decode is discarded and redone without them. Uncertified, the
+        # results are searched for them only when the product is not finite.
+        norms: list[float] | None = frobenius_norms([*usable.values(), out] if certify else [out])
+        product_norm = norms.pop()
+        if certify:
+            bad = [j for j, v in zip(usable, norms, strict=True) if not math.isfinite(v)]
+        else:
+            norms = None
+            bad = [] if math.isfinite(product_norm) else [
+                j for j, t in usable.items() if not bool(torch.isfinite(t).all())]
         if bad:
             good = self._drop_non_finite(results, bad)
             return self.decode_report(
@@ -716,9 +719,9 @@ def probe_blocks(k: int, r: int, gen: torch.Generator) -> Tensor:
 def frobenius_norms(tensors: Sequence[Tensor]) -> list[float]:
     """The Frobenius norm of each tensor as a float (one synchronisation for all); ``inf`` or ``nan``
     only when the tensor holds Inf or NaN (a norm that overflowed its dtype is taken in float64)."""
-    norms = torch.stack([
-        torch.linalg.vector_norm(t if t.is_floating_point() else t.double()).double() for t in tensors
-    ]).tolist()
+    # one fused kernel for all (torch's clip_grad_norm_ uses it too); per-tensor norms cost a dispatch each
+    norms = torch.stack(torch._foreach_norm([t if t.is_floating_point() else t.double() for t in tensors])
+                        ).tolist()
     for i, (t, norm) in enumerate(zip(tensors, norms, strict=True)):
         if not math.isfinite(norm) and bool(torch.isfinite(t).all()):
             norms[i] = float(torch.linalg.vector_norm(t, dtype=torch.float64))
