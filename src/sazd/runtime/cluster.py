@@ -100,18 +100,18 @@ def iter_tensors(obj: Any, kind: type = Tensor) -> list[Any]:
     """Every ``kind`` (default: tensor) inside ``obj`` (nested tuples, lists, dicts), in order."""
     if isinstance(obj, kind):
         return [obj]
+    # one loop with a stack, no call per container: it walks every argument of every worker call
     found: list[Any] = []
-    _collect(obj, kind, found)
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, kind):
+            found.append(item)
+        elif isinstance(item, dict):
+            stack.extend(reversed(item.values()))
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
     return found
-
-
-def _collect(obj: Any, kind: type, found: list[Any]) -> None:
-    # one list for the whole walk: called for every argument of every worker call
-    for v in obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ():
-        if isinstance(v, kind):
-            found.append(v)
-        elif isinstance(v, (dict, list, tuple)):
-            _collect(v, kind, found)
 
 
 def tensor_bytes(obj: Any) -> int:
