@@ -211,7 +211,8 @@ class Cluster(ABC):
         """Block until ``k`` workers of the round have answered successfully; return {worker: result}.
 
         ``enough`` (e.g. ``code.can_decode``) replaces the plain count test when given, for codes such
-        as replication where not every k-set decodes.
+        as replication where not every k-set decodes (the in-process backend asks it only once k
+        answers are in: no code decodes from fewer).
 
         Failed calls (dead workers) are erasures: the worker is marked dead and another answer is
         awaited. Answers that arrive after the k-th are discarded. Raises ``ClusterError`` when fewer
