@@ -1,7 +1,8 @@
 """In-process cluster: n ``Worker`` objects in this process, with a simulated clock.
 
 Every call really executes (results are real) at ``submit`` time, in submission order per worker,
-so side effects such as updates happen in order even when the answer is later discarded. Its
+so side effects such as updates happen in order even when the answer is later discarded (within one
+round, the workers take turns at running first: a burst's first call measures slow). Its
 duration is measured (``time.perf_counter`` around the call; or the constant ``base_time_s``, for
 deterministic simulations) and turned into a simulated duration by the latency model.
 
