@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
 from sazd.train.trainer import TrainConfig
 
 
@@ -13,3 +21,21 @@ def digits_config(**kw) -> TrainConfig:
                 show_progress=False, code="sazd", n=6, k=4)
     base.update(kw)
     return TrainConfig(**base)
+
+
+@contextlib.contextmanager
+def small_disk(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``where/disk``: a disk that really fills up (needs root; the test
+    is skipped with the reason where a tmpfs cannot be mounted)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = where / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                          capture_output=True, timeout=30)
+    if done.returncode != 0:
+        pytest.skip(f"this container cannot mount a tmpfs: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True, timeout=30)

@@ -191,6 +191,7 @@ def test_launch_and_rank_refuse_nonsense(tmp_path):
     assert rank.main(["a", "b"]) == 2
 
 
+@pytest.mark.slow
 def test_a_rank_that_cannot_start_is_reported_not_waited_for():
     run = launch({**spec_of("mlp"), "model": "resnet9000"}, 2, timeout_s=120, grace_s=5)
     assert not run.ok and "exited with" in run.stopped and "resnet9000" in run.stopped

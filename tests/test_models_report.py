@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from sazd.models import build_model, param_count
-from sazd.train.report import RunDir, progress, to_jsonable
+from sazd.train.report import progress, to_jsonable
+from sazd.train.rundir import RunDir
 
 # ---- models -----------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from _support import small_disk
 from sazd import files
 from sazd.files import DirLock, DiskFullError, OutputError
 
@@ -171,16 +172,8 @@ def test_disk_full_inside_a_block_becomes_a_true_message():
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 64 KiB tmpfs: a disk that really fills up."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
-                          capture_output=True, timeout=30)
-    if done.returncode != 0:
-        pytest.skip(f"this container cannot mount a tmpfs: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True, timeout=30)
+    with small_disk(tmp_path, "64k") as mount:
+        yield mount
 
 
 def test_full_disk_atomic_write_keeps_the_old_file(tiny_disk):

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from _support import digits_config
+from _support import digits_config, small_disk
 from sazd.parallel import plain_state_dict
 from sazd.runtime.cluster import ClusterError
 from sazd.train import checkpoint, cli
+from sazd.train.checkpoint import CheckpointError
 from sazd.train.optim import OptimConfig
 from sazd.train.trainer import Trainer
 
@@ -52,27 +53,36 @@ SCHEDULES = {
     "all at once, with a network": dict(latency="shiftexp:2.0:1.5+dead:4:9", stragglers=1, network_gbps=1.0),
     "naive, stragglers": dict(scheme="naive", stragglers=2),
 }
+# The schedule is decided by deterministic counters (task numbers, the simulated clock of a constant
+# task time), never by the master's wall time: these must agree iteration by iteration.
+COUNTERS = ("rows_decoded", "rows_encoded", "rounds", "bytes_to_workers", "bytes_from_workers",
+            "bytes_sent_once")
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
-def test_resume_is_bit_identical_with_every_latency_model_and_fault(schedule, digits, tmp_path):
-    kw = SCHEDULES[schedule]
-    whole, report, uninterrupted = train(config(**kw), digits)
+def test_resume_follows_the_uninterrupted_schedule_with_every_latency_model(schedule, digits, tmp_path):
+    """Two epochs (44 iterations) broken at 5: the same workers asked and decoded from, the same
+    traffic, every iteration; a fault fires once in all. Weights: bit for bit, or (DEU, where a later
+    round decodes from a worker whose blocks the checkpoint rebuilt from the plain weights) to rounding."""
+    kw = {**SCHEDULES[schedule], "epochs": 2}
+    whole, report, uninterrupted = train(config(**kw, max_steps=None), digits)
     _, first, _ = train(config(**kw, max_steps=5, run_dir=str(tmp_path / "a")), digits)
-    resumed, second, tr = train(config(**kw, resume=str(tmp_path / "a")), digits)
-    assert tr.position.iteration == 12
-    assert_same_weights(whole, resumed)
-    # the same schedule: the same simulated iteration times and the same decoding work, and a fault
-    # fires once in all, not again after the resume
-    for key in (
-        "iteration_s",
-        "rows_decoded",
-        "bytes_to_workers",
-    ):  # (times: to the master's wall-time noise)
-        assert [round(r[key]) for r in tr.history] == [round(r[key]) for r in uninterrupted.history[5:]], key
+    resumed, second, tr = train(config(**kw, max_steps=None, resume=str(tmp_path / "a")), digits)
+    assert tr.position.iteration == 44
+    for key in COUNTERS:
+        assert [r[key] for r in tr.history] == [r[key] for r in uninterrupted.history[5:]], key
+    assert tr.cluster.schedule_state()["tasks"] == uninterrupted.cluster.schedule_state()["tasks"]
     assert len(first["repairs"]) + len(second["repairs"]) == len(report["repairs"])
     if "dead" in kw.get("latency", ""):
         assert report["repairs"], "the fault was injected"
+    if kw.get("scheme") == "naive":  # the master holds the weights: nothing is rebuilt
+        assert_same_weights(whole, resumed)
+    assert_close_weights(whole, resumed)
+
+
+def assert_close_weights(a: dict, b: dict) -> None:
+    for name, tensor in a.items():
+        assert torch.allclose(b[name], tensor, rtol=0, atol=1e-12 * float(tensor.abs().max())), name
 
 
 class Crash(Exception):
@@ -254,3 +264,129 @@ def test_cli_sigterm_exits_143_with_a_checkpoint_report_and_exact_resume(tmp_pat
     # with this process's thread count, like the resumed run's)
     whole, _, _ = train(cli.config_from_args(args), None)
     assert_same_weights(whole, checkpoint.load(run_dir).model)
+
+
+# ---- checkpoints cannot lie ---------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", ["deu", "naive"])
+def test_resumes_of_0_1_and_n_iterations_each_leave_a_complete_checkpoint(scheme, digits, tmp_path):
+    """A resume that runs no iteration must not drop anything (it once lost the first layer's DEU
+    momentum, and every later resume was refused); each checkpoint on the way is complete."""
+    run = str(tmp_path / "run")
+    whole, _, _ = train(config(scheme=scheme, max_steps=9), digits)
+    train(config(scheme=scheme, max_steps=3, run_dir=run), digits)
+    with Trainer(config(scheme=scheme, max_steps=3, resume=run), data=digits) as tr:
+        fresh = tr.save_checkpoint(tmp_path / "taken-right-after-the-restore")
+    assert checkpoint.load(fresh).optim.keys() == checkpoint.load(run).optim.keys()
+    for stop in (3, 4, 4, 8, 8, 9, 9):  # 0, 1, 0, n, 0, 1, 0 iterations
+        _, _, tr = train(config(scheme=scheme, max_steps=stop, resume=run), digits)
+        saved = checkpoint.load(run)
+        assert saved.position["iteration"] == stop == tr.position.iteration
+        momentum = {key for key in saved.optim if key.endswith("/momentum_buffer")}
+        assert momentum == {f"{name}/momentum_buffer" for name in saved.model}, stop  # every parameter
+    resumed = checkpoint.load(run).model
+    if scheme == "naive":
+        assert_same_weights(whole, resumed)
+    assert_close_weights(whole, resumed)
+
+
+def _edit(path: Path, edit) -> None:
+    """Change a checkpoint's tensors and write it back with valid checksums (as an attacker could)."""
+    ckpt = checkpoint.load(path)
+    edit(ckpt)
+    checkpoint.save(checkpoint.find(path), ckpt)
+
+
+def test_an_edited_coded_block_is_refused_naming_the_worker_and_the_block(digits, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(config(scheme="deu", max_steps=3, run_dir=str(run)), digits)
+    blocks = checkpoint.load(run).coded
+    parity = max(int(key.split("/")[0]) for key in blocks)  # sazd(6, 4): workers 4, 5 hold parity
+
+    def plus_one(ckpt):
+        ckpt.coded[f"{parity}/fc2.row"][0, 0] += 1.0
+
+    _edit(run, plus_one)
+    with pytest.raises(CheckpointError, match=rf"block fc2\.row of worker {parity} does not encode the "
+                                              "checkpoint's plain weights"):
+        Trainer(config(scheme="deu", resume=str(run)), data=digits)
+
+    from sazd.cli import main
+
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"worker {parity}" in err
+
+    def stranger(ckpt):
+        ckpt.coded[f"{parity}/fc2.row"][0, 0] -= 1.0
+        ckpt.coded["9/fc2.row"] = ckpt.coded[f"{parity}/fc2.row"].clone()
+
+    _edit(run, stranger)
+    with pytest.raises(CheckpointError, match=r"names no worker of 0\.\.5"):
+        Trainer(config(scheme="deu", resume=str(run)), data=digits)
+
+
+def test_a_checkpoint_asks_only_k_workers_so_a_frozen_one_does_not_hold_it(digits, tmp_path):
+    """Worker 0 takes a million times longer than the others: a checkpoint keeps the blocks of the first
+    k=4 that answered, leaves worker 0 out, and resumes with worker 0 rebuilt from the plain weights."""
+    kw = dict(scheme="deu", stragglers=1, straggler_delay=1e6, max_steps=4)
+    whole, _, _ = train(config(**kw), digits)
+    train(config(**{**kw, "max_steps": 2}, run_dir=str(tmp_path / "run")), digits)
+    workers = {int(key.split("/")[0]) for key in checkpoint.load(tmp_path / "run").coded}
+    assert len(workers) == 4 and 0 not in workers
+    resumed, _, _ = train(config(**kw, resume=str(tmp_path / "run")), digits)
+    assert_close_weights(whole, resumed)
+
+
+def test_a_link_in_a_resumed_run_directory_is_never_written_through(digits, tmp_path):
+    run = tmp_path / "run"
+    train(config(max_steps=2, run_dir=str(run)), digits)
+    victim = tmp_path / "users_file.txt"
+    victim.write_text("precious\n")
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").symlink_to(victim)
+    with pytest.raises(ValueError, match=r"holds a link sazd did not make \(metrics\.jsonl\)"):
+        train(config(max_steps=4, resume=str(run)), digits)
+    assert victim.read_text() == "precious\n"
+
+
+def test_one_process_at_a_time_owns_a_run_directory(digits, tmp_path, capfd):
+    run = tmp_path / "run"
+    train(config(max_steps=2, run_dir=str(run)), digits)
+    with (Trainer(config(max_steps=3, resume=str(run)), data=digits),
+          pytest.raises(ValueError, match=f"--run-dir {run} is in use by process {os.getpid()}")):
+        Trainer(config(max_steps=3, resume=str(run)), data=digits)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=60)
+    (run / ".sazd.lock").write_text(f"{dead.pid}\n")  # left by a run that was killed
+    _, report, _ = train(config(max_steps=3, resume=str(run)), digits)
+    assert report["iterations"] == 1
+    assert f"was locked by process {dead.pid}, which is no longer running; taking the lock over" in \
+        capfd.readouterr().err
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 200 KiB tmpfs: room for one checkpoint of the digits MLP (130 KB), not for two."""
+    with small_disk(tmp_path, "200k") as mount:
+        yield mount
+
+
+def test_a_full_disk_names_the_last_good_checkpoint_and_still_writes_the_report(digits, tiny_disk):
+    from sazd.files import DiskFullError
+
+    run = tiny_disk / "run"
+    with pytest.raises(DiskFullError, match=r"no space left on the device holding .*checkpoint while "
+                                            r"writing a checkpoint; the checkpoint in .* was left as it was"):
+        train(config(max_steps=6, checkpoint_every=2, run_dir=str(run)), digits)
+    report = json.loads((run / "report.json").read_text())
+    assert report["status"] == "failed" and "no space left" in report["error"]
+    latest = f"the latest one (iteration 0) can be resumed with --resume {run / 'checkpoint'}"
+    assert latest in report["ending"]
+    assert checkpoint.load(run).position["iteration"] == 0  # and it is whole
+
+    # resumed, the checkpoint it started from is the last good one (not "none was saved")
+    with pytest.raises(DiskFullError):
+        train(config(max_steps=6, checkpoint_every=2, resume=str(run)), digits)
+    report = json.loads((run / "report.json").read_text())
+    latest = f"the latest one (iteration 0) can be resumed with --resume {run / 'checkpoint'}"
+    assert latest in report["ending"]

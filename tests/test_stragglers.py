@@ -91,6 +91,17 @@ def test_recorder_counts_exactly_the_named_worker():
     assert not dead.fails(1, 5, incarnation=1)  # the repaired worker is a new machine
 
 
+def test_recorder_counts_calls_from_the_phase_start():
+    model = RandomDelays("calls", {"prob": 0.5, "factor": 3.0}, seed=2).latency()
+    recorder = Recorder(model, start={0: 40, 1: 7})
+    # worker 0's task 40 is the phase's call 0: the draw a TP rank makes at its step 0
+    assert [recorder.slowdown(0, 40 + t) for t in range(20)] == [model.slowdown(0, t) for t in range(20)]
+    assert [recorder.slowdown(1, 7 + t) for t in range(20)] == [model.slowdown(1, t) for t in range(20)]
+    dead = Recorder(DeadWorker(1, 2).latency(), start={1: 7})
+    assert [t for t in range(7, 12) if dead.fails(1, t)] == [9, 10, 11]
+    assert Recorder(SlowWorker(1, 2.0).latency(), start={1: 7}).slowdown(1, 3) == 2.0  # respawned: from 0
+
+
 def test_straggle_sleeps_factor_minus_one_times_the_compute():
     assert straggle(1.0, 0.5) == 0.0
     assert straggle(3.0, 0.01) == pytest.approx(0.02)

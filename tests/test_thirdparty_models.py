@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import sazd
+import sazd.parallel
 from sazd.codes import get_code
 from sazd.models import zoo
 from sazd.parallel import DEFAULT_MIN_FEATURES, context
@@ -204,6 +205,45 @@ def test_every_wide_weight_matrix_is_coded(name):
         assert why, f"{m}: no reason given"
         if m in shared:
             assert "shared" in why or "tied" in why, why
+
+
+def test_an_explicit_plan_takes_fnmatch_patterns_as_pytorch_tp_plans_do():
+    plain = zoo.build("gpt2-hf", dtype=F64)
+    model = sazd.parallelize(copy.deepcopy(plain), get_code("sazd", n=N, k=K), InProcessCluster(N),
+                             plan={"transformer.h.*.attn.c_attn": "coded"})
+    assert coded_matrices(model) == {f"transformer.h.{i}.attn.c_attn.weight" for i in (0, 1)}
+    entry = zoo.get("gpt2-hf")
+    batch = entry.batch(2, dtype=F64)
+    assert rel(entry.logits(model, batch), entry.logits(plain, batch)) <= TOL
+    with pytest.raises(ValueError, match=r"c_atn.*matches no"):  # a typo is named, not silently empty
+        sazd.parallelize(copy.deepcopy(plain), get_code("sazd", n=N, k=K), InProcessCluster(N),
+                         plan={"transformer.h.*.attn.c_atn": "coded"})
+
+
+@pytest.mark.parametrize("scheme", ["naive", "deu"])
+def test_gpt2s_tied_lm_head_coded_by_the_plan_trains_exactly_or_is_refused_naming_the_fix(scheme):
+    """The automatic plan leaves the tied lm_head on the master and says how to code it anyway; doing
+    so trains exactly (naive) or is refused at the step with a fix (DEU: the embedding lookup's
+    gradient is not a coded product), and the fix, that weight under naive, trains exactly."""
+    entry = zoo.get("gpt2-hf")
+    plain = entry.build(0, F64)
+    plan = {"lm_head": sazd.parallel.Coded(), "transformer.h.*.*.c_*": sazd.parallel.Coded()}
+    model = sazd.parallelize(copy.deepcopy(plain), get_code("sazd", n=N, k=K), InProcessCluster(N),
+                             scheme=scheme, plan=plan)
+    assert "lm_head.weight" in coded_matrices(model) and len(coded_matrices(model)) == 9
+    data = batches(entry, 3)
+    opt = adamw if scheme == "naive" else sgd
+    ref = train(plain, entry, opt(plain), data)
+    if scheme == "deu":
+        with pytest.raises(RuntimeError, match=r"lm_head.*plan="):
+            train(model, entry, sazd.coded_optimizer(opt(model)), data)
+        plan["lm_head"] = sazd.parallel.Coded(scheme="naive")  # the fix the message names
+        model = sazd.parallelize(entry.build(0, F64), get_code("sazd", n=N, k=K), InProcessCluster(N),
+                                 scheme=scheme, plan=plan)  # from the same initial weights as plain's
+    got = train(model, entry, sazd.coded_optimizer(opt(model)), data)
+    assert max(abs(a - b) / abs(b) for a, b in zip(got, ref, strict=True)) <= TOL
+    assert_state_close(model, plain, 1e-9)
+    assert model.lm_head.weight is model.transformer.wte.weight  # still one tensor, as in GPT-2
 
 
 class _no_warning_needed:

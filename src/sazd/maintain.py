@@ -99,9 +99,9 @@ class Maintainer:
 
     # ------------------------------------------------------------ checkpoints
     def state(self, blocks: bool = False) -> CodedState:
-        """Everything of the model's coded state, decoded in one round of the workers (``blocks``: that
-        round asks every live worker and the state keeps each one's coded blocks too, where the
-        scheme needs them to continue exactly)."""
+        """Everything of the model's coded state, decoded in one round of the workers (``blocks``: the
+        state keeps the coded blocks of the first k workers that answered too, where the scheme needs
+        them to continue exactly; a frozen worker never stalls it)."""
         layers = coded_layers(self.model)
         schemes = {id(m.scheme): m.scheme for m in layers}.values()
         states, raw = None, {}

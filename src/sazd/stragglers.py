@@ -275,10 +275,15 @@ def from_dict(spec: dict[str, Any]) -> Straggler:
 
 
 class Recorder(LatencyModel):
-    """``inner``'s factors and deaths, counting per worker the calls slowed and their summed extra factor."""
+    """``inner``'s factors and deaths, counting per worker the calls slowed and their summed extra factor.
 
-    def __init__(self, inner: LatencyModel) -> None:
+    ``start``: each worker's task number when the phase began; ``inner`` then sees calls counted from
+    there (0, 1, ... as a TP rank counts its steps), and a respawned worker's from its own start.
+    """
+
+    def __init__(self, inner: LatencyModel, start: dict[int, int] | None = None) -> None:
         self.inner = inner
+        self.start = dict(start or {})
         self.slowed: Counter[int] = Counter()
         self.extra: Counter[int] = Counter()  # sum of (factor - 1): sleeps in units of compute
         self.calls: Counter[int] = Counter()
@@ -287,8 +292,12 @@ class Recorder(LatencyModel):
         self.inner.bind(n)
         return self
 
+    def _call(self, worker: int, task: int) -> int:
+        begun = self.start.get(worker, 0)
+        return task - begun if task >= begun else task
+
     def slowdown(self, worker: int, task: int) -> float:
-        factor = self.inner.slowdown(worker, task)
+        factor = self.inner.slowdown(worker, self._call(worker, task))
         self.calls[worker] += 1
         if factor > 1:
             self.slowed[worker] += 1
@@ -296,7 +305,7 @@ class Recorder(LatencyModel):
         return factor
 
     def fails(self, worker: int, task: int, incarnation: int = 0) -> bool:
-        return self.inner.fails(worker, task, incarnation)
+        return self.inner.fails(worker, self._call(worker, task), incarnation)
 
     def describe(self) -> str:
         return self.inner.describe()

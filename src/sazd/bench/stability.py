@@ -110,12 +110,18 @@ def measure_case(
     }
 
 
-def run_grid(args: argparse.Namespace, log=None) -> list[dict[str, Any]]:
+def grid(args: argparse.Namespace) -> tuple[list[CodeSpec], list[int], list[int], list[int], list[Any]]:
+    """The grid's codes, ks, ms, rows and dtypes from the flags (ValueError naming a bad one)."""
     specs = [parse_code_spec(s) for s in args.codes]
     ks, ms, rows = int_list(args.k, "--k"), int_list(args.m, "--m"), int_list(args.rows, "--rows")
     dtypes = [parse_dtype(d) for d in args.dtypes.split(",") if d.strip()]
     if args.samples < 0:
         raise ValueError(f"--samples must be >= 0, got {args.samples}")
+    return specs, ks, ms, rows, dtypes
+
+
+def run_grid(args: argparse.Namespace, log=None) -> list[dict[str, Any]]:
+    specs, ks, ms, rows, dtypes = grid(args)
     results = []
     for k in ks:
         for r in rows:
@@ -202,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
         args.k, args.m, args.rows, args.samples = QUICK["k"], QUICK["m"], QUICK["rows"], QUICK["samples"]
     import torch
 
+    grid(args)  # every flag checked before anything is made
     output_dir(args.out, "--out")  # before the work: a link, a link inside, an unwritable place
     start = time.perf_counter()
     log = None if args.json else (lambda row: print(

@@ -265,6 +265,13 @@ class Code(ABC):
         """Invert ``block_rows``: source rows per block given worker's coded rows."""
         return rows
 
+    def _copied_blocks(self, workers: Collection[int]) -> dict[int, int]:
+        """The results ``_decode_blocks`` copies unchanged into the product: worker -> source block.
+        Certification reads their norms off the product instead of reading them twice."""
+        if not self.is_systematic:
+            return {}
+        return {j: j for j in workers if j < self.k}
+
     # ------------------------------------------------------------ public API
     @property
     def m(self) -> int:
@@ -338,21 +345,22 @@ class Code(ABC):
         cdtype = compute_dtype(ref.dtype)
         # contiguous(): hooks may view results flat; it copies only strided or transposed ones
         usable = {j: t.detach().to(cdtype).contiguous() for j, t in results.items()}
-        trailing = tuple(ref.shape[1:])
-        out = torch.empty((self.k, r, *trailing), dtype=cdtype, device=ref.device)
-        with torch.no_grad():  # not differentiated through (coded layers have their own backward)
-            self._decode_blocks(usable, r, out)
-        # Certifying reads the results once for their norm (with the product's, in one pass), which
-        # also shows NaN/Inf: such a decode is discarded and redone without them. Uncertified, the
-        # results are searched for them only when the product is not finite.
-        norms: list[float] | None = frobenius_norms([*usable.values(), out] if certify else [out])
-        product_norm = norms.pop()
-        if certify:
-            bad = [j for j, v in zip(usable, norms, strict=True) if not math.isfinite(v)]
-        else:
-            norms = None
-            bad = [] if math.isfinite(product_norm) else [
-                j for j, t in usable.items() if not bool(torch.isfinite(t).all())]
+        # Certifying needs the norm of every result: those copied into the product are read off the
+        # product's block norms, the others read once here (which also shows their NaN/Inf). Results
+        # not read here are searched for NaN/Inf only when the product is not finite.
+        copied = self._copied_blocks(usable) if certify else {}
+        others = [j for j in usable if j not in copied] if certify else []
+        norms = dict(zip(others, frobenius_norms([usable[j] for j in others]), strict=True))
+        bad = [j for j, v in norms.items() if not math.isfinite(v)]
+        if not bad:
+            trailing = tuple(ref.shape[1:])
+            out = torch.empty((self.k, r, *trailing), dtype=cdtype, device=ref.device)
+            with torch.no_grad():  # not differentiated through (coded layers have their own backward)
+                self._decode_blocks(usable, r, out)
+            blocks = frobenius_norms(list(out.unbind(0)))
+            product_norm = math.sqrt(sum(v * v for v in blocks))
+            if not math.isfinite(product_norm) and len(others) < len(usable):
+                bad = [j for j, t in usable.items() if j not in norms and not bool(torch.isfinite(t).all())]
         if bad:
             good = self._drop_non_finite(results, bad)
             return self.decode_report(
@@ -366,10 +374,11 @@ class Code(ABC):
                 f"per block, or the results are too large for {ref.dtype}; {self.stability_hint}"
             )
         product = out.reshape(self.k * r, *trailing).to(ref.dtype if out_dtype is None else out_dtype)
-        if norms is None:
+        if not certify:
             return DecodeReport(product, math.nan, None)
         cert = self._certificate(workers, r, ref.dtype, ref.device)
-        error = cert.bound_for(math.sqrt(sum(norm * norm for norm in norms)), product_norm)
+        squares = sum(v * v for v in norms.values()) + sum(blocks[i] ** 2 for i in copied.values())
+        error = cert.bound_for(math.sqrt(squares), product_norm)
         self._judge(cert, error, allow_unstable)
         return DecodeReport(product, error, cert)
 
@@ -709,16 +718,19 @@ def probe_blocks(k: int, r: int, gen: torch.Generator) -> Tensor:
     shape = (k, r, PROBE_INNER)
     ramp = torch.linspace(0, 1, k * r, dtype=torch.float64).view(k, r, 1)
     scales = torch.logspace(-1, 0, k, base=PROBE_BLOCK_SCALES, dtype=torch.float64)
-    zero_mean, mean, noise, scaled = torch.randn(4, *shape, generator=gen, dtype=torch.float64)
+    # One draw serves every kind (drawing normals is most of a probe's cost; each kind is measured alone)
+    normal = torch.randn(shape, generator=gen, dtype=torch.float64)
     slope = torch.randn(PROBE_INNER, generator=gen, dtype=torch.float64).abs()
     return torch.cat(
-        [zero_mean, 1 + mean / PROBE_MEAN, ramp * slope + 0.01 * noise, scaled * scales.view(k, 1, 1)], dim=2
+        [normal, 1 + normal / PROBE_MEAN, ramp * slope + 0.01 * normal, normal * scales.view(k, 1, 1)], dim=2
     )
 
 
 def frobenius_norms(tensors: Sequence[Tensor]) -> list[float]:
     """The Frobenius norm of each tensor as a float (one synchronisation for all); ``inf`` or ``nan``
     only when the tensor holds Inf or NaN (a norm that overflowed its dtype is taken in float64)."""
+    if not tensors:
+        return []
     # one fused kernel for all (torch's clip_grad_norm_ uses it too); per-tensor norms cost a dispatch each
     norms = torch.stack(torch._foreach_norm([t if t.is_floating_point() else t.double() for t in tensors])
                         ).tolist()

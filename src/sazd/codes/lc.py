@@ -101,6 +101,9 @@ class LinearCode(Code):
         rows = self._choose(check_workers(self, workers))
         return float(torch.linalg.cond(self._G[rows]))
 
+    def _copied_blocks(self, workers: Collection[int]) -> dict[int, int]:
+        return {j: self._holds[j] for j in self._choose(workers) if j in self._holds}
+
     def _operator_norm(self, workers: tuple[int, ...]) -> float:
         """``||inv(G_S)||_2`` for the k workers ``decode`` uses: exactly the decode's 2-norm."""
         return float(torch.linalg.matrix_norm(torch.linalg.inv(self._G[self._choose(workers)]), ord=2))

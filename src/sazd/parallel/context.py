@@ -165,21 +165,13 @@ class CodedContext:
         if not self.code.can_decode(alive):
             raise ClusterError(f"only workers {alive} are alive, too few to decode (k={self.code.k})")
 
-    def fetch_state(
-        self, keys: list[str], exclude: Sequence[int] = (), every: bool = False
-    ) -> dict[int, dict[str, dict[str, Tensor]]]:
-        """Coded weights and momentum of ``keys`` from the first decodable set of live workers
-        (``every``: from every live one, e.g. to keep each worker's blocks)."""
+    def fetch_state(self, keys: list[str], exclude: Sequence[int] = ()
+                    ) -> dict[int, dict[str, dict[str, Tensor]]]:
+        """Coded weights and momentum of ``keys`` from the first decodable set of live workers."""
         start = time.perf_counter()
         rnd = self.cluster.submit("state", Broadcast((keys,)),
                                   [j for j in self.cluster.alive() if j not in exclude])
-        if every:
-            states = self.cluster.wait_all(rnd)
-            if not self.code.can_decode(list(states)):
-                raise ClusterError(f"only workers {sorted(states)} answered, too few to decode "
-                                   f"(k={self.code.k})")
-        else:
-            states = self.cluster.first_k(rnd, self.code.k, enough=self.code.can_decode)
+        states = self.cluster.first_k(rnd, self.code.k, enough=self.code.can_decode)
         self.stats.worker_s += time.perf_counter() - start
         return states
 

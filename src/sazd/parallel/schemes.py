@@ -80,7 +80,8 @@ class Scheme(ABC):
 
     # ------------------------------------------------------------ checkpoints
     def fetch_blocks(self, ctx: CodedContext, layers: Sequence[CodedLayer]) -> States | None:
-        """Every live worker's blocks of ``layers`` when a checkpoint must keep them (None: it need not)."""
+        """The blocks of ``layers`` of the first k workers that answer, when a checkpoint must keep them
+        (None: it need not)."""
         return None
 
     def checkpoint_columns(self, layers: Sequence[CodedLayer], matrices: dict[str, Tensor],
@@ -215,7 +216,7 @@ class DEU(Scheme):
     def fetch_blocks(self, ctx: CodedContext, layers: Sequence[CodedLayer]) -> States:
         for layer in layers:
             layer.sync()
-        return ctx.fetch_state([key for layer in layers for key in layer.keys], every=True)
+        return ctx.fetch_state([key for layer in layers for key in layer.keys])  # first k: none stalls it
 
     def checkpoint_columns(self, layers: Sequence[CodedLayer], matrices: dict[str, Tensor],
                            buffers: dict[str, Tensor]) -> dict[str, Tensor]:

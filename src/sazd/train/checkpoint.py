@@ -8,9 +8,10 @@ A checkpoint is a directory:
     tensors.safetensors   model/<param> (plain weights), optim/<param>/<field> (e.g. momentum_buffer;
                           DEU momentum decoded from k workers), rng/torch, and for DEU columns/<layer>.col
                           (+ /momentum_buffer): the decoded column copies W^T, which DEU updates apart
-                          from W; and coded/<worker>/<key>[/momentum_buffer]: each DEU worker's coded
-                          blocks as they are (updated in place, they differ from a fresh encoding of
-                          the decoded weights by rounding), so a resumed run continues bit for bit
+                          from W; and coded/<worker>/<key>[/momentum_buffer]: the coded blocks, as
+                          they are, of the k DEU workers that answered the checkpoint's round (updated
+                          in place, they differ from a fresh encoding of the decoded weights by
+                          rounding), so a resumed run decoding from them continues bit for bit
     SHA256SUMS            sha256 of the two files above
 
 Replacing a checkpoint is crash-safe: the new one is written completely into ``<name>.tmp`` and
@@ -40,6 +41,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from sazd import files
 
 FORMAT = "sazd-checkpoint-2"
 TENSORS, META, SUMS = "tensors.safetensors", "meta.json", "SHA256SUMS"
@@ -97,10 +100,18 @@ def save(path: str | Path, ckpt: Checkpoint) -> Path:
     payload[SUMS] = "".join(
         f"{hashlib.sha256(payload[n]).hexdigest()}  {n}\n" for n in (TENSORS, META)
     ).encode()
-    for name in FILES:
-        _write(tmp / name, payload[name])
-        _fsync(tmp / name)
-    _fsync(tmp)
+    try:
+        for name in FILES:
+            _write(tmp / name, payload[name])
+            _fsync(tmp / name)
+        _fsync(tmp)
+    except OSError as err:
+        if not files.is_disk_full(err):
+            raise
+        _remove(tmp)  # give the space back: the checkpoint in place stays as it was
+        left = (f"the checkpoint in {path} was left as it was" if path.exists()
+                else "no checkpoint was written")
+        raise files.DiskFullError(path, "a checkpoint", left) from None
     if path.exists():  # keep the current checkpoint as .old until the new one is in place
         if old.exists():
             _remove(old)
@@ -407,18 +418,3 @@ def _has_type(value: Any, hint: Any) -> bool:
         return isinstance(value, dict) and all(isinstance(k, str) and _has_type(v, args[1])
                                                for k, v in value.items())
     return dataclasses.is_dataclass(hint) and isinstance(value, dict)  # checked field by field by the caller
-
-
-def resume_dirs(resume: str | Path) -> tuple[Path | None, Path | None]:
-    """Where a run resumed from ``resume`` writes unless told otherwise: (run directory, checkpoint
-    directory or None for RUN_DIR/checkpoint). A run directory resumes into itself; a checkpoint
-    directory keeps its checkpoints, with its parent as run directory when that holds the same run.
-    Never a path read from the checkpoint."""
-    from sazd.train.report import RunDir
-
-    given, found = Path(resume), find(resume)
-    if found.parent == given:  # given a run directory (found: its checkpoint, or a crash leftover)
-        return given, None
-    canonical = found.with_name(found.name.removesuffix(".tmp").removesuffix(".old"))
-    owner = RunDir.owner(found.parent)
-    return (found.parent if owner is not None and owner == run_id_of(found) else None), canonical

@@ -17,204 +17,40 @@ come only from the command line, never from the checkpoint.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
 import sys
 import time
 from pathlib import Path
 
-# Flags that set a field of a nested or derived config value.
-OPTIM_FLAGS = ("optimizer", "lr", "momentum", "dampening", "nesterov", "weight_decay", "schedule",
-               "step_size",
-               "gamma", "clip_norm")
-FLAG_FIELDS = {flag: "optim" for flag in OPTIM_FLAGS}
-FLAG_FIELDS.update({flag: "code_options" for flag in ("non_systematic", "shift_unit", "nodes")})
+from sazd.train import config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("model and data")
-    g.add_argument("--model", default="mlp", help="mlp, cnn, resnet or gpt (default mlp)")
-    g.add_argument("--hidden", type=_ints, default=None,
-                   help="hidden widths, e.g. 1024,1024 (mlp), 128 (cnn), 16,32,64 (resnet stages) or "
-                        "128,4,4 (gpt channels,layers,heads)")
-    g.add_argument("--dataset", default="fashion-mnist",
-                   help="fashion-mnist, mnist, kmnist, digits, idx; text for gpt: pystdlib (Python's own "
-                        "sources) or text (--data-dir DIR)")
-    g.add_argument("--data-dir", default=None, help="directory with the four IDX files (text: your files)")
-    g.add_argument("--train-limit", type=int, default=None, help="use a seeded subset of N training samples")
-    g.add_argument("--test-limit", type=int, default=None, help="use a seeded subset of N test samples")
-    g.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    g.add_argument("--seed", type=int, default=0)
-
-    g = parser.add_argument_group("code and scheme")
-    g.add_argument("--code", default="sazd",
-                   help="sazd, cyclic, poly, gaussian, uncoded, replication (default sazd)")
-    g.add_argument("--n", type=int, default=None, help="workers (default k+2; k for --code uncoded)")
-    g.add_argument("--k", type=int, default=4, help="workers whose answers suffice (default 4)")
-    g.add_argument("--non-systematic", action="store_true", help="sazd/poly: the non-systematic form")
-    g.add_argument("--shift-unit", type=_shift_unit, default=None,
-                   help="sazd: shift unit g in rows, or 'auto'")
-    g.add_argument("--nodes", default=None, help="poly: evaluation nodes, integer or chebyshev")
-    g.add_argument("--scheme", default="deu", choices=["deu", "naive"])
-    g.add_argument("--plan", type=_plan, default=None,
-                   help="layers to code, e.g. fc1,fc2 (default: every Linear/Conv2d with both widths >= "
-                        "--min-features)")
-    g.add_argument("--min-features", type=int, default=64)
-
-    g = parser.add_argument_group("optimizer")
-    g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"],
-                   help="adam/adamw only with --scheme naive")
-    g.add_argument("--lr", type=float, default=0.05)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--dampening", type=float, default=0.0)
-    g.add_argument("--nesterov", action="store_true")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--schedule", default="constant", choices=["constant", "step", "cosine"])
-    g.add_argument("--step-size", type=int, default=1000, help="step schedule: iterations between decays")
-    g.add_argument("--gamma", type=float, default=0.1, help="step schedule: decay factor")
-    g.add_argument("--clip-norm", type=float, default=None,
-                   help="clip the global gradient norm (exact in DEU)")
-    g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--epochs", type=int, default=1)
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many iterations in all")
-
-    g = parser.add_argument_group("cluster")
-    g.add_argument("--backend", default="ray", choices=["ray", "inproc"],
-                   help="ray (a local Ray cluster starts by itself) or inproc (simulated latency)")
-    g.add_argument("--stragglers", type=int, default=0, help="the first S workers are slow")
-    g.add_argument("--straggler-delay", type=float, default=5.0, help="slowdown factor of a straggler")
-    g.add_argument("--latency", default=None,
-                   help="latency model: none | fixed:S:F | shiftexp:RATE[:SHIFT] | dead:I,J[:AFTER]; "
-                        "'+' joins several")
-    g.add_argument("--network-gbps", type=float, default=None, help="inproc: simulated master link in Gb/s")
-    g.add_argument("--base-time", dest="base_time_s", type=float, default=None,
-                   help="inproc: constant task time in seconds (deterministic simulated clock)")
-    g.add_argument("--device", default="cpu", help="inproc: workers' device (cpu, cuda)")
-    g.add_argument("--address", default=None, help="ray: join this Ray cluster")
-    g.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per worker actor")
-    g.add_argument("--placement", default="spread", choices=["spread", "pack"],
-                   help="ray: workers on distinct nodes while there are nodes (spread) or packed (pack)")
-    g.add_argument("--worker-timeout", dest="worker_timeout_s", type=float, default=None,
-                   help="seconds a worker may stay silent before it is killed, respawned and repaired "
-                        "(default: 60 on Ray; none in-process, where it counts simulated seconds)")
-    g.add_argument("--decode-device", default="auto",
-                   help="where the master decodes: auto (its GPU when it has one), cpu, cuda")
-    g.add_argument("--compute-dtype", default=None, choices=["bfloat16", "float16"],
-                   help="workers' product precision (decoding stays in --dtype)")
-    g.add_argument("--no-repair", dest="repair", action="store_false", help="do not respawn dead workers")
-
-    g = parser.add_argument_group("output")
-    g.add_argument("--run-dir", default=None, help="run directory (default runs/train-<time>)")
-    g.add_argument("--checkpoint-every", type=int, default=None, help="save a checkpoint every N iterations")
-    g.add_argument("--checkpoint-dir", default=None, help="default <run-dir>/checkpoint")
-    g.add_argument("--resume", default=None, help="resume from a checkpoint (or run) directory")
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier run in --run-dir (deletes only the files sazd wrote there)")
+    """Every setting of ``TrainConfig`` (declared in ``sazd.train.config``), and the command's own."""
+    config.add_arguments(parser)
+    g = parser.add_argument_group("this command")
     g.add_argument("--json", default=None, help="also write the report to this JSON file")
     g.add_argument("--check", action="store_true",
                    help="also train plain PyTorch on the same batches and print the weight difference")
-    g.add_argument("--no-progress", dest="show_progress", action="store_const", const=False, default=None,
-                   help="no progress bar")
-    for action in parser._actions:  # record which flags were given (with --resume, those are honoured)
-        if action.dest != "help":
-            action.__class__ = _recording(type(action))
-    parser.set_defaults(_given=frozenset())
 
 
-@functools.cache
-def _recording(cls: type[argparse.Action]) -> type[argparse.Action]:
-    class Given(cls):  # type: ignore[valid-type,misc]
-        def __call__(self, parser, namespace, values, option_string=None):
-            super().__call__(parser, namespace, values, option_string)
-            namespace._given = getattr(namespace, "_given", frozenset()) | {self.dest}
-
-    return Given
-
-
-def _shift_unit(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of rows or 'auto', got {text!r}") from None
-
-
-def _plan(text: str) -> dict[str, str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"no layer names in {text!r}; give names such as fc1,fc2")
-    return dict.fromkeys(names, "coded")
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace) -> config.TrainConfig:
     """A ``TrainConfig`` from parsed flags (with --resume: the checkpoint's, overridden by given flags)."""
-    from sazd.train import checkpoint
-    from sazd.train.optim import OptimConfig
-    from sazd.train.trainer import BACKEND_OPTIONS, TrainConfig
-
-    options = {}
-    if args.non_systematic:
-        options["systematic"] = False
-    if args.shift_unit is not None:
-        options["shift_unit"] = args.shift_unit
-    if args.nodes is not None:
-        options["nodes"] = args.nodes
-    n = args.n if args.n is not None else (args.k if args.code == "uncoded" else args.k + 2)
-    optim = OptimConfig(name=args.optimizer, lr=args.lr, momentum=args.momentum, dampening=args.dampening,
-                        nesterov=args.nesterov, weight_decay=args.weight_decay, schedule=args.schedule,
-                        step_size=args.step_size, gamma=args.gamma, clip_norm=args.clip_norm)
-    fresh = TrainConfig(
-        model=args.model, dataset=args.dataset, data_dir=args.data_dir, train_limit=args.train_limit,
-        test_limit=args.test_limit, hidden=args.hidden, code=args.code, n=n, k=args.k, code_options=options,
-        scheme=args.scheme, backend=args.backend, stragglers=args.stragglers,
-        straggler_delay=args.straggler_delay, latency=args.latency, network_gbps=args.network_gbps,
-        base_time_s=args.base_time_s, address=args.address, gpus_per_worker=args.gpus_per_worker,
-        placement=args.placement, worker_timeout_s=args.worker_timeout_s, compute_dtype=args.compute_dtype,
-        decode_device=args.decode_device,
-        device=args.device, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-        optim=optim, dtype=args.dtype, seed=args.seed, plan=args.plan, min_features=args.min_features,
-        repair=args.repair, run_dir=args.run_dir, checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every=args.checkpoint_every, resume=args.resume, overwrite=args.overwrite,
-        show_progress=args.show_progress,
-    )
-    if args.resume is None:
-        fresh.run_dir = fresh.run_dir or _new_run_dir()
-        return fresh
+    resume = getattr(args, "resume", None)
+    if resume is None:
+        cfg = config.from_flags(args)
+        cfg.run_dir = cfg.run_dir or _new_run_dir()
+        return cfg
     # Resume: the checkpoint's settings, each flag given on the command line applied over them (the
     # trainer refuses those that would change the model, data order or update rule); paths come from
     # the command line only.
-    saved = TrainConfig.from_checkpoint(checkpoint.load(args.resume).meta["config"])
-    for flag in args._given - {"resume", "json", "check"}:
-        name = FLAG_FIELDS.get(flag, flag)
-        if name == "optim":
-            saved.optim = dataclasses.replace(saved.optim, **{flag: getattr(fresh.optim, flag)})
-        elif name == "code_options":
-            saved.code_options = {**saved.code_options, **_code_option(flag, fresh.code_options)}
-        else:
-            setattr(saved, name, getattr(fresh, name))
-    for name in ("run_dir", "checkpoint_dir", "data_dir", "address", "resume", "overwrite"):
-        setattr(saved, name, getattr(fresh, name))
-    given = {FLAG_FIELDS.get(flag, flag) for flag in args._given}
-    for backend, options in BACKEND_OPTIONS.items():  # on another backend the old one's options lapse
-        for name, default in options.items():
-            if backend != saved.backend and name not in given:
-                setattr(saved, name, default)
-    if saved.run_dir is None and checkpoint.resume_dirs(args.resume)[0] is None:  # a bare checkpoint dir
-        saved.run_dir = _new_run_dir()
-    return saved
+    from sazd.train import checkpoint
+    from sazd.train import resume as resuming
 
-
-def _code_option(flag: str, options: dict) -> dict:
-    key = {"non_systematic": "systematic"}.get(flag, flag)
-    return {key: options.get(key, True if key == "systematic" else None)}
+    saved = config.TrainConfig.from_checkpoint(checkpoint.load(resume).meta["config"])
+    cfg = config.from_flags(args, saved)
+    if cfg.run_dir is None and resuming.resume_dirs(resume)[0] is None:  # a bare checkpoint directory
+        cfg.run_dir = _new_run_dir()
+    return cfg
 
 
 def _new_run_dir() -> str:
@@ -233,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sazd.train.report import check_output_file, write_json_file
+    from sazd.train.rundir import check_output_file, write_json_file
     from sazd.train.trainer import Trainer
 
     cfg = config_from_args(args)

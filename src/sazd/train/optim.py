@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -21,73 +20,7 @@ from torch import Tensor, nn
 
 from sazd.parallel.optimizer import clip_grad_norm_, coded_optimizer, grad_norm
 from sazd.parallel.plan import coded_layers, context, plain_weights
-from sazd.parallel.schemes import Scheme, get_scheme
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "step", "cosine")
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """Optimizer and LR schedule. ``step_size``/``total_steps`` count iterations."""
-
-    name: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.0
-    dampening: float = 0.0
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw
-    eps: float = 1e-8  # adam, adamw
-    schedule: str = "constant"
-    step_size: int = 1000  # step: lr *= gamma every step_size iterations
-    gamma: float = 0.1
-    total_steps: int | None = None  # cosine: lr decays to min_lr over total_steps iterations
-    min_lr: float = 0.0
-    clip_norm: float | None = None  # clip the global gradient norm to this (torch semantics)
-
-    def validate(self, scheme: str | Scheme | None = None) -> OptimConfig:
-        """Raise a clear ValueError for a bad setting (``scheme``: also check it fits the scheme)."""
-        if self.name not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.name!r}")
-        if scheme is not None and get_scheme(scheme).sgd_only and self.name != "sgd":
-            raise ValueError(
-                f"optimizer {self.name!r} cannot run with scheme {get_scheme(scheme).name!r}: DEU workers "
-                "update their coded "
-                "weights themselves, which keeps them the encoding of the true weights only for an update "
-                "linear in the weights (SGD with momentum/Nesterov/weight decay); Adam's division by "
-                "sqrt(v) is elementwise and nonlinear. Use --optimizer sgd, or --scheme naive for Adam"
-            )
-        if not self.lr > 0 or math.isinf(self.lr):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        if not 0 <= self.dampening <= 1:
-            raise ValueError(f"dampening must be in [0, 1], got {self.dampening!r}")
-        if self.nesterov and (self.momentum == 0 or self.dampening != 0):
-            raise ValueError(
-                f"nesterov needs momentum > 0 and dampening = 0, got momentum={self.momentum}, "
-                f"dampening={self.dampening}"
-            )
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
-        if self.schedule == "step" and (self.step_size < 1 or not 0 < self.gamma <= 1):
-            raise ValueError(
-                f"step schedule needs step_size >= 1 and 0 < gamma <= 1, got {self.step_size}, {self.gamma}"
-            )
-        if self.schedule == "cosine" and self.total_steps is not None and self.total_steps < 1:
-            raise ValueError(f"cosine schedule needs total_steps >= 1 (unset: the run's length), got "
-                             f"{self.total_steps!r}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr!r}")
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            raise ValueError(f"clip_norm must be > 0 (or None for no clipping), got {self.clip_norm!r}")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from sazd.train.config import OptimConfig
 
 
 def lr_at(cfg: OptimConfig, step: int) -> float:

@@ -65,10 +65,9 @@ def reference_run(cfg, data, iterations: int) -> nn.Module:
     (``sazd.data.batches`` epoch by epoch) for ``iterations`` steps; ``data`` already in cfg's dtype."""
     from sazd.data import batches
     from sazd.models import build_model, task_of
-    from sazd.train.trainer import DTYPES
 
     model = build_model(cfg.model, data.in_shape, data.num_classes, hidden=cfg.hidden, seed=cfg.seed,
-                        dtype=DTYPES[cfg.dtype])
+                        dtype=getattr(torch, cfg.dtype))
 
     def stream() -> Iterator[tuple[Tensor, Tensor]]:
         count = 0

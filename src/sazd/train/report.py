@@ -1,34 +1,22 @@
-"""A run directory (config.json, metrics.jsonl, report.json, loss.png, accuracy.png, and perplexity.png
-for language models) and a progress bar.
+"""What a run reports: JSON-ready values, the figures (loss, accuracy, perplexity, worker latency) as
+PNG bytes, the progress bar and the text tables. Where they are written: ``sazd.train.rundir``.
 
-metrics.jsonl holds one JSON object per line, appended and flushed as training goes, so a run that
-dies still leaves its history. ``plot`` draws every numeric key ending in ``loss`` into loss.png and
-every numeric key containing ``acc`` into accuracy.png, against ``iteration`` (or the line number);
-keys containing ``perplexity`` go to perplexity.png, drawn only when some were logged.
-
-Ownership: a run directory carries the marker file ``.sazd-run`` (the run's id). sazd writes only
-into a directory it creates, an empty one, or one whose marker names the same run (``--resume``);
-``--overwrite`` replaces an earlier run by deleting only the files sazd writes (``WRITTEN`` and its
-checkpoint files), never anything else. Output files given by path (``--json``) are written only
-where nothing is, or over an earlier sazd report.
+The metric figures draw every numeric key ending in ``loss`` (loss.png) and every numeric key
+containing ``acc`` (accuracy.png) against ``iteration`` (or the line number); keys containing
+``perplexity`` go to perplexity.png, drawn only when some were logged.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import io
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-CONFIG, METRICS, REPORT = "config.json", "metrics.jsonl", "report.json"
-LOSS_PNG, ACC_PNG, PPL_PNG = "loss.png", "accuracy.png", "perplexity.png"
-MARKER = ".sazd-run"
-WRITTEN = (CONFIG, METRICS, REPORT, LOSS_PNG, ACC_PNG, PPL_PNG, MARKER)  # besides the checkpoint directory
+LOSS_PNG, ACC_PNG, PPL_PNG, LATENCY_PNG = "loss.png", "accuracy.png", "perplexity.png", "latency.png"
 REPORT_FORMAT = "sazd-report-1"
 
 
@@ -50,178 +38,6 @@ def to_jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):  # torch.Tensor, numpy arrays and scalars
         return to_jsonable(value.tolist())
     return str(value)  # torch.dtype, torch.device, enums ...
-
-
-class RunDir:
-    """The directory of run ``run_id``; created (with parents) or claimed on construction.
-
-    An existing directory is used when it is empty, or holds this run (``resume``); with ``overwrite``
-    an earlier run's files (only those sazd wrote) are deleted first. Anything else is a ValueError
-    naming the directory and the fix, raised before anything is written."""
-
-    def __init__(self, path: str | Path, run_id: str = "", *, resume: bool = False,
-                 overwrite: bool = False) -> None:
-        self.path, self.run_id = Path(path), run_id
-        owner = self.owner(self.path)
-        if self.check(self.path, run_id, resume=resume, overwrite=overwrite):
-            self.clear()
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            if owner != run_id or not (self.path / MARKER).is_file():
-                _atomic_write(self.path / MARKER, json.dumps({"run_id": run_id}) + "\n")
-        except OSError as err:
-            raise ValueError(f"--run-dir {self.path} cannot be written ({err.strerror or err}); choose a "
-                             "writable --run-dir") from None
-
-    @classmethod
-    def check(cls, path: Path, run_id: str, *, resume: bool = False, overwrite: bool = False) -> bool:
-        """Whether run ``run_id`` may use ``path`` (see the class docstring), without touching it;
-        returns whether an earlier run must be cleared out first."""
-        owner = cls.owner(path)
-        if path.exists() and not path.is_dir():
-            raise ValueError(f"--run-dir {path} exists and is not a directory; pick another --run-dir")
-        if owner is not None and not (resume and owner == run_id):
-            if not overwrite:
-                raise ValueError(f"--run-dir {path} holds an earlier run; continue it with --resume {path}, "
-                                 "pass --overwrite to replace it (deletes only the files sazd wrote there) "
-                                 "or choose another --run-dir")
-            return True
-        if owner is None and path.is_dir() and any(path.iterdir()):
-            raise ValueError(f"--run-dir {path} is not empty and is not a sazd run directory; sazd writes "
-                             "only into a new or empty directory: choose another --run-dir")
-        check_writable(path, "--run-dir")
-        return False
-
-    @staticmethod
-    def owner(path: Path) -> str | None:
-        """The run id in ``path``'s marker, or None when it is not a sazd run directory."""
-        try:
-            marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
-            return str(marker["run_id"]) if isinstance(marker, dict) else None
-        except (OSError, ValueError, KeyError):
-            return None
-
-    def clear(self) -> None:
-        """Delete what sazd wrote here (``WRITTEN`` and the default checkpoint), nothing else."""
-        from sazd.train import checkpoint
-
-        checkpoint.remove(self.path / "checkpoint")
-        for name in WRITTEN:
-            (self.path / name).unlink(missing_ok=True)
-
-    def _write_json(self, name: str, obj: Any) -> Path:
-        target = self.path / name
-        _atomic_write(target, json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n")
-        return target
-
-    def write_config(self, config: Mapping[str, Any]) -> Path:
-        return self._write_json(CONFIG, config)
-
-    def write_report(self, report: Mapping[str, Any]) -> Path:
-        return self._write_json(REPORT, report)
-
-    def log(self, record: Mapping[str, Any] | None = None, **fields: Any) -> None:
-        """Append one line to metrics.jsonl: ``record`` and/or keyword fields, flushed immediately."""
-        line = json.dumps(to_jsonable({**(record or {}), **fields}), sort_keys=True)
-        with open(self.path / METRICS, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-            f.flush()
-
-    def read_metrics(self) -> list[dict[str, Any]]:
-        path = self.path / METRICS
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-    def read_config(self) -> dict[str, Any]:
-        return json.loads((self.path / CONFIG).read_text(encoding="utf-8"))
-
-    def read_report(self) -> dict[str, Any]:
-        return json.loads((self.path / REPORT).read_text(encoding="utf-8"))
-
-    def plot(self, x: str = "iteration") -> dict[str, Path]:
-        """Draw loss.png and accuracy.png (and perplexity.png when logged) from metrics.jsonl; returns
-        {"loss": path, "accuracy": path[, "perplexity": path]}."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rows = self.read_metrics()
-        use_index = not any(x in row for row in rows)
-        out = {}
-        for kind, filename, wanted in (
-            ("loss", LOSS_PNG, lambda key: key.endswith("loss")),
-            ("accuracy", ACC_PNG, lambda key: "acc" in key),
-            ("perplexity", PPL_PNG, lambda key: "perplexity" in key),
-        ):
-            series = _series(rows, x, use_index, wanted)
-            if kind == "perplexity" and not series:
-                continue
-            fig, ax = plt.subplots(figsize=(6.4, 4.0))
-            for key, (xs, ys) in sorted(series.items()):
-                ax.plot(xs, ys, label=key, marker="o" if len(xs) < 30 else None, markersize=3)
-            if series:
-                ax.legend()
-            else:
-                ax.text(
-                    0.5, 0.5, f"no {kind} values logged", ha="center", va="center", transform=ax.transAxes
-                )
-            ax.set_xlabel("metrics line" if use_index else x)
-            ax.set_ylabel(kind)
-            ax.grid(alpha=0.3)
-            fig.tight_layout()
-            out[kind] = self.path / filename
-            fig.savefig(out[kind], dpi=100)
-            plt.close(fig)
-        return out
-
-
-def check_output_file(path: str | Path, flag: str) -> Path:
-    """Refuse an output file before any work starts: its directory must be creatable and writable, and
-    the path must be free or hold an earlier sazd report (never a user's file or a directory)."""
-    path = Path(path)
-    if path.is_dir() or path.is_symlink():
-        raise ValueError(f"{flag} {path} is a directory or a link; give a file path for {flag}")
-    if path.exists():
-        try:
-            ours = json.loads(path.read_text(encoding="utf-8")).get("format") == REPORT_FORMAT
-        except (OSError, ValueError, AttributeError):
-            ours = False
-        if not ours:
-            raise ValueError(f"{flag} {path} exists and is not a sazd report; choose another path for {flag}")
-    check_writable(path.parent, flag)
-    return path
-
-
-def check_writable(path: str | Path, flag: str) -> None:
-    """``path`` is, or can be created as, a directory this process may write into."""
-    path = there = Path(path)
-    while not there.exists() and there != there.parent:
-        there = there.parent
-    if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path}: {there} is not a writable directory; choose a writable {flag}")
-
-
-def write_json_file(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically (parents created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n")
-    return path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """A reader never sees half a file, and no other file is touched (a fresh temporary name)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # readable like any other output (mkstemp creates 0600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _series(rows: list[dict[str, Any]], x: str, use_index: bool, wanted) -> dict[str, tuple[list, list]]:
@@ -289,17 +105,37 @@ def progress(
     return Progress(iterable, total=total, desc=desc, disable=disable)
 
 
-LATENCY_PNG = "latency.png"
+def metric_figures(rows: list[dict[str, Any]], x: str = "iteration") -> dict[str, bytes]:
+    """{file name: PNG} of loss.png and accuracy.png (and perplexity.png when logged) from metric rows."""
+    plt = _pyplot()
+    use_index = not any(x in row for row in rows)
+    out = {}
+    for kind, filename, wanted in (
+        ("loss", LOSS_PNG, lambda key: key.endswith("loss")),
+        ("accuracy", ACC_PNG, lambda key: "acc" in key),
+        ("perplexity", PPL_PNG, lambda key: "perplexity" in key),
+    ):
+        series = _series(rows, x, use_index, wanted)
+        if kind == "perplexity" and not series:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for key, (xs, ys) in sorted(series.items()):
+            ax.plot(xs, ys, label=key, marker="o" if len(xs) < 30 else None, markersize=3)
+        if series:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, f"no {kind} values logged", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel("metrics line" if use_index else x)
+        ax.set_ylabel(kind)
+        ax.grid(alpha=0.3)
+        out[filename] = _png(fig)
+    return out
 
 
-def plot_latency(path: str | Path, log: Any, n: int) -> Path:
+def latency_figure(log: Any, n: int) -> bytes:
     """latency.png: every worker's answer time per compute round (``log``: a ``ResponseLog``), with the
     rounds it was late, failed or was skipped marked along the bottom."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.2, 4.0))
     for j in range(n):
         xs, ys = log.series(j)
@@ -313,11 +149,26 @@ def plot_latency(path: str | Path, log: Any, n: int) -> Path:
     ax.grid(alpha=0.3)
     if n:
         ax.legend(fontsize=7, ncol=min(n, 4))
+    return _png(fig)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    out = Path(path) / LATENCY_PNG
-    fig.savefig(out, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    return out
+    return buffer.getvalue()
 
 
 def latency_table(rows: list[dict[str, Any]]) -> str:

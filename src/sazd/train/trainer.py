@@ -5,232 +5,49 @@ zero_grad -> forward (coded rounds) -> loss -> backward (coded rounds) -> optimi
 updates to the workers; naive: re-encode and ship) -> repair respawned workers -> maybe checkpoint.
 Per iteration it records loss, batch accuracy, traffic (from the cluster's counters), master phases
 and, on the in-process backend, the simulated iteration time; per epoch the test accuracy of the plain
-model decoded from the workers.
+model decoded from the workers. The settings: ``sazd.train.config``; checkpoints taken and resumed:
+``sazd.train.resume``; the run directory: ``sazd.train.rundir``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import signal
 import threading
 import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from sazd.codes import DecodeError, get_code
+from sazd.codes import DecodeError
 from sazd.data import DataBundle, batches, load_dataset, num_batches
-from sazd.maintain import CodedState, Maintainer
-from sazd.models import MODELS, build_model, task_of
+from sazd.maintain import Maintainer
+from sazd.models import build_model, task_of
 from sazd.parallel import (
-    DEFAULT_SCHEME,
     SCHEMES,
     coded_layers,
     context,
-    load_weights,
     parallelize,
     plain_model,
     predicted_traffic,
     resolve_plan,
 )
-from sazd.parallel.plan import check_decode_device
+from sazd.runtime import make_cluster as make_backend
 from sazd.runtime.cluster import Cluster, ClusterError
-from sazd.train import checkpoint
-from sazd.train.optim import CodedOptimizer, OptimConfig, lr_at
-from sazd.train.report import (
-    REPORT_FORMAT,
-    WRITTEN,
-    RunDir,
-    check_writable,
-    plot_latency,
-    progress,
-    to_jsonable,
-)
+from sazd.runtime.latency import straggler_latency
+from sazd.train import checkpoint, resume, rundir
+from sazd.train.config import DTYPES, TrainConfig
+from sazd.train.optim import CodedOptimizer, lr_at
+from sazd.train.report import REPORT_FORMAT, progress
 
-BACKENDS = ("inproc", "ray")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-# Fields that must match a checkpoint's to resume it (they fix the model, data order and update rule).
-RESUME_FIELDS = ("model", "dataset", "train_limit", "hidden", "code", "n", "k", "code_options", "scheme",
-                 "batch_size", "optim", "dtype", "seed", "plan", "min_features")
 PHASES = ("encode_s", "decode_s", "worker_s", "update_s")
-# TrainConfig fields that configure one backend, with their defaults (unset).
-BACKEND_OPTIONS = {
-    "inproc": {"network_gbps": None, "base_time_s": None, "device": "cpu"},
-    "ray": {"address": None, "gpus_per_worker": 0.0, "placement": "spread"},
-}
-WORKER_TIMEOUT_S = {"inproc": None, "ray": 60.0}  # unset: none in-process (simulated task times may be long)
-BACKEND_FIXED = {"inproc": {"master_time": "measured"}, "ray": {}}  # what the trainer always wants
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs; the CLI fills it from flags, tests build it directly."""
-
-    model: str = "mlp"
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    train_limit: int | None = None
-    test_limit: int | None = None
-    hidden: tuple[int, ...] | None = None
-    code: str = "sazd"
-    n: int = 6
-    k: int = 4
-    code_options: dict[str, Any] = field(default_factory=dict)  # e.g. systematic, shift_unit, nodes
-    scheme: str = DEFAULT_SCHEME.name
-    backend: str = "ray"
-    stragglers: int = 0  # the first S workers are slow ...
-    straggler_delay: float = 5.0  # ... by this factor
-    latency: str | None = None  # a latency spec (sazd.runtime.latency), combined with the stragglers
-    network_gbps: float | None = None  # inproc: simulated master link
-    base_time_s: float | None = None  # inproc: constant task time (deterministic simulated clock)
-    address: str | None = None  # ray: join this cluster
-    gpus_per_worker: float = 0.0  # ray
-    placement: str = "spread"  # ray: workers on distinct nodes ("spread") or packed ("pack")
-    # a worker silent this long is an erasure; None: 60 s on Ray, none in-process (else simulated seconds)
-    worker_timeout_s: float | None = None
-    compute_dtype: str | None = None  # workers' product precision: bfloat16, float16 (None: as the blocks)
-    device: str = "cpu"  # inproc workers' device
-    decode_device: str = "auto"  # where the master decodes: auto (its GPU when it has one), cpu, cuda
-    epochs: int = 1
-    max_steps: int | None = None  # stop after this many iterations in all (tests, quick looks)
-    batch_size: int = 128
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    dtype: str = "float32"
-    seed: int = 0
-    plan: dict[str, str] | None = None
-    min_features: int = 64
-    repair: bool = True  # respawn and repair dead workers after each iteration
-    run_dir: str | None = None
-    checkpoint_dir: str | None = None  # default: <run_dir>/checkpoint
-    checkpoint_every: int | None = None  # iterations
-    resume: str | None = None
-    overwrite: bool = False  # replace an earlier run in run_dir (only the files sazd wrote there)
-    show_progress: bool | None = None  # None: only on a terminal
-
-    def validate(self) -> TrainConfig:
-        """Check every setting that can be checked without data or workers; clear ValueErrors that name
-        the setting by its command-line flag."""
-        for name, choices in (("model", MODELS), ("scheme", SCHEMES), ("backend", BACKENDS),
-                              ("dtype", DTYPES)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"--{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
-        for name, low, optional in (("epochs", 1, False), ("batch_size", 1, False), ("seed", 0, False),
-                                    ("min_features", 1, False), ("max_steps", 1, True),
-                                    ("checkpoint_every", 1, True), ("train_limit", 1, True),
-                                    ("test_limit", 1, True)):
-            value = getattr(self, name)
-            if not (optional and value is None) and (type(value) is not int or value < low):
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}"
-                                 f"{' (or unset)' if optional else ''}, got {value!r}")
-        if type(self.stragglers) is not int or not 0 <= self.stragglers <= self.n:
-            raise ValueError(f"--stragglers must be in [0, n={self.n}] (an integer), got {self.stragglers!r}")
-        for name, low, optional in (("straggler_delay", 1.0, False), ("network_gbps", 0.0, True),
-                                    ("base_time_s", 0.0, True), ("gpus_per_worker", 0.0, False)):
-            value = getattr(self, name)
-            strict = name == "network_gbps"  # a link of 0 Gb/s carries nothing
-            ok = (isinstance(value, int | float) and math.isfinite(value)
-                  and (value > low if strict else value >= low))
-            if not (optional and value is None) and not ok:
-                flag = {"base_time_s": "base-time"}.get(name, name.replace("_", "-"))
-                raise ValueError(f"--{flag} must be a finite number {'>' if strict else '>='} {low:g}, "
-                                 f"got {value!r}")
-        if self.plan is not None and not self.plan:
-            raise ValueError("--plan names no layers; give layer names such as fc1,fc2 or leave --plan out")
-        self.backend_options()  # flags of the other backend are errors
-        if self.checkpoint_every is not None and self.checkpoint_path is None:
-            raise ValueError("checkpoint_every needs a place to write: with --checkpoint-every, set "
-                             "--run-dir or --checkpoint-dir")
-        if self.overwrite and self.resume is not None:
-            raise ValueError("--overwrite starts a new run over an earlier one; it cannot go with --resume")
-        self._check_device()
-        if self.placement not in ("spread", "pack"):
-            raise ValueError(f"placement must be 'spread' or 'pack', got {self.placement!r}")
-        timeout = self.worker_timeout_s
-        if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
-            raise ValueError(f"--worker-timeout must be a number of seconds > 0, got {timeout!r}")
-        self.make_code()  # bad n/k or code options
-        from sazd.runtime.latency import straggler_latency
-
-        straggler_latency(self.stragglers, self.straggler_delay, self.latency, self.seed).bind(self.n)
-        self.optim.validate(self.scheme)
-        return self
-
-    def backend_options(self) -> dict[str, Any]:
-        """The options of ``backend`` (``BACKEND_OPTIONS``); a set option of the other backend is a
-        ValueError rather than silently ignored."""
-        for backend, options in BACKEND_OPTIONS.items():
-            if backend == self.backend:
-                continue
-            for name, default in options.items():
-                if getattr(self, name) != default:
-                    raise ValueError(f"{name}={getattr(self, name)!r} applies to backend {backend!r} only; "
-                                     f"this run uses {self.backend!r}: drop it or pick that backend")
-        return {**{name: getattr(self, name) for name in BACKEND_OPTIONS[self.backend]},
-                **BACKEND_FIXED[self.backend]}
-
-    def _check_device(self) -> None:
-        check_decode_device(self.master_decode_device())
-        try:
-            device = torch.device(self.device)
-        except (RuntimeError, TypeError) as err:
-            raise ValueError(f"--device {self.device!r} is not a device ({err}); use cpu or cuda") from None
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"--device {self.device!r}: only cpu and cuda are supported")
-        if device.type == "cuda" and self.backend == "inproc":
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if (device.index or 0) >= count:
-                raise ValueError(f"--device {self.device}: this machine has {count} usable CUDA device(s); "
-                                 "use --device cpu" + (f" or cuda:0..{count - 1}" if count else ""))
-
-    def master_decode_device(self) -> str | None:
-        """The device the master decodes on: ``decode_device``, where "auto" is its GPU when it has one."""
-        if self.decode_device == "auto":
-            return "cuda" if torch.cuda.is_available() else None
-        return self.decode_device
-
-    @classmethod
-    def from_checkpoint(cls, d: Any) -> TrainConfig:
-        """A config read from a checkpoint: every field present, of its declared type, and valid;
-        otherwise a ``CheckpointError`` naming the field."""
-        checkpoint.check_fields("config", d, cls)
-        checkpoint.check_fields("config.optim", d["optim"], OptimConfig)
-        try:  # (the device is this machine's business: checked once the command line's flags apply)
-            cfg = cls.from_dict(d)
-            dataclasses.replace(cfg, device="cpu", decode_device="auto").validate()
-            return cfg
-        except ValueError as err:
-            raise checkpoint.CheckpointError(f"checkpoint field config: {err}") from None
-
-    @property
-    def checkpoint_path(self) -> Path | None:
-        if self.checkpoint_dir is not None:
-            return Path(self.checkpoint_dir)
-        return None if self.run_dir is None else Path(self.run_dir) / "checkpoint"
-
-    def make_code(self):
-        return get_code(self.code, n=self.n, k=self.k, **self.code_options)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        d = dict(d)
-        optim = dict(d.pop("optim", {}))
-        if "betas" in optim:
-            optim["betas"] = tuple(optim["betas"])
-        if d.get("hidden") is not None:
-            d["hidden"] = tuple(d["hidden"])
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known}, optim=OptimConfig(**optim))
 
 
 @dataclass
@@ -249,23 +66,16 @@ class Trainer:
     def __init__(self, config: TrainConfig, cluster: Cluster | None = None, data: DataBundle | None = None,
                  callbacks: list[Callable[[Trainer], None]] | None = None) -> None:
         cfg = config
-        ckpt = None
-        if cfg.resume:  # an untrusted input: verified, then every field checked; it chooses no path
-            found = checkpoint.find(cfg.resume)
-            ckpt = checkpoint.load(found)
-            _check_resumable(cfg, TrainConfig.from_checkpoint(ckpt.meta["config"]))
-            if cfg.run_dir is None:  # where the user pointed: the directory resumed from
-                run_dir, ckpt_dir = checkpoint.resume_dirs(cfg.resume)
-                cfg.run_dir = run_dir and str(run_dir)
-                cfg.checkpoint_dir = cfg.checkpoint_dir or (ckpt_dir and str(ckpt_dir))
+        ckpt = resume.open_checkpoint(cfg)  # an untrusted input: verified, its settings checked
         cfg.validate()
         self.code = cfg.make_code()
-        self.dtype = DTYPES[cfg.dtype]
+        self.dtype = getattr(torch, cfg.dtype)
         self.data = (data or load_dataset(cfg.dataset, cfg.data_dir, cfg.train_limit, cfg.test_limit,
                                           cfg.seed, self.dtype)).to(dtype=self.dtype)
         self.steps_per_epoch = num_batches(self.data.n_train, cfg.batch_size)
         if self.steps_per_epoch < 1:
-            raise ValueError(f"batch_size={cfg.batch_size} exceeds the {self.data.n_train} training samples")
+            raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {self.data.n_train} training "
+                             "samples")
         if cfg.optim.schedule == "cosine" and cfg.optim.total_steps is None:  # the run's length in epochs
             total = ckpt.meta["config"]["optim"]["total_steps"] if ckpt else self.steps_per_epoch * cfg.epochs
             cfg.optim = dataclasses.replace(cfg.optim, total_steps=total)
@@ -273,86 +83,71 @@ class Trainer:
         self.model = build_model(cfg.model, self.data.in_shape, self.data.num_classes, hidden=cfg.hidden,
                                  seed=cfg.seed, dtype=self.dtype)
         self.task = task_of(self.model)  # what the output scores: the loss and metrics follow it
+        self.plain = resume.plain_template(self.model)  # what its checkpoints hold
         resolve_plan(self.model, cfg.plan, cfg.min_features)  # a bad plan fails before any worker starts
         self.data_summary = {"n_train": self.data.n_train, "n_test": self.data.n_test,
                              "in_shape": list(self.data.in_shape), "num_classes": self.data.num_classes,
                              "mean": self.data.mean, "std": self.data.std}
         if ckpt is not None:
-            self._check_checkpoint(ckpt)
+            resume.check(self, ckpt)
         self.run_id = ckpt.meta["run_id"] if ckpt is not None else uuid.uuid4().hex
-        self._claim_outputs(resumed=ckpt is not None)  # before any worker starts
-        self.cluster = cluster if cluster is not None else make_cluster(cfg)
-        try:
-            parallelize(self.model, self.code, self.cluster, plan=cfg.plan, scheme=cfg.scheme,
-                        min_features=cfg.min_features, decode_device=cfg.master_decode_device())
-            self.ctx = context(self.model)
-            self.opt = CodedOptimizer(self.model, cfg.optim)
-            self.maintainer = Maintainer(self.model, repair=cfg.repair)
-            self.position = Position()
-            if ckpt is not None:
-                self._restore(ckpt)
-        except BaseException:
-            if cluster is None:
-                self.cluster.close()
-            raise
+        self.run = rundir.claim(cfg, self.run_id, resumed=ckpt is not None)  # before any worker starts
         self._own_cluster = cluster is None
+        self.cluster = cluster
+        self.position = Position()
+        self.last_checkpoint: Path | None = None  # the latest complete checkpoint, and its iteration
+        self.last_checkpoint_iteration: int | None = None
+        self._checkpoint_iteration = -1  # the iteration of the checkpoint at cfg.checkpoint_path
+        try:
+            self.cluster = cluster if cluster is not None else make_cluster(cfg)
+            self._parallelize()
+            if ckpt is not None:
+                resume.restore(self, ckpt)
+                self._resumed_at(ckpt)
+        except BaseException:
+            self.close()
+            raise
         self.resumed_from = None if ckpt is None else dict(ckpt.position)
         self.callbacks = list(callbacks or [])
         self.history: list[dict[str, Any]] = []
         self.epochs: list[dict[str, Any]] = []
-        self.last_checkpoint: Path | None = None
-        self._checkpoint_iteration = -1
         self._stop_requested = False
         self.stop_signal: int | None = None  # SIGINT or SIGTERM, when one stopped the run
         self.ending = ""  # how an interrupted or failed run ended: where its checkpoint is
         self._in_step = False
         self._exhausted_saved = False
 
-    def _check_checkpoint(self, ckpt: checkpoint.Checkpoint) -> None:
-        """Every tensor and field of ``ckpt`` against this model, optimizer, data and config."""
+    def _parallelize(self) -> None:
+        """The model's coded layers onto the cluster; the optimizer and maintainer that keep them."""
         cfg = self.cfg
-        template = checkpoint.Checkpoint(
-            model={k: v.detach() for k, v in self.model.state_dict().items()}, rng=torch.get_rng_state(),
-            optim={name: p.detach() for name, p in self.model.named_parameters() if p.requires_grad},
-            meta={"data": to_jsonable(self.data_summary)}, columns=ckpt.columns)  # columns: in _restore
-        checkpoint.check(ckpt, template, self.steps_per_epoch, cfg.optim.name, cfg.optim.momentum)
+        parallelize(self.model, self.code, self.cluster, plan=cfg.plan, scheme=cfg.scheme,
+                    min_features=cfg.min_features, decode_device=cfg.master_decode_device())
+        self.ctx = context(self.model)
+        self.opt = CodedOptimizer(self.model, cfg.optim)
+        self.maintainer = Maintainer(self.model, repair=cfg.repair)
 
-    def _claim_outputs(self, resumed: bool) -> None:
-        """Check (and claim) the run and checkpoint directories: sazd writes only where it may."""
-        cfg = self.cfg
-        run_dir, ckpt = (Path(p) if p else None for p in (cfg.run_dir, cfg.checkpoint_path))
-        if ckpt is not None:
-            near = run_dir is not None and (ckpt.resolve() == run_dir.resolve() or (run_dir.resolve()
-                                           in ckpt.resolve().parents and ckpt.name in WRITTEN
-                                           and ckpt.parent.resolve() == run_dir.resolve()))
-            if near or (run_dir is not None and ckpt.resolve() in run_dir.resolve().parents):
-                raise ValueError(f"--checkpoint-dir {ckpt} would overwrite the run directory {run_dir} or "
-                                 "its files; leave --checkpoint-dir out (default RUN_DIR/checkpoint) or "
-                                 "choose a directory outside the run directory")
-        if run_dir is not None:
-            RunDir.check(run_dir, self.run_id, resume=resumed, overwrite=cfg.overwrite)
-        if ckpt is not None:
-            for path in (ckpt, ckpt.with_name(ckpt.name + ".tmp"), ckpt.with_name(ckpt.name + ".old")):
-                checkpoint.check_owned(path, None if cfg.overwrite else self.run_id)
-            check_writable(ckpt, "--checkpoint-dir")
-        # checked: now claim them (with --overwrite, an earlier run's files go: only those sazd wrote)
-        self.run = RunDir(run_dir, self.run_id, resume=resumed, overwrite=cfg.overwrite) if run_dir else None
-        if ckpt is not None and cfg.overwrite:
-            checkpoint.remove(ckpt)
+    def _resumed_at(self, ckpt: checkpoint.Checkpoint) -> None:
+        """The checkpoint resumed from is the latest good one (and, where it lies at the run's checkpoint
+        path, need not be written again before an iteration has run)."""
+        found = checkpoint.find(self.cfg.resume)
+        self.last_checkpoint, self.last_checkpoint_iteration = found, self.position.iteration
+        path = self.cfg.checkpoint_path
+        if path is not None and path.resolve() == found.resolve():
+            self._checkpoint_iteration = self.position.iteration
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
         """Run the remaining epochs; returns the report (also written to the run directory).
 
-        However the run ends (done, SIGINT/SIGTERM, workers lost, any error) it leaves a checkpoint
-        (of the weights now if they can still be decoded and the state is between iterations, else the
-        latest one; ``self.ending`` says which) and a report in the run directory."""
+        However the run ends (done, SIGINT/SIGTERM, workers lost, a full disk, any error) it leaves a
+        checkpoint (of the weights now if they can still be decoded and the state is between
+        iterations, else the latest one; ``self.ending`` says which) and a report in the run directory."""
         cfg = self.cfg
-        if self.run is not None:
-            self.run.write_config(cfg.to_dict())
-            if self.resumed_from is not None:
-                self.run.log({"kind": "resume", **self.resumed_from})
         try:
+            if self.run is not None:
+                self.run.write_config(cfg.to_dict())
+                if self.resumed_from is not None:
+                    self.run.log({"kind": "resume", **self.resumed_from})
             with self._interrupt_guard():
                 if self.resumed_from is None and cfg.checkpoint_path is not None:
                     self.save_checkpoint()  # iteration 0: even a run that fails at once can be resumed
@@ -375,7 +170,8 @@ class Trainer:
             if error is None:
                 raise
             report = {"format": REPORT_FORMAT, "iterations": len(self.history),
-                      "position": dataclasses.asdict(self.position), "checkpoint": self.last_checkpoint}
+                      "position": dataclasses.asdict(self.position),
+                      "checkpoint": None if self.last_checkpoint is None else str(self.last_checkpoint)}
         status = ("completed" if error is None else
                   "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
         report.update(status=status, ending=self.ending)
@@ -386,7 +182,7 @@ class Trainer:
             try:
                 self.run.write_report(report)
                 self.run.plot()
-                plot_latency(self.run.path, self.cluster.counters.responses, self.cluster.n)
+                self.run.plot_latency(self.cluster.counters.responses, self.cluster.n)
             except Exception:
                 if error is None:
                     raise
@@ -395,11 +191,11 @@ class Trainer:
     def _loop(self) -> None:
         cfg, pos = self.cfg, self.position
         while pos.epoch < cfg.epochs and not self._done():
-            bar = progress(batches(self.data.train_x, self.data.train_y, cfg.batch_size, cfg.seed, pos.epoch,
-                                   start=pos.batch),
-                           total=self.steps_per_epoch - pos.batch, desc=f"epoch {pos.epoch + 1}/{cfg.epochs}",
-                           disable=None if cfg.show_progress is None else not cfg.show_progress)
-            with bar:
+            data = batches(self.data.train_x, self.data.train_y, cfg.batch_size, cfg.seed, pos.epoch,
+                           start=pos.batch)
+            desc = f"epoch {pos.epoch + 1}/{cfg.epochs}"
+            hide = None if cfg.show_progress is None else not cfg.show_progress  # None: only on a terminal
+            with progress(data, total=self.steps_per_epoch - pos.batch, desc=desc, disable=hide) as bar:
                 for xb, yb in bar:
                     self._in_step = True  # an error from here to the update's end may leave it half applied
                     rec = self.step(xb, yb)
@@ -521,73 +317,11 @@ class Trainer:
         path = Path(path) if path is not None else self.cfg.checkpoint_path
         if path is None:
             raise ValueError("no checkpoint directory: set run_dir or checkpoint_dir")
-        schedule = self.cluster.schedule_state()
-        state = self.maintainer.state(blocks=True)  # one round of the workers: blocks and decoded state
-        optim_tensors, optim_meta = self.opt.plain_state(state.momentum)
-        meta = {"run_id": self.run_id, "position": dataclasses.asdict(self.position), "optim": optim_meta,
-                "config": to_jsonable(self.cfg.to_dict()), "code": repr(self.code),
-                "data": to_jsonable(self.data_summary), "schedule": schedule}
-        ckpt = checkpoint.Checkpoint(model=state.model, optim=optim_tensors, meta=meta,
-                                     rng=torch.get_rng_state(), columns=state.columns, coded=state.blocks)
-        self.cluster.load_schedule_state(schedule)  # saving's own rounds leave no trace in the schedule
-        self.last_checkpoint = checkpoint.save(path, ckpt)
-        self._checkpoint_iteration = self.position.iteration
+        self.last_checkpoint = checkpoint.save(path, resume.take(self))
+        self.last_checkpoint_iteration = self._checkpoint_iteration = self.position.iteration
         if self.run is not None:
             self.run.log({"kind": "checkpoint", "iteration": self.position.iteration, "path": str(path)})
         return self.last_checkpoint
-
-    def _restore(self, ckpt: checkpoint.Checkpoint) -> None:
-        """Load a checkpoint that ``_check_checkpoint`` accepted: weights, optimizer, RNG, position and
-        the cluster's schedule (latency models and faults continue where they were)."""
-        layers = coded_layers(self.model)
-        coded = {f"{layer.name}.weight" for layer in layers}
-        momentum = {key.split("/")[0]: t for key, t in ckpt.optim.items()
-                    if key.split("/")[0] in coded and key.endswith("/momentum_buffer")}
-        columns = {}
-        if self.ctx.scheme.decodes_weight:
-            for layer in layers:
-                col = layer.keys[1]
-                columns[col] = layer.matrices(torch.zeros(layer.weight_shape, dtype=self.dtype))[col]
-                if momentum:
-                    columns[f"{col}/momentum_buffer"] = columns[col]
-        else:
-            momentum = {}  # naive: the torch optimizer holds the momentum
-        checkpoint.check_tensors("columns", ckpt.columns, columns)
-        self.maintainer.load_state(CodedState(ckpt.model, momentum, ckpt.columns, ckpt.coded))
-        self.opt.load_master_state(ckpt.optim, ckpt.meta["optim"])
-        torch.set_rng_state(ckpt.rng)
-        self.position = Position(**ckpt.meta["position"])
-        try:
-            schedule = ckpt.meta["schedule"]
-            self.cluster.load_schedule_state(schedule)
-        except ValueError as err:
-            raise checkpoint.CheckpointError(f"checkpoint field {err}") from None
-        self._load_coded(ckpt.coded, [j for j in range(self.code.n) if j not in schedule["dead"]])
-        if not self.code.can_decode(self.cluster.alive()):  # lost past decoding when it was saved:
-            state = self.cluster.schedule_state()  # those workers come back as fresh ones, weights shipped
-            for j in state["dead"]:
-                self.cluster.respawn(j)
-                state["incarnation"][j], state["tasks"][j] = state["incarnation"][j] + 1, 0
-            load_weights(self.model, ckpt.model, momentum or None, columns=ckpt.columns or None)
-            self._load_coded(ckpt.coded, [j for j in range(self.code.n) if j not in state["dead"]])
-            self.cluster.load_schedule_state({**state, "dead": []})
-        else:
-            self.cluster.load_schedule_state(schedule)  # the loads above leave no trace in the schedule
-
-    def _load_coded(self, coded: dict[str, Tensor], workers: list[int]) -> None:
-        """DEU: give ``workers`` (those alive when the checkpoint was saved) their coded blocks exactly
-        as saved, after checking them against the blocks just encoded (names, shapes, dtypes)."""
-        if not self.ctx.scheme.decodes_weight:
-            checkpoint.check_tensors("coded", coded, {})
-            return
-        states = self.cluster.wait_all(self.cluster.submit("state", (None,), workers))
-        want = {f"{j}/{key}{suffix}": t for j in workers for key, t in states[j]["weights"].items()
-                for suffix in ("", "/momentum_buffer") if not suffix or f"{j}/{key}{suffix}" in coded}
-        checkpoint.check_tensors("coded", coded, want)  # momentum only where a worker had one
-        args = {j: ({key: coded[f"{j}/{key}"] for key in states[j]["weights"]},
-                    {key: coded[f"{j}/{key}/momentum_buffer"] for key in states[j]["weights"]
-                     if f"{j}/{key}/momentum_buffer" in coded}) for j in workers}
-        self.cluster.wait_all(self.cluster.submit("load", args, workers))
 
     def _emergency_checkpoint(self, err: BaseException) -> str:
         """Save a checkpoint if the weights can still be decoded and no update was half applied (a
@@ -598,7 +332,7 @@ class Trainer:
             return "No checkpoint directory was set (use --run-dir or --checkpoint-dir to get one)."
         if self._checkpoint_iteration == self.position.iteration:
             return (f"Checkpoint of iteration {self._checkpoint_iteration} in {path}; resume with --resume "
-                    f"{path}.")
+                    f"{self.last_checkpoint or path}.")
         try:
             if self._in_step and not isinstance(err, ClusterError | DecodeError):
                 raise RuntimeError("stopped inside an iteration")
@@ -608,7 +342,7 @@ class Trainer:
             if self.last_checkpoint is None:
                 return f"Could not save a checkpoint ({why}) and none was saved earlier."
             return (f"Could not save a checkpoint now ({why}); the latest one (iteration "
-                    f"{self._checkpoint_iteration}) can be resumed with --resume {self.last_checkpoint}.")
+                    f"{self.last_checkpoint_iteration}) can be resumed with --resume {self.last_checkpoint}.")
         return (f"Saved a checkpoint at iteration {self.position.iteration} to {path}; resume with "
                 f"--resume {path}.")
 
@@ -685,8 +419,11 @@ class Trainer:
         }
 
     def close(self) -> None:
-        if self._own_cluster:
+        """Stop the cluster this trainer started and release the run directory."""
+        if self._own_cluster and self.cluster is not None:
             self.cluster.close()
+        if self.run is not None:
+            self.run.close()
 
     def __enter__(self) -> Trainer:
         return self
@@ -696,25 +433,11 @@ class Trainer:
 
 
 def make_cluster(cfg: TrainConfig) -> Cluster:
-    """The cluster of ``cfg.backend`` with the configured stragglers / latency model."""
-    from sazd.runtime import make_cluster as _make
-    from sazd.runtime.latency import straggler_latency
-
+    """The cluster of ``cfg.backend`` with the configured stragglers / latency model; the backend's
+    options that are set (its defaults apply to the others)."""
     latency = straggler_latency(cfg.stragglers, cfg.straggler_delay, cfg.latency, cfg.seed)
-    timeout = WORKER_TIMEOUT_S[cfg.backend] if cfg.worker_timeout_s is None else cfg.worker_timeout_s
-    return _make(cfg.backend, cfg.n, latency=latency, seed=cfg.seed, worker_timeout_s=timeout,
-                 compute_dtype=cfg.compute_dtype, **cfg.backend_options())
-
-
-def _check_resumable(cfg: TrainConfig, saved: TrainConfig) -> None:
-    ours, theirs = to_jsonable(cfg.to_dict()), to_jsonable(saved.to_dict())
-    if cfg.optim.total_steps is None:  # filled in from the run's length when the checkpoint's run began
-        ours["optim"]["total_steps"] = theirs["optim"]["total_steps"]
-    diff = [f"{name}: run {ours[name]!r} vs checkpoint {theirs[name]!r}"
-            for name in RESUME_FIELDS if ours[name] != theirs[name]]
-    if diff:
-        raise ValueError("cannot resume: the run's settings differ from the checkpoint's (" + "; ".join(diff)
-                         + "); resume with the checkpoint's settings")
+    return make_backend(cfg.backend, cfg.n, latency=latency, seed=cfg.seed, compute_dtype=cfg.compute_dtype,
+                 **cfg.backend_options())
 
 
 def train(
@@ -725,4 +448,4 @@ def train(
         return trainer.train()
 
 
-__all__ = ["BACKENDS", "DTYPES", "Position", "TrainConfig", "Trainer", "make_cluster", "train"]
+__all__ = ["DTYPES", "Position", "TrainConfig", "Trainer", "make_cluster", "train"]

@@ -135,7 +135,8 @@ def gpt_hidden(text: str) -> tuple[int, int, int]:
 def command_line(args: argparse.Namespace) -> str:
     flags = ["--model", args.model, "--k", str(args.k), "--sides", args.sides, "--factors", args.factors,
              "--probs", args.probs, "--extras", args.extras, "--repeats", str(args.repeats),
-             "--warmup", str(args.warmup), "--iterations", str(args.iterations)]
+             "--warmup", str(args.warmup), "--iterations", str(args.iterations), "--batch-size",
+             str(args.batch_size), "--train-limit", str(args.train_limit)]
     flags += ["--width", str(args.width)] if args.model == "mlp" else ["--gpt", args.gpt]
     return "sazd bench tp " + shlex.join(flags)
 
@@ -150,9 +151,9 @@ def run(args: argparse.Namespace) -> int:
         for key, value in QUICK.items():
             setattr(args, key, value)
     check(args)
-    from sazd.bench import machine_info
     from sazd.bench.tp import report
     from sazd.bench.tp.sides import TPSide, Workload, sazd_sides
+    from sazd.measure.machine import machine, machine_line
 
     plan = phases(args)
     hidden = (args.width, args.width) if args.model == "mlp" else gpt_hidden(args.gpt)
@@ -179,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append({"straggler": straggler.to_dict(), "sweep": sweep, "x": x, "rows": best})
     title = (f"MLP 784-{args.width}-{args.width}-10" if args.model == "mlp" else f"gpt {args.gpt}") + \
         f", batch {args.batch_size}, TP k={args.k} (gloo, CPU)"
-    result = {"title": title, "command": command_line(args), "machine": machine_info(),
+    result = {"title": title, "command": command_line(args), "machine": machine_line(machine()),
               "uptime_before": before, "uptime_after": loadavg(), "phases": rows,
               "sweeps": report.sweeps(rows),
               "straggler_note": "a slow worker/rank sleeps (f-1) x its measured compute (sazd: per call, TP: "

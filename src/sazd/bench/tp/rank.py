@@ -161,7 +161,7 @@ def data(spec: dict[str, Any]) -> Any:
     from sazd.data import load_dataset
 
     if spec["dataset"] == "synthetic":
-        from sazd.bench.train import synthetic_data
+        from sazd.measure.training import synthetic_data
 
         bundle = synthetic_data(spec["train_limit"], spec["seed"])
         bundle.train_x = bundle.train_x.to(getattr(torch, spec["dtype"]))

@@ -50,7 +50,7 @@ class Workload:
         from sazd.data import load_dataset
 
         if self.dataset == "synthetic":
-            from sazd.bench.train import synthetic_data
+            from sazd.measure.training import synthetic_data
 
             bundle = synthetic_data(self.train_limit, self.seed)
             bundle.train_x = bundle.train_x.to(getattr(torch, self.dtype))
@@ -173,7 +173,8 @@ class SazdSide:
         with make_cluster("ray", self.n, seed=work.seed, worker_timeout_s=60.0) as cluster, \
                 Trainer(cfg, cluster=cluster, data=work.data) as trainer:
             for straggler in phases:
-                recorder = Recorder(straggler.latency()).bind(self.n)
+                begun = dict(enumerate(cluster.schedule_state()["tasks"]))  # calls counted from here on
+                recorder = Recorder(straggler.latency(), start=begun).bind(self.n)
                 cluster.latency = recorder  # the factors and deaths of this phase's calls
                 before = (len(trainer.history), len(trainer.maintainer.repairs), cluster.counters.snapshot())
                 pids = dict(enumerate(cluster.pids()))
