@@ -192,24 +192,29 @@ class InProcessCluster(Cluster):
         self._check_open()
         self._enforce_backlog()
         workers, per_worker, _ = self._prepare_submit(method, args, workers)
-        calls, raised = {}, []
+        calls, errors = {}, {}
         sizes: dict[int, int] = {}  # per distinct argument tuple (a broadcast is one)
-        # The call run first in a burst measures slower (cold caches after the master's own work):
-        # starting each round at the next worker spreads that over all of them, instead of making
-        # worker 0 the permanent straggler (and every decode one from parities).
-        turn = self.counters.rounds % len(workers)
-        for j in workers[turn:] + workers[:turn]:
+        arrive = {}
+        for j in workers:  # the master's link sends in worker order
             nbytes = sizes.get(id(per_worker[j]))
             if nbytes is None:
                 nbytes = sizes[id(per_worker[j])] = tensor_bytes(per_worker[j])
             self.counters.bytes_to_workers += nbytes
             self.counters.calls += 1
+            arrive[j] = self._send(nbytes)
+        # The call run first in a burst measures slower (cold caches after the master's own work):
+        # starting each round at the next worker spreads that over all of them, instead of making
+        # worker 0 the permanent straggler (and every decode one from parities).
+        turn = self.counters.rounds % len(workers)
+        for j in workers[turn:] + workers[:turn]:
             try:
-                calls[j] = self._execute(j, method, per_worker[j], arrive=self._send(nbytes))
+                calls[j] = self._execute(j, method, per_worker[j], arrive=arrive[j])
             except Exception as err:
                 err.add_note(f"(in-process worker {j}, call {method!r})")
-                self.counters.note_error(j, method, err)
-                raised.append((j, err))
+                errors[j] = err
+        raised = [(j, errors[j]) for j in workers if j in errors]  # in worker order
+        for j, err in raised:
+            self.counters.note_error(j, method, err)
         self.counters.rounds += 1
         if raised and len(raised) == len(workers):  # the call itself is wrong: nobody is to blame
             raise raised[0][1]
