@@ -731,9 +731,9 @@ def frobenius_norms(tensors: Sequence[Tensor]) -> list[float]:
     only when the tensor holds Inf or NaN (a norm that overflowed its dtype is taken in float64)."""
     if not tensors:
         return []
-    norms = torch.stack([
-        torch.linalg.vector_norm(t if t.is_floating_point() else t.double()).double() for t in tensors
-    ]).tolist()
+    # one fused kernel for all (torch's clip_grad_norm_ uses it too); per-tensor norms cost a dispatch each
+    norms = torch.stack(torch._foreach_norm([t if t.is_floating_point() else t.double() for t in tensors])
+                        ).tolist()
     for i, (t, norm) in enumerate(zip(tensors, norms, strict=True)):
         if not math.isfinite(norm) and bool(torch.isfinite(t).all()):
             norms[i] = float(torch.linalg.vector_norm(t, dtype=torch.float64))

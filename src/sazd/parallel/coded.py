@@ -285,22 +285,29 @@ class CodedParameter(nn.Parameter):
         return nn.Parameter, (self.layer.plain().clone(), self.requires_grad)
 
 
+_reads_no_values: set[Any] = set()  # functions found to read metadata only (``W.dtype``, ``W.size``)
+
+
 @torch.compiler.disable
 def _dispatch(func: Callable, args: tuple, kwargs: dict) -> Any:
-    name = getattr(func, "__name__", str(func))
+    if func in _reads_no_values:
+        with _no_subclass():
+            return func(*args, **kwargs)
     product = _PRODUCTS.get(func)
     if product is not None:
         out = product(args, kwargs)
         if out is not NotImplemented:
             return out
-    layers = [a.layer for a in _flat(args, kwargs) if isinstance(a, CodedParameter)]
+    name = getattr(func, "__name__", None) or str(func)
     owner = getattr(func, "__self__", None)  # a property's getter/setter: its descriptor
     if name in ("__get__", "__set__") and owner is not None and getattr(owner, "__name__", "") == "data":
         return _data_access(name, args)
     if ((name in ("__get__", "__set__") and getattr(owner, "__name__", "") not in _VALUE_PROPERTIES)
             or name in _METADATA):
+        _reads_no_values.add(func)
         with _no_subclass():
             return func(*args, **kwargs)
+    layers = [a.layer for a in _flat(args, kwargs) if isinstance(a, CodedParameter)]
     target = args[0] if args and isinstance(args[0], CodedParameter) else None
     for layer in layers:
         if layer is not (target.layer if target is not None else None) or name not in _OVERWRITES:
@@ -379,12 +386,18 @@ def coded_matmul(x: Tensor, W: CodedParameter, bias: Tensor | None, transposed_u
     if x.shape[-1] != fan_in:
         raise RuntimeError(f"{layer.weight_name}: input has {x.shape[-1]} features, the coded product "
                            f"takes {fan_in}")
+    if not torch.is_autocast_enabled(x.device.type):  # nothing to step out of (entering costs)
+        return _product_plus_bias(x, W, bias, transposed_use, fan_in, fan_out)
     with torch.autocast(x.device.type, enabled=False):
-        xm = x.reshape(-1, fan_in).to(W.dtype)
-        y = layer.product(xm, transposed_use).reshape(*x.shape[:-1], fan_out)
-        if bias is not None:
-            y = y + bias.to(W.dtype)
+        y = _product_plus_bias(x, W, bias, transposed_use, fan_in, fan_out)
     return y.to(out_dtype)
+
+
+def _product_plus_bias(x: Tensor, W: CodedParameter, bias: Tensor | None, transposed_use: bool,
+                       fan_in: int, fan_out: int) -> Tensor:
+    xm = x.reshape(-1, fan_in).to(W.dtype)
+    y = W.layer.product(xm, transposed_use).reshape(*x.shape[:-1], fan_out)
+    return y if bias is None else y + bias.to(W.dtype)
 
 
 def _linear(args: tuple, kwargs: dict) -> Any:

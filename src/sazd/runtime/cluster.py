@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,20 +96,28 @@ def map_tensors(obj: Any, fn: Callable[[Any], Any], kind: type = Tensor) -> Any:
     return obj
 
 
-def iter_tensors(obj: Any, kind: type = Tensor) -> Iterator[Any]:
+def iter_tensors(obj: Any, kind: type = Tensor) -> list[Any]:
     """Every ``kind`` (default: tensor) inside ``obj`` (nested tuples, lists, dicts), in order."""
     if isinstance(obj, kind):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from iter_tensors(v, kind)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from iter_tensors(v, kind)
+        return [obj]
+    # one loop with a stack, no call per container: it walks every argument of every worker call
+    found: list[Any] = []
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, kind):
+            found.append(item)
+        elif isinstance(item, dict):
+            stack.extend(reversed(item.values()))
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
+    return found
 
 
 def tensor_bytes(obj: Any) -> int:
     """Bytes of all tensors inside ``obj`` (nested tuples, lists, dicts)."""
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
     return sum(t.numel() * t.element_size() for t in iter_tensors(obj))
 
 
@@ -203,7 +211,8 @@ class Cluster(ABC):
         """Block until ``k`` workers of the round have answered successfully; return {worker: result}.
 
         ``enough`` (e.g. ``code.can_decode``) replaces the plain count test when given, for codes such
-        as replication where not every k-set decodes.
+        as replication where not every k-set decodes (the in-process backend asks it only once k
+        answers are in: no code decodes from fewer).
 
         Failed calls (dead workers) are erasures: the worker is marked dead and another answer is
         awaited. Answers that arrive after the k-th are discarded. Raises ``ClusterError`` when fewer

@@ -1,7 +1,8 @@
 """In-process cluster: n ``Worker`` objects in this process, with a simulated clock.
 
 Every call really executes (results are real) at ``submit`` time, in submission order per worker,
-so side effects such as updates happen in order even when the answer is later discarded. Its
+so side effects such as updates happen in order even when the answer is later discarded (within one
+round, the workers take turns at running first: a burst's first call measures slow). Its
 duration is measured (``time.perf_counter`` around the call; or the constant ``base_time_s``, for
 deterministic simulations) and turned into a simulated duration by the latency model.
 
@@ -170,6 +171,7 @@ class InProcessCluster(Cluster):
         self.compute_dtype = Worker.check_dtype(compute_dtype)
         self.counters = Counters()
         self.workers: list[Worker] = [Worker(j, device, compute_dtype) for j in range(n)]
+        self._cuda = self.workers[0].device.type == "cuda"  # each call then waits for its kernels
         self.clock = 0.0
         self._busy_until = [0.0] * n
         self._lag_until = [0.0] * n  # busy_until as of the last gather: unfinished *older* work
@@ -190,17 +192,29 @@ class InProcessCluster(Cluster):
         self._check_open()
         self._enforce_backlog()
         workers, per_worker, _ = self._prepare_submit(method, args, workers)
-        calls, raised = {}, []
-        for j in workers:
-            nbytes = tensor_bytes(per_worker[j])
+        calls, errors = {}, {}
+        sizes: dict[int, int] = {}  # per distinct argument tuple (a broadcast is one)
+        arrive = {}
+        for j in workers:  # the master's link sends in worker order
+            nbytes = sizes.get(id(per_worker[j]))
+            if nbytes is None:
+                nbytes = sizes[id(per_worker[j])] = tensor_bytes(per_worker[j])
             self.counters.bytes_to_workers += nbytes
             self.counters.calls += 1
+            arrive[j] = self._send(nbytes)
+        # The call run first in a burst measures slower (cold caches after the master's own work):
+        # starting each round at the next worker spreads that over all of them, instead of making
+        # worker 0 the permanent straggler (and every decode one from parities).
+        turn = self.counters.rounds % len(workers)
+        for j in workers[turn:] + workers[:turn]:
             try:
-                calls[j] = self._execute(j, method, per_worker[j], arrive=self._send(nbytes))
+                calls[j] = self._execute(j, method, per_worker[j], arrive=arrive[j])
             except Exception as err:
                 err.add_note(f"(in-process worker {j}, call {method!r})")
-                self.counters.note_error(j, method, err)
-                raised.append((j, err))
+                errors[j] = err
+        raised = [(j, errors[j]) for j in workers if j in errors]  # in worker order
+        for j, err in raised:
+            self.counters.note_error(j, method, err)
         self.counters.rounds += 1
         if raised and len(raised) == len(workers):  # the call itself is wrong: nobody is to blame
             raise raised[0][1]
@@ -218,16 +232,19 @@ class InProcessCluster(Cluster):
         done = self._stop_test(k, enough)
         got: dict[int, Any] = {}
         # a call silent past the worker timeout fails when the timeout expires (the worker is killed)
-        for call in sorted(calls.values(), key=lambda c: (self._answer_or_timeout(c), c.worker)):
+        timeout = self.worker_timeout_s
+        order = sorted(calls.values(), key=lambda c: (c.finish, c.worker)) if timeout is None else sorted(
+            calls.values(), key=lambda c: (self._answer_or_timeout(c), c.worker))
+        for call in order:
             if call.failed:
                 continue
-            if self._answer_or_timeout(call) < call.finish:
+            if timeout is not None and self._answer_or_timeout(call) < call.finish:
                 self._advance(max(self.clock, self._answer_or_timeout(call)))
                 self._time_out(call.worker)
                 continue
             self._receive(call)
             got[call.worker] = call.value
-            if done(got.keys()):
+            if len(got) >= k and done(got.keys()):  # no code decodes from fewer than k answers
                 break
         failed = {c.worker for c in calls.values() if c.failed}
         late = [c for c in calls.values() if not c.failed and c.worker not in got]
@@ -358,15 +375,17 @@ class InProcessCluster(Cluster):
             self.counters.failed_results += 1
             return _Call(j, arrive, failed=True)
         start = max(arrive, self._busy_until[j])
+        worker = self.workers[j]
         t0 = time.perf_counter()
-        value = getattr(self.workers[j], method)(*args)
-        if self.workers[j].device.type == "cuda":
-            torch.cuda.synchronize(self.workers[j].device)
+        value = getattr(worker, method)(*args)
+        if self._cuda:
+            torch.cuda.synchronize(worker.device)
         measured = time.perf_counter() - t0
         base = measured if self.base_time_s is None else self.base_time_s
         finish = start + base * self.latency.slowdown(j, task)
         self._busy_until[j] = finish
-        value = map_tensors(value, torch.Tensor.clone)  # answers are copies, as after serialisation
+        # answers are copies, as after serialisation
+        value = value.clone() if isinstance(value, torch.Tensor) else map_tensors(value, torch.Tensor.clone)
         call = _Call(j, finish, value, out_bytes=tensor_bytes(value), start=start)
         self._pending[j].append(call)
         return call
