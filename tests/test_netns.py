@@ -89,15 +89,35 @@ def env() -> dict[str, str]:
     """Every process of the test cluster alike: sazd importable, no usage statistics, and one
     authentication setting for the nodes and the driver (Ray's token is per user, not per cluster)."""
     return {**os.environ, "PYTHONPATH": str(SRC), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}  # several nodes (sazd's own default is one)
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",  # several nodes (sazd's own default is one)
+            "RAY_raylet_start_wait_time_s": "120"}  # a loaded machine registers a node slowly
 
 
-def ray_node(*args: str, space: str | None = None) -> subprocess.Popen:
-    """``ray start --block ...`` as a child of ours (never ``ray stop``: it ends every Ray here)."""
+def ray_node(*args: str, log: Path, space: str | None = None) -> subprocess.Popen:
+    """``ray start --block ...`` as a child of ours (never ``ray stop``: it ends every Ray here); its
+    output goes to ``log``, shown when a node does not join."""
     prefix = ["ip", "netns", "exec", space] if space else []
-    return subprocess.Popen([*prefix, RAY, "start", "--block", "--num-cpus", "1", "--disable-usage-stats",
-                             *args], env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    with open(log, "wb") as out:
+        return subprocess.Popen([*prefix, RAY, "start", "--block", "--num-cpus", "1", "--disable-usage-stats",
+                                 *args], env=env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def wait_started(node: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    """Until ``ray start`` says its node runs. The nodes share this machine's /tmp/ray, and Ray picks
+    each node's socket names by looking at what exists there: nodes started at once can pick the
+    same name, and one of them then never registers. So they start one after another."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and node.poll() is None:
+        if "Ray runtime started" in log.read_text(errors="replace"):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"a Ray node did not start within {timeout_s:.0f} s:\n" + tails([log]))
+
+
+def tails(logs: list[Path]) -> str:
+    return "\n".join(f"--- {log.name}:\n{log.read_text(errors='replace')[-1500:]}"
+                     for log in logs if log.exists())
 
 
 DRIVER = """
@@ -142,13 +162,15 @@ def test_training_across_namespaces_with_tls_survives_a_cut_link(tmp_path):
     with network(2) as spaces:
         try:
             port = free_port()
+            logs = [tmp_path / f"ray-node-{i + 1}.log" for i in range(len(spaces) + 1)]
             head = ray_node("--head", "--node-ip-address", f"{SUBNET}.1", "--port", str(port),
-                            "--include-dashboard=false", f"--system-config={SYSTEM}")
+                            "--include-dashboard=false", f"--system-config={SYSTEM}", log=logs[0])
             ours.append(head)
-            time.sleep(3)
+            wait_started(head, logs[0], 180)
             for i, space in enumerate(spaces):
                 ours.append(ray_node("--address", f"{SUBNET}.1:{port}", "--node-ip-address",
-                                     f"{SUBNET}.{i + 2}", space=space))
+                                     f"{SUBNET}.{i + 2}", space=space, log=logs[i + 1]))
+                wait_started(ours[-1], logs[i + 1], 180)
             stop = tmp_path / "stop"
             driver = subprocess.Popen([sys.executable, "-c", DRIVER, f"{SUBNET}.1:{port}", f"{SUBNET}.1",
                                        str(stop)], env=env(), stdout=subprocess.PIPE,
@@ -170,7 +192,8 @@ def test_training_across_namespaces_with_tls_survives_a_cut_link(tmp_path):
 
             assert read_until(lambda ls: any(line.startswith("nodes ") for line in ls), 330), lines
             nodes = next(line for line in lines if line.startswith("nodes "))
-            assert all(f"'{SUBNET}.{i}'" in nodes for i in (1, 2, 3)), nodes  # every node joined
+            joined = all(f"'{SUBNET}.{i}'" in nodes for i in (1, 2, 3))
+            assert joined, nodes + tails(logs)  # every node joined
             assert read_until(lambda ls: any(line.startswith("up\t") for line in ls), 180), \
                 driver.stderr.read()[-3000:] if driver.poll() is not None else lines
             up = next(line for line in lines if line.startswith("up\t"))
