@@ -24,7 +24,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from sazd.codes import zigzag
+import sazd.codes.zigzag as zigzag
 from sazd.codes.base import Code, check_bool, check_int, compute_dtype
 
 AUTO_CHAIN_ROWS = 256  # "auto" keeps zigzag chains at most this many rows long: g = ceil(r / 256)

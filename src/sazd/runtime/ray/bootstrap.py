@@ -18,8 +18,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import ray
 
+import sazd.runtime.ray.processes as processes
 from sazd.runtime.cluster import ClusterError
-from sazd.runtime.ray import processes
 
 SHUTDOWN_S = 20.0  # bound on closing: killing actors, shutting Ray down
 WATCH_EVERY_S = 2.0  # how often the control plane is checked while the master works or waits
