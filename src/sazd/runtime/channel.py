@@ -572,8 +572,8 @@ def connect(address: tuple[str, int], key: bytes, identity: Identity | None = No
 class HubStats:
     """How often work passed between threads on the master's data plane (deterministic counts)."""
 
-    written_by_caller: int = 0  # messages written whole on the caller's thread
-    written_by_hub: int = 0  # messages the hub finished writing (the socket was full): hand-offs
+    written_by_caller: int = 0  # calls written whole on the caller's thread
+    handed_to_hub: int = 0  # calls the socket could not take at once, finished by the hub: hand-offs
     answers: int = 0  # answers read by the hub
     wakes: int = 0  # passes of the hub that completed answers and woke the waiting threads: hand-offs
 
@@ -680,7 +680,6 @@ class Channel:
         self._sealed = connect(address, key, identity)
         self._sealed.link.sock.setblocking(False)
         self._out: list[memoryview] = []  # bytes of calls not yet written, in order
-        self._messages: deque[int] = deque()  # bytes left of each message in ``_out``
         self._write_lock = threading.RLock()  # one writer at a time; the socket is closed under it
         self._closed = False
         self._steps: Generator[memoryview, None, Any] | None = None  # the answer being read
@@ -700,10 +699,9 @@ class Channel:
         with self._write_lock:
             if self._closed:
                 return reply  # failed by the close
-            frames = self._sealed.frames(wire.call(method, slowdown, args.body), args.tensors)
-            self._out += frames
-            self._messages.append(sum(f.nbytes for f in frames))
-            if len(self._messages) == 1:  # nothing queued before it: write now
+            queued = bool(self._out)
+            self._out += self._sealed.frames(wire.call(method, slowdown, args.body), args.tensors)
+            if not queued:  # nothing waits before it: write now
                 self._pump(by_hub=False)
         return reply
 
@@ -724,18 +722,15 @@ class Channel:
                     if sent == 0:
                         break
                     _advance(self._out, sent)
-                    while self._messages and sent >= self._messages[0]:
-                        sent -= self._messages.popleft()
-                        if by_hub:
-                            self._hub.stats.written_by_hub += 1
-                        else:
-                            self._hub.stats.written_by_caller += 1
-                    if self._messages:
-                        self._messages[0] -= sent
                 left = self._unwritten()
             except OSError as err:
                 why = f"sending failed ({type(err).__name__}: {err})"
             else:
+                if not by_hub:
+                    if left:
+                        self._hub.stats.handed_to_hub += 1
+                    else:
+                        self._hub.stats.written_by_caller += 1
                 if left or by_hub:
                     self._hub.watch(self)  # write interest on, or off once done
                 return
