@@ -201,9 +201,9 @@ def test_workers_report_where_they_run(cluster, ray_session):
     assert all(w["node_id"] in node_ids and w["device"] == "cpu" and w["node_ip"] for w in infos)
     # the workers of a Ray we started compete for the CPU at the master's level (Ray's default: 15)
     levels = set()
-    for w in infos:
+    for pid in cluster.pids():
         with contextlib.suppress(ProcessLookupError):  # killed by an earlier test
-            levels.add(os.getpriority(os.PRIO_PROCESS, w["pid"]))
+            levels.add(os.getpriority(os.PRIO_PROCESS, pid))
     assert levels == {os.getpriority(os.PRIO_PROCESS, 0)}
 
 
