@@ -440,3 +440,44 @@ def test_the_in_process_backend_refuses_tls():
     with pytest.raises(ValueError, match="in-process backend has no connections"):
         make_cluster("inproc", 3, tls=True)
     make_cluster("inproc", 3, tls=False).close()
+
+
+def test_a_worker_stalled_mid_answer_holds_up_no_other_connection(mode):
+    """The master reads every connection in one thread, as bytes arrive: a peer that sends half an
+    answer and stops delays nobody else's answers, and its own call stays unanswered, not wrong."""
+    stalled = Channel(1, fake_worker(lambda sealed: sealed.link.send(b"\x00\x00\x10\x00" + b"x" * 100)),
+                      KEY, threading.Condition())
+    hung = stalled.send("m", 1.0, encode(()))
+    time.sleep(0.2)  # its half answer has arrived
+    link = linked(mode)
+    replies = [link.send("echo", 1.0, encode((i,))) for i in range(5)]
+    wait_done(replies, timeout_s=5.0)
+    assert [r.result()[2] for r in replies] == [(i,) for i in range(5)]
+    assert not hung.done
+    stalled.close()
+    assert isinstance(hung.error, WorkerLost)
+    link.close()
+
+
+def test_a_call_larger_than_the_socket_buffers_arrives_exactly_and_the_caller_does_not_wait(mode):
+    """A call the socket cannot take at once is finished by the master's hub; the caller's ``send``
+    returns while the worker is still busy (the hub finishes the write), and every byte arrives."""
+    from sazd.runtime.channel import hub
+
+    started = threading.Event()
+
+    def slow_echo(method, slowdown, args):
+        started.set()
+        time.sleep(0.5)  # busy: the big call waits in the socket's buffers meanwhile
+        return echo(method, slowdown, args)
+
+    link = linked(mode, handle=slow_echo)
+    first = link.send("echo", 1.0, encode((0,)))
+    assert started.wait(5.0)
+    big = torch.randn(8 << 20, generator=torch.Generator().manual_seed(0))  # 32 MB
+    before = hub().stats.handed_to_hub
+    reply = link.send("echo", 1.0, encode((big,)))
+    assert hub().stats.handed_to_hub == before + 1 and not reply.done  # the hub finishes the write
+    wait_done([first, reply], timeout_s=30.0)
+    assert torch.equal(reply.result()[2][0], big)
+    link.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -198,6 +199,12 @@ def test_workers_report_where_they_run(cluster, ray_session):
     node_ids = {node["NodeID"] for node in ray_session.nodes() if node["Alive"]}
     assert [w["index"] for w in infos] == list(range(N))
     assert all(w["node_id"] in node_ids and w["device"] == "cpu" and w["node_ip"] for w in infos)
+    # the workers of a Ray we started compete for the CPU at the master's level (Ray's default: 15)
+    levels = set()
+    for pid in cluster.pids():
+        with contextlib.suppress(ProcessLookupError):  # killed by an earlier test
+            levels.add(os.getpriority(os.PRIO_PROCESS, pid))
+    assert levels == {os.getpriority(os.PRIO_PROCESS, 0)}
 
 
 def test_too_many_dead_is_a_clear_error_not_a_hang(cluster, ray_session):

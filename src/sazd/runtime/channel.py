@@ -22,8 +22,12 @@ Layers, bottom up:
 - The message schema (``sazd.runtime.wire``): msgpack, nothing unpickled; a header holds the
   method (from the worker's closed set), numbers, strings, records and tensor slots; each tensor's
   raw bytes follow, received straight into a fresh tensor's memory.
-- Calls to one worker are answered in the order sent. Each end reads and writes in threads of its
-  own, so a large message in one direction never waits on the other. A worker that dies, is
+- Calls to one worker are answered in the order sent. The worker reads in a thread of its own
+  while it computes, so the master's writes never wait on its work. The master has one thread for
+  all its connections (``Hub``, a selector): a call is written on the caller's thread as far as
+  the socket takes it (one ``sendmsg`` per message), the hub finishes the rest and reads every
+  answer as its bytes arrive, so a large message in one direction never waits on the other and a
+  peer that stalls mid-message holds up nobody. A worker that dies, is
   killed or whose link is cut breaks its connection (TCP keepalive and ``TCP_USER_TIMEOUT`` notice a
   silent peer within seconds), and every unanswered call fails with ``WorkerLost``; an exception
   raised by the worker's code comes back as ``WorkerRaised``.
@@ -39,6 +43,7 @@ import hashlib
 import hmac
 import os
 import queue
+import selectors
 import socket
 import ssl
 import struct
@@ -46,7 +51,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +70,7 @@ _LENGTH = struct.Struct("!I")
 _TAG = 32
 _CHUNK = 1 << 18
 _BACKOFF_S = 0.2  # pause before accepting again after running out of descriptors or threads
+_IOV_MAX = 1024  # buffers per sendmsg
 
 
 class WorkerLost(Exception):
@@ -95,6 +101,24 @@ class Transport(ABC):
     def close(self) -> None:
         """Close, waking a thread blocked in ``receive_into`` or ``send``."""
 
+    # the master's non-blocking forms (its socket is non-blocking once the handshake is done)
+    @abstractmethod
+    def receive_some(self, view: memoryview) -> int:
+        """Fill a prefix of ``view`` with what has arrived; 0 when nothing has; EOFError when closed."""
+
+    @abstractmethod
+    def send_some(self, views: list[memoryview]) -> int:
+        """Take a prefix of ``views`` (its length in bytes is returned; 0: none now)."""
+
+    @abstractmethod
+    def flush(self) -> bool:
+        """Write out what ``send_some`` took but could not write yet; True when nothing is left."""
+
+    def send_all(self, views: list[memoryview]) -> None:
+        """Write all of ``views``, in order."""
+        for view in views:
+            self.send(view)
+
     def receive(self, size: int) -> bytes:
         out = bytearray(size)
         self.receive_into(memoryview(out))
@@ -120,6 +144,39 @@ class TcpTransport(Transport):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
+    def send_all(self, views: list[memoryview]) -> None:
+        views = [memoryview(v).cast("B") for v in views]
+        while views:  # blocking: sendmsg takes some of the buffers each time
+            _advance(views, self.sock.sendmsg(views[:_IOV_MAX]))
+
+    def receive_some(self, view: memoryview) -> int:
+        try:
+            got = self.sock.recv_into(view)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        if got == 0:
+            raise EOFError("connection closed")
+        return got
+
+    def send_some(self, views: list[memoryview]) -> int:
+        try:
+            return self.sock.sendmsg(views[:_IOV_MAX])  # one system call for a whole message
+        except (BlockingIOError, InterruptedError):
+            return 0
+
+    def flush(self) -> bool:
+        return True
+
+
+def _advance(views: list[memoryview], sent: int) -> None:
+    """Drop the first ``sent`` bytes of ``views`` (in place)."""
+    while sent and views:
+        if sent >= views[0].nbytes:
+            sent -= views.pop(0).nbytes
+        else:
+            views[0] = views[0][sent:]
+            sent = 0
+
 
 class TlsTransport(TcpTransport):
     """TLS 1.3 over a socket through memory buffers: OpenSSL's state is touched under a lock and
@@ -131,6 +188,7 @@ class TlsTransport(TcpTransport):
         self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=server)
         self._lock = threading.Lock()
+        self._cipher = bytearray()  # sealed by send_some, not yet written (non-blocking form)
         while True:  # the socket's timeout (the handshake's deadline) bounds each step
             try:
                 self._tls.do_handshake()
@@ -153,6 +211,9 @@ class TlsTransport(TcpTransport):
         with self._lock:
             self._incoming.write(data)
 
+    def send_all(self, views: list[memoryview]) -> None:
+        Transport.send_all(self, views)
+
     def send(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
         for start in range(0, view.nbytes, _CHUNK):
@@ -174,6 +235,51 @@ class TlsTransport(TcpTransport):
             if got == 0:
                 raise EOFError("connection closed")
             view = view[got:]
+
+    def receive_some(self, view: memoryview) -> int:
+        view = view.cast("B")
+        while True:  # data TLS already holds first: the socket's readiness does not show it
+            try:
+                with self._lock:
+                    got = self._tls.read(view.nbytes, view)
+            except ssl.SSLWantReadError:
+                try:
+                    data = self.sock.recv(_CHUNK)
+                except (BlockingIOError, InterruptedError):
+                    return 0
+                if not data:
+                    raise EOFError("connection closed") from None
+                with self._lock:
+                    self._incoming.write(data)
+                continue
+            except ssl.SSLZeroReturnError:
+                got = 0
+            if got == 0:
+                raise EOFError("connection closed")
+            return got
+
+    def send_some(self, views: list[memoryview]) -> int:
+        if not self.flush():
+            return 0
+        taken = 0
+        for view in views:
+            view = memoryview(view).cast("B")
+            for start in range(0, view.nbytes, _CHUNK):
+                with self._lock:
+                    self._tls.write(view[start:start + _CHUNK])
+                    self._cipher += self._outgoing.read()
+            taken += view.nbytes
+        self.flush()
+        return taken
+
+    def flush(self) -> bool:
+        while self._cipher:
+            try:
+                sent = self.sock.send(self._cipher)
+            except (BlockingIOError, InterruptedError):
+                return False
+            del self._cipher[:sent]
+        return True
 
 
 def _tune(sock: socket.socket) -> None:
@@ -286,41 +392,65 @@ class Sealed:
         self._keys = keys
         self._sent = self._received = 0
 
-    def write(self, header: bytes, tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> None:
+    def frames(self, header: bytes,
+               tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> list[memoryview]:
+        """One message as the buffers to write in order (the tags computed over them), the next
+        sequence number taken."""
         mac = hmac.new(self._keys.send, self._sent.to_bytes(8, "big"), hashlib.sha256)
         self._sent += 1
         head = _LENGTH.pack(len(header)) + header
         mac.update(head)
-        self.link.send(head + mac.copy().digest())
+        out = [memoryview(head + mac.copy().digest())]
         for t in tensors:
             raw = _raw(t)
             mac.update(raw)
             if raw.nbytes:
-                self.link.send(raw)
-        self.link.send(mac.digest())
+                out.append(raw)
+        out.append(memoryview(mac.digest()))
+        return out
 
-    def read(self) -> Any:
-        """One message's value; WireError if a tag, the schema or a size does not hold."""
+    def write(self, header: bytes, tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> None:
+        self.link.send_all(self.frames(header, tensors))
+
+    def reading(self) -> Generator[memoryview, None, Any]:
+        """One message read as the buffers to fill in order: yields each buffer, returns the
+        message's value once every byte arrived; WireError if a tag, the schema or a size does not
+        hold. Driven by ``read`` (blocking) or by the master's ``Hub`` (as bytes arrive)."""
         mac = hmac.new(self._keys.receive, self._received.to_bytes(8, "big"), hashlib.sha256)
         self._received += 1
-        prefix = self.link.receive(_LENGTH.size)
+        prefix = bytearray(_LENGTH.size)
+        yield memoryview(prefix)
         size = _LENGTH.unpack(prefix)[0]
         if size > _MAX_HEADER_BYTES:
             raise wire.WireError(f"message header of {size} bytes (at most {_MAX_HEADER_BYTES})")
-        header = self.link.receive(size)
+        header, tag = bytearray(size), bytearray(_TAG)
+        yield memoryview(header)
         mac.update(prefix + header)
-        if not hmac.compare_digest(self.link.receive(_TAG), mac.copy().digest()):
+        yield memoryview(tag)
+        if not hmac.compare_digest(bytes(tag), mac.copy().digest()):
             raise wire.WireError("a message header failed its integrity check (altered, injected, "
                                  "replayed or reordered on the path)")
-        value, tensors = wire.unpack(header, _MAX_TENSOR_BYTES)
+        value, tensors = wire.unpack(bytes(header), _MAX_TENSOR_BYTES)
         for t in tensors:  # raw bytes into fresh memory; used only once the final tag holds
             raw = _raw(t)
             if raw.nbytes:
-                self.link.receive_into(raw)
+                yield raw
                 mac.update(raw)
-        if not hmac.compare_digest(self.link.receive(_TAG), mac.digest()):
+        yield memoryview(tag)
+        if not hmac.compare_digest(bytes(tag), mac.digest()):
             raise wire.WireError("a message's tensors failed their integrity check")
         return value
+
+    def read(self) -> Any:
+        """One message's value, blocking; WireError if a tag, the schema or a size does not hold."""
+        steps = self.reading()
+        try:
+            view = next(steps)
+            while True:
+                self.link.receive_into(view)
+                view = steps.send(None)
+        except StopIteration as done:
+            return done.value
 
 
 # ------------------------------------------------------------------------------------- worker end
@@ -438,8 +568,106 @@ def connect(address: tuple[str, int], key: bytes, identity: Identity | None = No
                               f"{type(err).__name__}: {err}") from None
 
 
+@dataclass
+class HubStats:
+    """How often work passed between threads on the master's data plane (deterministic counts)."""
+
+    written_by_caller: int = 0  # calls written whole on the caller's thread
+    handed_to_hub: int = 0  # calls the socket could not take at once, finished by the hub: hand-offs
+    answers: int = 0  # answers read by the hub
+    wakes: int = 0  # passes of the hub that completed answers and woke the waiting threads: hand-offs
+
+
+class Hub:
+    """The master's one thread for every worker connection: a selector reads each connection's
+    messages as their bytes arrive (a stalled peer holds up nobody) and finishes the writes that a
+    caller's thread could not complete at once. Answers completed in one pass wake the waiters once."""
+
+    def __init__(self) -> None:
+        self.stats = HubStats()
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._changes: deque[Channel] = deque()  # channels whose registration is to be (re)done
+        threading.Thread(target=self._loop, name="sazd-hub", daemon=True).start()
+
+    def watch(self, channel: Channel) -> None:
+        """(Re)register ``channel`` as it now is: read, write if it has bytes left, or drop if closed."""
+        self._changes.append(channel)
+        with contextlib.suppress(OSError):  # full: a wake is already pending
+            self._wake_w.send(b"\0")
+
+    def _loop(self) -> None:
+        while True:
+            events = self._selector.select()
+            woken: set[threading.Condition] = set()
+            for key, mask in events:
+                if key.fileobj is self._wake_r:
+                    with contextlib.suppress(OSError):
+                        while self._wake_r.recv(4096):
+                            pass
+                    continue
+                channel: Channel = key.data
+                if channel._closed:
+                    continue  # unregistered below
+                if mask & selectors.EVENT_WRITE:
+                    channel._pump(by_hub=True)
+                if mask & selectors.EVENT_READ and channel._receive():
+                    woken.add(channel._notify)
+            for notify in woken:
+                self.stats.wakes += 1
+                with notify:
+                    notify.notify_all()
+            while self._changes:
+                channel = self._changes.popleft()
+                try:
+                    self._register(channel)
+                except Exception as err:  # e.g. out of memory for the selector: this connection ends
+                    with contextlib.suppress(Exception):
+                        self._selector.unregister(channel._sealed.link.sock)
+                    channel._break(f"cannot watch the connection ({type(err).__name__}: {err})")
+                    channel._shut()
+
+    def _register(self, channel: Channel) -> None:
+        sock = channel._sealed.link.sock
+        try:
+            registered = self._selector.get_key(sock)
+        except (KeyError, ValueError):
+            registered = None
+        if channel._closed:
+            if registered is not None:
+                self._selector.unregister(sock)
+            channel._shut()
+            return
+        with channel._write_lock:
+            unwritten = not channel._closed and channel._unwritten()
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if unwritten else 0)
+        if registered is None:
+            self._selector.register(sock, events, channel)
+        elif registered.events != events:
+            self._selector.modify(sock, events, channel)
+
+
+_hub: Hub | None = None
+_hub_lock = threading.Lock()
+
+
+def hub() -> Hub:
+    """This process's hub (started on first use)."""
+    global _hub
+    with _hub_lock:
+        if _hub is None:
+            _hub = Hub()
+        return _hub
+
+
 class Channel:
-    """The master's connection to one worker. ``notify`` is notified whenever a reply is done."""
+    """The master's connection to one worker. ``notify`` is notified whenever a reply is done.
+
+    A call is written on the caller's thread, as far as the socket takes it; the hub writes the
+    rest and reads every answer (``Hub``)."""
 
     def __init__(self, worker: int, address: tuple[str, int], key: bytes, notify: threading.Condition,
                  identity: Identity | None = None) -> None:
@@ -448,60 +676,104 @@ class Channel:
         self.worker = worker
         self._notify = notify
         self._pending: deque[Reply] = deque()
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.broken: str | None = None
         self._sealed = connect(address, key, identity)
-        self._writer = threading.Thread(target=self._write, name=f"sazd-send-{worker}", daemon=True)
-        self._writer.start()
-        threading.Thread(target=self._read, name=f"sazd-recv-{worker}", daemon=True).start()
+        self._sealed.link.sock.setblocking(False)
+        self._out: list[memoryview] = []  # bytes of calls not yet written, in order
+        self._write_lock = threading.RLock()  # one writer at a time; the socket is closed under it
+        self._closed = False
+        self._steps: Generator[memoryview, None, Any] | None = None  # the answer being read
+        self._view: memoryview | None = None  # what of it is still to arrive
+        self._hub = hub()
+        self._hub.watch(self)
 
     def send(self, method: str, slowdown: float, args: Encoded) -> Reply:
-        """Queue one call (``args`` from ``encode``); its reply is filled in when the answer arrives.
-        The tensors of ``args`` must not change afterwards (the write happens in another thread)."""
+        """Send one call (``args`` from ``encode``); its reply is filled in when the answer arrives.
+        The tensors of ``args`` must not change afterwards (the hub may finish the write later)."""
         reply = Reply()
         with self._notify:
             if self.broken is not None:
                 reply.fail(WorkerLost(f"worker {self.worker}: {self.broken}"))
                 return reply
             self._pending.append(reply)
-        self._outbox.put((wire.call(method, slowdown, args.body), args.tensors))
+        with self._write_lock:
+            if self._closed:
+                return reply  # failed by the close
+            queued = bool(self._out)
+            self._out += self._sealed.frames(wire.call(method, slowdown, args.body), args.tensors)
+            if not queued:  # nothing waits before it: write now
+                self._pump(by_hub=False)
         return reply
 
     def close(self, why: str = "connection closed by the master") -> None:
         self._break(why)
 
-    def _write(self) -> None:
-        while (message := self._outbox.get()) is not None:
-            try:
-                self._sealed.write(*message)
-            except Exception as err:
-                self._break(f"sending failed ({type(err).__name__}: {err})")
-                return
+    def _unwritten(self) -> bool:
+        return bool(self._out) or not self._sealed.link.flush()
 
-    def _read(self) -> None:
-        self._receive()
-        self._writer.join(5.0)  # woken by the close in _break
-
-    def _receive(self) -> None:
-        while True:
-            try:
-                ok, value = wire.parse_answer(self._sealed.read())
-            except Exception as err:
-                self._break(f"connection lost ({type(err).__name__}: {err})")
+    def _pump(self, by_hub: bool) -> None:
+        """Write what the socket takes now; the hub is asked to finish the rest."""
+        with self._write_lock:
+            if self._closed:
                 return
-            with self._notify:
-                if not self._pending:
-                    break
-                reply = self._pending.popleft()
-                if ok:
-                    reply.value, reply.done = value, True
-                else:
-                    reply.fail(WorkerRaised(value))
-                self._notify.notify_all()
-        self._break("answer to no call")
+            try:
+                while self._out:
+                    sent = self._sealed.link.send_some(self._out)
+                    if sent == 0:
+                        break
+                    _advance(self._out, sent)
+                left = self._unwritten()
+            except OSError as err:
+                why = f"sending failed ({type(err).__name__}: {err})"
+            else:
+                if not by_hub:
+                    if left:
+                        self._hub.stats.handed_to_hub += 1
+                    else:
+                        self._hub.stats.written_by_caller += 1
+                if left or by_hub:
+                    self._hub.watch(self)  # write interest on, or off once done
+                return
+        self._break(why)
+
+    def _receive(self) -> bool:
+        """Read what has arrived (hub thread); True if an answer was completed."""
+        completed = False
+        try:
+            while True:
+                if self._steps is None:
+                    self._steps = self._sealed.reading()
+                    self._view = next(self._steps)
+                got = self._sealed.link.receive_some(self._view)
+                if got == 0:
+                    return completed
+                self._view = self._view[got:]
+                if self._view.nbytes:
+                    continue
+                try:
+                    self._view = self._steps.send(None)
+                    continue
+                except StopIteration as done:
+                    self._steps = self._view = None
+                    ok, value = wire.parse_answer(done.value)
+                self._hub.stats.answers += 1
+                with self._notify:
+                    if not self._pending:
+                        raise wire.WireError("answer to no call")
+                    reply = self._pending.popleft()
+                    if ok:
+                        reply.value, reply.done = value, True
+                    else:
+                        reply.fail(WorkerRaised(value))
+                completed = True
+        except Exception as err:
+            why = str(err) if isinstance(err, wire.WireError) and str(err) == "answer to no call" \
+                else f"connection lost ({type(err).__name__}: {err})"
+            self._break(why)
+            return True
 
     def _break(self, why: str) -> None:
-        """Fail every unanswered call, close the connection and wake both threads."""
+        """Fail every unanswered call; the hub closes the connection."""
         with self._notify:
             if self.broken is None:
                 self.broken = why
@@ -509,8 +781,17 @@ class Channel:
                 reply.fail(WorkerLost(f"worker {self.worker}: {self.broken}"))
             self._pending.clear()
             self._notify.notify_all()
-        self._sealed.link.close()
-        self._outbox.put(None)
+        with self._write_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._out.clear()
+        self._hub.watch(self)
+
+    def _shut(self) -> None:
+        """Close the socket (hub thread, once it no longer watches it)."""
+        with self._write_lock:
+            self._sealed.link.close()
 
 
 def open_channels(addresses: dict[int, tuple[str, int]], keys: dict[int, bytes],

@@ -1,6 +1,7 @@
 """The Ray backend: each worker is a Ray actor wrapping ``Worker``; calls travel over direct connections.
 
-- ``RayCluster(n)`` starts a local Ray on loopback by itself (usage statistics off, no dashboard);
+- ``RayCluster(n)`` starts a local Ray on loopback by itself (usage statistics off, no dashboard;
+  its workers at the master's nice level, not Ray's default 15);
   ``address=...`` joins an existing cluster (a cluster that does not answer within ``connect_timeout_s``
   is a ``ClusterError``); an already initialised Ray is reused. ``close()`` kills the actors and shuts
   Ray down only if this object started it; every step is bounded, and processes of ours that outlive
@@ -12,13 +13,14 @@
   its own workers need slows both.
 - Ray starts, places, watches and kills the actors. The calls of training and their answers travel
   over one sealed TCP connection per worker (``sazd.runtime.channel``: HMAC on every message, TLS
-  1.3 with ``tls=True``), not through Ray's task path and object store, whose per-call cost
+  1.3 with ``tls=True``; the master writes each call on its own thread and one selector thread
+  reads every answer), not through Ray's task path and object store, whose per-call cost
   dominated small rounds. A local Ray we start has a reaper process: a killed or interrupted driver
   leaves none of its processes nor its session directory. ``submit`` copies its tensor
   arguments once (a broadcast once for every worker), so the master may change them afterwards.
 - ``first_k`` takes answers in arrival order: a broken connection (the actor died, was killed or lost
   its node) answers every unanswered call of that worker as an erasure, and another answer is
-  awaited. Late answers are read by the connection's own thread and dropped at the next round
+  awaited. Late answers are read by the master's data-plane thread and dropped at the next round
   (their status checked); queued calls are never cancelled. An argument that cannot be sent is a
   TypeError at ``submit``, before any worker is asked.
 - Every wait is bounded. A worker with unfinished calls that has not finished any call for

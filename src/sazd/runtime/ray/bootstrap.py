@@ -59,6 +59,8 @@ def bounded(fn: Callable[[], Any], timeout_s: float) -> bool:
 
 def start_local_ray(num_cpus: int | None = None, object_store_gb: float = 2.0) -> bool:
     """Start a local, loopback-only Ray unless one is already initialised; True if this call started it.
+    Its workers run at this process's nice level (Ray's own default is 15), unless
+    ``RAY_worker_niceness`` is set.
 
     ``num_cpus`` is Ray's logical CPU count (scheduling only); it should cover the actors plus the
     driver, or the raylet warns that it starts more worker processes than it expects."""
@@ -66,6 +68,9 @@ def start_local_ray(num_cpus: int | None = None, object_store_gb: float = 2.0) -
         return False
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # Ray runs its workers at nice 15 by default: on a shared machine they would lose the CPU to
+    # every process of ours (the master included) and of anyone else. Ours run at the master's level.
+    os.environ.setdefault("RAY_worker_niceness", str(os.getpriority(os.PRIO_PROCESS, 0)))
     _start_reaper()  # before Ray starts: a Ctrl-C during start-up leaves nothing behind either
     ray.init(
         address="local",

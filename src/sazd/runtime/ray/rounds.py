@@ -1,8 +1,9 @@
 """The round engine: submit a call to workers, gather the first k answers in arrival order.
 
 Answers are taken in arrival order: a broken connection answers every unanswered call of that
-worker as an erasure, and another answer is awaited. Late answers are read by the connection's own
-thread and dropped at the next round (their status checked); queued calls are never cancelled.
+worker as an erasure, and another answer is awaited. Late answers are read by the master's
+data-plane thread (``channel.Hub``) and dropped at the next round (their status checked); queued
+calls are never cancelled.
 """
 
 from __future__ import annotations
