@@ -308,7 +308,9 @@ def test_losing_the_ray_control_plane_is_one_line_and_leaves_no_process(tmp_path
 
 
 DRIVER = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a user's terminal gives it (a shell's
+# background job would inherit SIGINT ignored)
 from sazd.runtime.ray import start_local_ray
 print("starting", flush=True)
 start_local_ray(num_cpus=2, object_store_gb=0.2)
