@@ -23,7 +23,6 @@ from sazd.runtime.channel import (
     MAX_PENDING,
     Channel,
     Sealed,
-    TcpTransport,
     WorkerLost,
     WorkerRaised,
     _worker_handshake,
@@ -33,6 +32,7 @@ from sazd.runtime.channel import (
     serve,
 )
 from sazd.runtime.tls import ClusterCerts
+from sazd.runtime.transport import TcpTransport
 from sazd.runtime.worker import METHODS, SGDStep
 
 KEY = b"k" * 32
