@@ -4,7 +4,7 @@ nn.TransformerEncoder, a peft LoRA model) coded with the automatic plan, against
 The oracle is the same model trained in plain PyTorch in float64. For each model: which weight
 matrices are coded, the forward, 3 training steps (naive + AdamW, DEU + SGD momentum, SAZD and cyclic
 codes), the state_dict's keys/layout/bytes, save_pretrained -> from_pretrained of the plain class;
-then one test per way issue 17 found a coded model silently wrong: each such path either works
+then one test per way a user's habit could leave a coded model silently wrong: each such path either works
 exactly or is refused with a one-line error.
 """
 
