@@ -13,9 +13,9 @@ alternating between the two so that load from anything else on the machine hits 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Any
+
+from sazd.measure.timing import Timed, alternate
 
 MODES = ("hmac", "tls")
 _SENDS = 5
@@ -37,32 +37,21 @@ def part_plane(args: argparse.Namespace, cluster: Any) -> dict[str, Any]:
             c.wait_all(c.submit("load", [({"plane": b},) for b in blocks]))
         x = torch.randn(args.cols, args.batch, generator=gen)
 
-        def one_round(c: Any) -> float:
-            start = time.perf_counter()
+        def one_round(c: Any) -> None:
             c.first_k(c.submit("matmul", ("plane", x)), args.k)
-            return time.perf_counter() - start
 
-        def one_send(c: Any) -> float:
-            start = time.perf_counter()
+        def one_send(c: Any) -> None:
             c.wait_all(c.submit("load", ({"plane_big": big},), [0]))
-            return time.perf_counter() - start
 
-        for c in clusters.values():  # warm: connections, allocators
-            one_round(c)
-            one_send(c)
-        rounds: dict[str, list[float]] = {m: [] for m in MODES}
-        sends: dict[str, list[float]] = {m: [] for m in MODES}
-        for _ in range(args.rounds):
-            for mode in MODES:
-                rounds[mode].append(one_round(clusters[mode]))
-        for _ in range(_SENDS):
-            for mode in MODES:
-                sends[mode].append(one_send(clusters[mode]))
+        # one unmeasured repeat warms connections and allocators; the modes take turns
+        rounds = alternate([Timed(m, lambda c=clusters[m]: one_round(c)) for m in MODES], args.rounds,
+                           warmup=1)
+        sends = alternate([Timed(m, lambda c=clusters[m]: one_send(c)) for m in MODES], _SENDS, warmup=1)
         for c in clusters.values():
             c.wait_all(c.submit("load", ({"plane_big": torch.empty(0)},), [0]))  # free the worker's copy
     mb = big.numel() * 4 / 2**20
-    out = {mode: {"round_best_s": min(rounds[mode]), "round_median_s": statistics.median(rounds[mode]),
-                  "throughput_best_mb_s": mb / min(sends[mode])} for mode in MODES}
+    out = {r.name: {"round_best_s": r.best_s, "round_median_s": r.median_s,
+                    "throughput_best_mb_s": mb / t.best_s} for r, t in zip(rounds, sends, strict=True)}
     out["round_tls_over_hmac"] = out["tls"]["round_median_s"] / out["hmac"]["round_median_s"]
     out["throughput_tls_over_hmac"] = (out["tls"]["throughput_best_mb_s"]
                                        / out["hmac"]["throughput_best_mb_s"])
