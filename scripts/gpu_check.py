@@ -50,7 +50,7 @@ def main() -> int:
         left = torch.randn(1024, 128, generator=gen, dtype=torch.float64)
         right = torch.randn(1024, 128, generator=gen, dtype=torch.float64)
         for wk in (cpu, gpu):
-            wk.sgd_update("w", left, right, step)
+            wk.sgd([("w", step, left, right)])
     updated = {wk.device.type: wk.state()["weights"]["w"] for wk in (cpu, gpu)}
     check("DEU updates on cuda vs cpu (float64)", rel(updated["cuda"], updated["cpu"]), 1e-12)
 

@@ -41,7 +41,7 @@ def training_loop(cluster: InProcessCluster, steps: int, k: int) -> float:
     start = cluster.clock
     for _ in range(steps):
         cluster.first_k(cluster.submit("matmul", ("w", x), cluster.ready_workers(k)), k)
-        cluster.submit("sgd_update", ("w", left, right.T, SGDStep(lr=1e-3)))
+        cluster.submit("sgd", ([("w", SGDStep(lr=1e-3), left, right.T)],))
     return cluster.clock - start
 
 
@@ -76,7 +76,7 @@ def test_straggler_applies_every_update_in_order():
         left = torch.full((ROWS, 1), float(t + 1), dtype=torch.float64)
         right = torch.arange(COLS, dtype=torch.float64).reshape(1, COLS) * (t - 2)
         cluster.first_k(cluster.submit("matmul", ("w", x)), K)  # worker 0 is always late
-        cluster.submit("sgd_update", ("w", left, right.T, step))
+        cluster.submit("sgd", ([("w", step, left, right.T)],))
         grad = left @ right
         buf = grad.clone() if buf is None else buf.mul_(0.9).add_(grad)
         expected -= 0.1 * buf
@@ -274,21 +274,26 @@ def test_straggler_latency_helper():
     SGDStep(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.01),
     SGDStep(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
 ])
-def test_sgd_update_from_factors_equals_torch_sgd(step):
-    """Three steps of Worker.sgd_update (gradient formed inside the update) == torch.optim.SGD."""
+def test_sgd_from_factors_equals_torch_sgd(step):
+    """Three steps of Worker.sgd (gradient formed inside the update, or sent whole) == torch.optim.SGD."""
     gen = torch.Generator().manual_seed(3)
     w0 = torch.randn(ROWS, COLS, generator=gen, dtype=torch.float64)
     worker, param = Worker(0), torch.nn.Parameter(w0.clone())
-    worker.load({"w": w0})
-    opt = torch.optim.SGD([param], lr=step.lr, momentum=step.momentum, dampening=step.dampening,
+    worker.load({"w": w0, "v": w0 * 2})
+    twin = torch.nn.Parameter(w0 * 2)
+    opt = torch.optim.SGD([param, twin], lr=step.lr, momentum=step.momentum, dampening=step.dampening,
                           nesterov=step.nesterov, weight_decay=step.weight_decay)
-    for _ in range(3):
+    for t in range(3):
         left = torch.randn(ROWS, BATCH, generator=gen, dtype=torch.float64)
         inputs = torch.randn(COLS, BATCH, generator=gen, dtype=torch.float64)
-        worker.sgd_update("w", left, inputs, step)
-        param.grad = left @ inputs.T
+        if t == 1:  # the block's last input, kept by the worker
+            worker.matmul("w", inputs)
+        factored = ("w", step, left, None if t == 1 else inputs)
+        assert worker.sgd([factored, ("v", step, left @ inputs.T)]) == 2 * (t + 1)
+        param.grad = twin.grad = left @ inputs.T
         opt.step()
     torch.testing.assert_close(worker.weights["w"], param.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(worker.weights["v"], twin.detach(), rtol=1e-12, atol=1e-12)
 
 
 def test_compute_asks_every_live_worker_again_when_a_worker_of_the_round_dies():

@@ -160,6 +160,26 @@ class CodedContext:
         if queued:
             self.send("batch", PerWorker({j: (calls,) for j, calls in queued.items()}), sorted(queued))
 
+    # ------------------------------------------------------- optimizer steps (``coded_optimizer``)
+    def before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        """The step pre-hook ``coded_optimizer`` gives ``optimizer`` for this model's coded weights."""
+        for scheme in {id(layer.scheme): layer.scheme for layer in self.layers.values()}.values():
+            scheme.before_step(self)
+
+    def after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        """The step post-hook: the coded weights of this model that ``optimizer`` holds go to their
+        schemes, each scheme's in one message per worker."""
+        mine = {id(layer.param): layer for layer in self.layers.values()}
+        by_scheme: dict[int, tuple[Scheme, list[tuple[CodedLayer, dict]]]] = {}
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                layer = mine.get(id(param))
+                if layer is not None:
+                    layer.scheme.check_optimizer(optimizer, group, layer)  # groups may have changed
+                    by_scheme.setdefault(id(layer.scheme), (layer.scheme, []))[1].append((layer, group))
+        for scheme, stepped in by_scheme.values():
+            scheme.after_step(self, stepped)
+
     def check_alive(self) -> None:
         alive = self.cluster.alive()
         if not self.code.can_decode(alive):

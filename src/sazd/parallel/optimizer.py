@@ -7,11 +7,11 @@ optimizer can step it in its scheme (DEU: ``torch.optim.SGD`` only) and hooks th
 dampening, Nesterov, weight decay — as any ``torch.optim.lr_scheduler`` left them) and calls the
 scheme's ``after_step``:
 
-    optimizer.step()                               torch steps the master's parameters, then
-      -> _after_step(optimizer)                    this hook, per coded weight and its group:
-        -> DEU.after_step(layer, group)            encode the pending dY^T (and X^T), queue updates
-          -> CodedContext.send("sgd_update", ...)  one Worker.batch message per worker
-            -> Worker.sgd_update(key, left, x, step)  C_j(W) <- SGD(C_j(W), C_j(dY^T) X)
+    optimizer.step()                           torch steps the master's parameters, then
+      -> CodedContext.after_step(optimizer)    this hook, per model: its coded weights and groups
+        -> DEU.after_step(ctx, stepped)        encode every layer's pending dY^T (and X^T)
+          -> CodedContext.send("sgd", ...)     one Worker.sgd message per worker
+            -> Worker.sgd(updates)             C_j(W) <- SGD(C_j(W), C_j(dY^T) X), every layer
 
 Stepping a DEU model with an optimizer while no optimizer made by ``coded_optimizer`` holds its coded
 weights raises at that step (they would silently stay unchanged). A new optimizer (a second
@@ -52,14 +52,22 @@ def coded_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         if earlier is not None and earlier is not optimizer:
             layer.scheme.new_optimizer(layer)  # DEU: the workers drop the earlier one's momentum
         layer.stepped_by = weakref.ref(optimizer)
-    if getattr(optimizer, "_sazd_hooked", False):
-        return optimizer
-    optimizer.register_step_pre_hook(_before_step)
-    optimizer.register_step_post_hook(_after_step)
-    optimizer.register_load_state_dict_post_hook(_loaded)
-    optimizer.zero_grad = _zero_grad(optimizer, optimizer.zero_grad)
-    optimizer._sazd_hooked = True
+    hooked = _hooked_models(optimizer)
+    for layer, _ in _coded_weights(optimizer):
+        if layer.ctx not in hooked:  # one pair of step hooks per model
+            optimizer.register_step_pre_hook(layer.ctx.before_step)
+            optimizer.register_step_post_hook(layer.ctx.after_step)
+            hooked.add(layer.ctx)
+    if not getattr(optimizer, "_sazd_hooked", False):
+        optimizer.register_load_state_dict_post_hook(_loaded)
+        optimizer.zero_grad = _zero_grad(optimizer, optimizer.zero_grad)
+        optimizer._sazd_hooked = True
     return optimizer
+
+
+def _hooked_models(optimizer: torch.optim.Optimizer) -> set[CodedContext]:
+    """The models (their contexts) whose coded weights ``optimizer``'s step hooks send."""
+    return optimizer.__dict__.setdefault("_sazd_models", set())
 
 
 def _zero_grad(optimizer: torch.optim.Optimizer, zero_grad: Callable[..., None]) -> Callable[..., None]:
@@ -113,31 +121,13 @@ def _loaded(optimizer: torch.optim.Optimizer) -> None:
             layer.scheme.take_optimizer_state(layer, state)
 
 
-def _before_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-    contexts = {id(layer.ctx): layer.ctx for layer, _ in _coded_weights(optimizer)}
-    for ctx in contexts.values():
-        for scheme in {id(m.scheme): m.scheme for m in ctx.layers.values()}.values():
-            scheme.before_step(ctx)
-
-
-def _after_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-    by_context: dict[int, tuple[CodedContext, list[tuple[CodedLayer, dict[str, Any]]]]] = {}
-    for layer, group in _coded_weights(optimizer):
-        layer.scheme.check_optimizer(optimizer, group, layer)  # groups may have been added since
-        by_context.setdefault(id(layer.ctx), (layer.ctx, []))[1].append((layer, group))
-    for ctx, items in by_context.values():
-        with ctx.batched():  # one message per worker for all layers
-            for layer, group in items:
-                layer.scheme.after_step(layer, group)
-
-
 def _refuse_unhooked(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
     """After every optimizer's step: when it steps a parallelized model, that model's coded weights
     must have an optimizer that updates them; else their gradients would pile up, unapplied. (A
     hooked optimizer's own hook ran first and sent its weights' updates.)"""
     params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    hooked = getattr(optimizer, "_sazd_hooked", False)
-    pending = [] if hooked else [layer.name for layer, _ in _coded_weights(optimizer) if layer.pending]
+    hooked = _hooked_models(optimizer)
+    pending = [layer.name for layer, _ in _coded_weights(optimizer) if layer.pending and layer.ctx not in hooked]
     for ctx in list(CodedContext.live):
         model = None if ctx.model is None else ctx.model()
         if model is not None and any(id(p) in params for p in model.parameters()):

@@ -113,9 +113,9 @@ class Scheme(ABC):
         return None
 
     @abstractmethod
-    def after_step(self, layer: CodedLayer, group: dict[str, Any]) -> None:
-        """After the optimizer stepped (``group``: the weight's parameter group): bring the workers'
-        blocks to the new weight."""
+    def after_step(self, ctx: CodedContext, stepped: Sequence[tuple[CodedLayer, dict[str, Any]]]) -> None:
+        """After the optimizer stepped the coded weights of ``ctx`` in this scheme (each with its
+        parameter group): bring the workers' blocks to the new weights, one message per worker."""
 
     @abstractmethod
     def update_columns(self, fan: int, batch_rows: int) -> int:
@@ -154,8 +154,10 @@ class Naive(Scheme):
         copies = [layer.matrices(layer.plain()) for layer in layers]
         return {key: t.clone() for c in copies for key, t in c.items()}, {}
 
-    def after_step(self, layer: CodedLayer, group: dict[str, Any]) -> None:
-        layer.sync()  # the optimizer wrote W: ship it now
+    def after_step(self, ctx: CodedContext, stepped: Sequence[tuple[CodedLayer, dict[str, Any]]]) -> None:
+        with ctx.batched():  # one message per worker for every weight the optimizer wrote
+            for layer, _ in stepped:
+                layer.sync()
 
     def update_columns(self, fan: int, batch_rows: int) -> int:
         return fan
@@ -273,46 +275,53 @@ class DEU(Scheme):
                     f"that part exactly. Code it with plan={{{layer.name!r}: Coded(scheme='naive')}} or "
                     "leave it on the master")
 
-    def after_step(self, layer: CodedLayer, group: dict[str, Any]) -> None:
-        """Send the pending dW = dY^T X, encoded (and scaled), to the workers:
-        worker j's row copy takes C_j(dW) = C_j(dY^T) X, its column copy C_j(dW^T) = C_j(X^T) dY.
+    def after_step(self, ctx: CodedContext, stepped: Sequence[tuple[CodedLayer, dict[str, Any]]]) -> None:
+        """Send every layer's pending dW = dY^T X, encoded (and scaled), in one ``Worker.sgd`` call per
+        worker: worker j's row copy takes C_j(dW) = C_j(dY^T) X, its column copy C_j(dW^T) = C_j(X^T) dY.
 
         Per copy the master sends whichever is smaller: the encoded left factor (N columns; the right
         one is the input of this step's round of the block, which the workers asked still hold), or
         the encoded gradient itself (``fan`` columns) when N exceeds the fan (convolutions, whose N
         is batch x positions). Either way the update is the same linear map of the coded weights.
         """
-        layer.sync()  # an edit since the last product goes out before the update
-        if not layer.pending:
-            return
+        updates: dict[int, list[tuple]] = {j: [] for j in range(ctx.code.n)}
+        for layer, group in stepped:
+            layer.sync()  # an edit since the last product goes out before the update
+            if layer.pending:
+                self._add_updates(layer, group, updates)
+        if any(updates.values()):
+            ctx.send("sgd", PerWorker({j: (calls,) for j, calls in updates.items()}))
+
+    def _add_updates(self, layer: CodedLayer, group: dict[str, Any], updates: dict[int, list[tuple]]) -> None:
+        """Append each worker's updates of ``layer``'s coded copies (see ``Worker.sgd``)."""
         step = SGDStep(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
                        nesterov=group["nesterov"], weight_decay=group["weight_decay"])
         pending = layer.pending
         X, dY = pending.stacked()
         row, col = layer.keys
-        updates = {row: (dY.T, X.T, layer.out_pad)}  # per copy: (left factor, right^T, padded rows)
+        factors = {row: (dY.T, X.T, layer.out_pad)}  # per copy: (left factor, right^T, padded rows)
         if col in pending.rounds:  # the column copy served this step: keep it current
-            updates[col] = (X.T, dY.T, layer.in_pad)
+            factors[col] = (X.T, dY.T, layer.in_pad)
         else:
             layer.col_stale = True
-        n = layer.ctx.code.n
-        for key, (left, inputs, rows) in updates.items():
+        for key, (left, inputs, rows) in factors.items():
             if not (isinstance(pending.scale, float) and pending.scale == 1.0):
                 left = left * pending.scale
-            record = pending.rounds.get(key)
             if self.ships_gradient(X.shape[0], inputs.shape[0]):
                 coded = layer.ctx.encode(left @ inputs.T, rows)
-                layer.ctx.send("sgd_step", PerWorker({j: (key, coded[j], step) for j in range(n)}))
+                for j, calls in updates.items():
+                    calls.append((key, step, coded[j]))
                 continue
             coded = layer.ctx.encode(left, rows)
             # The workers this step's round asked still hold its inputs when it is the block's latest
             # round and the layer was used once: they get None. The others (stragglers the round
             # skipped) get the very tensor the round sent, which a store-backed cluster sends once.
+            record = pending.rounds.get(key)
             fresh = record is not None and len(pending.factors) == 1 and layer.ctx.rounds.get(key) is record
             cached = record.workers if fresh else frozenset()
             inputs = record.inputs if fresh else inputs.contiguous()
-            layer.ctx.send("sgd_update", PerWorker(
-                {j: (key, coded[j], None if j in cached else inputs, step) for j in range(n)}))
+            for j, calls in updates.items():
+                calls.append((key, step, coded[j], None if j in cached else inputs))
         pending.clear()
         layer.fresh = False
 

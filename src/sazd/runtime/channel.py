@@ -41,7 +41,6 @@ import errno
 import hashlib
 import hmac
 import os
-import queue
 import selectors
 import socket
 import ssl
@@ -255,7 +254,11 @@ def serve(host: str, key: bytes, handle: Callable[[str, float, tuple], Any], met
             return
         _shut(listener)  # wakes the accepting thread
         listener.close()
-        _answer(sealed, handle, methods)
+        try:  # this thread's job, the handshake, is done: the connection gets one of its own
+            threading.Thread(target=_answer, args=(sealed, handle, methods), name="sazd-channel-answer",
+                             daemon=True).start()
+        except RuntimeError:  # out of threads: the master sees the connection end
+            sealed.link.close()
 
     def accept() -> None:
         while not claimed.locked():
@@ -282,26 +285,22 @@ def serve(host: str, key: bytes, handle: Callable[[str, float, tuple], Any], met
 
 
 def _answer(sealed: Sealed, handle: Callable[[str, float, tuple], Any], methods: frozenset[str]) -> None:
-    inbox: queue.SimpleQueue = queue.SimpleQueue()
-
-    def read() -> None:  # keeps reading while the calls run, so the master never blocks writing
+    """Read, run and answer the master's calls in order until the connection ends. (The master never
+    blocks writing to a worker that is busy: its hub finishes any write the socket did not take.)"""
+    while True:
         try:
-            while True:
-                inbox.put(wire.parse_call(sealed.read(), methods))
+            method, slowdown, args = wire.parse_call(sealed.read(), methods)
         except Exception:  # closed, tampered with, or not a message of ours: no call runs
-            inbox.put(None)
-
-    threading.Thread(target=read, name="sazd-channel-read", daemon=True).start()
-    while (call := inbox.get()) is not None:
+            break
         try:
-            header, tensors = wire.answer(handle(*call))
+            header, tensors = wire.answer(handle(method, slowdown, args))
         except BaseException as err:  # raised, or an answer that cannot travel: the master decides
             header, tensors = wire.failure(err), []
         try:
             sealed.write(header, tensors)
         except Exception:
             break
-    sealed.link.close()  # wakes our reader and tells the master at once
+    sealed.link.close()  # tells the master at once
 
 
 # ------------------------------------------------------------------------------------- master end

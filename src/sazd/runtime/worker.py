@@ -9,8 +9,8 @@ stay the encoding of the true weights after each update.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,24 +48,6 @@ def sgd_apply(weight: Tensor, grad: Tensor, buffer: Tensor | None, step: SGDStep
     return buffer
 
 
-def sgd_apply_product(
-    weight: Tensor, left: Tensor, right: Tensor, buffer: Tensor | None, step: SGDStep
-) -> Tensor | None:
-    """``sgd_apply`` with the gradient ``left @ right`` formed inside the update: with a momentum
-    buffer (not Nesterov) the product accumulates straight into it, ``buf = mu*buf + (1-dampening)
-    * (left @ right + wd*w)``, and plain SGD adds it straight into the weight; no gradient tensor."""
-    if step.momentum and not step.nesterov and buffer is not None:
-        buffer.addmm_(left, right, beta=step.momentum, alpha=1 - step.dampening)
-        if step.weight_decay:
-            buffer.add_(weight, alpha=(1 - step.dampening) * step.weight_decay)
-        weight.add_(buffer, alpha=-step.lr)
-        return buffer
-    if not step.momentum and not step.weight_decay:
-        weight.addmm_(left, right, alpha=-step.lr)
-        return None
-    return sgd_apply(weight, left @ right, buffer, step)
-
-
 def check_method(method: str, nested: bool = False) -> None:
     """Refuse anything but a public ``Worker`` method (``nested``: inside ``batch``, not ``batch``)."""
     if not isinstance(method, str) or method not in METHODS or (nested and method == "batch"):
@@ -88,6 +70,7 @@ class Worker:
         self.momentum: dict[str, Tensor] = {}
         self.last_input: dict[str, Tensor] = {}  # per block: the x of the last matmul (DEU reuses it)
         self.delay_factor = 1.0  # straggler injection: compute takes delay_factor times longer
+        self.slowdown = 1.0  # and the running call's own factor (``call``) times that
         self.updates_applied = 0
 
     @classmethod
@@ -140,48 +123,57 @@ class Worker:
         """This worker's coded product: ``weights[key] @ x``."""
         if key not in self.weights:
             raise KeyError(f"worker {self.index} holds no block {key!r} (blocks: {sorted(self.weights)})")
+        start = time.perf_counter()
         x = x.to(self.device)
         self.last_input[key] = x
-        return self._timed(lambda: self._product(self.weights[key], x))
+        out = self._product(self.weights[key], x)
+        self._stall(start)
+        return out
 
     def _product(self, w: Tensor, x: Tensor) -> Tensor:
         if self.compute_dtype is None or self.compute_dtype == w.dtype:
             return w @ x
         return w.to(self.compute_dtype) @ x.to(self.compute_dtype)  # the master decodes it in float32
 
-    def sgd_update(self, key: str, left: Tensor, inputs: Tensor | None, step: SGDStep) -> int:
-        """DEU update of block ``key`` with the coded gradient ``left @ inputs^T``.
+    def sgd(self, updates: list[tuple]) -> int:
+        """One DEU step of this worker's blocks, every layer's update in this one call.
 
-        ``inputs`` is what this block multiplied in the step's round: X^T for the row copy (then
-        ``left = C_j(dY^T)``) and dY^T for the column copy (``left = C_j(X^T)``). ``inputs=None`` reuses
-        this worker's last input of the block, so the master need not send X and dY twice to workers
-        that took part in this iteration's rounds; the others get the very tensor the round sent.
-        """
-        if inputs is None:
-            if key not in self.last_input:
-                raise ValueError(f"worker {self.index}: no cached input for {key!r}; send `inputs`")
-            inputs = self.last_input[key]
-        return self._sgd(key, lambda weight, buffer: sgd_apply_product(
-            weight, left.to(self.device), inputs.to(self.device).T, buffer, step))
-
-    def sgd_step(self, key: str, grad: Tensor, step: SGDStep) -> int:
-        """DEU update of block ``key`` with its coded gradient sent whole (``C_j(dW)``)."""
-        return self._sgd(key, lambda weight, buffer: sgd_apply(weight, grad.to(self.device), buffer, step))
-
-    def _sgd(self, key: str, apply: Callable[[Tensor, Tensor | None], Tensor | None]) -> int:
-        """One timed SGD step of block ``key``: ``apply(weight, momentum buffer)`` returns the new buffer."""
-        if key not in self.weights:
-            raise KeyError(f"worker {self.index} holds no block {key!r} (blocks: {sorted(self.weights)})")
-
-        def run() -> None:
-            buffer = apply(self.weights[key], self.momentum.get(key))
+        An update is ``(key, step, left, inputs)``: the coded gradient of block ``key`` is
+        ``left @ inputs^T``, where ``inputs`` is what the block multiplied in the step's round (X^T
+        for the row copy, whose ``left`` is C_j(dY^T); dY^T for the column copy, ``left`` = C_j(X^T))
+        or None for the block's last input, which this worker keeps; or ``(key, step, grad)`` with
+        the coded gradient C_j(dW) sent whole. Per block, torch.optim.SGD's step: with a momentum
+        buffer (not Nesterov) the product accumulates straight into it, buf = mu*buf + (1 - dampening)
+        * (left @ inputs^T + wd*w); plain SGD adds it straight into the weight. Each line is linear
+        in (w, gradient, buf), so the blocks stay the encoding of the true weights."""
+        start = time.perf_counter()
+        for update in updates:
+            key, step, left, *inputs = update
+            if key not in self.weights:
+                raise KeyError(f"worker {self.index} holds no block {key!r} (blocks: {sorted(self.weights)})")
+            weight, buffer = self.weights[key], self.momentum.get(key)
+            left = left.to(self.device)
+            if not inputs:  # the gradient itself
+                buffer = sgd_apply(weight, left, buffer, step)
+            else:
+                right = self.last_input.get(key) if inputs[0] is None else inputs[0].to(self.device)
+                if right is None:
+                    raise ValueError(f"worker {self.index}: no cached input for {key!r}; send `inputs`")
+                if step.momentum and not step.nesterov and buffer is not None:
+                    buffer.addmm_(left, right.T, beta=step.momentum, alpha=1 - step.dampening)
+                    if step.weight_decay:
+                        buffer.add_(weight, alpha=(1 - step.dampening) * step.weight_decay)
+                    weight.add_(buffer, alpha=-step.lr)
+                elif not step.momentum and not step.weight_decay:
+                    weight.addmm_(left, right.T, alpha=-step.lr)
+                else:  # the first step with momentum (its buffer is the gradient), Nesterov, decay
+                    buffer = sgd_apply(weight, left @ right.T, buffer, step)
             if buffer is None:
                 self.momentum.pop(key, None)
             else:
                 self.momentum[key] = buffer
-
-        self._timed(run)
-        self.updates_applied += 1
+            self.updates_applied += 1
+        self._stall(start)
         return self.updates_applied
 
     def batch(self, calls: list[tuple[str, tuple]]) -> list:
@@ -190,17 +182,27 @@ class Worker:
             check_method(method, nested=True)
         return [getattr(self, method)(*args) for method, args in calls]
 
-    def _timed(self, fn):
-        start = time.perf_counter()
-        out = fn()
-        if self.delay_factor > 1:
+    def call(self, method: str, slowdown: float, args: tuple) -> Any:
+        """Run the master's call ``method(*args)`` ``slowdown`` times slower than this worker's own
+        delay factor (the answer's tensors leave through ``wire.pack``, which moves them to CPU)."""
+        check_method(method)
+        self.slowdown = slowdown
+        try:
+            return getattr(self, method)(*args)
+        finally:
+            self.slowdown = 1.0
+
+    def _stall(self, start: float) -> None:
+        """Straggler injection: make the compute since ``start`` take ``delay_factor x slowdown`` times
+        as long."""
+        factor = self.delay_factor * self.slowdown
+        if factor > 1:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            time.sleep((self.delay_factor - 1) * (time.perf_counter() - start))
-        return out
+            time.sleep((factor - 1) * (time.perf_counter() - start))
 
 
 # The closed set of calls a master may make (and a worker's connection accepts): every public method
-# of Worker, found here so that a new method joins without another edit.
+# of Worker but the dispatcher ``call`` itself, found here so that a new method joins without another edit.
 METHODS = frozenset(name for name in dir(Worker)
-                    if not name.startswith("_") and callable(getattr(Worker, name)))
+                    if not name.startswith("_") and name != "call" and callable(getattr(Worker, name)))

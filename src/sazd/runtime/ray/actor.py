@@ -9,34 +9,20 @@ import ray
 import torch
 
 from sazd.runtime import channel
-from sazd.runtime.cluster import map_tensors
 from sazd.runtime.ray.processes import boot_id
 from sazd.runtime.tls import Identity
-from sazd.runtime.worker import METHODS, Worker, check_method
+from sazd.runtime.worker import METHODS, Worker
 
 
 class RayWorker(Worker):
-    """The actor: a ``Worker`` answering calls on its channel, each with the task's slowdown factor."""
+    """The actor: a ``Worker`` answering calls on its channel (``Worker.call``, each with the task's
+    slowdown factor)."""
 
     def __init__(self, index: int, device: str = "cpu", torch_threads: int | None = None,
                  compute_dtype: str | None = None) -> None:
         super().__init__(index, device, compute_dtype)
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.base_delay = 1.0
-
-    def set_delay(self, factor: float) -> int:
-        super().set_delay(factor)
-        self.base_delay = self.delay_factor
-        return self.index
-
-    def _answer(self, method: str, slowdown: float, args: tuple) -> Any:
-        check_method(method)
-        self.delay_factor = self.base_delay * slowdown
-        try:
-            return map_tensors(getattr(self, method)(*args), torch.Tensor.cpu)
-        finally:
-            self.delay_factor = self.base_delay
 
     def open_channel(self, key: bytes, identity: Identity | None) -> dict[str, Any]:
         """Listen for the master's connection (proving ``key``; TLS with ``identity`` if given); say
@@ -47,7 +33,7 @@ class RayWorker(Worker):
         return {"index": self.index, "node_id": context.get_node_id(), "node_ip": node_ip,
                 "device": str(self.device), "pid": os.getpid(), "boot_id": boot_id(),
                 "threads": torch.get_num_threads(),
-                "address": channel.serve(node_ip, key, self._answer, METHODS, identity)}
+                "address": channel.serve(node_ip, key, self.call, METHODS, identity)}
 
 
 ACTOR = ray.remote(RayWorker)
