@@ -127,7 +127,8 @@ def _refuse_unhooked(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict
     hooked optimizer's own hook ran first and sent its weights' updates.)"""
     params = {id(p) for group in optimizer.param_groups for p in group["params"]}
     hooked = _hooked_models(optimizer)
-    pending = [layer.name for layer, _ in _coded_weights(optimizer) if layer.pending and layer.ctx not in hooked]
+    pending = [layer.name for layer, _ in _coded_weights(optimizer)
+               if layer.pending and layer.ctx not in hooked]
     for ctx in list(CodedContext.live):
         model = None if ctx.model is None else ctx.model()
         if model is not None and any(id(p) in params for p in model.parameters()):
