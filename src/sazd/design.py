@@ -39,7 +39,7 @@ import math
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from sazd.measure.codes import CodeSpec, dtype_label, parse_dtype, unit_roundoff
+from sazd.measure.codes import CodeSpec, Op, dtype_label, parse_dtype, received_set, unit_roundoff
 from sazd.measure.decode import Problem, measure_worst, pick_sets
 from sazd.measure.flags import int_list, json_float
 from sazd.measure.machine import machine
@@ -125,7 +125,6 @@ def decode_vs_clone(code: Code, k: int, r: int, mb: float, repeats: int, seed: i
     plus as many parity workers, on a random W with about ``mb`` MB of output (fp32, CPU)."""
     import torch
 
-    from sazd.bench.codec import Op, received_set
 
     cols = max(1, round(mb * 1e6 / 4 / (k * r)))
     W = torch.randn(k * r, cols, generator=torch.Generator().manual_seed(seed))

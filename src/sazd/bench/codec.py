@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-from collections.abc import Callable
 from typing import Any
 
-from sazd.measure.codes import CodeSpec, dtype_label, parse_code_spec, parse_dtype
+from sazd.measure.codes import CodeSpec, Op, dtype_label, parse_code_spec, parse_dtype, received_set
 from sazd.measure.flags import int_list
 from sazd.measure.machine import machine
 from sazd.measure.table import table
-from sazd.measure.timing import Timed, alternate
+from sazd.measure.timing import alternate
 
 DEFAULT_CODES = ("sazd", "cyclic", "poly", "poly:nodes=chebyshev", "poly:systematic=true", "gaussian")
 UNCERTIFIED = ", uncertified"  # suffix of the op timing the same decode with certify=False
@@ -54,37 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"tiny sizes for smoke tests: rows={QUICK['rows']}, cols={QUICK['cols']}, "
         f"repeats={QUICK['repeats']}",
     )  # fmt: skip
-
-
-class Op(Timed):
-    """One timed operation of a code and its deterministic counters."""
-
-    def __init__(self, code: str, op: str, fn: Callable[[], Any], counters: dict[str, Any]) -> None:
-        super().__init__(f"{code} {op}", fn)
-        self.code, self.op, self.counters = code, op, counters
-
-    @property
-    def out_bytes(self) -> int:
-        return self.counters["bytes_written"]
-
-    @property
-    def seconds(self) -> float:
-        return self.median_s
-
-    @property
-    def best_seconds(self) -> float:
-        return min(self.times)
-
-    @property
-    def gbps(self) -> float:
-        return self.out_bytes / self.seconds / 1e9
-
-
-def received_set(k: int, n: int, s: int) -> list[int]:
-    """Systematic workers minus the last s (adjacent) plus the first s parity workers: k workers."""
-    if not 0 <= s <= min(k, n - k):
-        raise ValueError(f"--missing {s} must be between 0 and min(k, n-k) = {min(k, n - k)}")
-    return [*range(k - s), *range(k, k + s)]
 
 
 def build_ops(spec: CodeSpec, args: argparse.Namespace, W: Any, missing: list[int]) -> list[Op]:

@@ -7,8 +7,11 @@ imports this module and stays free of torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from sazd.measure.timing import Timed
 
 if TYPE_CHECKING:
     import torch
@@ -94,3 +97,34 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     import torch
 
     return float(torch.finfo(dtype).eps) / 2
+
+
+class Op(Timed):
+    """One timed operation of a code and its deterministic counters."""
+
+    def __init__(self, code: str, op: str, fn: Callable[[], Any], counters: dict[str, Any]) -> None:
+        super().__init__(f"{code} {op}", fn)
+        self.code, self.op, self.counters = code, op, counters
+
+    @property
+    def out_bytes(self) -> int:
+        return self.counters["bytes_written"]
+
+    @property
+    def seconds(self) -> float:
+        return self.median_s
+
+    @property
+    def best_seconds(self) -> float:
+        return min(self.times)
+
+    @property
+    def gbps(self) -> float:
+        return self.out_bytes / self.seconds / 1e9
+
+
+def received_set(k: int, n: int, s: int) -> list[int]:
+    """Systematic workers minus the last s (adjacent) plus the first s parity workers: k workers."""
+    if not 0 <= s <= min(k, n - k):
+        raise ValueError(f"--missing {s} must be between 0 and min(k, n-k) = {min(k, n - k)}")
+    return [*range(k - s), *range(k, k + s)]

@@ -403,34 +403,46 @@ def check_weights(model: nn.Module, weights: Mapping[str, Tensor],
                                  f"{(layer.in_features, layer.out_features)}")
 
 
+# A saved coded block matches the encoding of the saved plain weight to within this, relative to the
+# block's largest entry: codes amplify rounding by their conditioning, while a block of another
+# weight, another worker or a corrupted one is off by O(1).
+BLOCK_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-2}
+OTHER_DTYPE_TOLERANCE = 5e-2
+
+
+def block_mismatch(block: Tensor, encoded: Tensor) -> str | None:
+    """Why a coded ``block`` read back (a checkpoint's) is not ``encoded``, the encoding of the plain
+    weight it claims to hold, beyond rounding; None when it is."""
+    if tuple(block.shape) != tuple(encoded.shape):
+        return f"has shape {tuple(block.shape)}, the encoding of the plain weights {tuple(encoded.shape)}"
+    if not block.numel():
+        return None
+    encoded = encoded.to(block.dtype)
+    allowed = BLOCK_TOLERANCE.get(block.dtype, OTHER_DTYPE_TOLERANCE) * float(encoded.abs().max())
+    diff = float((block - encoded).abs().max())
+    if diff <= allowed:
+        return None
+    return f"does not encode the plain weights (largest difference {diff:.3g}, allowed {allowed:.3g})"
+
+
 def check_blocks(model: nn.Module, blocks: Mapping[str, Tensor], weights: Mapping[str, Tensor]) -> None:
     """Raise ValueError, naming worker and block, when a coded block read from a checkpoint
     (``blocks``: {"<j>/fc1.row": C_j, ...}) is not the encoding of the checkpoint's plain weight
-    (``weights`` by parameter name), beyond rounding. The row copies are checked: they are what the
-    weight is decoded from (a column copy may be stale by design: the first layer's), relative to the
-    block's largest entry, 1e-6 in float64 and 1e-2 in lower precisions (codes amplify rounding by
-    their conditioning; a block of another weight, another worker or corrupted is off by O(1))."""
+    (``weights`` by parameter name) (``block_mismatch``). The row copies are checked: they are what
+    the weight is decoded from (a column copy may be stale by design: the first layer's)."""
     for layer in coded_layers(model):
-        row = layer.checkpoint_keys[0]
+        name = layer.checkpoint_keys[0]
+        held = {int(key.split("/", 1)[0]): t for key, t in blocks.items()
+                if key.split("/", 1)[1:] == [name] and key.split("/", 1)[0].isdigit()}
+        if not held:
+            continue
         M = layer.matrices(weights[layer.weight_name].detach())[layer.keys[0]]
-        for name, matrix in {row: M}.items():
-            held = {int(key.split("/", 1)[0]): t for key, t in blocks.items()
-                    if key.split("/", 1)[1:] == [name] and key.split("/", 1)[0].isdigit()}
-            if not held:
-                continue
-            encoded = layer.ctx.encode(matrix.to(next(iter(held.values())).dtype), layer.out_pad)
-            for j, block in sorted(held.items()):
-                want = encoded[j]
-                if tuple(block.shape) != tuple(want.shape):
-                    raise ValueError(f"checkpoint block {name} of worker {j} has shape {tuple(block.shape)}, "
-                                     f"the encoding of {layer.weight_name} has {tuple(want.shape)}")
-                tol = 1e-6 if block.dtype == torch.float64 else 1e-2
-                scale = max(1.0, want.abs().max().item())
-                error = (block.to(want) - want).abs().max().item()
-                if not error <= tol * scale:
-                    raise ValueError(f"checkpoint block {name} of worker {j} is not the encoding of "
-                                     f"{layer.weight_name} (max error {error:.3g} > {tol * scale:.3g}); "
-                                     "the checkpoint is corrupt or of another model")
+        encoded = layer.ctx.encode(M.to(next(iter(held.values())).dtype), layer.out_pad)
+        for j, block in sorted(held.items()):
+            why = block_mismatch(block, encoded[j])
+            if why is not None:
+                raise ValueError(f"checkpoint block {name} of worker {j} {why} of {layer.weight_name}; "
+                                 "the checkpoint is corrupt or of another model")
 
 
 def repair(model: nn.Module, worker: int) -> dict[str, object]:

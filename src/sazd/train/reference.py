@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sazd.data import batches
+from sazd.models import build_model, task_of
 from sazd.train.optim import OptimConfig, build_torch_optimizer, lr_at
 
 
@@ -63,9 +65,6 @@ def relative_weight_error(model: nn.Module, reference: nn.Module | dict[str, Ten
 def reference_run(cfg, data, iterations: int) -> nn.Module:
     """Plain PyTorch training of ``cfg``'s model (same seed and init) on the trainer's batch order
     (``sazd.data.batches`` epoch by epoch) for ``iterations`` steps; ``data`` already in cfg's dtype."""
-    from sazd.data import batches
-    from sazd.models import build_model, task_of
-
     model = build_model(cfg.model, data.in_shape, data.num_classes, hidden=cfg.hidden, seed=cfg.seed,
                         dtype=getattr(torch, cfg.dtype))
 

@@ -8,7 +8,7 @@ so every checkpoint sazd writes is complete and loadable.
 ``open_checkpoint(cfg)`` -> ``check(trainer, ckpt)`` -> ``restore(trainer, ckpt)``: a checkpoint is an
 untrusted input. It is found and verified (checksums), its config must be resumable under the run's
 settings, every tensor and field is checked against this model, optimizer and data, and each saved
-DEU block is compared with the encoding of the saved plain weights (within ``BLOCK_TOLERANCE``):
+DEU block is compared with the encoding of the saved plain weights (within ``block_mismatch``'s tolerance):
 a block that does not encode those weights is refused, naming the worker and the block. Workers
 whose blocks were not saved are rebuilt from the plain weights. Nothing read chooses a path.
 """
@@ -24,6 +24,7 @@ from torch import Tensor
 
 from sazd.maintain import CodedState
 from sazd.parallel import coded_layers, load_weights
+from sazd.parallel.plan import block_mismatch
 from sazd.train import checkpoint
 from sazd.train.checkpoint import Checkpoint, CheckpointError
 from sazd.train.config import RESUME_FIELDS, TrainConfig
@@ -35,8 +36,6 @@ if TYPE_CHECKING:
 
 # How far a saved DEU block may be from the encoding of the saved plain weights, relative to the
 # block's largest entry: the decode error of those weights plus the rounding an in-place update adds.
-BLOCK_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-2}
-OTHER_DTYPE_TOLERANCE = 5e-2
 
 
 # ------------------------------------------------------------------------------------ saving
@@ -186,7 +185,7 @@ def _saved_workers(coded: dict[str, Tensor], n: int) -> set[int]:
 
 def _check_blocks(coded: dict[str, Tensor], want: dict[str, Tensor]) -> None:
     """Each saved block is one a worker holds (name, shape, dtype, finite; with its momentum when the
-    worker keeps one) and encodes the saved plain weights to within ``BLOCK_TOLERANCE``."""
+    worker keeps one) and encodes the saved plain weights to within ``block_mismatch``'s tolerance."""
     unknown = sorted(set(coded) - set(want))
     if unknown:
         raise CheckpointError(f"checkpoint tensor coded/{unknown[0]} is no block of this run's workers; the "
@@ -197,16 +196,11 @@ def _check_blocks(coded: dict[str, Tensor], want: dict[str, Tensor]) -> None:
             raise CheckpointError(f"checkpoint tensor coded/{key} was saved without its momentum buffer; "
                                   "the checkpoint is incomplete")
     for key, got in coded.items():
-        expected = want[key].to(got.dtype)
-        tol = BLOCK_TOLERANCE.get(got.dtype, OTHER_DTYPE_TOLERANCE)
-        scale = float(expected.abs().max()) if expected.numel() else 0.0
-        diff = float((got - expected).abs().max()) if got.numel() else 0.0
-        if not diff <= tol * scale:
+        why = block_mismatch(got, want[key])
+        if why is not None:
             worker, _, block = key.partition("/")
-            raise CheckpointError(
-                f"checkpoint block {block} of worker {worker} does not encode the checkpoint's plain weights "
-                f"(largest difference {diff:.3g}, allowed {tol * scale:.3g}); the checkpoint was edited or "
-                "is damaged: resume from another checkpoint")
+            raise CheckpointError(f"checkpoint block {block} of worker {worker} {why}; the checkpoint was "
+                                  "edited or is damaged: resume from another checkpoint")
 
 
 def resume_dirs(resume: str | Path) -> tuple[Path | None, Path | None]:
