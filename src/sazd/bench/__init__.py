@@ -1,2 +1,2 @@
-"""`sazd bench stability|codec|train|runtime`: one module per command, each its flags, its checks and
-its printing over the measurement library :mod:`sazd.measure`."""
+"""`sazd bench stability|codec|train|runtime|tp`: one module per command (`tp`: a package), each its
+flags, its checks and its printing over the measurement library :mod:`sazd.measure`."""
