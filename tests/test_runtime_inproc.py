@@ -335,3 +335,20 @@ def test_per_worker_arguments_are_explicit():
     assert all(torch.equal(got[j], blocks[j] @ (x * j)) for j in range(N))
     with pytest.raises(ValueError, match="no argument tuple for workers"):
         cluster.submit("matmul", PerWorker({0: ("w", x)}))
+
+
+def test_worker_counts_its_compute_and_updates_not_its_other_calls():
+    worker = Worker(0)
+    worker.load({"w": torch.randn(64, 64, dtype=torch.float64)})
+    assert worker.counters() == {"compute_s": 0.0, "updates_applied": 0}
+    x = torch.randn(64, 32, dtype=torch.float64)
+    for _ in range(20):
+        worker.matmul("w", x)
+    after_products = worker.counters()["compute_s"]
+    assert after_products > 0
+    worker.ping()
+    worker.state(["w"])
+    assert worker.counters()["compute_s"] == after_products  # only products and updates count
+    worker.sgd([("w", SGDStep(lr=0.1), torch.randn(64, 32, dtype=torch.float64), None)])
+    assert worker.counters()["updates_applied"] == 1
+    assert worker.counters()["compute_s"] > after_products

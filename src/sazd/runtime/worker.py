@@ -72,6 +72,7 @@ class Worker:
         self.delay_factor = 1.0  # straggler injection: compute takes delay_factor times longer
         self.slowdown = 1.0  # and the running call's own factor (``call``) times that
         self.updates_applied = 0
+        self.compute_s = 0.0  # seconds of compute: CPU time of the computing thread (GPU: synchronized wall)
 
     @classmethod
     def check_dtype(cls, compute_dtype: str | None) -> str | None:
@@ -115,6 +116,11 @@ class Worker:
         self.delay_factor = float(factor)
         return self.index
 
+    def counters(self) -> dict[str, float]:
+        """What this worker did so far: its seconds of compute (products and updates, without any
+        straggler stall) and the updates it applied."""
+        return {"compute_s": self.compute_s, "updates_applied": self.updates_applied}
+
     def ping(self) -> int:
         return self.index
 
@@ -123,7 +129,7 @@ class Worker:
         """This worker's coded product: ``weights[key] @ x``."""
         if key not in self.weights:
             raise KeyError(f"worker {self.index} holds no block {key!r} (blocks: {sorted(self.weights)})")
-        start = time.perf_counter()
+        start = self._clock()
         x = x.to(self.device)
         self.last_input[key] = x
         out = self._product(self.weights[key], x)
@@ -146,7 +152,7 @@ class Worker:
         buffer (not Nesterov) the product accumulates straight into it, buf = mu*buf + (1 - dampening)
         * (left @ inputs^T + wd*w); plain SGD adds it straight into the weight. Each line is linear
         in (w, gradient, buf), so the blocks stay the encoding of the true weights."""
-        start = time.perf_counter()
+        start = self._clock()
         for update in updates:
             key, step, left, *inputs = update
             if key not in self.weights:
@@ -192,14 +198,24 @@ class Worker:
         finally:
             self.slowdown = 1.0
 
-    def _stall(self, start: float) -> None:
-        """Straggler injection: make the compute since ``start`` take ``delay_factor x slowdown`` times
-        as long."""
+    def _clock(self) -> tuple[float, float]:
+        """Where a computation starts: (wall, compute) clocks."""
+        return time.perf_counter(), self._compute_clock()
+
+    def _compute_clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return time.perf_counter()
+        return time.thread_time()  # not the time other processes on a shared core took
+
+    def _stall(self, start: tuple[float, float]) -> None:
+        """Count the compute since ``start``; straggler injection: make it take ``delay_factor x
+        slowdown`` times as long (wall)."""
+        wall, compute = start
+        self.compute_s += self._compute_clock() - compute
         factor = self.delay_factor * self.slowdown
         if factor > 1:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            time.sleep((factor - 1) * (time.perf_counter() - start))
+            time.sleep((factor - 1) * (time.perf_counter() - wall))
 
 
 # The closed set of calls a master may make (and a worker's connection accepts): every public method
