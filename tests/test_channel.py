@@ -4,6 +4,7 @@ that injects, replays, reorders and alters messages after the handshake, with an
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import resource
@@ -293,6 +294,7 @@ import resource, sys, threading, time
 from sazd.runtime import channel
 channel.HANDSHAKE_S = 1.0
 address = channel.serve("127.0.0.1", b"k" * 32, lambda m, s, a: "ok", frozenset({"ok"}))
+import hashlib
 import os
 opened = len(os.listdir("/proc/self/fd"))
 resource.setrlimit(resource.RLIMIT_NOFILE, (opened + 4, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
@@ -482,3 +484,13 @@ def test_a_call_larger_than_the_socket_buffers_arrives_exactly_and_the_caller_do
     wait_done([first, reply], timeout_s=30.0)
     assert torch.equal(reply.result()[2][0], big)
     link.close()
+
+
+def test_a_tensor_shared_by_the_calls_of_one_submit_is_hashed_once():
+    shared, own = torch.randn(64, 8), [torch.randn(4), torch.randn(4)]
+    digests: dict = {}
+    calls = [encode(("w", shared, mine), digests) for mine in own]
+    assert calls[0].digests[0] is calls[1].digests[0]  # one hash of the shared bytes
+    assert calls[0].digests[1] != calls[1].digests[1]
+    for call, mine in zip(calls, own, strict=True):
+        assert call.digests == tuple(hashlib.sha256(t.numpy().tobytes()).digest() for t in (shared, mine))

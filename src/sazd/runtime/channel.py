@@ -15,14 +15,17 @@ Layers, bottom up:
   derive a key per direction from the two nonces. The whole handshake (TLS included) is bounded by
   ``HANDSHAKE_S``.
 - ``Sealed``: every message carries HMAC-SHA256 tags under its direction's key and its sequence
-  number (one tag over the header, checked before the header is parsed, one over the whole
-  message). A message injected, replayed, reordered, cut or altered on the path fails its tag, and
-  the connection breaks: the worker is an erasure, never a source of code or wrong values.
+  number (one tag over the header, checked before the header is parsed, one over the header and
+  the SHA-256 digest of each tensor's bytes). A message injected, replayed, reordered, cut or
+  altered on the path fails its tag, and the connection breaks: the worker is an erasure, never a
+  source of code or wrong values. A tensor's digest is computed once per call, however many workers
+  it goes to; each receiver hashes the bytes it got.
 - The message schema (``sazd.runtime.wire``): msgpack, nothing unpickled; a header holds the
   method (from the worker's closed set), numbers, strings, records and tensor slots; each tensor's
   raw bytes follow, received straight into a fresh tensor's memory.
-- Calls to one worker are answered in the order sent. The worker reads in a thread of its own
-  while it computes, so the master's writes never wait on its work. The master has one thread for
+- Calls to one worker are answered in the order sent, by one thread per connection that reads,
+  runs and answers each call in turn; the master's writes never wait on a busy worker, since the
+  socket takes what it can and the master's hub writes the rest later. The master has one thread for
   all its connections (``Hub``, a selector): a call is written on the caller's thread as far as
   the socket takes it (one ``sendmsg`` per message), the hub finishes the rest and reads every
   answer as its bytes arrive, so a large message in one direction never waits on the other and a
@@ -140,24 +143,40 @@ def _shut(sock: socket.socket) -> None:
 # ---------------------------------------------------------------------------------------- sealing
 @dataclass(frozen=True)
 class Encoded:
-    """A call's arguments ready to write: the packed argument list and its tensors, in slot order."""
+    """A call's arguments ready to write: the packed argument list, its tensors in slot order and
+    the SHA-256 digest of each tensor's bytes."""
 
     body: bytes
     tensors: tuple[torch.Tensor, ...]
+    digests: tuple[bytes, ...]
 
 
-def encode(args: tuple) -> Encoded:
-    """``args`` packed for the wire (``sazd.runtime.wire``); TypeError naming what cannot travel."""
+def encode(args: tuple, digests: dict[tuple[int, int], bytes] | None = None) -> Encoded:
+    """``args`` packed for the wire (``sazd.runtime.wire``); TypeError naming what cannot travel.
+    ``digests`` keeps each tensor's digest, by the address and length of its bytes, for the other
+    calls of one submit that share the tensor (whose bytes stay alive and unchanged meanwhile): its
+    bytes are hashed once."""
     try:
         body, tensors = wire.pack(list(args))
     except TypeError as err:
         raise TypeError(f"cannot send {type(args).__name__} to a worker: {err}") from None
-    return Encoded(body, tuple(tensors))
+    known = {} if digests is None else digests
+    out = []
+    for t in tensors:
+        where = (t.data_ptr(), t.numel() * t.element_size())
+        if where not in known:
+            known[where] = _digest(_raw(t))
+        out.append(known[where])
+    return Encoded(body, tuple(tensors), tuple(out))
 
 
 def _raw(t: torch.Tensor) -> memoryview:
     """The bytes of contiguous CPU tensor ``t``, as a writable view of its memory."""
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _digest(raw: memoryview) -> bytes:
+    return hashlib.sha256(raw).digest()
 
 
 class Sealed:
@@ -168,18 +187,18 @@ class Sealed:
         self._keys = keys
         self._sent = self._received = 0
 
-    def frames(self, header: bytes,
-               tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> list[memoryview]:
-        """One message as the buffers to write in order (the tags computed over them), the next
-        sequence number taken."""
+    def frames(self, header: bytes, tensors: tuple[torch.Tensor, ...] | list[torch.Tensor],
+               digests: tuple[bytes, ...] | None = None) -> list[memoryview]:
+        """One message as the buffers to write in order (the tags computed over the header and the
+        tensors' ``digests``, computed here if not given), the next sequence number taken."""
         mac = hmac.new(self._keys.send, self._sent.to_bytes(8, "big"), hashlib.sha256)
         self._sent += 1
         head = _LENGTH.pack(len(header)) + header
         mac.update(head)
         out = [memoryview(head + mac.copy().digest())]
-        for t in tensors:
+        for i, t in enumerate(tensors):
             raw = _raw(t)
-            mac.update(raw)
+            mac.update(_digest(raw) if digests is None else digests[i])
             if raw.nbytes:
                 out.append(raw)
         out.append(memoryview(mac.digest()))
@@ -211,7 +230,7 @@ class Sealed:
             raw = _raw(t)
             if raw.nbytes:
                 yield raw
-                mac.update(raw)
+            mac.update(_digest(raw))
         yield memoryview(tag)
         if not hmac.compare_digest(bytes(tag), mac.digest()):
             raise wire.WireError("a message's tensors failed their integrity check")
@@ -476,7 +495,8 @@ class Channel:
             if self._closed:
                 return reply  # failed by the close
             queued = bool(self._out)
-            self._out += self._sealed.frames(wire.call(method, slowdown, args.body), args.tensors)
+            header = wire.call(method, slowdown, args.body)
+            self._out += self._sealed.frames(header, args.tensors, args.digests)
             if not queued:  # nothing waits before it: write now
                 self._pump(by_hub=False)
         return reply

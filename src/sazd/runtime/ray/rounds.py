@@ -80,11 +80,12 @@ class Rounds:
                   broadcast: bool) -> dict[int, Any]:
         """Each worker's call encoded (and checked) before anyone is asked, each tensor copied once."""
         copies: dict[int, torch.Tensor] = {}
+        digests: dict[tuple[int, int], bytes] = {}  # of the copies, alive until the calls are written
         try:
             if broadcast:
                 shared = encode(own_copy(per_worker[workers[0]], copies))
                 return {j: shared for j in workers}
-            return {j: encode(own_copy(per_worker[j], copies)) for j in workers}
+            return {j: encode(own_copy(per_worker[j], copies), digests) for j in workers}
         except TypeError as err:
             raise TypeError(f"submit {method!r}: {err}") from None
 
