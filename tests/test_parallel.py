@@ -13,6 +13,7 @@ from sazd.codes import get_code
 from sazd.parallel import (
     Coded,
     coded_layers,
+    context,
     parallelize,
     plain_model,
     plain_state_dict,
@@ -378,3 +379,31 @@ def test_predicted_traffic_scales_as_design_says():
     assert deu["bytes_to_workers"] == 2 * (rounds + 2 * R * N * s)
     assert naive["bytes_to_workers"] > 3 * deu["bytes_to_workers"]
     assert naive["bytes_from_workers"] == deu["bytes_from_workers"] == 2 * 2 * 256 * N * s
+
+
+@pytest.mark.parametrize("scheme", ["naive", "deu"])
+def test_a_model_that_is_gone_is_freed_and_its_blocks_leave_the_workers(scheme):
+    """Nothing of a trained model outlives it (its activations' graphs included), and the workers
+    drop its blocks when the next model is coded on the cluster."""
+    import gc
+    import weakref
+
+    import sazd
+
+    cluster = InProcessCluster(6)
+    first = nn.Sequential(OrderedDict(a=nn.Linear(32, 32), act=nn.ReLU(), b=nn.Linear(32, 32)))
+    sazd.parallelize(first, get_code("sazd", 6, 4), cluster, scheme=scheme, min_features=8)
+    opt = sazd.coded_optimizer(torch.optim.SGD(first.parameters(), lr=0.1, momentum=0.9))
+    for _ in range(2):
+        opt.zero_grad()
+        first(torch.randn(4, 32)).square().mean().backward()
+        opt.step()
+    gone = weakref.ref(context(first))
+    del first, opt
+    gc.collect()
+    assert gone() is None
+    second = nn.Sequential(OrderedDict(c=nn.Linear(32, 32)))
+    sazd.parallelize(second, get_code("sazd", 6, 4), cluster, scheme=scheme, min_features=8)
+    held = cluster.wait_all(cluster.submit("state", (None,)))
+    assert all(set(state["weights"]) == context(second).block_keys for state in held.values())
+    assert context(second).block_keys == {"c.row", "c.col"}  # the gone model's prefix is free again

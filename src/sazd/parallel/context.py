@@ -93,10 +93,16 @@ class CodedContext:
         self.left_on_master: dict[str, str] = {}  # layers the plan did not code: why
         self.stats = PhaseStats()
         self.layers: dict[str, CodedLayer] = {}  # by coded weight name ("fc1", "attn.in_proj_weight")
+        self.block_keys: set[str] = set()  # of every layer; the workers drop them once this model is gone
         self.prefix = _claim_prefix(cluster, self)
         CodedContext.live.add(self)
         self.rounds: dict[str, RoundRecord] = {}  # block key -> its latest round
         self._queued: dict[int, list[tuple[str, tuple]]] | None = None  # inside batched(): per worker
+
+    def add(self, layer: CodedLayer) -> None:
+        """A coded weight of this model."""
+        self.layers[layer.name] = layer
+        self.block_keys.update(layer.keys)
 
     # ------------------------------------------------------------ encoding
     def encode(self, T: Tensor, rows: int) -> list[Tensor]:
@@ -123,6 +129,7 @@ class CodedContext:
     def product(self, key: str, x: Tensor, rows: int) -> tuple[Tensor, RoundRecord]:
         """One coded round: the workers multiply their block ``key`` by ``x``; the first k answers
         decode into the (padded) product with ``rows`` rows. Returns it with the round's record."""
+        x = x.detach()  # what the workers keep: a view of an activation would keep its graph, and the model, alive
         start = time.perf_counter()
         answers = self.cluster.compute("matmul", Broadcast((key, x)), self.code.k, self.code.can_decode)
         self.stats.worker_s += time.perf_counter() - start
@@ -198,16 +205,19 @@ class CodedContext:
 
 def _claim_prefix(cluster: Cluster, ctx: CodedContext) -> str:
     """A block-key prefix no other live model on ``cluster`` uses: "" for the first, "m1:", "m2:"...
-    after it, so two models with the same layer names never read each other's blocks."""
-    owners: dict[str, weakref.ref] = cluster.__dict__.setdefault("_sazd_models", {})
-    index = 0
-    while True:
-        prefix = "" if index == 0 else f"m{index}:"
-        owner = owners.get(prefix)
-        if owner is None or owner() is None:
-            owners[prefix] = weakref.ref(ctx)
-            return prefix
+    after it, so two models with the same layer names never read each other's blocks. The workers
+    first drop the blocks of the models that are gone."""
+    owners: dict[str, tuple[weakref.ref, set[str]]] = cluster.__dict__.setdefault("_sazd_models", {})
+    gone = [prefix for prefix, (owner, _) in owners.items() if owner() is None]
+    keys = sorted(key for prefix in gone for key in owners.pop(prefix)[1])
+    if keys and cluster.alive():
+        cluster.submit("drop", Broadcast((keys,)))
+    prefix, index = "", 0
+    while prefix in owners:
         index += 1
+        prefix = f"m{index}:"
+    owners[prefix] = (weakref.ref(ctx), ctx.block_keys)
+    return prefix
 
 
 def pad_rows(T: Tensor, rows: int) -> Tensor:

@@ -116,7 +116,7 @@ def parallelize(
             param = getattr(model.get_submodule(target.module), target.attr)
             own = scheme if style.scheme is None else get_scheme(style.scheme)
             layer = CodedLayer(target.name, target.weight_name, param, ctx, own, target.transposed)
-            ctx.layers[target.name] = layer
+            ctx.add(layer)
             own.hold(layer)
     return model
 

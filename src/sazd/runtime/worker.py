@@ -96,6 +96,13 @@ class Worker:
             self.momentum[key] = buf.to(self.device).clone()
         return self.index
 
+    def drop(self, keys: list[str]) -> int:
+        """Forget the blocks of ``keys``, their momentum and last inputs (their model is gone)."""
+        for key in keys:
+            for held in (self.weights, self.momentum, self.last_input):
+                held.pop(key, None)
+        return self.index
+
     def drop_momentum(self, keys: list[str]) -> int:
         """Forget the momentum buffers of ``keys`` (a new optimizer starts without momentum)."""
         for key in keys:
