@@ -48,10 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds one TP launch may take")
+    parser.add_argument("--timeout", type=float, default=900.0,
+                        help="seconds one TP launch (all its phases) may take")
     parser.add_argument("--target", type=float, default=None,
                         help="also measure the time to this test accuracy (mlp, e.g. 0.75) or validation "
-                        "loss (gpt, e.g. 2.5): every phase trains a fresh model until it gets there")
+                        "loss (gpt, e.g. 3.2): every phase trains a fresh model until it gets there")
     parser.add_argument("--eval-every", type=int, default=None,
                         help=f"with --target: evaluate every this many steps (default {EVAL_EVERY})")
     parser.add_argument("--max-steps", type=int, default=None,

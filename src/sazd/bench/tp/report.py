@@ -122,7 +122,7 @@ def profile_table(phases: list[dict[str, Any]]) -> str:
 
 def sweeps(phases: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per sweep (``factor``: one slow worker; ``prob``: slow calls) the x values, each side's p50 and
-    each sazd side's crossover with TP."""
+    each sazd side's crossover with TP; with a target, the same for the time to it."""
     out: dict[str, dict[str, Any]] = {}
     quiet = next((p for p in phases if p["straggler"]["kind"] == "none"), None)
     for name in ("factor", "prob"):

@@ -39,7 +39,7 @@ class Target:
             raise ValueError(f"--target {self.value}: a test accuracy must be in (0, 1], e.g. 0.75")
         if self.metric == "loss" and not (self.value > 0 and math.isfinite(self.value)):
             raise ValueError(f"--target {self.value}: a validation loss must be a finite number > 0, "
-                             "e.g. 2.5")
+                             "e.g. 3.2")
         if type(self.every) is not int or self.every < 1:
             raise ValueError(f"--eval-every must be an integer >= 1, got {self.every!r}")
         if type(self.max_steps) is not int or self.max_steps < 1:
