@@ -296,6 +296,12 @@ class Recorder(LatencyModel):
         begun = self.start.get(worker, 0)
         return task - begun if task >= begun else task
 
+    def skip(self, tasks: dict[int, int]) -> None:
+        """Leave ``tasks[worker]`` calls just made out of the count (e.g. an evaluation between steps):
+        the next call of each worker is numbered as if they had not happened."""
+        for worker, count in tasks.items():
+            self.start[worker] = self.start.get(worker, 0) + count
+
     def slowdown(self, worker: int, task: int) -> float:
         factor = self.inner.slowdown(worker, self._call(worker, task))
         self.calls[worker] += 1

@@ -8,7 +8,8 @@ intensity: one worker/rank ``--factors`` times slower, and each call slow (x``--
 with probability ``--probs``; ``--extras`` adds a noisy neighbour, shifted-exponential and Pareto
 random delays, and a worker that dies mid-run (last: TP stops there). Prints the table (and with
 ``--profile`` the master's time per DEU iteration); ``--out DIR`` writes JSON, markdown and the plot
-with the crossover marked.
+with the crossover marked. ``--target`` adds the time each side takes to a test accuracy (mlp) or
+validation loss (gpt), per phase (``sazd.bench.tp.target``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 SIDES = ("sazd+1", "sazd+2", "cyclic+2", "uncoded")
 EXTRAS = ("noisy", "shiftexp", "pareto", "dead")
+EVAL_EVERY, MAX_STEPS, EVAL_LIMIT = 5, 300, {"mlp": 1000, "gpt": 128}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +48,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds one TP launch may take")
+    parser.add_argument("--timeout", type=float, default=900.0,
+                        help="seconds one TP launch (all its phases) may take")
+    parser.add_argument("--target", type=float, default=None,
+                        help="also measure the time to this test accuracy (mlp, e.g. 0.75) or validation "
+                        "loss (gpt, e.g. 3.2): every phase trains a fresh model until it gets there")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help=f"with --target: evaluate every this many steps (default {EVAL_EVERY})")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help=f"with --target: steps a phase may take to get there (default {MAX_STEPS})")
+    parser.add_argument("--eval-limit", type=int, default=None,
+                        help="with --target: held-out samples (gpt: windows) evaluated on (default "
+                        + ", ".join(f"{m} {n}" for m, n in EVAL_LIMIT.items()) + ")")
     parser.add_argument("--profile", action="store_true",
                         help="also print the master's DEU iteration profile")
     parser.add_argument("--quick", action="store_true",
@@ -116,10 +129,33 @@ def check(args: argparse.Namespace) -> None:
         if hidden[2] % args.k or hidden[0] % hidden[2]:
             raise ValueError(f"--gpt {args.gpt}: heads must divide over k={args.k} ranks and channels over "
                              "heads")
+    target_of(args)
     if args.out is not None:
         from sazd.bench.tp.report import check_out
 
         check_out(args.out)
+
+
+def target_of(args: argparse.Namespace) -> Any:
+    """The ``Target`` of ``--target`` (None without it); its flags are refused without it."""
+    from sazd.bench.tp.target import METRICS, Target
+
+    given = [f"--{name.replace('_', '-')}" for name in ("eval_every", "max_steps", "eval_limit")
+             if getattr(args, name) is not None]
+    if args.target is None:
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --target; add --target or drop them")
+        return None
+    if args.eval_limit is not None and args.eval_limit < 1:
+        raise ValueError(f"--eval-limit must be >= 1, got {args.eval_limit}")
+    every = EVAL_EVERY if args.eval_every is None else args.eval_every
+    most = MAX_STEPS if args.max_steps is None else args.max_steps
+    target = Target(METRICS[args.model], args.target, every, most)
+    least = args.warmup + args.iterations
+    if target.max_steps < least:
+        raise ValueError(f"--max-steps {target.max_steps} is below the {least} steps every phase runs "
+                         "(--warmup + --iterations); raise it")
+    return target
 
 
 def gpt_hidden(text: str) -> tuple[int, int, int]:
@@ -138,7 +174,15 @@ def command_line(args: argparse.Namespace) -> str:
              "--warmup", str(args.warmup), "--iterations", str(args.iterations), "--batch-size",
              str(args.batch_size), "--train-limit", str(args.train_limit)]
     flags += ["--width", str(args.width)] if args.model == "mlp" else ["--gpt", args.gpt]
+    target = target_of(args)
+    if target is not None:
+        flags += ["--target", f"{target.value:g}", "--eval-every", str(target.every), "--max-steps",
+                  str(target.max_steps), "--eval-limit", str(eval_limit(args))]
     return "sazd bench tp " + shlex.join(flags)
+
+
+def eval_limit(args: argparse.Namespace) -> int:
+    return EVAL_LIMIT[args.model] if args.eval_limit is None else args.eval_limit
 
 
 def loadavg() -> str:
@@ -158,9 +202,10 @@ def run(args: argparse.Namespace) -> int:
     plan = phases(args)
     hidden = (args.width, args.width) if args.model == "mlp" else gpt_hidden(args.gpt)
     dataset = args.dataset or ("fashion-mnist" if args.model == "mlp" else "pystdlib")
+    target = target_of(args)
     work = Workload(model=args.model, hidden=hidden, dataset=dataset, train_limit=args.train_limit,
                     batch_size=args.batch_size, warmup=args.warmup, iterations=args.iterations, lr=args.lr,
-                    momentum=args.momentum, seed=args.seed)
+                    momentum=args.momentum, seed=args.seed, target=target, eval_limit=eval_limit(args))
     coded = sazd_sides(args.k, _names(args.sides, "--sides", SIDES))
     sides = [TPSide(args.k, timeout_s=args.timeout), *coded]
     stragglers = [p[0] for p in plan]
@@ -183,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
     result = {"title": title, "command": command_line(args), "machine": machine_line(machine()),
               "uptime_before": before, "uptime_after": loadavg(), "phases": rows,
               "sweeps": report.sweeps(rows),
+              "target": None if target is None else {**target.to_dict(), "eval_limit": work.data.n_test},
               "straggler_note": "a slow worker/rank sleeps (f-1) x its measured compute (sazd: per call, TP: "
               "per step); random delays draw the same seeded factors for worker j's t-th call on both sides; "
               "the noisy neighbour and the dead worker are what the table's note says"}
@@ -191,10 +237,14 @@ def run(args: argparse.Namespace) -> int:
 
         print(json.dumps(result, indent=2, default=str))
     else:
-        print(report.table(rows))
+        if result["target"] is not None:
+            print("time to target: " + report.target_note(result["target"]))
+        print(report.table(rows, result["target"]))
         for name, data in result["sweeps"].items():
-            print(f"crossover ({name}): " + ", ".join(f"{s}: {x if x is None else round(x, 3)}"
-                                                     for s, x in data["crossover"].items()))
+            print(f"crossover ({name}): {report.crossovers(data['crossover'])}")
+            if "crossover_time_to_target" in data:
+                print(f"crossover of the time to target ({name}): "
+                      f"{report.crossovers(data['crossover_time_to_target'])}")
         if args.profile:
             print(report.profile_table(rows))
     if args.out is not None:

@@ -19,8 +19,12 @@ measures its compute, the median time of one step's forward and backward on its 
 (``local_copy``). In a phase its call ``t`` (= the phase's step t) is slowed by the shared latency
 model's factor ``slowdown(rank, t)`` (a sleep of ``(factor - 1) x compute`` after the step's
 backward), it exits at the call the model says it dies, and a noisy neighbour takes CPU from it.
-Results go to ``<out>/rank<R>.json`` (and, if asked, the trained parameters, gathered and in the
-plain model's layout, to ``params.safetensors`` by rank 0).
+With a ``target`` in the spec (``sazd.bench.tp.target``) every phase starts from a fresh model and
+optimizer (the ``prewarm`` steps before the first phase train one thrown away) and is evaluated on
+the held-out set every ``every`` steps: a forward of the sharded model on every rank, rank 0's
+metric broadcast so that all ranks stop at the same step, then a barrier, so the evaluation stays
+out of the next step's time. Results go to ``<out>/rank<R>.json`` (and, if asked, the trained
+parameters, gathered and in the plain model's layout, to ``params.safetensors`` by rank 0).
 """
 
 from __future__ import annotations
@@ -144,6 +148,20 @@ def local_copy(spec: dict[str, Any], model: nn.Module, k: int) -> nn.Module:
     return copy
 
 
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Any, x: Tensor, y: Tensor, chunk: int = 2048) -> tuple[float, float]:
+    """(loss, accuracy) of ``model`` on a held-out set, as ``Trainer.evaluate`` computes them."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for i in range(0, x.shape[0], chunk):
+        logits = model(x[i:i + chunk])
+        loss_sum += float(task.loss(logits, y[i:i + chunk], reduction="sum"))
+        correct += int(task.correct(logits, y[i:i + chunk]))
+    model.train()
+    n = max(y.numel(), 1)
+    return loss_sum / n, correct / n
+
+
 def measure_compute(module: nn.Module, task: Any, xb: Tensor, yb: Tensor, repeats: int = 5) -> float:
     """Median seconds of one forward + backward of ``module`` on a batch (the first call unmeasured)."""
     times = []
@@ -166,7 +184,8 @@ def data(spec: dict[str, Any]) -> Any:
         bundle = synthetic_data(spec["train_limit"], spec["seed"])
         bundle.train_x = bundle.train_x.to(getattr(torch, spec["dtype"]))
         return bundle
-    return load_dataset(spec["dataset"], train_limit=spec["train_limit"], test_limit=64, seed=spec["seed"],
+    return load_dataset(spec["dataset"], train_limit=spec["train_limit"],
+                        test_limit=spec.get("eval_limit", 64), seed=spec["seed"],
                         dtype=getattr(torch, spec["dtype"]))
 
 
@@ -191,6 +210,7 @@ def run(spec: dict[str, Any], rank: int, world: int, out: Path) -> dict[str, Any
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    from sazd.bench.tp.target import Schedule, Target
     from sazd.models import task_of
     from sazd.stragglers import from_dict, straggle
 
@@ -203,20 +223,33 @@ def run(spec: dict[str, Any], rank: int, world: int, out: Path) -> dict[str, Any
                             timeout=timedelta(seconds=spec.get("collective_timeout_s", 60)))
     try:
         mesh = init_device_mesh(device, (world,))
-        model = build(spec)
-        task = task_of(model)
-        model = parallelize(model.to(device), mesh, world)
-        optimizer = torch.optim.SGD(model.parameters(), lr=spec["lr"], momentum=spec["momentum"])
-        steps = spec_batches(spec, data(spec))
+        target = None if spec.get("target") is None else Target(**spec["target"])
+        task = task_of(build(spec))
+
+        def fresh() -> tuple[nn.Module, torch.optim.Optimizer]:
+            model = parallelize(build(spec).to(device), mesh, world)
+            return model, torch.optim.SGD(model.parameters(), lr=spec["lr"], momentum=spec["momentum"])
+
+        model, optimizer = fresh()
+        bundle = data(spec)
+        steps = spec_batches(spec, bundle)
+        held_out = (bundle.test_x.to(device), bundle.test_y.to(device))
         xb0, yb0 = (t.to(device) for t in steps[0])
         compute_s = measure_compute(local_copy(spec, model, world).to(device), task, xb0, yb0)
         record: dict[str, Any] = {"rank": rank, "world": world, "backend": backend, "compute_s": compute_s,
                                   "pid": os.getpid(), "phases": []}
+        for xb, yb in steps[:spec.get("prewarm", 0)]:  # the first collectives' set-up, on a model thrown away
+            optimizer.zero_grad(set_to_none=True)
+            task.loss(model(xb.to(device)), yb.to(device)).backward()
+            optimizer.step()
         for straggler in (from_dict(d) for d in spec["phases"]):
             latency = straggler.latency().bind(world)
+            if target is not None:  # time to the target: every phase from the seed's initial weights
+                model, optimizer = fresh()
+            schedule = Schedule(target, spec.get("min_steps", len(steps)))
             phase: dict[str, Any] = {"straggler": straggler.to_dict(), "iteration_s": [], "loss": [],
                                      "slept_s": [], "slowed_steps": [], "died_at": None, "neighbour": None,
-                                     "error": None}
+                                     "error": None, "evals": schedule.evals, "complete": False}
             record["phases"].append(phase)
             dist.barrier()
             with straggler.around({rank: os.getpid()}) as neighbour, _recorded(out, rank, record, phase):
@@ -242,6 +275,13 @@ def run(spec: dict[str, Any], rank: int, world: int, out: Path) -> dict[str, Any
                     phase["iteration_s"].append(now - last)
                     phase["loss"].append(float(loss.detach()))
                     last = now
+                    if schedule.evaluates(step + 1):
+                        schedule.record(step + 1, *_agreed(evaluate(model, task, *held_out), device))
+                        dist.barrier()  # every rank done evaluating before the next step's clock starts
+                        last = time.perf_counter()
+                    if schedule.done(step + 1):
+                        break
+                phase["complete"] = True
             _write(out, rank, record)
         if spec.get("save_params"):
             state = plain_state(model, world)
@@ -255,6 +295,15 @@ def run(spec: dict[str, Any], rank: int, world: int, out: Path) -> dict[str, Any
         return record
     finally:
         dist.destroy_process_group()
+
+
+def _agreed(metrics: tuple[float, float], device: str) -> tuple[float, float]:
+    """Rank 0's (loss, accuracy) on every rank, so that all ranks stop at the same step."""
+    import torch.distributed as dist
+
+    values = torch.tensor(metrics, dtype=torch.float64, device=device)
+    dist.broadcast(values, 0)
+    return float(values[0]), float(values[1])
 
 
 @contextlib.contextmanager

@@ -11,6 +11,13 @@ training goes on from phase to phase. Both sides return one ``PhaseResult`` per 
 iteration times (after the warm-up), the losses, which workers the straggler slowed and how many
 times (TP: the ranks' recorded sleeps; sazd: the master's ``Recorder`` of the factors it sent), and
 how the run ended (TP: stops when a rank dies; sazd: repairs).
+
+With a ``Target`` (``sazd.bench.tp.target``) each phase trains a fresh model from the seed until the
+target (or ``max_steps``; before the first phase, ``warmup`` steps on weights thrown away warm both
+sides' processes up), evaluating each side's own model on the held-out set: TP its sharded
+model, sazd the weights decoded from its workers (``Trainer.evaluate``, with the phase's stragglers
+paused and its calls left out of the phase's call count). Each ``PhaseResult`` then carries every
+step's time, the evaluations, and the step and seconds at which the target was reached.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from sazd.bench.tp.target import Schedule, Target, time_to_target
 from sazd.stragglers import Recorder, Straggler
 
 
@@ -38,10 +46,18 @@ class Workload:
     momentum: float = 0.9
     seed: int = 0
     dtype: str = "float32"
+    target: Target | None = None
+    eval_limit: int = 64  # held-out samples (gpt: windows) the target is evaluated on
+
+    @property
+    def min_steps(self) -> int:
+        """Steps every phase runs: the unmeasured and the measured ones."""
+        return self.warmup + self.iterations
 
     @property
     def steps(self) -> int:
-        return self.warmup + self.iterations
+        """Batches of a phase: with a target up to ``max_steps`` (at least ``min_steps``)."""
+        return self.min_steps if self.target is None else max(self.min_steps, self.target.max_steps)
 
     @cached_property
     def data(self) -> Any:
@@ -55,15 +71,17 @@ class Workload:
             bundle = synthetic_data(self.train_limit, self.seed)
             bundle.train_x = bundle.train_x.to(getattr(torch, self.dtype))
             return bundle
-        return load_dataset(self.dataset, train_limit=self.train_limit, test_limit=64, seed=self.seed,
-                            dtype=getattr(torch, self.dtype))
+        return load_dataset(self.dataset, train_limit=self.train_limit, test_limit=self.eval_limit,
+                            seed=self.seed, dtype=getattr(torch, self.dtype))
 
     def tp_spec(self, phases: list[Straggler]) -> dict[str, Any]:
         return {"model": self.model, "in_shape": list(self.data.in_shape),
                 "num_classes": self.data.num_classes, "hidden": list(self.hidden), "seed": self.seed,
                 "dtype": self.dtype, "dataset": self.dataset,
                 "train_limit": self.train_limit, "batch_size": self.batch_size, "steps": self.steps,
-                "lr": self.lr, "momentum": self.momentum, "phases": [p.to_dict() for p in phases]}
+                "lr": self.lr, "momentum": self.momentum, "phases": [p.to_dict() for p in phases],
+                "target": None if self.target is None else self.target.to_dict(), "min_steps": self.min_steps,
+                "eval_limit": self.eval_limit, "prewarm": 0 if self.target is None else self.warmup}
 
     def batches(self) -> list[Any]:
         """The ``steps`` batches of every phase, exactly the TP ranks' (``rank.spec_batches``)."""
@@ -97,6 +115,9 @@ class PhaseResult:
     neighbour: str | None = None
     compute_s: float | None = None  # TP: a rank's measured compute per step
     profile: dict[str, float] = field(default_factory=dict)  # sazd: the master's phases per iteration
+    step_s: list[float] = field(default_factory=list)  # every step's time, the unmeasured ones included
+    evals: list[tuple[int, float]] = field(default_factory=list)  # (step, metric) on the held-out set
+    steps_to_target: int | None = None  # the first evaluated step that reached the target
 
     @property
     def p50(self) -> float | None:
@@ -114,12 +135,19 @@ class PhaseResult:
         """Per-worker cost of an iteration: p50 seconds x workers."""
         return None if self.p50 is None else self.p50 * self.workers
 
+    @property
+    def time_to_target(self) -> float | None:
+        """Wall seconds of the training steps up to the target (evaluations excluded); None: not reached."""
+        return time_to_target(self.step_s, self.steps_to_target)
+
     def to_dict(self) -> dict[str, Any]:
         return {"side": self.side, "workers": self.workers, "straggler": self.straggler, "p50_s": self.p50,
                 "p95_s": self.p95, "cost_worker_s": self.cost, "iteration_s": self.iteration_s,
                 "loss": self.loss, "slowed": {str(w): c for w, c in self.slowed.items()},
                 "stopped": self.stopped, "repairs": self.repairs, "neighbour": self.neighbour,
-                "compute_s": self.compute_s, "profile": self.profile}
+                "compute_s": self.compute_s, "profile": self.profile, "step_s": self.step_s,
+                "evals": [list(e) for e in self.evals], "steps_to_target": self.steps_to_target,
+                "time_to_target_s": self.time_to_target}
 
 
 class TPSide:
@@ -142,15 +170,16 @@ class TPSide:
                                        stopped=result.stopped or "not reached"))
                 continue
             lead = per_rank[0][i] if len(per_rank[0]) > i else began[0]
-            done = len(lead["iteration_s"]) == work.steps and all(p["error"] is None for p in began) and \
-                all(p["died_at"] is None for p in began)
+            done = all(p["complete"] and p["error"] is None and p["died_at"] is None for p in began)
             slowed = {r: len(p[i]["slowed_steps"]) for r, p in enumerate(per_rank)
                       if len(p) > i and p[i]["slowed_steps"]}
             neighbour = next((p["neighbour"] for p in began if p["neighbour"]), None)
             compute = statistics.fmean(rec["compute_s"] for rec in result.records if rec is not None)
+            evals = [(int(step), value) for step, value in lead["evals"]]
             out.append(PhaseResult(self.label, self.k, straggler.to_dict(), lead["iteration_s"][work.warmup:],
                                    lead["loss"], slowed, stopped=None if done else result.stopped,
-                                   neighbour=neighbour, compute_s=compute))
+                                   neighbour=neighbour, compute_s=compute, step_s=list(lead["iteration_s"]),
+                                   evals=evals, steps_to_target=_first(work, evals)))
         return out
 
 
@@ -172,36 +201,83 @@ class SazdSide:
         out = []
         with make_cluster("ray", self.n, seed=work.seed, worker_timeout_s=60.0) as cluster, \
                 Trainer(cfg, cluster=cluster, data=work.data) as trainer:
+            if work.target is not None:  # warm the processes up on weights thrown away: as TP's ranks do
+                for xb, yb in batches[:work.warmup]:
+                    trainer.step(xb, yb)
             for straggler in phases:
+                if work.target is not None:  # time to the target: every phase from the seed's weights
+                    self._restart(trainer, work)
                 begun = dict(enumerate(cluster.schedule_state()["tasks"]))  # calls counted from here on
                 recorder = Recorder(straggler.latency(), start=begun).bind(self.n)
                 cluster.latency = recorder  # the factors and deaths of this phase's calls
                 before = (len(trainer.history), len(trainer.maintainer.repairs), cluster.counters.snapshot())
                 pids = dict(enumerate(cluster.pids()))
+                schedule = Schedule(work.target, work.min_steps)
+                evaluated = {"calls": 0, "rounds": 0}
                 stopped = None
                 with straggler.around(pids) as neighbour:
                     try:
-                        for xb, yb in batches:
+                        for step, (xb, yb) in enumerate(batches, 1):
                             trainer.step(xb, yb)
                             trainer.repair_dead()
+                            if schedule.evaluates(step):
+                                schedule.record(step, *self._evaluate(trainer, cluster, recorder, evaluated))
+                            if schedule.done(step):
+                                break
                     except (ClusterError, DecodeError) as err:  # e.g. uncoded: a dead worker ends the run
                         stopped = "the run stopped: " + " ".join(str(err).split())
                 recs = trainer.history[before[0]:]
                 timed = recs[work.warmup:]
                 after = cluster.counters.snapshot()
-                counts = {key: after[key] - before[2][key] for key in ("calls", "rounds")}
+                counts = {key: after[key] - before[2][key] - evaluated[key] for key in ("calls", "rounds")}
                 profile = self._profile(timed, counts, len(recs))
                 out.append(PhaseResult(self.label, self.n, straggler.to_dict(),
                                        [r["iteration_s"] for r in timed], [r["loss"] for r in recs],
                                        dict(recorder.slowed),
                                        stopped=stopped, repairs=len(trainer.maintainer.repairs) - before[1],
                                        neighbour=None if neighbour is None else neighbour.method,
-                                       profile=profile))
+                                       profile=profile, step_s=[r["iteration_s"] for r in recs],
+                                       evals=list(schedule.evals), steps_to_target=schedule.reached_at))
                 if stopped is not None:
                     break
         out += [PhaseResult(self.label, self.n, s.to_dict(), [], [], {}, stopped="not reached")
                 for s in phases[len(out):]]
         return out
+
+    def _restart(self, trainer: Any, work: Workload) -> None:
+        """The seed's initial weights back on the master and every worker (their momentum dropped), a new
+        optimizer, and every worker done loading before the phase's clock starts."""
+        from sazd.maintain import CodedState
+        from sazd.models import build_model
+        from sazd.runtime.latency import NoDelay
+        from sazd.train.optim import CodedOptimizer
+
+        cfg, cluster = trainer.cfg, trainer.cluster
+        initial = build_model(cfg.model, trainer.data.in_shape, trainer.data.num_classes, hidden=cfg.hidden,
+                              seed=cfg.seed, dtype=trainer.dtype).state_dict()
+        cluster.latency = NoDelay().bind(self.n)
+        trainer.maintainer.load_state(CodedState(initial, {}, {}))
+        trainer.opt = CodedOptimizer(trainer.model, cfg.optim)
+        cluster.wait_all(cluster.submit("ping", ()))
+
+    def _evaluate(self, trainer: Any, cluster: Any, recorder: Recorder,
+                  counts: dict[str, int]) -> tuple[float, float]:
+        """(loss, accuracy) of the weights decoded from the workers, the stragglers paused: the calls it
+        takes are not the phase's calls (its draws and deaths stay the same) and are added to ``counts``,
+        not to the iteration profile."""
+        from sazd.runtime.latency import NoDelay
+
+        tasks, counters = cluster.schedule_state()["tasks"], cluster.counters.snapshot()
+        cluster.latency = NoDelay().bind(self.n)
+        try:
+            return trainer.evaluate()
+        finally:
+            after = cluster.schedule_state()["tasks"]
+            recorder.skip({j: max(a - b, 0) for j, (b, a) in enumerate(zip(tasks, after, strict=True))})
+            cluster.latency = recorder
+            now = cluster.counters.snapshot()
+            for key in counts:
+                counts[key] += now[key] - counters[key]
 
     @staticmethod
     def _profile(recs: list[dict[str, Any]], counts: dict[str, int], steps: int) -> dict[str, float]:
@@ -214,6 +290,10 @@ class SazdSide:
         profile["calls_per_iteration"] = counts["calls"] / max(steps, 1)
         profile["cluster_rounds_per_iteration"] = counts["rounds"] / max(steps, 1)
         return profile
+
+
+def _first(work: Workload, evals: list[tuple[int, float]]) -> int | None:
+    return None if work.target is None else work.target.first_reached(evals)
 
 
 def sazd_sides(k: int, codes: list[str]) -> list[SazdSide]:
