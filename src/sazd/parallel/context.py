@@ -129,7 +129,7 @@ class CodedContext:
     def product(self, key: str, x: Tensor, rows: int) -> tuple[Tensor, RoundRecord]:
         """One coded round: the workers multiply their block ``key`` by ``x``; the first k answers
         decode into the (padded) product with ``rows`` rows. Returns it with the round's record."""
-        x = x.detach()  # what the workers keep: a view of an activation would keep its graph, and the model, alive
+        x = x.detach()  # the workers keep it: an activation's view would keep its graph (and model) alive
         start = time.perf_counter()
         answers = self.cluster.compute("matmul", Broadcast((key, x)), self.code.k, self.code.can_decode)
         self.stats.worker_s += time.perf_counter() - start
