@@ -313,7 +313,7 @@ def test_a_checkpoint_block_that_is_not_the_encoding_of_its_weight_is_refused_by
     worker = max(int(key.split("/")[0]) for key in state.blocks)  # a parity worker among the first k
     key = f"{worker}/c_proj.row"
     state.blocks[key] = state.blocks[key] + 0.5
-    wrong = rf"block c_proj\.row of worker {worker} is not the encoding of c_proj\.weight"
+    wrong = rf"block c_proj\.row of worker {worker} does not encode the checkpoint's plain c_proj\.weight"
     with pytest.raises(ValueError, match=wrong):
         keeper.load_state(state)
     after = coded.state_dict()

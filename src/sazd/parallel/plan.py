@@ -412,17 +412,15 @@ OTHER_DTYPE_TOLERANCE = 5e-2
 
 def block_mismatch(block: Tensor, encoded: Tensor) -> str | None:
     """Why a coded ``block`` read back (a checkpoint's) is not ``encoded``, the encoding of the plain
-    weight it claims to hold, beyond rounding; None when it is."""
+    weight it claims to hold, beyond rounding (its shape, or its largest difference); None when it is."""
     if tuple(block.shape) != tuple(encoded.shape):
-        return f"has shape {tuple(block.shape)}, the encoding of the plain weights {tuple(encoded.shape)}"
+        return f"shape {tuple(block.shape)}, the encoding has {tuple(encoded.shape)}"
     if not block.numel():
         return None
     encoded = encoded.to(block.dtype)
     allowed = BLOCK_TOLERANCE.get(block.dtype, OTHER_DTYPE_TOLERANCE) * float(encoded.abs().max())
     diff = float((block - encoded).abs().max())
-    if diff <= allowed:
-        return None
-    return f"does not encode the plain weights (largest difference {diff:.3g}, allowed {allowed:.3g})"
+    return None if diff <= allowed else f"largest difference {diff:.3g}, allowed {allowed:.3g}"
 
 
 def check_blocks(model: nn.Module, blocks: Mapping[str, Tensor], weights: Mapping[str, Tensor]) -> None:
@@ -441,8 +439,9 @@ def check_blocks(model: nn.Module, blocks: Mapping[str, Tensor], weights: Mappin
         for j, block in sorted(held.items()):
             why = block_mismatch(block, encoded[j])
             if why is not None:
-                raise ValueError(f"checkpoint block {name} of worker {j} {why} of {layer.weight_name}; "
-                                 "the checkpoint is corrupt or of another model")
+                raise ValueError(f"checkpoint block {name} of worker {j} does not encode the checkpoint's "
+                                 f"plain {layer.weight_name} ({why}); the checkpoint is corrupt or of "
+                                 "another model")
 
 
 def repair(model: nn.Module, worker: int) -> dict[str, object]:

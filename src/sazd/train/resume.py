@@ -199,8 +199,9 @@ def _check_blocks(coded: dict[str, Tensor], want: dict[str, Tensor]) -> None:
         why = block_mismatch(got, want[key])
         if why is not None:
             worker, _, block = key.partition("/")
-            raise CheckpointError(f"checkpoint block {block} of worker {worker} {why}; the checkpoint was "
-                                  "edited or is damaged: resume from another checkpoint")
+            raise CheckpointError(f"checkpoint block {block} of worker {worker} does not encode the "
+                                  f"checkpoint's plain weights ({why}); the checkpoint was edited or is "
+                                  "damaged: resume from another checkpoint")
 
 
 def resume_dirs(resume: str | Path) -> tuple[Path | None, Path | None]:
