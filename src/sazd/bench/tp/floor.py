@@ -42,6 +42,13 @@ def floor_fields(compute_s: float | None, n_cores: int, p50_s: float | None) -> 
             "over_floor": None if p50_s is None else p50_s / floor}
 
 
+def alive_throughout(start: Mapping[str, Any], end: Mapping[str, Any]) -> list[int]:
+    """The workers whose counters were read at ``start`` and at ``end`` (each ``{"counters": {worker:
+    ...}, "incarnation": [per worker]}``) in the same incarnation: not respawned in between."""
+    return sorted(j for j in end["counters"] if j in start["counters"]
+                  and end["incarnation"][j] == start["incarnation"][j])
+
+
 def sazd_compute(before: Mapping[int, Mapping[str, float]], after: Mapping[int, Mapping[str, float]],
                  counted: Sequence[int], master_s: Sequence[float]) -> dict[str, Any]:
     """sazd's compute per iteration from the workers' counters before and after the ``len(master_s)``

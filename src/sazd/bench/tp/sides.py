@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from sazd.bench.tp.floor import cores, floor_fields, sazd_compute, tp_compute
+from sazd.bench.tp.floor import alive_throughout, cores, floor_fields, sazd_compute, tp_compute
 from sazd.bench.tp.target import Schedule, Target, time_to_target
 from sazd.stragglers import Recorder, Straggler
 
@@ -298,9 +298,7 @@ class SazdSide:
             end = self._counters(cluster, recorder, counts)
         except ClusterError:  # e.g. the run stopped, no worker left to ask: no figure
             return {}
-        born = start["incarnation"]
-        counted = sorted(j for j in end["counters"] if j in start["counters"]
-                         and end["incarnation"][j] == born[j])
+        counted = alive_throughout(start, end)
         return sazd_compute(start["counters"], end["counters"], counted,
                             [r["encode_s"] + r["decode_s"] for r in timed])
 
