@@ -8,8 +8,9 @@ intensity: one worker/rank ``--factors`` times slower, and each call slow (x``--
 with probability ``--probs``; ``--extras`` adds a noisy neighbour, shifted-exponential and Pareto
 random delays, and a worker that dies mid-run (last: TP stops there). Prints the table (and with
 ``--profile`` the master's time per DEU iteration); ``--out DIR`` writes JSON, markdown and the plot
-with the crossover marked. ``--target`` adds the time each side takes to a test accuracy (mlp) or
-validation loss (gpt), per phase (``sazd.bench.tp.target``).
+with the crossover marked. Every row also gives the side's compute per iteration, its floor on this
+machine's cores and the median over it (``sazd.bench.tp.floor``). ``--target`` adds the time each
+side takes to a test accuracy (mlp) or validation loss (gpt), per phase (``sazd.bench.tp.target``).
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ A run is a list of phases, one ``Straggler`` each, ``warmup + iterations`` train
 training goes on from phase to phase. Both sides return one ``PhaseResult`` per phase: the measured
 iteration times (after the warm-up), the losses, which workers the straggler slowed and how many
 times (TP: the ranks' recorded sleeps; sazd: the master's ``Recorder`` of the factors it sent), and
-how the run ended (TP: stops when a rank dies; sazd: repairs).
+how the run ended (TP: stops when a rank dies; sazd: repairs), and the side's compute per measured
+iteration (``sazd.bench.tp.floor``: TP the ranks' step CPU times, sazd the workers' counters read
+after the warm-up and after the measured steps, plus the master's encode and decode).
 
 With a ``Target`` (``sazd.bench.tp.target``) each phase trains a fresh model from the seed until the
 target (or ``max_steps``; before the first phase, ``warmup`` steps on weights thrown away warm both
