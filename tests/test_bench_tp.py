@@ -112,6 +112,10 @@ def test_each_straggler_slows_exactly_the_worker_it_names_in_sazd(ray_session):
     assert noisy.neighbour and noisy.slowed == {}
     assert set(rand.slowed) <= {0, 1, 2} and sum(rand.slowed.values()) > 0
     assert dead.stopped is None and dead.repairs == 1 and len(dead.iteration_s) == work.iterations
+    # the compute floor counts the workers alive throughout the measured iterations, each of which
+    # applied 3 updates per iteration (fc1's row copy, fc2's row and column copies)
+    assert slow.work["counted"] == [0, 1, 2] and {0, 2} <= set(dead.work["counted"])
+    assert dead.work["updates"] == {j: 3 * work.iterations for j in dead.work["counted"]}
 
 
 @pytest.mark.slow
@@ -145,12 +149,33 @@ def test_quick_sweep_writes_json_markdown_and_plot(tmp_path, ray_session, capsys
     for phase in result["phases"]:
         for row in phase["rows"]:
             assert row["p50_s"] > 0 and len(row["iteration_s"]) == 3 and row["stopped"] is None
+            _assert_floor(row, result["cores"])
     slow = next(p for p in result["phases"] if p["straggler"]["kind"] == "slow")
     assert all(set(row["slowed"]) == {"1"} for row in slow["rows"])
     assert (out / "tp-sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Crossover (factor)" in (out / "tp-report.md").read_text()
     printed = capsys.readouterr().out
     assert "waiting for workers" in printed  # --profile
+
+
+def _assert_floor(row: dict, cores: int) -> None:
+    """A row's compute floor is there, positive and consistent; sazd's counters' deterministic part:
+    every worker alive throughout applied 3 updates per measured iteration (fc1's row copy, fc2's row
+    and column copies: fc1's input gradient is never needed)."""
+    compute, work = row["compute_per_iteration_s"], row["work"]
+    assert compute > 0 and row["cores"] == cores >= 1
+    assert row["floor_s"] == pytest.approx(compute / cores)
+    assert row["over_floor"] == pytest.approx(row["p50_s"] / row["floor_s"])
+    assert row["work_vs_tp"] > 0
+    if row["side"].startswith("TP"):
+        assert row["work_vs_tp"] == 1.0
+        assert len(work["ranks_s"]) == 2 and all(s > 0 for s in work["ranks_s"])
+        assert compute == pytest.approx(sum(work["ranks_s"]))
+    else:
+        assert work["counted"] == list(range(row["workers"]))
+        assert work["updates"] == {str(j): 3 * len(row["iteration_s"]) for j in work["counted"]}
+        assert work["workers_s"] > 0 and work["master_s"] > 0
+        assert compute == pytest.approx(work["workers_s"] + work["master_s"])
 
 
 @pytest.mark.parametrize("flags, words", [

@@ -8,8 +8,9 @@ intensity: one worker/rank ``--factors`` times slower, and each call slow (x``--
 with probability ``--probs``; ``--extras`` adds a noisy neighbour, shifted-exponential and Pareto
 random delays, and a worker that dies mid-run (last: TP stops there). Prints the table (and with
 ``--profile`` the master's time per DEU iteration); ``--out DIR`` writes JSON, markdown and the plot
-with the crossover marked. ``--target`` adds the time each side takes to a test accuracy (mlp) or
-validation loss (gpt), per phase (``sazd.bench.tp.target``).
+with the crossover marked. Every row also gives the side's compute per iteration, its floor on this
+machine's cores and the median over it (``sazd.bench.tp.floor``). ``--target`` adds the time each
+side takes to a test accuracy (mlp) or validation loss (gpt), per phase (``sazd.bench.tp.target``).
 """
 
 from __future__ import annotations
@@ -196,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
             setattr(args, key, value)
     check(args)
     from sazd.bench.tp import report
+    from sazd.bench.tp.floor import add_work_ratios, cores
     from sazd.bench.tp.sides import TPSide, Workload, sazd_sides
     from sazd.measure.machine import machine, machine_line
 
@@ -222,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
     for i, (straggler, sweep, x) in enumerate(plan):
         best = [min((r[i] for r in runs[side.label]), key=lambda p: (p.p50 is None, p.p50 or 0.0)).to_dict()
                 for side in sides]
+        add_work_ratios(best)
         rows.append({"straggler": straggler.to_dict(), "sweep": sweep, "x": x, "rows": best})
     title = (f"MLP 784-{args.width}-{args.width}-10" if args.model == "mlp" else f"gpt {args.gpt}") + \
         f", batch {args.batch_size}, TP k={args.k} (gloo, CPU)"
@@ -229,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
               "uptime_before": before, "uptime_after": loadavg(), "phases": rows,
               "sweeps": report.sweeps(rows),
               "target": None if target is None else {**target.to_dict(), "eval_limit": work.data.n_test},
+              "cores": cores(), "floor_note": report.FLOOR_NOTE,
               "straggler_note": "a slow worker/rank sleeps (f-1) x its measured compute (sazd: per call, TP: "
               "per step); random delays draw the same seeded factors for worker j's t-th call on both sides; "
               "the noisy neighbour and the dead worker are what the table's note says"}
@@ -239,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         if result["target"] is not None:
             print("time to target: " + report.target_note(result["target"]))
+        print(f"compute floor ({result['cores']} cores): {result['floor_note']}")
         print(report.table(rows, result["target"]))
         for name, data in result["sweeps"].items():
             print(f"crossover ({name}): {report.crossovers(data['crossover'])}")

@@ -23,8 +23,11 @@ With a ``target`` in the spec (``sazd.bench.tp.target``) every phase starts from
 optimizer (the ``prewarm`` steps before the first phase train one thrown away) and is evaluated on
 the held-out set every ``every`` steps: a forward of the sharded model on every rank, rank 0's
 metric broadcast so that all ranks stop at the same step, then a barrier, so the evaluation stays
-out of the next step's time. Results go to ``<out>/rank<R>.json`` (and, if asked, the trained
-parameters, gathered and in the plain model's layout, to ``params.safetensors`` by rank 0).
+out of the next step's time. Each step records its CPU time: ``cpu_s`` of this thread (forward,
+backward, optimizer step; a straggler's sleep and the wait in a collective take none) and
+``process_cpu_s`` of the whole process (gloo's own threads too). Results go to
+``<out>/rank<R>.json`` (and, if asked, the trained parameters, gathered and in the plain model's
+layout, to ``params.safetensors`` by rank 0).
 """
 
 from __future__ import annotations
@@ -248,7 +251,8 @@ def run(spec: dict[str, Any], rank: int, world: int, out: Path) -> dict[str, Any
                 model, optimizer = fresh()
             schedule = Schedule(target, spec.get("min_steps", len(steps)))
             phase: dict[str, Any] = {"straggler": straggler.to_dict(), "iteration_s": [], "loss": [],
-                                     "slept_s": [], "slowed_steps": [], "died_at": None, "neighbour": None,
+                                     "slept_s": [], "cpu_s": [], "process_cpu_s": [], "slowed_steps": [],
+                                     "died_at": None, "neighbour": None,
                                      "error": None, "evals": schedule.evals, "complete": False}
             record["phases"].append(phase)
             dist.barrier()
@@ -260,6 +264,7 @@ def run(spec: dict[str, Any], rank: int, world: int, out: Path) -> dict[str, Any
                         phase["died_at"] = step
                         _write(out, rank, record)
                         os._exit(DIED_EXIT)  # a crash: no goodbye to the other ranks
+                    cpu, process_cpu = time.thread_time(), time.process_time()
                     xb, yb = xb.to(device), yb.to(device)
                     optimizer.zero_grad(set_to_none=True)
                     loss = task.loss(model(xb), yb)
@@ -272,6 +277,8 @@ def run(spec: dict[str, Any], rank: int, world: int, out: Path) -> dict[str, Any
                     if device == "cuda":
                         torch.cuda.synchronize()
                     now = time.perf_counter()
+                    phase["cpu_s"].append(time.thread_time() - cpu)  # the sleep above takes none
+                    phase["process_cpu_s"].append(time.process_time() - process_cpu)
                     phase["iteration_s"].append(now - last)
                     phase["loss"].append(float(loss.detach()))
                     last = now

@@ -78,10 +78,22 @@ def to_target(row: dict[str, Any]) -> str:
     return f"not reached in {len(row['step_s'])} steps" + (" (stopped)" if row["stopped"] else "")
 
 
+FLOOR_NOTE = ("work: the side's CPU seconds of compute per iteration, all its processes together (sazd: "
+              "the workers' products and updates, the workers alive throughout the phase, plus the "
+              "master's encode and decode; TP: every rank's forward, backward and optimizer step); "
+              "floor: work / the cores the processes may use; p50 / floor: the median iteration over it; "
+              "work / TP: the side's work over TP's in the same phase")
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def table(phases: list[dict[str, Any]], target: dict[str, Any] | None = None) -> str:
-    """Markdown: per phase and side, p50/p95 ms, ratio to TP, per-worker cost, what happened; with a
-    ``target``, also the time to it and its ratio to TP's."""
-    head = "| straggler | side | workers | p50 ms | p95 ms | p50 / TP | cost (worker-ms) | slowed |"
+    """Markdown: per phase and side, p50/p95 ms, ratio to TP, per-worker cost, the compute floor
+    (``FLOOR_NOTE``), what happened; with a ``target``, also the time to it and its ratio to TP's."""
+    head = ("| straggler | side | workers | p50 ms | p95 ms | p50 / TP | cost (worker-ms) | work ms "
+            "| floor ms | p50 / floor | work / TP | slowed |")
     if target is not None:
         head += f" to {target['metric']} {target['value']:g} | to target / TP |"
     lines = [head + " note |", "|---" * head.count("|") + "|"]
@@ -95,7 +107,9 @@ def table(phases: list[dict[str, Any]], target: dict[str, Any] | None = None) ->
             slowed = ",".join(f"{w}:{c}" for w, c in row["slowed"].items()) or "-"
             line = (f"| {phase_label(phase['straggler'])} | {row['side']} | {row['workers']} | "
                     f"{_ms(row['p50_s'])} | {_ms(row['p95_s'])} | {ratio} | "
-                    f"{_ms(row['cost_worker_s'])} | {slowed} |")
+                    f"{_ms(row['cost_worker_s'])} | {_ms(row.get('compute_per_iteration_s'))} | "
+                    f"{_ms(row.get('floor_s'))} | {_ratio(row.get('over_floor'))} | "
+                    f"{_ratio(row.get('work_vs_tp'))} | {slowed} |")
             if target is not None:
                 mine, tps = row["time_to_target_s"], None if tp is None else tp["time_to_target_s"]
                 line += f" {to_target(row)} | {'-' if mine is None or not tps else f'{mine / tps:.2f}'} |"
@@ -210,6 +224,8 @@ def markdown(result: dict[str, Any]) -> str:
     target = result.get("target")
     if target is not None:
         lines += ["Time to target: " + target_note(target), ""]
+    if "floor_note" in result:
+        lines += [f"Compute floor ({result['cores']} cores): {result['floor_note']}", ""]
     lines += [table(result["phases"], target), ""]
     for name, data in sweep.items():
         lines += [f"Crossover ({name}): {crossovers(data['crossover'])}", ""]

@@ -10,7 +10,9 @@ A run is a list of phases, one ``Straggler`` each, ``warmup + iterations`` train
 training goes on from phase to phase. Both sides return one ``PhaseResult`` per phase: the measured
 iteration times (after the warm-up), the losses, which workers the straggler slowed and how many
 times (TP: the ranks' recorded sleeps; sazd: the master's ``Recorder`` of the factors it sent), and
-how the run ended (TP: stops when a rank dies; sazd: repairs).
+how the run ended (TP: stops when a rank dies; sazd: repairs), and the side's compute per measured
+iteration (``sazd.bench.tp.floor``: TP the ranks' step CPU times, sazd the workers' counters read
+after the warm-up and after the measured steps, plus the master's encode and decode).
 
 With a ``Target`` (``sazd.bench.tp.target``) each phase trains a fresh model from the seed until the
 target (or ``max_steps``; before the first phase, ``warmup`` steps on weights thrown away warm both
@@ -22,11 +24,14 @@ step's time, the evaluations, and the step and seconds at which the target was r
 
 from __future__ import annotations
 
+import contextlib
 import statistics
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from sazd.bench.tp.floor import alive_throughout, cores, floor_fields, sazd_compute, tp_compute
 from sazd.bench.tp.target import Schedule, Target, time_to_target
 from sazd.stragglers import Recorder, Straggler
 
@@ -118,6 +123,8 @@ class PhaseResult:
     step_s: list[float] = field(default_factory=list)  # every step's time, the unmeasured ones included
     evals: list[tuple[int, float]] = field(default_factory=list)  # (step, metric) on the held-out set
     steps_to_target: int | None = None  # the first evaluated step that reached the target
+    work: dict[str, Any] = field(default_factory=dict)  # compute per iteration and its parts (``floor``)
+    cores: int = field(default_factory=cores)
 
     @property
     def p50(self) -> float | None:
@@ -147,7 +154,8 @@ class PhaseResult:
                 "stopped": self.stopped, "repairs": self.repairs, "neighbour": self.neighbour,
                 "compute_s": self.compute_s, "profile": self.profile, "step_s": self.step_s,
                 "evals": [list(e) for e in self.evals], "steps_to_target": self.steps_to_target,
-                "time_to_target_s": self.time_to_target}
+                "time_to_target_s": self.time_to_target, "work": self.work,
+                **floor_fields(self.work.get("compute_s"), self.cores, self.p50)}
 
 
 class TPSide:
@@ -176,10 +184,13 @@ class TPSide:
             neighbour = next((p["neighbour"] for p in began if p["neighbour"]), None)
             compute = statistics.fmean(rec["compute_s"] for rec in result.records if rec is not None)
             evals = [(int(step), value) for step, value in lead["evals"]]
+            ranks_s = [p["cpu_s"][work.warmup:] for p in began]
+            work_s = {"compute_s": tp_compute(ranks_s) if len(began) == self.k else None,
+                      "ranks_s": [statistics.fmean(s) if s else None for s in ranks_s]}
             out.append(PhaseResult(self.label, self.k, straggler.to_dict(), lead["iteration_s"][work.warmup:],
                                    lead["loss"], slowed, stopped=None if done else result.stopped,
                                    neighbour=neighbour, compute_s=compute, step_s=list(lead["iteration_s"]),
-                                   evals=evals, steps_to_target=_first(work, evals)))
+                                   evals=evals, steps_to_target=_first(work, evals), work=work_s))
         return out
 
 
@@ -213,13 +224,16 @@ class SazdSide:
                 before = (len(trainer.history), len(trainer.maintainer.repairs), cluster.counters.snapshot())
                 pids = dict(enumerate(cluster.pids()))
                 schedule = Schedule(work.target, work.min_steps)
-                evaluated = {"calls": 0, "rounds": 0}
+                evaluated = {"calls": 0, "rounds": 0}  # calls outside the training steps
                 stopped = None
+                start = self._counters(cluster, recorder, evaluated) if work.warmup == 0 else None
                 with straggler.around(pids) as neighbour:
                     try:
                         for step, (xb, yb) in enumerate(batches, 1):
                             trainer.step(xb, yb)
                             trainer.repair_dead()
+                            if step == work.warmup:
+                                start = self._counters(cluster, recorder, evaluated)
                             if schedule.evaluates(step):
                                 schedule.record(step, *self._evaluate(trainer, cluster, recorder, evaluated))
                             if schedule.done(step):
@@ -228,6 +242,7 @@ class SazdSide:
                         stopped = "the run stopped: " + " ".join(str(err).split())
                 recs = trainer.history[before[0]:]
                 timed = recs[work.warmup:]
+                work_s = self._work(start, cluster, recorder, evaluated, timed)
                 after = cluster.counters.snapshot()
                 counts = {key: after[key] - before[2][key] - evaluated[key] for key in ("calls", "rounds")}
                 profile = self._profile(timed, counts, len(recs))
@@ -237,7 +252,8 @@ class SazdSide:
                                        stopped=stopped, repairs=len(trainer.maintainer.repairs) - before[1],
                                        neighbour=None if neighbour is None else neighbour.method,
                                        profile=profile, step_s=[r["iteration_s"] for r in recs],
-                                       evals=list(schedule.evals), steps_to_target=schedule.reached_at))
+                                       evals=list(schedule.evals), steps_to_target=schedule.reached_at,
+                                       work=work_s))
                 if stopped is not None:
                     break
         out += [PhaseResult(self.label, self.n, s.to_dict(), [], [], {}, stopped="not reached")
@@ -262,15 +278,42 @@ class SazdSide:
 
     def _evaluate(self, trainer: Any, cluster: Any, recorder: Recorder,
                   counts: dict[str, int]) -> tuple[float, float]:
-        """(loss, accuracy) of the weights decoded from the workers, the stragglers paused: the calls it
-        takes are not the phase's calls (its draws and deaths stay the same) and are added to ``counts``,
-        not to the iteration profile."""
+        """(loss, accuracy) of the weights decoded from the workers, the stragglers paused."""
+        with self._aside(cluster, recorder, counts):
+            return trainer.evaluate()
+
+    def _counters(self, cluster: Any, recorder: Recorder, counts: dict[str, int]) -> dict[str, Any]:
+        """Every live worker's ``counters()`` (after all its earlier calls) and incarnation, the
+        stragglers paused."""
+        with self._aside(cluster, recorder, counts):
+            read = cluster.wait_all(cluster.submit("counters", (), cluster.alive()))
+            return {"counters": read, "incarnation": list(cluster.schedule_state()["incarnation"])}
+
+    def _work(self, start: dict[str, Any] | None, cluster: Any, recorder: Recorder, counts: dict[str, int],
+              timed: list[dict[str, Any]]) -> dict[str, Any]:
+        """Compute per measured iteration (``floor.sazd_compute``) of the workers alive throughout."""
+        if start is None or not timed:
+            return {}
+        from sazd.runtime.cluster import ClusterError
+
+        try:
+            end = self._counters(cluster, recorder, counts)
+        except ClusterError:  # e.g. the run stopped, no worker left to ask: no figure
+            return {}
+        counted = alive_throughout(start, end)
+        return sazd_compute(start["counters"], end["counters"], counted,
+                            [r["encode_s"] + r["decode_s"] for r in timed])
+
+    @contextlib.contextmanager
+    def _aside(self, cluster: Any, recorder: Recorder, counts: dict[str, int]) -> Iterator[None]:
+        """Calls outside the training steps, the stragglers paused: they are not the phase's calls (its
+        draws and deaths stay the same) and are added to ``counts``, not to the iteration profile."""
         from sazd.runtime.latency import NoDelay
 
         tasks, counters = cluster.schedule_state()["tasks"], cluster.counters.snapshot()
         cluster.latency = NoDelay().bind(self.n)
         try:
-            return trainer.evaluate()
+            yield
         finally:
             after = cluster.schedule_state()["tasks"]
             recorder.skip({j: max(a - b, 0) for j, (b, a) in enumerate(zip(tasks, after, strict=True))})
