@@ -34,8 +34,11 @@ MAX_SHIFT_UNIT = 2**16  # "auto" reaches it only at 16M rows per block; larger u
 # fifty small tensor operations, whose fixed cost dwarfs the arithmetic of a short block. Plans are
 # kept up to this many entries (missing rows x result rows)...
 DENSE_ENTRIES = 2**17
-# ... and used while the product costs at most this many multiply-adds (entries x result columns)
+# ... and used while the product costs at most this many multiply-adds (entries x result columns);
+# one missing block needs no division (a reduction and a shifted copy), so there the plan pays only
+# for short blocks.
 DENSE_WORK = 2**23
+DENSE_WORK_ONE = 2**20
 DENSE_PLAN_LIMIT = 1024  # plans kept per code (one per worker set, r, dtype and device)
 
 
@@ -110,7 +113,7 @@ class SAZD(Code):
             torch.stack([results[i] for i in range(self.k)], out=out)
             return
         plan = self._dense_plan(results, r, out)
-        if plan is not None and 0 < plan.matrix.numel() * (out.numel() // (self.k * r)) <= DENSE_WORK:
+        if plan is not None and 0 < plan.matrix.numel() * (out.numel() // (self.k * r)) <= plan.work_limit:
             plan.decode(results, out)
         else:
             self._decode_zigzag(results, r, out)
@@ -133,8 +136,7 @@ class SAZD(Code):
 
     def _dense_plan(self, results: dict[int, Tensor], r: int, out: Tensor) -> _DensePlan | None:
         """The decode from these workers as one matrix: the missing source blocks' rows are D @ (the
-        results stacked in worker order); None when fewer than two blocks are missing or D would have
-        more than ``DENSE_ENTRIES`` entries.
+        results stacked in worker order); None when D would have more than ``DENSE_ENTRIES`` entries.
         D is the zigzag decode of the identity in float64: its entries are integers (sums and
         differences along the zigzag chains), exact in the results' dtype while they stay below 2^24
         (float32), and certified with the rest of the decode. Built once per (workers, r, dtype,
@@ -151,16 +153,15 @@ class SAZD(Code):
         rows = self._rows_of(r)
         total = sum(rows[j] for j in workers)
         plan = None
-        # One missing block is a reduction and a shifted copy, cheap as it is; from two on, the solve
-        # divides along zigzag chains, some fifty small operations, which the plan replaces.
-        if len(missing) >= 2 and len(missing) * r * total <= DENSE_ENTRIES:
+        if missing and len(missing) * r * total <= DENSE_ENTRIES:
             eye = torch.eye(total, dtype=torch.float64)
             units = dict(zip(workers, eye.split([rows[j] for j in workers]), strict=True))
             D = torch.empty((self.k, r, total), dtype=torch.float64)
             self._decode_zigzag(units, r, D)
             index = torch.tensor(missing + received, device=out.device)
             plan = _DensePlan(D[missing].reshape(-1, total).to(device=out.device, dtype=out.dtype),
-                              index[: len(missing)], index[len(missing):])
+                              index[: len(missing)], index[len(missing):],
+                              DENSE_WORK if len(missing) > 1 else DENSE_WORK_ONE)
         plans[key] = plan
         return plan
 
@@ -243,6 +244,7 @@ class _DensePlan:
     matrix: Tensor
     missing: Tensor  # source block indices, on the results' device
     received: Tensor
+    work_limit: int  # used for decodes of at most this many multiply-adds
 
     def decode(self, results: dict[int, Tensor], out: Tensor) -> None:
         k, r = out.shape[:2]
