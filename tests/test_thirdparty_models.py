@@ -176,10 +176,28 @@ def test_zoo_builds_the_same_weights_from_a_seed_and_leaves_the_global_rng_alone
     (lambda: zoo.build("resnet50"), "resnet50"),
     (lambda: zoo.get("vit-timm").batch(0), "batch_size"),
     (lambda: zoo.get("vit-timm").batch(2.5), "batch_size"),
+    (lambda: zoo.build("vit-timm", size="huge"), "huge"),
+    (lambda: zoo.get("gpt2-hf").batch(2, size="large"), "large"),
 ])
 def test_zoo_refuses_bad_names_and_sizes_by_name(call, named):
     with pytest.raises(ValueError, match=named):
         call()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_base_size_has_the_widths_users_bring_and_feeds_itself(name):
+    entry = zoo.get(name)
+    tiny, base = entry.build(), entry.build(size="base")
+    assert len(zoo.weight_matrices(base)) == len(zoo.weight_matrices(tiny))  # the same architecture
+    params = dict(base.named_parameters(remove_duplicate=False))  # GPT-2's tied lm_head included
+    widest = max(min(params[m].shape[0], params[m][0].numel()) for m in zoo.weight_matrices(base))
+    assert widest >= 512  # some weight matrix is at least 512 wide both ways
+    batch = entry.batch(1, size="base")
+    with torch.no_grad():
+        assert entry.logits(base, batch).shape[0] == 1
+    assert batch.keys() == entry.batch(1).keys()
+    sample = next(iter(batch.values()))
+    assert sample.shape[1:] != next(iter(entry.batch(1).values())).shape[1:]  # longer windows, larger images
 
 
 # ------------------------------------------------------------------ coverage
@@ -563,6 +581,8 @@ def test_bench_train_model_times_the_coded_step_beside_plain(capsys):
     (["--model", ","], "--model"),
     (["--model", "vit-timm", "--iterations", "0"], "--iterations"),
     (["--model", "vit-timm", "--batch-size", "0"], "--batch-size"),
+    (["--model", "vit-timm", "--size", "huge"], "--size"),
+    (["--size", "base"], "--size"),
 ])
 def test_bench_train_model_refuses_bad_flags_in_one_line(flags, named, capsys):
     from sazd.cli import main

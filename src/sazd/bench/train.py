@@ -87,7 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="third-party models of sazd.models.zoo, comma-separated (gpt2-hf, llama-hf, "
                         "bert-hf, vit-hf, resnet-hf, vit-timm, transformer-encoder, lora-llama): instead of "
                         "the MLP parts, their coded training step in-process beside the plain step, per "
-                        "scheme (uses --code --n --k --batch-size --warmup --iterations --seed)")
+                        "scheme (uses --code --n --k --batch-size --warmup --iterations --seed --size)")
+    parser.add_argument("--size", default=None,
+                        help="with --model: the zoo size, tiny (width 64, the default) or base (width 512, "
+                        "MLP 2048, 64 tokens, 32x32 images)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
     parser.add_argument("--out", type=Path, default=None, help="write results.json and CSV tables here")
 
@@ -397,6 +400,9 @@ def zoo_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--model {args.model!r}: name a model, one of {','.join(zoo.ZOO_MODELS)}")
     for name in names:
         zoo.get(name)  # an unknown name: ValueError listing the models
+    size = args.size or "tiny"
+    if size not in zoo.SIZES:
+        raise ValueError(f"--size {size!r}: unknown zoo size; choose one of {','.join(zoo.SIZES)}")
     for flag in ("batch_size", "iterations", "n", "k"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -409,9 +415,9 @@ def zoo_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     for name in names:
         for scheme in scheme_names():
             row = zoo.measure_step(name, scheme, args.code, args.n, args.k, args.batch_size, args.warmup,
-                                   args.iterations, args.seed)
+                                   args.iterations, args.seed, size)
             rep["zoo"].append(row)
-            _log(f"zoo {name} {scheme}: coded step {row['ratio']:.2f}x the plain step")
+            _log(f"zoo {name} ({size}) {scheme}: coded step {row['ratio']:.2f}x the plain step")
     rep["total_s"] = time.perf_counter() - start
     return rep
 
@@ -419,8 +425,8 @@ def zoo_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 def format_zoo(rep: dict[str, Any]) -> str:
     m, rows = rep["machine"], rep["zoo"]
     head = (f"machine: {machine_line(m)}; in-process cluster, code {rows[0]['code']} n={rows[0]['n']} "
-            f"k={rows[0]['k']}, batch {rows[0]['batch_size']}, float32 steps (naive: AdamW, DEU: SGD "
-            "momentum)")
+            f"k={rows[0]['k']}, size {rows[0]['size']}, batch {rows[0]['batch_size']}, float32 steps (naive: "
+            "AdamW, DEU: SGD momentum)")
     rows_table = table(
         ["model", "scheme", "coded/total", "float64 err", "plain ms", "coded ms", "coded/plain",
          "encode", "decode", "workers", "other"],
@@ -433,6 +439,8 @@ def format_zoo(rep: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.size is not None and args.model is None:
+        raise ValueError(f"--size {args.size!r} sizes the zoo models: use it with --model NAME")
     if args.model is not None:
         rep = zoo_benchmark(args)
         print(json.dumps(rep, indent=1) if args.json else format_zoo(rep))

@@ -258,8 +258,24 @@ class Code(ABC):
     def _decode_blocks(self, results: dict[int, Tensor], r: int, out: Tensor) -> None:
         """Write the k source blocks into ``out`` (shape (k, r, *trailing)) from >= k results.
 
-        Results are contiguous, finite, in ``out``'s dtype, and must not be modified.
+        Results are contiguous, in ``out``'s dtype, and must not be modified. A result may hold NaN or
+        Inf: ``decode_report`` then discards the output and decodes again without that result.
         """
+
+    def _rows_of(self, r: int) -> tuple[int, ...]:
+        """``block_rows(r)``, computed once per r (every decode checks its results against it)."""
+        known = self.__dict__.setdefault("_block_rows", {})
+        rows = known.get(r)
+        if rows is None:
+            rows = known[r] = tuple(self.block_rows(r))
+        return rows
+
+    def _decode_ways(self, results: dict[int, Tensor], r: int, out: Tensor) -> list[Tensor]:
+        """The outputs of every way ``_decode_blocks`` may decode these results (a code that picks its
+        method by the results' width returns one per method; the first is written into ``out``).
+        Certification measures them all, so the certificate holds whichever a decode takes."""
+        self._decode_blocks(results, r, out)
+        return [out]
 
     def _source_rows(self, worker: int, rows: int) -> int:
         """Invert ``block_rows``: source rows per block given worker's coded rows."""
@@ -301,7 +317,9 @@ class Code(ABC):
         blocks = W.reshape(self.k, r, *W.shape[1:])
         coded = self._encode_blocks(blocks)
         assert len(coded) == self.n
-        finite = all(map(math.isfinite, frobenius_norms(coded)))
+        # Blocks that are copies of W's own are finite when W is: only the others can overflow
+        copies = self._copied_blocks(range(self.n))
+        finite = all(map(math.isfinite, frobenius_norms([c for j, c in enumerate(coded) if j not in copies])))
         if not finite and all(map(math.isfinite, frobenius_norms([W]))):
             largest = float(W.abs().max())
             raise ValueError(
@@ -343,24 +361,26 @@ class Code(ABC):
             raise TypeError(f"out_dtype must be a floating torch.dtype (or None), got {out_dtype!r}")
         ref, r = self._check_results(results, rows)
         cdtype = compute_dtype(ref.dtype)
-        # contiguous(): hooks may view results flat; it copies only strided or transposed ones
-        usable = {j: t.detach().to(cdtype).contiguous() for j, t in results.items()}
+        usable = {j: _usable(t, cdtype) for j, t in results.items()}
         # Certifying needs the norm of every result: those copied into the product are read off the
-        # product's block norms, the others read once here (which also shows their NaN/Inf). Results
-        # not read here are searched for NaN/Inf only when the product is not finite.
+        # product's block norms, the others read with them after the decode (which also shows their
+        # NaN/Inf: a decode from them is discarded). Results not read are searched for NaN/Inf only
+        # when the product is not finite.
         copied = self._copied_blocks(usable) if certify else {}
         others = [j for j in usable if j not in copied] if certify else []
-        norms = dict(zip(others, frobenius_norms([usable[j] for j in others]), strict=True))
-        bad = [j for j, v in norms.items() if not math.isfinite(v)]
-        if not bad:
-            trailing = tuple(ref.shape[1:])
-            out = torch.empty((self.k, r, *trailing), dtype=cdtype, device=ref.device)
-            with torch.no_grad():  # not differentiated through (coded layers have their own backward)
+        trailing = tuple(ref.shape[1:])
+        out = torch.empty((self.k, r, *trailing), dtype=cdtype, device=ref.device)
+        if torch.is_grad_enabled():  # not differentiated through (coded layers have their own backward)
+            with torch.no_grad():
                 self._decode_blocks(usable, r, out)
-            blocks = frobenius_norms(list(out.unbind(0)))
-            product_norm = math.sqrt(sum(v * v for v in blocks))
-            if not math.isfinite(product_norm) and len(others) < len(usable):
-                bad = [j for j, t in usable.items() if j not in norms and not bool(torch.isfinite(t).all())]
+        else:
+            self._decode_blocks(usable, r, out)
+        values = frobenius_norms([usable[j] for j in others], blocks_of=out)
+        norms, blocks = dict(zip(others, values, strict=False)), values[len(others):]
+        bad = [j for j, v in norms.items() if not math.isfinite(v)]
+        product_norm = math.sqrt(sum(v * v for v in blocks))
+        if not bad and not math.isfinite(product_norm) and len(others) < len(usable):
+            bad = [j for j, t in usable.items() if j not in norms and not bool(torch.isfinite(t).all())]
         if bad:
             good = self._drop_non_finite(results, bad)
             return self.decode_report(
@@ -523,10 +543,10 @@ class Code(ABC):
         probe = {j: (coded[j].to(device=device, dtype=dtype) @ Xd).to(cdtype).contiguous() for j in workers}
         out = torch.empty((self.k, r, kinds * cols), dtype=cdtype, device=device)
         with torch.no_grad():
-            self._decode_blocks(probe, r, out)
+            decoded = self._decode_ways(probe, r, out)
         exact = (source @ X).view(-1, kinds, cols)
-        decoded = out.to("cpu", torch.float64).view(-1, kinds, cols)
-        error = torch.linalg.vector_norm(decoded - exact, dim=(0, 2))
+        error = torch.stack([torch.linalg.vector_norm(d.to("cpu", torch.float64).view(-1, kinds, cols)
+                                                      - exact, dim=(0, 2)) for d in decoded]).amax(0)
         got = torch.cat([t.to("cpu", torch.float64).view(-1, kinds, cols) for t in probe.values()])
         wanted = torch.cat([(coded[j] @ X).view(-1, kinds, cols) for j in workers])
         results = torch.linalg.vector_norm(got, dim=(0, 2))
@@ -588,7 +608,7 @@ class Code(ABC):
             r = self._source_rows(ref_worker, ref.shape[0])
         else:
             r = self._rows_per_block(rows, "rows")
-        expected = self.block_rows(r)
+        expected = self._rows_of(r)
         trailing = tuple(ref.shape[1:])
         for j, res in results.items():
             if tuple(res.shape[1:]) != trailing or res.shape[0] != expected[j]:
@@ -726,18 +746,41 @@ def probe_blocks(k: int, r: int, gen: torch.Generator) -> Tensor:
     )
 
 
-def frobenius_norms(tensors: Sequence[Tensor]) -> list[float]:
+def frobenius_norms(tensors: Sequence[Tensor], blocks_of: Tensor | None = None) -> list[float]:
     """The Frobenius norm of each tensor as a float (one synchronisation for all); ``inf`` or ``nan``
-    only when the tensor holds Inf or NaN (a norm that overflowed its dtype is taken in float64)."""
-    if not tensors:
+    only when the tensor holds Inf or NaN (a norm that overflowed its dtype is taken in float64).
+    ``blocks_of``: a tensor whose blocks along dim 0 follow, one norm each, after those of ``tensors``."""
+    parts = []
+    if tensors:
+        # one fused kernel for all (torch's clip_grad_norm_ uses it too); a norm per tensor costs a dispatch
+        parts.append(torch.stack(torch._foreach_norm([_floating(t) for t in tensors])))
+    if blocks_of is not None:
+        count = blocks_of.shape[0]
+        flat = blocks_of.view(count, blocks_of.numel() // count)
+        parts.append(torch.linalg.vector_norm(_floating(flat), dim=1))
+    if not parts:
         return []
-    # one fused kernel for all (torch's clip_grad_norm_ uses it too); per-tensor norms cost a dispatch each
-    norms = torch.stack(torch._foreach_norm([t if t.is_floating_point() else t.double() for t in tensors])
-                        ).tolist()
-    for i, (t, norm) in enumerate(zip(tensors, norms, strict=True)):
-        if not math.isfinite(norm) and bool(torch.isfinite(t).all()):
-            norms[i] = float(torch.linalg.vector_norm(t, dtype=torch.float64))
+    norms = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()
+    for i, norm in enumerate(norms):
+        if not math.isfinite(norm):
+            t = tensors[i] if i < len(tensors) else blocks_of[i - len(tensors)]
+            if bool(torch.isfinite(t).all()):
+                norms[i] = float(torch.linalg.vector_norm(t, dtype=torch.float64))
     return norms
+
+
+def _floating(t: Tensor) -> Tensor:
+    return t if t.is_floating_point() else t.double()
+
+
+def _usable(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """A result as the decoders take it: detached, in ``dtype``, contiguous (hooks may view it flat;
+    only strided or transposed results are copied)."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def relative_error(approx: Tensor, exact: Tensor) -> float:

@@ -19,6 +19,7 @@ error walks along chains of r/(g*D) rows, so ``shift_unit`` g trades overhead ro
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -29,6 +30,16 @@ from sazd.codes.base import Code, check_bool, check_int, compute_dtype
 
 AUTO_CHAIN_ROWS = 256  # "auto" keeps zigzag chains at most this many rows long: g = ceil(r / 256)
 MAX_SHIFT_UNIT = 2**16  # "auto" reaches it only at 16M rows per block; larger units only waste memory
+# Small decodes run as one product with a dense plan (``SAZD._dense_plan``): a zigzag solve is some
+# fifty small tensor operations, whose fixed cost dwarfs the arithmetic of a short block. Plans are
+# kept up to this many entries (missing rows x result rows)...
+DENSE_ENTRIES = 2**17
+# ... and used while the product costs at most this many multiply-adds (entries x result columns);
+# one missing block needs no division (a reduction and a shifted copy), so there the plan pays only
+# for short blocks.
+DENSE_WORK = 2**23
+DENSE_WORK_ONE = 2**20
+DENSE_PLAN_LIMIT = 1024  # plans kept per code (one per worker set, r, dtype and device)
 
 
 class SAZD(Code):
@@ -98,6 +109,63 @@ class SAZD(Code):
 
     # -------------------------------------------------------------- decoding
     def _decode_blocks(self, results: dict[int, Tensor], r: int, out: Tensor) -> None:
+        if self._copies(results):
+            torch.stack([results[i] for i in range(self.k)], out=out)
+            return
+        plan = self._dense_plan(results, r, out)
+        if plan is not None and 0 < plan.matrix.numel() * (out.numel() // (self.k * r)) <= plan.work_limit:
+            plan.decode(results, out)
+        else:
+            self._decode_zigzag(results, r, out)
+
+    def _decode_ways(self, results: dict[int, Tensor], r: int, out: Tensor) -> list[Tensor]:
+        """Zigzag, and where a dense plan exists for these workers, the plan too."""
+        if self._copies(results):
+            return super()._decode_ways(results, r, out)
+        self._decode_zigzag(results, r, out)
+        plan = self._dense_plan(results, r, out)
+        if plan is None:
+            return [out]
+        dense = torch.empty_like(out)
+        plan.decode(results, dense)
+        return [out, dense]
+
+    def _copies(self, results: dict[int, Tensor]) -> bool:
+        """Every systematic block answered: the decode is a copy."""
+        return self.is_systematic and all(i in results for i in range(self.k))
+
+    def _dense_plan(self, results: dict[int, Tensor], r: int, out: Tensor) -> _DensePlan | None:
+        """The decode from these workers as one matrix: the missing source blocks' rows are D @ (the
+        results stacked in worker order); None when D would have more than ``DENSE_ENTRIES`` entries.
+        D is the zigzag decode of the identity in float64: its entries are integers (sums and
+        differences along the zigzag chains), exact in the results' dtype while they stay below 2^24
+        (float32), and certified with the rest of the decode. Built once per (workers, r, dtype,
+        device)."""
+        workers = tuple(sorted(results))
+        plans = self.__dict__.setdefault("_dense_plans", {})
+        key = (workers, r, out.dtype, out.device)
+        if key in plans:
+            return plans[key]
+        if len(plans) >= DENSE_PLAN_LIMIT:
+            plans.clear()
+        received = [i for i in range(self.k) if self.is_systematic and i in results]
+        missing = [i for i in range(self.k) if i not in received]
+        rows = self._rows_of(r)
+        total = sum(rows[j] for j in workers)
+        plan = None
+        if missing and len(missing) * r * total <= DENSE_ENTRIES:
+            eye = torch.eye(total, dtype=torch.float64)
+            units = dict(zip(workers, eye.split([rows[j] for j in workers]), strict=True))
+            D = torch.empty((self.k, r, total), dtype=torch.float64)
+            self._decode_zigzag(units, r, D)
+            index = torch.tensor(missing + received, device=out.device)
+            plan = _DensePlan(D[missing].reshape(-1, total).to(device=out.device, dtype=out.dtype),
+                              index[: len(missing)], index[len(missing):],
+                              DENSE_WORK if len(missing) > 1 else DENSE_WORK_ONE)
+        plans[key] = plan
+        return plan
+
+    def _decode_zigzag(self, results: dict[int, Tensor], r: int, out: Tensor) -> None:
         g = self.shift_for(r)
         if not self.is_systematic:
             # Plain zigzag peeling of the k x k system: measured far more accurate here than the
@@ -166,6 +234,30 @@ class SAZD(Code):
     def __repr__(self) -> str:
         kind = "systematic" if self.is_systematic else "non-systematic"
         return f"SAZD(n={self.n}, k={self.k}, {kind}, shift_unit={self.shift_unit!r})"
+
+
+@dataclass(frozen=True, eq=False)
+class _DensePlan:
+    """A decode as one product: ``matrix`` (rows of the ``missing`` source blocks x result rows) times
+    the results stacked in worker order; the ``received`` systematic blocks are the first results."""
+
+    matrix: Tensor
+    missing: Tensor  # source block indices, on the results' device
+    received: Tensor
+    work_limit: int  # used for decodes of at most this many multiply-adds
+
+    def decode(self, results: dict[int, Tensor], out: Tensor) -> None:
+        k, r = out.shape[:2]
+        width = out.numel() // (k * r)  # elements per row
+        stacked = torch.cat([results[j] for j in sorted(results)]).view(-1, width)
+        if not len(self.received):  # every block solved: straight into ``out``
+            torch.mm(self.matrix, stacked, out=out.view(k * r, width))
+            return
+        blocks = out.view(k, r * width)
+        solved = self.matrix @ stacked
+        blocks.index_copy_(0, self.missing, solved.view(len(self.missing), r * width))
+        copied = stacked[: len(self.received) * r].view(len(self.received), r * width)
+        blocks.index_copy_(0, self.received, copied)
 
 
 def _solve_primal(missing, equations, chosen, r, g, owned):

@@ -1,4 +1,4 @@
-"""Third-party models as users bring them, built offline from configs with random weights, small.
+"""Third-party models as users bring them, built offline from configs with random weights.
 
 Each entry of ``ZOO`` builds one model and knows how to feed it: a sample batch (a dict of the
 model's keyword arguments, labels included), its output scores and its training loss.
@@ -18,6 +18,11 @@ model's keyword arguments, labels included), its output scores and its training 
 
 Every model is built in float32 from a private seeded generator (the global RNG is untouched) with
 dropout off, then cast to ``dtype``; ``build(name, dtype=torch.float64)`` gives the oracle's precision.
+
+Two sizes (``SIZES``): ``"tiny"`` (the default; width 64, 16 tokens, 16x16 images: fast tests) and
+``"base"`` (width 512, MLP 2048, 64 tokens, 32x32 images, 2 layers: products large enough that a
+training step is compute, as with the widths users bring). ``build(name, size="base")`` and
+``entry.batch(8, size="base")`` go together.
 """
 
 from __future__ import annotations
@@ -30,11 +35,48 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 VOCAB = 256  # byte tokens, as sazd's text corpora
-SEQ = 16  # tokens per sample in the sample batches
-IMAGE = (3, 16, 16)  # channels, height, width of the sample images
 LABELS = 10
 
 Batch = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Size:
+    """The widths a zoo model is built with and the shape of its sample inputs."""
+
+    name: str
+    width: int  # hidden width (ResNet: the stem's channels)
+    heads: int
+    mlp: int  # hidden width of the MLP blocks (Llama: the gated MLP's intermediate size)
+    layers: int
+    seq: int  # tokens per sample
+    image: tuple[int, int, int]  # channels, height, width of the sample images
+    patch: int  # ViT patch side
+    stages: tuple[int, ...]  # ResNet stage widths (one basic block each)
+
+    @property
+    def positions(self) -> int:
+        """Position embeddings of the language models: room for generating past the sample windows."""
+        return 2 * self.seq
+
+
+SIZES: dict[str, Size] = {size.name: size for size in (
+    Size("tiny", width=64, heads=4, mlp=128, layers=2, seq=16, image=(3, 16, 16), patch=4,
+         stages=(64, 128)),
+    Size("base", width=512, heads=8, mlp=2048, layers=2, seq=64, image=(3, 32, 32), patch=4,
+         stages=(256, 512)),
+)}
+TINY = SIZES["tiny"]
+SEQ, IMAGE = TINY.seq, TINY.image  # the tiny sample batches' shapes
+
+
+def get_size(size: str | Size) -> Size:
+    """The ``Size`` named ``size``; a ValueError listing the sizes when there is none."""
+    if isinstance(size, Size):
+        return size
+    if size not in SIZES:
+        raise ValueError(f"size: unknown zoo size {size!r}; choose one of {list(SIZES)}")
+    return SIZES[size]
 
 
 @dataclass(frozen=True)
@@ -43,84 +85,101 @@ class ZooModel:
 
     name: str
     summary: str
-    make: Callable[[], nn.Module]  # float32, random weights; called under a seeded RNG
-    sample: Callable[[int, torch.Generator], Batch]  # (batch size, generator) -> keyword arguments
+    make: Callable[[Size], nn.Module]  # float32, random weights; called under a seeded RNG
+    sample: Callable[[int, torch.Generator, Size], Batch]  # (batch size, generator, size) -> keyword args
     logits: Callable[[nn.Module, Batch], Tensor]
     loss: Callable[[nn.Module, Batch], Tensor]
     causal_lm: bool = False  # a language model with ``generate()``
     pretrained: bool = False  # a transformers model: ``save_pretrained`` / ``from_pretrained``
 
-    def build(self, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
-        """The model with weights drawn from ``seed``, in ``dtype``, in train mode."""
+    def build(self, seed: int = 0, dtype: torch.dtype = torch.float32, size: str | Size = "tiny",
+              ) -> nn.Module:
+        """The model of ``size`` with weights drawn from ``seed``, in ``dtype``, in train mode."""
+        widths = get_size(size)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = self.make()
+            model = self.make(widths)
         return model.to(dtype).train()  # in place: tied parameters stay one tensor
 
-    def batch(self, batch_size: int = 2, seed: int = 0, dtype: torch.dtype | None = None) -> Batch:
-        """A sample batch of ``batch_size``; floating inputs (images) cast to ``dtype`` when given."""
+    def batch(self, batch_size: int = 2, seed: int = 0, dtype: torch.dtype | None = None,
+              size: str | Size = "tiny") -> Batch:
+        """A sample batch of ``batch_size`` for the model of ``size``; floating inputs (images) cast to
+        ``dtype`` when given."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        inputs = self.sample(batch_size, torch.Generator().manual_seed(seed))
+        inputs = self.sample(batch_size, torch.Generator().manual_seed(seed), get_size(size))
         if dtype is None:
             return inputs
         return {key: t.to(dtype) if t.is_floating_point() else t for key, t in inputs.items()}
 
 
 # ------------------------------------------------------------------ transformers models
-def _gpt2() -> nn.Module:
+def _gpt2(size: Size) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=size.positions, n_embd=size.width, n_layer=size.layers,
+                        n_head=size.heads, n_inner=4 * size.width, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(config)
 
 
-def _llama() -> nn.Module:
+def _llama(size: Size) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=size.width, intermediate_size=size.mlp,
+                         num_hidden_layers=size.layers, num_attention_heads=size.heads,
+                         num_key_value_heads=size.heads, max_position_embeddings=size.positions,
                          bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
     return LlamaForCausalLM(config)
 
 
-def _bert() -> nn.Module:
+def _bert(size: Size) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=32, num_labels=LABELS,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=size.width, num_hidden_layers=size.layers,
+                        num_attention_heads=size.heads, intermediate_size=size.mlp,
+                        max_position_embeddings=size.positions, num_labels=LABELS, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
     return BertForSequenceClassification(config)
 
 
-def _vit() -> nn.Module:
+def _vit(size: Size) -> nn.Module:
     from transformers import ViTConfig, ViTForImageClassification
 
-    config = ViTConfig(image_size=IMAGE[1], patch_size=4, num_channels=IMAGE[0], hidden_size=64,
-                       num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, num_labels=LABELS,
-                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = ViTConfig(image_size=size.image[1], patch_size=size.patch, num_channels=size.image[0],
+                       hidden_size=size.width, num_hidden_layers=size.layers, num_attention_heads=size.heads,
+                       intermediate_size=size.mlp, num_labels=LABELS, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0)
     return ViTForImageClassification(config)
 
 
-def _resnet() -> nn.Module:
+def _resnet(size: Size) -> nn.Module:
     from transformers import ResNetConfig, ResNetForImageClassification
 
-    config = ResNetConfig(num_channels=IMAGE[0], embedding_size=32, hidden_sizes=[64, 128], depths=[1, 1],
-                          layer_type="basic", num_labels=LABELS)
+    config = ResNetConfig(num_channels=size.image[0], embedding_size=size.stages[0] // 2,
+                          hidden_sizes=list(size.stages), depths=[1] * len(size.stages), layer_type="basic",
+                          num_labels=LABELS)
     return ResNetForImageClassification(config)
 
 
-def _lora_llama() -> nn.Module:
+def _lora_llama(size: Size) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
-    model = get_peft_model(_llama(), config)
+    model = get_peft_model(_llama(size), config)
     with torch.no_grad():  # peft starts lora_B at zero (no effect); a trained adapter's is not
         for name, param in model.named_parameters():
             if name.endswith("lora_B.default.weight"):
                 param.normal_(0.0, 0.02)
     return model
+
+
+def _timm_vit(size: Size) -> nn.Module:
+    return TimmViT(size.image, size.patch, size.width, size.layers, size.heads, size.mlp // size.width)
+
+
+def _encoder(size: Size) -> nn.Module:
+    return EncoderClassifier(VOCAB, size.width, size.layers, size.heads, mlp=size.mlp)
 
 
 # ------------------------------------------------------------------ models written here
@@ -197,13 +256,15 @@ class TimmViT(nn.Module):
 
 
 class EncoderClassifier(nn.Module):
-    """Token embedding -> ``nn.TransformerEncoder`` (2 layers, width 64, 4 heads) -> mean -> ``head``."""
+    """Token embedding -> ``nn.TransformerEncoder`` (2 layers, width 64, 4 heads, MLP ``mlp``, default
+    2 x width) -> mean -> ``head``."""
 
     def __init__(self, vocab: int = VOCAB, dim: int = 64, depth: int = 2, heads: int = 4,
-                 num_classes: int = LABELS) -> None:
+                 num_classes: int = LABELS, mlp: int | None = None) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
-        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=mlp or 2 * dim, dropout=0.0,
+                                           batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.head = nn.Linear(dim, num_classes)
 
@@ -212,11 +273,11 @@ class EncoderClassifier(nn.Module):
 
 
 # ------------------------------------------------------------------ batches, scores, losses
-def _tokens(labels: str) -> Callable[[int, torch.Generator], Batch]:
+def _tokens(labels: str) -> Callable[[int, torch.Generator, Size], Batch]:
     """Random token windows; ``labels``: "next" (the tokens themselves, HF shifts them), "class"."""
 
-    def sample(batch_size: int, gen: torch.Generator) -> Batch:
-        ids = torch.randint(0, VOCAB, (batch_size, SEQ), generator=gen)
+    def sample(batch_size: int, gen: torch.Generator, size: Size) -> Batch:
+        ids = torch.randint(0, VOCAB, (batch_size, size.seq), generator=gen)
         if labels == "next":
             return {"input_ids": ids, "labels": ids.clone()}
         return {"input_ids": ids, "labels": torch.randint(0, LABELS, (batch_size,), generator=gen)}
@@ -224,8 +285,8 @@ def _tokens(labels: str) -> Callable[[int, torch.Generator], Batch]:
     return sample
 
 
-def _images(batch_size: int, gen: torch.Generator) -> Batch:
-    return {"pixel_values": torch.randn(batch_size, *IMAGE, generator=gen),
+def _images(batch_size: int, gen: torch.Generator, size: Size) -> Batch:
+    return {"pixel_values": torch.randn(batch_size, *size.image, generator=gen),
             "labels": torch.randint(0, LABELS, (batch_size,), generator=gen)}
 
 
@@ -252,20 +313,20 @@ def _plain_loss(key: str) -> Callable[[nn.Module, Batch], Tensor]:
 
 
 ZOO: dict[str, ZooModel] = {m.name: m for m in (
-    ZooModel("gpt2-hf", "transformers GPT2LMHeadModel, 2 layers, width 64 (Conv1D projections, tied lm_head)",
+    ZooModel("gpt2-hf", "transformers GPT2LMHeadModel (Conv1D projections, MLP 4 x width, tied lm_head)",
              _gpt2, _tokens("next"), _hf_logits, _hf_loss, causal_lm=True, pretrained=True),
-    ZooModel("llama-hf", "transformers LlamaForCausalLM, 2 layers, width 64, MLP 128",
+    ZooModel("llama-hf", "transformers LlamaForCausalLM (RMSNorm, rotary positions, gated MLP)",
              _llama, _tokens("next"), _hf_logits, _hf_loss, causal_lm=True, pretrained=True),
-    ZooModel("bert-hf", "transformers BertForSequenceClassification, 2 layers, width 64, 10 labels",
+    ZooModel("bert-hf", "transformers BertForSequenceClassification, 10 labels",
              _bert, _tokens("class"), _hf_logits, _hf_loss, pretrained=True),
-    ZooModel("vit-hf", "transformers ViTForImageClassification, 16x16 images, 4x4 patches, width 64",
+    ZooModel("vit-hf", "transformers ViTForImageClassification, 4x4 patches",
              _vit, _images, _hf_logits, _hf_loss, pretrained=True),
-    ZooModel("resnet-hf", "transformers ResNetForImageClassification, basic blocks 64, 128",
+    ZooModel("resnet-hf", "transformers ResNetForImageClassification, one basic block per stage",
              _resnet, _images, _hf_logits, _hf_loss, pretrained=True),
-    ZooModel("vit-timm", "timm-style VisionTransformer (nn.Linear qkv/proj/fc1/fc2), width 64",
-             TimmViT, _images, _plain_logits("pixel_values"), _plain_loss("pixel_values")),
-    ZooModel("transformer-encoder", "nn.TransformerEncoder, 2 layers, width 64 (in_proj_weight)",
-             EncoderClassifier, _tokens("class"), _plain_logits("input_ids"), _plain_loss("input_ids")),
+    ZooModel("vit-timm", "timm-style VisionTransformer (nn.Linear qkv/proj/fc1/fc2)",
+             _timm_vit, _images, _plain_logits("pixel_values"), _plain_loss("pixel_values")),
+    ZooModel("transformer-encoder", "nn.TransformerEncoder (in_proj_weight)",
+             _encoder, _tokens("class"), _plain_logits("input_ids"), _plain_loss("input_ids")),
     ZooModel("lora-llama", "peft LoRA (r=4, q_proj and v_proj) on llama-hf; only the adapters train",
              _lora_llama, _tokens("next"), _hf_logits, _hf_loss, causal_lm=True),
 )}
@@ -279,8 +340,9 @@ def get(name: str) -> ZooModel:
     return ZOO[name]
 
 
-def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
-    return get(name).build(seed, dtype)
+def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, size: str | Size = "tiny",
+          ) -> nn.Module:
+    return get(name).build(seed, dtype, size)
 
 
 # ------------------------------------------------------------------ what is a weight matrix
@@ -316,11 +378,11 @@ def step_optimizer(model: nn.Module, scheme: str) -> torch.optim.Optimizer:
 
 def measure_step(name: str, scheme: str = "deu", code: str = "sazd", n: int = 6, k: int = 4,
                  batch_size: int = 8, warmup: int = 2, iterations: int = 10, seed: int = 0,
-                 ) -> dict[str, object]:
-    """Zoo model ``name`` coded with the automatic plan on an in-process cluster (the workers' products
-    computed one after another, in this process) beside the plain model: coded / total weight
-    matrices, the float64 forward's relative error, and the median wall time of a float32 training
-    step of each (steps interleaved, plain then coded, so load hits both alike), with the coded
+                 size: str | Size = "tiny") -> dict[str, object]:
+    """Zoo model ``name`` of ``size`` coded with the automatic plan on an in-process cluster (the
+    workers' products computed one after another, in this process) beside the plain model: coded /
+    total weight matrices, the float64 forward's relative error, and the median wall time of a float32
+    training step of each (steps interleaved, plain then coded, so load hits both alike), with the coded
     step's phases from the context's counters (worker_s: the workers' products), per step on
     average: they add up to ``coded_mean_s``. ``ratio_best``: the fastest coded step over the fastest
     plain one, the steadier figure on a loaded machine."""
@@ -334,21 +396,22 @@ def measure_step(name: str, scheme: str = "deu", code: str = "sazd", n: int = 6,
     from sazd.runtime.inproc import InProcessCluster
 
     entry = get(name)
+    widths = get_size(size)
 
     def parallelize(model: nn.Module) -> nn.Module:
         with warnings.catch_warnings():  # what stays on the master is reported from the context
             warnings.simplefilter("ignore", UserWarning)
             return sazd.parallelize(model, get_code(code, n=n, k=k), InProcessCluster(n), scheme=scheme)
 
-    plain64 = entry.build(seed, torch.float64)
+    plain64 = entry.build(seed, torch.float64, widths)
     coded64 = parallelize(copy.deepcopy(plain64))
-    probe = entry.batch(batch_size, seed, torch.float64)
+    probe = entry.batch(batch_size, seed, torch.float64, widths)
     with torch.no_grad():
         ref = entry.logits(plain64, probe)
         error = float((entry.logits(coded64, probe) - ref).abs().max() / ref.abs().max())
     ctx64 = sazd.parallel.context(coded64)
 
-    plain = entry.build(seed)
+    plain = entry.build(seed, size=widths)
     model = parallelize(copy.deepcopy(plain))
     optimizers = {id(plain): step_optimizer(plain, scheme),
                   id(model): sazd.coded_optimizer(step_optimizer(model, scheme))}
@@ -364,7 +427,7 @@ def measure_step(name: str, scheme: str = "deu", code: str = "sazd", n: int = 6,
     times: dict[str, list[float]] = {"plain": [], "coded": []}
     phases = {p: 0.0 for p in STEP_PHASES}
     for i in range(warmup + iterations):
-        batch = entry.batch(batch_size, seed=seed + 1 + i)
+        batch = entry.batch(batch_size, seed=seed + 1 + i, size=widths)
         plain_s = step(plain, batch)
         before = stats.snapshot()
         coded_s = step(model, batch)
@@ -378,7 +441,8 @@ def measure_step(name: str, scheme: str = "deu", code: str = "sazd", n: int = 6,
         phases["master_other_s"] += (coded_s - sum(after[p] - before[p] for p in ("encode_s", "worker_s",
                                                                                   "decode_s"))) / iterations
     plain_s, coded_s = statistics.median(times["plain"]), statistics.median(times["coded"])
-    return {"model": name, "scheme": scheme, "code": code, "n": n, "k": k, "batch_size": batch_size,
+    return {"model": name, "size": widths.name, "scheme": scheme, "code": code, "n": n, "k": k,
+            "batch_size": batch_size,
             "coded": len(ctx64.layers), "total": len(weight_matrices(plain64)),
             "left_on_master": dict(ctx64.left_on_master), "float64_error": error,
             "plain_step_s": plain_s, "coded_step_s": coded_s, "ratio": coded_s / plain_s,
@@ -387,5 +451,5 @@ def measure_step(name: str, scheme: str = "deu", code: str = "sazd", n: int = 6,
             "coded_mean_s": statistics.fmean(times["coded"]), "phases_s": phases, "iterations": iterations}
 
 
-__all__ = ["STEP_PHASES", "ZOO", "ZOO_MODELS", "EncoderClassifier", "TimmViT", "ZooModel", "build", "get",
-           "measure_step", "step_optimizer", "weight_matrices"]
+__all__ = ["SIZES", "STEP_PHASES", "ZOO", "ZOO_MODELS", "EncoderClassifier", "Size", "TimmViT", "ZooModel",
+           "build", "get", "get_size", "measure_step", "step_optimizer", "weight_matrices"]

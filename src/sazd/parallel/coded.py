@@ -62,6 +62,10 @@ class CodedLayer:
             W.shape[0], W[0].numel())
         k = ctx.code.k
         self.out_pad, self.in_pad = round_up(self.out_features, k), round_up(self.in_features, k)
+        # Every round reads the block keys and their padding: made once (name and prefix never change)
+        row, col = f"{ctx.prefix}{name}.row", f"{ctx.prefix}{name}.col"
+        self._keys = (row, col)
+        self._padded = {row: (self.out_pad, self.out_features), col: (self.in_pad, self.in_features)}
         self.pending = PendingUpdate()  # DEU: what the next optimizer step sends
         self.stepped_by: weakref.ref | None = None  # the optimizer made by ``coded_optimizer`` holding it
         self.last_rows, self.last_input_grad = 0, False  # shape of the last batch, for the bytes formula
@@ -94,7 +98,7 @@ class CodedLayer:
     @property
     def keys(self) -> tuple[str, str]:
         """The worker block keys of the two coded copies."""
-        return f"{self.ctx.prefix}{self.name}.row", f"{self.ctx.prefix}{self.name}.col"
+        return self._keys
 
     @property
     def checkpoint_keys(self) -> tuple[str, str]:
@@ -103,9 +107,8 @@ class CodedLayer:
 
     @property
     def padded(self) -> dict[str, tuple[int, int]]:
-        """Per copy: (padded rows, real rows)."""
-        row, col = self.keys
-        return {row: (self.out_pad, self.out_features), col: (self.in_pad, self.in_features)}
+        """Per copy: (padded rows, real rows). Read only."""
+        return self._padded
 
     # ------------------------------------------------------ the master's copy
     def plain(self) -> Tensor:
