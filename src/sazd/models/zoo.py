@@ -34,6 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import sazd
+from sazd.codes import get_code
+from sazd.parallel.schemes import Scheme, get_scheme
+from sazd.runtime.inproc import InProcessCluster
+
 VOCAB = 256  # byte tokens, as sazd's text corpora
 LABELS = 10
 
@@ -368,12 +373,12 @@ def weight_matrices(model: nn.Module) -> list[str]:
 STEP_PHASES = ("encode_s", "worker_s", "decode_s", "master_other_s")
 
 
-def step_optimizer(model: nn.Module, scheme: str) -> torch.optim.Optimizer:
-    """What the tests train with: AdamW under naive, SGD with momentum under DEU (SGD only)."""
+def step_optimizer(model: nn.Module, scheme: str | Scheme) -> torch.optim.Optimizer:
+    """What the tests train with: SGD with momentum where the scheme steps only SGD (DEU), else AdamW."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if scheme == "naive":
-        return torch.optim.AdamW(params, lr=1e-3)
-    return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    if get_scheme(scheme).sgd_only:
+        return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    return torch.optim.AdamW(params, lr=1e-3)
 
 
 def measure_step(name: str, scheme: str = "deu", code: str = "sazd", n: int = 6, k: int = 4,
@@ -391,9 +396,6 @@ def measure_step(name: str, scheme: str = "deu", code: str = "sazd", n: int = 6,
     import time
     import warnings
 
-    import sazd
-    from sazd.codes import get_code
-    from sazd.runtime.inproc import InProcessCluster
 
     entry = get(name)
     widths = get_size(size)
