@@ -11,13 +11,13 @@ epoch at a given batch (checkpoints).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from sazd.data import text
+from sazd.data.bundle import DataBundle, DatasetNotFoundError, seeded_generator, subset
 from sazd.data.idx import read_idx, write_idx
 
 __all__ = [
@@ -46,43 +46,6 @@ IDX_FILES = {
 DIGITS_TRAIN = 1437  # load_digits has 1797 samples: the first 1437 train (80%), the last 360 test
 
 
-class DatasetNotFoundError(FileNotFoundError, ValueError):
-    """The IDX files of a dataset are not where we looked (also a ValueError, for CLI error handling)."""
-
-
-@dataclasses.dataclass
-class DataBundle:
-    """Train/test tensors: ``*_x`` float (N, *in_shape), ``*_y`` int64 (N,) class labels."""
-
-    name: str
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    in_shape: tuple[int, ...]
-    num_classes: int
-    mean: float  # training-set pixel mean after scaling to [0, 1], subtracted from every split
-    std: float  # training-set pixel std after scaling to [0, 1], divided out of every split
-
-    @property
-    def n_train(self) -> int:
-        return int(self.train_x.shape[0])
-
-    @property
-    def n_test(self) -> int:
-        return int(self.test_x.shape[0])
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DataBundle:
-        """A copy with the images in ``dtype`` (labels stay int64) and everything on ``device``."""
-        return dataclasses.replace(
-            self,
-            train_x=self.train_x.to(device=device, dtype=dtype),
-            test_x=self.test_x.to(device=device, dtype=dtype),
-            train_y=self.train_y.to(device=device),
-            test_y=self.test_y.to(device=device),
-        )
-
-
 def load_dataset(
     name: str = "fashion-mnist",
     data_dir: str | Path | None = None,
@@ -99,8 +62,6 @@ def load_dataset(
         raise ValueError(f"dtype: {dtype} is not supported; use torch.float32 or torch.float64")
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed: {seed!r} must be a non-negative integer")
-    from sazd.data import text  # token windows; imported here because it builds on DataBundle
-
     if name in text.TEXT_DATASETS:
         return text.load_text(name, data_dir, train_limit, test_limit, seed)
     if name == "digits":
@@ -108,8 +69,8 @@ def load_dataset(
     else:
         (train_x, train_y, test_x, test_y), scale = _load_idx_dir(name, data_dir)
 
-    train_x, train_y = _subset(train_x, train_y, train_limit, seed, "train_limit")
-    test_x, test_y = _subset(test_x, test_y, test_limit, seed, "test_limit")
+    train_x, train_y = subset(train_x, train_y, train_limit, seed, "train_limit")
+    test_x, test_y = subset(test_x, test_y, test_limit, seed, "test_limit")
 
     mean, std = _pixel_stats(train_x, scale)
     train_x, test_x = (train_x.to(dtype) / scale - mean) / std, (test_x.to(dtype) / scale - mean) / std
@@ -224,25 +185,7 @@ def _load_idx_dir(name: str, data_dir: str | Path | None) -> tuple[tuple[torch.T
     return tuple(out), scale
 
 
-def _subset(
-    x: torch.Tensor, y: torch.Tensor, limit: int | None, seed: int, arg: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    n = x.shape[0]
-    if limit is None or limit == n:
-        return x, y
-    if not isinstance(limit, int) or limit < 1 or limit > n:
-        raise ValueError(f"{arg}: {limit!r} must be an integer in [1, {n}] (the split has {n} samples)")
-    keep = torch.randperm(n, generator=_generator(seed, -1))[:limit].sort().values
-    return x[keep], y[keep]
-
-
 # ---- batch order -------------------------------------------------------------------------------
-
-
-def _generator(seed: int, epoch: int) -> torch.Generator:
-    # SeedSequence mixes (seed, epoch) into one well-spread 63-bit seed; epoch -1 is reserved for subsets
-    state = np.random.SeedSequence([seed, epoch + 1]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed((int(state[0]) << 31) ^ int(state[1]))
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -250,7 +193,7 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     for arg, value in (("seed", seed), ("epoch", epoch)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{arg}: {value!r} must be a non-negative integer")
-    return torch.randperm(n, generator=_generator(seed, epoch))
+    return torch.randperm(n, generator=seeded_generator(seed, epoch))
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = True) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from sazd.data import DataBundle, DatasetNotFoundError, _subset
+from sazd.data.bundle import DataBundle, DatasetNotFoundError, subset
 
 TEXT_DATASETS = ("pystdlib", "text")
 VOCAB_SIZE = 256
@@ -97,8 +97,8 @@ def load_text(name: str, data_dir: str | Path | None = None, train_limit: int | 
     order = torch.randperm(chunks, generator=torch.Generator().manual_seed(SPLIT_SEED))
     n_val = max(1, round(VALIDATION_FRACTION * chunks))
     val, train = windows[order[:n_val].sort().values], windows[order[n_val:].sort().values]
-    train_x, train_y = _subset(train[:, :-1], train[:, 1:], train_limit, seed, "train_limit")
-    test_x, test_y = _subset(val[:, :-1], val[:, 1:], test_limit, seed, "test_limit")
+    train_x, train_y = subset(train[:, :-1], train[:, 1:], train_limit, seed, "train_limit")
+    test_x, test_y = subset(val[:, :-1], val[:, 1:], test_limit, seed, "test_limit")
     return TextBundle(name=name, train_x=train_x.contiguous(), train_y=train_y.contiguous(),
                       test_x=test_x.contiguous(), test_y=test_y.contiguous(), in_shape=(block_size,),
                       num_classes=VOCAB_SIZE, mean=0.0, std=1.0, files=tuple(files), corpus_bytes=len(data),
