@@ -27,14 +27,8 @@ from sazd.codes import (
     get_code,
     warning_bound,
 )
-from sazd.codes.base import (
-    PROBE_KINDS,
-    PROBE_MARGIN,
-    REFUSE_ERROR,
-    DecodeReport,
-    relative_error,
-    straggler_sets,
-)
+from sazd.codes.base import relative_error, straggler_sets
+from sazd.codes.certificate import PROBE_KINDS, PROBE_MARGIN, REFUSE_ERROR, DecodeReport
 from test_decode_fuzz import own_noise
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16

@@ -41,7 +41,8 @@ from sazd.codes import (
     UnstableDecodeWarning,
     get_code,
 )
-from sazd.codes.base import NonFiniteResultWarning, check_subset, relative_error, straggler_sets
+from sazd.codes.base import NonFiniteResultWarning, relative_error, straggler_sets
+from sazd.codes.checks import check_subset
 
 F64, F32 = torch.float64, torch.float32
 

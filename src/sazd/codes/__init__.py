@@ -14,16 +14,14 @@ import inspect
 from typing import Any
 
 from sazd.codes.base import (
-    ArgumentTypeError,
-    Certificate,
     Code,
     DecodeError,
     NonFiniteResultWarning,
     UnstableDecodeWarning,
-    check_int,
     straggler_sets,
-    warning_bound,
 )
+from sazd.codes.certificate import Certificate, warning_bound
+from sazd.codes.checks import ArgumentTypeError, check_int
 from sazd.codes.cyclic import Cyclic
 from sazd.codes.lc import GaussianMDS, LinearCode, Poly, Replication, Uncoded
 from sazd.codes.sazd import SAZD

@@ -21,15 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sazd.codes.base import (
-    ArgumentTypeError,
-    Code,
-    DecodeError,
-    check_bool,
-    check_int,
-    check_workers,
-    compute_dtype,
-)
+from sazd.codes.base import Code, DecodeError, compute_dtype
+from sazd.codes.checks import ArgumentTypeError, check_bool, check_int, check_workers
 
 POLY_NODES = ("integer", "chebyshev")
 # A generator whose rows sum (in magnitude) to this or more overflows float32 on weights of magnitude 1.

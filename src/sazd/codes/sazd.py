@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 import sazd.codes.zigzag as zigzag
-from sazd.codes.base import Code, check_bool, check_int, compute_dtype
+from sazd.codes.base import Code, compute_dtype
+from sazd.codes.checks import check_bool, check_int
 
 AUTO_CHAIN_ROWS = 256  # "auto" keeps zigzag chains at most this many rows long: g = ceil(r / 256)
 MAX_SHIFT_UNIT = 2**16  # "auto" reaches it only at 16M rows per block; larger units only waste memory

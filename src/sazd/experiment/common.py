@@ -212,7 +212,7 @@ def settings_json(s: dict[str, Any]) -> dict[str, Any]:
 def fmt_error(err: float | None) -> str:
     if err is None:
         return "—"
-    if not err < 1:  # from 1 on, decode raises a DecodeError (sazd.codes.base.REFUSE_ERROR)
+    if not err < 1:  # from 1 on, decode raises a DecodeError (sazd.codes.certificate.REFUSE_ERROR)
         return "refused"
     return f"{err:.1e}"
 
