@@ -185,3 +185,25 @@ def test_an_unwritable_output_is_refused_before_any_work(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot write in" in err and "choose a writable place" in err, err
+
+
+def test_imports_inside_functions_only_in_the_modules_help_loads():
+    """A module imports sazd modules at its top, unless ``sazd --help`` loads it: those defer what
+    would bring torch in."""
+    code = ("import sys; from sazd.cli import build_parser; build_parser(); "
+            "print(' '.join(sorted(m for m in sys.modules if m == 'sazd' or m.startswith('sazd.'))))")
+    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    light = set(out.stdout.split())
+    offenders = []
+    for path in SRC.rglob("*.py"):
+        module = ".".join(path.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                inner = [n for n in ast.walk(node) if isinstance(n, ast.ImportFrom | ast.Import)]
+                names = [n.module for n in inner if isinstance(n, ast.ImportFrom) and n.module]
+                names += [a.name for n in inner if isinstance(n, ast.Import) for a in n.names]
+                if any(name == "sazd" or name.startswith("sazd.") for name in names) and module not in light:
+                    offenders.append(f"{module}.{node.name}")
+    assert not offenders, offenders

@@ -16,6 +16,7 @@ from sazd.runtime.latency import (
     parse_latency,
     straggler_latency,
 )
+from sazd.runtime.ray import RayCluster
 from sazd.runtime.worker import SGDStep, Worker, sgd_apply
 
 BACKENDS = ("inproc", "ray")
@@ -23,15 +24,13 @@ BACKENDS = ("inproc", "ray")
 
 def make_cluster(backend: str, n: int, **opts: Any) -> Cluster:
     """``InProcessCluster(n, **opts)`` for ``"inproc"``, ``RayCluster(n, **opts)`` for ``"ray"``
-    (Ray is imported only then)."""
+    (which starts or joins Ray)."""
     if backend == "inproc":
         if opts.pop("tls", None) not in (None, False):
             raise ValueError("tls: the in-process backend has no connections to encrypt; use tls only "
                              "with backend 'ray'")
         return InProcessCluster(n, **opts)
     if backend == "ray":
-        from sazd.runtime.ray import RayCluster
-
         return RayCluster(n, **opts)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
@@ -47,6 +46,7 @@ __all__ = [
     "InProcessCluster",
     "LatencyModel",
     "NoDelay",
+    "RayCluster",
     "Round",
     "SGDStep",
     "ShiftedExponential",

@@ -48,13 +48,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sazd.bench.tp.target import Schedule, Target
+from sazd.data import batches, load_dataset, num_batches
+from sazd.measure.training import synthetic_data
+from sazd.models import build_model, task_of
+from sazd.stragglers import from_dict, straggle
+
 DIED_EXIT = 17  # a rank the latency model kills exits with this code
 
 
 # ------------------------------------------------------------------ the model and its plan
 def build(spec: dict[str, Any]) -> nn.Module:
     """The spec's model exactly as sazd builds it (same builder, seed and dtype)."""
-    from sazd.models import build_model
 
     return build_model(spec["model"], spec["in_shape"], spec["num_classes"], tuple(spec["hidden"]),
                        seed=spec["seed"], dtype=getattr(torch, spec["dtype"]))
@@ -179,10 +184,8 @@ def measure_compute(module: nn.Module, task: Any, xb: Tensor, yb: Tensor, repeat
 
 # ------------------------------------------------------------------ data
 def data(spec: dict[str, Any]) -> Any:
-    from sazd.data import load_dataset
 
     if spec["dataset"] == "synthetic":
-        from sazd.measure.training import synthetic_data
 
         bundle = synthetic_data(spec["train_limit"], spec["seed"])
         bundle.train_x = bundle.train_x.to(getattr(torch, spec["dtype"]))
@@ -194,7 +197,6 @@ def data(spec: dict[str, Any]) -> Any:
 
 def spec_batches(spec: dict[str, Any], bundle: Any) -> list[tuple[Tensor, Tensor]]:
     """The spec's ``steps`` batches, in sazd's order (epochs follow one another)."""
-    from sazd.data import batches, num_batches
 
     out: list[tuple[Tensor, Tensor]] = []
     per_epoch = num_batches(bundle.n_train, spec["batch_size"], True)
@@ -213,9 +215,6 @@ def run(spec: dict[str, Any], rank: int, world: int, out: Path) -> dict[str, Any
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from sazd.bench.tp.target import Schedule, Target
-    from sazd.models import task_of
-    from sazd.stragglers import from_dict, straggle
 
     torch.set_num_threads(spec.get("threads", 1))
     device = "cuda" if spec.get("device") == "cuda" else "cpu"

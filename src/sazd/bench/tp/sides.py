@@ -32,8 +32,20 @@ from functools import cached_property
 from typing import Any
 
 from sazd.bench.tp.floor import alive_throughout, cores, floor_fields, sazd_compute, tp_compute
+from sazd.bench.tp.launch import launch
+from sazd.bench.tp.rank import spec_batches
 from sazd.bench.tp.target import Schedule, Target, time_to_target
+from sazd.codes import DecodeError
+from sazd.data import load_dataset
+from sazd.maintain import CodedState
+from sazd.measure.training import synthetic_data
+from sazd.models import build_model
+from sazd.runtime import make_cluster
+from sazd.runtime.cluster import ClusterError
+from sazd.runtime.latency import NoDelay
 from sazd.stragglers import Recorder, Straggler
+from sazd.train.optim import CodedOptimizer, OptimConfig
+from sazd.train.trainer import TrainConfig, Trainer
 
 
 @dataclass(frozen=True)
@@ -68,10 +80,8 @@ class Workload:
     def data(self) -> Any:
         import torch
 
-        from sazd.data import load_dataset
 
         if self.dataset == "synthetic":
-            from sazd.measure.training import synthetic_data
 
             bundle = synthetic_data(self.train_limit, self.seed)
             bundle.train_x = bundle.train_x.to(getattr(torch, self.dtype))
@@ -90,14 +100,11 @@ class Workload:
 
     def batches(self) -> list[Any]:
         """The ``steps`` batches of every phase, exactly the TP ranks' (``rank.spec_batches``)."""
-        from sazd.bench.tp.rank import spec_batches
 
         spec = {"batch_size": self.batch_size, "steps": self.steps, "seed": self.seed}
         return spec_batches(spec, self.data)
 
     def train_config(self, code: str, n: int, k: int) -> Any:
-        from sazd.train.optim import OptimConfig
-        from sazd.train.trainer import TrainConfig
 
         return TrainConfig(model=self.model, dataset=self.dataset, hidden=tuple(self.hidden), code=code, n=n,
                            k=k, scheme="deu", backend="ray", batch_size=self.batch_size, dtype=self.dtype,
@@ -166,7 +173,6 @@ class TPSide:
         self.label = f"TP k={k}"
 
     def run(self, work: Workload, phases: list[Straggler]) -> list[PhaseResult]:
-        from sazd.bench.tp.launch import launch
 
         result = launch(work.tp_spec(phases), self.k, timeout_s=self.timeout_s)
         out = []
@@ -202,10 +208,6 @@ class SazdSide:
         self.label = "sazd uncoded" if code == "uncoded" else f"{code}({n},{k})"
 
     def run(self, work: Workload, phases: list[Straggler]) -> list[PhaseResult]:
-        from sazd.codes import DecodeError
-        from sazd.runtime import make_cluster
-        from sazd.runtime.cluster import ClusterError
-        from sazd.train.trainer import Trainer
 
         cfg = work.train_config(self.code, self.n, self.k)
         batches = work.batches()
@@ -263,10 +265,6 @@ class SazdSide:
     def _restart(self, trainer: Any, work: Workload) -> None:
         """The seed's initial weights back on the master and every worker (their momentum dropped), a new
         optimizer, and every worker done loading before the phase's clock starts."""
-        from sazd.maintain import CodedState
-        from sazd.models import build_model
-        from sazd.runtime.latency import NoDelay
-        from sazd.train.optim import CodedOptimizer
 
         cfg, cluster = trainer.cfg, trainer.cluster
         initial = build_model(cfg.model, trainer.data.in_shape, trainer.data.num_classes, hidden=cfg.hidden,
@@ -294,7 +292,6 @@ class SazdSide:
         """Compute per measured iteration (``floor.sazd_compute``) of the workers alive throughout."""
         if start is None or not timed:
             return {}
-        from sazd.runtime.cluster import ClusterError
 
         try:
             end = self._counters(cluster, recorder, counts)
@@ -308,7 +305,6 @@ class SazdSide:
     def _aside(self, cluster: Any, recorder: Recorder, counts: dict[str, int]) -> Iterator[None]:
         """Calls outside the training steps, the stragglers paused: they are not the phase's calls (its
         draws and deaths stay the same) and are added to ``counts``, not to the iteration profile."""
-        from sazd.runtime.latency import NoDelay
 
         tasks, counters = cluster.schedule_state()["tasks"], cluster.counters.snapshot()
         cluster.latency = NoDelay().bind(self.n)
