@@ -186,7 +186,7 @@ class CodedLayer:
         if key == self.keys[1] and self.col_stale:
             self.refresh_col()
         rows, keep = self.padded[key]
-        out, record = self.ctx.product(key, xm.T.contiguous(), rows)
+        out, record = self.ctx.product(key, xm.T, rows)  # a view: BLAS and the wire take it as it is
         return out[:keep].T, record
 
     def product(self, xm: Tensor, transpose: bool = False) -> Tensor:
@@ -545,7 +545,6 @@ class _CodedProduct(torch.autograd.Function):
     def backward(ctx: Any, dym: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         (xm,) = ctx.saved_tensors
         layer: CodedLayer = ctx.layer
-        dym = dym.contiguous()
         rounds = {ctx.round.key: ctx.round}  # the rounds of this use of the weight
         row, col = layer.keys
         dx = None

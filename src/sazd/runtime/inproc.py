@@ -384,8 +384,6 @@ class InProcessCluster(Cluster):
         base = measured if self.base_time_s is None else self.base_time_s
         finish = start + base * self.latency.slowdown(j, task)
         self._busy_until[j] = finish
-        # answers are copies, as after serialisation
-        value = value.clone() if isinstance(value, torch.Tensor) else map_tensors(value, torch.Tensor.clone)
         call = _Call(j, finish, value, out_bytes=tensor_bytes(value), start=start)
         self._pending[j].append(call)
         return call

@@ -110,11 +110,13 @@ class Worker:
         return self.index
 
     def state(self, keys: list[str] | None = None) -> dict[str, dict[str, Tensor]]:
-        """Coded weights and momentum buffers (on CPU) for decoding, checkpoints and repair."""
+        """Copies of the coded weights and momentum buffers (on CPU) for decoding, checkpoints and
+        repair. (Every answer of a worker is a tensor it does not keep: an in-process master may hold
+        it without a copy.)"""
         keys = list(self.weights) if keys is None else keys
         return {
-            "weights": {key: self.weights[key].cpu() for key in keys},
-            "momentum": {key: self.momentum[key].cpu() for key in keys if key in self.momentum},
+            "weights": {key: self.weights[key].to("cpu", copy=True) for key in keys},
+            "momentum": {key: self.momentum[key].to("cpu", copy=True) for key in keys if key in self.momentum},
         }
 
     def set_delay(self, factor: float) -> int:
