@@ -167,15 +167,19 @@ def _assert_floor(row: dict, cores: int) -> None:
     assert row["floor_s"] == pytest.approx(compute / cores)
     assert row["over_floor"] == pytest.approx(row["p50_s"] / row["floor_s"])
     assert row["work_vs_tp"] > 0
+    cpu = row["cpu_per_iteration_s"]
+    assert cpu == work["cpu_s"] and row["cpu_vs_tp"] > 0
     if row["side"].startswith("TP"):
-        assert row["work_vs_tp"] == 1.0
+        assert row["work_vs_tp"] == 1.0 and row["cpu_vs_tp"] == 1.0
         assert len(work["ranks_s"]) == 2 and all(s > 0 for s in work["ranks_s"])
         assert compute == pytest.approx(sum(work["ranks_s"]))
+        assert cpu >= compute  # a rank's process CPU over its step holds the step's own thread's
     else:
         assert work["counted"] == list(range(row["workers"]))
         assert work["updates"] == {str(j): 3 * len(row["iteration_s"]) for j in work["counted"]}
         assert work["workers_s"] > 0 and work["master_s"] > 0
         assert compute == pytest.approx(work["workers_s"] + work["master_s"])
+        assert cpu > work["workers_s"]  # the workers' processes hold their compute threads, and the master
 
 
 @pytest.mark.parametrize("flags, words", [

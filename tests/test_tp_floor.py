@@ -20,8 +20,28 @@ def test_sazd_compute_sums_the_workers_alive_throughout_and_the_master():
     assert work["master_s"] == pytest.approx(0.02)
     assert work["compute_s"] == pytest.approx(0.32)
     assert work["updates"] == {0: 6, 1: 6} and work["counted"] == [0, 1]
+    assert work["cpu_s"] is None  # no master CPU given: no CPU figure
     assert sazd_compute(before, after, [], [0.01])["compute_s"] is None
     assert sazd_compute(before, after, [0], [])["compute_s"] is None
+
+
+def test_sazd_cpu_is_the_workers_process_cpu_and_the_masters_per_iteration():
+    before = {0: {"compute_s": 1.0, "updates_applied": 0, "process_s": 10.0},
+              1: {"compute_s": 2.0, "updates_applied": 0, "process_s": 20.0}}
+    after = {0: {"compute_s": 1.4, "updates_applied": 4, "process_s": 11.0},
+             1: {"compute_s": 2.2, "updates_applied": 4, "process_s": 20.6}}
+    work = sazd_compute(before, after, [0, 1], master_s=[0.01, 0.03], master_cpu_s=0.8)
+    assert work["cpu_s"] == pytest.approx((1.0 + 0.6 + 0.8) / 2)
+    assert work["compute_s"] == pytest.approx((0.4 + 0.2) / 2 + 0.02)
+
+
+def test_cpu_ratio_is_against_the_tp_row_too():
+    rows = [{"side": "TP k=4", "compute_per_iteration_s": 0.04, "cpu_per_iteration_s": 0.05},
+            {"side": "sazd(6,4)", "compute_per_iteration_s": 0.04, "cpu_per_iteration_s": 0.1},
+            {"side": "sazd uncoded", "compute_per_iteration_s": 0.03, "cpu_per_iteration_s": None}]
+    add_work_ratios(rows)
+    assert [r["cpu_vs_tp"] for r in rows] == [1.0, pytest.approx(2.0), None]
+    assert [r["work_vs_tp"] for r in rows] == [1.0, 1.0, pytest.approx(0.75)]
 
 
 def test_a_worker_respawned_or_dead_in_between_is_not_counted():

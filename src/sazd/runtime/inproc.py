@@ -59,7 +59,6 @@ from sazd.runtime.cluster import (
     Counters,
     Round,
     SentTensors,
-    map_tensors,
     tensor_bytes,
 )
 from sazd.runtime.latency import LatencyModel, parse_latency

@@ -116,7 +116,8 @@ class Worker:
         keys = list(self.weights) if keys is None else keys
         return {
             "weights": {key: self.weights[key].to("cpu", copy=True) for key in keys},
-            "momentum": {key: self.momentum[key].to("cpu", copy=True) for key in keys if key in self.momentum},
+            "momentum": {key: self.momentum[key].to("cpu", copy=True)
+                         for key in keys if key in self.momentum},
         }
 
     def set_delay(self, factor: float) -> int:
@@ -127,8 +128,10 @@ class Worker:
 
     def counters(self) -> dict[str, float]:
         """What this worker did so far: its seconds of compute (products and updates, without any
-        straggler stall) and the updates it applied."""
-        return {"compute_s": self.compute_s, "updates_applied": self.updates_applied}
+        straggler stall), the updates it applied, and its process's CPU seconds (every thread:
+        compute and the overhead around it; an in-process worker shares the master's process)."""
+        return {"compute_s": self.compute_s, "updates_applied": self.updates_applied,
+                "process_s": time.process_time()}
 
     def ping(self) -> int:
         return self.index

@@ -82,7 +82,9 @@ FLOOR_NOTE = ("work: the side's CPU seconds of compute per iteration, all its pr
               "the workers' products and updates, the workers alive throughout the phase, plus the "
               "master's encode and decode; TP: every rank's forward, backward and optimizer step); "
               "floor: work / the cores the processes may use; p50 / floor: the median iteration over it; "
-              "work / TP: the side's work over TP's in the same phase")
+              "work / TP: the side's work over TP's in the same phase; CPU: every CPU second of the side's "
+              "processes per iteration, compute and overhead (sazd: workers and master, none with a "
+              "target; TP: the ranks' steps); CPU / TP: over TP's")
 
 
 def _ratio(x: float | None) -> str:
@@ -93,7 +95,7 @@ def table(phases: list[dict[str, Any]], target: dict[str, Any] | None = None) ->
     """Markdown: per phase and side, p50/p95 ms, ratio to TP, per-worker cost, the compute floor
     (``FLOOR_NOTE``), what happened; with a ``target``, also the time to it and its ratio to TP's."""
     head = ("| straggler | side | workers | p50 ms | p95 ms | p50 / TP | cost (worker-ms) | work ms "
-            "| floor ms | p50 / floor | work / TP | slowed |")
+            "| floor ms | p50 / floor | work / TP | CPU ms | CPU / TP | slowed |")
     if target is not None:
         head += f" to {target['metric']} {target['value']:g} | to target / TP |"
     lines = [head + " note |", "|---" * head.count("|") + "|"]
@@ -109,7 +111,8 @@ def table(phases: list[dict[str, Any]], target: dict[str, Any] | None = None) ->
                     f"{_ms(row['p50_s'])} | {_ms(row['p95_s'])} | {ratio} | "
                     f"{_ms(row['cost_worker_s'])} | {_ms(row.get('compute_per_iteration_s'))} | "
                     f"{_ms(row.get('floor_s'))} | {_ratio(row.get('over_floor'))} | "
-                    f"{_ratio(row.get('work_vs_tp'))} | {slowed} |")
+                    f"{_ratio(row.get('work_vs_tp'))} | {_ms(row.get('cpu_per_iteration_s'))} | "
+                    f"{_ratio(row.get('cpu_vs_tp'))} | {slowed} |")
             if target is not None:
                 mine, tps = row["time_to_target_s"], None if tp is None else tp["time_to_target_s"]
                 line += f" {to_target(row)} | {'-' if mine is None or not tps else f'{mine / tps:.2f}'} |"

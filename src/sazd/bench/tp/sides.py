@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -162,7 +163,8 @@ class PhaseResult:
                 "compute_s": self.compute_s, "profile": self.profile, "step_s": self.step_s,
                 "evals": [list(e) for e in self.evals], "steps_to_target": self.steps_to_target,
                 "time_to_target_s": self.time_to_target, "work": self.work,
-                **floor_fields(self.work.get("compute_s"), self.cores, self.p50)}
+                **floor_fields(self.work.get("compute_s"), self.cores, self.p50),
+                "cpu_per_iteration_s": self.work.get("cpu_s")}
 
 
 class TPSide:
@@ -191,8 +193,11 @@ class TPSide:
             compute = statistics.fmean(rec["compute_s"] for rec in result.records if rec is not None)
             evals = [(int(step), value) for step, value in lead["evals"]]
             ranks_s = [p["cpu_s"][work.warmup:] for p in began]
-            work_s = {"compute_s": tp_compute(ranks_s) if len(began) == self.k else None,
-                      "ranks_s": [statistics.fmean(s) if s else None for s in ranks_s]}
+            ranks_cpu = [p["process_cpu_s"][work.warmup:] for p in began]
+            every_rank = len(began) == self.k
+            work_s = {"compute_s": tp_compute(ranks_s) if every_rank else None,
+                      "ranks_s": [statistics.fmean(s) if s else None for s in ranks_s],
+                      "cpu_s": tp_compute(ranks_cpu) if every_rank else None}
             out.append(PhaseResult(self.label, self.k, straggler.to_dict(), lead["iteration_s"][work.warmup:],
                                    lead["loss"], slowed, stopped=None if done else result.stopped,
                                    neighbour=neighbour, compute_s=compute, step_s=list(lead["iteration_s"]),
@@ -244,7 +249,7 @@ class SazdSide:
                         stopped = "the run stopped: " + " ".join(str(err).split())
                 recs = trainer.history[before[0]:]
                 timed = recs[work.warmup:]
-                work_s = self._work(start, cluster, recorder, evaluated, timed)
+                work_s = self._work(start, cluster, recorder, evaluated, timed, cpu=work.target is None)
                 after = cluster.counters.snapshot()
                 counts = {key: after[key] - before[2][key] - evaluated[key] for key in ("calls", "rounds")}
                 profile = self._profile(timed, counts, len(recs))
@@ -285,11 +290,13 @@ class SazdSide:
         stragglers paused."""
         with self._aside(cluster, recorder, counts):
             read = cluster.wait_all(cluster.submit("counters", (), cluster.alive()))
-            return {"counters": read, "incarnation": list(cluster.schedule_state()["incarnation"])}
+            return {"counters": read, "incarnation": list(cluster.schedule_state()["incarnation"]),
+                    "master_cpu_s": time.process_time()}
 
     def _work(self, start: dict[str, Any] | None, cluster: Any, recorder: Recorder, counts: dict[str, int],
-              timed: list[dict[str, Any]]) -> dict[str, Any]:
-        """Compute per measured iteration (``floor.sazd_compute``) of the workers alive throughout."""
+              timed: list[dict[str, Any]], cpu: bool) -> dict[str, Any]:
+        """Compute per measured iteration (``floor.sazd_compute``) of the workers alive throughout, and
+        with ``cpu`` (no evaluations in between) the CPU of every process of the side."""
         if start is None or not timed:
             return {}
 
@@ -298,8 +305,10 @@ class SazdSide:
         except ClusterError:  # e.g. the run stopped, no worker left to ask: no figure
             return {}
         counted = alive_throughout(start, end)
+        every_worker = len(counted) == self.n
         return sazd_compute(start["counters"], end["counters"], counted,
-                            [r["encode_s"] + r["decode_s"] for r in timed])
+                            [r["encode_s"] + r["decode_s"] for r in timed],
+                            end["master_cpu_s"] - start["master_cpu_s"] if cpu and every_worker else None)
 
     @contextlib.contextmanager
     def _aside(self, cluster: Any, recorder: Recorder, counts: dict[str, int]) -> Iterator[None]:
