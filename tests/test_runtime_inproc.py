@@ -210,6 +210,12 @@ def test_errors_are_clear():
         cluster.submit("ping", (), [0, 0])
     with pytest.raises(KeyError, match="holds no block"):
         cluster.submit("matmul", ("nope", torch.ones(1)))
+    for nice in (0, 20, -5, 1.5, True, "19"):  # refused before anything changes
+        with pytest.raises(ValueError, match=r"integer in 1\.\.19"):
+            cluster.submit("lower_cpu_priority", (nice,))
+    cluster.spare([4, 5])  # in-process: nothing to lower, the ids are still checked
+    with pytest.raises(ValueError, match="distinct ids"):
+        cluster.spare([6])
     round_ = cluster.submit("ping", ())
     cluster.wait_all(round_)
     with pytest.raises(ValueError, match="already gathered"):

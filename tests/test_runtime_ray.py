@@ -337,6 +337,45 @@ def test_the_master_leaves_the_workers_on_its_machine_their_cores(ray_session):
     assert master_threads(cores=4, worker_threads_here=0, current=4) == 4  # workers elsewhere
 
 
+def _niceness(pid: int) -> set[int]:
+    """The CPU niceness of every thread of process ``pid``."""
+    out = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            out.add(os.getpriority(os.PRIO_PROCESS, int(tid)))
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads threads' niceness from /proc (Linux)")
+def test_spare_workers_run_at_the_lowest_priority_where_cores_are_shared(ray_session):
+    from torch import nn
+
+    import sazd
+    from sazd.codes import get_code
+    from sazd.parallel import Coded
+    from sazd.runtime.placement import SPARE_NICE, spare_nice, usable_cores
+
+    # 3 workers and the master on this machine: spare where they outnumber its cores
+    want = 0 if spare_nice(usable_cores(), 4) is None else SPARE_NICE
+    assert spare_nice(cores=2, processes=7) == SPARE_NICE and spare_nice(cores=16, processes=7) is None
+    c = make_cluster("ray", 3, worker_timeout_s=60)
+    try:
+        model = sazd.parallelize(nn.Sequential(nn.Linear(8, 8)), get_code("sazd", n=3, k=2), c,
+                                 plan={"0": Coded()})
+        pids = c.pids()
+        assert [_niceness(pid) for pid in pids] == [{0}, {0}, {want}]  # worker 2: SAZD(3,2)'s parity
+        x = torch.randn(4, 8)
+        assert torch.allclose(model(x), x @ model[0].weight.detach().T + model[0].bias.detach(), atol=1e-5)
+        c.respawn(2)  # a respawned spare is lowered too
+        assert c.pids()[2] != pids[2] and _niceness(c.pids()[2]) == {want}
+        with pytest.raises(ValueError, match="distinct ids"):
+            c.spare([3])
+        with pytest.raises(ValueError, match=r"1\.\.19"):  # what a worker accepts (checked before acting)
+            c.wait_all(c.submit("lower_cpu_priority", (0,), [2]))
+    finally:
+        c.close()
+
+
 def test_the_wrapped_private_ray_api_works_on_the_pinned_ray(ray_session):
     """The only two uses of Ray's private API (sazd.runtime.ray.bootstrap), against the pinned Ray."""
     from sazd.runtime.ray.bootstrap import ping_gcs, ray_processes

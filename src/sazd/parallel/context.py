@@ -95,6 +95,7 @@ class CodedContext:
         self.layers: dict[str, CodedLayer] = {}  # by coded weight name ("fc1", "attn.in_proj_weight")
         self.block_keys: set[str] = set()  # of every layer; the workers drop them once this model is gone
         self.prefix = _claim_prefix(cluster, self)
+        cluster.spare(range(code.k, code.n))  # preferred: workers 0..k-1 (systematic: a decode is a copy)
         CodedContext.live.add(self)
         self.rounds: dict[str, RoundRecord] = {}  # block key -> its latest round
         self._queued: dict[int, list[tuple[str, tuple]]] | None = None  # inside batched(): per worker

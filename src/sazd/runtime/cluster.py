@@ -264,6 +264,12 @@ class Cluster(ABC):
                 raise
             return Answers(self.first_k(self.submit(method, args, alive), k, enough), frozenset(alive))
 
+    def spare(self, workers: Sequence[int]) -> None:
+        """``workers`` answer only when others are late (a code's workers beyond the k it prefers):
+        where workers share cores, the backend may run them at a lower CPU priority (see
+        ``placement.spare_nice``). In-process: nothing to do."""
+        self._check_workers(workers)
+
     @abstractmethod
     def alive(self) -> list[int]:
         """Worker ids currently believed alive."""

@@ -75,6 +75,20 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+SPARE_NICE = 19  # the lowest CPU priority: a spare worker runs only on cycles nobody else wants
+
+
+def spare_nice(cores: int, processes: int) -> int | None:
+    """The CPU niceness of a spare worker (one whose answers are needed only when others are late) on
+    a machine with ``cores`` cores running ``processes`` of the cluster's processes (workers and,
+    there, the master); None where each process has a core of its own, as on a real cluster. On
+    shared cores every round's redundant products would otherwise be computed at the expense of the
+    k that are needed: on 2 cores with 6 workers, at the lowest priority a W=1024 DEU iteration was
+    15-20 % shorter (and no slower with a straggler), the spares being left out of the rounds they
+    are busy for."""
+    return SPARE_NICE if processes > cores else None
+
+
 def master_threads(cores: int, worker_threads_here: int, current: int) -> int:
     """The master's intra-op threads beside workers on its own machine: the cores they leave, at least
     one, never more than it has now. More threads than cores make every thread wait for the others:

@@ -8,6 +8,8 @@ stay the encoding of the true weights after each update.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -135,6 +137,23 @@ class Worker:
 
     def ping(self) -> int:
         return self.index
+
+    def lower_cpu_priority(self, nice: int) -> int:
+        """Run this worker's process (every thread) at CPU niceness ``nice`` or lower priority: a spare
+        worker on shared cores then takes only the cores the others leave. Never raises a thread's
+        priority (that needs privileges, and would undo someone else's choice). Returns the niceness
+        of the answering thread afterwards (0 where the system has no niceness)."""
+        if type(nice) is not int or not 1 <= nice <= 19:
+            raise ValueError(f"nice must be an integer in 1..19, got {nice!r}")
+        if not hasattr(os, "setpriority"):
+            return 0
+        threads = [int(t) for t in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") else [0]
+        for tid in threads:
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+            except (ProcessLookupError, PermissionError):  # a thread that ended meanwhile
+                continue
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
     # ---------------------------------------------------------------- compute
     def matmul(self, key: str, x: Tensor) -> Tensor:

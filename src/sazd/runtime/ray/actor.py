@@ -9,6 +9,7 @@ import ray
 import torch
 
 from sazd.runtime import channel
+from sazd.runtime.placement import usable_cores
 from sazd.runtime.ray.processes import boot_id
 from sazd.runtime.tls import Identity
 from sazd.runtime.worker import METHODS, Worker
@@ -32,7 +33,7 @@ class RayWorker(Worker):
         node_ip = ray.util.get_node_ip_address()
         return {"index": self.index, "node_id": context.get_node_id(), "node_ip": node_ip,
                 "device": str(self.device), "pid": os.getpid(), "boot_id": boot_id(),
-                "threads": torch.get_num_threads(),
+                "threads": torch.get_num_threads(), "cores": usable_cores(),
                 "address": channel.serve(node_ip, key, self.call, METHODS, identity)}
 
 

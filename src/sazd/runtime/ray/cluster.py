@@ -12,7 +12,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -116,6 +116,7 @@ class RayCluster(Rounds, Liveness, Cluster):
         self._ray_procs: list[tuple[str, Any]] = []  # (name, Popen) of the Ray we started
         self._last_watch = time.monotonic()
         self._lost = False  # the control plane is gone: close() kills by PID instead of asking Ray
+        self._spares: set[int] = set()  # workers run at a spare's CPU priority where cores are shared
         self._threads_before = torch.get_num_threads()  # the master's own, given back at close
         self.master_threads = self._threads_before
         if ray.is_initialized():
@@ -212,7 +213,32 @@ class RayCluster(Rounds, Liveness, Cluster):
         self._tasks[worker] = 0
         self._incarnation[worker] += 1
         self.counters.note_respawn(worker)
+        if worker in self._spares:
+            self._lower_spares([worker])
 
+    def spare(self, workers: Sequence[int]) -> None:
+        """Run ``workers`` at the lowest CPU priority on every machine where the cluster's processes
+        outnumber the cores (``placement.spare_nice``); a respawned one too. One-way: a worker is
+        never given its priority back."""
+        self._check_open()
+        self._spares.update(self._check_workers(workers))
+        self._lower_spares(workers)
+
+    def _lower_spares(self, workers: Sequence[int]) -> None:
+        here = boot_id()
+        alive = self.alive()
+        processes = Counter(self._info[j].get("boot_id") for j in alive) + Counter([here])
+        lowered = {}
+        for j in workers:
+            if j not in alive:
+                continue
+            machine = self._info[j].get("boot_id")
+            cores = place.usable_cores() if machine == here else self._info[j].get("cores", 1)
+            nice = place.spare_nice(cores, processes[machine])
+            if nice is not None:
+                lowered.setdefault(nice, []).append(j)
+        for nice, group in lowered.items():
+            self.wait_all(self.submit("lower_cpu_priority", (nice,), group))
     def workers_info(self) -> list[dict[str, Any]]:
         return [{key: info.get(key) for key in ("index", "node_id", "node_ip", "device")} | {"index": j}
                 for j, info in enumerate(self._info)]
