@@ -355,23 +355,26 @@ def test_spare_workers_run_at_the_lowest_priority_where_cores_are_shared(ray_ses
     from sazd.parallel import Coded
     from sazd.runtime.placement import SPARE_NICE, spare_nice, usable_cores
 
-    # 3 workers and the master on this machine: spare where they outnumber its cores
-    want = 0 if spare_nice(usable_cores(), 4) is None else SPARE_NICE
-    assert spare_nice(cores=2, processes=7) == SPARE_NICE and spare_nice(cores=16, processes=7) is None
-    c = make_cluster("ray", 3, worker_timeout_s=60)
+    # 4 workers, 2 of them spare, and the master on this machine: lowered where the processes
+    # outnumber its cores and the spares do not
+    want = 0 if spare_nice(usable_cores(), processes=5, spares=2) is None else SPARE_NICE
+    assert spare_nice(cores=2, processes=7, spares=2) == SPARE_NICE
+    assert spare_nice(cores=16, processes=7, spares=2) is None  # a core each
+    assert spare_nice(cores=2, processes=6, spares=1) is None  # one spare would leave a core idle
+    c = make_cluster("ray", 4, worker_timeout_s=60)
     try:
-        model = sazd.parallelize(nn.Sequential(nn.Linear(8, 8)), get_code("sazd", n=3, k=2), c,
+        model = sazd.parallelize(nn.Sequential(nn.Linear(8, 8)), get_code("sazd", n=4, k=2), c,
                                  plan={"0": Coded()})
         pids = c.pids()
-        assert [_niceness(pid) for pid in pids] == [{0}, {0}, {want}]  # worker 2: SAZD(3,2)'s parity
+        assert [_niceness(pid) for pid in pids] == [{0}, {0}, {want}, {want}]  # SAZD(4,2)'s parities
         x = torch.randn(4, 8)
         assert torch.allclose(model(x), x @ model[0].weight.detach().T + model[0].bias.detach(), atol=1e-5)
-        c.respawn(2)  # a respawned spare is lowered too
-        assert c.pids()[2] != pids[2] and _niceness(c.pids()[2]) == {want}
+        c.respawn(3)  # a respawned spare is lowered too
+        assert c.pids()[3] != pids[3] and _niceness(c.pids()[3]) == {want}
         with pytest.raises(ValueError, match="distinct ids"):
-            c.spare([3])
+            c.spare([4])
         with pytest.raises(ValueError, match=r"1\.\.19"):  # what a worker accepts (checked before acting)
-            c.wait_all(c.submit("lower_cpu_priority", (0,), [2]))
+            c.wait_all(c.submit("lower_cpu_priority", (0,), [3]))
     finally:
         c.close()
 

@@ -218,8 +218,8 @@ class RayCluster(Rounds, Liveness, Cluster):
 
     def spare(self, workers: Sequence[int]) -> None:
         """Run ``workers`` at the lowest CPU priority on every machine where the cluster's processes
-        outnumber the cores (``placement.spare_nice``); a respawned one too. One-way: a worker is
-        never given its priority back."""
+        outnumber the cores and the spares do not (``placement.spare_nice``); a respawned one too.
+        One-way: a worker is never given its priority back."""
         self._check_open()
         self._spares.update(self._check_workers(workers))
         self._lower_spares(workers)
@@ -228,17 +228,19 @@ class RayCluster(Rounds, Liveness, Cluster):
         here = boot_id()
         alive = self.alive()
         processes = Counter(self._info[j].get("boot_id") for j in alive) + Counter([here])
+        spares = Counter(self._info[j].get("boot_id") for j in alive if j in self._spares)
         lowered = {}
         for j in workers:
             if j not in alive:
                 continue
             machine = self._info[j].get("boot_id")
             cores = place.usable_cores() if machine == here else self._info[j].get("cores", 1)
-            nice = place.spare_nice(cores, processes[machine])
+            nice = place.spare_nice(cores, processes[machine], spares[machine])
             if nice is not None:
                 lowered.setdefault(nice, []).append(j)
         for nice, group in lowered.items():
             self.wait_all(self.submit("lower_cpu_priority", (nice,), group))
+
     def workers_info(self) -> list[dict[str, Any]]:
         return [{key: info.get(key) for key in ("index", "node_id", "node_ip", "device")} | {"index": j}
                 for j, info in enumerate(self._info)]
