@@ -60,7 +60,6 @@ DIED_EXIT = 17  # a rank the latency model kills exits with this code
 # ------------------------------------------------------------------ the model and its plan
 def build(spec: dict[str, Any]) -> nn.Module:
     """The spec's model exactly as sazd builds it (same builder, seed and dtype)."""
-
     return build_model(spec["model"], spec["in_shape"], spec["num_classes"], tuple(spec["hidden"]),
                        seed=spec["seed"], dtype=getattr(torch, spec["dtype"]))
 
@@ -184,9 +183,7 @@ def measure_compute(module: nn.Module, task: Any, xb: Tensor, yb: Tensor, repeat
 
 # ------------------------------------------------------------------ data
 def data(spec: dict[str, Any]) -> Any:
-
     if spec["dataset"] == "synthetic":
-
         bundle = synthetic_data(spec["train_limit"], spec["seed"])
         bundle.train_x = bundle.train_x.to(getattr(torch, spec["dtype"]))
         return bundle
@@ -197,7 +194,6 @@ def data(spec: dict[str, Any]) -> Any:
 
 def spec_batches(spec: dict[str, Any], bundle: Any) -> list[tuple[Tensor, Tensor]]:
     """The spec's ``steps`` batches, in sazd's order (epochs follow one another)."""
-
     out: list[tuple[Tensor, Tensor]] = []
     per_epoch = num_batches(bundle.n_train, spec["batch_size"], True)
     epoch = 0

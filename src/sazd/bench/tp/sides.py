@@ -81,9 +81,7 @@ class Workload:
     def data(self) -> Any:
         import torch
 
-
         if self.dataset == "synthetic":
-
             bundle = synthetic_data(self.train_limit, self.seed)
             bundle.train_x = bundle.train_x.to(getattr(torch, self.dtype))
             return bundle
@@ -101,12 +99,10 @@ class Workload:
 
     def batches(self) -> list[Any]:
         """The ``steps`` batches of every phase, exactly the TP ranks' (``rank.spec_batches``)."""
-
         spec = {"batch_size": self.batch_size, "steps": self.steps, "seed": self.seed}
         return spec_batches(spec, self.data)
 
     def train_config(self, code: str, n: int, k: int) -> Any:
-
         return TrainConfig(model=self.model, dataset=self.dataset, hidden=tuple(self.hidden), code=code, n=n,
                            k=k, scheme="deu", backend="ray", batch_size=self.batch_size, dtype=self.dtype,
                            optim=OptimConfig(lr=self.lr, momentum=self.momentum), seed=self.seed,
@@ -175,7 +171,6 @@ class TPSide:
         self.label = f"TP k={k}"
 
     def run(self, work: Workload, phases: list[Straggler]) -> list[PhaseResult]:
-
         result = launch(work.tp_spec(phases), self.k, timeout_s=self.timeout_s)
         out = []
         for i, straggler in enumerate(phases):
@@ -213,7 +208,6 @@ class SazdSide:
         self.label = "sazd uncoded" if code == "uncoded" else f"{code}({n},{k})"
 
     def run(self, work: Workload, phases: list[Straggler]) -> list[PhaseResult]:
-
         cfg = work.train_config(self.code, self.n, self.k)
         batches = work.batches()
         out = []
