@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from sazd.files import write_atomic
 
 RESULTS, MARKDOWN, PLOT = "tp-results.json", "tp-report.md", "tp-sweep.png"
 
@@ -31,20 +31,6 @@ def check_out(out: Path) -> None:
         if (out / name).is_symlink():
             raise ValueError(f"--out {out}: {name} there is a symbolic link; remove it or choose another "
                              "--out")
-
-
-def write_text(path: Path, data: str | bytes) -> None:
-    """Write atomically by a fresh temporary name and a rename: a link at ``path`` is replaced, never
-    written through."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def crossover(xs: Sequence[float], tp: Sequence[float | None], sazd: Sequence[float | None]) -> float | None:
@@ -196,7 +182,7 @@ def plot(sweep: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    write_text(path, buf.getvalue())
+    write_atomic(path, buf.getvalue(), "bench tp plot")
 
 
 def _panel(ax: Any, xs: list[float], series: dict[str, list[float | None]], tp: str,
@@ -256,8 +242,8 @@ def write(out: Path, result: dict[str, Any]) -> list[Path]:
     check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / RESULTS, out / MARKDOWN]
-    write_text(paths[0], json.dumps(result, indent=2, sort_keys=True) + "\n")
-    write_text(paths[1], markdown(result))
+    write_atomic(paths[0], json.dumps(result, indent=2, sort_keys=True) + "\n", "bench tp results")
+    write_atomic(paths[1], markdown(result), "bench tp report")
     if result["sweeps"]:
         plot(result["sweeps"], out / PLOT, result["title"])
         paths.append(out / PLOT)
