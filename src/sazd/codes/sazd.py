@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 import sazd.codes.zigzag as zigzag
-from sazd.codes.base import Code, compute_dtype
+from sazd.codes.base import Code, compute_dtype, empty_in_layout
 from sazd.codes.checks import check_bool, check_int
 
 AUTO_CHAIN_ROWS = 256  # "auto" keeps zigzag chains at most this many rows long: g = ceil(r / 256)
@@ -99,10 +99,11 @@ class SAZD(Code):
         acc = blocks.to(compute_dtype(blocks.dtype))
         coded = [blocks[i].clone() for i in range(self.k)] if self.is_systematic else []
         for p in range(self.m if self.is_systematic else self.n):
+            c = empty_in_layout(acc[0], r + p * (self.k - 1) * g)
             if p == 0:
-                c = acc.sum(0)
+                torch.sum(acc, 0, out=c)
             else:
-                c = acc.new_zeros((r + p * (self.k - 1) * g, *blocks.shape[2:]))
+                c.zero_()
                 for i in range(self.k):  # k whole-block adds: C = sum_i z^{p*i*g} A_i
                     c[p * i * g : p * i * g + r] += acc[i]
             coded.append(c.to(blocks.dtype))
