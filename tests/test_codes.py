@@ -41,7 +41,7 @@ from sazd.codes import (
     UnstableDecodeWarning,
     get_code,
 )
-from sazd.codes.base import NonFiniteResultWarning, relative_error, straggler_sets
+from sazd.codes.base import NonFiniteResultWarning, empty_in_layout, relative_error, straggler_sets
 from sazd.codes.checks import check_subset
 
 F64, F32 = torch.float64, torch.float32
@@ -464,3 +464,25 @@ def test_overflowing_decode_names_the_fix_for_that_code():
     with pytest.raises(DecodeError, match=r"overflowed although every result was finite.*chebyshev"):
         get_code("poly", n=14, k=12).decode(huge)
     assert "shift_unit" in get_code("sazd", n=6, k=4).stability_hint
+
+
+@pytest.mark.parametrize("name", CODE_NAMES)
+def test_encoding_a_transposed_matrix_equals_encoding_its_copy(name):
+    # DEU encodes activations' transposes (dY^T, X^T) as views; the blocks must not depend on the layout
+    code = get_code(name, 4, 4) if name == "uncoded" else get_code(name, 6, 4)
+    Y = torch.randn(24, 4 * 16, dtype=torch.float64)
+    from_view, from_copy = code.encode(Y.T), code.encode(Y.T.contiguous())
+    for j, (a, b) in enumerate(zip(from_view, from_copy, strict=True)):
+        assert torch.equal(a, b), f"block {j}"
+        assert a.untyped_storage().nbytes() == a.numel() * a.element_size()  # its own storage
+    subset = next(s for s in straggler_sets(code.n, code.k)[0][::-1] if code.can_decode(s))
+    decoded = code.decode({j: from_view[j] @ torch.eye(24, dtype=torch.float64) for j in subset})
+    assert torch.allclose(decoded, Y.T, atol=1e-10)
+
+
+def test_a_transposed_block_layout_is_kept_by_empty_in_layout():
+    rows_major = torch.zeros(5, 7)
+    assert empty_in_layout(rows_major, 9).shape == (9, 7) and empty_in_layout(rows_major, 9).is_contiguous()
+    column_major = torch.zeros(7, 5).T
+    out = empty_in_layout(column_major, 9)
+    assert out.shape == (9, 7) and out.stride() == (1, 9) and out.T.is_contiguous()
