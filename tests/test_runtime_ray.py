@@ -290,15 +290,16 @@ def test_bench_runtime_reports_the_round_the_iterations_and_the_floor(ray_sessio
     from sazd.cli import main
 
     out = tmp_path / "runtime.json"
-    assert main(["bench", "runtime", "--rows", "64", "--cols", "64", "--batch", "8", "--rounds", "3",
-                 "--widths", "64", "--warmup", "1", "--iterations", "2", "--json", str(out)]) == 0
+    flags = ["--n", "3", "--k", "2", "--rows", "64", "--cols", "64", "--batch", "8", "--rounds", "3",
+             "--widths", "64", "--warmup", "1", "--iterations", "2", "--json", str(out)]
+    assert main(["bench", "runtime", *flags]) == 0
     printed = capsys.readouterr().out
     assert "sazd/bare = " in printed and "Ray/floor" in printed
     assert "data plane, round" in printed and "data plane, one connection" in printed
     for mode in ("hmac", "tls"):  # each data-plane mode measured, side by side
         assert rep_plane(out)[mode]["round_median_s"] > 0 and rep_plane(out)[mode]["throughput_best_mb_s"] > 0
     rep = json.loads(out.read_text())
-    assert rep["round"]["payload"] == {"rows": 64, "cols": 64, "batch": 8, "n": 6, "k": 4}
+    assert rep["round"]["payload"] == {"rows": 64, "cols": 64, "batch": 8, "n": 3, "k": 2}
     assert rep["round"]["sazd"]["median_s"] > 0 and rep["round"]["bare"]["median_s"] > 0
     [row] = rep["iteration"]
     assert row["width"] == 64 and row["floor"]["cores"] >= 1
