@@ -1,6 +1,8 @@
 """`sazd bench codec`: encode and decode throughput of each code next to a plain ``clone()``.
 
-Throughput is GB/s of OUTPUT bytes (encode: all n coded blocks; decode: the k*r decoded rows). The
+Throughput is GB/s of OUTPUT bytes (encode: all n coded blocks; decode: the k*r decoded rows).
+Encoding is timed twice: of ``W`` stored by rows, and of the same ``W`` stored as its transpose (a
+view ``W^T`` of a row-major ``(cols, rows)`` tensor: what DEU encodes, ``dY^T`` and ``X^T``). The
 physical reference is ``clone()`` of a tensor with the same number of bytes as each output, timed in
 the same run and interleaved with the codecs (``sazd.measure.timing.alternate``: every repeat runs
 every operation once, so load changes hit all of them alike); each figure is the median of
@@ -27,6 +29,7 @@ from sazd.measure.timing import alternate
 
 DEFAULT_CODES = ("sazd", "cyclic", "poly", "poly:nodes=chebyshev", "poly:systematic=true", "gaussian")
 UNCERTIFIED = ", uncertified"  # suffix of the op timing the same decode with certify=False
+TRANSPOSED = "encode W^T view"  # the same encode of W stored transposed (an activation's transpose)
 QUICK = {"rows": 256, "cols": 32, "repeats": 3, "warmup": 1}
 
 
@@ -63,12 +66,11 @@ def build_ops(spec: CodeSpec, args: argparse.Namespace, W: Any, missing: list[in
     block_rows = code.block_rows(r)
     coded = code.encode(W)
     in_bytes = W.numel() * item
-    ops = [
-        Op(spec.label, "encode", lambda: code.encode(W), {
-            "bytes_read": in_bytes, "bytes_written": sum(block_rows) * args.cols * item,
-            "rows_written": sum(block_rows), "rows_solved": 0, "max_abs_error": 0.0,
-        })
-    ]  # fmt: skip
+    encoded = {"bytes_read": in_bytes, "bytes_written": sum(block_rows) * args.cols * item,
+               "rows_written": sum(block_rows), "rows_solved": 0, "max_abs_error": 0.0}
+    stored_transposed = W.T.contiguous().T  # W held as its transpose, as DEU encodes dY^T and X^T
+    ops = [Op(spec.label, "encode", lambda: code.encode(W), encoded),
+           Op(spec.label, TRANSPOSED, lambda: code.encode(stored_transposed), encoded)]
     for s in missing:
         received = received_set(args.k, args.n, s)
         results = {j: coded[j] for j in received}
