@@ -148,6 +148,15 @@ def test_a_stale_lock_is_announced_on_stderr_by_default(tmp_path, capfd):
     assert f"locked by process {dead.pid}" in capfd.readouterr().err
 
 
+def test_releasing_a_lock_whose_file_was_replaced_leaves_the_new_file(tmp_path):
+    lock = DirLock(tmp_path, "--out").acquire()
+    (tmp_path / files.LOCK_NAME).rename(tmp_path / "moved-away")
+    (tmp_path / files.LOCK_NAME).write_text("someone else's\n")  # not the file this lock created
+    lock.release()
+    assert (tmp_path / files.LOCK_NAME).read_text() == "someone else's\n"
+    assert (tmp_path / "moved-away").exists()
+
+
 def test_lock_file_that_is_a_link_is_refused(tmp_path):
     victim = tmp_path / "victim"
     victim.write_text("precious")

@@ -399,3 +399,22 @@ def test_the_reaper_removes_only_its_driver_s_ray_processes_and_session_dirs(tmp
         reaper.stdin.close()
         if reaper.poll() is None:
             reaper.kill()
+
+
+def test_removing_sessions_keeps_another_drivers_latest_link_and_never_follows_a_link(tmp_path):
+    from sazd.runtime.ray.processes import remove_sessions
+
+    temp, user = tmp_path / "ray", tmp_path / "user-data"
+    temp.mkdir()
+    user.mkdir()
+    (user / "keep.txt").write_text("mine")
+    ours, theirs = temp / "session_1_100", temp / "session_1_200"
+    for path in (ours, theirs):
+        path.mkdir()
+        (path / "log").write_text("x")
+    (temp / "session_latest").symlink_to(theirs)
+    (ours / "into-user").symlink_to(user)  # a link inside our session: removed, its target kept
+    remove_sessions(str(temp), [str(ours)])
+    assert not ours.exists()
+    assert (temp / "session_latest").is_symlink() and (temp / "session_latest").resolve() == theirs
+    assert (theirs / "log").read_text() == "x" and (user / "keep.txt").read_text() == "mine"

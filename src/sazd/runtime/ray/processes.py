@@ -137,8 +137,14 @@ def reap(driver: int, ray_dir: str, temp_dir: str) -> None:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
     wait_until(lambda: all(start_time(pid) != start for pid, start in ours), timeout_s=10)
+    remove_sessions(temp_dir, _sessions(temp_dir, driver, since))
+
+
+def remove_sessions(temp_dir: str, sessions: list[str]) -> None:
+    """Delete the driver's own session directories, and Ray's ``session_latest`` link only where it
+    points at one of them (another driver's latest session keeps its link)."""
     latest = os.path.join(temp_dir, "session_latest")
-    for path in _sessions(temp_dir, driver, since):
+    for path in sessions:
         if os.path.islink(latest) and os.path.realpath(latest) == os.path.realpath(path):
             os.unlink(latest)
         shutil.rmtree(path, ignore_errors=True)
