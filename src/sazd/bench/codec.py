@@ -58,8 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def build_ops(spec: CodeSpec, args: argparse.Namespace, W: Any, missing: list[int]) -> list[Op]:
-    """Encode and one decode per entry of ``missing`` for one code, with their byte counters."""
+def build_ops(spec: CodeSpec, args: argparse.Namespace, W: Any, stored_transposed: Any,
+              missing: list[int]) -> list[Op]:
+    """Encode (of ``W``, and of the same matrix ``stored_transposed``: a ``W^T`` view, as DEU encodes
+    ``dY^T`` and ``X^T``) and one decode per entry of ``missing`` for one code, with their byte
+    counters."""
     code = spec.build(args.n, args.k)
     item = W.element_size()
     r = W.shape[0] // args.k
@@ -68,7 +71,6 @@ def build_ops(spec: CodeSpec, args: argparse.Namespace, W: Any, missing: list[in
     in_bytes = W.numel() * item
     encoded = {"bytes_read": in_bytes, "bytes_written": sum(block_rows) * args.cols * item,
                "rows_written": sum(block_rows), "rows_solved": 0, "max_abs_error": 0.0}
-    stored_transposed = W.T.contiguous().T  # W held as its transpose, as DEU encodes dY^T and X^T
     ops = [Op(spec.label, "encode", lambda: code.encode(W), encoded),
            Op(spec.label, TRANSPOSED, lambda: code.encode(stored_transposed), encoded)]
     for s in missing:
@@ -107,9 +109,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     dtype = parse_dtype(args.dtype)
     gen = torch.Generator().manual_seed(args.seed)
     W = torch.randn(args.rows, args.cols, generator=gen).to(device=args.device, dtype=dtype)
+    stored_transposed = W.T.contiguous().T  # the same matrix, held as its transpose
     ops: list[Op] = []
     for text in args.codes:
-        ops += build_ops(parse_code_spec(text), args, W, missing)
+        ops += build_ops(parse_code_spec(text), args, W, stored_transposed, missing)
     clones: dict[int, Op] = {}  # the physical reference, one per output size
     for nbytes in sorted({op.out_bytes for op in ops}):
         src = torch.randn(nbytes // W.element_size(), generator=gen).to(device=args.device, dtype=dtype)

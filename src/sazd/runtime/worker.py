@@ -151,7 +151,7 @@ class Worker:
         for tid in threads:
             try:
                 os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
-            except (ProcessLookupError, PermissionError):  # a thread that ended meanwhile
+            except (ProcessLookupError, PermissionError):  # a thread that ended, or one not ours to set
                 continue
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 

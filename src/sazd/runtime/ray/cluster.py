@@ -233,9 +233,8 @@ class RayCluster(Rounds, Liveness, Cluster):
         for j in workers:
             if j not in alive:
                 continue
-            machine = self._info[j].get("boot_id")
-            cores = place.usable_cores() if machine == here else self._info[j].get("cores", 1)
-            nice = place.spare_nice(cores, processes[machine], spares[machine])
+            machine = self._info[j].get("boot_id")  # the worker says how many cores it may run on
+            nice = place.spare_nice(self._info[j].get("cores", 1), processes[machine], spares[machine])
             if nice is not None:
                 lowered.setdefault(nice, []).append(j)
         for nice, group in lowered.items():
