@@ -8,7 +8,8 @@ every worker in every round; a message on an open connection costs a write and a
 Layers, bottom up:
 
 - ``Transport`` (``sazd.runtime.transport``): moves bytes; TCP, or TLS 1.3 with mutual certificates
-  over it. A shared-memory lane would be another ``Transport``; nothing above that layer changes.
+  over it. Workers on the master's machine also map its shared-memory arena (``sazd.runtime.arena``):
+  a call's large tensors lie there, and its header, sealed as always, says where.
 - The handshake: the master sends a nonce; the worker answers with its nonce and its proof of the
   worker's key (an HMAC over both nonces); only after checking it does the master prove the key in
   turn. The master never answers a challenge of a peer that has not proven the key. Both ends
@@ -58,6 +59,7 @@ from typing import Any
 import torch
 
 from sazd.runtime import wire
+from sazd.runtime.arena import Arena, Lease, MappedArena
 from sazd.runtime.tls import Identity
 from sazd.runtime.transport import Transport, advance, open_transport
 
@@ -149,15 +151,18 @@ class Encoded:
     body: bytes
     tensors: tuple[torch.Tensor, ...]
     digests: tuple[bytes, ...]
+    lease: Lease | None = None  # holds the arena regions of its shared slots until the call is done
 
 
-def encode(args: tuple, digests: dict[tuple[int, int], bytes] | None = None) -> Encoded:
+def encode(args: tuple, digests: dict[tuple[int, int], bytes] | None = None,
+           arena: Arena | None = None, lease: Lease | None = None) -> Encoded:
     """``args`` packed for the wire (``sazd.runtime.wire``); TypeError naming what cannot travel.
     ``digests`` keeps each tensor's digest, by the address and length of its bytes, for the other
     calls of one submit that share the tensor (whose bytes stay alive and unchanged meanwhile): its
-    bytes are hashed once."""
+    bytes are hashed once. Tensors that lie in ``arena`` travel as shared slots (no bytes, no digest):
+    only for a worker that maps it."""
     try:
-        body, tensors = wire.pack(list(args))
+        body, tensors = wire.pack(list(args), None if arena is None else arena.offset_of)
     except TypeError as err:
         raise TypeError(f"cannot send {type(args).__name__} to a worker: {err}") from None
     known = {} if digests is None else digests
@@ -167,7 +172,7 @@ def encode(args: tuple, digests: dict[tuple[int, int], bytes] | None = None) -> 
         if where not in known:
             known[where] = _digest(_raw(t))
         out.append(known[where])
-    return Encoded(body, tuple(tensors), tuple(out))
+    return Encoded(body, tuple(tensors), tuple(out), lease)
 
 
 def _raw(t: torch.Tensor) -> memoryview:
@@ -186,6 +191,7 @@ class Sealed:
         self.link = link
         self._keys = keys
         self._sent = self._received = 0
+        self.arena: MappedArena | None = None  # a worker's map of the master's arena: shared slots allowed
 
     def frames(self, header: bytes, tensors: tuple[torch.Tensor, ...] | list[torch.Tensor],
                digests: tuple[bytes, ...] | None = None) -> list[memoryview]:
@@ -225,7 +231,8 @@ class Sealed:
         if not hmac.compare_digest(bytes(tag), mac.copy().digest()):
             raise wire.WireError("a message header failed its integrity check (altered, injected, "
                                  "replayed or reordered on the path)")
-        value, tensors = wire.unpack(bytes(header), _MAX_TENSOR_BYTES)
+        placed: list[tuple[torch.Tensor, int]] | None = None if self.arena is None else []
+        value, tensors = wire.unpack(bytes(header), _MAX_TENSOR_BYTES, placed)
         for t in tensors:  # raw bytes into fresh memory; used only once the final tag holds
             raw = _raw(t)
             if raw.nbytes:
@@ -234,6 +241,11 @@ class Sealed:
         yield memoryview(tag)
         if not hmac.compare_digest(bytes(tag), mac.digest()):
             raise wire.WireError("a message's tensors failed their integrity check")
+        for t, offset in placed or ():  # where they lie was sealed with the header
+            try:
+                self.arena.fill(t, offset)
+            except ValueError as err:
+                raise wire.WireError(str(err)) from None
         return value
 
     def read(self) -> Any:
@@ -250,9 +262,10 @@ class Sealed:
 
 # ------------------------------------------------------------------------------------- worker end
 def serve(host: str, key: bytes, handle: Callable[[str, float, tuple], Any], methods: frozenset[str],
-          identity: Identity | None = None) -> tuple[str, int]:
+          identity: Identity | None = None, arena: MappedArena | None = None) -> tuple[str, int]:
     """Listen on ``host`` for the master; answer each call of one of ``methods`` with
-    ``handle(method, slowdown, args)``, in order. Returns the address to connect to.
+    ``handle(method, slowdown, args)``, in order. Returns the address to connect to. ``arena``: the
+    master's shared-memory arena, mapped: its calls may carry tensors there.
 
     Each peer proves the key in a thread of its own (at most ``MAX_PENDING`` at once), so one that
     stalls or resets delays nobody; the first that proves it is the master, and the listener closes."""
@@ -273,6 +286,7 @@ def serve(host: str, key: bytes, handle: Callable[[str, float, tuple], Any], met
             return
         _shut(listener)  # wakes the accepting thread
         listener.close()
+        sealed.arena = arena
         try:  # this thread's job, the handshake, is done: the connection gets one of its own
             threading.Thread(target=_answer, args=(sealed, handle, methods), name="sazd-channel-answer",
                              daemon=True).start()

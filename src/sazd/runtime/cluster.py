@@ -36,6 +36,9 @@ class Counters:
     # broadcast counts once, and a tensor sent again later, unmodified (a round's X^T to the workers
     # the round skipped), costs nothing more.
     bytes_sent_once: int = 0
+    # Ray backend: bytes written into the shared-memory arena, once per tensor, which workers on the
+    # master's machine copy from memory instead of reading from their socket (part of bytes_to_workers)
+    bytes_through_memory: int = 0
     calls: int = 0
     rounds: int = 0
     late_results_discarded: int = 0
@@ -55,6 +58,7 @@ class Counters:
             "bytes_to_workers": self.bytes_to_workers,
             "bytes_from_workers": self.bytes_from_workers,
             "bytes_sent_once": self.bytes_sent_once,
+            "bytes_through_memory": self.bytes_through_memory,
             "calls": self.calls,
             "rounds": self.rounds,
             "late_results_discarded": self.late_results_discarded,

@@ -4,8 +4,10 @@
 ``send_all`` for the master's non-blocking writes). ``TcpTransport`` is a plain socket with TCP
 keepalive and ``TCP_USER_TIMEOUT``, so a cut link is noticed within seconds; ``TlsTransport`` runs
 TLS 1.3 with mutual certificates (``sazd.runtime.tls``) over it, driving OpenSSL through memory
-buffers so one thread may read while another writes. A shared-memory or GPU lane would be another
-``Transport``: the sealing (``sazd.runtime.channel``), the schema and the round engine stay as they are.
+buffers so one thread may read while another writes. A GPU lane would be another ``Transport``: the
+sealing (``sazd.runtime.channel``), the schema and the round engine stay as they are. (Workers on the
+master's machine take a call's large tensors from shared memory, ``sazd.runtime.arena``: beside the
+stream, not a transport, since those bytes need neither a copy through the kernel nor a tag.)
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 Nothing received is unpickled, so nothing received can name code to run. A value is built only from
 None, bools, ints, floats, strings, lists, tuples, dicts (string or int keys), tensor slots and
 records (frozen dataclasses registered with ``record``, whose fields are plain scalars). A tensor
-travels as a slot (dtype name, shape) in the header and its raw bytes after it, in slot order.
+travels as a slot (dtype name, shape) in the header and its raw bytes after it, in slot order; or,
+to a worker that maps the master's shared-memory arena (``sazd.runtime.arena``), as a shared slot
+(dtype name, shape, offset) whose bytes the worker copies from the arena.
 
 - A call is ``[VERSION, method, slowdown, args]``; the method must be one of the receiver's closed
   set (``Worker``'s public methods), ``args`` a tuple.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -26,7 +29,7 @@ import torch
 
 VERSION = 1
 MAX_DEPTH = 32  # nesting of lists, tuples, dicts and records in one message
-_TUPLE, _TENSOR, _RECORD = 1, 2, 3  # msgpack extension codes
+_TUPLE, _TENSOR, _RECORD, _SHARED = 1, 2, 3, 4  # msgpack extension codes
 DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
     torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
@@ -49,9 +52,11 @@ def record(cls: type) -> type:
 
 
 # --------------------------------------------------------------------------------------- packing
-def pack(value: Any) -> tuple[bytes, list[torch.Tensor]]:
+def pack(value: Any, shared: Callable[[torch.Tensor], int | None] | None = None
+         ) -> tuple[bytes, list[torch.Tensor]]:
     """``value`` as msgpack bytes and the tensors its slots stand for, in order (contiguous, on CPU).
-    TypeError naming what cannot travel."""
+    ``shared(t)``: the arena offset of a tensor that lies in the shared-memory arena (a shared slot,
+    not among the tensors), else None. TypeError naming what cannot travel."""
     tensors: list[torch.Tensor] = []
 
     def default(obj: Any) -> msgpack.ExtType:
@@ -60,6 +65,9 @@ def pack(value: Any) -> tuple[bytes, list[torch.Tensor]]:
             name = str(t.dtype).removeprefix("torch.")
             if name not in DTYPES:
                 raise TypeError(f"tensors of dtype {t.dtype} cannot travel (allowed: {sorted(DTYPES)})")
+            offset = None if shared is None else shared(t)
+            if offset is not None:
+                return msgpack.ExtType(_SHARED, _packb([name, list(t.shape), offset]))
             tensors.append(t)
             return msgpack.ExtType(_TENSOR, _packb([name, list(t.shape)]))
         if isinstance(obj, tuple):
@@ -89,9 +97,11 @@ def _packb(value: Any, default: Any = None) -> bytes:
 
 
 # -------------------------------------------------------------------------------------- unpacking
-def unpack(data: bytes, max_tensor_bytes: int) -> tuple[Any, list[torch.Tensor]]:
+def unpack(data: bytes, max_tensor_bytes: int, placed: list[tuple[torch.Tensor, int]] | None = None
+           ) -> tuple[Any, list[torch.Tensor]]:
     """The value of ``pack``'s bytes, with a fresh (unfilled) tensor in each slot, and those tensors
-    in slot order (their bytes follow the header). WireError for anything outside the schema."""
+    in slot order (their bytes follow the header). Shared slots are allowed only with ``placed``, which
+    gets each one's (tensor, arena offset). WireError for anything outside the schema."""
     tensors: list[torch.Tensor] = []
     total = 0
 
@@ -104,18 +114,24 @@ def unpack(data: bytes, max_tensor_bytes: int) -> tuple[Any, list[torch.Tensor]]
             if not isinstance(items, list):
                 raise WireError("a tuple that is not a list of items")
             return tuple(items)
-        if code == _TENSOR:
+        if code in (_TENSOR, _SHARED):
             spec = _unpackb(payload, None)
-            if not (isinstance(spec, list) and len(spec) == 2 and spec[0] in DTYPES
+            size = 2 if code == _TENSOR else 3
+            if not (isinstance(spec, list) and len(spec) == size and spec[0] in DTYPES
                     and isinstance(spec[1], list) and len(spec[1]) <= 8
-                    and all(type(s) is int and 0 <= s < 1 << 40 for s in spec[1])):
+                    and all(type(s) is int and 0 <= s < 1 << 40 for s in spec[1] + spec[2:])):
                 raise WireError(f"malformed tensor slot {spec!r:.100}")
+            if code == _SHARED and placed is None:
+                raise WireError("a shared-memory tensor slot, but no arena is mapped here")
             dtype, shape = DTYPES[spec[0]], tuple(spec[1])
             total += math.prod(shape) * dtype.itemsize
             if total > max_tensor_bytes:
                 raise WireError(f"message announces more than {max_tensor_bytes} tensor bytes")
             t = torch.empty(shape, dtype=dtype)
-            tensors.append(t)
+            if code == _TENSOR:
+                tensors.append(t)
+            else:
+                placed.append((t, spec[2]))
             return t
         if code == _RECORD:
             spec = _unpackb(payload, None)

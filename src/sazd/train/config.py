@@ -206,6 +206,9 @@ class TrainConfig:
     tls: bool | str | None = setting(None, backend="ray", path=True, bare=True, group="cluster",
                                      help="encrypt and authenticate the data plane (TLS); DIR: use the "
                                           "certificates there instead of generating them")
+    shared_memory: bool = setting(True, negate=True, backend="ray", group="cluster",
+                                  help="send every tensor on the workers' sockets, also to workers on this "
+                                       "machine (no shared-memory arena)")
     run_dir: str | None = setting(None, path=True, group="output",
                                   help="run directory (default runs/train-<time>)")
     checkpoint_dir: str | None = setting(None, path=True, group="output", help="default <run-dir>/checkpoint")
@@ -326,8 +329,8 @@ class TrainConfig:
         otherwise a ``CheckpointError`` naming the field."""
         from sazd.train import checkpoint
 
-        if isinstance(d, dict) and "tls" not in d:  # saved before --tls existed
-            d = {**d, "tls": None}
+        if isinstance(d, dict):  # saved before these settings existed: their defaults
+            d = {"tls": None, "shared_memory": True, **d}
         checkpoint.check_fields("config", d, cls)
         checkpoint.check_fields("config.optim", d["optim"], OptimConfig)
         try:  # (the device is this machine's business: checked once the command line's flags apply)

@@ -9,6 +9,7 @@ import ray
 import torch
 
 from sazd.runtime import channel
+from sazd.runtime.arena import ArenaError, MappedArena
 from sazd.runtime.placement import usable_cores
 from sazd.runtime.ray.processes import boot_id
 from sazd.runtime.tls import Identity
@@ -25,16 +26,25 @@ class RayWorker(Worker):
         if torch_threads:
             torch.set_num_threads(torch_threads)
 
-    def open_channel(self, key: bytes, identity: Identity | None) -> dict[str, Any]:
-        """Listen for the master's connection (proving ``key``; TLS with ``identity`` if given); say
-        where this actor runs (node, device, its process, for killing it by PID) and the address to
-        connect to."""
+    def open_channel(self, key: bytes, identity: Identity | None,
+                     arena: dict | None = None) -> dict[str, Any]:
+        """Listen for the master's connection (proving ``key``; TLS with ``identity`` if given); map
+        the master's shared-memory ``arena`` if this actor runs on its machine; say where this actor
+        runs (node, device, its process, for killing it by PID), whether it maps the arena (and why
+        not) and the address to connect to."""
         context = ray.get_runtime_context()
         node_ip = ray.util.get_node_ip_address()
+        mapped, refused = None, "not offered"
+        if arena is not None:
+            try:
+                mapped, refused = MappedArena(arena), None
+            except ArenaError as err:
+                refused = str(err)
         return {"index": self.index, "node_id": context.get_node_id(), "node_ip": node_ip,
                 "device": str(self.device), "pid": os.getpid(), "boot_id": boot_id(),
                 "threads": torch.get_num_threads(), "cores": usable_cores(),
-                "address": channel.serve(node_ip, key, self.call, METHODS, identity)}
+                "shared_memory": mapped is not None, "shared_memory_refused": refused,
+                "address": channel.serve(node_ip, key, self.call, METHODS, identity, mapped)}
 
 
 ACTOR = ray.remote(RayWorker)

@@ -19,7 +19,9 @@ from typing import Any
 import ray
 import torch
 
+from sazd.codes.checks import check_bool
 from sazd.runtime import placement as place
+from sazd.runtime.arena import open_arena
 from sazd.runtime.channel import Channel, open_channels
 from sazd.runtime.cluster import Cluster, ClusterError, Counters, SentTensors
 from sazd.runtime.latency import LatencyModel, parse_latency
@@ -52,7 +54,9 @@ class RayCluster(Rounds, Liveness, Cluster):
     ``"pack"``. ``torch_threads``: intra-op threads per actor. ``compute_dtype``: the workers' product
     precision (``"bfloat16"``, ``"float16"``; answers come back in the blocks' dtype). ``tls``:
     ``None``/``False`` (HMAC-sealed connections, in clear), ``True`` (TLS 1.3 with certificates made
-    for this cluster) or a directory of certificates (``sazd.runtime.tls``).
+    for this cluster) or a directory of certificates (``sazd.runtime.tls``). ``shared_memory``: workers
+    on the master's machine get the calls' large tensors through a shared-memory arena
+    (``sazd.runtime.arena``) instead of their socket; False sends everything on the sockets.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class RayCluster(Rounds, Liveness, Cluster):
         start_timeout_s: float = 120.0,
         compute_dtype: str | None = None,
         tls: bool | str | os.PathLike | None = None,
+        shared_memory: bool = True,
     ) -> None:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
@@ -88,6 +93,7 @@ class RayCluster(Rounds, Liveness, Cluster):
                 raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
         Worker.check_dtype(compute_dtype)
         self._certs = ClusterCerts.resolve(tls)  # before anything starts: a bad directory is a ValueError
+        self._arena = open_arena() if check_bool(shared_memory, "shared_memory") else None
         self.data_plane_note: str | None = None  # said at start when workers run on other nodes
         self.placement = place.check_placement(placement)
         self.n = n
@@ -263,6 +269,7 @@ class RayCluster(Rounds, Liveness, Cluster):
             "worker_nodes": len({info.get("node_id") for info in self._info}),
             "master_threads": self.master_threads,
             "data_plane": self.data_plane,
+            "shared_memory_workers": sum(map(self._maps_arena, self.alive())) if not self._closed else 0,
         }
 
     @property
@@ -292,6 +299,8 @@ class RayCluster(Rounds, Liveness, Cluster):
             if link is not None:
                 link.close("the cluster is closed")
         self._channels = [None] * self.n
+        if self._arena is not None:
+            self._arena.close()
         ours = process_tree([proc.pid for _, proc in self._ray_procs if proc.poll() is None])
         if ray.is_initialized() and not self._lost:
             def stop_actors() -> None:
@@ -341,7 +350,8 @@ class RayCluster(Rounds, Liveness, Cluster):
         workers = list(workers)
         keys = {j: secrets.token_bytes(32) for j in workers}  # each actor's own: none speaks for another
         worker_id = self._certs.worker if self._certs else None
-        refs = [self.actors[j].open_channel.remote(keys[j], worker_id) for j in workers]
+        arena = None if self._arena is None else self._arena.spec()
+        refs = [self.actors[j].open_channel.remote(keys[j], worker_id, arena) for j in workers]
         deadline = time.monotonic() + self.start_timeout_s
         ready: list = []
         while len(ready) < len(refs) and time.monotonic() < deadline:

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from sazd.runtime.channel import Reply, WorkerLost, WorkerRaised, encode
+from sazd.runtime.arena import Lease
+from sazd.runtime.channel import Encoded, Reply, WorkerLost, WorkerRaised, encode
 from sazd.runtime.cluster import ClusterError, Round, map_tensors, tensor_bytes
 from sazd.runtime.ray.bootstrap import WATCH_EVERY_S
 
@@ -55,39 +56,67 @@ class Rounds:
             workers, per_worker, payloads = self._prepare_submit(method, args, workers)
             calls: dict[int, _Call | None] = {}
             now = time.monotonic()
-            for j in workers:
-                self.counters.bytes_to_workers += tensor_bytes(per_worker[j])
-                self.counters.calls += 1
-                task = self._tasks[j]
-                self._tasks[j] += 1
-                if j not in self._dead and self.latency.fails(j, task, self._incarnation[j]):
-                    self.kill(j)
-                if j in self._dead:
-                    calls[j] = None
-                    self.counters.failed_results += 1
-                    continue
-                slowdown = self.latency.slowdown(j, task)
-                reply = self._channels[j].send(method, slowdown, payloads[j])
-                if not self._outstanding[j]:
-                    self._heard[j] = now  # silence is counted from when it has work
-                call = _Call(j, method, reply, self._epoch, task, self._incarnation[j], now)
-                calls[j] = call
-                self._outstanding[j].append(call)
+            try:
+                for j in workers:
+                    self.counters.bytes_to_workers += tensor_bytes(per_worker[j])
+                    self.counters.calls += 1
+                    task = self._tasks[j]
+                    self._tasks[j] += 1
+                    if j not in self._dead and self.latency.fails(j, task, self._incarnation[j]):
+                        self.kill(j)
+                    if j in self._dead:
+                        calls[j] = None
+                        self.counters.failed_results += 1
+                        continue
+                    slowdown = self.latency.slowdown(j, task)
+                    reply = self._channels[j].send(method, slowdown, payloads[j])
+                    if payloads[j].lease is not None:
+                        payloads[j].lease.hold(reply)
+                    if not self._outstanding[j]:
+                        self._heard[j] = now  # silence is counted from when it has work
+                    call = _Call(j, method, reply, self._epoch, task, self._incarnation[j], now)
+                    calls[j] = call
+                    self._outstanding[j].append(call)
+            finally:
+                for payload in payloads.values():
+                    if payload.lease is not None:
+                        payload.lease.close()  # its regions are reused once every call holding them is done
         self.counters.rounds += 1
         return RayRound(method, list(workers), calls, id(self), sent=now)
 
     def _payloads(self, method: str, workers: list[int], per_worker: dict[int, tuple],
                   broadcast: bool) -> dict[int, Any]:
-        """Each worker's call encoded (and checked) before anyone is asked, each tensor copied once."""
+        """Each worker's call encoded (and checked) before anyone is asked, each tensor copied once:
+        into the shared-memory arena when it goes to a worker that maps it (the calls of this submit
+        hold its regions), else into the master's memory."""
         copies: dict[int, torch.Tensor] = {}
         digests: dict[tuple[int, int], bytes] = {}  # of the copies, alive until the calls are written
+        arena = self._arena
+        lease = None if arena is None else Lease()
+        placed_before = 0 if arena is None else arena.placed_bytes
+
+        def payload(args: tuple, via_memory: bool) -> Encoded:
+            lane = arena if via_memory and arena is not None else None
+            place = None if lane is None else (lambda t: lane.place(t, lease))
+            return encode(own_copy(args, copies, place), digests, lane, lease)
+
         try:
             if broadcast:
-                shared = encode(own_copy(per_worker[workers[0]], copies))
-                return {j: shared for j in workers}
-            return {j: encode(own_copy(per_worker[j], copies), digests) for j in workers}
+                shared = payload(per_worker[workers[0]], all(map(self._maps_arena, workers)))
+                payloads = {j: shared for j in workers}
+            else:
+                payloads = {j: payload(per_worker[j], self._maps_arena(j)) for j in workers}
         except TypeError as err:
+            if lease is not None:
+                lease.close()
             raise TypeError(f"submit {method!r}: {err}") from None
+        if arena is not None:
+            self.counters.bytes_through_memory += arena.placed_bytes - placed_before
+        return payloads
+
+    def _maps_arena(self, worker: int) -> bool:
+        """Whether this worker copies the master's shared-memory arena (it runs on the master's machine)."""
+        return self._info[worker].get("shared_memory") is True
 
     def first_k(
         self, round_: Round, k: int, enough: Callable[[Collection[int]], bool] | None = None
@@ -217,12 +246,17 @@ class Rounds:
         return [j for j in got if not self._current(calls[j])]
 
 
-def own_copy(args: Any, copies: dict[int, torch.Tensor]) -> Any:
+def own_copy(args: Any, copies: dict[int, torch.Tensor],
+             place: Callable[[torch.Tensor], torch.Tensor | None] | None = None) -> Any:
     """``args`` with every tensor replaced by a contiguous CPU copy of it (``copies``: by identity),
-    so that what a worker gets is what the master had at ``submit``."""
+    so that what a worker gets is what the master had at ``submit``; ``place(t)`` makes the copy
+    (in shared memory) when it can."""
     def copy(t: torch.Tensor) -> torch.Tensor:
         if id(t) not in copies:
-            copies[id(t)] = t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+            source = t.detach()
+            placed = None if place is None else place(source)
+            copies[id(t)] = placed if placed is not None else \
+                source.to("cpu", memory_format=torch.contiguous_format, copy=True)
         return copies[id(t)]
 
     return map_tensors(args, copy)

@@ -1,0 +1,197 @@
+"""The shared-memory lane: the master's tensors reach workers on its own machine through memory.
+
+On one machine, a call's tensors need not cross a socket: the master copies each large tensor of a
+call once into its ``Arena`` (one sealed anonymous memory file, ``memfd``) and the call's header
+names where it lies (a slot of dtype, shape and offset, sealed with the header by the channel's
+HMAC). A worker on the same machine maps the arena read-only and copies the bytes out when it reads
+the call. That saves, per tensor and worker, the socket's two copies and both ends' SHA-256 of the
+bytes, and a broadcast tensor is written once for every worker.
+
+Trust: the arena is reached only through ``/proc/<master pid>/fd/<fd>``, which the kernel opens only
+for the master's own user (or root), who can read and change the master's memory anyway; so its
+bytes need no tag. A worker proves it maps the same memory by reading back a random check the master
+wrote; a worker elsewhere (another machine or container) fails to and uses the socket. The arena's
+size is sealed, so no one can shrink it under a worker's mapping.
+
+Lifetime: ``reserve`` hands out a region under a ``Lease`` (one per submit); the region is reused
+only when every call that carries it is answered or lost (the worker copies a call's tensors out
+before it runs it, so an answer means it is done with them). Regions are placed first fit from the
+start, so the memory touched stays near the most that is in flight at once. A tensor that does not
+fit travels on the socket as before: the lane only ever makes a call cheaper, never impossible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import mmap
+import os
+import secrets
+import stat
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+ARENA_BYTES = 1 << 29  # virtual size; memory is used only where regions are written
+MIN_TENSOR_BYTES = 1 << 16  # smaller tensors ride in the call's message: a region costs more than it saves
+ALIGN = 64
+CHECK_BYTES = 32  # the random check at offset 0; regions start after it
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL if hasattr(fcntl, "F_SEAL_SHRINK") else 0
+
+
+class Lease:
+    """The regions of one submit: reusable once closed and every call holding them is done."""
+
+    __slots__ = ("closed", "replies")
+
+    def __init__(self) -> None:
+        self.replies: list[Any] = []  # channel.Reply of each call sent with these regions
+        self.closed = False
+
+    def hold(self, reply: Any) -> None:
+        self.replies.append(reply)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def released(self) -> bool:
+        return self.closed and all(reply.done for reply in self.replies)
+
+
+@dataclass
+class _Region:
+    start: int
+    end: int
+    lease: Lease = field(repr=False)
+
+
+class Arena:
+    """The master's side: a sealed memory file of ``size`` bytes, written by the master only."""
+
+    def __init__(self, size: int = ARENA_BYTES) -> None:
+        if size <= CHECK_BYTES:
+            raise ValueError(f"an arena of {size} bytes holds nothing; use at least {CHECK_BYTES + ALIGN}")
+        self.size = size
+        self._fd = os.memfd_create("sazd-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(self._fd, size)
+            fcntl.fcntl(self._fd, fcntl.F_ADD_SEALS, _SEALS)
+            self._map = mmap.mmap(self._fd, size)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self.check = secrets.token_hex(CHECK_BYTES)
+        self._map[:CHECK_BYTES] = bytes.fromhex(self.check)
+        self._base = torch.frombuffer(self._map, dtype=torch.uint8)
+        self._address = self._base.data_ptr()
+        self._live: list[_Region] = []  # sorted by start
+        self.placed_bytes = 0  # bytes written into regions (deterministic counter)
+
+    def spec(self) -> dict[str, Any]:
+        """What a worker needs to map it (sent with its key, over Ray's control plane)."""
+        return {"path": f"/proc/{os.getpid()}/fd/{self._fd}", "size": self.size, "check": self.check}
+
+    def place(self, t: torch.Tensor, lease: Lease) -> torch.Tensor | None:
+        """A copy of contiguous CPU tensor ``t`` in a region held by ``lease``; None when it is small
+        or does not fit now (send it on the socket)."""
+        nbytes = t.numel() * t.element_size()
+        if nbytes < MIN_TENSOR_BYTES or self._base is None:
+            return None
+        start = self._reserve(nbytes, lease)
+        if start is None:
+            return None
+        copy = self._base[start : start + nbytes].view(t.dtype).view(t.shape)
+        copy.copy_(t)
+        self.placed_bytes += nbytes
+        return copy
+
+    def offset_of(self, t: torch.Tensor) -> int | None:
+        """Where ``t``'s bytes lie in the arena (None: not in it)."""
+        offset = t.data_ptr() - self._address
+        if self._base is None or not CHECK_BYTES <= offset < self.size:
+            return None
+        return offset
+
+    def _reserve(self, nbytes: int, lease: Lease) -> int | None:
+        self._live = [region for region in self._live if not region.lease.released()]
+        start = CHECK_BYTES + (-CHECK_BYTES % ALIGN)
+        for i, region in enumerate([*self._live, None]):
+            end = self.size if region is None else region.start
+            if end - start >= nbytes:
+                self._live.insert(i, _Region(start, start + nbytes, lease))
+                return start
+            if region is not None:
+                start = region.end + (-region.end % ALIGN)
+        return None
+
+    def in_use(self) -> int:
+        """Bytes in regions not yet released."""
+        return sum(r.end - r.start for r in self._live if not r.lease.released())
+
+    def close(self) -> None:
+        """Close the file; the mapping goes when the last tensor viewing it does."""
+        self._base = None
+        with contextlib.suppress(BufferError):  # tensors still view it: unmapped when they die
+            self._map.close()
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+def open_arena(size: int = ARENA_BYTES) -> Arena | None:
+    """A new arena, or None where this system has no sealed memory files (not Linux) or will not
+    give one now (out of memory or descriptors): the workers then use their sockets."""
+    if not (_SEALS and hasattr(os, "memfd_create")):
+        return None
+    try:
+        return Arena(size)
+    except OSError:
+        return None
+
+
+class ArenaError(ValueError):
+    """A worker cannot map the master's arena: it uses the socket."""
+
+
+class MappedArena:
+    """A worker's read-only view of the master's arena; ``fill`` copies a region into a tensor."""
+
+    def __init__(self, spec: Any) -> None:
+        if not (isinstance(spec, dict) and set(spec) == {"path", "size", "check"}
+                and isinstance(spec["path"], str) and type(spec["size"]) is int
+                and isinstance(spec["check"], str) and len(spec["check"]) == 2 * CHECK_BYTES
+                and spec["size"] > CHECK_BYTES):
+            raise ArenaError(f"not an arena description: {spec!r:.200}")
+        try:
+            fd = os.open(spec["path"], os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO never blocks
+        except OSError as err:
+            raise ArenaError(f"cannot open {spec['path']} ({err.strerror}): not on the master's "
+                             "machine") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size != spec["size"]:
+                raise ArenaError(f"{spec['path']} is not a {spec['size']}-byte memory file of this user")
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS) if _SEALS else 0
+            if seals & _SEALS != _SEALS:
+                raise ArenaError(f"{spec['path']} is not sealed against shrinking")
+            self._map = mmap.mmap(fd, spec["size"], prot=mmap.PROT_READ)
+        except OSError as err:  # F_GET_SEALS on a file that is not a memfd, or mmap
+            raise ArenaError(f"cannot map {spec['path']} ({err.strerror})") from None
+        finally:
+            os.close(fd)
+        if self._map[:CHECK_BYTES].hex() != spec["check"]:
+            self._map.close()
+            raise ArenaError(f"{spec['path']} is not the master's arena (its check differs)")
+        self.size = spec["size"]
+        self._view = memoryview(self._map)
+
+    def fill(self, t: torch.Tensor, offset: int) -> None:
+        """Copy the region at ``offset`` into fresh contiguous CPU tensor ``t``; ValueError (a broken
+        message) when the region is not inside the arena."""
+        nbytes = t.numel() * t.element_size()
+        if type(offset) is not int or not CHECK_BYTES <= offset <= self.size - nbytes:
+            raise ValueError(f"a shared tensor of {nbytes} bytes at offset {offset!r:.30} is outside the "
+                             f"{self.size}-byte arena")
+        if nbytes:
+            memoryview(t.reshape(-1).view(torch.uint8).numpy())[:] = self._view[offset : offset + nbytes]
+
