@@ -94,6 +94,7 @@ def test_sazd_help_imports_no_torch():
     (dict(address="host:99999"), r"is not a Ray address"),
     (dict(tls=True, backend="inproc"), r"--tls applies to --backend ray only"),
     (dict(tls="/no/such/dir"), r"--tls /no/such/dir: no such directory"),
+    (dict(shared_memory=False, backend="inproc"), r"--no-shared-memory applies to --backend ray only"),
 ])
 def test_bad_settings_name_their_flag(kw, message):
     with pytest.raises(ValueError, match=message):
@@ -108,6 +109,14 @@ def test_tls_and_the_worker_timeout_reach_the_backend_only_when_given(tmp_path):
     assert TrainConfig(worker_timeout_s=5.0).backend_options()["worker_timeout_s"] == 5.0
     assert config.from_flags(parse(["--tls"])).tls is True
     assert config.from_flags(parse(["--tls", str(tmp_path)])).tls == str(tmp_path)
+
+
+def test_no_shared_memory_reaches_the_backend_and_a_config_saved_before_it_loads_with_the_default():
+    assert "shared_memory" not in TrainConfig().backend_options()  # the arena is the backend's default
+    assert config.from_flags(parse(["--no-shared-memory"])).backend_options()["shared_memory"] is False
+    saved = TrainConfig().to_dict()
+    del saved["shared_memory"], saved["tls"]
+    assert TrainConfig.from_checkpoint(saved).shared_memory is True
 
 
 @pytest.mark.parametrize(("argv", "message"), [

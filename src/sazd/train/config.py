@@ -401,7 +401,7 @@ def _settings(cls: type) -> list[tuple[dataclasses.Field, Setting]]:
 
 
 def _flag(f: dataclasses.Field, meta: Setting) -> str:
-    return "--" + (meta.flag or f.name.replace("_", "-"))
+    return ("--no-" if meta.negate else "--") + (meta.flag or f.name.replace("_", "-"))
 
 
 def _check_address(address: str) -> None:
