@@ -60,9 +60,7 @@ def shared_cluster(ray_session):
 def cluster(shared_cluster):
     """The shared cluster with all n workers alive (earlier tests kill some) and fresh counters; each
     Trainer loads its own weights (``Worker.load`` replaces blocks and drops their momentum)."""
-    for j in range(N):
-        if j not in shared_cluster.alive():
-            shared_cluster.respawn(j)
+    shared_cluster.respawn(*(j for j in range(N) if j not in shared_cluster.alive()))
     assert sorted(shared_cluster.wait_all(shared_cluster.submit("set_delay", (1.0,)))) == list(range(N))
     shared_cluster.counters = Counters()
     return shared_cluster

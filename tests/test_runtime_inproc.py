@@ -102,6 +102,20 @@ def test_dead_worker_is_an_erasure():
     torch.testing.assert_close(got[1], blocks[1] @ x)
 
 
+def test_several_workers_respawn_together_each_fresh_and_ids_are_checked():
+    cluster, _ = loaded_cluster(base_time_s=0.01)
+    cluster.kill(2)
+    cluster.respawn(2, 4)  # a live one is replaced too
+    assert cluster.alive() == list(range(N)) and cluster.counters.respawns == 2
+    states = cluster.wait_all(cluster.submit("state", (), [2, 4]))
+    assert states[2]["weights"] == states[4]["weights"] == {}
+    for bad in ((1, 1), (N,), (-1,)):
+        with pytest.raises(ValueError, match="distinct ids"):
+            cluster.respawn(*bad)
+    cluster.respawn()  # nothing to do
+    assert cluster.counters.respawns == 2
+
+
 def test_kill_fails_in_flight_calls():
     cluster, _ = loaded_cluster(base_time_s=0.01)
     round_ = cluster.submit("matmul", ("w", torch.ones(COLS, 1, dtype=torch.float64)))

@@ -138,9 +138,7 @@ def test_backlog_over_limit_kills_the_actor(cluster, blocks):
 
 
 def live(cluster, workers: list[int]) -> None:
-    for j in workers:
-        if j not in cluster.alive():
-            cluster.respawn(j)
+    cluster.respawn(*(j for j in workers if j not in cluster.alive()))
 
 
 @pytest.mark.parametrize("backend", ["inproc", "ray"])

@@ -299,8 +299,9 @@ class Cluster(ABC):
         """Worker ``worker`` dies now: its unfinished calls fail, and so do later ones (an erasure)."""
 
     @abstractmethod
-    def respawn(self, worker: int) -> None:
-        """Replace a dead worker with a fresh one (empty state): the master must repair it."""
+    def respawn(self, *workers: int) -> None:
+        """Replace workers with fresh ones (empty state), started together: the master must repair
+        each."""
 
     @abstractmethod
     def close(self) -> None:

@@ -330,17 +330,18 @@ class InProcessCluster(Cluster):
                 self.counters.failed_results += 1
         self._pending[worker].clear()
 
-    def respawn(self, worker: int) -> None:
+    def respawn(self, *workers: int) -> None:
         self._check_open()
-        self._check_workers([worker])
-        if worker not in self._dead:
-            self.kill(worker)
-        self.workers[worker] = Worker(worker, self.device, self.compute_dtype)
-        self._dead.discard(worker)
-        self._busy_until[worker] = self._lag_until[worker] = self.clock
-        self._tasks[worker] = 0
-        self._incarnation[worker] += 1
-        self.counters.note_respawn(worker)
+        self._check_workers(workers)
+        for worker in workers:
+            if worker not in self._dead:
+                self.kill(worker)
+            self.workers[worker] = Worker(worker, self.device, self.compute_dtype)
+            self._dead.discard(worker)
+            self._busy_until[worker] = self._lag_until[worker] = self.clock
+            self._tasks[worker] = 0
+            self._incarnation[worker] += 1
+            self.counters.note_respawn(worker)
 
     def describe(self) -> dict[str, Any]:
         return {

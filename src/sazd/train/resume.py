@@ -139,8 +139,8 @@ def restore(trainer: Trainer, ckpt: Checkpoint) -> None:
     load_blocks(trainer, ckpt.coded, alive=[j for j in range(trainer.code.n) if j not in schedule["dead"]])
     if not trainer.code.can_decode(cluster.alive()):  # lost past decoding when it was saved:
         state = cluster.schedule_state()  # those workers come back as fresh ones, weights shipped
+        cluster.respawn(*state["dead"])
         for j in state["dead"]:
-            cluster.respawn(j)
             state["incarnation"][j], state["tasks"][j] = state["incarnation"][j] + 1, 0
         load_weights(trainer.model, ckpt.model, momentum or None, columns=ckpt.columns or None)
         load_blocks(trainer, ckpt.coded, alive=[j for j in range(trainer.code.n) if j not in state["dead"]])

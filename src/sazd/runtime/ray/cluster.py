@@ -206,21 +206,24 @@ class RayCluster(Rounds, Liveness, Cluster):
         self._dead.add(worker)
         self._outstanding[worker].clear()
 
-    def respawn(self, worker: int) -> None:
+    def respawn(self, *workers: int) -> None:
         self._check_open()
-        self._check_workers([worker])
-        self.kill(worker)
+        if not self._check_workers(workers):
+            return
+        for j in workers:
+            self.kill(j)
         with self._control_plane():
-            self.actors[worker] = self._new_actor(worker)
-            # Wait until the new process is up: calls queued while it starts would count as backlog.
-            self._await_started([worker], what=f"replacement for worker {worker}")
+            for j in workers:  # started together: each imports torch while the others do
+                self.actors[j] = self._new_actor(j)
+            # Wait until the new processes are up: calls queued while they start would count as backlog.
+            self._await_started(workers, what=f"replacements for workers {list(workers)}")
         self._share_cores()
-        self._dead.discard(worker)
-        self._tasks[worker] = 0
-        self._incarnation[worker] += 1
-        self.counters.note_respawn(worker)
-        if worker in self._spares:
-            self._lower_spares([worker])
+        for j in workers:
+            self._dead.discard(j)
+            self._tasks[j] = 0
+            self._incarnation[j] += 1
+            self.counters.note_respawn(j)
+        self._lower_spares([j for j in workers if j in self._spares])
 
     def spare(self, workers: Sequence[int]) -> None:
         """Run ``workers`` at the lowest CPU priority on every machine where the cluster's processes
