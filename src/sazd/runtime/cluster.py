@@ -331,6 +331,13 @@ class Cluster(ABC):
                 self._sent.add(t)
                 self.counters.bytes_sent_once += t.numel() * t.element_size()
 
+    def _renewed(self, worker: int) -> None:
+        """Bookkeeping of a replaced worker: alive, a new incarnation, its task count from zero."""
+        self._dead.discard(worker)
+        self._tasks[worker] = 0
+        self._incarnation[worker] += 1
+        self.counters.note_respawn(worker)
+
     def _check_workers(self, workers: Sequence[int]) -> list[int]:
         workers = list(workers)
         bad = [j for j in workers if not isinstance(j, int) or not 0 <= j < self.n]

@@ -337,11 +337,8 @@ class InProcessCluster(Cluster):
             if worker not in self._dead:
                 self.kill(worker)
             self.workers[worker] = Worker(worker, self.device, self.compute_dtype)
-            self._dead.discard(worker)
             self._busy_until[worker] = self._lag_until[worker] = self.clock
-            self._tasks[worker] = 0
-            self._incarnation[worker] += 1
-            self.counters.note_respawn(worker)
+            self._renewed(worker)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -208,22 +208,20 @@ class RayCluster(Rounds, Liveness, Cluster):
 
     def respawn(self, *workers: int) -> None:
         self._check_open()
-        if not self._check_workers(workers):
+        replaced = self._check_workers(workers)
+        if not replaced:
             return
-        for j in workers:
+        for j in replaced:
             self.kill(j)
         with self._control_plane():
-            for j in workers:  # started together: each imports torch while the others do
+            for j in replaced:  # started together: each imports torch while the others do
                 self.actors[j] = self._new_actor(j)
             # Wait until the new processes are up: calls queued while they start would count as backlog.
-            self._await_started(workers, what=f"replacements for workers {list(workers)}")
+            self._await_started(replaced, what=f"replacements for workers {replaced}")
         self._share_cores()
-        for j in workers:
-            self._dead.discard(j)
-            self._tasks[j] = 0
-            self._incarnation[j] += 1
-            self.counters.note_respawn(j)
-        self._lower_spares([j for j in workers if j in self._spares])
+        for j in replaced:
+            self._renewed(j)
+        self._lower_spares([j for j in replaced if j in self._spares])
 
     def spare(self, workers: Sequence[int]) -> None:
         """Run ``workers`` at the lowest CPU priority on every machine where the cluster's processes
