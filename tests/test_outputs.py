@@ -104,6 +104,33 @@ def test_lock_holds_the_pid_and_refuses_a_second_owner_by_pid(tmp_path):
         assert again.took_over is None
 
 
+def test_a_holder_that_has_not_yet_written_its_pid_is_still_named(tmp_path, monkeypatch):
+    """The owner takes the flock, then writes its PID: a second process that meets the empty file
+    reads it again (bounded) and names the owner."""
+    import fcntl
+
+    holder = os.open(tmp_path / files.LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    waits = []
+
+    def owner_writes_its_pid_meanwhile(seconds):
+        waits.append(seconds)
+        os.pwrite(holder, b"4242\n", 0)
+
+    monkeypatch.setattr(files, "_pause", owner_writes_its_pid_meanwhile)
+    try:
+        with pytest.raises(OutputError, match="in use by process 4242 "):
+            DirLock(tmp_path, "--out").acquire()
+        assert len(waits) == 1
+        os.ftruncate(holder, 0)  # an owner that never writes: named as another process, after a bounded wait
+        monkeypatch.setattr(files, "_pause", waits.append)
+        with pytest.raises(OutputError, match="in use by another process"):
+            DirLock(tmp_path, "--out").acquire()
+        assert 1 < len(waits) <= 20
+    finally:
+        os.close(holder)
+
+
 _HOLDER = """
 import sys, time
 from sazd.files import DirLock

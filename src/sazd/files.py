@@ -22,6 +22,7 @@ import os
 import stat
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -174,6 +175,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _pause(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def _holder(fd: int, tries: int = 20, pause_s: float = 0.01) -> int | None:
+    """The PID in a lock file another process holds; it writes it just after taking the flock, so
+    an empty file is read again for up to ``tries * pause_s`` seconds."""
+    for _ in range(tries - 1):
+        pid = _read_pid(fd)
+        if pid is not None:
+            return pid
+        _pause(pause_s)
+    return _read_pid(fd)
+
+
 def _announce(message: str) -> None:
     print(f"sazd: {message}", file=sys.stderr, flush=True)
 
@@ -201,7 +217,7 @@ class DirLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = _read_pid(fd)
+                holder = _holder(fd)
                 os.close(fd)
                 who = f"process {holder}" if holder is not None else "another process"
                 raise OutputError(f"{self.what} {self.path} is in use by {who} (lock {self.file}); wait "
