@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 
 import pytest
@@ -271,7 +272,8 @@ def test_deu_clip_norm_equals_torch_without_forming_dW():
         assert torch.allclose(opt.grad_norm(), want, rtol=1e-12)
 
 
-def test_repair_reloads_a_respawned_worker_and_training_goes_on_exactly():
+def test_repair_reloads_respawned_workers_from_one_read_and_training_goes_on_exactly():
+    """Two workers (n - k) die together: both come back from one decode of the four others."""
     code = get_code("sazd", n=6, k=4, systematic=False)
     cfg = OptimConfig(lr=0.05, momentum=0.9, weight_decay=1e-3)
     batches = data((22,), steps=20)
@@ -282,22 +284,28 @@ def test_repair_reloads_a_respawned_worker_and_training_goes_on_exactly():
     for step, (xb, yb) in enumerate(batches):
         if step == 10:
             cluster.kill(2)
-            cluster.respawn(2)
-            assert cluster.workers[2].weights == {}
-            info = repair(model, 2)
-            assert info["worker"] == 2 and info["momentum"]
+            cluster.kill(5)
+            cluster.respawn(2, 5)
+            assert cluster.workers[2].weights == {} and cluster.workers[5].weights == {}
+            with pytest.raises(ClusterError, match=r"cannot repair workers \[0, 2, 5\]"):
+                repair(model, 0, 2, 5)  # three of six: the other three cannot decode
+            reads = len(cluster.decoded_sets)
+            info = repair(model, 2, 5)
+            assert info["workers"] == [2, 5] and info["momentum"]
+            assert cluster.decoded_sets[reads:] == [(0, 1, 3, 4)]  # one read, never from a replacement
             weights, buffers = plain_weights(model, momentum=True)
-            for layer in coded_layers(model):
+            for layer, j in itertools.product(coded_layers(model), (2, 5)):
                 row, col = layer.encode_plain(weights[f"{layer.name}.weight"])
                 mrow, _ = layer.encode_plain(buffers[f"{layer.name}.weight"])
-                assert torch.allclose(cluster.workers[2].weights[layer.keys[0]], row[2], atol=1e-12)
-                assert torch.allclose(cluster.workers[2].weights[layer.keys[1]], col[2], atol=1e-12)
-                assert torch.allclose(cluster.workers[2].momentum[layer.keys[0]], mrow[2], atol=1e-12)
+                assert torch.allclose(cluster.workers[j].weights[layer.keys[0]], row[j], atol=1e-12)
+                assert torch.allclose(cluster.workers[j].weights[layer.keys[1]], col[j], atol=1e-12)
+                assert torch.allclose(cluster.workers[j].momentum[layer.keys[0]], mrow[j], atol=1e-12)
             used_before = len(cluster.decoded_sets)
         opt.zero_grad()
         F.cross_entropy(model(xb), yb).backward()
         opt.step()
-    assert any(2 in s for s in cluster.decoded_sets[used_before:])  # the repaired worker answered
+    assert any(2 in s for s in cluster.decoded_sets[used_before:])  # the repaired workers answered
+    assert any(5 in s for s in cluster.decoded_sets[used_before:])
     train_reference(ref, batches, cfg)
     assert relative_weight_error(plain_state_dict(model), ref) < 1e-9
 

@@ -8,8 +8,8 @@ for xb, yb in loader:
     if keeper.spare == 0: keeper.save(path, optimizer)   # no redundancy left: save while we can
 ```
 
-``step()`` respawns each dead worker and repairs it (its coded blocks re-encoded from the weights
-decoded from k live workers, DEU momentum included), and raises ``ClusterError`` when fewer than k
+``step()`` respawns the dead workers together and repairs them (their coded blocks re-encoded from
+the weights decoded once from k live workers, DEU momentum included), and raises ``ClusterError`` when fewer than k
 workers are alive. ``stragglers()`` says which workers lag behind. ``state()`` / ``load_state()``
 read (in one round of the workers) and restore the plain weights, the DEU momentum kept on the
 workers and DEU's column copies; ``save`` / ``load`` put them and the optimizer's state in one file.
@@ -76,19 +76,26 @@ class Maintainer:
             raise ClusterError(f"fewer than k={self.ctx.code.k} workers alive ({alive})")
 
     def repair_dead(self) -> list[dict[str, Any]]:
-        """Respawn and repair every dead worker while k live ones can decode; one record each."""
-        done = []
-        for j in range(self.ctx.code.n):
-            if j in self.cluster.alive() or not self.ctx.code.can_decode(self.cluster.alive()):
-                continue
-            try:
-                self.cluster.respawn(j)
-            except (ClusterError, NotImplementedError):
-                continue
-            start = time.perf_counter()
-            info = repair(self.model, j)
-            info.update(iteration=self.steps, seconds=time.perf_counter() - start)
-            done.append(info)
+        """Respawn every dead worker while k live ones can decode, all together, and repair them from
+        one read of the weights; one record per repaired worker."""
+        alive = self.cluster.alive()
+        dead = [j for j in range(self.ctx.code.n) if j not in alive]
+        if not dead or not self.ctx.code.can_decode(alive):
+            return []
+        try:
+            self.cluster.respawn(*dead)
+        except (ClusterError, NotImplementedError):  # one could not start: try each alone
+            for j in dead:
+                with contextlib.suppress(ClusterError, NotImplementedError):
+                    self.cluster.respawn(j)
+        renewed = [j for j in dead if j in self.cluster.alive()]
+        if not renewed:
+            return []
+        start = time.perf_counter()
+        info = repair(self.model, *renewed)
+        seconds = time.perf_counter() - start
+        done = [{"worker": j, "layers": info["layers"], "momentum": info["momentum"],
+                 "iteration": self.steps, "seconds": seconds} for j in renewed]
         self.repairs.extend(done)
         return done
 

@@ -444,19 +444,22 @@ def check_blocks(model: nn.Module, blocks: Mapping[str, Tensor], weights: Mappin
                                  "another model")
 
 
-def repair(model: nn.Module, worker: int) -> dict[str, object]:
-    """Reload the (respawned, empty) ``worker`` with its coded blocks: the plain weights (and DEU
-    momentum) come from the master (naive) or are decoded from k live workers (DEU)."""
+def repair(model: nn.Module, *workers: int) -> dict[str, object]:
+    """Reload the (respawned, empty) ``workers`` with their coded blocks, all from one read: the plain
+    weights (and DEU momentum) come from the master (naive) or are decoded once from k live workers
+    outside ``workers`` (DEU)."""
     layers = coded_layers(model)
     ctx = context(model)
-    live = [j for j in ctx.cluster.alive() if j != worker]
-    if not ctx.code.can_decode(live):
-        raise ClusterError(f"cannot repair worker {worker}: only workers {live} are alive besides it")
-    weights, buffers = read_matrices(model, momentum=True, exclude=[worker])
+    workers = tuple(dict.fromkeys(workers))
+    live = [j for j in ctx.cluster.alive() if j not in workers]
+    if not workers or not ctx.code.can_decode(live):
+        raise ClusterError(f"cannot repair workers {list(workers)}: only workers {live} are alive "
+                           "besides them")
+    weights, buffers = read_matrices(model, momentum=True, exclude=workers)
     for layer in layers:
         mom = {key: buffers[key] for key in layer.keys} if layer.keys[0] in buffers else None
-        layer.load_matrices({key: weights[key] for key in layer.keys}, mom, workers=[worker])
-    return {"worker": worker, "layers": [layer.name for layer in layers], "momentum": bool(buffers)}
+        layer.load_matrices({key: weights[key] for key in layer.keys}, mom, workers=list(workers))
+    return {"workers": list(workers), "layers": [layer.name for layer in layers], "momentum": bool(buffers)}
 
 
 # --------------------------------------------------------------- traffic
