@@ -9,11 +9,11 @@ for xb, yb in loader:
 ```
 
 ``step()`` respawns the dead workers together and repairs them (their coded blocks re-encoded from
-the weights decoded once from k live workers, DEU momentum included), and raises ``ClusterError`` when fewer than k
-workers are alive. ``stragglers()`` says which workers lag behind. ``state()`` / ``load_state()``
-read (in one round of the workers) and restore the plain weights, the DEU momentum kept on the
-workers and DEU's column copies; ``save`` / ``load`` put them and the optimizer's state in one file.
-The Trainer uses the same object (its checkpoints: ``sazd.train.checkpoint``).
+the weights decoded once from k live workers, DEU momentum included), and raises ``ClusterError``
+when fewer than k workers are alive. ``stragglers()`` says which workers lag behind. ``state()`` /
+``load_state()`` read (in one round of the workers) and restore the plain weights, the DEU momentum
+kept on the workers and DEU's column copies; ``save`` / ``load`` put them and the optimizer's state
+in one file. The Trainer uses the same object (its checkpoints: ``sazd.train.checkpoint``).
 """
 
 from __future__ import annotations
