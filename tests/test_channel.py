@@ -486,6 +486,34 @@ def test_a_call_larger_than_the_socket_buffers_arrives_exactly_and_the_caller_do
     link.close()
 
 
+def test_a_worker_busy_past_the_user_timeout_with_a_full_socket_keeps_its_connection(mode, monkeypatch):
+    """The worker reads calls while it computes: more than its socket holds, queued behind a call that
+    runs 4x longer than TCP_USER_TIMEOUT, neither cut the connection (a slow worker is not a lost
+    one) nor change what arrives."""
+    from sazd.runtime import transport
+
+    monkeypatch.setattr(transport, "USER_TIMEOUT_MS", 250)
+    started, release = threading.Event(), threading.Event()
+
+    def blocked_first(method, slowdown, args):
+        if method == "sleep":
+            started.set()
+            release.wait(30.0)
+        return echo(method, slowdown, args)
+
+    link = linked(mode, handle=blocked_first)
+    first = link.send("sleep", 1.0, encode((0,)))
+    assert started.wait(5.0)
+    tensors = [torch.full((1 << 20,), float(i)) for i in range(12)]  # 48 MB behind the busy call
+    replies = [link.send("echo", 1.0, encode((t,))) for t in tensors]
+    time.sleep(1.0)  # 4x the user timeout with the worker busy
+    release.set()
+    wait_done([first, *replies], timeout_s=60.0)
+    for reply, t in zip(replies, tensors, strict=True):
+        assert torch.equal(reply.result()[2][0], t)
+    link.close()
+
+
 def test_a_tensor_shared_by_the_calls_of_one_submit_is_hashed_once():
     shared, own = torch.randn(64, 8), [torch.randn(4), torch.randn(4)]
     digests: dict = {}

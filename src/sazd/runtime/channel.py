@@ -45,6 +45,7 @@ import errno
 import hashlib
 import hmac
 import os
+import queue
 import selectors
 import socket
 import ssl
@@ -318,13 +319,24 @@ def serve(host: str, key: bytes, handle: Callable[[str, float, tuple], Any], met
 
 
 def _answer(sealed: Sealed, handle: Callable[[str, float, tuple], Any], methods: frozenset[str]) -> None:
-    """Read, run and answer the master's calls in order until the connection ends. (The master never
-    blocks writing to a worker that is busy: its hub finishes any write the socket did not take.)"""
-    while True:
-        try:
-            method, slowdown, args = wire.parse_call(sealed.read(), methods)
-        except Exception:  # closed, tampered with, or not a message of ours: no call runs
-            break
+    """Run and answer the master's calls in order until the connection ends. A thread of its own reads
+    them as they arrive: a worker busy longer than ``TCP_USER_TIMEOUT`` with more calls queued than its
+    socket holds would otherwise leave the master's unsent bytes unacknowledged, and the kernel would
+    cut a connection that is only slow. (The master never blocks writing to a busy worker either: its
+    hub finishes any write the socket did not take.)"""
+    calls: queue.SimpleQueue = queue.SimpleQueue()
+
+    def read_ahead() -> None:
+        while True:
+            try:
+                calls.put(wire.parse_call(sealed.read(), methods))
+            except Exception:  # closed, tampered with, or not ours: it and every later call never run
+                calls.put(None)
+                return
+
+    threading.Thread(target=read_ahead, name="sazd-channel-read", daemon=True).start()
+    while (call := calls.get()) is not None:
+        method, slowdown, args = call
         try:
             header, tensors = wire.answer(handle(method, slowdown, args))
         except BaseException as err:  # raised, or an answer that cannot travel: the master decides
