@@ -20,7 +20,7 @@ from sazd.runtime import (
     parse_latency,
     straggler_latency,
 )
-from sazd.runtime.cluster import Broadcast, PerWorker
+from sazd.runtime.cluster import Broadcast, PerWorker, choose_ready
 from sazd.runtime.worker import Worker
 
 N, K, ROWS, COLS, BATCH = 6, 4, 8, 5, 3
@@ -187,10 +187,25 @@ def test_network_model_adds_bytes_over_bandwidth():
 def test_ready_workers_skips_laggards_and_tops_up():
     cluster, _ = loaded_cluster(latency=FixedStragglers([0, 1], factor=10), base_time_s=0.01)
     cluster.first_k(cluster.submit("ping", ()), K)
-    assert cluster.ready_workers(K) == [2, 3, 4, 5]
-    assert cluster.ready_workers(5) == [0, 2, 3, 4, 5]  # least-behind straggler tops it up (tie: lower id)
+    # k idle ones: one worker a call behind is asked too (tie: lower id), so a stall within the
+    # round is never waited for; topping up to 5 asks both
+    assert cluster.ready_workers(K) == [0, 2, 3, 4, 5]
+    assert cluster.ready_workers(5) == [0, 1, 2, 3, 4, 5]
+    cluster.first_k(cluster.submit("ping", (), [0, 2, 3, 4, 5]), K)
+    assert cluster.ready_workers(K) == [1, 2, 3, 4, 5]  # worker 0, two calls behind, gets no more
     cluster.note_master_time(1.0)
     assert cluster.ready_workers(K) == list(range(N))  # caught up
+
+
+@pytest.mark.parametrize(("behind", "k", "asked"), [
+    ({0: (0, 0.0), 1: (0, 0.0), 2: (0, 0.0)}, 2, [0, 1, 2]),  # every idle one
+    ({0: (0, 0.0), 1: (0, 0.0), 2: (1, 0.5), 3: (1, 0.2)}, 2, [0, 1, 3]),  # one in line: soonest done
+    ({0: (0, 0.0), 1: (0, 0.0), 2: (2, 0.1)}, 2, [0, 1]),  # further behind: left alone
+    ({0: (0, 0.0), 1: (3, 0.1), 2: (2, 0.9)}, 2, [0, 2]),  # too few idle: the fewest calls behind top up
+    ({0: (0, 0.0), 1: (1, 0.9), 2: (1, 0.9)}, 1, [0, 1]),
+])
+def test_a_round_asks_one_more_than_k_where_a_worker_one_call_behind_can_take_it(behind, k, asked):
+    assert choose_ready(behind, k) == asked
 
 
 def test_backlog_beyond_limit_kills_the_worker():
@@ -317,16 +332,17 @@ def test_sgd_from_factors_equals_torch_sgd(step):
 
 
 def test_compute_asks_every_live_worker_again_when_a_worker_of_the_round_dies():
-    """The one retry policy: the round asks the ready workers (stragglers 0 and 1 are left out);
-    worker 2 dies in it, so three answers are not enough and every live worker is asked once more."""
-    latency = Combined([FixedStragglers([0, 1], factor=10), DeadWorkers([2], after_calls=2)])
+    """The one retry policy: the round asks the ready workers (straggler 0, one call behind, with
+    them; straggler 1 is left out); workers 2 and 3 die in it, so three answers are not enough and
+    every live worker is asked once more."""
+    latency = Combined([FixedStragglers([0, 1], factor=10), DeadWorkers([2, 3], after_calls=2)])
     cluster, blocks = loaded_cluster(latency=latency, base_time_s=0.01)
     cluster.first_k(cluster.submit("ping", Broadcast(())), K)
     x = torch.ones(COLS, BATCH, dtype=torch.float64)
+    assert cluster.ready_workers(K) == [0, 2, 3, 4, 5]
     answers = cluster.compute("matmul", Broadcast(("w", x)), K)
-    assert answers.workers == frozenset({0, 1, 3, 4, 5}) and len(answers.results) == K
+    assert answers.workers == frozenset({0, 1, 4, 5}) and len(answers.results) == K
     assert all(torch.equal(r, blocks[j] @ x) for j, r in answers.results.items())
-    cluster.kill(3)
     cluster.kill(4)
     with pytest.raises(ClusterError, match="needed 4 answers"):
         cluster.compute("matmul", Broadcast(("w", x)), K)

@@ -194,6 +194,21 @@ class Round(ABC):
     workers: list[int]
 
 
+def choose_ready(behind: dict[int, tuple[int, float]], k: int) -> list[int]:
+    """The workers to ask next, from ``behind``: {live worker: (its unfinished calls of earlier rounds,
+    when it will be done with them, or 0)}. Every idle worker is asked, topped up with the least-behind
+    busy ones so that at least k are. One more than k is asked where a worker only one call behind can
+    take it: a round asked of exactly k would wait for any of them that stalls within it. A worker
+    further behind gets no more work while enough others can answer (its queue would only grow)."""
+    idle = [j for j, (calls, _) in behind.items() if calls == 0]
+    busy = sorted((j for j in behind if j not in idle), key=lambda j: (*behind[j], j))
+    asked = idle + busy[: max(0, k - len(idle))]
+    in_line = [j for j in busy if j not in asked and behind[j][0] == 1]
+    if len(asked) <= k and in_line:
+        asked.append(in_line[0])
+    return sorted(asked)
+
+
 class Cluster(ABC):
     """n workers, each holding coded state; see module docstring."""
 
@@ -229,9 +244,8 @@ class Cluster(ABC):
 
     @abstractmethod
     def ready_workers(self, k: int) -> list[int]:
-        """Workers to send the next compute round to: live workers with no unfinished compute call,
-        topped up with the least-backlogged busy ones so that at least k are asked. Never queue
-        compute on a busy worker when k idle ones exist (its queue would only grow)."""
+        """Workers to send the next compute round to (``choose_ready`` of how far behind each live
+        worker is)."""
 
     def describe(self) -> dict[str, Any]:
         """Backend and settings, for run reports."""

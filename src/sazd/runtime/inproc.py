@@ -59,6 +59,7 @@ from sazd.runtime.cluster import (
     Counters,
     Round,
     SentTensors,
+    choose_ready,
     tensor_bytes,
 )
 from sazd.runtime.latency import LatencyModel, parse_latency
@@ -276,10 +277,8 @@ class InProcessCluster(Cluster):
     def ready_workers(self, k: int) -> list[int]:
         self._check_open()
         self._enforce_backlog()
-        alive = self.alive()
-        idle = [j for j in alive if self._lag_until[j] <= self.clock]
-        busy = sorted((j for j in alive if j not in idle), key=lambda j: (self._lag_until[j], j))
-        return sorted(idle + busy[: max(0, k - len(idle))])
+        return choose_ready({j: (max(1, len(self._pending[j])) if self._lag_until[j] > self.clock else 0,
+                                 self._lag_until[j]) for j in self.alive()}, k)
 
     def note_master_time(self, seconds: float) -> None:
         if not seconds >= 0:

@@ -17,7 +17,7 @@ import torch
 
 from sazd.runtime.arena import Lease
 from sazd.runtime.channel import Encoded, Reply, WorkerLost, WorkerRaised, encode
-from sazd.runtime.cluster import ClusterError, Round, map_tensors, tensor_bytes
+from sazd.runtime.cluster import ClusterError, Round, choose_ready, map_tensors, tensor_bytes
 from sazd.runtime.ray.bootstrap import WATCH_EVERY_S
 
 
@@ -147,11 +147,8 @@ class Rounds:
         self._check_open()
         with self._control_plane():
             self._prune()
-        alive = self.alive()
-        older = {j: sum(call.epoch < self._epoch for call in self._outstanding[j]) for j in alive}
-        idle = [j for j in alive if older[j] == 0]
-        busy = sorted((j for j in alive if older[j]), key=lambda j: (older[j], j))
-        return sorted(idle + busy[: max(0, k - len(idle))])
+        return choose_ready({j: (sum(call.epoch < self._epoch for call in self._outstanding[j]), 0.0)
+                             for j in self.alive()}, k)
 
     def _take(self, round_: Round) -> dict[int, _Call | None]:
         super()._take(round_, RayRound)
