@@ -13,6 +13,7 @@ from sazd.runtime import (
     DeadWorkers,
     FixedStragglers,
     InProcessCluster,
+    LatencyModel,
     NoDelay,
     SGDStep,
     ShiftedExponential,
@@ -197,15 +198,17 @@ def test_ready_workers_skips_laggards_and_tops_up():
     assert cluster.ready_workers(K) == list(range(N))  # caught up
 
 
-@pytest.mark.parametrize(("behind", "k", "asked"), [
-    ({0: (0, 0.0), 1: (0, 0.0), 2: (0, 0.0)}, 2, [0, 1, 2]),  # every idle one
-    ({0: (0, 0.0), 1: (0, 0.0), 2: (1, 0.5), 3: (1, 0.2)}, 2, [0, 1, 3]),  # one in line: soonest done
-    ({0: (0, 0.0), 1: (0, 0.0), 2: (2, 0.1)}, 2, [0, 1]),  # further behind: left alone
-    ({0: (0, 0.0), 1: (3, 0.1), 2: (2, 0.9)}, 2, [0, 2]),  # too few idle: the fewest calls behind top up
-    ({0: (0, 0.0), 1: (1, 0.9), 2: (1, 0.9)}, 1, [0, 1]),
+@pytest.mark.parametrize(("behind", "k", "in_line", "asked"), [
+    ({0: (0, 0.0), 1: (0, 0.0), 2: (0, 0.0)}, 2, [], [0, 1, 2]),  # every idle one
+    ({0: (0, 0.0), 1: (0, 0.0), 2: (1, 0.5), 3: (1, 0.2)}, 2, [2, 3], [0, 1, 3]),  # in line: soonest done
+    ({0: (0, 0.0), 1: (0, 0.0), 2: (1, 0.5), 3: (1, 0.2)}, 2, [2], [0, 1, 2]),  # 3 is stuck, not late
+    ({0: (0, 0.0), 1: (0, 0.0), 2: (2, 0.1)}, 2, [], [0, 1]),  # further behind: left alone
+    ({0: (0, 0.0), 1: (3, 0.1), 2: (2, 0.9)}, 2, [], [0, 2]),  # too few idle: the fewest calls behind
+    ({0: (0, 0.0), 1: (1, 0.9), 2: (1, 0.9)}, 1, [1, 2], [0, 1]),
+    ({0: (0, 0.0), 1: (0, 0.0), 2: (0, 0.0), 3: (1, 0.1)}, 2, [3], [0, 1, 2]),  # a spare already idle
 ])
-def test_a_round_asks_one_more_than_k_where_a_worker_one_call_behind_can_take_it(behind, k, asked):
-    assert choose_ready(behind, k) == asked
+def test_a_round_asks_one_more_than_k_where_a_worker_one_call_behind_can_take_it(behind, k, in_line, asked):
+    assert choose_ready(behind, k, in_line) == asked
 
 
 def test_backlog_beyond_limit_kills_the_worker():
@@ -390,3 +393,29 @@ def test_worker_counts_its_compute_and_updates_not_its_other_calls():
     worker.sgd([("w", SGDStep(lr=0.1), torch.randn(64, 32, dtype=torch.float64), None)])
     assert worker.counters()["updates_applied"] == 1
     assert worker.counters()["compute_s"] > after_products
+
+
+class StallOnce(LatencyModel):
+    """Worker ``worker``'s task ``task`` takes ``factor`` times longer; every other task is on time."""
+
+    def __init__(self, worker: int, task: int, factor: float) -> None:
+        self.worker, self.task, self.factor = worker, task, factor
+
+    def slowdown(self, worker: int, task: int) -> float:
+        return self.factor if (worker, task) == (self.worker, self.task) else 1.0
+
+    def describe(self) -> str:
+        return f"worker {self.worker} stalls at task {self.task}"
+
+
+def test_a_worker_that_stalls_in_a_round_of_exactly_k_idle_ones_is_not_waited_for():
+    """Stragglers 4 and 5 are a call behind, so only k workers are idle; one of the stragglers is asked
+    too, and when worker 0 stalls within the round the answers come from the others."""
+    latency = Combined([FixedStragglers([4, 5], factor=10), StallOnce(0, task=2, factor=1e6)])
+    cluster, blocks = loaded_cluster(latency=latency, base_time_s=0.01)
+    cluster.first_k(cluster.submit("ping", Broadcast(())), K)
+    x = torch.ones(COLS, BATCH, dtype=torch.float64)
+    answers = cluster.compute("matmul", Broadcast(("w", x)), K)
+    assert answers.workers == frozenset({0, 1, 2, 3, 4})
+    assert sorted(answers.results) == [1, 2, 3, 4] and 0 in cluster.alive()
+    assert all(torch.equal(r, blocks[j] @ x) for j, r in answers.results.items())

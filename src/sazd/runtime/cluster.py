@@ -194,18 +194,20 @@ class Round(ABC):
     workers: list[int]
 
 
-def choose_ready(behind: dict[int, tuple[int, float]], k: int) -> list[int]:
+def choose_ready(behind: dict[int, tuple[int, float]], k: int, in_line: Collection[int] = ()) -> list[int]:
     """The workers to ask next, from ``behind``: {live worker: (its unfinished calls of earlier rounds,
-    when it will be done with them, or 0)}. Every idle worker is asked, topped up with the least-behind
-    busy ones so that at least k are. One more than k is asked where a worker only one call behind can
-    take it: a round asked of exactly k would wait for any of them that stalls within it. A worker
-    further behind gets no more work while enough others can answer (its queue would only grow)."""
+    an order among the busy: the sooner done, the lower)}. Every idle worker is asked, topped up with
+    the least-behind busy ones so that at least k are. One more than k is asked where a worker of
+    ``in_line`` (merely late, not stuck: on Ray, busy with a single call of the latest round; in-process,
+    with a single call) can take it: a round
+    asked of exactly k would wait for any of them that stalls within it. Any other busy worker gets no
+    more work while enough others can answer (its queue would only grow)."""
     idle = [j for j, (calls, _) in behind.items() if calls == 0]
     busy = sorted((j for j in behind if j not in idle), key=lambda j: (*behind[j], j))
     asked = idle + busy[: max(0, k - len(idle))]
-    in_line = [j for j in busy if j not in asked and behind[j][0] == 1]
-    if len(asked) <= k and in_line:
-        asked.append(in_line[0])
+    spare = [j for j in busy if j not in asked and j in in_line]
+    if len(asked) <= k and spare:
+        asked.append(spare[0])
     return sorted(asked)
 
 

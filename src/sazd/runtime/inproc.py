@@ -277,8 +277,9 @@ class InProcessCluster(Cluster):
     def ready_workers(self, k: int) -> list[int]:
         self._check_open()
         self._enforce_backlog()
-        return choose_ready({j: (max(1, len(self._pending[j])) if self._lag_until[j] > self.clock else 0,
-                                 self._lag_until[j]) for j in self.alive()}, k)
+        behind = {j: (max(1, len(self._pending[j])) if self._lag_until[j] > self.clock else 0,
+                      self._lag_until[j]) for j in self.alive()}
+        return choose_ready(behind, k, in_line=[j for j, (calls, _) in behind.items() if calls == 1])
 
     def note_master_time(self, seconds: float) -> None:
         if not seconds >= 0:

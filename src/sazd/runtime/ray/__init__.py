@@ -34,10 +34,10 @@
   exception (rebuilt from its type name and message, with the worker and method in a note).
 - Calls to one actor run in submission order, so a slow actor applies every update in order. The
   cluster tracks each actor's unfinished calls: ``ready_workers`` avoids actors still working on
-  calls sent before the last gather (``choose_ready``: one a call behind is asked too where only k
-  are idle, so a stall within the round is never waited for), and an actor with more than
-  ``max_backlog`` unfinished calls is killed (its queue would only grow) so that the master can
-  respawn and repair it.
+  calls sent before the last gather (``choose_ready``: one merely late, a single call of the latest
+  round, is asked too where only k are idle, so a stall within the round is never waited for), and
+  an actor with more than ``max_backlog`` unfinished calls is killed (its queue would only grow) so
+  that the master can respawn and repair it.
 - Stragglers are real: the latency model's factor for each task is sent with the call and the actor
   sleeps ``(factor - 1)`` times its compute time (``Worker._timed``: products and updates; loads
   and state fetches are not slowed, unlike the in-process simulation which slows every call);

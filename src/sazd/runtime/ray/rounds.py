@@ -147,8 +147,10 @@ class Rounds:
         self._check_open()
         with self._control_plane():
             self._prune()
-        return choose_ready({j: (sum(call.epoch < self._epoch for call in self._outstanding[j]), 0.0)
-                             for j in self.alive()}, k)
+        older = {j: [call.epoch for call in self._outstanding[j] if call.epoch < self._epoch]
+                 for j in self.alive()}
+        return choose_ready({j: (len(epochs), 0.0) for j, epochs in older.items()}, k,
+                            in_line=[j for j, epochs in older.items() if epochs == [self._epoch - 1]])
 
     def _take(self, round_: Round) -> dict[int, _Call | None]:
         super()._take(round_, RayRound)
