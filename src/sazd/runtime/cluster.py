@@ -198,10 +198,10 @@ def choose_ready(behind: dict[int, tuple[int, float]], k: int, in_line: Collecti
     """The workers to ask next, from ``behind``: {live worker: (its unfinished calls of earlier rounds,
     an order among the busy: the sooner done, the lower)}. Every idle worker is asked, topped up with
     the least-behind busy ones so that at least k are. One more than k is asked where a worker of
-    ``in_line`` (merely late, not stuck: on Ray, busy with a single call of the latest round; in-process,
-    with a single call) can take it: a round
-    asked of exactly k would wait for any of them that stalls within it. Any other busy worker gets no
-    more work while enough others can answer (its queue would only grow)."""
+    ``in_line`` (merely late, not stuck: on Ray, busy with a single call of the latest round;
+    in-process, with a single call) can take it: a round asked of exactly k would wait for any of
+    them that stalls within it. Any other busy worker gets no more work while enough others can
+    answer (its queue would only grow)."""
     idle = [j for j, (calls, _) in behind.items() if calls == 0]
     busy = sorted((j for j in behind if j not in idle), key=lambda j: (*behind[j], j))
     asked = idle + busy[: max(0, k - len(idle))]
