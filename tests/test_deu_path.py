@@ -31,7 +31,7 @@ MASTER = {
 }
 WORKER = {
     ("runtime/channel.py", "_answer"),
-    ("runtime/channel.py", "Sealed.read"),
+    ("runtime/channel.py", "Sealed.read_calls"),
     ("runtime/transport.py", "TcpTransport.receive_into"),
     ("runtime/worker.py", "Worker.call"),
     ("runtime/worker.py", "Worker.sgd"),
@@ -41,16 +41,16 @@ WORKER = {
 class StackTracer:
     """Records the sazd frames on the stack whenever one of ``calls`` (C functions) starts, while on."""
 
-    def __init__(self, calls: set[str], thread: str | None = None) -> None:
+    def __init__(self, calls: set[str], threads: set[str] | None = None) -> None:
         self.calls = calls
-        self.thread = thread  # only this thread's (by name), if given
+        self.threads = threads  # only these threads' (by name), if given
         self.on = False
         self.seen: set[tuple[str, str]] = set()
         self.hits = 0
 
     def __call__(self, frame, event, arg):
         if self.on and event == "c_call" and getattr(arg, "__name__", None) in self.calls:
-            if self.thread is not None and threading.current_thread().name != self.thread:
+            if self.threads is not None and threading.current_thread().name not in self.threads:
                 return
             self.hits += 1
             while frame is not None:
@@ -87,8 +87,9 @@ def test_master_side_of_a_deu_update_on_ray(ray_session):
 
 
 def test_worker_side_of_a_deu_update():
-    """The Ray actor serves ``Worker.call`` on ``channel.serve``; the same here, in this process."""
-    tracer = StackTracer({"recv_into", "addmm_"}, thread="sazd-channel-answer")
+    """The Ray actor serves ``Worker.call`` on ``channel.serve``; the same here, in this process: one
+    thread reads the calls, another runs them."""
+    tracer = StackTracer({"recv_into", "addmm_"}, threads={"sazd-channel-read", "sazd-channel-answer"})
     answered = threading.Condition()
     threading.setprofile(tracer)  # for the threads serve starts, up to the one answering the calls
     address = channel.serve("127.0.0.1", KEY, Worker(0).call, METHODS)

@@ -24,9 +24,11 @@ Layers, bottom up:
 - The message schema (``sazd.runtime.wire``): msgpack, nothing unpickled; a header holds the
   method (from the worker's closed set), numbers, strings, records and tensor slots; each tensor's
   raw bytes follow, received straight into a fresh tensor's memory.
-- Calls to one worker are answered in the order sent, by one thread per connection that reads,
-  runs and answers each call in turn; the master's writes never wait on a busy worker, since the
-  socket takes what it can and the master's hub writes the rest later. The master has one thread for
+- Calls to one worker are answered in the order sent: per connection, one thread reads and checks
+  each call as it arrives (so a busy worker's socket never stays full: the kernel would cut a
+  connection whose bytes stay unacknowledged past ``TCP_USER_TIMEOUT``), another runs and answers
+  them in turn; the master's writes never wait on a busy worker, since the socket takes what it can
+  and the master's hub writes the rest later. The master has one thread for
   all its connections (``Hub``, a selector): a call is written on the caller's thread as far as
   the socket takes it (one ``sendmsg`` per message), the hub finishes the rest and reads every
   answer as its bytes arrive, so a large message in one direction never waits on the other and a
@@ -249,6 +251,23 @@ class Sealed:
                 raise wire.WireError(str(err)) from None
         return value
 
+    def read_calls(self, methods: frozenset[str], put: Callable[[Any], None]) -> None:
+        """The worker's reader: each call of one of ``methods`` as it arrives, parsed, to ``put``, until
+        the connection ends; then ``put(None)`` (closed, tampered with, or not a message of ours: it
+        and every later call never run). Drives ``reading`` itself: the path of every call."""
+        try:
+            while True:
+                steps = self.reading()
+                try:
+                    view = next(steps)
+                    while True:
+                        self.link.receive_into(view)
+                        view = steps.send(None)
+                except StopIteration as done:
+                    put(wire.parse_call(done.value, methods))
+        except Exception:
+            put(None)
+
     def read(self) -> Any:
         """One message's value, blocking; WireError if a tag, the schema or a size does not hold."""
         steps = self.reading()
@@ -325,16 +344,8 @@ def _answer(sealed: Sealed, handle: Callable[[str, float, tuple], Any], methods:
     cut a connection that is only slow. (The master never blocks writing to a busy worker either: its
     hub finishes any write the socket did not take.)"""
     calls: queue.SimpleQueue = queue.SimpleQueue()
-
-    def read_ahead() -> None:
-        while True:
-            try:
-                calls.put(wire.parse_call(sealed.read(), methods))
-            except Exception:  # closed, tampered with, or not ours: it and every later call never run
-                calls.put(None)
-                return
-
-    threading.Thread(target=read_ahead, name="sazd-channel-read", daemon=True).start()
+    threading.Thread(target=sealed.read_calls, args=(methods, calls.put), name="sazd-channel-read",
+                     daemon=True).start()
     while (call := calls.get()) is not None:
         method, slowdown, args = call
         try:
