@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import queue
 import resource
 import socket
 import subprocess
@@ -156,7 +157,9 @@ def fake_worker(answer, mode=(None, None)) -> tuple[str, int]:
         link = TcpTransport(sock)
         keys = _worker_handshake(link, KEY)
         sealed = Sealed(link, keys)
-        sealed.read()
+        calls = queue.SimpleQueue()
+        threading.Thread(target=sealed.read_calls, args=(CALLS, calls.put), daemon=True).start()
+        calls.get(timeout=10)
         answer(sealed)
         time.sleep(0.5)
         sock.close()

@@ -219,7 +219,8 @@ class Sealed:
     def reading(self) -> Generator[memoryview, None, Any]:
         """One message read as the buffers to fill in order: yields each buffer, returns the
         message's value once every byte arrived; WireError if a tag, the schema or a size does not
-        hold. Driven by ``read`` (blocking) or by the master's ``Hub`` (as bytes arrive)."""
+        hold. Driven by the worker's ``read_calls`` (blocking) or by the master's ``Hub`` (as bytes
+        arrive)."""
         mac = hmac.new(self._keys.receive, self._received.to_bytes(8, "big"), hashlib.sha256)
         self._received += 1
         prefix = bytearray(_LENGTH.size)
@@ -267,17 +268,6 @@ class Sealed:
                     put(wire.parse_call(done.value, methods))
         except Exception:
             put(None)
-
-    def read(self) -> Any:
-        """One message's value, blocking; WireError if a tag, the schema or a size does not hold."""
-        steps = self.reading()
-        try:
-            view = next(steps)
-            while True:
-                self.link.receive_into(view)
-                view = steps.send(None)
-        except StopIteration as done:
-            return done.value
 
 
 # ------------------------------------------------------------------------------------- worker end

@@ -332,8 +332,7 @@ class InProcessCluster(Cluster):
 
     def respawn(self, *workers: int) -> None:
         self._check_open()
-        self._check_workers(workers)
-        for worker in workers:
+        for worker in self._check_workers(workers):
             if worker not in self._dead:
                 self.kill(worker)
             self.workers[worker] = Worker(worker, self.device, self.compute_dtype)
