@@ -1,4 +1,5 @@
-"""The shared-memory lane: the master's arena, a worker's read-only map of it (in another process),
+"""The shared-memory lanes: the master's arena, a worker's read-only map of it (in another process),
+a worker's own arena for its answers (the master's map of it, the regions reused once read),
 the channel's shared slots (hostile ones included), and a real Ray cluster whose workers on this
 machine take their tensors from it, training exactly as plain PyTorch does, with it and without."""
 
@@ -6,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -27,7 +30,8 @@ from sazd.runtime.arena import (
     Lease,
     MappedArena,
 )
-from sazd.runtime.channel import Channel, Encoded, Reply, WorkerLost, encode, serve
+from sazd.runtime.channel import Channel, Encoded, Reply, Sealed, WorkerLost, _worker_handshake, encode, serve
+from sazd.runtime.transport import TcpTransport
 
 KEY = b"a" * 32
 CALLS = frozenset({"echo"})
@@ -96,7 +100,7 @@ def a_spec_of(arena: Arena, **change) -> dict:
 @pytest.mark.parametrize("change, why", [
     ({"check": "00" * CHECK_BYTES}, "its check differs"),
     ({"size": (1 << 20) * 2}, "is not a 2097152-byte memory file"),
-    ({"path": "/proc/0/fd/3"}, "not on the master's machine"),
+    ({"path": "/proc/0/fd/3"}, "not on the writer's machine"),
     ({"extra": 1}, "not an arena description"),
     ({"size": "1048576"}, "not an arena description"),
     ({"check": "0" * 3}, "not an arena description"),
@@ -208,6 +212,105 @@ def test_the_master_never_accepts_a_shared_slot_in_an_answer():
         wire.unpack(msgpack.packb([1, 0, slot], use_bin_type=True), 1 << 30)
 
 
+# ---------------------------------------------------------------- the answers' lane: a worker's own arena
+def test_a_worker_s_large_answers_come_through_its_own_arena_exactly():
+    answers = Arena(1 << 22)
+    link = Channel(0, serve("127.0.0.1", KEY, echo, CALLS, answers=answers), KEY, threading.Condition(),
+                   answers=answers.spec())
+    x, small = torch.randn(256, 128, dtype=torch.float64), torch.randn(4)
+    reply = link.send("echo", 1.0, encode((x, small)))
+    wait_done(reply)
+    got, got_small = reply.result()
+    assert torch.equal(got, x) and torch.equal(got_small, small)
+    assert link.answers_refused is None and reply.shared_bytes == x.numel() * 8  # only the large one
+    link.close()
+    answers.close()
+
+
+def test_an_answer_s_region_is_reused_only_once_a_later_call_says_the_master_read_it():
+    x = torch.randn(256, 128, dtype=torch.float64)  # 256 KiB
+    answers = Arena(CHECK_BYTES + 32 + x.numel() * 8 + 64)  # room for one such answer
+    gate = threading.Event()
+
+    def handle(method, slowdown, args):
+        assert gate.wait(10)
+        return args[0]
+
+    link = Channel(0, serve("127.0.0.1", KEY, handle, CALLS, answers=answers), KEY, threading.Condition(),
+                   answers=answers.spec())
+    replies = [link.send("echo", 1.0, encode((x * i,))) for i in range(3)]  # sent before any answer is read
+    gate.set()
+    wait_done(replies[-1])
+    assert [r.shared_bytes for r in replies] == [x.numel() * 8, 0, 0]  # the others did not fit: the socket
+    assert all(torch.equal(r.result(), x * i) for i, r in enumerate(replies))
+    later = link.send("echo", 1.0, encode((-x,)))  # says three answers were read: the region is free again
+    wait_done(later)
+    assert later.shared_bytes == x.numel() * 8 and torch.equal(later.result(), -x)
+    assert answers.in_use() == x.numel() * 8  # held only for the latest answer
+    link.close()
+    answers.close()
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"check": "00" * CHECK_BYTES}, "its check differs"),
+    ({"path": "/proc/0/fd/3"}, "not on the writer's machine"),
+    ({"size": -1}, "not an arena description"),
+])
+def test_a_worker_arena_the_master_cannot_map_leaves_every_answer_on_the_socket(change, why):
+    answers = Arena(1 << 22)
+    link = Channel(0, serve("127.0.0.1", KEY, echo, CALLS, answers=answers), KEY, threading.Condition(),
+                   answers=a_spec_of(answers, **change))
+    assert why in link.answers_refused
+    x = torch.randn(256, 128, dtype=torch.float64)
+    reply = link.send("echo", 1.0, encode((x,)))
+    wait_done(reply)
+    assert torch.equal(reply.result()[0], x) and reply.shared_bytes == 0
+    assert answers.placed_bytes == 0  # the worker never used its arena: the master said it does not map it
+    link.close()
+    answers.close()
+
+
+def worker_answering(slot: msgpack.ExtType) -> tuple[str, int]:
+    """A worker end with the key whose answer to its first call is one tensor ``slot``, then stops."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def run() -> None:
+        sock, _ = listener.accept()
+        listener.close()
+        sealed = Sealed(TcpTransport(sock), _worker_handshake(TcpTransport(sock), KEY))
+        calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=sealed.read_calls, args=(CALLS, calls.put), daemon=True).start()
+        calls.get(timeout=10)
+        sealed.write(msgpack.packb([wire.VERSION, 0, slot], use_bin_type=True), [])
+        time.sleep(0.5)
+        sock.close()
+
+    threading.Thread(target=run, daemon=True).start()
+    return listener.getsockname()[:2]
+
+
+def shared_slot(offset, shape=(64, 64)) -> msgpack.ExtType:
+    return msgpack.ExtType(4, msgpack.packb(["float32", list(shape), offset], use_bin_type=True))
+
+
+@pytest.mark.parametrize("offset, mapped, why", [
+    (4096, False, "no arena is mapped here"),  # the master maps no arena of this worker
+    (0, True, "outside the"),  # over the check
+    ((1 << 20) - 64, True, "outside the"),  # past the end
+    (1 << 39, True, "outside the"),
+])
+def test_an_answer_s_shared_slot_the_master_cannot_take_breaks_the_connection(offset, mapped, why):
+    answers = Arena(1 << 20)
+    link = Channel(0, worker_answering(shared_slot(offset)), KEY, threading.Condition(),
+                   answers=answers.spec() if mapped else None)
+    reply = link.send("echo", 1.0, encode(()))
+    wait_done(reply)
+    with pytest.raises(WorkerLost, match=why):
+        reply.result()
+    link.close()
+    answers.close()
+
+
 def open_memory_files() -> list[str]:
     found = []
     for fd in os.listdir("/proc/self/fd"):
@@ -219,7 +322,8 @@ def open_memory_files() -> list[str]:
 
 
 def train_three_steps(cluster, dtype=torch.float64) -> tuple[nn.Module, nn.Module]:
-    """Three DEU steps (SGD, momentum) of a coded MLP on ``cluster`` and of the plain one."""
+    """Three DEU steps (SGD, momentum) of a coded MLP on ``cluster`` and of the plain one (a batch of 256:
+    the answers are large enough for the shared-memory lane)."""
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 8)).to(dtype)
     coded = sazd.parallelize(
@@ -229,7 +333,7 @@ def train_three_steps(cluster, dtype=torch.float64) -> tuple[nn.Module, nn.Modul
     optimizers = [torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9),
                   sazd.coded_optimizer(torch.optim.SGD(coded.parameters(), lr=0.05, momentum=0.9))]
     for step in range(3):
-        x = torch.randn(64, 256, dtype=dtype, generator=torch.Generator().manual_seed(step))
+        x = torch.randn(256, 256, dtype=dtype, generator=torch.Generator().manual_seed(step))
         for model, opt in zip((plain, coded), optimizers, strict=True):
             opt.zero_grad()
             model(x).square().mean().backward()
@@ -245,7 +349,9 @@ def test_ray_workers_on_this_machine_train_through_the_arena_exactly_as_plain_py
         assert open_memory_files()  # the arena (and the map's own handle on it)
         plain, coded = train_three_steps(cluster)
         assert cluster.describe()["shared_memory_workers"] == 3
+        assert cluster.describe()["shared_memory_answers"] == 3  # and their answers come back through theirs
         assert cluster.counters.bytes_through_memory > 0
+        assert 0 < cluster.counters.bytes_from_memory <= cluster.counters.bytes_from_workers
         for (name, want), got in zip(plain.state_dict().items(), coded.state_dict().values(), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
     assert open_memory_files() == []  # closed with the cluster
@@ -256,7 +362,8 @@ def test_ray_workers_on_this_machine_train_through_the_arena_exactly_as_plain_py
     with RayCluster(3, worker_timeout_s=60) as cluster:
         plain_again, coded = train_three_steps(cluster)
         assert cluster.describe()["shared_memory_workers"] == 0
-        assert cluster.counters.bytes_through_memory == 0
+        assert cluster.describe()["shared_memory_answers"] == 0
+        assert cluster.counters.bytes_through_memory == 0 == cluster.counters.bytes_from_memory
         assert all("its check differs" in info["shared_memory_refused"] for info in cluster._info)
         for (name, want), got in zip(plain_again.state_dict().items(), coded.state_dict().values(),
                                      strict=True):

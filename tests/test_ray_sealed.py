@@ -28,13 +28,13 @@ def test_tampering_with_a_worker_s_calls_makes_it_an_erasure_that_is_repaired(ra
     real_open = ray_cluster.open_channels
 
     with contextlib.ExitStack() as stack:
-        def through_relay(addresses, keys, notify, identity=None):
+        def through_relay(addresses, keys, notify, identity=None, answers=None):
             if 0 in addresses and not relays:  # the first start of worker 0 only, not its replacement
                 path = stack.enter_context(relay(addresses[0], "tls" if tls else "sazd", "inject",
                                                  str(tmp_path / "seen"), str(touched)))
                 relays.append(path)
                 addresses = {**addresses, 0: path.address}
-            return real_open(addresses, keys, notify, identity)
+            return real_open(addresses, keys, notify, identity, answers)
 
         monkeypatch.setattr(ray_cluster, "open_channels", through_relay)
         cluster = stack.enter_context(RayCluster(N, worker_timeout_s=60, tls=tls))

@@ -1,23 +1,26 @@
-"""The shared-memory lane: the master's tensors reach workers on its own machine through memory.
+"""The shared-memory lanes: large tensors between the master and the workers on its own machine.
 
-On one machine, a call's tensors need not cross a socket: the master copies each large tensor of a
-call once into its ``Arena`` (one sealed anonymous memory file, ``memfd``) and the call's header
-names where it lies (a slot of dtype, shape and offset, sealed with the header by the channel's
-HMAC). A worker on the same machine maps the arena read-only and copies the bytes out when it reads
-the call. That saves, per tensor and worker, the socket's two copies and both ends' SHA-256 of the
-bytes, and a broadcast tensor is written once for every worker.
+On one machine, a message's tensors need not cross a socket: the writer copies each large tensor
+once into its ``Arena`` (one sealed anonymous memory file, ``memfd``) and the message's header names
+where it lies (a slot of dtype, shape and offset, sealed with the header by the channel's HMAC). The
+reader maps that arena read-only (``MappedArena``) and copies the bytes out when it reads the
+message. That saves, per tensor, the socket's two copies and both ends' SHA-256 of the bytes. Two
+lanes use it: the master's arena carries its calls to every worker on its machine (a broadcast
+tensor is written once for all of them), and each such worker's own arena carries its answers back.
 
-Trust: the arena is reached only through ``/proc/<master pid>/fd/<fd>``, which the kernel opens only
-for the master's own user (or root), who can read and change the master's memory anyway; so its
-bytes need no tag. A worker proves it maps the same memory by reading back a random check the master
-wrote; a worker elsewhere (another machine or container) fails to and uses the socket. The arena's
-size is sealed, so no one can shrink it under a worker's mapping.
+Trust: an arena is reached only through ``/proc/<writer pid>/fd/<fd>``, which the kernel opens only
+for the writer's own user (or root), who can read and change the writer's memory anyway; so its
+bytes need no tag. A reader proves it maps the same memory by reading back a random check the writer
+wrote; a reader elsewhere (another machine or container) fails to and uses the socket. The arena's
+size is sealed, so no one can shrink it under a reader's mapping.
 
-Lifetime: ``reserve`` hands out a region under a ``Lease`` (one per submit); the region is reused
-only when every call that carries it is answered or lost (the worker copies a call's tensors out
-before it runs it, so an answer means it is done with them). Regions are placed first fit from the
-start, so the memory touched stays near the most that is in flight at once. A tensor that does not
-fit travels on the socket as before: the lane only ever makes a call cheaper, never impossible.
+Lifetime: ``place`` puts a tensor in a region held by a ``Lease``; the region is reused only once the
+lease is released. The master's lease is one per submit, released when every call carrying it is
+answered or lost (the worker copies a call's tensors out before it runs it, so an answer means it is
+done with them); a worker's is one per answer, released when a later call says the master has read
+that answer. Regions are placed first fit from the start, so the memory touched stays near the most
+that is in flight at once. A tensor that does not fit travels on the socket as before: a lane only
+ever makes a message cheaper, never impossible.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Any
 import torch
 
 ARENA_BYTES = 1 << 29  # virtual size; memory is used only where regions are written
+ANSWER_ARENA_BYTES = 1 << 28  # a worker's, for its answers
 MIN_TENSOR_BYTES = 1 << 16  # smaller tensors ride in the call's message: a region costs more than it saves
 ALIGN = 64
 CHECK_BYTES = 32  # the random check at offset 0; regions start after it
@@ -41,7 +45,8 @@ _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL if hasattr(
 
 
 class Lease:
-    """The regions of one submit: reusable once closed and every call holding them is done."""
+    """The regions of one submit (or one answer): reusable once closed and every call holding them is
+    done."""
 
     __slots__ = ("closed", "replies")
 
@@ -89,7 +94,8 @@ class Arena:
         self.placed_bytes = 0  # bytes written into regions (deterministic counter)
 
     def spec(self) -> dict[str, Any]:
-        """What a worker needs to map it (sent with its key, over Ray's control plane)."""
+        """What a reader needs to map it (sent over Ray's control plane: the master's with a worker's key,
+        a worker's in its answer)."""
         return {"path": f"/proc/{os.getpid()}/fd/{self._fd}", "size": self.size, "check": self.check}
 
     def place(self, t: torch.Tensor, lease: Lease) -> torch.Tensor | None:
@@ -105,6 +111,11 @@ class Arena:
         copy.copy_(t)
         self.placed_bytes += nbytes
         return copy
+
+    def share(self, t: torch.Tensor, lease: Lease) -> int | None:
+        """``place`` ``t`` and return where its copy lies (None: send it on the socket)."""
+        copy = self.place(t, lease)
+        return None if copy is None else self.offset_of(copy)
 
     def offset_of(self, t: torch.Tensor) -> int | None:
         """Where ``t``'s bytes lie in the arena (None: not in it)."""
@@ -150,11 +161,11 @@ def open_arena(size: int = ARENA_BYTES) -> Arena | None:
 
 
 class ArenaError(ValueError):
-    """A worker cannot map the master's arena: it uses the socket."""
+    """The reader cannot map the writer's arena: the writer's tensors use the socket."""
 
 
 class MappedArena:
-    """A worker's read-only view of the master's arena; ``fill`` copies a region into a tensor."""
+    """A reader's read-only view of the writer's arena; ``fill`` copies a region into a tensor."""
 
     def __init__(self, spec: Any) -> None:
         if not (isinstance(spec, dict) and set(spec) == {"path", "size", "check"}
@@ -165,8 +176,8 @@ class MappedArena:
         try:
             fd = os.open(spec["path"], os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO never blocks
         except OSError as err:
-            raise ArenaError(f"cannot open {spec['path']} ({err.strerror}): not on the master's "
-                             "machine") from None
+            raise ArenaError(f"cannot open {spec['path']} ({err.strerror}): not on the "
+                             "writer's machine") from None
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size != spec["size"]:
@@ -181,7 +192,7 @@ class MappedArena:
             os.close(fd)
         if self._map[:CHECK_BYTES].hex() != spec["check"]:
             self._map.close()
-            raise ArenaError(f"{spec['path']} is not the master's arena (its check differs)")
+            raise ArenaError(f"{spec['path']} is not the writer's arena (its check differs)")
         self.size = spec["size"]
         self._view = memoryview(self._map)
 
@@ -194,4 +205,10 @@ class MappedArena:
                              f"{self.size}-byte arena")
         if nbytes:
             memoryview(t.reshape(-1).view(torch.uint8).numpy())[:] = self._view[offset : offset + nbytes]
+
+    def close(self) -> None:
+        """Unmap it (the copies ``fill`` made stay)."""
+        with contextlib.suppress(BufferError):  # a view still exported: unmapped when it dies
+            self._view.release()
+            self._map.close()
 

@@ -9,7 +9,9 @@ Layers, bottom up:
 
 - ``Transport`` (``sazd.runtime.transport``): moves bytes; TCP, or TLS 1.3 with mutual certificates
   over it. Workers on the master's machine also map its shared-memory arena (``sazd.runtime.arena``):
-  a call's large tensors lie there, and its header, sealed as always, says where.
+  a call's large tensors lie there, and its header, sealed as always, says where. The master maps
+  each such worker's own arena in turn, for the large tensors of its answers; each call tells the
+  worker how many answers the master has read, so their regions can be reused.
 - The handshake: the master sends a nonce; the worker answers with its nonce and its proof of the
   worker's key (an HMAC over both nonces); only after checking it does the master prove the key in
   turn. The master never answers a challenge of a peer that has not proven the key. Both ends
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import hmac
 import os
@@ -62,7 +65,7 @@ from typing import Any
 import torch
 
 from sazd.runtime import wire
-from sazd.runtime.arena import Arena, Lease, MappedArena
+from sazd.runtime.arena import Arena, ArenaError, Lease, MappedArena
 from sazd.runtime.tls import Identity
 from sazd.runtime.transport import Transport, advance, open_transport
 
@@ -194,7 +197,7 @@ class Sealed:
         self.link = link
         self._keys = keys
         self._sent = self._received = 0
-        self.arena: MappedArena | None = None  # a worker's map of the master's arena: shared slots allowed
+        self.arena: MappedArena | None = None  # the peer's arena, mapped: shared slots allowed
 
     def frames(self, header: bytes, tensors: tuple[torch.Tensor, ...] | list[torch.Tensor],
                digests: tuple[bytes, ...] | None = None) -> list[memoryview]:
@@ -216,11 +219,11 @@ class Sealed:
     def write(self, header: bytes, tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> None:
         self.link.send_all(self.frames(header, tensors))
 
-    def reading(self) -> Generator[memoryview, None, Any]:
+    def reading(self) -> Generator[memoryview, None, tuple[Any, int]]:
         """One message read as the buffers to fill in order: yields each buffer, returns the
-        message's value once every byte arrived; WireError if a tag, the schema or a size does not
-        hold. Driven by the worker's ``read_calls`` (blocking) or by the master's ``Hub`` (as bytes
-        arrive)."""
+        message's value and the bytes it took from the peer's arena once every byte arrived;
+        WireError if a tag, the schema or a size does not hold. Driven by the worker's
+        ``read_calls`` (blocking) or by the master's ``Hub`` (as bytes arrive)."""
         mac = hmac.new(self._keys.receive, self._received.to_bytes(8, "big"), hashlib.sha256)
         self._received += 1
         prefix = bytearray(_LENGTH.size)
@@ -245,12 +248,14 @@ class Sealed:
         yield memoryview(tag)
         if not hmac.compare_digest(bytes(tag), mac.digest()):
             raise wire.WireError("a message's tensors failed their integrity check")
+        shared_bytes = 0
         for t, offset in placed or ():  # where they lie was sealed with the header
             try:
                 self.arena.fill(t, offset)
             except ValueError as err:
                 raise wire.WireError(str(err)) from None
-        return value
+            shared_bytes += t.numel() * t.element_size()
+        return value, shared_bytes
 
     def read_calls(self, methods: frozenset[str], put: Callable[[Any], None]) -> None:
         """The worker's reader: each call of one of ``methods`` as it arrives, parsed, to ``put``, until
@@ -265,17 +270,19 @@ class Sealed:
                         self.link.receive_into(view)
                         view = steps.send(None)
                 except StopIteration as done:
-                    put(wire.parse_call(done.value, methods))
+                    put(wire.parse_call(done.value[0], methods))
         except Exception:
             put(None)
 
 
 # ------------------------------------------------------------------------------------- worker end
 def serve(host: str, key: bytes, handle: Callable[[str, float, tuple], Any], methods: frozenset[str],
-          identity: Identity | None = None, arena: MappedArena | None = None) -> tuple[str, int]:
+          identity: Identity | None = None, arena: MappedArena | None = None,
+          answers: Arena | None = None) -> tuple[str, int]:
     """Listen on ``host`` for the master; answer each call of one of ``methods`` with
     ``handle(method, slowdown, args)``, in order. Returns the address to connect to. ``arena``: the
-    master's shared-memory arena, mapped: its calls may carry tensors there.
+    master's shared-memory arena, mapped: its calls may carry tensors there. ``answers``: this
+    worker's own arena, for the large tensors of its answers to a master that maps it.
 
     Each peer proves the key in a thread of its own (at most ``MAX_PENDING`` at once), so one that
     stalls or resets delays nobody; the first that proves it is the master, and the listener closes."""
@@ -298,8 +305,8 @@ def serve(host: str, key: bytes, handle: Callable[[str, float, tuple], Any], met
         listener.close()
         sealed.arena = arena
         try:  # this thread's job, the handshake, is done: the connection gets one of its own
-            threading.Thread(target=_answer, args=(sealed, handle, methods), name="sazd-channel-answer",
-                             daemon=True).start()
+            threading.Thread(target=_answer, args=(sealed, handle, methods, answers),
+                             name="sazd-channel-answer", daemon=True).start()
         except RuntimeError:  # out of threads: the master sees the connection end
             sealed.link.close()
 
@@ -327,19 +334,32 @@ def serve(host: str, key: bytes, handle: Callable[[str, float, tuple], Any], met
     return listener.getsockname()[:2]
 
 
-def _answer(sealed: Sealed, handle: Callable[[str, float, tuple], Any], methods: frozenset[str]) -> None:
+def _answer(sealed: Sealed, handle: Callable[[str, float, tuple], Any], methods: frozenset[str],
+            answers: Arena | None = None) -> None:
     """Run and answer the master's calls in order until the connection ends. A thread of its own reads
     them as they arrive: a worker busy longer than ``TCP_USER_TIMEOUT`` with more calls queued than its
     socket holds would otherwise leave the master's unsent bytes unacknowledged, and the kernel would
     cut a connection that is only slow. (The master never blocks writing to a busy worker either: its
-    hub finishes any write the socket did not take.)"""
+    hub finishes any write the socket did not take.) An answer's large tensors go through
+    ``answers`` when the call says the master maps it, each answer's regions held until a later
+    call says the master has read it."""
     calls: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=sealed.read_calls, args=(methods, calls.put), name="sazd-channel-read",
                      daemon=True).start()
+    held: deque[tuple[int, Lease]] = deque()  # (answer number, its regions) the master may still read
+    written = 0
     while (call := calls.get()) is not None:
-        method, slowdown, args = call
+        lane = answers if call.read is not None else None
+        shared = None
+        if lane is not None:
+            while held and held[0][0] < call.read:
+                held.popleft()[1].close()
+            lease = Lease()
+            held.append((written, lease))
+            shared = functools.partial(lane.share, lease=lease)
+        written += 1
         try:
-            header, tensors = wire.answer(handle(method, slowdown, args))
+            header, tensors = wire.answer(handle(call.method, call.slowdown, call.args), shared)
         except BaseException as err:  # raised, or an answer that cannot travel: the master decides
             header, tensors = wire.failure(err), []
         try:
@@ -353,12 +373,13 @@ def _answer(sealed: Sealed, handle: Callable[[str, float, tuple], Any], methods:
 class Reply:
     """The answer to one call; ``done`` once it arrived or the connection broke."""
 
-    __slots__ = ("done", "error", "value")
+    __slots__ = ("done", "error", "shared_bytes", "value")
 
     def __init__(self) -> None:
         self.done = False
         self.value: Any = None
         self.error: Exception | None = None
+        self.shared_bytes = 0  # of the answer's tensors, taken from the worker's arena
 
     def fail(self, error: Exception) -> None:
         self.error = error  # before done: a reader that sees done sees the error
@@ -492,14 +513,29 @@ class Channel:
     rest and reads every answer (``Hub``)."""
 
     def __init__(self, worker: int, address: tuple[str, int], key: bytes, notify: threading.Condition,
-                 identity: Identity | None = None) -> None:
+                 identity: Identity | None = None, answers: Any = None) -> None:
         """Connect, run TLS if ``identity`` and prove the key (within ``HANDSHAKE_S``); raises
-        ConnectionError when the worker cannot be reached or proven."""
+        ConnectionError when the worker cannot be reached or proven. ``answers``: the description of
+        the worker's arena; mapped where it can be (``answers_refused`` says why not), the worker's
+        answers bring their large tensors through it."""
         self.worker = worker
         self._notify = notify
         self._pending: deque[Reply] = deque()
         self.broken: str | None = None
-        self._sealed = connect(address, key, identity)
+        answer_arena, self.answers_refused = None, "not offered"
+        if answers is not None:
+            try:
+                answer_arena, self.answers_refused = MappedArena(answers), None
+            except ArenaError as err:
+                self.answers_refused = str(err)
+        try:
+            self._sealed = connect(address, key, identity)
+        except BaseException:
+            if answer_arena is not None:
+                answer_arena.close()
+            raise
+        self._sealed.arena = answer_arena
+        self._read = 0  # answers read: the worker may reuse the regions that held their tensors
         self._sealed.link.sock.setblocking(False)
         self._out: list[memoryview] = []  # bytes of calls not yet written, in order
         self._write_lock = threading.RLock()  # one writer at a time; the socket is closed under it
@@ -522,7 +558,8 @@ class Channel:
             if self._closed:
                 return reply  # failed by the close
             queued = bool(self._out)
-            header = wire.call(method, slowdown, args.body)
+            read = None if self._sealed.arena is None else self._read
+            header = wire.call(method, slowdown, read, args.body)
             self._out += self._sealed.frames(header, args.tensors, args.digests)
             if not queued:  # nothing waits before it: write now
                 self._pump(by_hub=False)
@@ -578,12 +615,15 @@ class Channel:
                     continue
                 except StopIteration as done:
                     self._steps = self._view = None
-                    ok, value = wire.parse_answer(done.value)
+                    message, shared_bytes = done.value
+                    ok, value = wire.parse_answer(message)
                 self._hub.stats.answers += 1
+                self._read += 1
                 with self._notify:
                     if not self._pending:
                         raise wire.WireError("answer to no call")
                     reply = self._pending.popleft()
+                    reply.shared_bytes = shared_bytes
                     if ok:
                         reply.value, reply.done = value, True
                     else:
@@ -612,22 +652,26 @@ class Channel:
         self._hub.watch(self)
 
     def _shut(self) -> None:
-        """Close the socket (hub thread, once it no longer watches it)."""
+        """Close the socket and unmap the worker's arena (hub thread, once it no longer watches it)."""
         with self._write_lock:
             self._sealed.link.close()
+            if self._sealed.arena is not None:
+                self._sealed.arena.close()
+                self._sealed.arena = None
 
 
 def open_channels(addresses: dict[int, tuple[str, int]], keys: dict[int, bytes],
-                  notify: threading.Condition, identity: Identity | None = None
-                  ) -> dict[int, Channel | Exception]:
-    """A ``Channel`` to each worker (``keys``: each worker's own key), connected all at once:
-    starting n workers takes one handshake's bound, not n of them. Each worker's ConnectionError is
-    returned in its place."""
+                  notify: threading.Condition, identity: Identity | None = None,
+                  answers: dict[int, Any] | None = None) -> dict[int, Channel | Exception]:
+    """A ``Channel`` to each worker (``keys``: each worker's own key; ``answers``: the description of
+    its arena, where it has one), connected all at once: starting n workers takes one handshake's
+    bound, not n of them. Each worker's ConnectionError is returned in its place."""
     opened: dict[int, Channel | Exception] = {}
+    answers = answers or {}
 
     def open_one(worker: int, address: tuple[str, int]) -> None:
         try:
-            opened[worker] = Channel(worker, address, keys[worker], notify, identity)
+            opened[worker] = Channel(worker, address, keys[worker], notify, identity, answers.get(worker))
         except (OSError, ConnectionError) as err:
             opened[worker] = err
 

@@ -39,6 +39,9 @@ class Counters:
     # Ray backend: bytes written into the shared-memory arena, once per tensor, which workers on the
     # master's machine copy from memory instead of reading from their socket (part of bytes_to_workers)
     bytes_through_memory: int = 0
+    # Ray backend: bytes of the collected answers that came from the workers' own shared-memory arenas
+    # instead of their sockets (part of bytes_from_workers)
+    bytes_from_memory: int = 0
     calls: int = 0
     rounds: int = 0
     late_results_discarded: int = 0
@@ -59,6 +62,7 @@ class Counters:
             "bytes_from_workers": self.bytes_from_workers,
             "bytes_sent_once": self.bytes_sent_once,
             "bytes_through_memory": self.bytes_through_memory,
+            "bytes_from_memory": self.bytes_from_memory,
             "calls": self.calls,
             "rounds": self.rounds,
             "late_results_discarded": self.late_results_discarded,

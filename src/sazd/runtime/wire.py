@@ -4,11 +4,13 @@ Nothing received is unpickled, so nothing received can name code to run. A value
 None, bools, ints, floats, strings, lists, tuples, dicts (string or int keys), tensor slots and
 records (frozen dataclasses registered with ``record``, whose fields are plain scalars). A tensor
 travels as a slot (dtype name, shape) in the header and its raw bytes after it, in slot order; or,
-to a worker that maps the master's shared-memory arena (``sazd.runtime.arena``), as a shared slot
-(dtype name, shape, offset) whose bytes the worker copies from the arena.
+where the receiver maps the sender's shared-memory arena (``sazd.runtime.arena``), as a shared slot
+(dtype name, shape, offset) whose bytes the receiver copies from the arena.
 
-- A call is ``[VERSION, method, slowdown, args]``; the method must be one of the receiver's closed
-  set (``Worker``'s public methods), ``args`` a tuple.
+- A call is ``[VERSION, method, slowdown, read, args]``; the method must be one of the receiver's
+  closed set (``Worker``'s public methods), ``args`` a tuple. ``read``: None where the master does
+  not map the worker's arena (answers come on the socket), else how many answers of this connection
+  the master has read (the arena regions that held their tensors may be reused).
 - An answer is ``[VERSION, 0, value]`` or, when the worker's code raised, ``[VERSION, 1, [type
   name, message]]``: the master rebuilds a built-in exception of that name, or a RuntimeError
   naming the type; never an object of the worker's choosing.
@@ -27,7 +29,7 @@ from typing import Any
 import msgpack
 import torch
 
-VERSION = 1
+VERSION = 2
 MAX_DEPTH = 32  # nesting of lists, tuples, dicts and records in one message
 _TUPLE, _TENSOR, _RECORD, _SHARED = 1, 2, 3, 4  # msgpack extension codes
 DTYPES = {str(d).removeprefix("torch."): d for d in (
@@ -55,8 +57,8 @@ def record(cls: type) -> type:
 def pack(value: Any, shared: Callable[[torch.Tensor], int | None] | None = None
          ) -> tuple[bytes, list[torch.Tensor]]:
     """``value`` as msgpack bytes and the tensors its slots stand for, in order (contiguous, on CPU).
-    ``shared(t)``: the arena offset of a tensor that lies in the shared-memory arena (a shared slot,
-    not among the tensors), else None. TypeError naming what cannot travel."""
+    ``shared(t)``: the offset in the sender's shared-memory arena where ``t`` lies (or was just placed:
+    a shared slot, not among the tensors), else None. TypeError naming what cannot travel."""
     tensors: list[torch.Tensor] = []
 
     def default(obj: Any) -> msgpack.ExtType:
@@ -159,27 +161,41 @@ def _unpackb(data: bytes, ext_hook: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------ calls and answers
-def call(method: str, slowdown: float, args_body: bytes) -> bytes:
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """A call as the worker runs it."""
+
+    method: str
+    slowdown: float
+    read: int | None  # answers the master has read (None: it reads them all from the socket)
+    args: tuple
+
+
+def call(method: str, slowdown: float, read: int | None, args_body: bytes) -> bytes:
     """A call's header; ``args_body`` is ``pack(list(args))[0]`` (packed once, sent to many)."""
-    return _packb([VERSION, method, slowdown, msgpack.ExtType(_TUPLE, args_body)])
+    return _packb([VERSION, method, slowdown, read, msgpack.ExtType(_TUPLE, args_body)])
 
 
-def parse_call(value: Any, methods: frozenset[str]) -> tuple[str, float, tuple]:
-    """(method, slowdown, args) of a call, checked against the closed set ``methods``."""
-    if not (isinstance(value, list) and len(value) == 4 and value[0] == VERSION):
+def parse_call(value: Any, methods: frozenset[str]) -> Call:
+    """The call in ``value``, checked against the closed set ``methods``."""
+    if not (isinstance(value, list) and len(value) == 5 and value[0] == VERSION):
         raise WireError(f"not a call of version {VERSION}: {value!r:.100}")
-    _, method, slowdown, args = value
+    _, method, slowdown, read, args = value
     if not isinstance(method, str) or method not in methods:
         raise WireError(f"call of {method!r:.60}, not one of the worker's methods")
     if type(slowdown) not in (int, float) or not 1 <= slowdown < math.inf or not isinstance(args, tuple):
         raise WireError(f"malformed call of {method!r}: slowdown {slowdown!r:.30}, "
                         f"args {type(args).__name__}")
-    return method, float(slowdown), args
+    if read is not None and not (type(read) is int and read >= 0):
+        raise WireError(f"malformed call of {method!r}: answers read {read!r:.30}")
+    return Call(method, float(slowdown), read, args)
 
 
-def answer(value: Any) -> tuple[bytes, list[torch.Tensor]]:
-    """A successful answer's header and tensors (TypeError if ``value`` cannot travel)."""
-    return pack([VERSION, 0, value])
+def answer(value: Any, shared: Callable[[torch.Tensor], int | None] | None = None
+           ) -> tuple[bytes, list[torch.Tensor]]:
+    """A successful answer's header and tensors (TypeError if ``value`` cannot travel); ``shared`` as
+    in ``pack``."""
+    return pack([VERSION, 0, value], shared)
 
 
 def failure(err: BaseException) -> bytes:

@@ -9,7 +9,7 @@ import ray
 import torch
 
 from sazd.runtime import channel
-from sazd.runtime.arena import ArenaError, MappedArena
+from sazd.runtime.arena import ANSWER_ARENA_BYTES, ArenaError, MappedArena, open_arena
 from sazd.runtime.placement import usable_cores
 from sazd.runtime.ray.processes import boot_id
 from sazd.runtime.tls import Identity
@@ -29,22 +29,26 @@ class RayWorker(Worker):
     def open_channel(self, key: bytes, identity: Identity | None,
                      arena: dict | None = None) -> dict[str, Any]:
         """Listen for the master's connection (proving ``key``; TLS with ``identity`` if given); map
-        the master's shared-memory ``arena`` if this actor runs on its machine; say where this actor
-        runs (node, device, its process, for killing it by PID), whether it maps the arena (and why
-        not) and the address to connect to."""
+        the master's shared-memory ``arena`` if this actor runs on its machine, and then open one of
+        its own for its answers; say where this actor runs (node, device, its process, for killing
+        it by PID), whether it maps the arena (and why not), its own arena's description and the
+        address to connect to."""
         context = ray.get_runtime_context()
         node_ip = ray.util.get_node_ip_address()
-        mapped, refused = None, "not offered"
+        mapped, refused, answers = None, "not offered", None
         if arena is not None:
             try:
                 mapped, refused = MappedArena(arena), None
             except ArenaError as err:
                 refused = str(err)
+            else:
+                answers = open_arena(ANSWER_ARENA_BYTES)
         return {"index": self.index, "node_id": context.get_node_id(), "node_ip": node_ip,
                 "device": str(self.device), "pid": os.getpid(), "boot_id": boot_id(),
                 "threads": torch.get_num_threads(), "cores": usable_cores(),
                 "shared_memory": mapped is not None, "shared_memory_refused": refused,
-                "address": channel.serve(node_ip, key, self.call, METHODS, identity, mapped)}
+                "answer_arena": None if answers is None else answers.spec(),
+                "address": channel.serve(node_ip, key, self.call, METHODS, identity, mapped, answers)}
 
 
 ACTOR = ray.remote(RayWorker)

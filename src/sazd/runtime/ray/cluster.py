@@ -270,8 +270,14 @@ class RayCluster(Rounds, Liveness, Cluster):
             "worker_nodes": len({info.get("node_id") for info in self._info}),
             "master_threads": self.master_threads,
             "data_plane": self.data_plane,
-            "shared_memory_workers": sum(map(self._maps_arena, self.alive())) if not self._closed else 0,
+            "shared_memory_workers": 0 if self._closed else sum(map(self._maps_arena, self.alive())),
+            "shared_memory_answers": 0 if self._closed else sum(map(self._answers_in_memory, self.alive())),
         }
+
+    def _answers_in_memory(self, worker: int) -> bool:
+        """Whether this worker's answers bring their large tensors through its own arena."""
+        channel = self._channels[worker]
+        return channel is not None and channel.answers_refused is None
 
     @property
     def data_plane(self) -> str:
@@ -372,7 +378,8 @@ class RayCluster(Rounds, Liveness, Cluster):
                 info["start"] = start_time(info["pid"])
             self._info[j] = info
         opened = open_channels({j: tuple(self._info[j]["address"]) for j in workers}, keys,
-                               self._replied, self._certs.master if self._certs else None)
+                               self._replied, self._certs.master if self._certs else None,
+                               {j: self._info[j].get("answer_arena") for j in workers})
         for j in workers:  # every channel is kept, so that close() closes it, before any error
             self._channels[j] = opened[j] if isinstance(opened[j], Channel) else None
             self._heard[j] = time.monotonic()

@@ -232,6 +232,7 @@ class Rounds:
                 got[j] = value
                 times[j] = time.monotonic() - round_.sent
                 self.counters.bytes_from_workers += tensor_bytes(value)
+                self.counters.bytes_from_memory += call.reply.shared_bytes
 
     def _check_earlier(self, got: dict[int, Any], calls: dict[int, _Call | None]) -> list[int]:
         """Workers of ``got`` with an earlier, unfetched call that failed (now erasures)."""
