@@ -298,6 +298,7 @@ def test_bench_runtime_reports_the_round_the_iterations_and_the_floor(ray_sessio
     for mode in ("memory", "hmac", "tls"):  # each data-plane mode measured, side by side
         assert rep_plane(out)[mode]["round_median_s"] > 0 and rep_plane(out)[mode]["throughput_best_mb_s"] > 0
     assert rep_plane(out)["setup"]["memory_workers"] == 3  # the default cluster's workers map the arena
+    assert rep_plane(out)["setup"]["memory_answers"] == 3  # and answer through their own
     rep = json.loads(out.read_text())
     assert rep["round"]["payload"] == {"rows": 64, "cols": 64, "batch": 8, "n": 3, "k": 2}
     assert rep["round"]["sazd"]["median_s"] > 0 and rep["round"]["bare"]["median_s"] > 0

@@ -1,7 +1,8 @@
 """`sazd bench runtime --parts plane`: what each data-plane mode costs, side by side.
 
 Three clusters of n workers in one Ray: the default one (``"memory"``: connections sealed with HMAC,
-large tensors to the workers on this machine through the shared-memory arena), one with everything on
+large tensors between the master and the workers on this machine through shared memory, the calls'
+through the master's arena, the answers' through each worker's own), one with everything on
 its HMAC-sealed sockets (``"hmac"``, ``shared_memory=False``) and one whose sockets also run TLS 1.3
 (``"tls"``). Each holds the same blocks. Measured, alternating between them so that load from
 anything else on the machine hits all alike:
@@ -62,7 +63,8 @@ def part_plane(args: argparse.Namespace, cluster: Any) -> dict[str, Any]:
                                                / out["hmac"]["throughput_best_mb_s"])
     out["setup"] = {"n": args.n, "k": args.k, "rows": args.rows, "cols": args.cols, "batch": args.batch,
                     "rounds": args.rounds, "send_mb": mb, "sends": _SENDS,
-                    "memory_workers": cluster.describe()["shared_memory_workers"]}
+                    "memory_workers": cluster.describe()["shared_memory_workers"],
+                    "memory_answers": cluster.describe()["shared_memory_answers"]}
     return out
 
 
@@ -73,7 +75,8 @@ def print_plane(row: dict[str, Any]) -> None:
           + ", ".join(f"{m} {1000 * row[m]['round_best_s']:.2f} / {1000 * row[m]['round_median_s']:.2f} ms"
                       for m in MODES)
           + f"; memory/hmac {row['round_memory_over_hmac']:.2f}x, tls/hmac {row['round_tls_over_hmac']:.2f}x"
-          + f" ({s['memory_workers']} of {s['n']} workers map the arena)", flush=True)
+          + f" ({s['memory_workers']} of {s['n']} workers map the arena, {s['memory_answers']} answer "
+          + "through their own)", flush=True)
     print(f"data plane, one connection, {s['send_mb']:.0f} MB to a worker (best of {s['sends']}): "
           + ", ".join(f"{m} {row[m]['throughput_best_mb_s']:.0f} MB/s" for m in MODES)
           + f"; memory/hmac {row['throughput_memory_over_hmac']:.2f}x, "
