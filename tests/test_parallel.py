@@ -211,27 +211,38 @@ def test_deu_step_is_one_message_per_worker():
 def test_deu_ships_the_encoded_gradient_when_it_is_narrower():
     """Convolutions: N = batch x positions can exceed a copy's fan (in or out), and then DEU sends the
     encoded gradient C_j(dW) (fan columns per coded row) instead of C_j(dY^T) (N columns): its update
-    never moves more bytes than naive's. Exactness of both paths: the CNN oracle tests."""
+    never moves more bytes than naive's. The master computes that gradient between rounds (where its
+    workers share its cores, with every core). Exactness of both paths: the CNN oracle tests."""
+
+    class Recording(InProcessCluster):
+        products_between_rounds = 0
+
+        def between_rounds(self):
+            self.products_between_rounds += 1
+            return super().between_rounds()
+
     code = get_code("sazd", n=5, k=3)
-    model, cluster = cnn(), InProcessCluster(5, base_time_s=0.0)  # every worker idle at each round
+    model, cluster = cnn(), Recording(5, base_time_s=0.0)  # every worker idle at each round
     parallelize(model, code, cluster, plan=CNN_PLAN, scheme="deu")
     opt = CodedOptimizer(model, OptimConfig(lr=0.05, momentum=0.9))
     xb, yb = data((1, 8, 8), steps=1)[0]
     F.cross_entropy(model(xb), yb).backward()
     before = cluster.counters.bytes_to_workers
     opt.step()
-    want = naive = 0
+    want = naive = gradients = 0
     paths = []
     for layer in coded_layers(model):
         N, fans = layer.last_rows, (layer.in_features, layer.out_features)
         rows = [sum(code.block_rows(layer.out_pad // 3)), sum(code.block_rows(layer.in_pad // 3))]
         if layer.col_stale:  # the first layer keeps no column copy
             rows[1] = 0
+        gradients += sum(R > 0 and fan < N for R, fan in zip(rows, fans, strict=True))
         want += sum(R * min(N, fan) for R, fan in zip(rows, fans, strict=True)) * 8
         naive += sum(R * fan for R, fan in zip(rows, fans, strict=True)) * 8
         paths.append(layer.in_features < N)
     assert cluster.counters.bytes_to_workers - before == want <= naive
     assert paths == [True, True, False]  # conv1 (N=640, in=9), conv2 (N=90, in=45); fc (N=10, in=54)
+    assert cluster.products_between_rounds == gradients > 0
 
 
 def test_padding_never_leaks():

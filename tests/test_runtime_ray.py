@@ -328,6 +328,9 @@ def test_the_master_leaves_the_workers_on_its_machine_their_cores(ray_session):
             want = max(1, usable_cores() - 2)
             assert c.master_threads == want == torch.get_num_threads()
             assert c.describe()["master_threads"] == want
+            with c.between_rounds():  # no round in flight: the workers here idle, every core for the master
+                assert torch.get_num_threads() == usable_cores()
+            assert torch.get_num_threads() == want
         finally:
             c.close()
         assert torch.get_num_threads() == usable_cores()  # given back

@@ -308,7 +308,9 @@ class DEU(Scheme):
             if not (isinstance(pending.scale, float) and pending.scale == 1.0):
                 left = left * pending.scale
             if self.ships_gradient(X.shape[0], inputs.shape[0]):
-                coded = layer.ctx.encode(left @ inputs.T, rows)
+                with layer.ctx.cluster.between_rounds():  # the product of the step, no round in flight
+                    gradient = left @ inputs.T
+                coded = layer.ctx.encode(gradient, rows)
                 for j, calls in updates.items():
                     calls.append((key, step, coded[j]))
                 continue

@@ -9,6 +9,7 @@ model) and ``RayCluster`` (workers are Ray actors).
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Sequence
@@ -287,6 +288,12 @@ class Cluster(ABC):
             if set(alive) <= set(workers) or not (enough(alive) if enough else len(alive) >= k):
                 raise
             return Answers(self.first_k(self.submit(method, args, alive), k, enough), frozenset(alive))
+
+    def between_rounds(self) -> contextlib.AbstractContextManager[None]:
+        """Around the master's own work while none of its rounds is in flight (the weight gradients
+        of a DEU step, before the update goes out): where the workers share the master's cores, they
+        are idle then, and the backend may give the master every core it had. In-process: as is."""
+        return contextlib.nullcontext()
 
     def spare(self, workers: Sequence[int]) -> None:
         """``workers`` answer only when others are late (a code's workers beyond the k it prefers):

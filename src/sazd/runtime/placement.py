@@ -11,11 +11,13 @@ Reserving the group is bounded by a timeout: a cluster without the resources rai
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import ray
+import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -90,6 +92,17 @@ def spare_nice(cores: int, processes: int, spares: int) -> int | None:
     and then leave cores idle (SAZD(5,4) on 2 cores, its one spare lowered, crossed TP in a sweep at
     a 6.45x straggler; at equal priority, the day before, at 3.83x)."""
     return SPARE_NICE if processes > cores and spares >= cores else None
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """This process's torch intra-op threads set to ``threads`` for a while, then given back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def master_threads(cores: int, worker_threads_here: int, current: int) -> int:

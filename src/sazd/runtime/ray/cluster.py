@@ -338,6 +338,13 @@ class RayCluster(Rounds, Liveness, Cluster):
                 proc.wait(5)
         self._outstanding = [deque() for _ in range(self.n)]
 
+    def between_rounds(self) -> contextlib.AbstractContextManager[None]:
+        """The master's threads from before it shared its cores with its workers (``_share_cores``):
+        while no round is in flight, they are idle."""
+        if self.master_threads >= self._threads_before:
+            return contextlib.nullcontext()
+        return place.torch_threads(self._threads_before)
+
     def _share_cores(self) -> None:
         """Give the master only the cores that the workers on its machine leave (see
         ``placement.master_threads``); workers on other machines take none of them."""
