@@ -274,11 +274,6 @@ class RayCluster(Rounds, Liveness, Cluster):
             "shared_memory_answers": 0 if self._closed else sum(map(self._answers_in_memory, self.alive())),
         }
 
-    def _answers_in_memory(self, worker: int) -> bool:
-        """Whether this worker's answers bring their large tensors through its own arena."""
-        channel = self._channels[worker]
-        return channel is not None and channel.answers_refused is None
-
     @property
     def data_plane(self) -> str:
         """``"tls"`` (encrypted, mutually authenticated) or ``"hmac"`` (authenticated, in clear)."""

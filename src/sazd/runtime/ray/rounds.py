@@ -118,6 +118,12 @@ class Rounds:
         """Whether this worker copies the master's shared-memory arena (it runs on the master's machine)."""
         return self._info[worker].get("shared_memory") is True
 
+    def _answers_in_memory(self, worker: int) -> bool:
+        """Whether this worker's answers bring their large tensors through its own arena (which the
+        master maps)."""
+        channel = self._channels[worker]
+        return channel is not None and channel.answers_refused is None
+
     def first_k(
         self, round_: Round, k: int, enough: Callable[[Collection[int]], bool] | None = None
     ) -> dict[int, Any]:
