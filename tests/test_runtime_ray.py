@@ -198,6 +198,8 @@ def test_workers_report_where_they_run(cluster, ray_session):
     node_ids = {node["NodeID"] for node in ray_session.nodes() if node["Alive"]}
     assert [w["index"] for w in infos] == list(range(N))
     assert all(w["node_id"] in node_ids and w["device"] == "cpu" and w["node_ip"] for w in infos)
+    # each froze what its start-up built (Ray's and torch's objects) out of the garbage collector's passes
+    assert all(cluster._info[j]["frozen_objects"] > 10_000 for j in range(N))
     # the workers of a Ray we started compete for the CPU at the master's level (Ray's default: 15)
     levels = set()
     for pid in cluster.pids():
