@@ -275,6 +275,15 @@ def test_coded_blocks_own_their_storage(name):
         assert c.untyped_storage().nbytes() == c.numel() * c.element_size()
         assert len(pickle.dumps(c)) < c.numel() * c.element_size() + 4096
     assert W.untyped_storage().data_ptr() not in {c.untyped_storage().data_ptr() for c in code.encode(W)}
+    # copy=False: the same blocks, those that are W's rows unchanged as views of W (a caller that
+    # sends them at once saves a copy of W); a transposed W (DEU's dY^T) too
+    for source in (W, torch.randn(32, 4 * 64).T):
+        copies, views = code.encode(source), code.encode(source, copy=False)
+        assert all(torch.equal(a, b) for a, b in zip(copies, views, strict=True))
+        shared = [j for j, c in enumerate(views) if c.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()]
+        rows = source.reshape(code.k, -1, source.shape[1])
+        assert shared == [j for j, c in enumerate(views) if any(torch.equal(c, block) for block in rows)]
+        assert len(shared) >= (code.k if code.is_systematic else 0)
 
 
 @pytest.mark.parametrize("name", ["sazd", "poly", "gaussian", "replication"])

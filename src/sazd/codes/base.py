@@ -140,7 +140,8 @@ class Code(ABC):
 
     @abstractmethod
     def _encode_blocks(self, blocks: Tensor) -> list[Tensor]:
-        """``blocks`` has shape (k, r, *trailing); return n coded blocks."""
+        """``blocks`` has shape (k, r, *trailing); return n coded blocks (a block that is a source
+        block unchanged may be a view of it)."""
 
     @abstractmethod
     def _decode_blocks(self, results: dict[int, Tensor], r: int, out: Tensor) -> None:
@@ -191,8 +192,10 @@ class Code(ABC):
         r = self._rows_per_block(rows, "rows")
         return sum(self.block_rows(r)) - self.n * r
 
-    def encode(self, W: Tensor) -> list[Tensor]:
-        """Split ``W`` (dim 0 divisible by k) into k row blocks and encode them into n coded blocks."""
+    def encode(self, W: Tensor, *, copy: bool = True) -> list[Tensor]:
+        """Split ``W`` (dim 0 divisible by k) into k row blocks and encode them into n coded blocks.
+        ``copy=False``: the blocks that are W's own rows unchanged (a systematic code's) are views of
+        W, for a caller that sends them on before W changes (saves copying W once)."""
         if not isinstance(W, Tensor):
             raise ArgumentTypeError(f"W must be a torch.Tensor, got {type(W).__name__}; pass the weights")
         if W.dim() < 1:
@@ -205,6 +208,9 @@ class Code(ABC):
         blocks = W.reshape(self.k, r, *W.shape[1:])
         coded = self._encode_blocks(blocks)
         assert len(coded) == self.n
+        if copy:
+            storage = W.untyped_storage().data_ptr()
+            coded = [c.clone() if c.untyped_storage().data_ptr() == storage else c for c in coded]
         # Blocks that are copies of W's own are finite when W is: only the others can overflow
         copies = self._copied_blocks(range(self.n))
         finite = all(map(math.isfinite, frobenius_norms([c for j, c in enumerate(coded) if j not in copies])))

@@ -136,7 +136,7 @@ class Cyclic(Code):
         width = flat.shape[1] // r
         size = self.sub_rows(r) * width  # elements per sub-block
         sums = _sub_block_sums(flat, size)  # Ã_i's last sub-block is -sums[i]
-        coded = [blocks[i].clone() for i in range(self.k)] if self.is_systematic else []
+        coded = [blocks[i] for i in range(self.k)] if self.is_systematic else []
         for e in self._exponents.tolist():
             c = flat.new_zeros((self.block_rows(r)[-1], width))  # q*s rows, then the padding rows
             ring = c.view(-1)[: q * size]

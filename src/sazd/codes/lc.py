@@ -107,7 +107,7 @@ class LinearCode(Code):
         mixed = [j for j in range(self.n) if j not in self._holds]
         coded: list[Tensor | None] = [None] * self.n
         for j, i in self._holds.items():
-            coded[j] = blocks[i].clone()
+            coded[j] = blocks[i]
         if mixed:
             cdtype = compute_dtype(blocks.dtype)
             G = self._G[mixed].to(device=blocks.device, dtype=cdtype)

@@ -97,7 +97,7 @@ class SAZD(Code):
         r = blocks.shape[1]
         g = self.shift_for(r)
         acc = blocks.to(compute_dtype(blocks.dtype))
-        coded = [blocks[i].clone() for i in range(self.k)] if self.is_systematic else []
+        coded = [blocks[i] for i in range(self.k)] if self.is_systematic else []
         for p in range(self.m if self.is_systematic else self.n):
             c = empty_in_layout(acc[0], r + p * (self.k - 1) * g)
             if p == 0:

@@ -107,9 +107,11 @@ class CodedContext:
 
     # ------------------------------------------------------------ encoding
     def encode(self, T: Tensor, rows: int) -> list[Tensor]:
-        """Pad ``T`` with zero rows to ``rows`` (a multiple of k) and encode it into n blocks."""
+        """Pad ``T`` with zero rows to ``rows`` (a multiple of k) and encode it into n blocks, those
+        that are T's rows unchanged as views of it: every caller sends them on at once (a worker
+        copies what it keeps)."""
         start = time.perf_counter()
-        coded = self.code.encode(pad_rows(T, rows))
+        coded = self.code.encode(pad_rows(T, rows), copy=False)
         self.stats.encode_s += time.perf_counter() - start
         self.stats.rows_encoded += rows
         return coded
