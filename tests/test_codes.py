@@ -280,7 +280,8 @@ def test_coded_blocks_own_their_storage(name):
     for source in (W, torch.randn(32, 4 * 64).T):
         copies, views = code.encode(source), code.encode(source, copy=False)
         assert all(torch.equal(a, b) for a, b in zip(copies, views, strict=True))
-        shared = [j for j, c in enumerate(views) if c.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()]
+        storage = source.untyped_storage().data_ptr()
+        shared = [j for j, c in enumerate(views) if c.untyped_storage().data_ptr() == storage]
         rows = source.reshape(code.k, -1, source.shape[1])
         assert shared == [j for j, c in enumerate(views) if any(torch.equal(c, block) for block in rows)]
         assert len(shared) >= (code.k if code.is_systematic else 0)
