@@ -227,6 +227,8 @@ def test_bools_strings_and_floats_are_not_accepted_for_ints_and_bools():
         GaussianMDS(6, 4, seed=1.5)
     with pytest.raises(TypeError, match=r"allow_unstable must be True or False"):
         SAZD(6, 4).decode({}, allow_unstable="yes")
+    with pytest.raises(TypeError, match=r"copy must be True or False.*copy=0"):  # a view is not a number
+        SAZD(6, 4).encode(torch.ones(8, 2), copy=0)
 
 
 def test_huge_shift_units_are_refused_before_any_allocation():

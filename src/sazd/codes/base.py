@@ -198,6 +198,7 @@ class Code(ABC):
         W, for a caller that sends them on before W changes (saves copying W once)."""
         if not isinstance(W, Tensor):
             raise ArgumentTypeError(f"W must be a torch.Tensor, got {type(W).__name__}; pass the weights")
+        check_bool(copy, "copy")
         if W.dim() < 1:
             raise ValueError("W must have at least one dimension (rows on dim 0), got a scalar")
         if not W.is_floating_point():
