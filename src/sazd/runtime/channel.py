@@ -513,7 +513,7 @@ class Channel:
     rest and reads every answer (``Hub``)."""
 
     def __init__(self, worker: int, address: tuple[str, int], key: bytes, notify: threading.Condition,
-                 identity: Identity | None = None, answers: Any = None) -> None:
+                 identity: Identity | None = None, answers: dict[str, Any] | None = None) -> None:
         """Connect, run TLS if ``identity`` and prove the key (within ``HANDSHAKE_S``); raises
         ConnectionError when the worker cannot be reached or proven. ``answers``: the description of
         the worker's arena; mapped where it can be (``answers_refused`` says why not), the worker's
@@ -662,7 +662,7 @@ class Channel:
 
 def open_channels(addresses: dict[int, tuple[str, int]], keys: dict[int, bytes],
                   notify: threading.Condition, identity: Identity | None = None,
-                  answers: dict[int, Any] | None = None) -> dict[int, Channel | Exception]:
+                  answers: dict[int, dict[str, Any] | None] | None = None) -> dict[int, Channel | Exception]:
     """A ``Channel`` to each worker (``keys``: each worker's own key; ``answers``: the description of
     its arena, where it has one), connected all at once: starting n workers takes one handshake's
     bound, not n of them. Each worker's ConnectionError is returned in its place."""
