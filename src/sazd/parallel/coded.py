@@ -259,7 +259,8 @@ class CodedLayer:
 _METADATA = {"size", "dim", "numel", "is_floating_point", "is_complex", "element_size", "stride",
              "is_contiguous", "data_ptr", "__len__", "requires_grad_", "__hash__", "get_device",
              "_has_compatible_shallow_copy_type", "untyped_storage", "nelement", "ndimension",
-             "is_signed", "_is_view", "__format__"}
+             "is_signed", "_is_view", "__format__", "is_conj", "is_neg", "storage_offset",
+             "is_inference", "is_sparse", "is_quantized", "is_meta", "is_nested"}
 _VALUE_PROPERTIES = {"T", "mT", "H", "mH", "real", "imag"}  # properties that read the values
 _OVERWRITES = {"copy_", "zero_", "fill_", "normal_", "uniform_", "set_", "trunc_normal_"}
 _SILENT = {"detach", "to", "double", "float", "half", "bfloat16", "cpu", "cuda", "clone", "__reduce_ex__",
@@ -287,6 +288,43 @@ class CodedParameter(nn.Parameter):
         self.layer.refresh()
         return nn.Parameter, (self.layer.plain().clone(), self.requires_grad)
 
+    @property
+    def holds_transpose(self) -> bool:
+        """Whether this tensor is M^T (transformers' Conv1D stores its weight so)."""
+        return self.layer.transposed
+
+
+class CodedTranspose(Tensor):
+    """``W.T`` of a coded weight (also ``W.t()``, ``W.mT``, ``W.transpose(0, 1)``, ``W.permute(1, 0)``):
+    the master's copy transposed, whose products (``x @ W.T``, ``F.linear(x, W.T)``, ``torch.mm``) are
+    coded rounds like the weight's own; any other use reads the master's copy, as the weight's does."""
+
+    layer: CodedLayer
+
+    @classmethod
+    def __torch_function__(cls, func: Callable, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        return _dispatch(func, args, kwargs or {})
+
+    @property
+    def holds_transpose(self) -> bool:
+        return not self.layer.transposed
+
+
+CODED = (CodedParameter, CodedTranspose)
+_TRANSPOSES = {"t", "transpose", "swapaxes", "swapdims", "permute", "T", "mT"}
+
+
+def _transposes(name: str, args: tuple, kwargs: dict) -> bool:
+    """Whether this call swaps the two axes of a 2-D tensor (``args[0]``) and nothing else."""
+    if name in ("t", "T", "mT"):
+        return True
+    rest = list(args[1:]) + list(kwargs.values())
+    if name == "permute":
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+        return [d % 2 for d in dims] == [1, 0] if all(isinstance(d, int) for d in dims) else False
+    return len(rest) == 2 and all(isinstance(d, int) for d in rest) and rest[0] % 2 != rest[1] % 2
+
 
 _reads_no_values: set[Any] = set()  # functions found to read metadata only (``W.dtype``, ``W.size``)
 
@@ -310,16 +348,50 @@ def _dispatch(func: Callable, args: tuple, kwargs: dict) -> Any:
         _reads_no_values.add(func)
         with _no_subclass():
             return func(*args, **kwargs)
-    layers = [a.layer for a in _flat(args, kwargs) if isinstance(a, CodedParameter)]
-    target = args[0] if args and isinstance(args[0], CodedParameter) else None
+    if name == "__get__":  # a property that reads the values: name it after the property
+        name = getattr(owner, "__name__", name)
+    first = args[0] if args else None
+    if (name in _TRANSPOSES and isinstance(first, CODED) and first.dim() == 2
+            and _transposes(name, args, kwargs)):
+        return _transposed(first, func, args, kwargs)
+    layers = [a.layer for a in _flat(args, kwargs) if isinstance(a, CODED)]
+    target = first if isinstance(first, CodedParameter) else None
+    quiet = []  # read without a decode (naive, or DEU before a step): said only if it computes
     for layer in layers:
         if layer is not (target.layer if target is not None else None) or name not in _OVERWRITES:
-            layer.refresh(None if name in _SILENT else name)
+            operation = None if name in _SILENT else name
+            if operation is not None and layer.fresh:
+                quiet.append(layer)
+            layer.refresh(operation)
     with _no_subclass():
         out = func(*args, **kwargs)
+    if quiet and _differentiable(name, out):
+        for layer in quiet:
+            _warn_once(name, layer.weight_name)
     if target is not None and name in _OVERWRITES:
         target.layer.fresh = True  # fully overwritten: the master's copy is the new value (shipped next)
     return out
+
+
+def _transposed(W: Tensor, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+    """The transpose of a coded weight (or of its transpose: the weight itself, as a view)."""
+    if isinstance(W, CodedTranspose):
+        return W.layer.param
+    with _no_subclass():
+        out = func(*args, **kwargs)  # transposed back: the weight itself
+    view = out.as_subclass(CodedTranspose)
+    view.layer = W.layer
+    return view
+
+
+def _differentiable(name: str, out: Any) -> bool:
+    """Whether a use of a weight computed, on the master, something autograd will differentiate (the
+    forward's own arithmetic). Not: an in-place write (shipped to the workers) or a view (``W[:8]``,
+    computing nothing)."""
+    in_place = ((name.endswith("_") and not name.endswith("__")) or name.startswith("__i")
+                or name == "__setitem__")
+    return not in_place and any(isinstance(t, Tensor) and t.requires_grad and not t._is_view()
+                                for t in _flat(out, {}))
 
 
 def _data_access(name: str, args: tuple) -> Any:
@@ -363,9 +435,11 @@ def _warn_once(operation: str, weight: str) -> None:
     if (operation, weight) in _warned:
         return
     _warned.add((operation, weight))
-    warnings.warn(f"{operation} on the coded weight {weight} is not a coded product: the weight is "
-                  "decoded from the workers for it (one round after each update); use it through its "
-                  "module or leave it on the master (plan={...: 'master'})", UserWarning, stacklevel=4)
+    warnings.warn(f"{operation} on the coded weight {weight} is not a coded product: it runs on the "
+                  "master's copy of the weight (no straggler tolerance; DEU decodes that copy from the "
+                  "workers after each update); use the weight through a product (its module, x @ W, "
+                  "x @ W.T, F.linear) or leave it on the master (plan={...: 'master'})", UserWarning,
+                  stacklevel=4)
 
 
 # ----------------------------------------------------------------- products
@@ -405,28 +479,31 @@ def _product_plus_bias(x: Tensor, W: CodedParameter, bias: Tensor | None, transp
 
 def _linear(args: tuple, kwargs: dict) -> Any:
     x, W, bias = _bind(F.linear, ("input", "weight", "bias"), args, kwargs)
-    if not isinstance(W, CodedParameter) or isinstance(x, CodedParameter):
+    if not isinstance(W, CODED) or isinstance(x, CODED) or isinstance(bias, CODED):
         return NotImplemented
-    return coded_matmul(x, W, bias, transposed_use=W.layer.transposed)  # Conv1D's W = M^T: x W^T = x M
+    return coded_matmul(x, W, bias, transposed_use=W.holds_transpose)  # x (M^T)^T = x M
 
 
 def _addmm(args: tuple, kwargs: dict) -> Any:
     bias, x, W = _bind(torch.addmm, ("input", "mat1", "mat2"), args, kwargs)
-    if (not isinstance(W, CodedParameter) or isinstance(x, CodedParameter)
-            or isinstance(bias, CodedParameter) or kwargs.get("beta", 1) != 1
+    if (not isinstance(W, CODED) or isinstance(x, CODED)
+            or isinstance(bias, CODED) or kwargs.get("beta", 1) != 1
             or kwargs.get("alpha", 1) != 1 or "out" in kwargs):
         return NotImplemented
-    return coded_matmul(x, W, bias, transposed_use=not W.layer.transposed)
+    return coded_matmul(x, W, bias, transposed_use=not W.holds_transpose)
 
 
-def _matmul(args: tuple, kwargs: dict) -> Any:
-    if (len(args) != 2 or kwargs or isinstance(args[0], CodedParameter)
-            or not isinstance(args[1], CodedParameter)):
+def _matmul(args: tuple, kwargs: dict, min_dim: int = 2, max_dim: int | None = None) -> Any:
+    if len(args) != 2 or kwargs or isinstance(args[0], CODED) or not isinstance(args[1], CODED):
         return NotImplemented
     x, W = args
-    if W.dim() != 2 or x.dim() < 2:
+    if W.dim() != 2 or x.dim() < min_dim or (max_dim is not None and x.dim() > max_dim):
         return NotImplemented
-    return coded_matmul(x, W, None, transposed_use=not W.layer.transposed)
+    return coded_matmul(x, W, None, transposed_use=not W.holds_transpose)
+
+
+def _mm(args: tuple, kwargs: dict) -> Any:
+    return _matmul(args, kwargs, max_dim=2)
 
 
 def _conv2d(args: tuple, kwargs: dict) -> Any:
@@ -523,6 +600,8 @@ _PRODUCTS: dict[Any, Callable[[tuple, dict], Any]] = {
     torch.matmul: _matmul,
     Tensor.matmul: _matmul,
     Tensor.__matmul__: _matmul,
+    torch.mm: _mm,
+    Tensor.mm: _mm,
     F.conv2d: _conv2d,
     torch.conv2d: _conv2d,
     F.multi_head_attention_forward: _attention,
@@ -539,7 +618,9 @@ class _CodedProduct(torch.autograd.Function):
         ctx.save_for_backward(xm)
         row, col = layer.keys
         out, ctx.round = layer.round(col if transpose else row, xm)
-        return out
+        # A view of the decode's buffer as autograd sees it: in-place edits of the product downstream
+        # (``y.add_``) would then be refused. Its data alone is the product.
+        return out.detach()
 
     @staticmethod
     def backward(ctx: Any, dym: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
@@ -579,4 +660,4 @@ def coded_parameters(model: nn.Module) -> list[CodedParameter]:
     return list(seen.values())
 
 
-__all__ = ["CodedLayer", "CodedParameter", "coded_matmul", "coded_parameters"]
+__all__ = ["CODED", "CodedLayer", "CodedParameter", "CodedTranspose", "coded_matmul", "coded_parameters"]

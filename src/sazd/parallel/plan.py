@@ -164,6 +164,7 @@ def plan_weights(model: nn.Module, plan: Mapping[str, Style] | None, min_feature
                 chosen += [(t, Coded()) for t in targets]
             else:
                 left[name] = why
+        left.update(_unknown_matrices(model, left, min_features))
         if not chosen:
             raise ValueError(
                 f"no weight matrix can be coded with both widths (out, in*kernel) >= min_features="
@@ -192,7 +193,7 @@ def plan_weights(model: nn.Module, plan: Mapping[str, Style] | None, min_feature
         if why is not None:
             raise ValueError(f"layer {name!r} cannot be coded: {why}; set plan[{name!r}] = Master() "
                              "or drop it from the plan")
-        chosen += [(t, style) for t in product_weights(name, modules[name])]
+        chosen += [(t, style) for t in product_weights(name, modules[name], explicit=True)]
     return _dedupe(model, chosen), left
 
 
@@ -209,8 +210,10 @@ def resolve_plan(model: nn.Module, plan: Mapping[str, Style] | None, min_feature
     return plan_layers(model, plan, min_features)[0]
 
 
-def product_weights(name: str, m: nn.Module) -> list[Target]:
-    """The weight matrices of module ``m`` that its forward reads through a product."""
+def product_weights(name: str, m: nn.Module | None, explicit: bool = False) -> list[Target]:
+    """The weight matrices of module ``m`` that its forward reads through a product; ``explicit`` (a
+    plan names the module): also the own 2-D parameters of a module of another kind, whose forward
+    the user says multiplies by them (x @ W, x @ W.T, F.linear, torch.mm: each a coded round)."""
     if isinstance(m, (nn.Linear, nn.Conv2d)):
         return [Target(name, "weight")]
     weight = getattr(m, "weight", None)
@@ -220,16 +223,52 @@ def product_weights(name: str, m: nn.Module) -> list[Target]:
         attrs = ("in_proj_weight",) if m.in_proj_weight is not None else (
             "q_proj_weight", "k_proj_weight", "v_proj_weight")
         return [Target(name, attr) for attr in attrs]
+    if explicit and m is not None and not isinstance(m, LOOKUPS):
+        return [Target(name, attr) for attr, p in m._parameters.items()
+                if p is not None and p.dim() == 2 and p.is_floating_point()]
     return []
+
+
+LOOKUPS = (nn.Embedding, nn.EmbeddingBag)  # their weight is indexed, never multiplied
+
+
+def _is_wide_matrix(p: Tensor | None, min_features: int) -> bool:
+    """A floating matrix (or a stack of several) with both axes at least ``min_features`` wide; a
+    stack of one, (1, L, D), is a learned table such as a position embedding."""
+    if p is None or p.dim() < 2 or not p.is_floating_point() or min(p.shape[-2:]) < min_features:
+        return False
+    return p.dim() == 2 or p.shape[:-2].numel() > 1
+
+
+def _unknown_matrices(model: nn.Module, left: Mapping[str, str], min_features: int) -> dict[str, str]:
+    """Modules of kinds the automatic plan does not code that hold wide matrices of their own (a
+    custom layer's ``W``, a mixture of experts' stacked weights): {module: why they stay, and the fix}."""
+    out = {}
+    for name, m in model.named_modules():
+        if name in left or product_weights(name, m) or isinstance(m, LOOKUPS):
+            continue
+        wide = {attr: tuple(p.shape) for attr, p in m._parameters.items() if _is_wide_matrix(p, min_features)}
+        stacks = {attr: shape for attr, shape in wide.items() if len(shape) > 2}
+        if stacks:
+            out[name] = (f"its parameters {stacks} are stacks of matrices (e.g. a mixture of experts' "
+                         f"weights) that {type(m).__name__}'s own forward uses; sazd codes 2-D weight "
+                         "matrices read by products, so they stay on the master (to code experts, give "
+                         "each its own nn.Linear)")
+        elif wide:
+            out[name] = (f"its 2-D parameters {wide} are used by {type(m).__name__}'s own forward, which "
+                         "the automatic plan does not know; if that forward only multiplies by them "
+                         f"(x @ W, x @ W.T, F.linear, torch.mm), code them with plan={{{name!r}: Coded()}}")
+    return out
 
 
 def why_not_codable(name: str, m: nn.Module, modules: Mapping[str, nn.Module],
                     owners: Mapping[int, list[str]], explicit: bool = False) -> str | None:
     """Why module ``name``'s weights cannot be coded, or None when they can."""
-    targets = product_weights(name, m)
+    targets = product_weights(name, m, explicit)
     if not targets:
         return (f"it is a {type(m).__name__}, which holds no weight matrix a product reads (coded: "
-                "nn.Linear, nn.Conv2d, transformers' Conv1D, nn.MultiheadAttention's in_proj_weight)")
+                "nn.Linear, nn.Conv2d, transformers' Conv1D, nn.MultiheadAttention's in_proj_weight; "
+                "named in a plan, any module's own 2-D parameters)")
     for t in targets:
         param = getattr(m, t.attr)
         if not isinstance(param, nn.Parameter):
