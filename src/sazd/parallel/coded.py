@@ -67,6 +67,7 @@ class CodedLayer:
         self._keys = (row, col)
         self._padded = {row: (self.out_pad, self.out_features), col: (self.in_pad, self.in_features)}
         self.pending = PendingUpdate()  # DEU: what the next optimizer step sends
+        self.warned: set[str] = set()  # the operations already said to run on the master's copy
         self.stepped_by: weakref.ref | None = None  # the optimizer made by ``coded_optimizer`` holding it
         self.last_rows, self.last_input_grad = 0, False  # shape of the last batch, for the bytes formula
         # The column copy serves only the input gradient. A weight whose input needs none (the first
@@ -122,7 +123,7 @@ class CodedLayer:
         if self.fresh:
             return
         if operation is not None:
-            _warn_once(operation, self.weight_name)
+            _warn_once(operation, self)
         self.scheme.refresh(self)
 
     def show(self, M: Tensor) -> None:
@@ -365,9 +366,9 @@ def _dispatch(func: Callable, args: tuple, kwargs: dict) -> Any:
             layer.refresh(operation)
     with _no_subclass():
         out = func(*args, **kwargs)
-    if quiet and _differentiable(name, out):
+    if quiet and _differentiable(name, out, quiet):
         for layer in quiet:
-            _warn_once(name, layer.weight_name)
+            _warn_once(name, layer)
     if target is not None and name in _OVERWRITES:
         target.layer.fresh = True  # fully overwritten: the master's copy is the new value (shipped next)
     return out
@@ -384,14 +385,16 @@ def _transposed(W: Tensor, func: Callable, args: tuple, kwargs: dict) -> Tensor:
     return view
 
 
-def _differentiable(name: str, out: Any) -> bool:
-    """Whether a use of a weight computed, on the master, something autograd will differentiate (the
-    forward's own arithmetic). Not: an in-place write (shipped to the workers) or a view (``W[:8]``,
-    computing nothing)."""
-    in_place = ((name.endswith("_") and not name.endswith("__")) or name.startswith("__i")
-                or name == "__setitem__")
-    return not in_place and any(isinstance(t, Tensor) and t.requires_grad and not t._is_view()
-                                for t in _flat(out, {}))
+def _differentiable(name: str, out: Any, layers: list[CodedLayer]) -> bool:
+    """Whether a use of these weights computed, on the master, something autograd will differentiate
+    (the forward's own arithmetic). Not: an in-place write (shipped to the workers) or a view of a
+    weight (``W[:8]``, computing nothing)."""
+    if (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") or name == "__setitem__":
+        return False
+    with _no_subclass():
+        own = {layer.param.untyped_storage().data_ptr() for layer in layers}
+    return any(isinstance(t, Tensor) and t.requires_grad and t.untyped_storage().data_ptr() not in own
+               for t in _flat(out, {}))
 
 
 def _data_access(name: str, args: tuple) -> Any:
@@ -428,13 +431,11 @@ def _flat(args: Any, kwargs: dict) -> list[Any]:
     return out
 
 
-_warned: set[tuple[str, str]] = set()
-
-
-def _warn_once(operation: str, weight: str) -> None:
-    if (operation, weight) in _warned:
+def _warn_once(operation: str, layer: CodedLayer) -> None:
+    if operation in layer.warned:
         return
-    _warned.add((operation, weight))
+    layer.warned.add(operation)
+    weight = layer.weight_name
     warnings.warn(f"{operation} on the coded weight {weight} is not a coded product: it runs on the "
                   "master's copy of the weight (no straggler tolerance; DEU decodes that copy from the "
                   "workers after each update); use the weight through a product (its module, x @ W, "

@@ -1,0 +1,294 @@
+"""A coded weight used the ways real models use it beyond ``F.linear``: through its transpose
+(``x @ W.T``, as transformers' Falcon does), ``torch.mm``, a product edited in place, a use that is
+no product at all, and the wide matrices of modules the automatic plan does not know (a mixture of
+experts' stacked weights, a custom layer's own ``W``). Oracle: the plain model, in float64."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sazd
+from sazd.codes import get_code
+from sazd.parallel import Coded, context
+from sazd.runtime.inproc import InProcessCluster
+
+F64 = torch.float64
+TOL = 1e-12
+
+
+def coded(model: nn.Module, scheme: str, **kw) -> nn.Module:
+    return sazd.parallelize(model, get_code("sazd", n=6, k=4), InProcessCluster(6), scheme=scheme, **kw)
+
+
+def optimizer(model: nn.Module, scheme: str) -> torch.optim.Optimizer:
+    if scheme == "naive":
+        return torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+
+def train_side_by_side(plain: nn.Module, model: nn.Module, scheme: str, batches, loss) -> list[float]:
+    """Steps of both models on the same batches; the worst relative gap of each step's output."""
+    opts = {id(plain): optimizer(plain, scheme), id(model): sazd.coded_optimizer(optimizer(model, scheme))}
+    gaps = []
+    for batch in batches:
+        outs = []
+        for m in (plain, model):
+            opts[id(m)].zero_grad()
+            out = m(batch)
+            loss(out).backward()
+            opts[id(m)].step()
+            outs.append(out.detach())
+        gaps.append(float((outs[1] - outs[0]).abs().max() / outs[0].abs().max()))
+    return gaps
+
+
+def assert_same_state(model: nn.Module, plain: nn.Module, tol: float = TOL) -> None:
+    got, want = model.state_dict(), plain.state_dict()
+    assert list(got) == list(want)
+    for key, value in want.items():
+        assert (got[key] - value).abs().max() <= tol * max(1.0, float(value.abs().max())), key
+
+
+class TransposedUses(nn.Module):
+    """Every spelling of a product with a weight's transpose, and torch.mm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(64, 96), nn.Linear(96, 64, bias=False), nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(x @ self.a.weight.T + self.a.bias)
+        h = torch.tanh(torch.mm(h, self.b.weight.t()))
+        h = torch.matmul(h, self.c.weight.transpose(0, 1)) + h @ self.c.weight.permute(1, 0)
+        return F.linear(h, self.c.weight.mT.T) + self.c.weight.T.mm(h.T).T
+
+
+def rounds(model: nn.Module) -> int:
+    return context(model).cluster.counters.rounds
+
+
+@pytest.mark.parametrize("scheme", ["naive", "deu"])
+def test_products_with_a_transposed_coded_weight_are_coded_rounds_and_train_exactly(scheme):
+    torch.manual_seed(0)
+    plain = TransposedUses().double()
+    model = coded(copy.deepcopy(plain), scheme, min_features=32)
+    assert {p.layer.name for p in sazd.parallel.coded_parameters(model)} == {"a", "b", "c"}
+    x = torch.randn(8, 64, dtype=F64)
+    before = rounds(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing runs on the master's copy
+        with torch.no_grad():
+            y = model(x)
+    # one round per product: a, b, and c's four uses; the last (W^T as the left operand) reads the
+    # weight on the master, so it is no coded round (and said when it is differentiated, below)
+    assert rounds(model) - before == 5
+    assert (y - plain(x)).abs().max() <= TOL * y.abs().max()
+
+
+class TransposedProducts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 96), nn.Linear(96, 64, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(x @ self.a.weight.T + self.a.bias)
+        return torch.mm(h, self.b.weight.t()) + F.linear(h, self.b.weight.T.T) + h @ self.b.weight.mT
+
+
+@pytest.mark.parametrize("scheme", ["naive", "deu"])
+def test_training_through_transposed_products_equals_plain(scheme):
+    torch.manual_seed(1)
+    plain = TransposedProducts().double()
+    model = coded(copy.deepcopy(plain), scheme, min_features=32)
+    batches = [torch.randn(8, 64, dtype=F64) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gaps = train_side_by_side(plain, model, scheme, batches, lambda y: y.square().mean())
+    assert max(gaps) <= TOL
+    assert_same_state(model, plain)
+
+
+class LeftTranspose(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a.weight.T.mm(x.T).T  # W^T on the left: not a product the workers compute
+
+
+@pytest.mark.parametrize("scheme", ["naive", "deu"])
+def test_a_differentiated_use_that_is_no_coded_product_warns_naming_it(scheme):
+    torch.manual_seed(2)
+    plain = LeftTranspose().double()
+    model = coded(copy.deepcopy(plain), scheme, min_features=32)
+    x = torch.randn(8, 64, dtype=F64)
+    with pytest.warns(UserWarning, match=r"mm on the coded weight a\.weight is not a coded product"):
+        y = model(x)
+    assert (y - plain(x)).abs().max() <= TOL * y.abs().max()
+
+
+def test_views_comparisons_and_no_grad_reads_do_not_warn():
+    model = coded(nn.Sequential(nn.Linear(64, 64)).double(), "naive", min_features=32)
+    W = model[0].weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert W[:8].shape == (8, 64)
+        assert torch.equal(W, W)
+        with torch.no_grad():
+            assert torch.isfinite(W.sum())
+
+
+def test_einsum_with_a_coded_weight_warns_under_naive_and_stays_exact():
+    class Einsum(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(64, 64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("bi,oi->bo", x, self.a.weight)
+
+    torch.manual_seed(3)
+    plain = Einsum().double()
+    model = coded(copy.deepcopy(plain), "naive", min_features=32)
+    batches = [torch.randn(8, 64, dtype=F64) for _ in range(2)]
+    with pytest.warns(UserWarning, match=r"einsum on the coded weight a\.weight .*no straggler tolerance"):
+        gaps = train_side_by_side(plain, model, "naive", batches, lambda y: y.square().mean())
+    assert max(gaps) <= TOL
+
+
+class EditsItsProduct(nn.Module):
+    """A product without bias edited in place downstream, as attention code scales its queries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(64, 64, bias=False)
+        self.out = nn.Linear(64, 64, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q(x).view(x.shape[0], 4, 16)
+        q.mul_(0.25)
+        return self.out(torch.tanh(q.reshape(x.shape[0], 64)))
+
+
+@pytest.mark.parametrize("scheme", ["naive", "deu"])
+def test_a_product_edited_in_place_trains_exactly(scheme):
+    torch.manual_seed(4)
+    plain = EditsItsProduct().double()
+    model = coded(copy.deepcopy(plain), scheme, min_features=32)
+    batches = [torch.randn(8, 64, dtype=F64) for _ in range(3)]
+    gaps = train_side_by_side(plain, model, scheme, batches, lambda y: y.square().mean())
+    assert max(gaps) <= TOL
+    assert_same_state(model, plain)
+
+
+class OwnMatrix(nn.Module):
+    """A custom layer holding its weight as a bare parameter, stored (in, out) and used as ``x @ W``."""
+
+    def __init__(self, fan_in: int, fan_out: int) -> None:
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(fan_in, fan_out) / fan_in ** 0.5)
+        self.scale = nn.Parameter(torch.ones(fan_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.W) * self.scale
+
+
+class CustomNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = OwnMatrix(64, 96)
+        self.head = nn.Linear(96, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.inner(x)))
+
+
+def test_a_custom_layers_own_matrix_is_listed_with_the_plan_that_codes_it():
+    model = coded(CustomNet().double(), "deu", min_features=32)
+    why = context(model).left_on_master["inner"]
+    assert "{'W': (64, 96)}" in why and "OwnMatrix" in why and "plan={'inner': Coded()}" in why
+    assert "scale" not in why  # a vector is no matrix
+
+
+@pytest.mark.parametrize("scheme", ["naive", "deu"])
+def test_an_explicit_plan_codes_a_custom_layers_own_matrix_and_it_trains_exactly(scheme):
+    torch.manual_seed(5)
+    plain = CustomNet().double()
+    model = coded(copy.deepcopy(plain), scheme, plan={"inner": Coded(), "head": "coded"})
+    assert {p.layer.weight_name for p in sazd.parallel.coded_parameters(model)} == {"inner.W", "head.weight"}
+    batches = [torch.randn(8, 64, dtype=F64) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gaps = train_side_by_side(plain, model, scheme, batches, lambda y: y.square().mean())
+    assert max(gaps) <= TOL
+    assert_same_state(model, plain)
+
+
+def test_an_explicit_plan_naming_a_module_without_a_matrix_is_refused_by_name():
+    net = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.Embedding(100, 64))
+    for name, kind in (("1", "LayerNorm"), ("2", "Embedding")):
+        with pytest.raises(ValueError, match=rf"layer '{name}' cannot be coded: it is a {kind}"):
+            coded(copy.deepcopy(net), "deu", plan={name: "coded"})
+
+
+def test_a_mixture_of_experts_stacked_weights_are_listed_with_the_reason():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=128, num_local_experts=4,
+                           num_experts_per_tok=2, tie_word_embeddings=False)
+    model = coded(MixtralForCausalLM(config), "deu", min_features=32)
+    left = context(model).left_on_master
+    for layer in (0, 1):
+        why = left[f"model.layers.{layer}.mlp.experts"]
+        assert "'gate_up_proj': (4, 256, 64)" in why and "stacks of matrices" in why
+    coded_names = {p.layer.weight_name for p in sazd.parallel.coded_parameters(model)}
+    assert "model.layers.0.self_attn.q_proj.weight" in coded_names and "lm_head.weight" in coded_names
+    assert not any("embed" in name for name in left)  # a lookup table is no product's matrix
+
+
+def falcon(seed: int = 0) -> nn.Module:
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(seed)
+    config = FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          hidden_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=False)
+    return FalconForCausalLM(config).double()
+
+
+@pytest.mark.parametrize("scheme", ["naive", "deu"])
+def test_transformers_falcon_whose_linear_multiplies_by_w_t_trains_exactly(scheme):
+    """transformers' FalconLinear computes ``input @ self.weight.T``: every such product is coded."""
+    plain = falcon()
+    model = coded(copy.deepcopy(plain), scheme, min_features=32)
+    coded_names = {p.layer.weight_name for p in sazd.parallel.coded_parameters(model)}
+    assert "transformer.h.0.self_attention.query_key_value.weight" in coded_names
+    assert len(coded_names) == 9  # 4 per block and lm_head
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 128, (2, 12), generator=gen) for _ in range(3)]
+
+    def loss(logits: torch.Tensor) -> torch.Tensor:
+        return logits.square().mean()
+
+    class Logits(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.inner(input_ids=ids).logits
+
+    before = rounds(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gaps = train_side_by_side(Logits(plain), Logits(model), scheme, batches, loss)
+    assert max(gaps) <= TOL
+    assert rounds(model) - before >= 3 * 9  # at least the forward product of every coded weight per step
+    assert_same_state(model, plain, tol=1e-11 if scheme == "naive" else TOL)
