@@ -19,7 +19,7 @@ from sazd.parallel import Coded, context
 from sazd.runtime.inproc import InProcessCluster
 
 F64 = torch.float64
-TOL = 1e-12
+TOL = 1e-10  # relative, float64 (as the zoo tests)
 
 
 def coded(model: nn.Module, scheme: str, **kw) -> nn.Module:
@@ -291,4 +291,4 @@ def test_transformers_falcon_whose_linear_multiplies_by_w_t_trains_exactly(schem
         gaps = train_side_by_side(Logits(plain), Logits(model), scheme, batches, loss)
     assert max(gaps) <= TOL
     assert rounds(model) - before >= 3 * 9  # at least the forward product of every coded weight per step
-    assert_same_state(model, plain, tol=1e-11 if scheme == "naive" else TOL)
+    assert_same_state(model, plain)
