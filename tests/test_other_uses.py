@@ -292,3 +292,56 @@ def test_transformers_falcon_whose_linear_multiplies_by_w_t_trains_exactly(schem
     assert max(gaps) <= TOL
     assert rounds(model) - before >= 3 * 9  # at least the forward product of every coded weight per step
     assert_same_state(model, plain)
+
+
+# ------------------------------------------------------------------ a DEU weight's .grad
+def mlp() -> nn.Module:
+    torch.manual_seed(6)
+    layers = (nn.Linear(64, 96), nn.Tanh(), nn.Linear(96, 64), nn.Tanh(), nn.Linear(64, 64))
+    return nn.Sequential(*layers).double()
+
+
+def deu_pair() -> tuple[nn.Module, nn.Module, list[torch.optim.Optimizer]]:
+    plain = mlp()
+    model = coded(copy.deepcopy(plain), "deu", min_features=32)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01) for m in (plain, model)]
+    return plain, model, [opts[0], sazd.coded_optimizer(opts[1])]
+
+
+def test_torchs_own_clip_grad_norm_clips_a_deu_model_as_the_plain_one():
+    """DEU keeps a weight's gradient as factors; torch.nn.utils.clip_grad_norm_ reads ``.grad``, which
+    forms it, and that step sends the clipped gradient encoded, whole."""
+    plain, model, opts = deu_pair()
+    for step in range(3):
+        x = torch.randn(16, 64, dtype=F64, generator=torch.Generator().manual_seed(step))
+        norms = []
+        for m, opt in zip((plain, model), opts, strict=True):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            norms.append(float(torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)))
+            opt.step()
+        assert norms[0] > 0.05 and abs(norms[1] - norms[0]) <= TOL * norms[0], step  # it did clip
+        assert_same_state(model, plain)
+
+
+def test_a_deu_weights_grad_reads_as_autograds_and_setting_it_none_skips_its_update():
+    plain, model, opts = deu_pair()
+    x = torch.randn(16, 64, dtype=F64)
+    for m, opt in zip((plain, model), opts, strict=True):
+        opt.zero_grad()
+        m(x).square().mean().backward()
+    for p, q in zip(plain.parameters(), model.parameters(), strict=True):
+        assert (q.grad - p.grad).abs().max() <= TOL * p.grad.abs().max()
+    for m, opt in zip((plain, model), opts, strict=True):
+        m[2].weight.grad = None  # this weight sits the step out, as torch's SGD skips it
+        opt.step()
+    assert_same_state(model, plain)
+    assert torch.equal(model.state_dict()["2.weight"], mlp().state_dict()["2.weight"])
+
+
+def test_an_optimizer_not_made_by_coded_optimizer_still_cannot_step_a_deu_weight_on_the_master():
+    model = coded(mlp(), "deu", min_features=32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # its step reads .grad: nothing is formed
+    model(torch.randn(4, 64, dtype=F64)).square().mean().backward()
+    with pytest.raises(RuntimeError, match=r"left the coded weights of \['0', '2', '4'\] unchanged"):
+        opt.step()

@@ -68,6 +68,7 @@ class CodedLayer:
         self._padded = {row: (self.out_pad, self.out_features), col: (self.in_pad, self.in_features)}
         self.pending = PendingUpdate()  # DEU: what the next optimizer step sends
         self.warned: set[str] = set()  # the operations already said to run on the master's copy
+        self.whole_grad: Tensor | None = None  # DEU: a ``.grad`` this step sends, hidden from torch's step
         self.stepped_by: weakref.ref | None = None  # the optimizer made by ``coded_optimizer`` holding it
         self.last_rows, self.last_input_grad = 0, False  # shape of the last batch, for the bytes formula
         # The column copy serves only the input gradient. A weight whose input needs none (the first
@@ -218,6 +219,22 @@ class CodedLayer:
         col = self.keys[1]
         self.load_matrices({col: M.T}, None if mom is None else {col: mom.T})
 
+    def fold_gradient(self) -> None:
+        """Add DEU's kept gradient dM = scale * dY^T X to the parameter's ``.grad``, in the parameter's
+        layout, as autograd would have (read by ``W.grad``, ``torch.nn.utils.clip_grad_norm_``); the
+        step then sends the encoded ``.grad`` whole."""
+        X, dY = self.pending.stacked()
+        grad = (X.T @ dY) if self.transposed else (dY.T @ X).reshape(self.weight_shape)
+        scale = self.pending.scale
+        if not (isinstance(scale, float) and scale == 1.0):
+            grad = grad * scale
+        held = raw_grad(self._param)
+        if held is None:
+            set_raw_grad(self._param, grad.to(self._param.dtype))
+        else:
+            held.add_(grad)
+        self.pending.clear()
+
     def grad_norm_sq(self) -> Tensor:
         """||dM||_F^2 of the pending DEU gradient dM = dY^T X without forming dM when the N x N Gram
         matrices are smaller: ||dY^T X||^2 = sum((dY dY^T) * (X X^T))."""
@@ -328,10 +345,28 @@ def _transposes(name: str, args: tuple, kwargs: dict) -> bool:
 
 
 _reads_no_values: set[Any] = set()  # functions found to read metadata only (``W.dtype``, ``W.size``)
+_GRAD_GET, _GRAD_SET = Tensor.grad.__get__, Tensor.grad.__set__
+
+
+def raw_grad(param: Tensor) -> Tensor | None:
+    """``param.grad`` as autograd left it (for a DEU weight: without the gradient the scheme keeps)."""
+    with _no_subclass():
+        return param.grad
+
+
+def set_raw_grad(param: Tensor, grad: Tensor | None) -> None:
+    with _no_subclass():
+        param.grad = grad
 
 
 @torch.compiler.disable
 def _dispatch(func: Callable, args: tuple, kwargs: dict) -> Any:
+    if func == _GRAD_GET and isinstance(args[0], CodedParameter):  # ``W.grad``: DEU's, made whole
+        return args[0].layer.scheme.grad(args[0].layer)
+    if func == _GRAD_SET and isinstance(args[0], CodedParameter):  # ``W.grad = g`` replaces DEU's too
+        args[0].layer.pending.clear()
+        set_raw_grad(args[0], args[1])
+        return None
     if func in _reads_no_values:
         with _no_subclass():
             return func(*args, **kwargs)
@@ -661,4 +696,5 @@ def coded_parameters(model: nn.Module) -> list[CodedParameter]:
     return list(seen.values())
 
 
-__all__ = ["CODED", "CodedLayer", "CodedParameter", "CodedTranspose", "coded_matmul", "coded_parameters"]
+__all__ = ["CODED", "CodedLayer", "CodedParameter", "CodedTranspose", "coded_matmul", "coded_parameters",
+           "raw_grad", "set_raw_grad"]

@@ -77,11 +77,15 @@ class PendingUpdate:
         self.rounds.clear()
 
 
+HeldLayers = tuple["Scheme", list[tuple["CodedLayer", dict]]]  # a scheme and its weights in one optimizer
+
+
 class CodedContext:
     """What all coded weights of one model share: the code, the cluster, the default scheme, the
     counters, the latest round of every block and the prefix of the model's block keys."""
 
     live: ClassVar[weakref.WeakSet[CodedContext]] = weakref.WeakSet()  # every model's, while it lives
+    steps_running: ClassVar[int] = 0  # optimizer steps under way (any optimizer's): no DEU ``.grad`` formed
 
     def __init__(self, code: Code, cluster: Cluster, scheme: Scheme, model: nn.Module | None = None,
                  decode_device: torch.device | None = None) -> None:
@@ -178,22 +182,26 @@ class CodedContext:
     # ------------------------------------------------------- optimizer steps (``coded_optimizer``)
     def before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         """The step pre-hook ``coded_optimizer`` gives ``optimizer`` for this model's coded weights."""
-        for scheme in {id(layer.scheme): layer.scheme for layer in self.layers.values()}.values():
-            scheme.before_step(self)
+        for scheme, stepped in self._held_by(optimizer).values():
+            scheme.before_step(self, [layer for layer, _ in stepped])
 
     def after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         """The step post-hook: the coded weights of this model that ``optimizer`` holds go to their
         schemes, each scheme's in one message per worker."""
+        for scheme, stepped in self._held_by(optimizer).values():
+            scheme.after_step(self, stepped)
+
+    def _held_by(self, optimizer: torch.optim.Optimizer) -> dict[int, HeldLayers]:
+        """This model's coded weights that ``optimizer`` holds, with their groups, by scheme."""
         mine = {id(layer.param): layer for layer in self.layers.values()}
-        by_scheme: dict[int, tuple[Scheme, list[tuple[CodedLayer, dict]]]] = {}
+        by_scheme: dict[int, HeldLayers] = {}
         for group in optimizer.param_groups:
             for param in group["params"]:
                 layer = mine.get(id(param))
                 if layer is not None:
                     layer.scheme.check_optimizer(optimizer, group, layer)  # groups may have changed
                     by_scheme.setdefault(id(layer.scheme), (layer.scheme, []))[1].append((layer, group))
-        for scheme, stepped in by_scheme.values():
-            scheme.after_step(self, stepped)
+        return by_scheme
 
     def check_alive(self) -> None:
         alive = self.cluster.alive()

@@ -17,8 +17,10 @@ Stepping a DEU model with an optimizer while no optimizer made by ``coded_optimi
 weights raises at that step (they would silently stay unchanged). A new optimizer (a second
 fine-tuning phase) starts, as torch's do, without momentum: ``coded_optimizer`` drops the workers'
 DEU momentum of the weights an earlier optimizer stepped; ``optimizer.load_state_dict`` (a plain
-model's state included: parameter names and order are the plain model's) ships DEU momentum to them. Clip with
-``clip_grad_norm_(model, max_norm)``: torch's own sees no DEU weight gradient.
+model's state included: parameter names and order are the plain model's) ships DEU momentum to them.
+A DEU weight's gradient lives in factors (dY^T X, never formed); reading ``W.grad`` (as
+``torch.nn.utils.clip_grad_norm_`` does) forms it on the master as autograd would have, and that
+step sends the encoded gradient whole. ``clip_grad_norm_(model, max_norm)`` clips without forming it.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from sazd.parallel.coded import CodedLayer, CodedParameter
+from sazd.parallel.coded import CodedLayer, CodedParameter, raw_grad
 from sazd.parallel.context import CodedContext
 from sazd.parallel.plan import coded_layers
 
@@ -85,7 +87,8 @@ def _zero_grad(optimizer: torch.optim.Optimizer, zero_grad: Callable[..., None])
 def grad_norm(model: nn.Module) -> Tensor:
     """Global 2-norm of every gradient of a parallelized model, DEU's dW = dY^T X kept for the
     workers (``layer.pending``) included."""
-    sq = [torch.linalg.vector_norm(p.grad).square() for p in model.parameters() if p.grad is not None]
+    grads = [g for g in map(raw_grad, model.parameters()) if g is not None]
+    sq = [torch.linalg.vector_norm(g).square() for g in grads]
     sq += [layer.grad_norm_sq() for layer in coded_layers(model) if layer.pending]
     return torch.stack(sq).sum().sqrt() if sq else torch.zeros(())
 
@@ -96,9 +99,9 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
     they send it. Returns the norm before clipping."""
     norm = grad_norm(model)
     coef = (max_norm / (norm + CLIP_EPS)).clamp(max=1.0)
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.mul_(coef.to(p.grad))
+    for g in map(raw_grad, model.parameters()):
+        if g is not None:
+            g.mul_(coef.to(g))
     for layer in coded_layers(model):
         if layer.pending:
             layer.pending.scale = coef
@@ -121,10 +124,18 @@ def _loaded(optimizer: torch.optim.Optimizer) -> None:
             layer.scheme.take_optimizer_state(layer, state)
 
 
+def _step_starts(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    """Before every optimizer's step: while it runs, reading a DEU weight's ``.grad`` (as the step
+    does) must not form it on the master, or a step not made by ``coded_optimizer`` would silently
+    step the master's copy."""
+    CodedContext.steps_running += 1
+
+
 def _refuse_unhooked(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
     """After every optimizer's step: when it steps a parallelized model, that model's coded weights
     must have an optimizer that updates them; else their gradients would pile up, unapplied. (A
     hooked optimizer's own hook ran first and sent its weights' updates.)"""
+    CodedContext.steps_running = max(0, CodedContext.steps_running - 1)
     params = {id(p) for group in optimizer.param_groups for p in group["params"]}
     hooked = _hooked_models(optimizer)
     pending = [layer.name for layer, _ in _coded_weights(optimizer)
@@ -140,4 +151,5 @@ def _refuse_unhooked(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict
             "them; create the optimizer as sazd.coded_optimizer(torch.optim.SGD(model.parameters(), ...))")
 
 
+register_optimizer_step_pre_hook(_step_starts)
 register_optimizer_step_post_hook(_refuse_unhooked)

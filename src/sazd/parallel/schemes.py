@@ -52,6 +52,12 @@ class Scheme(ABC):
         """Make the master's copy of ``layer`` current (it is, unless the workers updated it)."""
         layer.fresh = True
 
+    def grad(self, layer: CodedLayer) -> Tensor | None:
+        """``W.grad`` as the plain model would have it (autograd's, here)."""
+        from sazd.parallel.coded import raw_grad
+
+        return raw_grad(layer.param)
+
     @abstractmethod
     def weight_grad(self, layer: CodedLayer, xm: Tensor, dym: Tensor,
                     rounds: dict[str, RoundRecord]) -> Tensor | None:
@@ -108,8 +114,8 @@ class Scheme(ABC):
         """An optimizer loaded ``state`` for the weight: move what the workers keep to them."""
         return None
 
-    def before_step(self, ctx: CodedContext) -> None:
-        """Before an optimizer step that holds coded weights of ``ctx``."""
+    def before_step(self, ctx: CodedContext, layers: Sequence[CodedLayer]) -> None:
+        """Before an optimizer step that holds these coded weights of ``ctx`` (in this scheme)."""
         return None
 
     @abstractmethod
@@ -189,6 +195,16 @@ class DEU(Scheme):
         layer.pending.rounds = rounds
         return None
 
+    def grad(self, layer: CodedLayer) -> Tensor | None:
+        """``W.grad`` read by the user (or ``torch.nn.utils.clip_grad_norm_``): the kept factors are
+        formed into it, as autograd would have (outside the optimizer's own step, which must not step
+        a DEU weight on the master)."""
+        from sazd.parallel.coded import raw_grad
+
+        if layer.pending and not CodedContext.steps_running:
+            layer.fold_gradient()
+        return raw_grad(layer.param)
+
     def row_state(self, layer: CodedLayer) -> tuple[Tensor, Tensor | None]:
         layer.sync()
         row = layer.keys[0]
@@ -265,15 +281,19 @@ class DEU(Scheme):
         if group.get("maximize"):
             raise ValueError(f"SGD(maximize=True) is not supported for the coded weight of {layer.name!r}")
 
-    def before_step(self, ctx: CodedContext) -> None:
+    def before_step(self, ctx: CodedContext, layers: Sequence[CodedLayer]) -> None:
+        """A weight with a ``.grad`` (read by the user, so formed; or autograd's, from a use that is no
+        coded product, such as a tied embedding's lookup) sends it whole, kept factors added; torch's
+        step must not see it (it would step the master's copy), so it is hidden until the step ends."""
+        from sazd.parallel.coded import raw_grad, set_raw_grad
+
         ctx.check_alive()  # all layers' updates go out, or none
-        for layer in ctx.layers.values():
-            if layer.scheme is self and layer.param.grad is not None:
-                raise RuntimeError(
-                    f"the DEU-coded weight {layer.weight_name} got a gradient from a use that is not a "
-                    "coded product (e.g. the embedding lookup of a tied weight); the workers cannot step "
-                    f"that part exactly. Code it with plan={{{layer.name!r}: Coded(scheme='naive')}} or "
-                    "leave it on the master")
+        for layer in layers:
+            if raw_grad(layer.param) is not None:
+                if layer.pending:
+                    layer.fold_gradient()
+                layer.whole_grad = raw_grad(layer.param)
+                set_raw_grad(layer.param, None)
 
     def after_step(self, ctx: CodedContext, stepped: Sequence[tuple[CodedLayer, dict[str, Any]]]) -> None:
         """Send every layer's pending dW = dY^T X, encoded (and scaled), in one ``Worker.sgd`` call per
@@ -284,18 +304,43 @@ class DEU(Scheme):
         the encoded gradient itself (``fan`` columns) when N exceeds the fan (convolutions, whose N
         is batch x positions). Either way the update is the same linear map of the coded weights.
         """
+        from sazd.parallel.coded import set_raw_grad
+
         updates: dict[int, list[tuple]] = {j: [] for j in range(ctx.code.n)}
         for layer, group in stepped:
             layer.sync()  # an edit since the last product goes out before the update
-            if layer.pending:
+            if layer.whole_grad is not None:
+                self._add_whole_gradient(layer, group, updates)
+            elif layer.pending:
                 self._add_updates(layer, group, updates)
         if any(updates.values()):
             ctx.send("sgd", PerWorker({j: (calls,) for j, calls in updates.items()}))
+        for layer, _ in stepped:
+            if layer.whole_grad is not None:  # ``.grad`` stays, as after torch's step
+                set_raw_grad(layer.param, layer.whole_grad)
+                layer.whole_grad = None
+
+    def _add_whole_gradient(self, layer: CodedLayer, group: dict[str, Any], updates: dict[int, list[tuple]],
+                            ) -> None:
+        """Append each worker's updates of ``layer``'s coded copies from its formed ``.grad``: worker
+        j's copies take C_j(dM) and C_j(dM^T) (a stale column copy stays stale)."""
+        step = self._sgd_step(group)
+        matrices = layer.matrices(layer.whole_grad)
+        for key in layer.keys if not layer.col_stale else layer.keys[:1]:
+            coded = layer.ctx.encode(matrices[key].contiguous(), layer.padded[key][0])
+            for j, calls in updates.items():
+                calls.append((key, step, coded[j]))
+        layer.pending.clear()
+        layer.fresh = False
+
+    @staticmethod
+    def _sgd_step(group: dict[str, Any]) -> SGDStep:
+        return SGDStep(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                       nesterov=group["nesterov"], weight_decay=group["weight_decay"])
 
     def _add_updates(self, layer: CodedLayer, group: dict[str, Any], updates: dict[int, list[tuple]]) -> None:
         """Append each worker's updates of ``layer``'s coded copies (see ``Worker.sgd``)."""
-        step = SGDStep(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
-                       nesterov=group["nesterov"], weight_decay=group["weight_decay"])
+        step = self._sgd_step(group)
         pending = layer.pending
         X, dY = pending.stacked()
         row, col = layer.keys
