@@ -345,3 +345,31 @@ def test_an_optimizer_not_made_by_coded_optimizer_still_cannot_step_a_deu_weight
     model(torch.randn(4, 64, dtype=F64)).square().mean().backward()
     with pytest.raises(RuntimeError, match=r"left the coded weights of \['0', '2', '4'\] unchanged"):
         opt.step()
+
+
+# ------------------------------------------------------------------ inference
+@pytest.mark.parametrize("scheme", ["naive", "deu"])
+def test_inference_mode_forward_and_generate_equal_plain_and_training_goes_on_exactly(scheme):
+    """``torch.inference_mode()`` (evaluation, ``generate``) makes tensors without version counters;
+    the coded rounds take them, and a training step after it stays exact."""
+    from sazd.models import zoo
+
+    entry = zoo.get("gpt2-hf")
+    plain = entry.build(0, F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the tied lm_head stays on the master: said
+        model = coded(copy.deepcopy(plain), scheme)
+    batch = entry.batch(2, seed=1, dtype=F64)
+    with torch.inference_mode():
+        want, got = entry.logits(plain, batch), entry.logits(model, batch)
+        prompt = batch["input_ids"][:, :4]
+        tokens = [m.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+                  for m in (plain, model)]
+    assert (got - want).abs().max() <= TOL * want.abs().max()
+    assert torch.equal(tokens[0], tokens[1])
+    opts = [optimizer(plain, scheme), sazd.coded_optimizer(optimizer(model, scheme))]
+    for m, opt in zip((plain, model), opts, strict=True):
+        opt.zero_grad()
+        entry.loss(m, batch).backward()
+        opt.step()
+    assert_same_state(model, plain)

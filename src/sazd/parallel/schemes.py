@@ -15,17 +15,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from sazd.parallel.coded import CodedLayer, raw_grad, set_raw_grad
 from sazd.parallel.context import CodedContext, RoundRecord
 from sazd.runtime.cluster import PerWorker
 from sazd.runtime.worker import SGDStep
-
-if TYPE_CHECKING:
-    from sazd.parallel.coded import CodedLayer
 
 States = dict[int, dict[str, dict[str, Tensor]]]  # worker -> {"weights"|"momentum": {key: block}}
 
@@ -54,8 +52,6 @@ class Scheme(ABC):
 
     def grad(self, layer: CodedLayer) -> Tensor | None:
         """``W.grad`` as the plain model would have it (autograd's, here)."""
-        from sazd.parallel.coded import raw_grad
-
         return raw_grad(layer.param)
 
     @abstractmethod
@@ -199,8 +195,6 @@ class DEU(Scheme):
         """``W.grad`` read by the user (or ``torch.nn.utils.clip_grad_norm_``): the kept factors are
         formed into it, as autograd would have (outside the optimizer's own step, which must not step
         a DEU weight on the master)."""
-        from sazd.parallel.coded import raw_grad
-
         if layer.pending and not CodedContext.steps_running:
             layer.fold_gradient()
         return raw_grad(layer.param)
@@ -285,8 +279,6 @@ class DEU(Scheme):
         """A weight with a ``.grad`` (read by the user, so formed; or autograd's, from a use that is no
         coded product, such as a tied embedding's lookup) sends it whole, kept factors added; torch's
         step must not see it (it would step the master's copy), so it is hidden until the step ends."""
-        from sazd.parallel.coded import raw_grad, set_raw_grad
-
         ctx.check_alive()  # all layers' updates go out, or none
         for layer in layers:
             if raw_grad(layer.param) is not None:
@@ -304,8 +296,6 @@ class DEU(Scheme):
         the encoded gradient itself (``fan`` columns) when N exceeds the fan (convolutions, whose N
         is batch x positions). Either way the update is the same linear map of the coded weights.
         """
-        from sazd.parallel.coded import set_raw_grad
-
         updates: dict[int, list[tuple]] = {j: [] for j in range(ctx.code.n)}
         for layer, group in stepped:
             layer.sync()  # an edit since the last product goes out before the update

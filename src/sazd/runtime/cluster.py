@@ -142,6 +142,8 @@ class SentTensors:
         return entry is not None and entry[0]() is t and entry[1] == t._version
 
     def add(self, t: Tensor) -> None:
+        if t.is_inference():  # made under torch.inference_mode: no version counter to watch, not kept
+            return
         key = id(t)
         self._entries[key] = (weakref.ref(t, lambda _: self._entries.pop(key, None)), t._version)
 
