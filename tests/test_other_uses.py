@@ -55,6 +55,19 @@ def assert_same_state(model: nn.Module, plain: nn.Module, tol: float = TOL) -> N
         assert (got[key] - value).abs().max() <= tol * max(1.0, float(value.abs().max())), key
 
 
+def assert_trains_as_plain(plain: nn.Module, scheme: str, steps: int = 3, **kw) -> nn.Module:
+    """Code a copy of ``plain``; ``steps`` steps of both on random (8, 64) batches, with no warning,
+    give the same outputs and the same state. Returns the coded model."""
+    model = coded(copy.deepcopy(plain), scheme, **kw)
+    batches = [torch.randn(8, 64, dtype=F64) for _ in range(steps)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing runs on the master's copy
+        gaps = train_side_by_side(plain, model, scheme, batches, lambda y: y.square().mean())
+    assert max(gaps) <= TOL
+    assert_same_state(model, plain)
+    return model
+
+
 class TransposedUses(nn.Module):
     """Every spelling of a product with a weight's transpose, and torch.mm."""
 
@@ -104,14 +117,7 @@ class TransposedProducts(nn.Module):
 @pytest.mark.parametrize("scheme", ["naive", "deu"])
 def test_training_through_transposed_products_equals_plain(scheme):
     torch.manual_seed(1)
-    plain = TransposedProducts().double()
-    model = coded(copy.deepcopy(plain), scheme, min_features=32)
-    batches = [torch.randn(8, 64, dtype=F64) for _ in range(3)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        gaps = train_side_by_side(plain, model, scheme, batches, lambda y: y.square().mean())
-    assert max(gaps) <= TOL
-    assert_same_state(model, plain)
+    assert_trains_as_plain(TransposedProducts().double(), scheme, min_features=32)
 
 
 class LeftTranspose(nn.Module):
@@ -180,12 +186,7 @@ class EditsItsProduct(nn.Module):
 @pytest.mark.parametrize("scheme", ["naive", "deu"])
 def test_a_product_edited_in_place_trains_exactly(scheme):
     torch.manual_seed(4)
-    plain = EditsItsProduct().double()
-    model = coded(copy.deepcopy(plain), scheme, min_features=32)
-    batches = [torch.randn(8, 64, dtype=F64) for _ in range(3)]
-    gaps = train_side_by_side(plain, model, scheme, batches, lambda y: y.square().mean())
-    assert max(gaps) <= TOL
-    assert_same_state(model, plain)
+    assert_trains_as_plain(EditsItsProduct().double(), scheme, min_features=32)
 
 
 class OwnMatrix(nn.Module):
@@ -220,15 +221,8 @@ def test_a_custom_layers_own_matrix_is_listed_with_the_plan_that_codes_it():
 @pytest.mark.parametrize("scheme", ["naive", "deu"])
 def test_an_explicit_plan_codes_a_custom_layers_own_matrix_and_it_trains_exactly(scheme):
     torch.manual_seed(5)
-    plain = CustomNet().double()
-    model = coded(copy.deepcopy(plain), scheme, plan={"inner": Coded(), "head": "coded"})
+    model = assert_trains_as_plain(CustomNet().double(), scheme, plan={"inner": Coded(), "head": "coded"})
     assert {p.layer.weight_name for p in sazd.parallel.coded_parameters(model)} == {"inner.W", "head.weight"}
-    batches = [torch.randn(8, 64, dtype=F64) for _ in range(3)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        gaps = train_side_by_side(plain, model, scheme, batches, lambda y: y.square().mean())
-    assert max(gaps) <= TOL
-    assert_same_state(model, plain)
 
 
 def test_an_explicit_plan_naming_a_module_without_a_matrix_is_refused_by_name():
