@@ -58,6 +58,11 @@ ARCHITECTURES = {
                   num_labels=10)),
     "convnext": ("ConvNextConfig", "ConvNextForImageClassification", "images",
                  dict(num_stages=2, hidden_sizes=[32, 64], depths=[1, 1], num_labels=10, image_size=32)),
+    "whisper": ("WhisperConfig", "WhisperForConditionalGeneration", "audio",  # its encoder opens with Conv1d
+                dict(TOKENS, num_mel_bins=80, d_model=H, encoder_layers=L, decoder_layers=L,
+                     encoder_attention_heads=NH, decoder_attention_heads=NH, encoder_ffn_dim=I,
+                     decoder_ffn_dim=I, max_source_positions=16, max_target_positions=32,
+                     decoder_start_token_id=0, pad_token_id=0)),
 }
 
 
@@ -77,6 +82,9 @@ def batch(kind: str, seed: int) -> dict[str, torch.Tensor]:
         return {"pixel_values": torch.randn(2, 3, 32, 32, generator=gen, dtype=F64),
                 "labels": torch.randint(0, 10, (2,), generator=gen)}
     ids = torch.randint(0, V, (2, 12), generator=gen)
+    if kind == "audio":  # 80 mel bins x 32 frames (twice the encoder's 16 positions)
+        features = torch.randn(2, 80, 32, generator=gen, dtype=F64)
+        return {"input_features": features, "decoder_input_ids": ids, "labels": ids}
     extra = {"decoder_input_ids": ids} if kind == "seq2seq" else {}
     return {"input_ids": ids, "labels": ids, **extra}
 
@@ -98,6 +106,8 @@ def test_architecture_trains_exactly_as_plain(name, scheme):
                          min_features=32)
     ctx = context(model)
     assert len(ctx.layers) >= 6
+    if name == "whisper":
+        assert {"model.encoder.conv1", "model.encoder.conv2"} <= set(ctx.layers)  # Conv1d, coded
     for module, why in ctx.left_on_master.items():  # every reason is one the plan gives, and true
         held = dict(model.named_modules())[module]
         if why.startswith("narrower"):

@@ -189,6 +189,38 @@ def test_a_product_edited_in_place_trains_exactly(scheme):
     assert_trains_as_plain(EditsItsProduct().double(), scheme, min_features=32)
 
 
+class Convolutions1d(nn.Module):
+    """Conv1d layers as audio encoders use them (strided, dilated, circular padding, no bias), beside
+    the kinds that stay on the master: a grouped Conv1d and a ConvTranspose1d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(80, 64, 3, padding=1)
+        self.c2 = nn.Conv1d(64, 64, 3, stride=2, padding=1, bias=False)
+        self.c3 = nn.Conv1d(64, 64, 5, padding=4, dilation=2, padding_mode="circular")
+        self.up = nn.ConvTranspose1d(64, 64, 4)
+        self.grouped = nn.Conv1d(64, 64, 3, groups=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.c3(torch.relu(self.c2(torch.relu(self.c1(x))))))
+        return self.grouped(self.up(h))
+
+
+@pytest.mark.parametrize("scheme", ["naive", "deu"])
+def test_conv1d_layers_are_coded_and_train_exactly_and_the_others_are_listed(scheme):
+    torch.manual_seed(7)
+    plain = Convolutions1d().double()
+    model = coded(copy.deepcopy(plain), scheme, min_features=32)
+    ctx = context(model)
+    assert set(ctx.layers) == {"c1", "c2", "c3"}
+    assert ctx.left_on_master["grouped"].startswith("it is a grouped Conv1d (groups=4)")
+    assert ctx.left_on_master["up"].startswith("it is a ConvTranspose1d")
+    batches = [torch.randn(2, 80, 20, dtype=F64) for _ in range(3)]
+    gaps = train_side_by_side(plain, model, scheme, batches, lambda y: y.square().mean())
+    assert max(gaps) <= TOL
+    assert_same_state(model, plain)
+
+
 class OwnMatrix(nn.Module):
     """A custom layer holding its weight as a bare parameter, stored (in, out) and used as ``x @ W``."""
 

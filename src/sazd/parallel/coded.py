@@ -8,10 +8,10 @@ products go to the workers as coded rounds, through one autograd Function (``_Co
     F.linear(x, W, b)           x W^T + b     (nn.Linear, nn.MultiheadAttention's out_proj)
     torch.addmm(b, x, W)        x W + b       (transformers' Conv1D: W stored (in, out))
     x @ W, torch.matmul(x, W)   either layout
-    F.conv2d(x, W, b, ...)      on unfolded patches (groups=1)
+    F.conv2d(x, W, b, ...)      on unfolded patches (groups=1); F.conv1d as a Conv2d of height 1
     F.multi_head_attention_forward: its in-projection (``in_proj_weight``) and out-projection
 
-Each coded weight is one matrix M (out, in) (Conv1D: M = W^T; Conv2d: W flattened to (out, in*kh*kw))
+Each coded weight is one matrix M (out, in) (Conv1D: M = W^T; Conv2d/Conv1d: W flattened to (out, in*kernel))
 and two coded copies live on the workers:
 
 - forward:        worker j returns C_j(M) X^T            -> decode M X^T       (copy "<name>.row")
@@ -548,11 +548,31 @@ def _conv2d(args: tuple, kwargs: dict) -> Any:
     if (not isinstance(W, CodedParameter) or isinstance(x, CodedParameter) or groups not in (None, 1)
             or (isinstance(padding, str) and padding != "valid") or x.dim() != 4):
         return NotImplemented
-    layer = W.layer
     pair = nn.modules.utils._pair
     geometry = dict(kernel_size=tuple(W.shape[2:]), dilation=pair(1 if dilation is None else dilation),
                     padding=pair(0 if padding in (None, "valid") else padding),
                     stride=pair(1 if stride is None else stride))
+    return _coded_conv(x, W, bias, geometry)
+
+
+def _conv1d(args: tuple, kwargs: dict) -> Any:
+    """A Conv1d is a Conv2d of height 1: (B, C, L) -> (B, C, 1, L), kernel (1, k)."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    x, W, bias, stride, padding, dilation, groups = _bind(F.conv1d, names, args, kwargs)
+    if (not isinstance(W, CodedParameter) or isinstance(x, CodedParameter) or groups not in (None, 1)
+            or (isinstance(padding, str) and padding != "valid") or x.dim() != 3):
+        return NotImplemented
+    single = nn.modules.utils._single
+    geometry = dict(kernel_size=(1, W.shape[2]), dilation=(1, *single(1 if dilation is None else dilation)),
+                    padding=(0, *single(0 if padding in (None, "valid") else padding)),
+                    stride=(1, *single(1 if stride is None else stride)))
+    return _coded_conv(x.unsqueeze(2), W, bias, geometry).squeeze(2)
+
+
+def _coded_conv(x: Tensor, W: CodedParameter, bias: Tensor | None, geometry: dict[str, tuple[int, int]],
+                ) -> Tensor:
+    """``F.conv2d(x, W, bias, **geometry)``: a coded product on the unfolded patches of x (B, C, H, W)."""
+    layer = W.layer
     B = x.shape[0]
     ho, wo = (_conv_out(x.shape[2 + i], i, geometry) for i in (0, 1))
     cols = F.unfold(x, **geometry)  # (B, C*kh*kw, L) patches; autograd's backward is F.fold
@@ -640,6 +660,8 @@ _PRODUCTS: dict[Any, Callable[[tuple, dict], Any]] = {
     Tensor.mm: _mm,
     F.conv2d: _conv2d,
     torch.conv2d: _conv2d,
+    F.conv1d: _conv1d,
+    torch.conv1d: _conv1d,
     F.multi_head_attention_forward: _attention,
 }
 

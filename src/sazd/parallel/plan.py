@@ -6,10 +6,11 @@ fnmatch patterns of them, to a style object: ``{"fc1": Coded(), "transformer.h.*
 Coded(scheme="naive"), "lm_head": Master()}`` (the strings "coded" and "master" mean ``Coded()`` and
 ``Master()``). Without a plan, every weight matrix that a product reads is coded when both of its
 coded axes (output features, and input features x kernel size) are at least ``min_features`` wide:
-the weights of ``nn.Linear`` and ``nn.Conv2d`` (subclasses included), transformers' ``Conv1D`` (stored
-transposed) and ``nn.MultiheadAttention``'s ``in_proj_weight``. Narrower weights cost a round trip per
-product and save nothing, so they stay on the master with the biases, activations and loss. What
-stays on the master is said, with why (``UserWarning`` and ``context(model).left_on_master``).
+the weights of ``nn.Linear``, ``nn.Conv2d`` and ``nn.Conv1d`` (subclasses included), transformers'
+``Conv1D`` (stored transposed) and ``nn.MultiheadAttention``'s ``in_proj_weight``. Narrower weights
+cost a round trip per product and save nothing, so they stay on the master with the biases,
+activations and loss. What stays on the master is said, with why (``UserWarning`` and
+``context(model).left_on_master``).
 """
 
 from __future__ import annotations
@@ -214,7 +215,7 @@ def product_weights(name: str, m: nn.Module | None, explicit: bool = False) -> l
     """The weight matrices of module ``m`` that its forward reads through a product; ``explicit`` (a
     plan names the module): also the own 2-D parameters of a module of another kind, whose forward
     the user says multiplies by them (x @ W, x @ W.T, F.linear, torch.mm: each a coded round)."""
-    if isinstance(m, (nn.Linear, nn.Conv2d)):
+    if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv1d)):
         return [Target(name, "weight")]
     weight = getattr(m, "weight", None)
     if type(m).__name__ == "Conv1D" and isinstance(weight, Tensor) and weight.dim() == 2:
@@ -247,6 +248,13 @@ def _unknown_matrices(model: nn.Module, left: Mapping[str, str], min_features: i
     for name, m in model.named_modules():
         if name in left or product_weights(name, m) or isinstance(m, LOOKUPS):
             continue
+        if isinstance(m, nn.modules.conv._ConvNd):  # Conv3d, ConvTranspose*: a matrix, not coded
+            weight = m.weight
+            if min(weight.shape[0], weight[0].numel()) >= min_features:
+                out[name] = (f"it is a {type(m).__name__}; sazd codes the weights of nn.Linear, nn.Conv1d "
+                             "and nn.Conv2d (groups=1), transformers' Conv1D and nn.MultiheadAttention, so "
+                             "it stays on the master")
+            continue
         wide = {attr: tuple(p.shape) for attr, p in m._parameters.items() if _is_wide_matrix(p, min_features)}
         stacks = {attr: shape for attr, shape in wide.items() if len(shape) > 2}
         if stacks:
@@ -267,7 +275,8 @@ def why_not_codable(name: str, m: nn.Module, modules: Mapping[str, nn.Module],
     targets = product_weights(name, m, explicit)
     if not targets:
         return (f"it is a {type(m).__name__}, which holds no weight matrix a product reads (coded: "
-                "nn.Linear, nn.Conv2d, transformers' Conv1D, nn.MultiheadAttention's in_proj_weight; "
+                "nn.Linear, nn.Conv2d, nn.Conv1d, transformers' Conv1D, nn.MultiheadAttention's "
+                "in_proj_weight; "
                 "named in a plan, any module's own 2-D parameters)")
     for t in targets:
         param = getattr(m, t.attr)
@@ -284,9 +293,9 @@ def why_not_codable(name: str, m: nn.Module, modules: Mapping[str, nn.Module],
                 return (f"its {t.attr} is tied to {non_products}, whose use is not a product (each such use "
                         "would decode it from the workers); code it anyway with plan={"
                         f"{name!r}: Coded()}} (naive: free; DEU: one decode round per step)")
-    if isinstance(m, nn.Conv2d):
+    if isinstance(m, (nn.Conv2d, nn.Conv1d)):
         if m.groups != 1:
-            return f"it is a grouped Conv2d (groups={m.groups}); only groups=1 codes"
+            return f"it is a grouped {type(m).__name__} (groups={m.groups}); only groups=1 codes"
         if isinstance(m.padding, str) and m.padding != "valid":
             return f"it has padding={m.padding!r}; give the padding as integers to code it"
     return None
