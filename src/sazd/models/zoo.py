@@ -351,12 +351,12 @@ def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, size: st
 
 
 # ------------------------------------------------------------------ what is a weight matrix
-MATRIX_MODULES = ("Linear", "Conv1D", "Conv2d", "NonDynamicallyQuantizableLinear")
+MATRIX_MODULES = ("Linear", "Conv1D", "Conv1d", "Conv2d", "NonDynamicallyQuantizableLinear")
 
 
 def weight_matrices(model: nn.Module) -> list[str]:
     """Parameter names of every weight matrix the model multiplies activations by: the ``weight`` of
-    each Linear, Conv1D and Conv2d that holds one (subclasses included; a tied weight once per module
+    each Linear, Conv1D, Conv1d and Conv2d that holds one (subclasses included; a tied weight once per module
     that uses it; peft's LoRA wrapper, which only forwards its base layer's, not again) and each
     ``nn.MultiheadAttention``'s ``in_proj_weight``. Embedding tables are lookups, not listed."""
     names = []
