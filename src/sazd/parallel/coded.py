@@ -7,7 +7,7 @@ products go to the workers as coded rounds, through one autograd Function (``_Co
 
     F.linear(x, W, b)           x W^T + b     (nn.Linear, nn.MultiheadAttention's out_proj)
     torch.addmm(b, x, W)        x W + b       (transformers' Conv1D: W stored (in, out))
-    x @ W, torch.matmul(x, W)   either layout
+    x @ W, torch.matmul, mm     either layout, and with ``W.T`` (a ``CodedTranspose``: ``x @ W.T``)
     F.conv2d(x, W, b, ...)      on unfolded patches (groups=1); F.conv1d as a Conv2d of height 1
     F.multi_head_attention_forward: its in-projection (``in_proj_weight``) and out-projection
 
@@ -19,7 +19,9 @@ and two coded copies live on the workers:
 - weight update:  the layer's ``Scheme`` (``sazd.parallel.schemes``).
 
 Every other use of the parameter (an embedding lookup of a tied weight, ``print``, ``.to``) runs on
-the master's copy, which DEU refreshes from k workers first (a one-time warning names the operation).
+the master's copy, which DEU refreshes from k workers first; a one-time warning per weight names the
+operation when DEU decodes for it or when its result is differentiated (a forward computation that
+is no coded round). DEU keeps the weight gradient as factors; reading ``W.grad`` forms it.
 In-place writes (``w.zero_()``, ``w.data += d``, ``w.copy_``, an optimizer's step) are seen through
 torch's version counters and re-encoded and shipped before the next product; ``model.to(dtype)``
 re-encodes the blocks in the new dtype. Widths not divisible by k are padded with zero rows.
@@ -412,9 +414,9 @@ def _dispatch(func: Callable, args: tuple, kwargs: dict) -> Any:
 def _transposed(W: Tensor, func: Callable, args: tuple, kwargs: dict) -> Tensor:
     """The transpose of a coded weight (or of its transpose: the weight itself, as a view)."""
     if isinstance(W, CodedTranspose):
-        return W.layer.param
+        return W.layer.param  # transposed back: the weight itself
     with _no_subclass():
-        out = func(*args, **kwargs)  # transposed back: the weight itself
+        out = func(*args, **kwargs)
     view = out.as_subclass(CodedTranspose)
     view.layer = W.layer
     return view
@@ -529,11 +531,11 @@ def _addmm(args: tuple, kwargs: dict) -> Any:
     return coded_matmul(x, W, bias, transposed_use=not W.holds_transpose)
 
 
-def _matmul(args: tuple, kwargs: dict, min_dim: int = 2, max_dim: int | None = None) -> Any:
+def _matmul(args: tuple, kwargs: dict, max_dim: int | None = None) -> Any:
     if len(args) != 2 or kwargs or isinstance(args[0], CODED) or not isinstance(args[1], CODED):
         return NotImplemented
     x, W = args
-    if W.dim() != 2 or x.dim() < min_dim or (max_dim is not None and x.dim() > max_dim):
+    if W.dim() != 2 or x.dim() < 2 or (max_dim is not None and x.dim() > max_dim):
         return NotImplemented
     return coded_matmul(x, W, None, transposed_use=not W.holds_transpose)
 
