@@ -544,31 +544,25 @@ def _mm(args: tuple, kwargs: dict) -> Any:
     return _matmul(args, kwargs, max_dim=2)
 
 
-def _conv2d(args: tuple, kwargs: dict) -> Any:
+def _conv(func: Callable, spatial: int) -> Callable[[tuple, dict], Any]:
+    """The coded product of ``func``: ``F.conv2d``, or ``F.conv1d`` as a Conv2d of height 1
+    ((B, C, L) -> (B, C, 1, L), kernel (1, k))."""
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    x, W, bias, stride, padding, dilation, groups = _bind(F.conv2d, names, args, kwargs)
-    if (not isinstance(W, CodedParameter) or isinstance(x, CodedParameter) or groups not in (None, 1)
-            or (isinstance(padding, str) and padding != "valid") or x.dim() != 4):
-        return NotImplemented
-    pair = nn.modules.utils._pair
-    geometry = dict(kernel_size=tuple(W.shape[2:]), dilation=pair(1 if dilation is None else dilation),
-                    padding=pair(0 if padding in (None, "valid") else padding),
-                    stride=pair(1 if stride is None else stride))
-    return _coded_conv(x, W, bias, geometry)
+    expand, height = nn.modules.utils._ntuple(spatial), 2 - spatial  # height: leading axes of size 1
 
+    def product(args: tuple, kwargs: dict) -> Any:
+        x, W, bias, stride, padding, dilation, groups = _bind(func, names, args, kwargs)
+        if (not isinstance(W, CodedParameter) or isinstance(x, CodedParameter) or groups not in (None, 1)
+                or (isinstance(padding, str) and padding != "valid") or x.dim() != spatial + 2):
+            return NotImplemented
+        geometry = dict(kernel_size=(1,) * height + tuple(W.shape[2:]),
+                        dilation=(1,) * height + expand(1 if dilation is None else dilation),
+                        padding=(0,) * height + expand(0 if padding in (None, "valid") else padding),
+                        stride=(1,) * height + expand(1 if stride is None else stride))
+        y = _coded_conv(x.reshape(*x.shape[:2], *(1,) * height, *x.shape[2:]), W, bias, geometry)
+        return y.reshape(*y.shape[:2], *y.shape[2 + height:])
 
-def _conv1d(args: tuple, kwargs: dict) -> Any:
-    """A Conv1d is a Conv2d of height 1: (B, C, L) -> (B, C, 1, L), kernel (1, k)."""
-    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    x, W, bias, stride, padding, dilation, groups = _bind(F.conv1d, names, args, kwargs)
-    if (not isinstance(W, CodedParameter) or isinstance(x, CodedParameter) or groups not in (None, 1)
-            or (isinstance(padding, str) and padding != "valid") or x.dim() != 3):
-        return NotImplemented
-    single = nn.modules.utils._single
-    geometry = dict(kernel_size=(1, W.shape[2]), dilation=(1, *single(1 if dilation is None else dilation)),
-                    padding=(0, *single(0 if padding in (None, "valid") else padding)),
-                    stride=(1, *single(1 if stride is None else stride)))
-    return _coded_conv(x.unsqueeze(2), W, bias, geometry).squeeze(2)
+    return product
 
 
 def _coded_conv(x: Tensor, W: CodedParameter, bias: Tensor | None, geometry: dict[str, tuple[int, int]],
@@ -660,10 +654,10 @@ _PRODUCTS: dict[Any, Callable[[tuple, dict], Any]] = {
     Tensor.__matmul__: _matmul,
     torch.mm: _mm,
     Tensor.mm: _mm,
-    F.conv2d: _conv2d,
-    torch.conv2d: _conv2d,
-    F.conv1d: _conv1d,
-    torch.conv1d: _conv1d,
+    F.conv2d: _conv(F.conv2d, 2),
+    torch.conv2d: _conv(F.conv2d, 2),
+    F.conv1d: _conv(F.conv1d, 1),
+    torch.conv1d: _conv(F.conv1d, 1),
     F.multi_head_attention_forward: _attention,
 }
 
