@@ -226,7 +226,7 @@ class CodedLayer:
         layout, as autograd would have (read by ``W.grad``, ``torch.nn.utils.clip_grad_norm_``); the
         step then sends the encoded ``.grad`` whole."""
         X, dY = self.pending.stacked()
-        grad = (X.T @ dY) if self.transposed else (dY.T @ X).reshape(self.weight_shape)
+        grad = self.to_param(dY.T @ X)
         scale = self.pending.scale
         if not (isinstance(scale, float) and scale == 1.0):
             grad = grad * scale

@@ -276,8 +276,7 @@ def why_not_codable(name: str, m: nn.Module, modules: Mapping[str, nn.Module],
     if not targets:
         return (f"it is a {type(m).__name__}, which holds no weight matrix a product reads (coded: "
                 "nn.Linear, nn.Conv2d, nn.Conv1d, transformers' Conv1D, nn.MultiheadAttention's "
-                "in_proj_weight; "
-                "named in a plan, any module's own 2-D parameters)")
+                "in_proj_weight; named in a plan, any module's own 2-D parameters)")
     for t in targets:
         param = getattr(m, t.attr)
         if not isinstance(param, nn.Parameter):

@@ -281,11 +281,12 @@ class DEU(Scheme):
         step must not see it (it would step the master's copy), so it is hidden until the step ends."""
         ctx.check_alive()  # all layers' updates go out, or none
         for layer in layers:
-            if raw_grad(layer.param) is not None:
-                if layer.pending:
-                    layer.fold_gradient()
-                layer.whole_grad = raw_grad(layer.param)
-                set_raw_grad(layer.param, None)
+            if raw_grad(layer.param) is None:
+                continue  # the kept factors go out as they are
+            if layer.pending:
+                layer.fold_gradient()
+            layer.whole_grad = raw_grad(layer.param)
+            set_raw_grad(layer.param, None)
 
     def after_step(self, ctx: CodedContext, stepped: Sequence[tuple[CodedLayer, dict[str, Any]]]) -> None:
         """Send every layer's pending dW = dY^T X, encoded (and scaled), in one ``Worker.sgd`` call per
