@@ -39,13 +39,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sazd.parallel.context import CodedContext, PendingUpdate, RoundRecord, round_up
+from sazd.parallel.context import CodedContext, PendingUpdate, RoundRecord, StagedUse, round_up
 from sazd.runtime.cluster import ClusterError, PerWorker
 
 if TYPE_CHECKING:
     from sazd.parallel.schemes import Scheme
 
 _no_subclass = torch._C.DisableTorchFunctionSubclass
+
+
+def _graph_task() -> int:
+    """The id of the backward running in this thread (-1 outside any)."""
+    return torch._C._current_graph_task_id()
 
 
 class CodedLayer:
@@ -69,6 +74,10 @@ class CodedLayer:
         self._keys = (row, col)
         self._padded = {row: (self.out_pad, self.out_features), col: (self.in_pad, self.in_features)}
         self.pending = PendingUpdate()  # DEU: what the next optimizer step sends
+        self.spent = PendingUpdate()  # DEU: what the last step sent, the ``.grad`` until zero_grad
+        self.staged: list[StagedUse] = []  # DEU: uses of backwards still running
+        self.wanted = 0  # ``torch.autograd.grad`` calls under way that ask for this weight's gradient
+        self._watching = False  # whether the weight's gradient accumulation calls ``commit_staged``
         self.warned: set[str] = set()  # the operations already said to run on the master's copy
         self.whole_grad: Tensor | None = None  # DEU: a ``.grad`` this step sends, hidden from torch's step
         self.stepped_by: weakref.ref | None = None  # the optimizer made by ``coded_optimizer`` holding it
@@ -196,6 +205,7 @@ class CodedLayer:
     def product(self, xm: Tensor, transpose: bool = False) -> Tensor:
         """``xm M^T`` (``transpose``: ``xm M``) of a 2-D ``xm`` through the coded copies, differentiable."""
         self.sync()
+        self.drop_unfinished()
         self.last_rows = xm.shape[0]
         self.last_input_grad = xm.requires_grad and torch.is_grad_enabled()
         return _CodedProduct.apply(xm, self._param, self, transpose)
@@ -221,29 +231,90 @@ class CodedLayer:
         col = self.keys[1]
         self.load_matrices({col: M.T}, None if mom is None else {col: mom.T})
 
-    def fold_gradient(self) -> None:
-        """Add DEU's kept gradient dM = scale * dY^T X to the parameter's ``.grad``, in the parameter's
-        layout, as autograd would have (read by ``W.grad``, ``torch.nn.utils.clip_grad_norm_``); the
-        step then sends the encoded ``.grad`` whole."""
-        X, dY = self.pending.stacked()
-        grad = self.to_param(dY.T @ X)
-        scale = self.pending.scale
-        if not (isinstance(scale, float) and scale == 1.0):
-            grad = grad * scale
-        held = raw_grad(self._param)
-        if held is None:
-            set_raw_grad(self._param, grad.to(self._param.dtype))
-        else:
-            held.add_(grad)
+    # ------------------------------------------------- DEU's kept gradient
+    def forms_gradient(self) -> bool:
+        """Whether a backward must hand autograd dW itself rather than keep its factors: a hook on the
+        weight (``W.register_hook``), ``torch.autograd.grad`` asking for it, or ``create_graph=True``."""
+        with _no_subclass():
+            hooked = bool(self._param._backward_hooks)
+        return hooked or self.wanted > 0 or torch.is_grad_enabled()
+
+    def stage(self, X: Tensor, dY: Tensor, rounds: dict[str, RoundRecord]) -> None:
+        if not self._watching:  # hooked at the first backward: a frozen weight takes no hook
+            self.watch_accumulation()
+        self.staged.append(StagedUse(_graph_task(), X.detach(), dY.detach(), rounds))
+
+    def watch_accumulation(self) -> None:
+        """Hook the weight's gradient accumulation (a weak reference: torch keeps hooks out of the
+        garbage collector's sight, and a strong one would keep the whole model alive)."""
+        ref = weakref.ref(self)
+
+        def accumulated(param: Tensor) -> None:
+            layer = ref()
+            if layer is not None:
+                layer.commit_staged()
+
+        self._param.register_post_accumulate_grad_hook(accumulated)
+        self._watching = True
+
+    def commit_staged(self) -> None:
+        """This backward accumulates gradients (``backward()``, not ``torch.autograd.grad``): its uses'
+        factors join the next step's update."""
+        task = _graph_task()
+        for use in self.staged:
+            if use.graph_task == task:
+                self.pending.factors.append((use.X, use.dY))
+                self.pending.rounds = use.rounds
+        self.staged = [use for use in self.staged if use.graph_task != task]
+
+    def drop_unfinished(self) -> None:
+        """Outside any backward: uses staged by ``torch.autograd.grad`` calls are no gradient."""
+        if self.staged and _graph_task() < 0:
+            self.staged.clear()
+
+    @property
+    def keeps_gradient(self) -> bool:
+        """Whether DEU keeps a gradient of this weight as factors (pending, or sent by the last step)."""
+        return bool(self.pending) or bool(self.spent)
+
+    def spend(self) -> None:
+        """The step sent the pending update: it stays the weight's ``.grad`` until zero_grad."""
+        self.spent, self.pending = self.pending, PendingUpdate()
+        self.spent.rounds = {}
+
+    def drop_gradient(self) -> None:
+        """``W.grad = None`` / zero_grad: the kept gradient is gone."""
         self.pending.clear()
+        self.spent.clear()
+
+    def fold_gradient(self) -> None:
+        """Add DEU's kept gradient dM = scale * dY^T X (the last step's, unless zero_grad dropped it,
+        and the pending one) to the parameter's ``.grad``, in the parameter's layout, as autograd would
+        have (read by ``W.grad``, ``torch.nn.utils.clip_grad_norm_``); the step then sends the encoded
+        ``.grad`` whole."""
+        for kept in (self.spent, self.pending):
+            if not kept:
+                continue
+            X, dY = kept.stacked()
+            grad = self.to_param(dY.T @ X)
+            if not (isinstance(kept.scale, float) and kept.scale == 1.0):
+                grad = grad * kept.scale
+            held = raw_grad(self._param)
+            if held is None:
+                set_raw_grad(self._param, grad.to(self._param.dtype))
+            else:
+                held.add_(grad)
+            kept.clear()
 
     def grad_norm_sq(self) -> Tensor:
         """||dM||_F^2 of the pending DEU gradient dM = dY^T X without forming dM when the N x N Gram
         matrices are smaller: ||dY^T X||^2 = sum((dY dY^T) * (X X^T))."""
         X, dY = self.pending.stacked()
         if X.shape[0] ** 2 <= self.out_features * self.in_features:
-            return ((dY @ dY.T) * (X @ X.T)).sum()
-        return (dY.T @ X).square().sum()
+            norm_sq = ((dY @ dY.T) * (X @ X.T)).sum()
+        else:
+            norm_sq = (dY.T @ X).square().sum()
+        return norm_sq * self.pending.scale ** 2
 
     # --------------------------------------------------- decoding state
     def decode_matrices(self, states: dict[int, dict[str, dict[str, Tensor]]], part: str,
@@ -280,7 +351,8 @@ _METADATA = {"size", "dim", "numel", "is_floating_point", "is_complex", "element
              "is_contiguous", "data_ptr", "__len__", "requires_grad_", "__hash__", "get_device",
              "_has_compatible_shallow_copy_type", "untyped_storage", "nelement", "ndimension",
              "is_signed", "_is_view", "__format__", "is_conj", "is_neg", "storage_offset",
-             "is_inference", "is_sparse", "is_quantized", "is_meta", "is_nested"}
+             "is_inference", "is_sparse", "is_quantized", "is_meta", "is_nested", "register_hook",
+             "register_post_accumulate_grad_hook"}
 _VALUE_PROPERTIES = {"T", "mT", "H", "mH", "real", "imag"}  # properties that read the values
 _OVERWRITES = {"copy_", "zero_", "fill_", "normal_", "uniform_", "set_", "trunc_normal_"}
 _SILENT = {"detach", "to", "double", "float", "half", "bfloat16", "cpu", "cuda", "clone", "__reduce_ex__",
@@ -366,9 +438,14 @@ def _dispatch(func: Callable, args: tuple, kwargs: dict) -> Any:
     if func == _GRAD_GET and isinstance(args[0], CodedParameter):  # ``W.grad``: DEU's, made whole
         return args[0].layer.scheme.grad(args[0].layer)
     if func == _GRAD_SET and isinstance(args[0], CodedParameter):  # ``W.grad = g`` replaces DEU's too
-        args[0].layer.pending.clear()
+        args[0].layer.drop_gradient()
         set_raw_grad(args[0], args[1])
         return None
+    if func is torch.autograd.grad:
+        return _autograd_grad(args, kwargs)
+    if func is torch.autograd.backward:  # ``backward(inputs=[W, ...])``: no value of W is read
+        with _no_subclass():
+            return func(*args, **kwargs)
     if func in _reads_no_values:
         with _no_subclass():
             return func(*args, **kwargs)
@@ -409,6 +486,22 @@ def _dispatch(func: Callable, args: tuple, kwargs: dict) -> Any:
     if target is not None and name in _OVERWRITES:
         target.layer.fresh = True  # fully overwritten: the master's copy is the new value (shipped next)
     return out
+
+
+def _autograd_grad(args: tuple, kwargs: dict) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad(outputs, inputs)`` with coded weights among ``inputs``: their uses hand
+    autograd dW itself (DEU keeps factors otherwise), and no use of any weight joins a step's update."""
+    inputs = args[1] if len(args) > 1 else kwargs["inputs"]
+    inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+    layers = list({id(t.layer): t.layer for t in inputs if isinstance(t, CODED)}.values())
+    for layer in layers:
+        layer.wanted += 1
+    try:
+        with _no_subclass():
+            return torch.autograd.grad(*args, **kwargs)
+    finally:
+        for layer in layers:
+            layer.wanted -= 1
 
 
 def _transposed(W: Tensor, func: Callable, args: tuple, kwargs: dict) -> Tensor:
@@ -683,7 +776,9 @@ class _CodedProduct(torch.autograd.Function):
         rounds = {ctx.round.key: ctx.round}  # the rounds of this use of the weight
         row, col = layer.keys
         dx = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and torch.is_grad_enabled():  # create_graph: dx differentiable too
+            dx = _CodedProduct.apply(dym, layer.param, layer, not ctx.transpose)
+        elif ctx.needs_input_grad[0]:
             dx, back = layer.round(row if ctx.transpose else col, dym)
             rounds[back.key] = back
         dw = None
@@ -698,12 +793,28 @@ def _refuse_replacing(module: nn.Module, name: str, param: nn.Parameter | None) 
     held = module._parameters.get(name)
     if isinstance(held, CodedParameter) and param is not held:
         raise AttributeError(
-            f"{held.layer.weight_name} is coded on the workers and cannot be replaced by another parameter; "
-            "set its value with model.load_state_dict(...) or in place (with torch.no_grad(): "
-            "w.copy_(value)), which encodes and ships it")
+            f"{held.layer.weight_name} is coded on the workers and cannot be replaced by another parameter "
+            "(an assignment, register_parameter or load_state_dict(..., assign=True)); set its value with "
+            "model.load_state_dict(state) (assign=False) or in place (with torch.no_grad(): w.copy_(value)), "
+            "which encodes and ships it")
 
 
 nn.modules.module.register_module_parameter_registration_hook(_refuse_replacing)
+
+
+class KeptGradientsZeroGrad:
+    """``model.zero_grad`` of a parallelized model: the DEU gradients its coded weights keep are dropped
+    first (torch's ``zero_grad`` reads every ``.grad``, and reading one forms it), then the model's own
+    ``zero_grad`` runs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, set_to_none: bool = True) -> None:
+        if set_to_none:
+            for param in coded_parameters(self.model):
+                param.layer.drop_gradient()
+        type(self.model).zero_grad(self.model, set_to_none)
 
 
 def coded_parameters(model: nn.Module) -> list[CodedParameter]:
@@ -714,5 +825,5 @@ def coded_parameters(model: nn.Module) -> list[CodedParameter]:
     return list(seen.values())
 
 
-__all__ = ["CODED", "CodedLayer", "CodedParameter", "CodedTranspose", "coded_matmul", "coded_parameters",
-           "raw_grad", "set_raw_grad"]
+__all__ = ["CODED", "CodedLayer", "CodedParameter", "CodedTranspose", "KeptGradientsZeroGrad", "coded_matmul",
+           "coded_parameters", "raw_grad", "set_raw_grad"]

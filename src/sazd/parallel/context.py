@@ -77,6 +77,18 @@ class PendingUpdate:
         self.rounds.clear()
 
 
+@dataclass(eq=False)
+class StagedUse:
+    """One use's factors of dW = dY^T X from a backward that may not accumulate gradients (the
+    ``graph_task`` of ``torch.autograd.grad`` never does): they join the pending update only when the
+    weight's gradient accumulation runs in that same backward."""
+
+    graph_task: int
+    X: Tensor
+    dY: Tensor
+    rounds: dict[str, RoundRecord]
+
+
 HeldLayers = tuple["Scheme", list[tuple["CodedLayer", dict]]]  # a scheme and its weights in one optimizer
 
 

@@ -76,10 +76,11 @@ def _zero_grad(optimizer: torch.optim.Optimizer, zero_grad: Callable[..., None])
     """``optimizer.zero_grad`` that also drops the DEU gradients its coded weights keep."""
 
     @functools.wraps(zero_grad)
-    def wrapped(*args: Any, **kwargs: Any) -> None:
-        zero_grad(*args, **kwargs)
-        for layer, _ in _coded_weights(optimizer):
-            layer.pending.clear()
+    def wrapped(set_to_none: bool = True) -> None:
+        if set_to_none:  # dropped before torch's zero_grad reads them (a read forms them)
+            for layer, _ in _coded_weights(optimizer):
+                layer.drop_gradient()
+        zero_grad(set_to_none)
 
     return wrapped
 
@@ -87,6 +88,9 @@ def _zero_grad(optimizer: torch.optim.Optimizer, zero_grad: Callable[..., None])
 def grad_norm(model: nn.Module) -> Tensor:
     """Global 2-norm of every gradient of a parallelized model, DEU's dW = dY^T X kept for the
     workers (``layer.pending``) included."""
+    for layer in coded_layers(model):
+        if layer.spent or (layer.pending and raw_grad(layer.param) is not None):
+            layer.fold_gradient()  # the norm of their sum, not the sum of their norms
     grads = [g for g in map(raw_grad, model.parameters()) if g is not None]
     sq = [torch.linalg.vector_norm(g).square() for g in grads]
     sq += [layer.grad_norm_sq() for layer in coded_layers(model) if layer.pending]
@@ -104,7 +108,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
             g.mul_(coef.to(g))
     for layer in coded_layers(model):
         if layer.pending:
-            layer.pending.scale = coef
+            layer.pending.scale = layer.pending.scale * coef
     return norm
 
 

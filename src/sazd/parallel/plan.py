@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from sazd.codes.base import Code
-from sazd.parallel.coded import CodedLayer, coded_parameters
+from sazd.parallel.coded import CodedLayer, KeptGradientsZeroGrad, coded_parameters
 from sazd.parallel.context import CodedContext, round_up
 from sazd.parallel.schemes import DEFAULT_SCHEME, Scheme, States, get_scheme
 from sazd.runtime.cluster import Cluster, ClusterError
@@ -119,6 +119,7 @@ def parallelize(
             layer = CodedLayer(target.name, target.weight_name, param, ctx, own, target.transposed)
             ctx.add(layer)
             own.hold(layer)
+    model.zero_grad = KeptGradientsZeroGrad(model)
     return model
 
 
@@ -393,7 +394,10 @@ def plain_model(model: nn.Module) -> nn.Module:
     layers = coded_layers(model)
     if layers:
         read_matrices(model)  # every master copy current, in one round
-    return copy.deepcopy(model)
+    plain = copy.deepcopy(model)
+    if isinstance(plain.__dict__.get("zero_grad"), KeptGradientsZeroGrad):
+        del plain.zero_grad
+    return plain
 
 
 def load_weights(model: nn.Module, weights: Mapping[str, Tensor],

@@ -186,16 +186,19 @@ class DEU(Scheme):
             m.show(weights[m.keys[0]])
 
     def weight_grad(self, layer: CodedLayer, xm: Tensor, dym: Tensor,
-                    rounds: dict[str, RoundRecord]) -> None:
-        layer.pending.factors.append((xm.detach(), dym.detach()))
-        layer.pending.rounds = rounds
+                    rounds: dict[str, RoundRecord]) -> Tensor | None:
+        """The factors are staged, and kept if this backward accumulates gradients; dW itself only
+        when something asks for it (a hook, ``torch.autograd.grad``, ``create_graph``)."""
+        if layer.forms_gradient():
+            return layer.to_param(dym.T @ xm)
+        layer.stage(xm, dym, rounds)
         return None
 
     def grad(self, layer: CodedLayer) -> Tensor | None:
         """``W.grad`` read by the user (or ``torch.nn.utils.clip_grad_norm_``): the kept factors are
         formed into it, as autograd would have (outside the optimizer's own step, which must not step
         a DEU weight on the master)."""
-        if layer.pending and not CodedContext.steps_running:
+        if layer.keeps_gradient and not CodedContext.steps_running:
             layer.fold_gradient()
         return raw_grad(layer.param)
 
@@ -281,10 +284,9 @@ class DEU(Scheme):
         step must not see it (it would step the master's copy), so it is hidden until the step ends."""
         ctx.check_alive()  # all layers' updates go out, or none
         for layer in layers:
-            if raw_grad(layer.param) is None:
+            if raw_grad(layer.param) is None and not layer.spent:
                 continue  # the kept factors go out as they are
-            if layer.pending:
-                layer.fold_gradient()
+            layer.fold_gradient()  # the last step's gradient too, when no zero_grad came between
             layer.whole_grad = raw_grad(layer.param)
             set_raw_grad(layer.param, None)
 
@@ -321,7 +323,6 @@ class DEU(Scheme):
             coded = layer.ctx.encode(matrices[key].contiguous(), layer.padded[key][0])
             for j, calls in updates.items():
                 calls.append((key, step, coded[j]))
-        layer.pending.clear()
         layer.fresh = False
 
     @staticmethod
@@ -360,7 +361,7 @@ class DEU(Scheme):
             inputs = record.inputs if fresh else inputs.contiguous()
             for j, calls in updates.items():
                 calls.append((key, step, coded[j], None if j in cached else inputs))
-        pending.clear()
+        layer.spend()
         layer.fresh = False
 
     def update_columns(self, fan: int, batch_rows: int) -> int:
