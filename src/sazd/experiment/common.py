@@ -46,10 +46,10 @@ def claim_out(path: Path, experiment: str) -> DirLock:
     no file can be created, and a directory another
     ``sazd experiment`` holds (its lock names the process). Checked before anything is created, and
     again under the lock."""
-    _check_out(path, experiment)
+    _check_out(path, experiment, locked=False)
     lock = DirLock(output_dir(path, "--out"), "--out").acquire()
     try:
-        _check_out(path, experiment)
+        _check_out(path, experiment, locked=True)
         write_atomic(path / MARKER, experiment + "\n", "experiment marker")
     except BaseException:
         lock.release()
@@ -57,10 +57,10 @@ def claim_out(path: Path, experiment: str) -> DirLock:
     return lock
 
 
-def _check_out(path: Path, experiment: str) -> None:
+def _check_out(path: Path, experiment: str, locked: bool) -> None:
     check_dir(path, "--out")
-    if not path.is_dir():
-        return
+    if not path.is_dir() or (not locked and (path / LOCK_NAME).exists()):
+        return  # a holder may be writing its marker: the lock says who, and the check reruns under it
     entries = [e for e in path.iterdir() if e.name != LOCK_NAME]
     odd = [e.name for e in entries if not (e.is_file() or e.is_dir())]
     if odd:

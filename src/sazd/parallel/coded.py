@@ -202,13 +202,15 @@ class CodedLayer:
         out, record = self.ctx.product(key, xm.T, rows)  # a view: BLAS and the wire take it as it is
         return out[:keep].T, record
 
-    def product(self, xm: Tensor, transpose: bool = False) -> Tensor:
-        """``xm M^T`` (``transpose``: ``xm M``) of a 2-D ``xm`` through the coded copies, differentiable."""
+    def product(self, xm: Tensor, transpose: bool = False, bias: Tensor | None = None,
+                raw: bool = False) -> Tensor:
+        """``xm M^T + bias`` (``transpose``: ``xm M + bias``) of a 2-D ``xm`` through the coded copies,
+        differentiable, laid out as ``F.linear``'s; ``raw``: the decode's (transposed) layout, no bias."""
         self.sync()
         self.drop_unfinished()
         self.last_rows = xm.shape[0]
         self.last_input_grad = xm.requires_grad and torch.is_grad_enabled()
-        return _CodedProduct.apply(xm, self._param, self, transpose)
+        return _CodedProduct.apply(xm, self._param, self, transpose, bias, raw)
 
     # ------------------------------------------------------------ loading
     def load_matrices(self, weights: dict[str, Tensor], momentum: dict[str, Tensor] | None = None,
@@ -585,8 +587,10 @@ def _out_dtype(x: Tensor, W: Tensor) -> torch.dtype:
     return W.dtype
 
 
-def coded_matmul(x: Tensor, W: CodedParameter, bias: Tensor | None, transposed_use: bool) -> Tensor:
-    """``x M^T + bias`` over the last axis of ``x`` (``transposed_use``: ``x M + bias``)."""
+def coded_matmul(x: Tensor, W: CodedParameter, bias: Tensor | None, transposed_use: bool,
+                 raw: bool = False) -> Tensor:
+    """``x M^T + bias`` over the last axis of ``x`` (``transposed_use``: ``x M + bias``); ``raw``: in
+    the decode's layout (for a caller that lays it out itself), no bias."""
     layer = W.layer
     out_dtype = _out_dtype(x, W)
     fan_in = layer.out_features if transposed_use else layer.in_features
@@ -595,17 +599,20 @@ def coded_matmul(x: Tensor, W: CodedParameter, bias: Tensor | None, transposed_u
         raise RuntimeError(f"{layer.weight_name}: input has {x.shape[-1]} features, the coded product "
                            f"takes {fan_in}")
     if not torch.is_autocast_enabled(x.device.type):  # nothing to step out of (entering costs)
-        return _product_plus_bias(x, W, bias, transposed_use, fan_in, fan_out)
+        return _product_plus_bias(x, W, bias, transposed_use, fan_in, fan_out, raw)
     with torch.autocast(x.device.type, enabled=False):
-        y = _product_plus_bias(x, W, bias, transposed_use, fan_in, fan_out)
+        y = _product_plus_bias(x, W, bias, transposed_use, fan_in, fan_out, raw)
     return y.to(out_dtype)
 
 
 def _product_plus_bias(x: Tensor, W: CodedParameter, bias: Tensor | None, transposed_use: bool,
-                       fan_in: int, fan_out: int) -> Tensor:
+                       fan_in: int, fan_out: int, raw: bool) -> Tensor:
     xm = x.reshape(-1, fan_in).to(W.dtype)
-    y = W.layer.product(xm, transposed_use).reshape(*x.shape[:-1], fan_out)
-    return y if bias is None else y + bias.to(W.dtype)
+    bias = None if bias is None else bias.to(W.dtype)
+    if raw or not W.layer.ctx.row_major:  # the decode's layout: no copy
+        y = W.layer.product(xm, transposed_use, None, raw=True).reshape(*x.shape[:-1], fan_out)
+        return y if raw or bias is None else y + bias
+    return W.layer.product(xm, transposed_use, bias).reshape(*x.shape[:-1], fan_out)
 
 
 def _linear(args: tuple, kwargs: dict) -> Any:
@@ -666,8 +673,10 @@ def _coded_conv(x: Tensor, W: CodedParameter, bias: Tensor | None, geometry: dic
     ho, wo = (_conv_out(x.shape[2 + i], i, geometry) for i in (0, 1))
     cols = F.unfold(x, **geometry)  # (B, C*kh*kw, L) patches; autograd's backward is F.fold
     xm = cols.transpose(1, 2).reshape(B * ho * wo, layer.in_features)
-    ym = coded_matmul(xm, W, None, transposed_use=False)
+    ym = coded_matmul(xm, W, None, transposed_use=False, raw=True)  # (N, out) in (out, N) memory
     y = ym.reshape(B, ho, wo, layer.out_features).permute(0, 3, 1, 2)
+    if layer.ctx.row_major:
+        y = y.contiguous()  # NCHW, as conv2d's (see ``CodedContext.row_major``)
     return y if bias is None else y + bias.to(y.dtype).view(1, -1, 1, 1)
 
 
@@ -760,24 +769,30 @@ class _CodedProduct(torch.autograd.Function):
     hands the weight gradient to (naive: dW; DEU: None, the scheme keeps the factors of dW)."""
 
     @staticmethod
-    def forward(ctx: Any, xm: Tensor, weight: Tensor, layer: CodedLayer, transpose: bool) -> Tensor:
+    def forward(ctx: Any, xm: Tensor, weight: Tensor, layer: CodedLayer, transpose: bool,
+                bias: Tensor | None, raw: bool) -> Tensor:
         ctx.layer, ctx.transpose = layer, transpose
         ctx.save_for_backward(xm)
         row, col = layer.keys
         out, ctx.round = layer.round(col if transpose else row, xm)
-        # A view of the decode's buffer as autograd sees it: in-place edits of the product downstream
-        # (``y.add_``) would then be refused. Its data alone is the product.
-        return out.detach()
+        if raw:  # the data alone: a view of the decode's buffer would refuse in-place edits downstream
+            return out.detach()
+        # Row-major (N, out) as F.linear's (``CodedContext.row_major``): dropout draws its mask in memory
+        # order. The bias rides on the one copy that lays it out.
+        y = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+        if bias is None:
+            return y.copy_(out)
+        return torch.add(out, bias, out=y)
 
     @staticmethod
-    def backward(ctx: Any, dym: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+    def backward(ctx: Any, dym: Tensor) -> tuple[Tensor | None, ...]:
         (xm,) = ctx.saved_tensors
         layer: CodedLayer = ctx.layer
         rounds = {ctx.round.key: ctx.round}  # the rounds of this use of the weight
         row, col = layer.keys
         dx = None
         if ctx.needs_input_grad[0] and torch.is_grad_enabled():  # create_graph: dx differentiable too
-            dx = _CodedProduct.apply(dym, layer.param, layer, not ctx.transpose)
+            dx = _CodedProduct.apply(dym, layer.param, layer, not ctx.transpose, None, False)
         elif ctx.needs_input_grad[0]:
             dx, back = layer.round(row if ctx.transpose else col, dym)
             rounds[back.key] = back
@@ -785,7 +800,8 @@ class _CodedProduct(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             X, dY = (dym, xm) if ctx.transpose else (xm, dym)  # dM = dY^T X
             dw = layer.scheme.weight_grad(layer, X, dY, rounds)
-        return dx, dw, None, None
+        dbias = dym.sum(0) if ctx.needs_input_grad[4] else None
+        return dx, dw, None, None, dbias, None
 
 
 def _refuse_replacing(module: nn.Module, name: str, param: nn.Parameter | None) -> None:

@@ -89,6 +89,24 @@ class StagedUse:
     rounds: dict[str, RoundRecord]
 
 
+def _drops_out(model: nn.Module) -> bool:
+    dropouts = (m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd))
+    return any(m.p > 0 and m.training for m in dropouts)
+
+
+def watch_dropout(model: nn.Module, ctx: CodedContext) -> int:
+    """Before every forward of ``model``: whether it drops out now (``train()``/``eval()`` change it).
+    Returns the hook's id in ``model._forward_pre_hooks``."""
+    ref = weakref.ref(ctx)
+
+    def check(module: nn.Module, args: tuple) -> None:
+        held = ref()
+        if held is not None:
+            held.row_major = _drops_out(module)
+
+    return model.register_forward_pre_hook(check).id
+
+
 HeldLayers = tuple["Scheme", list[tuple["CodedLayer", dict]]]  # a scheme and its weights in one optimizer
 
 
@@ -115,6 +133,10 @@ class CodedContext:
         CodedContext.live.add(self)
         self.rounds: dict[str, RoundRecord] = {}  # block key -> its latest round
         self._queued: dict[int, list[tuple[str, tuple]]] | None = None  # inside batched(): per worker
+        # Whether the model runs dropout in training: products are then laid out row-major as F.linear's
+        # (one transposing copy each), so that masks, drawn in memory order, fall as on the plain model.
+        self.row_major = model is not None and _drops_out(model)
+        self.dropout_hook = -1  # the id of the forward pre-hook that keeps ``row_major`` current
 
     def add(self, layer: CodedLayer) -> None:
         """A coded weight of this model."""

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from sazd.codes.base import Code
 from sazd.parallel.coded import CodedLayer, KeptGradientsZeroGrad, coded_parameters
-from sazd.parallel.context import CodedContext, round_up
+from sazd.parallel.context import CodedContext, round_up, watch_dropout
 from sazd.parallel.schemes import DEFAULT_SCHEME, Scheme, States, get_scheme
 from sazd.runtime.cluster import Cluster, ClusterError
 
@@ -120,6 +120,7 @@ def parallelize(
             ctx.add(layer)
             own.hold(layer)
     model.zero_grad = KeptGradientsZeroGrad(model)
+    ctx.dropout_hook = watch_dropout(model, ctx)
     return model
 
 
@@ -397,6 +398,8 @@ def plain_model(model: nn.Module) -> nn.Module:
     plain = copy.deepcopy(model)
     if isinstance(plain.__dict__.get("zero_grad"), KeptGradientsZeroGrad):
         del plain.zero_grad
+    if layers:
+        plain._forward_pre_hooks.pop(layers[0].ctx.dropout_hook, None)
     return plain
 
 

@@ -1,0 +1,98 @@
+"""A coded Hugging Face model trained the way its users train it: dropout on (the configs' default),
+the same seed as the plain run, and transformers' own ``Trainer`` (gradient accumulation, gradient
+clipping, ``model.zero_grad()``, ``save_model``). Oracle: the plain model trained the same way, float64."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import sazd
+from sazd.codes import get_code
+from sazd.parallel import coded_layers, context
+from sazd.runtime.inproc import InProcessCluster
+
+transformers = pytest.importorskip("transformers")
+
+F64 = torch.float64
+VOCAB = 96
+
+
+def gpt2(dropout: float = 0.1) -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=64, n_layer=2, n_head=4,
+                                     resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    return transformers.GPT2LMHeadModel(config).to(F64)
+
+
+def coded(model: nn.Module, scheme: str) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tied head, left on the master and said
+        return sazd.parallelize(model, get_code("sazd", n=6, k=4), InProcessCluster(6), scheme=scheme)
+
+
+def optimizer(model: nn.Module, scheme: str) -> torch.optim.Optimizer:
+    if scheme == "naive":
+        return torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+
+def tokens(seed: int, rows: int = 4) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (rows, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def worst_gap(a: nn.Module, b: nn.Module) -> float:
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    with torch.no_grad():
+        return max(float((p - q).abs().max()) for p, q in pairs)
+
+
+@pytest.mark.parametrize("scheme", ["naive", "deu"])
+def test_dropout_drops_the_same_elements_as_on_the_plain_model(scheme):
+    """Dropout draws its mask in memory order: a coded product laid out otherwise than ``F.linear``'s
+    would drop other elements under the same seed, and training would part from plain PyTorch's."""
+    plain = gpt2()
+    model = coded(copy.deepcopy(plain), scheme)
+    opts = (optimizer(plain, scheme), sazd.coded_optimizer(optimizer(model, scheme)))
+    for step in range(3):
+        ids = tokens(step)
+        for m, opt in zip((plain, model), opts, strict=True):
+            torch.manual_seed(100 + step)
+            opt.zero_grad()
+            m(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+    assert worst_gap(model, plain) <= 1e-10
+    assert context(model).row_major  # dropout on, in training: row-major products
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=tokens(9))
+    assert not context(model).row_major  # in eval, no copy to lay them out
+
+
+@pytest.mark.parametrize("scheme", ["naive", "deu"])
+def test_transformers_trainer_trains_a_coded_model_as_the_plain_one(scheme, tmp_path):
+    data = [{"input_ids": t, "labels": t.clone()} for t in tokens(3, rows=24)]
+
+    def train(model: nn.Module, make: Callable, out: str) -> nn.Module:
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / out), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+            max_steps=3, max_grad_norm=0.5, report_to=[], save_strategy="no", logging_strategy="no",
+            use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
+                                       optimizers=(make(optimizer(model, scheme)), None))
+        trainer.train()
+        trainer.save_model(str(tmp_path / out / "model"))
+        return transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / out / "model"), dtype=F64)
+
+    plain = gpt2()
+    model = coded(copy.deepcopy(plain), scheme)
+    assert len(coded_layers(model)) == 8
+    want = train(plain, lambda opt: opt, "plain")
+    got = train(model, sazd.coded_optimizer, "coded")
+    assert worst_gap(got, want) <= 1e-10  # reloaded plain from the coded run's save_pretrained
+    assert worst_gap(got, sazd.parallel.plain_model(model)) == 0.0
