@@ -30,6 +30,16 @@ def gpt2(dropout: float = 0.1) -> nn.Module:
     return transformers.GPT2LMHeadModel(config).to(F64)
 
 
+def bart(dropout: float = 0.1) -> nn.Module:
+    """BART drops out functionally (``F.dropout(x, p=self.dropout)``), no ``nn.Dropout`` module."""
+    torch.manual_seed(0)
+    config = transformers.BartConfig(
+        vocab_size=VOCAB, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
+        dropout=dropout, activation_dropout=dropout)
+    return transformers.BartForConditionalGeneration(config).to(F64)
+
+
 def coded(model: nn.Module, scheme: str) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tied head, left on the master and said
@@ -53,10 +63,11 @@ def worst_gap(a: nn.Module, b: nn.Module) -> float:
 
 
 @pytest.mark.parametrize("scheme", ["naive", "deu"])
-def test_dropout_drops_the_same_elements_as_on_the_plain_model(scheme):
+@pytest.mark.parametrize("make", [gpt2, bart], ids=["nn.Dropout", "F.dropout"])
+def test_dropout_drops_the_same_elements_as_on_the_plain_model(scheme, make):
     """Dropout draws its mask in memory order: a coded product laid out otherwise than ``F.linear``'s
     would drop other elements under the same seed, and training would part from plain PyTorch's."""
-    plain = gpt2()
+    plain = make()
     model = coded(copy.deepcopy(plain), scheme)
     opts = (optimizer(plain, scheme), sazd.coded_optimizer(optimizer(model, scheme)))
     for step in range(3):
@@ -67,6 +78,8 @@ def test_dropout_drops_the_same_elements_as_on_the_plain_model(scheme):
             m(input_ids=ids, labels=ids).loss.backward()
             opt.step()
     assert worst_gap(model, plain) <= 1e-10
+    model.train(False)
+    model.train()  # a forward after train() checks again
     assert context(model).row_major  # dropout on, in training: row-major products
     model.eval()
     with torch.no_grad():

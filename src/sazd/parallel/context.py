@@ -90,18 +90,30 @@ class StagedUse:
 
 
 def _drops_out(model: nn.Module) -> bool:
-    dropouts = (m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd))
-    return any(m.p > 0 and m.training for m in dropouts)
+    """Whether a module in training drops out: an ``nn.Dropout`` (any kind) with p > 0, or a float
+    attribute named for dropout above 0 (transformers' convention for ``F.dropout(x, p=self.dropout)``)."""
+    for m in model.modules():
+        if not m.training:
+            continue
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            if m.p > 0:
+                return True
+            continue
+        if any("dropout" in name and isinstance(v, float) and v > 0 for name, v in vars(m).items()):
+            return True
+    return False
 
 
 def watch_dropout(model: nn.Module, ctx: CodedContext) -> int:
-    """Before every forward of ``model``: whether it drops out now (``train()``/``eval()`` change it).
-    Returns the hook's id in ``model._forward_pre_hooks``."""
+    """Before a forward of ``model`` after ``train()`` or ``eval()``: whether it drops out now. Returns
+    the hook's id in ``model._forward_pre_hooks``."""
     ref = weakref.ref(ctx)
+    seen = [model.training]
 
     def check(module: nn.Module, args: tuple) -> None:
         held = ref()
-        if held is not None:
+        if held is not None and module.training != seen[0]:
+            seen[0] = module.training
             held.row_major = _drops_out(module)
 
     return model.register_forward_pre_hook(check).id
