@@ -419,3 +419,26 @@ def test_a_worker_that_stalls_in_a_round_of_exactly_k_idle_ones_is_not_waited_fo
     assert answers.workers == frozenset({0, 1, 2, 3, 4})
     assert sorted(answers.results) == [1, 2, 3, 4] and 0 in cluster.alive()
     assert all(torch.equal(r, blocks[j] @ x) for j, r in answers.results.items())
+
+
+def test_declared_spares_run_first_in_every_burst_and_the_rest_take_turns(monkeypatch):
+    """The call run first in a burst measures slow (cold caches after the master's own work), an
+    artifact of running the workers one after another: the spares take it, and the preferred workers
+    take turns at running right after them, so that none of them is made a permanent straggler."""
+    cluster, _ = loaded_cluster()
+    cluster.spare([4, 5])
+    order: list[int] = []
+    for worker in cluster.workers:
+        real = worker.matmul
+        monkeypatch.setattr(worker, "matmul", lambda key, x, real=real, j=worker.index: order.append(j) or
+                            real(key, x))
+    x = torch.ones(COLS, BATCH, dtype=torch.float64)
+    firsts = []
+    for _ in range(N):
+        order.clear()
+        cluster.first_k(cluster.submit("matmul", ("w", x)), N)
+        assert sorted(order[:2]) == [4, 5] and sorted(order[2:]) == [0, 1, 2, 3]
+        firsts.append(order[2])
+    assert set(firsts) == {0, 1, 2, 3}  # each preferred worker ran first after the spares in some round
+    with pytest.raises(ValueError, match="distinct ids"):
+        cluster.spare([6])

@@ -183,6 +183,7 @@ class InProcessCluster(Cluster):
         self._in_free = 0.0  # master link, incoming side, busy until
         self._closed = False
         self._sent = SentTensors()
+        self._spares: set[int] = set()  # run first in each burst (see ``submit``)
 
     # ------------------------------------------------------------------ rounds
     @_master_clock
@@ -202,11 +203,13 @@ class InProcessCluster(Cluster):
             self.counters.bytes_to_workers += nbytes
             self.counters.calls += 1
             arrive[j] = self._send(nbytes)
-        # The call run first in a burst measures slower (cold caches after the master's own work):
-        # starting each round at the next worker spreads that over all of them, instead of making
-        # worker 0 the permanent straggler (and every decode one from parities).
+        # The call run first in a burst measures slower (cold caches after the master's own work), an
+        # artifact of running the workers one after another. The spares run first and take it, as on
+        # shared cores their lower priority makes them answer last; starting each round at the next
+        # worker spreads the rest over all of them, so that no worker is the permanent straggler.
         turn = self.counters.rounds % len(workers)
-        for j in workers[turn:] + workers[:turn]:
+        rotated = workers[turn:] + workers[:turn]
+        for j in [j for j in rotated if j in self._spares] + [j for j in rotated if j not in self._spares]:
             try:
                 calls[j] = self._execute(j, method, per_worker[j], arrive=arrive[j])
             except Exception as err:
@@ -362,6 +365,10 @@ class InProcessCluster(Cluster):
         self._pending = [deque() for _ in range(self.n)]
 
     # --------------------------------------------------------------- internals
+    def spare(self, workers: Sequence[int]) -> None:
+        """``workers`` answer only when others are late: they run first in each burst (see ``submit``)."""
+        self._spares.update(self._check_workers(workers))
+
     def _execute(self, j: int, method: str, args: tuple, arrive: float) -> _Call:
         task = self._tasks[j]
         self._tasks[j] += 1
