@@ -2,7 +2,8 @@
 
 Every call really executes (results are real) at ``submit`` time, in submission order per worker,
 so side effects such as updates happen in order even when the answer is later discarded (within one
-round, the workers take turns at running first: a burst's first call measures slow). Its
+round, a burst's first call measures slow: the spares ``spare`` declares run first, the others take
+turns after them). Its
 duration is measured (``time.perf_counter`` around the call; or the constant ``base_time_s``, for
 deterministic simulations) and turned into a simulated duration by the latency model.
 
