@@ -246,3 +246,42 @@ def test_load_state_dict_with_assign_names_the_action_and_the_fix():
     with torch.no_grad():
         plain.load_state_dict({k: v * 2 for k, v in plain.state_dict().items()})
         assert float((model(x) - plain(x)).abs().max()) <= 1e-12
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_torch_func_grad_over_the_models_own_parameters_uses_their_current_values_and_says_so(scheme):
+    """``torch.func.grad`` wraps the parameters and ``functional_call`` swaps the wrappers in: the
+    forward never reaches sazd and computes with the master's copies, which after a DEU step are stale
+    until decoded. They are made current, and the use is said."""
+    plain, model = pair(scheme)
+    for m in (plain, model):
+        opt = sgd(m) if m is model else torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        loss_of(m, 0).backward()
+        opt.step()
+
+    def grads(m: nn.Module) -> dict[str, torch.Tensor]:
+        x, y = batch(1)
+        loss = lambda params: (torch.func.functional_call(m, params, (x,)) - y).square().mean()  # noqa: E731
+        return torch.func.grad(loss)(dict(m.named_parameters()))
+
+    want = grads(plain)
+    with pytest.warns(UserWarning, match="torch.func over functional_call on the coded weight 0.weight"):
+        got = grads(model)
+    assert all(float((got[k] - want[k]).abs().max()) <= 1e-13 for k in want)
+    replaced = {k: v.detach().clone() * 0.5 for k, v in plain.named_parameters()}  # the user's own tensors
+    x, _ = batch(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # values not the coded weights: nothing to say
+        out = torch.func.functional_call(model, replaced, (x,))
+    assert float((out - torch.func.functional_call(plain, replaced, (x,))).abs().max()) <= 1e-13
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_torch_func_transform_reaching_a_coded_product_names_the_fix(scheme):
+    _, model = pair(scheme)
+    x, _ = batch(0)
+    with pytest.raises(RuntimeError, match=r"0\.weight: a coded product cannot run under a torch\.func "
+                                           r"transform.*plain_model"):
+        torch.func.vmap(lambda row: model(row.unsqueeze(0)).squeeze(0))(x)
+    with torch.no_grad():
+        assert model(x).shape == (10, 6)  # and the model goes on

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sazd.parallel.context import CodedContext, PendingUpdate, RoundRecord, StagedUse, round_up
+from sazd.parallel.context import CodedContext, PendingUpdate, RoundRecord, StagedUse, drops_out, round_up
 from sazd.runtime.cluster import ClusterError, PerWorker
 
 if TYPE_CHECKING:
@@ -206,6 +206,11 @@ class CodedLayer:
                 raw: bool = False) -> Tensor:
         """``xm M^T + bias`` (``transpose``: ``xm M + bias``) of a 2-D ``xm`` through the coded copies,
         differentiable, laid out as ``F.linear``'s; ``raw``: the decode's (transposed) layout, no bias."""
+        if torch._C._are_functorch_transforms_active():
+            raise RuntimeError(
+                f"{self.weight_name}: a coded product cannot run under a torch.func transform (vmap, grad, "
+                "jacrev, ...): the workers compute it outside them; use torch.autograd.grad or "
+                "torch.autograd.functional, or transform a plain copy, sazd.parallel.plain_model(model)")
         self.sync()
         self.drop_unfinished()
         self.last_rows = xm.shape[0]
@@ -818,6 +823,41 @@ def _refuse_replacing(module: nn.Module, name: str, param: nn.Parameter | None) 
 nn.modules.module.register_module_parameter_registration_hook(_refuse_replacing)
 
 
+def watch_forward(model: nn.Module, ctx: CodedContext, slots: Sequence[tuple[nn.Module, str, CodedLayer]],
+                  ) -> int:
+    """Hook every forward of ``model``; returns the hook's id in ``model._forward_pre_hooks``. After
+    ``train()`` or ``eval()`` it checks whether the model drops out (``CodedContext.row_major``). When
+    ``torch.func.functional_call`` has swapped a coded weight out of its module (``slots``: module,
+    attribute, layer) for a functorch-wrapped copy of itself (``torch.func.grad`` over the model's own
+    parameters), the forward computes with the master's copy, out of sazd's sight: that copy is made
+    current (DEU decodes it) and the use said."""
+    ref = weakref.ref(ctx)
+    seen = [model.training]
+
+    def before_forward(module: nn.Module, args: tuple) -> None:
+        held = ref()
+        if held is None:
+            return
+        if module.training != seen[0]:
+            seen[0] = module.training
+            held.row_major = drops_out(module)
+        for owner, attr, layer in slots:
+            swapped = owner._parameters.get(attr)
+            if swapped is not layer.param and _unwrapped(swapped) is layer.param:
+                _warn_once("torch.func over functional_call", layer)
+                with torch._C._DisableFuncTorch():  # the decode's own tensors are no transform's
+                    layer.refresh()
+
+    return model.register_forward_pre_hook(before_forward).id
+
+
+def _unwrapped(t: Any) -> Any:
+    functorch = torch._C._functorch
+    while isinstance(t, Tensor) and functorch.is_functorch_wrapped_tensor(t):
+        t = functorch.get_unwrapped(t)
+    return t
+
+
 class KeptGradientsZeroGrad:
     """``model.zero_grad`` of a parallelized model: the DEU gradients its coded weights keep are dropped
     first (torch's ``zero_grad`` reads every ``.grad``, and reading one forms it), then the model's own
@@ -842,4 +882,4 @@ def coded_parameters(model: nn.Module) -> list[CodedParameter]:
 
 
 __all__ = ["CODED", "CodedLayer", "CodedParameter", "CodedTranspose", "KeptGradientsZeroGrad", "coded_matmul",
-           "coded_parameters", "raw_grad", "set_raw_grad"]
+           "coded_parameters", "raw_grad", "set_raw_grad", "watch_forward"]

@@ -89,7 +89,7 @@ class StagedUse:
     rounds: dict[str, RoundRecord]
 
 
-def _drops_out(model: nn.Module) -> bool:
+def drops_out(model: nn.Module) -> bool:
     """Whether a module in training drops out: an ``nn.Dropout`` (any kind) with p > 0, or a float
     attribute named for dropout above 0 (transformers' convention for ``F.dropout(x, p=self.dropout)``)."""
     for m in model.modules():
@@ -102,21 +102,6 @@ def _drops_out(model: nn.Module) -> bool:
         if any("dropout" in name and isinstance(v, float) and v > 0 for name, v in vars(m).items()):
             return True
     return False
-
-
-def watch_dropout(model: nn.Module, ctx: CodedContext) -> int:
-    """Before a forward of ``model`` after ``train()`` or ``eval()``: whether it drops out now. Returns
-    the hook's id in ``model._forward_pre_hooks``."""
-    ref = weakref.ref(ctx)
-    seen = [model.training]
-
-    def check(module: nn.Module, args: tuple) -> None:
-        held = ref()
-        if held is not None and module.training != seen[0]:
-            seen[0] = module.training
-            held.row_major = _drops_out(module)
-
-    return model.register_forward_pre_hook(check).id
 
 
 HeldLayers = tuple["Scheme", list[tuple["CodedLayer", dict]]]  # a scheme and its weights in one optimizer
@@ -147,8 +132,8 @@ class CodedContext:
         self._queued: dict[int, list[tuple[str, tuple]]] | None = None  # inside batched(): per worker
         # Whether the model runs dropout in training: products are then laid out row-major as F.linear's
         # (one transposing copy each), so that masks, drawn in memory order, fall as on the plain model.
-        self.row_major = model is not None and _drops_out(model)
-        self.dropout_hook = -1  # the id of the forward pre-hook that keeps ``row_major`` current
+        self.row_major = model is not None and drops_out(model)
+        self.forward_hook = -1  # the id of the model's forward pre-hook (``coded.watch_forward``)
 
     def add(self, layer: CodedLayer) -> None:
         """A coded weight of this model."""

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from sazd.codes.base import Code
-from sazd.parallel.coded import CodedLayer, KeptGradientsZeroGrad, coded_parameters
-from sazd.parallel.context import CodedContext, round_up, watch_dropout
+from sazd.parallel.coded import CodedLayer, KeptGradientsZeroGrad, coded_parameters, watch_forward
+from sazd.parallel.context import CodedContext, round_up
 from sazd.parallel.schemes import DEFAULT_SCHEME, Scheme, States, get_scheme
 from sazd.runtime.cluster import Cluster, ClusterError
 
@@ -112,15 +112,18 @@ def parallelize(
                       UserWarning, stacklevel=2)
     ctx = CodedContext(code, cluster, scheme, model, decode_device)
     ctx.left_on_master = left
+    slots = []  # (module, attribute, layer) of every coded weight
     with ctx.batched():
         for target, style in targets:
-            param = getattr(model.get_submodule(target.module), target.attr)
+            owner = model.get_submodule(target.module)
+            param = getattr(owner, target.attr)
             own = scheme if style.scheme is None else get_scheme(style.scheme)
             layer = CodedLayer(target.name, target.weight_name, param, ctx, own, target.transposed)
             ctx.add(layer)
             own.hold(layer)
+            slots.append((owner, target.attr, layer))
     model.zero_grad = KeptGradientsZeroGrad(model)
-    ctx.dropout_hook = watch_dropout(model, ctx)
+    ctx.forward_hook = watch_forward(model, ctx, slots)
     return model
 
 
@@ -399,7 +402,7 @@ def plain_model(model: nn.Module) -> nn.Module:
     if isinstance(plain.__dict__.get("zero_grad"), KeptGradientsZeroGrad):
         del plain.zero_grad
     if layers:
-        plain._forward_pre_hooks.pop(layers[0].ctx.dropout_hook, None)
+        plain._forward_pre_hooks.pop(layers[0].ctx.forward_hook, None)
     return plain
 
 
