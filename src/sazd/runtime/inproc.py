@@ -187,6 +187,10 @@ class InProcessCluster(Cluster):
         self._spares: set[int] = set()  # run first in each burst (see ``submit``)
 
     # ------------------------------------------------------------------ rounds
+    def spare(self, workers: Sequence[int]) -> None:
+        """``workers`` answer only when others are late: they run first in each burst (see ``submit``)."""
+        self._spares.update(self._check_workers(workers))
+
     @_master_clock
     def submit(
         self, method: str, args: Sequence[tuple] | tuple, workers: Sequence[int] | None = None
@@ -366,10 +370,6 @@ class InProcessCluster(Cluster):
         self._pending = [deque() for _ in range(self.n)]
 
     # --------------------------------------------------------------- internals
-    def spare(self, workers: Sequence[int]) -> None:
-        """``workers`` answer only when others are late: they run first in each burst (see ``submit``)."""
-        self._spares.update(self._check_workers(workers))
-
     def _execute(self, j: int, method: str, args: tuple, arrive: float) -> _Call:
         task = self._tasks[j]
         self._tasks[j] += 1
