@@ -303,9 +303,7 @@ class CodedLayer:
             if not kept:
                 continue
             X, dY = kept.stacked()
-            grad = self.to_param(dY.T @ X)
-            if not (isinstance(kept.scale, float) and kept.scale == 1.0):
-                grad = grad * kept.scale
+            grad = kept.scaled(self.to_param(dY.T @ X))
             held = raw_grad(self._param)
             if held is None:
                 set_raw_grad(self._param, grad.to(self._param.dtype))

@@ -65,6 +65,10 @@ class PendingUpdate:
     def __bool__(self) -> bool:
         return bool(self.factors)
 
+    def scaled(self, t: Tensor) -> Tensor:
+        """``t`` (a factor or the formed gradient) times ``scale``; ``t`` itself when it is 1."""
+        return t if isinstance(self.scale, float) and self.scale == 1.0 else t * self.scale
+
     def stacked(self) -> tuple[Tensor, Tensor]:
         """(X, dY) of every use, stacked: dW = dY^T X."""
         if len(self.factors) == 1:

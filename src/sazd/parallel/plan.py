@@ -236,6 +236,8 @@ def product_weights(name: str, m: nn.Module | None, explicit: bool = False) -> l
 
 
 LOOKUPS = (nn.Embedding, nn.EmbeddingBag)  # their weight is indexed, never multiplied
+CODED_KINDS = ("nn.Linear, nn.Conv1d and nn.Conv2d (groups=1), transformers' Conv1D and "
+               "nn.MultiheadAttention's in_proj_weight")  # what the automatic plan codes, for messages
 
 
 def _is_wide_matrix(p: Tensor | None, min_features: int) -> bool:
@@ -256,9 +258,8 @@ def _unknown_matrices(model: nn.Module, left: Mapping[str, str], min_features: i
         if isinstance(m, nn.modules.conv._ConvNd):  # Conv3d, ConvTranspose*: a matrix, not coded
             weight = m.weight
             if min(weight.shape[0], weight[0].numel()) >= min_features:
-                out[name] = (f"it is a {type(m).__name__}; sazd codes the weights of nn.Linear, nn.Conv1d "
-                             "and nn.Conv2d (groups=1), transformers' Conv1D and nn.MultiheadAttention, so "
-                             "it stays on the master")
+                out[name] = (f"it is a {type(m).__name__}; sazd codes the weights of {CODED_KINDS}, so it "
+                             "stays on the master")
             continue
         wide = {attr: tuple(p.shape) for attr, p in m._parameters.items() if _is_wide_matrix(p, min_features)}
         stacks = {attr: shape for attr, shape in wide.items() if len(shape) > 2}
@@ -280,8 +281,7 @@ def why_not_codable(name: str, m: nn.Module, modules: Mapping[str, nn.Module],
     targets = product_weights(name, m, explicit)
     if not targets:
         return (f"it is a {type(m).__name__}, which holds no weight matrix a product reads (coded: "
-                "nn.Linear, nn.Conv2d, nn.Conv1d, transformers' Conv1D, nn.MultiheadAttention's "
-                "in_proj_weight; named in a plan, any module's own 2-D parameters)")
+                f"{CODED_KINDS}; named in a plan, any module's own 2-D parameters)")
     for t in targets:
         param = getattr(m, t.attr)
         if not isinstance(param, nn.Parameter):

@@ -342,8 +342,7 @@ class DEU(Scheme):
         else:
             layer.col_stale = True
         for key, (left, inputs, rows) in factors.items():
-            if not (isinstance(pending.scale, float) and pending.scale == 1.0):
-                left = left * pending.scale
+            left = pending.scaled(left)
             if self.ships_gradient(X.shape[0], inputs.shape[0]):
                 with layer.ctx.cluster.between_rounds():  # the product of the step, no round in flight
                     gradient = left @ inputs.T
