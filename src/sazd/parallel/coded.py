@@ -30,6 +30,7 @@ re-encodes the blocks in the new dtype. Widths not divisible by k are padded wit
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -39,13 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sazd.parallel.context import CodedContext, PendingUpdate, RoundRecord, StagedUse, drops_out, round_up
+from sazd.parallel.context import CodedContext, PendingUpdate, RoundRecord, StagedUse, round_up
 from sazd.runtime.cluster import ClusterError, PerWorker
 
 if TYPE_CHECKING:
     from sazd.parallel.schemes import Scheme
 
 _no_subclass = torch._C.DisableTorchFunctionSubclass
+KEPT_FACTORS_LIMIT = 2  # DEU keeps a gradient as factors up to this many times the weight's size
 
 
 def _graph_task() -> int:
@@ -79,6 +81,7 @@ class CodedLayer:
         self.wanted = 0  # ``torch.autograd.grad`` calls under way that ask for this weight's gradient
         self._watching = False  # whether the weight's gradient accumulation calls ``commit_staged``
         self.warned: set[str] = set()  # the operations already said to run on the master's copy
+        self.data_parallel = False  # the last forward ran inside DistributedDataParallel
         self.whole_grad: Tensor | None = None  # DEU: a ``.grad`` this step sends, hidden from torch's step
         self.stepped_by: weakref.ref | None = None  # the optimizer made by ``coded_optimizer`` holding it
         self.last_rows, self.last_input_grad = 0, False  # shape of the last batch, for the bytes formula
@@ -135,7 +138,7 @@ class CodedLayer:
         if self.fresh:
             return
         if operation is not None:
-            _warn_once(operation, self)
+            warn_once(operation, self)
         self.scheme.refresh(self)
 
     def show(self, M: Tensor) -> None:
@@ -206,6 +209,12 @@ class CodedLayer:
                 raw: bool = False) -> Tensor:
         """``xm M^T + bias`` (``transpose``: ``xm M + bias``) of a 2-D ``xm`` through the coded copies,
         differentiable, laid out as ``F.linear``'s; ``raw``: the decode's (transposed) layout, no bias."""
+        if torch.jit.is_tracing():
+            raise RuntimeError(
+                f"{self.weight_name}: torch.jit.trace cannot record a coded product: the trace would replay "
+                "the master's copy of the weight, out of sazd's sight (no coded round; under DEU a stale "
+                "copy); trace a plain copy, sazd.parallel.plain_model(model), or use torch.compile(model), "
+                "which keeps the coded rounds")
         if torch._C._are_functorch_transforms_active():
             raise RuntimeError(
                 f"{self.weight_name}: a coded product cannot run under a torch.func transform (vmap, grad, "
@@ -214,6 +223,8 @@ class CodedLayer:
         self.sync()
         self.drop_unfinished()
         self.last_rows = xm.shape[0]
+        # DistributedDataParallel averages ``.grad`` across ranks: DEU's kept factors would escape it
+        self.data_parallel = nn.parallel.DistributedDataParallel._active_ddp_module is not None
         self.last_input_grad = xm.requires_grad and torch.is_grad_enabled()
         return _CodedProduct.apply(xm, self._param, self, transpose, bias, raw)
 
@@ -241,10 +252,11 @@ class CodedLayer:
     # ------------------------------------------------- DEU's kept gradient
     def forms_gradient(self) -> bool:
         """Whether a backward must hand autograd dW itself rather than keep its factors: a hook on the
-        weight (``W.register_hook``), ``torch.autograd.grad`` asking for it, or ``create_graph=True``."""
+        weight (``W.register_hook``), ``torch.autograd.grad`` asking for it, ``create_graph=True``, or a
+        forward inside ``DistributedDataParallel`` (whose hooks average ``.grad`` across ranks)."""
         with _no_subclass():
             hooked = bool(self._param._backward_hooks)
-        return hooked or self.wanted > 0 or torch.is_grad_enabled()
+        return hooked or self.wanted > 0 or torch.is_grad_enabled() or self.data_parallel
 
     def stage(self, X: Tensor, dY: Tensor, rounds: dict[str, RoundRecord]) -> None:
         if not self._watching:  # hooked at the first backward: a frozen weight takes no hook
@@ -272,7 +284,12 @@ class CodedLayer:
             if use.graph_task == task:
                 self.pending.factors.append((use.X, use.dY))
                 self.pending.rounds = use.rounds
+                self.pending.backwards.add(task)
         self.staged = [use for use in self.staged if use.graph_task != task]
+        kept_rows = sum(x.shape[0] for x, _ in self.pending.factors)
+        if len(self.pending.backwards) > 1 and kept_rows * (self.in_features + self.out_features) > (
+                KEPT_FACTORS_LIMIT * self.in_features * self.out_features):
+            self.fold_gradient()  # backwards with no step between: torch's one .grad, not a growing list
 
     def drop_unfinished(self) -> None:
         """Outside any backward: uses staged by ``torch.autograd.grad`` calls are no gradient."""
@@ -471,6 +488,12 @@ def _dispatch(func: Callable, args: tuple, kwargs: dict) -> Any:
     if name == "__get__":  # a property that reads the values: name it after the property
         name = getattr(owner, "__name__", name)
     first = args[0] if args else None
+    if name == "detach" and isinstance(first, CodedParameter) and _making_a_parameter():
+        raise RuntimeError(
+            f"nn.Parameter({first.layer.weight_name}) of a coded weight: a new parameter made from it would "
+            "leave the code (torch.nn.utils.parametrize, weight_norm and spectral_norm parametrizations "
+            "make one); make it from a plain copy, nn.Parameter(w.detach().clone()), parametrize the plain "
+            "model before sazd.parallelize, or leave the module on the master (plan={name: 'master'})")
     if (name in _TRANSPOSES and isinstance(first, CODED) and first.dim() == 2
             and _transposes(name, args, kwargs)):
         return _transposed(first, func, args, kwargs)
@@ -485,12 +508,39 @@ def _dispatch(func: Callable, args: tuple, kwargs: dict) -> Any:
             layer.refresh(operation)
     with _no_subclass():
         out = func(*args, **kwargs)
+    if isinstance(first, (list, tuple)) and name.endswith("_") and not name.endswith("__"):
+        _count_list_write(first)
     if quiet and _differentiable(name, out, quiet):
         for layer in quiet:
-            _warn_once(name, layer)
+            warn_once(name, layer)
     if target is not None and name in _OVERWRITES:
         target.layer.fresh = True  # fully overwritten: the master's copy is the new value (shipped next)
     return out
+
+
+def _count_list_write(written: Sequence[Any]) -> None:
+    """An in-place kernel over a list of tensors (``torch._fused_adam_``, ``_foreach_add_``) wrote the
+    coded weights among its first list: torch's fused optimizer kernels leave the version counters
+    as they were, and a naive weight is re-encoded and shipped only when its counter moved."""
+    coded = [t for t in written if isinstance(t, CodedParameter)]
+    if coded:
+        with _no_subclass():
+            torch.autograd.graph.increment_version(coded)
+
+
+_PARAMETER_NEW = nn.Parameter.__new__.__code__
+
+
+def _making_a_parameter() -> bool:
+    """Whether this ``detach`` is ``nn.Parameter(data)``'s own (a few frames up: the dispatch's)."""
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return False
+        if frame.f_code is _PARAMETER_NEW:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _autograd_grad(args: tuple, kwargs: dict) -> tuple[Tensor | None, ...]:
@@ -566,7 +616,7 @@ def _flat(args: Any, kwargs: dict) -> list[Any]:
     return out
 
 
-def _warn_once(operation: str, layer: CodedLayer) -> None:
+def warn_once(operation: str, layer: CodedLayer) -> None:
     if operation in layer.warned:
         return
     layer.warned.add(operation)
@@ -821,56 +871,6 @@ def _refuse_replacing(module: nn.Module, name: str, param: nn.Parameter | None) 
 nn.modules.module.register_module_parameter_registration_hook(_refuse_replacing)
 
 
-def watch_forward(model: nn.Module, ctx: CodedContext, slots: Sequence[tuple[nn.Module, str, CodedLayer]],
-                  ) -> int:
-    """Hook every forward of ``model``; returns the hook's id in ``model._forward_pre_hooks``. After
-    ``train()`` or ``eval()`` it checks whether the model drops out (``CodedContext.row_major``). When
-    ``torch.func.functional_call`` has swapped a coded weight out of its module (``slots``: module,
-    attribute, layer) for a functorch-wrapped copy of itself (``torch.func.grad`` over the model's own
-    parameters), the forward computes with the master's copy, out of sazd's sight: that copy is made
-    current (DEU decodes it) and the use said."""
-    ref = weakref.ref(ctx)
-    seen = [model.training]
-
-    def before_forward(module: nn.Module, args: tuple) -> None:
-        held = ref()
-        if held is None:
-            return
-        if module.training != seen[0]:
-            seen[0] = module.training
-            held.row_major = drops_out(module)
-        for owner, attr, layer in slots:
-            swapped = owner._parameters.get(attr)
-            if swapped is not layer.param and _unwrapped(swapped) is layer.param:
-                _warn_once("torch.func over functional_call", layer)
-                with torch._C._DisableFuncTorch():  # the decode's own tensors are no transform's
-                    layer.refresh()
-
-    return model.register_forward_pre_hook(before_forward).id
-
-
-def _unwrapped(t: Any) -> Any:
-    functorch = torch._C._functorch
-    while isinstance(t, Tensor) and functorch.is_functorch_wrapped_tensor(t):
-        t = functorch.get_unwrapped(t)
-    return t
-
-
-class KeptGradientsZeroGrad:
-    """``model.zero_grad`` of a parallelized model: the DEU gradients its coded weights keep are dropped
-    first (torch's ``zero_grad`` reads every ``.grad``, and reading one forms it), then the model's own
-    ``zero_grad`` runs."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __call__(self, set_to_none: bool = True) -> None:
-        if set_to_none:
-            for param in coded_parameters(self.model):
-                param.layer.drop_gradient()
-        type(self.model).zero_grad(self.model, set_to_none)
-
-
 def coded_parameters(model: nn.Module) -> list[CodedParameter]:
     seen: dict[int, CodedParameter] = {}
     for p in model.parameters():
@@ -879,5 +879,5 @@ def coded_parameters(model: nn.Module) -> list[CodedParameter]:
     return list(seen.values())
 
 
-__all__ = ["CODED", "CodedLayer", "CodedParameter", "CodedTranspose", "KeptGradientsZeroGrad", "coded_matmul",
-           "coded_parameters", "raw_grad", "set_raw_grad", "watch_forward"]
+__all__ = ["CODED", "CodedLayer", "CodedParameter", "CodedTranspose", "coded_matmul", "coded_parameters",
+           "raw_grad", "set_raw_grad", "warn_once"]

@@ -61,6 +61,7 @@ class PendingUpdate:
     factors: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     scale: float | Tensor = 1.0
     rounds: dict[str, RoundRecord] = field(default_factory=dict)
+    backwards: set[int] = field(default_factory=set)  # the graph tasks the factors came from
 
     def __bool__(self) -> bool:
         return bool(self.factors)
@@ -79,6 +80,7 @@ class PendingUpdate:
         self.factors.clear()
         self.scale = 1.0
         self.rounds.clear()
+        self.backwards.clear()
 
 
 @dataclass(eq=False)
@@ -137,7 +139,7 @@ class CodedContext:
         # Whether the model runs dropout in training: products are then laid out row-major as F.linear's
         # (one transposing copy each), so that masks, drawn in memory order, fall as on the plain model.
         self.row_major = model is not None and drops_out(model)
-        self.forward_hook = -1  # the id of the model's forward pre-hook (``coded.watch_forward``)
+        self.forward_hook = -1  # the id of the model's forward pre-hook (``attached.ForwardWatch``)
 
     def add(self, layer: CodedLayer) -> None:
         """A coded weight of this model."""

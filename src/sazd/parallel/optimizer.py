@@ -47,6 +47,18 @@ def coded_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     Raises TypeError at once when it cannot keep the code (DEU with anything but torch.optim.SGD)."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"coded_optimizer takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    _take_weights(optimizer)
+    if not getattr(optimizer, "_sazd_hooked", False):
+        optimizer.register_load_state_dict_post_hook(_loaded)
+        optimizer.zero_grad = _zero_grad(optimizer, optimizer.zero_grad)
+        optimizer.add_param_group = _add_param_group(optimizer, optimizer.add_param_group)
+        optimizer._sazd_hooked = True
+    return optimizer
+
+
+def _take_weights(optimizer: torch.optim.Optimizer) -> None:
+    """Make ``optimizer`` the one that steps the coded weights among its parameters: check it can, drop
+    the workers' state an earlier optimizer left (DEU momentum), and hook its step once per model."""
     for layer, group in _coded_weights(optimizer):
         layer.scheme.check_optimizer(optimizer, group, layer)
     for layer, _ in _coded_weights(optimizer):
@@ -60,11 +72,22 @@ def coded_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
             optimizer.register_step_pre_hook(layer.ctx.before_step)
             optimizer.register_step_post_hook(layer.ctx.after_step)
             hooked.add(layer.ctx)
-    if not getattr(optimizer, "_sazd_hooked", False):
-        optimizer.register_load_state_dict_post_hook(_loaded)
-        optimizer.zero_grad = _zero_grad(optimizer, optimizer.zero_grad)
-        optimizer._sazd_hooked = True
-    return optimizer
+
+
+def _add_param_group(optimizer: torch.optim.Optimizer, add: Callable[[dict], None]) -> Callable[[dict], None]:
+    """``optimizer.add_param_group`` that takes the coded weights of the new group as ``coded_optimizer``
+    takes those of the first (a group it cannot step is refused, and not added)."""
+
+    @functools.wraps(add)
+    def wrapped(param_group: dict) -> None:
+        add(param_group)
+        try:
+            _take_weights(optimizer)
+        except Exception:
+            optimizer.param_groups.pop()
+            raise
+
+    return wrapped
 
 
 def _hooked_models(optimizer: torch.optim.Optimizer) -> set[CodedContext]:
@@ -145,9 +168,12 @@ def _refuse_unhooked(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict
     pending = [layer.name for layer, _ in _coded_weights(optimizer)
                if layer.pending and layer.ctx not in hooked]
     for ctx in list(CodedContext.live):
+        if ctx in hooked:  # the coded optimizer of this model: weights it does not hold are left out
+            continue
         model = None if ctx.model is None else ctx.model()
         if model is not None and any(id(p) in params for p in model.parameters()):
-            pending += [m.name for m in ctx.layers.values() if m.pending and not m.stepped]
+            pending += [m.name for m in ctx.layers.values() if not m.stepped and (
+                m.pending or (m.scheme.decodes_weight and raw_grad(m.param) is not None))]
     if pending:
         raise RuntimeError(
             f"{type(optimizer).__name__}.step() left the coded weights of {sorted(set(pending))} unchanged "

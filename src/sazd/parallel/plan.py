@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from sazd.codes.base import Code
-from sazd.parallel.coded import CodedLayer, KeptGradientsZeroGrad, coded_parameters, watch_forward
+from sazd.parallel.attached import attach, detach
+from sazd.parallel.coded import CodedLayer, coded_parameters
 from sazd.parallel.context import CodedContext, round_up
 from sazd.parallel.schemes import DEFAULT_SCHEME, Scheme, States, get_scheme
 from sazd.runtime.cluster import Cluster, ClusterError
@@ -122,8 +123,7 @@ def parallelize(
             ctx.add(layer)
             own.hold(layer)
             slots.append((owner, target.attr, layer))
-    model.zero_grad = KeptGradientsZeroGrad(model)
-    ctx.forward_hook = watch_forward(model, ctx, slots)
+    attach(model, ctx, slots)
     return model
 
 
@@ -399,10 +399,8 @@ def plain_model(model: nn.Module) -> nn.Module:
     if layers:
         read_matrices(model)  # every master copy current, in one round
     plain = copy.deepcopy(model)
-    if isinstance(plain.__dict__.get("zero_grad"), KeptGradientsZeroGrad):
-        del plain.zero_grad
     if layers:
-        plain._forward_pre_hooks.pop(layers[0].ctx.forward_hook, None)
+        detach(plain, layers[0].ctx.forward_hook)
     return plain
 
 

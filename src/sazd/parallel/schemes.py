@@ -275,8 +275,6 @@ class DEU(Scheme):
                 "only for an update linear in the weights (torch.optim.SGD with momentum, dampening, "
                 "Nesterov, weight decay); Adam's division by sqrt(v) is elementwise and nonlinear. Use "
                 "torch.optim.SGD, or parallelize with scheme='naive' for any optimizer")
-        if group.get("maximize"):
-            raise ValueError(f"SGD(maximize=True) is not supported for the coded weight of {layer.name!r}")
 
     def before_step(self, ctx: CodedContext, layers: Sequence[CodedLayer]) -> None:
         """A weight with a ``.grad`` (read by the user, so formed; or autograd's, from a use that is no
@@ -318,7 +316,7 @@ class DEU(Scheme):
         """Append each worker's updates of ``layer``'s coded copies from its formed ``.grad``: worker
         j's copies take C_j(dM) and C_j(dM^T) (a stale column copy stays stale)."""
         step = self._sgd_step(group)
-        matrices = layer.matrices(layer.whole_grad)
+        matrices = layer.matrices(self._ascending(group, layer.whole_grad))
         for key in layer.keys if not layer.col_stale else layer.keys[:1]:
             coded = layer.ctx.encode(matrices[key].contiguous(), layer.padded[key][0])
             for j, calls in updates.items():
@@ -329,6 +327,11 @@ class DEU(Scheme):
     def _sgd_step(group: dict[str, Any]) -> SGDStep:
         return SGDStep(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
                        nesterov=group["nesterov"], weight_decay=group["weight_decay"])
+
+    @staticmethod
+    def _ascending(group: dict[str, Any], gradient: Tensor) -> Tensor:
+        """The gradient torch's SGD steps with: negated under ``maximize=True`` (before weight decay)."""
+        return -gradient if group.get("maximize") else gradient
 
     def _add_updates(self, layer: CodedLayer, group: dict[str, Any], updates: dict[int, list[tuple]]) -> None:
         """Append each worker's updates of ``layer``'s coded copies (see ``Worker.sgd``)."""
@@ -342,7 +345,7 @@ class DEU(Scheme):
         else:
             layer.col_stale = True
         for key, (left, inputs, rows) in factors.items():
-            left = pending.scaled(left)
+            left = self._ascending(group, pending.scaled(left))
             if self.ships_gradient(X.shape[0], inputs.shape[0]):
                 with layer.ctx.cluster.between_rounds():  # the product of the step, no round in flight
                     gradient = left @ inputs.T

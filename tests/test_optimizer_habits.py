@@ -1,0 +1,130 @@
+"""Optimizer habits on a coded model, against the plain model in float64: torch's fused optimizer
+kernels (which write the weights without moving their version counters), SGD(maximize=True) under
+DEU, ``add_param_group`` after ``coded_optimizer``, and an optimizer over part of the model (the rest
+accumulating gradients, as in torch, without DEU's kept factors growing without bound)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import sazd
+from sazd.codes import get_code
+from sazd.parallel import coded_layers
+from sazd.runtime.inproc import InProcessCluster
+
+F64 = torch.float64
+Make = Callable[[list], torch.optim.Optimizer]
+
+
+def pair(scheme: str) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(32, 48), nn.Tanh(), nn.Linear(48, 48), nn.Tanh(), nn.Linear(48, 6))
+    plain = plain.to(F64)
+    model = sazd.parallelize(copy.deepcopy(plain), get_code("sazd", n=6, k=4), InProcessCluster(6),
+                             scheme=scheme, min_features=6)
+    assert len(coded_layers(model)) == 3
+    return plain, model
+
+
+def loss_of(model: nn.Module, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(10, 32, generator=g, dtype=F64), torch.randn(10, 6, generator=g, dtype=F64)
+    return (model(x) - y).square().mean()
+
+
+def gap(model: nn.Module, plain: nn.Module) -> float:
+    with torch.no_grad():
+        pairs = zip(model.parameters(), plain.parameters(), strict=True)
+        return max(float((a - b).abs().max()) for a, b in pairs)
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 3) -> None:
+    for seed in range(steps):
+        optimizer.zero_grad()
+        loss_of(model, seed).backward()
+        optimizer.step()
+
+
+FUSED: dict[str, Make] = {
+    "Adam": lambda ps: torch.optim.Adam(ps, lr=0.01, fused=True),
+    "AdamW": lambda ps: torch.optim.AdamW(ps, lr=0.01, fused=True),
+    "SGD": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True),
+    "Adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.1, fused=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FUSED))
+def test_fused_optimizer_kernels_reach_the_workers_under_naive(name: str) -> None:
+    plain, model = pair("naive")
+    train(plain, FUSED[name](plain.parameters()))
+    train(model, sazd.coded_optimizer(FUSED[name](model.parameters())))
+    assert gap(model, plain) < 1e-12
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(5, 32, generator=g, dtype=F64)
+    with torch.no_grad():  # the workers' blocks hold the stepped weights: the coded forward agrees
+        assert float((model(x) - plain(x)).abs().max()) < 1e-12
+
+
+def test_fused_sgd_under_deu_steps_on_the_workers() -> None:
+    plain, model = pair("deu")
+    train(plain, FUSED["SGD"](plain.parameters()))
+    train(model, sazd.coded_optimizer(FUSED["SGD"](model.parameters())))
+    assert gap(model, plain) < 1e-12
+
+
+@pytest.mark.parametrize("scheme", ["naive", "deu"])
+def test_sgd_maximize_ascends_as_torch_does(scheme: str) -> None:
+    plain, model = pair(scheme)
+
+    def make(ps: list) -> torch.optim.Optimizer:
+        return torch.optim.SGD(ps, lr=0.05, momentum=0.9, dampening=0.2, weight_decay=0.01, maximize=True)
+
+    train(plain, make(plain.parameters()))
+    train(model, sazd.coded_optimizer(make(model.parameters())))
+    assert gap(model, plain) < 1e-12
+    with torch.no_grad():
+        assert float(loss_of(model, 0)) > float(loss_of(pair(scheme)[0], 0))  # it ascended
+
+
+@pytest.mark.parametrize("scheme", ["naive", "deu"])
+def test_add_param_group_after_coded_optimizer_steps_the_new_group(scheme: str) -> None:
+    plain, model = pair(scheme)
+    for net in (plain, model):
+        params = list(net.parameters())
+        optimizer = torch.optim.SGD(params[:2], lr=0.1, momentum=0.9)
+        optimizer = sazd.coded_optimizer(optimizer) if net is model else optimizer
+        train(net, optimizer, steps=1)  # layers 2 and 4 accumulate gradients, unstepped, as in torch
+        optimizer.add_param_group({"params": params[2:], "lr": 0.2})
+        train(net, optimizer, steps=2)
+    assert gap(model, plain) < 1e-12
+
+
+def test_add_param_group_that_deu_cannot_step_is_refused_and_not_added() -> None:
+    _, model = pair("deu")
+    params = list(model.parameters())
+    optimizer = sazd.coded_optimizer(torch.optim.Adam([params[1]], lr=0.1))  # a bias only
+    with pytest.raises(TypeError, match="cannot step the DEU-coded weight"):
+        optimizer.add_param_group({"params": params[2:4]})
+    assert len(optimizer.param_groups) == 1
+
+
+@pytest.mark.parametrize("scheme", ["naive", "deu"])
+def test_an_optimizer_over_the_head_only_leaves_the_rest_as_torch_does(scheme: str) -> None:
+    """Only the last layer is stepped; ``optimizer.zero_grad`` clears only its own parameters, so the
+    other layers' gradients accumulate step after step, in torch as in sazd (DEU folds its kept
+    factors into one gradient once they outgrow the weight)."""
+    plain, model = pair(scheme)
+    for net in (plain, model):
+        head = list(net[4].parameters())
+        optimizer = torch.optim.SGD(head, lr=0.1, momentum=0.9)
+        train(net, sazd.coded_optimizer(optimizer) if net is model else optimizer, steps=12)
+    assert gap(model, plain) < 1e-12
+    for layer in coded_layers(model)[:2]:
+        assert len(layer.pending.factors) <= 5  # 10 rows a step, bounded by twice the weight's size
+    for (name, got), want in zip(model.named_parameters(), plain.parameters(), strict=True):
+        assert float((got.grad - want.grad).abs().max()) < 1e-12, name  # the accumulated gradients
