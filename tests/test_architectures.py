@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 from torch import nn
+from torch.nn.utils import parametrize
 
 import sazd
 from sazd.codes import get_code
@@ -63,14 +64,19 @@ ARCHITECTURES = {
                      encoder_attention_heads=NH, decoder_attention_heads=NH, encoder_ffn_dim=I,
                      decoder_ffn_dim=I, max_source_positions=16, max_target_positions=32,
                      decoder_start_token_id=0, pad_token_id=0)),
+    "wav2vec2": ("Wav2Vec2Config", "Wav2Vec2ForCTC", "wave",  # convolutions; a weight-normed position conv
+                 dict(BERTLIKE, conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3),
+                      num_feat_extract_layers=2, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+                      mask_time_prob=0.0)),  # SpecAugment's masks come from numpy's generator
 }
 
 
 def build(name: str) -> tuple[nn.Module, str]:
     config_class, model_class, kind, kw = ARCHITECTURES[name]
     config = getattr(transformers, config_class)(**kw)
-    for attr, value in list(vars(config).items()):  # dropout off: plain and coded draw different masks
-        if isinstance(value, float) and ("dropout" in attr or "pdrop" in attr or attr == "drop_path_rate"):
+    for attr, value in list(vars(config).items()):  # dropout (and LayerDrop) off: the two draw apart
+        random = "dropout" in attr or "pdrop" in attr or attr in ("drop_path_rate", "layerdrop")
+        if isinstance(value, float) and random:
             setattr(config, attr, 0.0)
     torch.manual_seed(0)
     return getattr(transformers, model_class)(config).to(F64), kind
@@ -81,6 +87,9 @@ def batch(kind: str, seed: int) -> dict[str, torch.Tensor]:
     if kind == "images":
         return {"pixel_values": torch.randn(2, 3, 32, 32, generator=gen, dtype=F64),
                 "labels": torch.randint(0, 10, (2,), generator=gen)}
+    if kind == "wave":  # 400 samples: 39 frames after the two strided convolutions
+        return {"input_values": torch.randn(2, 400, generator=gen, dtype=F64),
+                "labels": torch.randint(0, V, (2, 39), generator=gen)}
     ids = torch.randint(0, V, (2, 12), generator=gen)
     if kind == "audio":  # 80 mel bins x 32 frames (twice the encoder's 16 positions)
         features = torch.randn(2, 80, 32, generator=gen, dtype=F64)
@@ -116,8 +125,13 @@ def test_architecture_trains_exactly_as_plain(name, scheme):
         elif why.startswith("its weight is tied"):
             assert held.weight is not None and any(
                 held.weight is m.weight for m in model.modules() if isinstance(m, nn.Embedding))
+        elif why.startswith("its weight is computed by a parametrization"):
+            assert parametrize.is_parametrized(held, "weight") and "remove_parametrizations" in why
         else:
             assert why.startswith("it is a grouped Conv2d") and held.groups > 1, (module, why)
+    if name == "wav2vec2":
+        assert "wav2vec2.encoder.pos_conv_embed.conv" in ctx.left_on_master
+        assert not any(module.endswith("parametrizations.weight") for module in ctx.left_on_master)
 
     if scheme == "naive":
         opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (plain, model)]

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from sazd.codes.base import Code
 from sazd.parallel.attached import attach, detach
@@ -255,6 +256,8 @@ def _unknown_matrices(model: nn.Module, left: Mapping[str, str], min_features: i
     for name, m in model.named_modules():
         if name in left or product_weights(name, m) or isinstance(m, LOOKUPS):
             continue
+        if isinstance(m, parametrize.ParametrizationList):  # its module is listed with the reason
+            continue
         if isinstance(m, nn.modules.conv._ConvNd):  # Conv3d, ConvTranspose*: a matrix, not coded
             weight = m.weight
             if min(weight.shape[0], weight[0].numel()) >= min_features:
@@ -284,8 +287,14 @@ def why_not_codable(name: str, m: nn.Module, modules: Mapping[str, nn.Module],
                 f"{CODED_KINDS}; named in a plan, any module's own 2-D parameters)")
     for t in targets:
         param = getattr(m, t.attr)
+        if parametrize.is_parametrized(m, t.attr):
+            kinds = ", ".join(type(f).__name__ for f in getattr(m.parametrizations, t.attr))
+            return (f"its {t.attr} is computed by a parametrization ({kinds}) on the master, and products "
+                    "read that tensor, not a coded one; to code it, remove the parametrization first, "
+                    f"torch.nn.utils.parametrize.remove_parametrizations(module, {t.attr!r})")
         if not isinstance(param, nn.Parameter):
-            return f"its {t.attr} is not a parameter"
+            return (f"its {t.attr} is a {type(param).__name__}, not a parameter; make it an nn.Parameter "
+                    "to code it")
         if not param.is_floating_point():
             return f"its {t.attr} is {param.dtype}; coded weights need floating point"
         users = owners.get(id(param), [t.weight_name])
