@@ -90,9 +90,10 @@ def _unwrapped(t: Any) -> Any:
 
 
 class ScriptingRefusal:
-    """``__prepare_scriptable__`` of a module holding coded weights, which ``torch.jit.script`` calls
-    before it compiles the module (and each of its submodules): while the module holds a coded
-    weight it raises, naming the weight and the fix; a plain copy of it is returned as it is."""
+    """``__prepare_scriptable__`` of a parallelized model and of each module of it holding a coded
+    weight, which ``torch.jit.script`` calls before it compiles the module (and each of its submodules):
+    while the module holds a coded weight, or is a parallelized model, it raises, naming the fix; a
+    plain copy is returned as it is."""
 
     def __init__(self, module: nn.Module) -> None:
         self._module = weakref.ref(module)
