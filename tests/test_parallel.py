@@ -69,8 +69,8 @@ class RecordingCluster(InProcessCluster):
         super().__init__(*args, **kwargs)
         self.decoded_sets: list[tuple[int, ...]] = []
 
-    def first_k(self, round_, k, enough=None):
-        got = super().first_k(round_, k, enough)
+    def first_k(self, round_, k, enough=None, patience_s=0.0):
+        got = super().first_k(round_, k, enough, patience_s)
         self.decoded_sets.append(tuple(sorted(got)))
         return got
 

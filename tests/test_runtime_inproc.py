@@ -442,3 +442,41 @@ def test_declared_spares_run_first_in_every_burst_and_the_rest_take_turns(monkey
     assert set(firsts) == {0, 1, 2, 3}  # each preferred worker ran first after the spares in some round
     with pytest.raises(ValueError, match="distinct ids"):
         cluster.spare([6])
+
+
+@pytest.mark.parametrize(("patience_s", "answered"), [(0.0, [1, 2, 3, 4]), (1e-4, [1, 2, 3, 4]),
+                                                      (1e-3, [0, 1, 2, 3])])
+def test_a_round_waits_its_patience_for_a_preferred_answer_in_place_of_a_spares(patience_s, answered):
+    """Worker 0 answers 0.5 ms after the others (a 1.05x slowdown of 10 ms): within the patience its
+    answer replaces spare 4's, and the clock moves to it; beyond it, the spare's answer stands."""
+    cluster, blocks = loaded_cluster(latency=FixedStragglers([0], factor=1.05), base_time_s=0.01,
+                                     master_time="measured")
+    cluster.spare([4, 5])
+    x = torch.ones(COLS, BATCH, dtype=torch.float64)
+    sent = cluster.now()
+    got = cluster.first_k(cluster.submit("matmul", Broadcast(("w", x))), K, patience_s=patience_s)
+    assert sorted(got) == answered
+    assert all(torch.equal(r, blocks[j] @ x) for j, r in got.items())
+    waited = 0 in got
+    assert cluster.now() - sent >= (0.0105 if waited else 0.01)
+    assert cluster.counters.late_results_discarded == 2
+
+
+def test_patience_never_waits_where_it_cannot_pay_or_for_whom_cannot_answer():
+    x = torch.ones(COLS, BATCH, dtype=torch.float64)
+
+    def answered(cluster: InProcessCluster, enough=None) -> list[int]:
+        cluster.spare([4, 5])
+        round_ = cluster.submit("matmul", Broadcast(("w", x)))
+        return sorted(cluster.first_k(round_, K, enough, patience_s=1.0))
+
+    late_zero = FixedStragglers([0], factor=1.05)
+    # a reproducible clock (master_time "explicit"): the decode saved is not on it, the wait would be
+    assert answered(loaded_cluster(latency=late_zero, base_time_s=0.01)[0]) == [1, 2, 3, 4]
+    # a code that names its decodable sets (``enough``): no swap
+    measured = loaded_cluster(latency=late_zero, base_time_s=0.01, master_time="measured")[0]
+    assert answered(measured, lambda w: len(w) >= K) == [1, 2, 3, 4]
+    # a dead preferred worker is not waited for
+    cluster = loaded_cluster(base_time_s=0.01, master_time="measured")[0]
+    cluster.kill(0)
+    assert answered(cluster) == [1, 2, 3, 4]

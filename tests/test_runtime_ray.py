@@ -395,3 +395,26 @@ def test_the_wrapped_private_ray_api_works_on_the_pinned_ray(ray_session):
     names = {name for name, proc in ray_processes() if proc.poll() is None}
     assert {"gcs_server", "raylet"} <= names
     ping_gcs(5.0)  # answers (raises if the GCS did not)
+
+
+def test_a_round_waits_its_patience_for_the_preferred_workers_and_not_for_a_dead_one(ray_session):
+    """SAZD-style preference on real actors: workers 2 and 3 are spares; worker 0 answers about 20x
+    late. With patience the round returns the answers of 0 and 1 (spares' answers that came first are
+    replaced and counted late); a dead preferred worker is not waited for."""
+    c = make_cluster("ray", 4, worker_timeout_s=60)
+    try:
+        c.spare([2, 3])
+        gen = torch.Generator().manual_seed(0)
+        blocks = [torch.randn(256, 256, generator=gen) for _ in range(4)]
+        c.wait_all(c.submit("load", [({"w": b},) for b in blocks]))
+        set_delay(c, 20.0, [0])
+        x = torch.randn(256, 64)
+        got = c.first_k(c.submit("matmul", ("w", x)), 2, patience_s=30.0)
+        assert sorted(got) == [0, 1]
+        for j, y in got.items():
+            torch.testing.assert_close(y, blocks[j] @ x)
+        c.kill(0)
+        got = c.first_k(c.submit("matmul", ("w", x), [1, 2, 3]), 2, patience_s=30.0)
+        assert 1 in got and len(got) == 2
+    finally:
+        c.close()

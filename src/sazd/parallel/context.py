@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, ClassVar
@@ -83,6 +83,28 @@ class PendingUpdate:
         self.backwards.clear()
 
 
+class PreferredWait:
+    """How long a round waits, once k answers are in, for those of the preferred workers 0..k-1 in
+    place of spares' (a systematic code then decodes by a copy): per block key, how much longer the
+    decodes from other sets took than those from the preferred, both measured (moving averages);
+    no wait until both kinds were seen."""
+
+    SMOOTHING = 0.2  # weight of the newest decode in the averages
+
+    def __init__(self, k: int) -> None:
+        self.preferred = frozenset(range(k))
+        self._seconds: dict[tuple[str, bool], float] = {}  # (key, from the preferred) -> average
+
+    def patience_s(self, key: str) -> float:
+        copy, other = self._seconds.get((key, True)), self._seconds.get((key, False))
+        return 0.0 if copy is None or other is None else max(0.0, other - copy)
+
+    def record(self, key: str, workers: Collection[int], seconds: float) -> None:
+        kind = (key, set(workers) <= self.preferred)
+        old = self._seconds.get(kind)
+        self._seconds[kind] = seconds if old is None else old + self.SMOOTHING * (seconds - old)
+
+
 @dataclass(eq=False)
 class StagedUse:
     """One use's factors of dW = dY^T X from a backward that may not accumulate gradients (the
@@ -133,6 +155,7 @@ class CodedContext:
         self.block_keys: set[str] = set()  # of every layer; the workers drop them once this model is gone
         self.prefix = _claim_prefix(cluster, self)
         cluster.spare(range(code.k, code.n))  # preferred: workers 0..k-1 (systematic: a decode is a copy)
+        self.preferred_wait = PreferredWait(code.k)
         CodedContext.live.add(self)
         self.rounds: dict[str, RoundRecord] = {}  # block key -> its latest round
         self._queued: dict[int, list[tuple[str, tuple]]] | None = None  # inside batched(): per worker
@@ -180,11 +203,15 @@ class CodedContext:
         start = time.perf_counter()
         code = self.code  # which answers decode: any k of an MDS code (no test per answer), else its own
         enough = None if type(code).can_decode is Code.can_decode else code.can_decode
-        answers = self.cluster.compute("matmul", Broadcast((key, x)), code.k, enough)
-        self.stats.worker_s += time.perf_counter() - start
+        answers = self.cluster.compute("matmul", Broadcast((key, x)), code.k, enough,
+                                       self.preferred_wait.patience_s(key))
+        decoding = time.perf_counter()
+        self.stats.worker_s += decoding - start
         self.stats.rounds += 1
         record = self.rounds[key] = RoundRecord(key, answers.workers, x)
-        return self.decode(answers.results, rows, x.device, x.dtype), record
+        product = self.decode(answers.results, rows, x.device, x.dtype)
+        self.preferred_wait.record(key, answers.results, time.perf_counter() - decoding)
+        return product, record
 
     def send(self, method: str, args: Broadcast | PerWorker, workers: Sequence[int] | None = None) -> None:
         """Fire-and-forget call to ``workers`` (default: every live one); calls to a worker run in order.

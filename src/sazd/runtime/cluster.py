@@ -234,13 +234,20 @@ class Cluster(ABC):
 
     @abstractmethod
     def first_k(
-        self, round_: Round, k: int, enough: Callable[[Collection[int]], bool] | None = None
+        self, round_: Round, k: int, enough: Callable[[Collection[int]], bool] | None = None,
+        patience_s: float = 0.0,
     ) -> dict[int, Any]:
         """Block until ``k`` workers of the round have answered successfully; return {worker: result}.
 
         ``enough`` (e.g. ``code.can_decode``) replaces the plain count test when given, for codes such
         as replication where not every k-set decodes (the in-process backend asks it only once k
         answers are in: no code decodes from fewer).
+
+        ``patience_s``: once the k answers are in and some of them are spares' (``spare``), wait up to
+        this long for the answers of the other workers of the round; each that comes replaces a
+        spare's (a systematic code then decodes by a copy). Only without ``enough`` (any k decode).
+        The in-process backend waits only where the master's own time is on its clock
+        (``master_time="measured"``): elsewhere the wait would cost time and save none.
 
         Failed calls (dead workers) are erasures: the worker is marked dead and another answer is
         awaited. Answers that arrive after the k-th are discarded. Raises ``ClusterError`` when fewer
@@ -275,21 +282,23 @@ class Cluster(ABC):
         """Seconds on this backend's clock (real backends: wall time; in-process: simulated time)."""
 
     def compute(self, method: str, args: Args, k: int,
-                enough: Callable[[Collection[int]], bool] | None = None) -> Answers:
+                enough: Callable[[Collection[int]], bool] | None = None, patience_s: float = 0.0) -> Answers:
         """One compute round, the single place of the retry and first-k policy: ask the ready workers
         (``ready_workers``; every live one when those would not satisfy ``enough``), continue with the
-        first k answers (or once ``enough`` holds). When a worker of the round dies and the busy ones
-        were left out, the round is asked once more of every live worker."""
+        first k answers (or once ``enough`` holds; ``patience_s``: see ``first_k``). When a worker of the
+        round dies and the busy ones were left out, the round is asked once more of every live worker."""
         workers = self.ready_workers(k)
         if enough is not None and not enough(workers):  # e.g. replication: not every k-set decodes
             workers = self.alive()
         try:
-            return Answers(self.first_k(self.submit(method, args, workers), k, enough), frozenset(workers))
+            answers = self.first_k(self.submit(method, args, workers), k, enough, patience_s)
+            return Answers(answers, frozenset(workers))
         except ClusterError:
             alive = self.alive()
             if set(alive) <= set(workers) or not (enough(alive) if enough else len(alive) >= k):
                 raise
-            return Answers(self.first_k(self.submit(method, args, alive), k, enough), frozenset(alive))
+            return Answers(self.first_k(self.submit(method, args, alive), k, enough, patience_s),
+                           frozenset(alive))
 
     def between_rounds(self) -> contextlib.AbstractContextManager[None]:
         """Around the master's own work while none of its rounds is in flight (the weight gradients
@@ -300,8 +309,22 @@ class Cluster(ABC):
     def spare(self, workers: Sequence[int]) -> None:
         """``workers`` answer only when others are late (a code's workers beyond the k it prefers):
         where workers share cores, the backend may run them at a lower CPU priority (see
-        ``placement.spare_nice``). In-process: nothing to do."""
+        ``placement.spare_nice``); ``first_k`` may wait a little for the others (``patience_s``)."""
         self._check_workers(workers)
+
+    @staticmethod
+    def _prefer(got: dict[int, Any], spares: Collection[int], answers: dict[int, Any]) -> list[int]:
+        """Put the ``answers`` of workers that are no spares in ``got`` in place of spares' answers,
+        one for one; returns the spares whose answers left ``got``."""
+        replaced = []
+        for j, value in answers.items():
+            held = [i for i in got if i in spares]
+            if not held:
+                break
+            del got[held[-1]]
+            replaced.append(held[-1])
+            got[j] = value
+        return replaced
 
     @abstractmethod
     def alive(self) -> list[int]:

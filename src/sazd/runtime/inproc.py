@@ -234,7 +234,8 @@ class InProcessCluster(Cluster):
 
     @_master_clock
     def first_k(
-        self, round_: Round, k: int, enough: Callable[[Collection[int]], bool] | None = None
+        self, round_: Round, k: int, enough: Callable[[Collection[int]], bool] | None = None,
+        patience_s: float = 0.0,
     ) -> dict[int, Any]:
         calls = self._take(round_)
         done = self._stop_test(k, enough)
@@ -254,6 +255,8 @@ class InProcessCluster(Cluster):
             got[call.worker] = call.value
             if len(got) >= k and done(got.keys()):  # no code decodes from fewer than k answers
                 break
+        if patience_s > 0 and enough is None and self.master_time == "measured" and done(got.keys()):
+            self._wait_for_preferred(calls, got, self.clock + patience_s)
         failed = {c.worker for c in calls.values() if c.failed}
         late = [c for c in calls.values() if not c.failed and c.worker not in got]
         self.counters.responses.record(self.n, round_.workers,
@@ -268,6 +271,21 @@ class InProcessCluster(Cluster):
         self.counters.late_results_discarded += len(late)
         self._mark_lagging()
         return got
+
+    def _wait_for_preferred(self, calls: dict[int, _Call], got: dict[int, Any], until: float) -> None:
+        """Take the answers of workers that are no spares arriving by ``until`` (simulated) in place of
+        spares' answers (``Cluster._prefer``)."""
+        held = sum(j in self._spares for j in got)
+        coming = sorted((c for c in calls.values() if not c.failed and c.worker not in got
+                         and c.worker not in self._spares and self._answer_or_timeout(c) >= c.finish),
+                        key=lambda c: (c.finish, c.worker))
+        answers = {}
+        for call in coming[:held]:
+            if call.finish > until:
+                break
+            self._receive(call)
+            answers[call.worker] = call.value
+        self._prefer(got, self._spares, answers)
 
     @_master_clock
     def wait_all(self, round_: Round) -> dict[int, Any]:

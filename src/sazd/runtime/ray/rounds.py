@@ -125,11 +125,12 @@ class Rounds:
         return channel is not None and channel.answers_refused is None
 
     def first_k(
-        self, round_: Round, k: int, enough: Callable[[Collection[int]], bool] | None = None
+        self, round_: Round, k: int, enough: Callable[[Collection[int]], bool] | None = None,
+        patience_s: float = 0.0,
     ) -> dict[int, Any]:
         calls = self._take(round_)
         done = self._stop_test(k, enough)
-        got, times, failed = self._gather(round_, calls, done)
+        got, times, failed = self._gather(round_, calls, done, patience_s if enough is None else 0.0)
         self.counters.responses.record(self.n, round_.workers, times, failed)
         if not done(got.keys()):
             raise ClusterError(
@@ -168,10 +169,11 @@ class Rounds:
         return dict(round_.calls)
 
     def _gather(
-        self, round_: RayRound, calls: dict[int, _Call | None], done: Callable
+        self, round_: RayRound, calls: dict[int, _Call | None], done: Callable, patience_s: float = 0.0,
     ) -> tuple[dict[int, Any], dict[int, float], set[int]]:
-        """Fetch answers in arrival order until ``done``; dead, silent and raising workers are erasures.
-        Returns (answers, seconds to each answer, workers whose call failed)."""
+        """Fetch answers in arrival order until ``done`` (then up to ``patience_s`` more for workers that
+        are no spares: ``first_k``); dead, silent and raising workers are erasures. Returns (answers,
+        seconds to each answer, workers whose call failed)."""
         failed = {j for j, call in calls.items() if call is None}
         pending = [call for call in calls.values() if call is not None]
         got: dict[int, Any] = {}
@@ -180,6 +182,8 @@ class Rounds:
         with self._control_plane():
             while True:
                 self._collect(round_, pending, got, times, failed, errors, done)
+                if patience_s > 0 and done(got.keys()):
+                    self._wait_for_preferred(round_, pending, got, times, failed, errors, patience_s)
                 # an answer is good only if the worker's earlier calls (loads, updates) succeeded
                 bad = self._check_earlier(got, calls)
                 for j in bad:
@@ -198,10 +202,28 @@ class Rounds:
             self._erase(call)
         return got, times, failed
 
+    def _wait_for_preferred(self, round_: RayRound, pending: list[_Call], got: dict[int, Any],
+                            times: dict[int, float], failed: set[int], errors: list,
+                            patience_s: float) -> None:
+        """Wait up to ``patience_s`` for the answers of pending workers that are no spares, each taking
+        a spare's place in ``got`` (``Cluster._prefer``)."""
+        held = sum(j in self._spares for j in got)
+        wanted = [call for call in pending if call.worker not in self._spares]
+        if not held or not wanted:
+            return
+        answers: dict[int, Any] = {}
+        self._collect(round_, wanted, answers, times, failed, errors, lambda came: len(came) >= held,
+                      until=time.monotonic() + patience_s)
+        pending[:] = [call for call in pending if not call.fetched and call.worker not in failed]
+        for j in self._prefer(got, self._spares, answers):
+            times.pop(j, None)
+
     def _collect(self, round_: RayRound, pending: list[_Call], got: dict[int, Any],
-                 times: dict[int, float], failed: set[int], errors: list, done: Callable) -> None:
-        """Take answers of ``pending`` into ``got`` until ``done`` or none is left to wait for."""
-        while pending and not done(got.keys()):
+                 times: dict[int, float], failed: set[int], errors: list, done: Callable,
+                 until: float | None = None) -> None:
+        """Take answers of ``pending`` into ``got`` until ``done``, none is left to wait for, or the
+        monotonic time ``until``."""
+        while pending and not done(got.keys()) and (until is None or time.monotonic() < until):
             for call in list(pending):  # killed meanwhile (silent, backlog, by hand)
                 if not self._current(call):
                     pending.remove(call)
@@ -210,6 +232,8 @@ class Rounds:
             if not pending:
                 break
             deadline = min(self._deadline(call.worker) for call in pending)
+            if until is not None:
+                deadline = min(deadline, until)
             wait_s = min(max(deadline - time.monotonic(), 0.0), WATCH_EVERY_S)
             with self._replied:
                 self._replied.wait_for(lambda: any(call.reply.done for call in pending), wait_s)
