@@ -480,3 +480,12 @@ def test_patience_never_waits_where_it_cannot_pay_or_for_whom_cannot_answer():
     cluster = loaded_cluster(base_time_s=0.01, master_time="measured")[0]
     cluster.kill(0)
     assert answered(cluster) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), "1", True, None])
+def test_a_bad_patience_is_refused_before_the_round_is_taken(bad):
+    cluster, _ = loaded_cluster(base_time_s=0.01, master_time="measured")
+    round_ = cluster.submit("matmul", Broadcast(("w", torch.ones(COLS, BATCH, dtype=torch.float64))))
+    with pytest.raises(ValueError, match=r"patience_s must be a number of seconds >= 0"):
+        cluster.first_k(round_, K, patience_s=bad)
+    assert len(cluster.first_k(round_, K)) == K  # the round is still there to take

@@ -405,6 +405,13 @@ class Cluster(ABC):
             raise ValueError(f"k must be an integer in 1..n={self.n}, got {k!r}")
         return enough if enough is not None else (lambda got: len(got) >= k)
 
+    @staticmethod
+    def _check_patience(patience_s: Any) -> float:
+        """``first_k``'s ``patience_s`` as seconds (a number >= 0, infinity allowed), or ValueError."""
+        if isinstance(patience_s, bool) or not isinstance(patience_s, int | float) or not patience_s >= 0:
+            raise ValueError(f"patience_s must be a number of seconds >= 0 (0: no wait), got {patience_s!r}")
+        return float(patience_s)
+
     def _check_open(self) -> None:
         if self._closed:
             raise ClusterError("the cluster is closed")

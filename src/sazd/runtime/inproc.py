@@ -237,6 +237,7 @@ class InProcessCluster(Cluster):
         self, round_: Round, k: int, enough: Callable[[Collection[int]], bool] | None = None,
         patience_s: float = 0.0,
     ) -> dict[int, Any]:
+        patience_s = self._check_patience(patience_s)
         calls = self._take(round_)
         done = self._stop_test(k, enough)
         got: dict[int, Any] = {}

@@ -128,6 +128,7 @@ class Rounds:
         self, round_: Round, k: int, enough: Callable[[Collection[int]], bool] | None = None,
         patience_s: float = 0.0,
     ) -> dict[int, Any]:
+        patience_s = self._check_patience(patience_s)
         calls = self._take(round_)
         done = self._stop_test(k, enough)
         got, times, failed = self._gather(round_, calls, done, patience_s if enough is None else 0.0)
