@@ -95,8 +95,8 @@ class ScriptingRefusal:
     while the module holds a coded weight, or is a parallelized model, it raises, naming the fix; a
     plain copy is returned as it is."""
 
-    def __init__(self, module: nn.Module) -> None:
-        self._module = weakref.ref(module)
+    def __init__(self, module: nn.Module | None) -> None:
+        self._module = weakref.ref(module) if module is not None else lambda: None
 
     def __call__(self) -> nn.Module:
         module = self._module()
