@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from sazd.parallel.context import PreferredWait
 from sazd.runtime import (
     ClusterError,
     Combined,
@@ -21,7 +22,7 @@ from sazd.runtime import (
     parse_latency,
     straggler_latency,
 )
-from sazd.runtime.cluster import Broadcast, PerWorker, choose_ready
+from sazd.runtime.cluster import Answers, Broadcast, PerWorker, choose_ready
 from sazd.runtime.worker import Worker
 
 N, K, ROWS, COLS, BATCH = 6, 4, 8, 5, 3
@@ -489,3 +490,43 @@ def test_a_bad_patience_is_refused_before_the_round_is_taken(bad):
     with pytest.raises(ValueError, match=r"patience_s must be a number of seconds >= 0"):
         cluster.first_k(round_, K, patience_s=bad)
     assert len(cluster.first_k(round_, K)) == K  # the round is still there to take
+
+
+def test_a_wait_in_vain_lasts_its_whole_patience_on_the_clock_as_on_ray():
+    """Worker 0 answers at 5 s (a 5x straggler of 1 s calls): a patience of 2 s does not reach it,
+    and the master, having waited, is at 3 s at least (on Ray the deadline passes the same way)."""
+    cluster, _ = loaded_cluster(latency=FixedStragglers([0], factor=5.0), base_time_s=1.0,
+                                master_time="measured")
+    cluster.spare([4, 5])
+    sent = cluster.now()
+    x = torch.ones(COLS, BATCH, dtype=torch.float64)
+    got = cluster.first_k(cluster.submit("matmul", Broadcast(("w", x))), K, patience_s=2.0)
+    assert sorted(got) == [1, 2, 3, 4]
+    assert cluster.now() - sent >= 3.0
+
+
+def test_the_preferred_wait_is_the_measured_decode_saving_and_pauses_while_it_does_not_pay():
+    wait = PreferredWait(4)
+    every = frozenset(range(6))
+    copies = Answers(dict.fromkeys(range(4)), every)
+    decoded = Answers(dict.fromkeys([1, 2, 3, 4]), every)
+    assert wait.patience_s("fc1.row") == 0.0  # nothing measured yet
+    wait.record("fc1.row", copies, 0.0, 0.001)
+    assert wait.patience_s("fc1.row") == 0.0  # one kind only
+    wait.record("fc1.row", decoded, 0.0, 0.003)
+    assert wait.patience_s("fc1.row") == pytest.approx(0.002)
+    assert wait.patience_s("fc2.row") == 0.0  # per block key
+    wait.record("fc1.row", decoded, 0.0, 0.005)  # the averages move: 0.2 of the newest
+    assert wait.patience_s("fc1.row") == pytest.approx(0.0024)
+    paused = []
+    for _ in range(16):  # worker 0 asked and waited for in vain, round after round (a straggler)
+        patience = wait.patience_s("fc1.row")
+        paused.append(patience == 0.0)
+        wait.record("fc1.row", decoded, patience, 0.003)
+    # four waits in vain bring the share that paid below one half; then pauses of 1, 2, 4, 8 rounds
+    assert paused == [False] * 4 + [True, False, True, True, False] + [True] * 4 + [False, True, True]
+    asked_without_zero = Answers(dict.fromkeys([1, 2, 3, 4]), frozenset(range(1, 6)))
+    wait.record("fc1.row", copies, 0.002, 0.001)  # a probe that brought them: the pause ends
+    assert wait.patience_s("fc1.row") > 0
+    wait.record("fc1.row", asked_without_zero, 0.002, 0.003)  # 0 not asked (busy): no wait in vain
+    assert wait.patience_s("fc1.row") > 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, ClassVar
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from sazd.codes.base import Code
-from sazd.runtime.cluster import Broadcast, Cluster, ClusterError, PerWorker, resolve_args
+from sazd.runtime.cluster import Answers, Broadcast, Cluster, ClusterError, PerWorker, resolve_args
 
 if TYPE_CHECKING:
     from sazd.parallel.coded import CodedLayer
@@ -87,22 +87,46 @@ class PreferredWait:
     """How long a round waits, once k answers are in, for those of the preferred workers 0..k-1 in
     place of spares' (a systematic code then decodes by a copy): per block key, how much longer the
     decodes from other sets took than those from the preferred, both measured (moving averages);
-    no wait until both kinds were seen."""
+    no wait until both kinds were seen.
 
-    SMOOTHING = 0.2  # weight of the newest decode in the averages
+    A wait pays only when it usually brings the answers (waiting in vain costs as much as it could
+    save): the share of waits that did is a moving average, and below one half (a straggler among
+    the preferred) waiting pauses for 1, 2, 4, ... rounds, up to ``MAX_PAUSE``, each wait after a
+    pause a probe. A wait that brings them ends the pause."""
+
+    SMOOTHING = 0.2  # weight of the newest decode (and of the newest wait) in the averages
+    MAX_PAUSE = 64  # rounds
 
     def __init__(self, k: int) -> None:
         self.preferred = frozenset(range(k))
         self._seconds: dict[tuple[str, bool], float] = {}  # (key, from the preferred) -> average
+        self._paid = 1.0  # moving average of the waits that brought the preferred answers
+        self._rounds = 0
+        self._pause = 0
+        self._resume_at = 0
 
     def patience_s(self, key: str) -> float:
         copy, other = self._seconds.get((key, True)), self._seconds.get((key, False))
-        return 0.0 if copy is None or other is None else max(0.0, other - copy)
+        if copy is None or other is None or self._rounds < self._resume_at:
+            return 0.0
+        return max(0.0, other - copy)
 
-    def record(self, key: str, workers: Collection[int], seconds: float) -> None:
-        kind = (key, set(workers) <= self.preferred)
+    def record(self, key: str, answers: Answers, patience_s: float, seconds: float) -> None:
+        """One round of ``key``: its answers, the patience it was given, its decode's seconds."""
+        self._rounds += 1
+        from_preferred = self.preferred <= set(answers.results)
+        kind = (key, from_preferred)
         old = self._seconds.get(kind)
         self._seconds[kind] = seconds if old is None else old + self.SMOOTHING * (seconds - old)
+        if not (patience_s > 0 and self.preferred <= answers.workers):
+            return  # no wait for all of them: nothing learnt
+        self._paid += self.SMOOTHING * (from_preferred - self._paid)
+        if from_preferred:
+            self._paid = max(self._paid, 0.5)
+            self._pause = self._resume_at = 0
+        elif self._paid < 0.5:
+            self._pause = min(2 * self._pause or 1, self.MAX_PAUSE)
+            self._resume_at = self._rounds + self._pause
 
 
 @dataclass(eq=False)
@@ -203,14 +227,14 @@ class CodedContext:
         start = time.perf_counter()
         code = self.code  # which answers decode: any k of an MDS code (no test per answer), else its own
         enough = None if type(code).can_decode is Code.can_decode else code.can_decode
-        answers = self.cluster.compute("matmul", Broadcast((key, x)), code.k, enough,
-                                       self.preferred_wait.patience_s(key))
+        patience_s = self.preferred_wait.patience_s(key)
+        answers = self.cluster.compute("matmul", Broadcast((key, x)), code.k, enough, patience_s)
         decoding = time.perf_counter()
         self.stats.worker_s += decoding - start
         self.stats.rounds += 1
         record = self.rounds[key] = RoundRecord(key, answers.workers, x)
         product = self.decode(answers.results, rows, x.device, x.dtype)
-        self.preferred_wait.record(key, answers.results, time.perf_counter() - decoding)
+        self.preferred_wait.record(key, answers, patience_s, time.perf_counter() - decoding)
         return product, record
 
     def send(self, method: str, args: Broadcast | PerWorker, workers: Sequence[int] | None = None) -> None:

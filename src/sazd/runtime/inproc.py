@@ -275,14 +275,16 @@ class InProcessCluster(Cluster):
 
     def _wait_for_preferred(self, calls: dict[int, _Call], got: dict[int, Any], until: float) -> None:
         """Take the answers of workers that are no spares arriving by ``until`` (simulated) in place of
-        spares' answers (``Cluster._prefer``)."""
+        spares' answers (``Cluster._prefer``); as on Ray, a wait that ends without them lasts until
+        ``until``."""
         held = sum(j in self._spares for j in got)
         coming = sorted((c for c in calls.values() if not c.failed and c.worker not in got
                          and c.worker not in self._spares and self._answer_or_timeout(c) >= c.finish),
-                        key=lambda c: (c.finish, c.worker))
+                        key=lambda c: (c.finish, c.worker))[:held]
         answers = {}
-        for call in coming[:held]:
+        for call in coming:
             if call.finish > until:
+                self._advance(max(self.clock, until))
                 break
             self._receive(call)
             answers[call.worker] = call.value
