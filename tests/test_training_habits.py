@@ -109,3 +109,28 @@ def test_transformers_trainer_trains_a_coded_model_as_the_plain_one(scheme, tmp_
     got = train(model, sazd.coded_optimizer, "coded")
     assert worst_gap(got, want) <= 1e-10  # reloaded plain from the coded run's save_pretrained
     assert worst_gap(got, sazd.parallel.plain_model(model)) == 0.0
+
+
+def test_the_trainers_own_optimizer_trains_naive_exactly_and_is_refused_under_deu(tmp_path):
+    """Given no optimizer, the Trainer makes its default one, fused AdamW, whose kernel writes the
+    weights without moving their version counters: naive must still ship every step (it was 7e-5 off,
+    without a word). DEU cannot take AdamW: the first step names the fix."""
+    data = [{"input_ids": t, "labels": t.clone()} for t in tokens(3, rows=24)]
+
+    def train(model: nn.Module, out: str) -> nn.Module:
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / out), per_device_train_batch_size=4, max_steps=3, report_to=[],
+            save_strategy="no", logging_strategy="no", use_cpu=True, seed=0, data_seed=0,
+            dataloader_num_workers=0)
+        assert args.optim.value == "adamw_torch_fused"  # transformers' default with this torch
+        transformers.Trainer(model=model, args=args, train_dataset=data).train()
+        return model
+
+    plain = gpt2(dropout=0.0)
+    naive = coded(copy.deepcopy(plain), "naive")
+    train(plain, "plain")
+    train(naive, "naive")
+    assert worst_gap(naive, plain) <= 1e-12
+    refused = r"left the coded weights of .* sazd\.coded_optimizer\(torch\.optim\.SGD"
+    with pytest.raises(RuntimeError, match=refused):
+        train(coded(gpt2(dropout=0.0), "deu"), "deu")
