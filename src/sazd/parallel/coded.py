@@ -286,10 +286,13 @@ class CodedLayer:
                 self.pending.rounds = use.rounds
                 self.pending.backwards.add(task)
         self.staged = [use for use in self.staged if use.graph_task != task]
-        kept_rows = sum(x.shape[0] for x, _ in self.pending.factors)
-        if len(self.pending.backwards) > 1 and kept_rows * (self.in_features + self.out_features) > (
-                KEPT_FACTORS_LIMIT * self.in_features * self.out_features):
+        if len(self.pending.backwards) > 1 and self._factors_outgrow_weight():
             self.fold_gradient()  # backwards with no step between: torch's one .grad, not a growing list
+
+    def _factors_outgrow_weight(self) -> bool:
+        kept_rows = sum(x.shape[0] for x, _ in self.pending.factors)
+        return kept_rows * (self.in_features + self.out_features) > (
+            KEPT_FACTORS_LIMIT * self.in_features * self.out_features)
 
     def drop_unfinished(self) -> None:
         """Outside any backward: uses staged by ``torch.autograd.grad`` calls are no gradient."""
