@@ -128,3 +128,70 @@ def test_an_optimizer_over_the_head_only_leaves_the_rest_as_torch_does(scheme: s
         assert len(layer.pending.factors) <= 5  # 10 rows a step, bounded by twice the weight's size
     for (name, got), want in zip(model.named_parameters(), plain.parameters(), strict=True):
         assert float((got.grad - want.grad).abs().max()) < 1e-12, name  # the accumulated gradients
+
+
+def test_a_step_that_raised_leaves_deu_gradients_readable() -> None:
+    """A step that raises (here a plain model's, from its closure) is over: reading a DEU weight's
+    ``.grad`` afterwards forms it as before, so ``clip_grad_value_`` clips it as torch does."""
+    bystander = nn.Linear(3, 3)
+    failing = torch.optim.SGD(bystander.parameters(), lr=0.1)
+
+    def closure() -> torch.Tensor:
+        raise ValueError("a user's closure failed")
+
+    with pytest.raises(ValueError, match="closure failed"):
+        failing.step(closure)
+    plain, model = pair("deu")
+    for net in (plain, model):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        optimizer = sazd.coded_optimizer(optimizer) if net is model else optimizer
+        for seed in range(3):
+            optimizer.zero_grad()
+            loss_of(net, seed).backward()
+            nn.utils.clip_grad_value_(net.parameters(), 0.01)
+            optimizer.step()
+    assert gap(model, plain) < 1e-12
+
+
+def conv1d_pair(scheme: str) -> tuple[nn.Module, nn.Module]:
+    """A transformers ``Conv1D`` (weight stored transposed) before two Linear layers."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(Conv1D(48, 32), nn.Tanh(), nn.Linear(48, 48), nn.Tanh(), nn.Linear(48, 6)).to(F64)
+    model = sazd.parallelize(copy.deepcopy(plain), get_code("sazd", n=6, k=4), InProcessCluster(6),
+                             scheme=scheme, min_features=6)
+    assert len(coded_layers(model)) == 3
+    return plain, model
+
+
+@pytest.mark.parametrize("scheme", ["naive", "deu"])
+def test_optimizer_state_dict_is_the_plain_one_and_resumes_exactly(scheme: str) -> None:
+    """``optimizer.state_dict()`` of a coded model holds what the plain model's optimizer holds (DEU's
+    momentum lives on the workers: it is decoded into the dict, in the parameter's layout), and it
+    resumes training exactly in a new coded optimizer and in a plain one."""
+    plain, model = conv1d_pair(scheme)
+    optimizers = [torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+                  for net in (plain, model)]
+    optimizers[1] = sazd.coded_optimizer(optimizers[1])
+    for net, optimizer in zip((plain, model), optimizers, strict=True):
+        train(net, optimizer, steps=2)
+    want, got = (optimizer.state_dict() for optimizer in optimizers)
+    assert got["param_groups"] == want["param_groups"] and sorted(got["state"]) == sorted(want["state"])
+    for index, state in want["state"].items():
+        assert float((got["state"][index]["momentum_buffer"] - state["momentum_buffer"]).abs().max()) < 1e-12
+    plain_copy = copy.deepcopy(plain)
+    resumed = {
+        plain: torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01),
+        model: sazd.coded_optimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)),
+        plain_copy: torch.optim.SGD(plain_copy.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01),
+    }
+    resumed[plain].load_state_dict(want)  # (loading shares the dict's tensors: one copy for each)
+    resumed[model].load_state_dict(copy.deepcopy(got))
+    resumed[plain_copy].load_state_dict(copy.deepcopy(got))  # the coded model's, into a plain optimizer
+    for net, optimizer in resumed.items():
+        for seed in range(2, 4):
+            optimizer.zero_grad()
+            loss_of(net, seed).backward()
+            optimizer.step()
+    assert gap(model, plain) < 1e-12 and gap(plain_copy, plain) < 1e-12

@@ -8,6 +8,7 @@ Several models may share one cluster: each context's block keys carry its own pr
 
 from __future__ import annotations
 
+import sys
 import time
 import weakref
 from collections.abc import Iterator, Sequence
@@ -156,6 +157,21 @@ def drops_out(model: nn.Module) -> bool:
     return False
 
 
+# The code of the wrapper torch puts around every optimizer's ``step`` (it runs the step hooks)
+_OPTIMIZER_STEP = torch.optim.Optimizer.profile_hook_step(lambda optimizer: None).__code__
+
+
+def optimizer_step_under_way() -> bool:
+    """Whether an optimizer's ``step`` is running on this thread: its frame is on the stack. (A step
+    that raised is over, and a step on another thread is not this one's.)"""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _OPTIMIZER_STEP:
+            return True
+        frame = frame.f_back
+    return False
+
+
 HeldLayers = tuple["Scheme", list[tuple["CodedLayer", dict]]]  # a scheme and its weights in one optimizer
 
 
@@ -164,7 +180,6 @@ class CodedContext:
     counters, the latest round of every block and the prefix of the model's block keys."""
 
     live: ClassVar[weakref.WeakSet[CodedContext]] = weakref.WeakSet()  # every model's, while it lives
-    steps_running: ClassVar[int] = 0  # optimizer steps under way (any optimizer's): no DEU ``.grad`` formed
 
     def __init__(self, code: Code, cluster: Cluster, scheme: Scheme, model: nn.Module | None = None,
                  decode_device: torch.device | None = None) -> None:

@@ -17,7 +17,8 @@ Stepping a DEU model with an optimizer while no optimizer made by ``coded_optimi
 weights raises at that step (they would silently stay unchanged). A new optimizer (a second
 fine-tuning phase) starts, as torch's do, without momentum: ``coded_optimizer`` drops the workers'
 DEU momentum of the weights an earlier optimizer stepped; ``optimizer.load_state_dict`` (a plain
-model's state included: parameter names and order are the plain model's) ships DEU momentum to them.
+model's state included: parameter names and order are the plain model's) ships DEU momentum to them,
+and ``optimizer.state_dict()`` decodes it back into the weights' entries (the plain model's dict).
 A DEU weight's gradient lives in factors (dY^T X, never formed); reading ``W.grad`` (as
 ``torch.nn.utils.clip_grad_norm_`` does) forms it on the master as autograd would have, and that
 step sends the encoded gradient whole. ``clip_grad_norm_(model, max_norm)`` clips without forming it.
@@ -32,7 +33,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from sazd.parallel.coded import CodedLayer, CodedParameter, raw_grad
 from sazd.parallel.context import CodedContext
@@ -50,6 +51,7 @@ def coded_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     _take_weights(optimizer)
     if not getattr(optimizer, "_sazd_hooked", False):
         optimizer.register_load_state_dict_post_hook(_loaded)
+        optimizer.register_state_dict_post_hook(_saved)
         optimizer.zero_grad = _zero_grad(optimizer, optimizer.zero_grad)
         optimizer.add_param_group = _add_param_group(optimizer, optimizer.add_param_group)
         optimizer._sazd_hooked = True
@@ -151,18 +153,22 @@ def _loaded(optimizer: torch.optim.Optimizer) -> None:
             layer.scheme.take_optimizer_state(layer, state)
 
 
-def _step_starts(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-    """Before every optimizer's step: while it runs, reading a DEU weight's ``.grad`` (as the step
-    does) must not form it on the master, or a step not made by ``coded_optimizer`` would silently
-    step the master's copy."""
-    CodedContext.steps_running += 1
+def _saved(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """After ``optimizer.state_dict()``: the state the workers keep (DEU's momentum), decoded, joins
+    its weight's entry, so that the dict is the one the plain model's optimizer would save (it loads
+    into a new coded optimizer, or a plain one)."""
+    index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    for layer, _ in _coded_weights(optimizer):
+        kept = layer.scheme.optimizer_state(layer)
+        if kept:
+            state_dict["state"].setdefault(index[id(layer.param)], {}).update(kept)
+    return state_dict
 
 
 def _refuse_unhooked(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
     """After every optimizer's step: when it steps a parallelized model, that model's coded weights
     must have an optimizer that updates them; else their gradients would pile up, unapplied. (A
     hooked optimizer's own hook ran first and sent its weights' updates.)"""
-    CodedContext.steps_running = max(0, CodedContext.steps_running - 1)
     params = {id(p) for group in optimizer.param_groups for p in group["params"]}
     hooked = _hooked_models(optimizer)
     pending = [layer.name for layer, _ in _coded_weights(optimizer)
@@ -181,5 +187,4 @@ def _refuse_unhooked(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict
             "them; create the optimizer as sazd.coded_optimizer(torch.optim.SGD(model.parameters(), ...))")
 
 
-register_optimizer_step_pre_hook(_step_starts)
 register_optimizer_step_post_hook(_refuse_unhooked)

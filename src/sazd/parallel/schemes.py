@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from sazd.parallel.coded import CodedLayer, raw_grad, set_raw_grad
-from sazd.parallel.context import CodedContext, RoundRecord
+from sazd.parallel.context import CodedContext, RoundRecord, optimizer_step_under_way
 from sazd.runtime.cluster import PerWorker
 from sazd.runtime.worker import SGDStep
 
@@ -109,6 +109,11 @@ class Scheme(ABC):
     def take_optimizer_state(self, layer: CodedLayer, state: dict[str, Any]) -> None:
         """An optimizer loaded ``state`` for the weight: move what the workers keep to them."""
         return None
+
+    def optimizer_state(self, layer: CodedLayer) -> dict[str, Tensor]:
+        """The optimizer state of the weight the workers keep, in the parameter's layout, as the plain
+        model's optimizer would save it (``optimizer.state_dict()``)."""
+        return {}
 
     def before_step(self, ctx: CodedContext, layers: Sequence[CodedLayer]) -> None:
         """Before an optimizer step that holds these coded weights of ``ctx`` (in this scheme)."""
@@ -198,7 +203,7 @@ class DEU(Scheme):
         """``W.grad`` read by the user (or ``torch.nn.utils.clip_grad_norm_``): the kept factors are
         formed into it, as autograd would have (outside the optimizer's own step, which must not step
         a DEU weight on the master)."""
-        if layer.keeps_gradient and not CodedContext.steps_running:
+        if layer.keeps_gradient and not optimizer_step_under_way():
             layer.fold_gradient()
         return raw_grad(layer.param)
 
@@ -264,6 +269,11 @@ class DEU(Scheme):
         if buffer is not None:
             layer.sync()
             layer.load_matrices({}, layer.matrices(buffer.detach().to(layer.plain())))
+
+    def optimizer_state(self, layer: CodedLayer) -> dict[str, Tensor]:
+        """SGD's momentum buffer, decoded from the workers' row copy (none before momentum's first step)."""
+        _, momentum = self.row_state(layer)
+        return {} if momentum is None else {"momentum_buffer": layer.to_param(momentum).to(layer.plain())}
 
     # ------------------------------------------------------------ stepping
     def check_optimizer(self, optimizer: torch.optim.Optimizer, group: dict[str, Any],
