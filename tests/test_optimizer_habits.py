@@ -171,9 +171,11 @@ def test_optimizer_state_dict_is_the_plain_one_and_resumes_exactly(scheme: str) 
     momentum lives on the workers: it is decoded into the dict, in the parameter's layout), and it
     resumes training exactly in a new coded optimizer and in a plain one."""
     plain, model = conv1d_pair(scheme)
-    optimizers = [torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
-                  for net in (plain, model)]
-    optimizers[1] = sazd.coded_optimizer(optimizers[1])
+    def sgd(net: nn.Module) -> torch.optim.Optimizer:
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+        return sazd.coded_optimizer(optimizer) if net is model else optimizer
+
+    optimizers = [sgd(plain), sgd(model)]
     for net, optimizer in zip((plain, model), optimizers, strict=True):
         train(net, optimizer, steps=2)
     want, got = (optimizer.state_dict() for optimizer in optimizers)
@@ -181,11 +183,7 @@ def test_optimizer_state_dict_is_the_plain_one_and_resumes_exactly(scheme: str) 
     for index, state in want["state"].items():
         assert float((got["state"][index]["momentum_buffer"] - state["momentum_buffer"]).abs().max()) < 1e-12
     plain_copy = copy.deepcopy(plain)
-    resumed = {
-        plain: torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01),
-        model: sazd.coded_optimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)),
-        plain_copy: torch.optim.SGD(plain_copy.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01),
-    }
+    resumed = {net: sgd(net) for net in (plain, model, plain_copy)}
     resumed[plain].load_state_dict(want)  # (loading shares the dict's tensors: one copy for each)
     resumed[model].load_state_dict(copy.deepcopy(got))
     resumed[plain_copy].load_state_dict(copy.deepcopy(got))  # the coded model's, into a plain optimizer
@@ -195,3 +193,24 @@ def test_optimizer_state_dict_is_the_plain_one_and_resumes_exactly(scheme: str) 
             loss_of(net, seed).backward()
             optimizer.step()
     assert gap(model, plain) < 1e-12 and gap(plain_copy, plain) < 1e-12
+
+
+@pytest.mark.parametrize("scheme", ["naive", "deu"])
+def test_an_optimizer_stepped_in_backward_steps_exactly(scheme: str) -> None:
+    """torch's "optimizer step in backward" pattern: one optimizer per parameter, stepped by the
+    parameter's post-accumulate-grad hook. DEU's own hook, which takes the backward's factors, runs
+    before the user's, so the step sends this backward's update."""
+    plain, model = pair(scheme)
+    for net in (plain, model):
+        for param in net.parameters():
+            optimizer = torch.optim.SGD([param], lr=0.1, momentum=0.9)
+            optimizer = sazd.coded_optimizer(optimizer) if net is model else optimizer
+
+            def step_now(_: torch.Tensor, optimizer: torch.optim.Optimizer = optimizer) -> None:
+                optimizer.step()
+                optimizer.zero_grad()
+
+            param.register_post_accumulate_grad_hook(step_now)
+        for seed in range(3):
+            loss_of(net, seed).backward()
+    assert gap(model, plain) < 1e-12

@@ -264,8 +264,9 @@ class CodedLayer:
         self.staged.append(StagedUse(_graph_task(), X.detach(), dY.detach(), rounds))
 
     def watch_accumulation(self) -> None:
-        """Hook the weight's gradient accumulation (a weak reference: torch keeps hooks out of the
-        garbage collector's sight, and a strong one would keep the whole model alive)."""
+        """Hook the weight's gradient accumulation, ahead of any hook of the user's (a weak reference:
+        torch keeps hooks out of the garbage collector's sight, and a strong one would keep the whole
+        model alive)."""
         ref = weakref.ref(self)
 
         def accumulated(param: Tensor) -> None:
@@ -273,7 +274,13 @@ class CodedLayer:
             if layer is not None:
                 layer.commit_staged()
 
-        self._param.register_post_accumulate_grad_hook(accumulated)
+        handle = self._param.register_post_accumulate_grad_hook(accumulated)
+        with _no_subclass():  # first, before the user's own (an optimizer stepped in backward reads them)
+            hooks = self._param._post_accumulate_grad_hooks
+            others = [(key, hook) for key, hook in hooks.items() if key != handle.id]
+            hooks.clear()  # torch runs them in the dict's insertion order: insert again, ours first
+            hooks[handle.id] = accumulated
+            hooks.update(others)
         self._watching = True
 
     def commit_staged(self) -> None:
