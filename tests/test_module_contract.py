@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import runpy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,42 @@ def test_auto_plan_leaves_what_it_cannot_code_on_the_master_and_says_why(scheme)
     assert torch.allclose(grad, want, rtol=1e-10, atol=1e-14)
     with pytest.raises(ValueError, match="'gconv' cannot be coded: it is a grouped Conv2d"):
         parallelize(Mixed(), get_code("sazd", n=5, k=3), InProcessCluster(5), plan={"gconv": "coded"})
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_replacing_a_coded_module_is_said_and_trains_as_plain(scheme):
+    """``model.layer = nn.Linear(...)`` after ``parallelize``: the replacement computes on the master
+    (exactly as the plain model's), which is said once and listed in ``left_on_master``; wrapping the
+    coded module in a new one that holds it (as peft's LoRA wrapper does) keeps it coded, quietly."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+    plain = plain.double()
+    coded = parallelize(copy.deepcopy(plain), get_code("sazd", n=5, k=3), InProcessCluster(5),
+                        scheme=scheme, min_features=4)
+    head = nn.Linear(16, 4).double()
+    plain[4] = copy.deepcopy(head)
+    said = (r"^4 was replaced after sazd.parallelize \(by Linear\): the module that held the coded weight "
+            r"4.weight left the model.*sazd.parallel.plain_model\(model\)")
+    with pytest.warns(UserWarning, match=said):
+        coded[4] = copy.deepcopy(head)
+    assert "4" in context(coded).left_on_master
+    wrapper = nn.Sequential(coded[2])  # holds the coded module: it stays coded
+    plain[2] = nn.Sequential(plain[2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        coded[2] = wrapper
+    assert isinstance(coded[2][0].weight, sazd.parallel.CodedParameter)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (plain, coded)]
+    optimizers[1] = sazd.coded_optimizer(optimizers[1])
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.randn(8, 12, generator=gen, dtype=torch.float64), torch.randn(8, 4, generator=gen)
+        for model, optimizer in zip((plain, coded), optimizers, strict=True):
+            optimizer.zero_grad()
+            F.mse_loss(model(x), y.double()).backward()
+            optimizer.step()
+    pairs = zip(coded.parameters(), plain.parameters(), strict=True)
+    assert max(float((a - b).abs().max()) for a, b in pairs) < 1e-12
 
 
 def test_deu_refuses_an_optimizer_that_cannot_keep_the_code():

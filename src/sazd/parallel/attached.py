@@ -125,6 +125,32 @@ class ScriptingRefusal:
         return ScriptingRefusal, (self._module(),)
 
 
+def _say_replaced(parent: nn.Module, name: str, module: nn.Module | None) -> None:
+    """A submodule holding coded weights replaced after ``parallelize`` (``model.head = nn.Linear(...)``):
+    the replacement's weights compute on the master, uncoded. Said once per weight, and listed in the
+    model's ``left_on_master``. A replacement that keeps the old module inside it (peft's LoRA wrapper
+    holds it as ``base_layer``) keeps its coded weights: nothing is said."""
+    old = parent._modules.get(name)
+    if old is None or old is module:
+        return
+    kept = set() if module is None else {id(p) for p in module.parameters()}
+    gone = [p.layer for p in old.parameters() if isinstance(p, CODED) and id(p) not in kept]
+    for layer in {id(layer): layer for layer in gone}.values():
+        model = None if layer.ctx.model is None else layer.ctx.model()
+        path = next((f"{prefix}.{name}" if prefix else name for prefix, m in (model or parent).named_modules()
+                     if m is parent), name)
+        fix = "to code it, parallelize a plain copy: sazd.parallelize(sazd.parallel.plain_model(model), ...)"
+        weight = layer.weight_name
+        layer.ctx.left_on_master[path] = f"it replaced, after sazd.parallelize, the module of {weight}; {fix}"
+        warn_once("replaced", layer, (
+            f"{path} was replaced after sazd.parallelize (by {type(module).__name__}): the module that held "
+            f"the coded weight {weight} left the model, and the replacement computes on the master, uncoded "
+            f"(no straggler tolerance); {fix}"))
+
+
+nn.modules.module.register_module_module_registration_hook(_say_replaced)
+
+
 def attach(model: nn.Module, ctx: CodedContext, slots: Sequence[tuple[nn.Module, str, CodedLayer]]) -> None:
     """Attach the three to a model ``parallelize`` just coded (``slots``: module, attribute, layer)."""
     model.zero_grad = KeptGradientsZeroGrad(model)

@@ -626,16 +626,17 @@ def _flat(args: Any, kwargs: dict) -> list[Any]:
     return out
 
 
-def warn_once(operation: str, layer: CodedLayer) -> None:
+def warn_once(operation: str, layer: CodedLayer, message: str | None = None) -> None:
+    """Say once per weight that ``operation`` on it runs on the master's copy (or ``message``)."""
     if operation in layer.warned:
         return
     layer.warned.add(operation)
     weight = layer.weight_name
-    warnings.warn(f"{operation} on the coded weight {weight} is not a coded product: it runs on the "
-                  "master's copy of the weight (no straggler tolerance; DEU decodes that copy from the "
-                  "workers after each update); use the weight through a product (its module, x @ W, "
-                  "x @ W.T, F.linear) or leave it on the master (plan={...: 'master'})", UserWarning,
-                  stacklevel=4)
+    warnings.warn(message or (
+        f"{operation} on the coded weight {weight} is not a coded product: it runs on the master's copy of "
+        "the weight (no straggler tolerance; DEU decodes that copy from the workers after each update); use "
+        "the weight through a product (its module, x @ W, x @ W.T, F.linear) or leave it on the master "
+        "(plan={...: 'master'})"), UserWarning, stacklevel=4)
 
 
 # ----------------------------------------------------------------- products
