@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from sazd.parallel.coded import CodedLayer
+from sazd.parallel.optimizer import workers_state_left_out
 from sazd.parallel.plan import (
     by_weight_name,
     check_blocks,
@@ -148,9 +149,12 @@ class Maintainer:
         """Write the model's ``state()`` (one round of the workers) and ``optimizer.state_dict()`` to
         ``path`` with ``torch.save``; ``load`` reads it back."""
         state = self.state()
+        saved = None
+        if optimizer is not None:
+            with workers_state_left_out(optimizer):  # the workers' momentum is in ``state``
+                saved = optimizer.state_dict()
         payload = {"format": CHECKPOINT_FORMAT, "steps": self.steps, "model": state.model,
-                   "momentum": state.momentum, "columns": state.columns,
-                   "optimizer": None if optimizer is None else optimizer.state_dict()}
+                   "momentum": state.momentum, "columns": state.columns, "optimizer": saved}
         path = Path(path)
         torch.save(payload, path)
         return path

@@ -26,6 +26,7 @@ step sends the encoded gradient whole. ``clip_grad_norm_(model, max_norm)`` clip
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 from collections.abc import Callable, Iterator
@@ -153,10 +154,23 @@ def _loaded(optimizer: torch.optim.Optimizer) -> None:
             layer.scheme.take_optimizer_state(layer, state)
 
 
+@contextlib.contextmanager
+def workers_state_left_out(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Inside, ``optimizer.state_dict()`` is torch's own, without the state the workers keep (no round
+    of the workers): for sazd's checkpoints, which save that state with the weights."""
+    optimizer.__dict__["_sazd_left_out"] = True
+    try:
+        yield
+    finally:
+        optimizer.__dict__.pop("_sazd_left_out", None)
+
+
 def _saved(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
     """After ``optimizer.state_dict()``: the state the workers keep (DEU's momentum), decoded, joins
     its weight's entry, so that the dict is the one the plain model's optimizer would save (it loads
     into a new coded optimizer, or a plain one)."""
+    if optimizer.__dict__.get("_sazd_left_out"):
+        return state_dict
     index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
     for layer, _ in _coded_weights(optimizer):
         kept = layer.scheme.optimizer_state(layer)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sazd.parallel.optimizer import clip_grad_norm_, coded_optimizer, grad_norm
+from sazd.parallel.optimizer import clip_grad_norm_, coded_optimizer, grad_norm, workers_state_left_out
 from sazd.parallel.plan import coded_layers, context, plain_weights
 from sazd.train.config import OptimConfig
 
@@ -100,7 +100,8 @@ class CodedOptimizer:
         tensors: dict[str, Tensor] = {}
         scalars: dict[str, Any] = {}
         if self.master is not None:
-            state = self.master.state_dict()["state"]
+            with workers_state_left_out(self.master):  # the workers' momentum: read below, by name
+                state = self.master.state_dict()["state"]
             for index, (name, _) in enumerate(self.named_params):
                 for field, value in state.get(index, {}).items():
                     if isinstance(value, Tensor):
@@ -125,5 +126,6 @@ class CodedOptimizer:
                           if key.split("/", 1)[0] == name})
             if entry:
                 state[index] = entry
-        sd = self.master.state_dict()
+        with workers_state_left_out(self.master):
+            sd = self.master.state_dict()
         self.master.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
