@@ -64,6 +64,16 @@ ARCHITECTURES = {
                      encoder_attention_heads=NH, decoder_attention_heads=NH, encoder_ffn_dim=I,
                      decoder_ffn_dim=I, max_source_positions=16, max_target_positions=32,
                      decoder_start_token_id=0, pad_token_id=0)),
+    # float32 norms inside a float64 model (RMSNorm on q and k, Cohere's LayerNorm): they sum in the
+    # products' memory order, which must be F.linear's
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "tokens",
+              dict(BERTLIKE, num_key_value_heads=2, max_position_embeddings=64)),
+    "cohere": ("CohereConfig", "CohereForCausalLM", "tokens",
+               dict(BERTLIKE, num_key_value_heads=2, max_position_embeddings=64)),
+    "fsmt": ("FSMTConfig", "FSMTForConditionalGeneration", "seq2seq",  # views its time-major projections
+             dict(langs=["en", "de"], src_vocab_size=V, tgt_vocab_size=V, d_model=H, encoder_layers=L,
+                  decoder_layers=L, encoder_attention_heads=NH, decoder_attention_heads=NH, encoder_ffn_dim=I,
+                  decoder_ffn_dim=I, max_position_embeddings=64, pad_token_id=1, decoder_start_token_id=2)),
     "wav2vec2": ("Wav2Vec2Config", "Wav2Vec2ForCTC", "wave",  # convolutions; a weight-normed position conv
                  dict(BERTLIKE, conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3),
                       num_feat_extract_layers=2, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,

@@ -373,3 +373,36 @@ def test_a_coded_optimizer_without_the_live_coded_weights_is_an_error_at_its_fir
     left = r"left the coded weights of \['c_fc', 'c_proj', 'head'\] unchanged"
     with pytest.raises(RuntimeError, match=left):
         opt.step()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_products_and_input_gradients_are_laid_out_as_plain_pytorchs(scheme):
+    """A coded product answers in the layout plain PyTorch's does (``F.linear``: row-major; ``conv2d``:
+    the input's or weight's channels-last, else contiguous; ``conv1d``: contiguous), and so does the
+    input gradient it hands autograd: a ``.view`` downstream works (FSMT's attention views a time-major
+    projection), and a float32 reduction of a float64 model (transformers' RMSNorm) sums in the same
+    order, bit for bit."""
+    torch.manual_seed(0)
+    plain = nn.ModuleDict({"a": nn.Linear(16, 16), "b": nn.Linear(16, 16), "conv": nn.Conv2d(8, 16, 3),
+                           "conv1d": nn.Conv1d(8, 16, 3)}).double()
+    model = code_it(copy.deepcopy(plain), scheme)
+    assert len(coded_layers(model)) == 4
+    x = torch.randn(5, 3, 16, dtype=torch.float64)  # time-major (T, B, C)
+    seen = []
+    for net in (plain, model):
+        h = net["a"](x)
+        h.register_hook(lambda grad: seen.append(grad))  # the input gradient of b's product
+        y = net["b"](h)
+        assert y.stride() == (48, 16, 1) and y.view(5, 12, 4).shape == (5, 12, 4)
+        squares = y.to(torch.float32).pow(2).mean(-1)  # RMSNorm's float32 statistic
+        seen.append(squares)
+        squares.sum().backward()
+    assert seen[0].stride() == seen[2].stride() and seen[1].stride() == seen[3].stride()
+    assert torch.equal(seen[1], seen[3])  # the float32 statistic, bit for bit
+    images = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        want, got = (net["conv"](images.to(memory_format=layout)) for net in (plain, model))
+        assert got.stride() == want.stride() and got.is_contiguous(memory_format=layout)
+    sound = torch.randn(2, 6, 8, dtype=torch.float64).transpose(1, 2)  # a non-contiguous (B, C, L)
+    want, got = (net["conv1d"](sound) for net in (plain, model))
+    assert got.stride() == want.stride() and got.is_contiguous()

@@ -4,8 +4,7 @@ The model keeps its class; sazd adds three objects to it:
 
 - ``KeptGradientsZeroGrad`` as ``model.zero_grad``: DEU's kept gradients are dropped before torch's
   ``zero_grad`` reads them (a read forms them);
-- ``ForwardWatch``, a forward pre-hook: after ``train()`` / ``eval()`` it rechecks whether the model
-  drops out, and it notices ``torch.func`` computing with the master's copies;
+- ``ForwardWatch``, a forward pre-hook: it notices ``torch.func`` computing with the master's copies;
 - ``ScriptingRefusal`` as ``__prepare_scriptable__`` of the model and of each module that holds a
   coded weight: ``torch.jit.script`` would compile its forward with the master's copy of the weight,
   out of sazd's sight (no coded round; under DEU a stale copy), so it is refused by name.
@@ -25,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from sazd.parallel.coded import CODED, CodedLayer, coded_parameters, warn_once
-from sazd.parallel.context import CodedContext, drops_out
+from sazd.parallel.context import CodedContext
 
 
 class KeptGradientsZeroGrad:
@@ -44,25 +43,19 @@ class KeptGradientsZeroGrad:
 
 
 class ForwardWatch:
-    """The forward pre-hook of a parallelized model. After ``train()`` or ``eval()`` it checks whether
-    the model drops out (``CodedContext.row_major``). When ``torch.func.functional_call`` has swapped a
+    """The forward pre-hook of a parallelized model. When ``torch.func.functional_call`` has swapped a
     coded weight out of its module (``slots``: module, attribute, layer) for a functorch-wrapped copy
     of itself (``torch.func.grad`` over the model's own parameters), the forward computes with the
     master's copy, out of sazd's sight: that copy is made current (DEU decodes it) and the use said."""
 
-    def __init__(self, ctx: CodedContext | None, slots: Sequence[tuple[nn.Module, str, CodedLayer]],
-                 training: bool = True) -> None:
+    def __init__(self, ctx: CodedContext | None, slots: Sequence[tuple[nn.Module, str, CodedLayer]]) -> None:
         self._ctx = None if ctx is None else weakref.ref(ctx)
         self._slots = tuple(slots)
-        self._training = training
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         ctx = None if self._ctx is None else self._ctx()
         if ctx is None:  # a copy's
             return
-        if module.training != self._training:
-            self._training = module.training
-            ctx.row_major = drops_out(module)
         for owner, attr, layer in self._slots:
             swapped = owner._parameters.get(attr)
             if swapped is not layer.param and _unwrapped(swapped) is layer.param:
@@ -154,7 +147,7 @@ nn.modules.module.register_module_module_registration_hook(_say_replaced)
 def attach(model: nn.Module, ctx: CodedContext, slots: Sequence[tuple[nn.Module, str, CodedLayer]]) -> None:
     """Attach the three to a model ``parallelize`` just coded (``slots``: module, attribute, layer)."""
     model.zero_grad = KeptGradientsZeroGrad(model)
-    ctx.forward_hook = model.register_forward_pre_hook(ForwardWatch(ctx, slots, model.training)).id
+    ctx.forward_hook = model.register_forward_pre_hook(ForwardWatch(ctx, slots)).id
     for owner in {id(m): m for m in [model, *(owner for owner, _, _ in slots)]}.values():
         owner.__dict__["__prepare_scriptable__"] = ScriptingRefusal(owner)
 

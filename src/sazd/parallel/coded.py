@@ -673,10 +673,7 @@ def _product_plus_bias(x: Tensor, W: CodedParameter, bias: Tensor | None, transp
                        fan_in: int, fan_out: int, raw: bool) -> Tensor:
     xm = x.reshape(-1, fan_in).to(W.dtype)
     bias = None if bias is None else bias.to(W.dtype)
-    if raw or not W.layer.ctx.row_major:  # the decode's layout: no copy
-        y = W.layer.product(xm, transposed_use, None, raw=True).reshape(*x.shape[:-1], fan_out)
-        return y if raw or bias is None else y + bias
-    return W.layer.product(xm, transposed_use, bias).reshape(*x.shape[:-1], fan_out)
+    return W.layer.product(xm, transposed_use, None if raw else bias, raw).reshape(*x.shape[:-1], fan_out)
 
 
 def _linear(args: tuple, kwargs: dict) -> Any:
@@ -723,15 +720,17 @@ def _conv(func: Callable, spatial: int) -> Callable[[tuple, dict], Any]:
                         dilation=(1,) * height + expand(1 if dilation is None else dilation),
                         padding=(0,) * height + expand(0 if padding in (None, "valid") else padding),
                         stride=(1,) * height + expand(1 if stride is None else stride))
-        y = _coded_conv(x.reshape(*x.shape[:2], *(1,) * height, *x.shape[2:]), W, bias, geometry)
+        layout = _conv_memory_format(x, W) if spatial == 2 else torch.contiguous_format  # conv1d: always
+        y = _coded_conv(x.reshape(*x.shape[:2], *(1,) * height, *x.shape[2:]), W, bias, geometry, layout)
         return y.reshape(*y.shape[:2], *y.shape[2 + height:])
 
     return product
 
 
 def _coded_conv(x: Tensor, W: CodedParameter, bias: Tensor | None, geometry: dict[str, tuple[int, int]],
-                ) -> Tensor:
-    """``F.conv2d(x, W, bias, **geometry)``: a coded product on the unfolded patches of x (B, C, H, W)."""
+                layout: torch.memory_format) -> Tensor:
+    """``F.conv2d(x, W, bias, **geometry)``: a coded product on the unfolded patches of x (B, C, H, W),
+    laid out in ``layout`` as conv2d's output."""
     layer = W.layer
     B = x.shape[0]
     ho, wo = (_conv_out(x.shape[2 + i], i, geometry) for i in (0, 1))
@@ -739,9 +738,16 @@ def _coded_conv(x: Tensor, W: CodedParameter, bias: Tensor | None, geometry: dic
     xm = cols.transpose(1, 2).reshape(B * ho * wo, layer.in_features)
     ym = coded_matmul(xm, W, None, transposed_use=False, raw=True)  # (N, out) in (out, N) memory
     y = ym.reshape(B, ho, wo, layer.out_features).permute(0, 3, 1, 2)
-    if layer.ctx.row_major:
-        y = y.contiguous()  # NCHW, as conv2d's (see ``CodedContext.row_major``)
+    y = y.contiguous(memory_format=layout)
     return y if bias is None else y + bias.to(y.dtype).view(1, -1, 1, 1)
+
+
+def _conv_memory_format(x: Tensor, W: Tensor) -> torch.memory_format:
+    """The layout of ``F.conv2d``'s output on the CPU: channels-last when the input or the weight is."""
+    channels_last = torch.channels_last
+    with _no_subclass():
+        last = any(t.is_contiguous(memory_format=channels_last) and not t.is_contiguous() for t in (x, W))
+    return channels_last if last else torch.contiguous_format
 
 
 def _conv_out(size: int, i: int, g: dict[str, tuple[int, int]]) -> int:
@@ -841,8 +847,8 @@ class _CodedProduct(torch.autograd.Function):
         out, ctx.round = layer.round(col if transpose else row, xm)
         if raw:  # the data alone: a view of the decode's buffer would refuse in-place edits downstream
             return out.detach()
-        # Row-major (N, out) as F.linear's (``CodedContext.row_major``): dropout draws its mask in memory
-        # order. The bias rides on the one copy that lays it out.
+        # Laid out row-major (N, out), as F.linear's: a view or a reduction downstream, and dropout's
+        # mask (drawn in memory order), see what they see on the plain model. The bias rides on the copy.
         y = torch.empty(out.shape, dtype=out.dtype, device=out.device)
         if bias is None:
             return y.copy_(out)
@@ -859,6 +865,7 @@ class _CodedProduct(torch.autograd.Function):
             dx = _CodedProduct.apply(dym, layer.param, layer, not ctx.transpose, None, False)
         elif ctx.needs_input_grad[0]:
             dx, back = layer.round(row if ctx.transpose else col, dym)
+            dx = dx.contiguous()  # row-major, as F.linear's input gradient
             rounds[back.key] = back
         dw = None
         if ctx.needs_input_grad[1]:

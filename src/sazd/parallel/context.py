@@ -142,21 +142,6 @@ class StagedUse:
     rounds: dict[str, RoundRecord]
 
 
-def drops_out(model: nn.Module) -> bool:
-    """Whether a module in training drops out: an ``nn.Dropout`` (any kind) with p > 0, or a float
-    attribute named for dropout above 0 (transformers' convention for ``F.dropout(x, p=self.dropout)``)."""
-    for m in model.modules():
-        if not m.training:
-            continue
-        if isinstance(m, nn.modules.dropout._DropoutNd):
-            if m.p > 0:
-                return True
-            continue
-        if any("dropout" in name and isinstance(v, float) and v > 0 for name, v in vars(m).items()):
-            return True
-    return False
-
-
 # The code of the wrapper torch puts around every optimizer's ``step`` (it runs the step hooks)
 _OPTIMIZER_STEP = torch.optim.Optimizer.profile_hook_step(lambda optimizer: None).__code__
 
@@ -198,9 +183,6 @@ class CodedContext:
         CodedContext.live.add(self)
         self.rounds: dict[str, RoundRecord] = {}  # block key -> its latest round
         self._queued: dict[int, list[tuple[str, tuple]]] | None = None  # inside batched(): per worker
-        # Whether the model runs dropout in training: products are then laid out row-major as F.linear's
-        # (one transposing copy each), so that masks, drawn in memory order, fall as on the plain model.
-        self.row_major = model is not None and drops_out(model)
         self.forward_hook = -1  # the id of the model's forward pre-hook (``attached.ForwardWatch``)
 
     def add(self, layer: CodedLayer) -> None:

@@ -89,13 +89,15 @@ class Worker:
         """Replace (or add) coded blocks, and optionally their momentum buffers. A replaced block's
         momentum goes, unless ``keep_momentum`` (an edit of the weight, a new dtype): then it stays,
         cast to the new block's dtype."""
+        # Kept row-major whatever the sender's layout: products and updates then round alike in a run
+        # and in its resume (whose blocks come from a checkpoint).
         for key, block in blocks.items():
-            self.weights[key] = block.to(self.device).clone()
+            self.weights[key] = block.to(self.device).clone(memory_format=torch.contiguous_format)
             kept = self.momentum.pop(key, None)
             if keep_momentum and kept is not None:
                 self.momentum[key] = kept.to(self.weights[key].dtype)
         for key, buf in (momentum or {}).items():
-            self.momentum[key] = buf.to(self.device).clone()
+            self.momentum[key] = buf.to(self.device).clone(memory_format=torch.contiguous_format)
         return self.index
 
     def drop(self, keys: list[str]) -> int:
