@@ -177,6 +177,20 @@ class Code(ABC):
             return {}
         return {j: j for j in workers if j < self.k}
 
+    def _decode_into(self, results: dict[int, Tensor], r: int, out: Tensor) -> None:
+        """``_decode_blocks`` into ``out`` of any layout: a product whose every block is a copied result
+        is stacked straight into it; any other decode runs in a contiguous buffer, copied over."""
+        if out.is_contiguous():
+            self._decode_blocks(results, r, out)
+            return
+        by_block = {i: j for j, i in self._copied_blocks(results).items()}
+        if len(by_block) == self.k:
+            torch.stack([results[by_block[i]] for i in range(self.k)], out=out)
+            return
+        buffer = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+        self._decode_blocks(results, r, buffer)
+        out.copy_(buffer)
+
     # ------------------------------------------------------------ public API
     @property
     def m(self) -> int:
@@ -226,7 +240,7 @@ class Code(ABC):
 
     def decode(
         self, results: Mapping[int, Tensor], rows: int | None = None, *, allow_unstable: bool = False,
-        out_dtype: torch.dtype | None = None, certify: bool = True,
+        out_dtype: torch.dtype | None = None, certify: bool = True, transposed: bool = False,
     ) -> Tensor:
         """Recover ``W @ X`` (shape (k*r, *trailing)) from the products of any k (or more) workers.
 
@@ -240,18 +254,22 @@ class Code(ABC):
         ``out_dtype``: the dtype of the decoded product (default: the results'); half-precision results
         decode in float32, so ``out_dtype=torch.float32`` keeps that precision. ``certify=False`` skips
         certification (no probe, no bound, no warning, no refusal); ``decode_report`` returns the bound.
+        ``transposed`` (2-D results (r, N)): the product is laid out as its transpose's row-major tensor
+        (the transpose of a contiguous (N, k*r) tensor: W X^T as the view of F.linear's X W^T).
         """
         return self.decode_report(
-            results, rows, allow_unstable=allow_unstable, out_dtype=out_dtype, certify=certify
+            results, rows, allow_unstable=allow_unstable, out_dtype=out_dtype, certify=certify,
+            transposed=transposed,
         ).product
 
     def decode_report(
         self, results: Mapping[int, Tensor], rows: int | None = None, *, allow_unstable: bool = False,
-        out_dtype: torch.dtype | None = None, certify: bool = True,
+        out_dtype: torch.dtype | None = None, certify: bool = True, transposed: bool = False,
     ) -> DecodeReport:
         """``decode``, returning the product with its certified error bound (see ``DecodeReport``)."""
         check_bool(allow_unstable, "allow_unstable")
         check_bool(certify, "certify")
+        check_bool(transposed, "transposed")
         if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
             raise TypeError(f"out_dtype must be a floating torch.dtype (or None), got {out_dtype!r}")
         ref, r = self._check_results(results, rows)
@@ -264,12 +282,19 @@ class Code(ABC):
         copied = self._copied_blocks(usable) if certify else {}
         others = [j for j in usable if j not in copied] if certify else []
         trailing = tuple(ref.shape[1:])
-        out = torch.empty((self.k, r, *trailing), dtype=cdtype, device=ref.device)
+        if transposed and len(trailing) != 1:
+            raise ValueError(f"transposed=True lays out 2-D results (rows, N), got shape {tuple(ref.shape)}; "
+                             "decode with transposed=False")
+        if transposed:  # (k, r, N) viewed on a contiguous (N, k*r)
+            rows_of = torch.empty((*trailing, self.k * r), dtype=cdtype, device=ref.device)
+            out = rows_of.view(*trailing, self.k, r).permute(1, 2, 0)
+        else:
+            out = torch.empty((self.k, r, *trailing), dtype=cdtype, device=ref.device)
         if torch.is_grad_enabled():  # not differentiated through (coded layers have their own backward)
             with torch.no_grad():
-                self._decode_blocks(usable, r, out)
+                self._decode_into(usable, r, out)
         else:
-            self._decode_blocks(usable, r, out)
+            self._decode_into(usable, r, out)
         values = frobenius_norms([usable[j] for j in others], blocks_of=out)
         norms, blocks = dict(zip(others, values, strict=False)), values[len(others):]
         bad = [j for j, v in norms.items() if not math.isfinite(v)]
@@ -279,7 +304,8 @@ class Code(ABC):
         if bad:
             good = self._drop_non_finite(results, bad)
             return self.decode_report(
-                good, rows=r * self.k, allow_unstable=allow_unstable, out_dtype=out_dtype, certify=certify
+                good, rows=r * self.k, allow_unstable=allow_unstable, out_dtype=out_dtype, certify=certify,
+                transposed=transposed,
             )
         workers = tuple(sorted(results))
         if not math.isfinite(product_norm):
@@ -565,10 +591,8 @@ def frobenius_norms(tensors: Sequence[Tensor], blocks_of: Tensor | None = None) 
     if tensors:
         # one fused kernel for all (torch's clip_grad_norm_ uses it too); a norm per tensor costs a dispatch
         parts.append(torch.stack(torch._foreach_norm([_floating(t) for t in tensors])))
-    if blocks_of is not None:
-        count = blocks_of.shape[0]
-        flat = blocks_of.view(count, blocks_of.numel() // count)
-        parts.append(torch.linalg.vector_norm(_floating(flat), dim=1))
+    if blocks_of is not None:  # any layout
+        parts.append(torch.linalg.vector_norm(_floating(blocks_of), dim=tuple(range(1, blocks_of.dim()))))
     if not parts:
         return []
     norms = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()

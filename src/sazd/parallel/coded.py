@@ -184,9 +184,10 @@ class CodedLayer:
     # ---------------------------------------------------------- the algebra
     def matrices(self, W: Tensor) -> dict[str, Tensor]:
         """The two matrices the coded copies encode, from a weight in the parameter's layout:
-        {row key: M (out, in), col key: M^T}."""
+        {row key: M (out, in), col key: M^T}, each row-major (its blocks are then rows of memory, which
+        the workers keep as they come)."""
         M = W.T if self.transposed else W.reshape(self.out_features, self.in_features)
-        return {self.keys[0]: M, self.keys[1]: M.T}
+        return {self.keys[0]: M.contiguous(), self.keys[1]: M.T.contiguous()}
 
     def encode_plain(self, W: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Both coded copies of the weight ``W`` (parameter layout): n blocks each."""
@@ -736,7 +737,7 @@ def _coded_conv(x: Tensor, W: CodedParameter, bias: Tensor | None, geometry: dic
     ho, wo = (_conv_out(x.shape[2 + i], i, geometry) for i in (0, 1))
     cols = F.unfold(x, **geometry)  # (B, C*kh*kw, L) patches; autograd's backward is F.fold
     xm = cols.transpose(1, 2).reshape(B * ho * wo, layer.in_features)
-    ym = coded_matmul(xm, W, None, transposed_use=False, raw=True)  # (N, out) in (out, N) memory
+    ym = coded_matmul(xm, W, None, transposed_use=False, raw=True)  # (N, out), row-major
     y = ym.reshape(B, ho, wo, layer.out_features).permute(0, 3, 1, 2)
     y = y.contiguous(memory_format=layout)
     return y if bias is None else y + bias.to(y.dtype).view(1, -1, 1, 1)
@@ -845,14 +846,11 @@ class _CodedProduct(torch.autograd.Function):
         ctx.save_for_backward(xm)
         row, col = layer.keys
         out, ctx.round = layer.round(col if transpose else row, xm)
-        if raw:  # the data alone: a view of the decode's buffer would refuse in-place edits downstream
-            return out.detach()
-        # Laid out row-major (N, out), as F.linear's: a view or a reduction downstream, and dropout's
-        # mask (drawn in memory order), see what they see on the plain model. The bias rides on the copy.
-        y = torch.empty(out.shape, dtype=out.dtype, device=out.device)
-        if bias is None:
-            return y.copy_(out)
-        return torch.add(out, bias, out=y)
+        # Row-major (N, out), as F.linear's: a view or a reduction downstream, and dropout's mask (drawn
+        # in memory order), see what they see on the plain model. The decode lays it out so, in a buffer
+        # of its own; rows padded for the code leave a gap that one copy closes.
+        y = _unviewed(out)
+        return y if raw or bias is None else y.add_(bias)
 
     @staticmethod
     def backward(ctx: Any, dym: Tensor) -> tuple[Tensor | None, ...]:
@@ -873,6 +871,17 @@ class _CodedProduct(torch.autograd.Function):
             dw = layer.scheme.weight_grad(layer, X, dY, rounds)
         dbias = dym.sum(0) if ctx.needs_input_grad[4] else None
         return dx, dw, None, None, dbias, None
+
+
+def _unviewed(t: Tensor) -> Tensor:
+    """``t`` as a tensor that is no view (autograd refuses in-place edits of a custom Function's output
+    that is one): the tensor it views when that has its very layout, else a row-major copy."""
+    base = t._base
+    if base is None:
+        return t
+    if base.shape == t.shape and base.stride() == t.stride() and base.data_ptr() == t.data_ptr():
+        return base
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _refuse_replacing(module: nn.Module, name: str, param: nn.Parameter | None) -> None:

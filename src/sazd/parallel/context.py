@@ -202,14 +202,15 @@ class CodedContext:
         return coded
 
     def decode(self, results: dict[int, Tensor], rows: int, device: torch.device,
-               dtype: torch.dtype | None = None) -> Tensor:
+               dtype: torch.dtype | None = None, transposed: bool = False) -> Tensor:
         """The product from the workers' ``results``, on ``device`` in ``dtype`` (default: the results'),
-        decoded on ``decode_device`` when set."""
+        decoded on ``decode_device`` when set; ``transposed``: laid out as the view of its transpose's
+        row-major tensor (``Code.decode``)."""
         start = time.perf_counter()
         where = device if self.decode_device is None else self.decode_device
         if any(r.device != where for r in results.values()):
             results = {j: r.to(where) for j, r in results.items()}
-        out = self.code.decode(results, rows=rows, out_dtype=dtype)
+        out = self.code.decode(results, rows=rows, out_dtype=dtype, transposed=transposed)
         if out.device != device:
             out = out.to(device)
         self.stats.decode_s += time.perf_counter() - start
@@ -219,7 +220,8 @@ class CodedContext:
     # -------------------------------------------------------------- rounds
     def product(self, key: str, x: Tensor, rows: int) -> tuple[Tensor, RoundRecord]:
         """One coded round: the workers multiply their block ``key`` by ``x``; the first k answers
-        decode into the (padded) product with ``rows`` rows. Returns it with the round's record."""
+        decode into the (padded) product with ``rows`` rows, the view of its row-major transpose (the
+        layout F.linear answers in). Returns it with the round's record."""
         x = x.detach()  # the workers keep it: an activation's view would keep its graph (and model) alive
         start = time.perf_counter()
         code = self.code  # which answers decode: any k of an MDS code (no test per answer), else its own
@@ -230,7 +232,7 @@ class CodedContext:
         self.stats.worker_s += decoding - start
         self.stats.rounds += 1
         record = self.rounds[key] = RoundRecord(key, answers.workers, x)
-        product = self.decode(answers.results, rows, x.device, x.dtype)
+        product = self.decode(answers.results, rows, x.device, x.dtype, transposed=True)
         self.preferred_wait.record(key, answers, patience_s, time.perf_counter() - decoding)
         return product, record
 

@@ -89,8 +89,8 @@ class Worker:
         """Replace (or add) coded blocks, and optionally their momentum buffers. A replaced block's
         momentum goes, unless ``keep_momentum`` (an edit of the weight, a new dtype): then it stays,
         cast to the new block's dtype."""
-        # Kept row-major whatever the sender's layout: products and updates then round alike in a run
-        # and in its resume (whose blocks come from a checkpoint).
+        # Row-major whatever the sender's layout (the master sends both copies so): products and updates
+        # then round alike in a run and in its resume, whose blocks and buffers come from a checkpoint.
         for key, block in blocks.items():
             self.weights[key] = block.to(self.device).clone(memory_format=torch.contiguous_format)
             kept = self.momentum.pop(key, None)
