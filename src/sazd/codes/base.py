@@ -184,11 +184,15 @@ class Code(ABC):
             self._decode_blocks(results, r, out)
             return
         by_block = {i: j for j, i in self._copied_blocks(results).items()}
+        rows_first = out.permute(*range(2, out.dim()), 0, 1)  # (N, k, r): the transposed layout's memory
+        if len(by_block) == self.k and rows_first.is_contiguous():  # side by side, a row at a time
+            torch.stack([results[by_block[i]].movedim(0, -1) for i in range(self.k)], dim=-2, out=rows_first)
+            return
         if len(by_block) == self.k:
             torch.stack([results[by_block[i]] for i in range(self.k)], out=out)
             return
         buffer = torch.empty(out.shape, dtype=out.dtype, device=out.device)
-        self._decode_blocks(results, r, buffer)
+        self._decode_blocks({j: t.contiguous() for j, t in results.items()}, r, buffer)  # row-wise solvers
         out.copy_(buffer)
 
     # ------------------------------------------------------------ public API
@@ -274,7 +278,7 @@ class Code(ABC):
             raise TypeError(f"out_dtype must be a floating torch.dtype (or None), got {out_dtype!r}")
         ref, r = self._check_results(results, rows)
         cdtype = compute_dtype(ref.dtype)
-        usable = {j: _usable(t, cdtype) for j, t in results.items()}
+        usable = {j: _usable(t, cdtype, any_layout=transposed) for j, t in results.items()}
         # Certifying needs the norm of every result: those copied into the product are read off the
         # product's block norms, the others read with them after the decode (which also shows their
         # NaN/Inf: a decode from them is discarded). Results not read are searched for NaN/Inf only
@@ -591,8 +595,14 @@ def frobenius_norms(tensors: Sequence[Tensor], blocks_of: Tensor | None = None) 
     if tensors:
         # one fused kernel for all (torch's clip_grad_norm_ uses it too); a norm per tensor costs a dispatch
         parts.append(torch.stack(torch._foreach_norm([_floating(t) for t in tensors])))
-    if blocks_of is not None:  # any layout
-        parts.append(torch.linalg.vector_norm(_floating(blocks_of), dim=tuple(range(1, blocks_of.dim()))))
+    if blocks_of is not None:
+        count = blocks_of.shape[0]
+        if blocks_of.is_contiguous():
+            flat = blocks_of.view(count, blocks_of.numel() // count)
+            parts.append(torch.linalg.vector_norm(_floating(flat), dim=1))
+        else:  # a product laid out as its transpose (``decode(transposed=True)``): along its rows first
+            rows = torch.linalg.vector_norm(_floating(blocks_of), dim=1)
+            parts.append(torch.linalg.vector_norm(rows.reshape(count, -1), dim=1))
     if not parts:
         return []
     norms = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()
@@ -608,14 +618,15 @@ def _floating(t: Tensor) -> Tensor:
     return t if t.is_floating_point() else t.double()
 
 
-def _usable(t: Tensor, dtype: torch.dtype) -> Tensor:
+def _usable(t: Tensor, dtype: torch.dtype, any_layout: bool = False) -> Tensor:
     """A result as the decoders take it: detached, in ``dtype``, contiguous (hooks may view it flat;
-    only strided or transposed results are copied)."""
+    only strided or transposed results are copied) unless ``any_layout`` (``_decode_into`` copies
+    them into the product as they are, and makes them contiguous for any other decode)."""
     if t.requires_grad:
         t = t.detach()
     if t.dtype != dtype:
         t = t.to(dtype)
-    return t if t.is_contiguous() else t.contiguous()
+    return t if any_layout or t.is_contiguous() else t.contiguous()
 
 
 def relative_error(approx: Tensor, exact: Tensor) -> float:

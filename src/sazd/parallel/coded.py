@@ -203,7 +203,7 @@ class CodedLayer:
         if key == self.keys[1] and self.col_stale:
             self.refresh_col()
         rows, keep = self.padded[key]
-        out, record = self.ctx.product(key, xm.T, rows)  # a view: BLAS and the wire take it as it is
+        out, record = self.ctx.product(key, xm, rows)
         return out[:keep].T, record
 
     def product(self, xm: Tensor, transpose: bool = False, bias: Tensor | None = None,

@@ -219,20 +219,21 @@ class CodedContext:
 
     # -------------------------------------------------------------- rounds
     def product(self, key: str, x: Tensor, rows: int) -> tuple[Tensor, RoundRecord]:
-        """One coded round: the workers multiply their block ``key`` by ``x``; the first k answers
-        decode into the (padded) product with ``rows`` rows, the view of its row-major transpose (the
-        layout F.linear answers in). Returns it with the round's record."""
+        """One coded round: the workers multiply ``x`` (N, cols) by their block ``key`` (``Worker.linear``);
+        the first k answers decode into the (padded) product A x^T with ``rows`` rows, the view of its
+        row-major transpose x A^T (the layout F.linear answers in). Returns it with the round's record."""
         x = x.detach()  # the workers keep it: an activation's view would keep its graph (and model) alive
         start = time.perf_counter()
         code = self.code  # which answers decode: any k of an MDS code (no test per answer), else its own
         enough = None if type(code).can_decode is Code.can_decode else code.can_decode
         patience_s = self.preferred_wait.patience_s(key)
-        answers = self.cluster.compute("matmul", Broadcast((key, x)), code.k, enough, patience_s)
+        answers = self.cluster.compute("linear", Broadcast((key, x)), code.k, enough, patience_s)
         decoding = time.perf_counter()
         self.stats.worker_s += decoding - start
         self.stats.rounds += 1
         record = self.rounds[key] = RoundRecord(key, answers.workers, x)
-        product = self.decode(answers.results, rows, x.device, x.dtype, transposed=True)
+        results = {j: answer.T for j, answer in answers.results.items()}  # (rows, N) views of (N, rows)
+        product = self.decode(results, rows, x.device, x.dtype, transposed=True)
         self.preferred_wait.record(key, answers, patience_s, time.perf_counter() - decoding)
         return product, record
 

@@ -349,16 +349,16 @@ class DEU(Scheme):
         pending = layer.pending
         X, dY = pending.stacked()
         row, col = layer.keys
-        factors = {row: (dY.T, X.T, layer.out_pad)}  # per copy: (left factor, right^T, padded rows)
+        factors = {row: (dY.T, X, layer.out_pad)}  # per copy: (left factor, right factor, padded rows)
         if col in pending.rounds:  # the column copy served this step: keep it current
-            factors[col] = (X.T, dY.T, layer.in_pad)
+            factors[col] = (X.T, dY, layer.in_pad)
         else:
             layer.col_stale = True
         for key, (left, inputs, rows) in factors.items():
             left = self._ascending(group, pending.scaled(left))
-            if self.ships_gradient(X.shape[0], inputs.shape[0]):
+            if self.ships_gradient(X.shape[0], inputs.shape[1]):
                 with layer.ctx.cluster.between_rounds():  # the product of the step, no round in flight
-                    gradient = left @ inputs.T
+                    gradient = left @ inputs
                 coded = layer.ctx.encode(gradient, rows)
                 for j, calls in updates.items():
                     calls.append((key, step, coded[j]))

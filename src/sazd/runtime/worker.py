@@ -70,7 +70,7 @@ class Worker:
         self.compute_dtype = None if compute_dtype is None else getattr(torch, compute_dtype)
         self.weights: dict[str, Tensor] = {}
         self.momentum: dict[str, Tensor] = {}
-        self.last_input: dict[str, Tensor] = {}  # per block: the x of the last matmul (DEU reuses it)
+        self.last_input: dict[str, Tensor] = {}  # per block: the rows its last product multiplied (DEU)
         self.delay_factor = 1.0  # straggler injection: compute takes delay_factor times longer
         self.slowdown = 1.0  # and the running call's own factor (``call``) times that
         self.updates_applied = 0
@@ -159,32 +159,40 @@ class Worker:
 
     # ---------------------------------------------------------------- compute
     def matmul(self, key: str, x: Tensor) -> Tensor:
-        """This worker's coded product: ``weights[key] @ x``."""
+        """This worker's coded product: ``weights[key] @ x`` (x: (cols, N)); it keeps x^T (N, cols) as
+        the block's last input (see ``sgd``)."""
+        return self._multiply(key, x, rows_first=False)
+
+    def linear(self, key: str, x: Tensor) -> Tensor:
+        """The coded product in ``F.linear``'s orientation: ``x @ weights[key]^T`` (N, rows) for x
+        (N, cols), row-major, which the master lays side by side into X W^T without transposing; it
+        keeps x as the block's last input (see ``sgd``)."""
+        return self._multiply(key, x, rows_first=True)
+
+    def _multiply(self, key: str, x: Tensor, rows_first: bool) -> Tensor:
         if key not in self.weights:
             raise KeyError(f"worker {self.index} holds no block {key!r} (blocks: {sorted(self.weights)})")
         start = self._clock()
-        x = x.to(self.device)
-        self.last_input[key] = x
-        out = self._product(self.weights[key], x)
+        x, w = x.to(self.device), self.weights[key]
+        self.last_input[key] = x if rows_first else x.T
+        a, b = (x, w.T) if rows_first else (w, x)
+        if self.compute_dtype is not None and self.compute_dtype != a.dtype:  # the master decodes in float32
+            a, b = a.to(self.compute_dtype), b.to(self.compute_dtype)
+        out = a @ b
         self._stall(start)
         return out
-
-    def _product(self, w: Tensor, x: Tensor) -> Tensor:
-        if self.compute_dtype is None or self.compute_dtype == w.dtype:
-            return w @ x
-        return w.to(self.compute_dtype) @ x.to(self.compute_dtype)  # the master decodes it in float32
 
     def sgd(self, updates: list[tuple]) -> int:
         """One DEU step of this worker's blocks, every layer's update in this one call.
 
         An update is ``(key, step, left, inputs)``: the coded gradient of block ``key`` is
-        ``left @ inputs^T``, where ``inputs`` is what the block multiplied in the step's round (X^T
-        for the row copy, whose ``left`` is C_j(dY^T); dY^T for the column copy, ``left`` = C_j(X^T))
-        or None for the block's last input, which this worker keeps; or ``(key, step, grad)`` with
-        the coded gradient C_j(dW) sent whole. Per block, torch.optim.SGD's step: with a momentum
-        buffer (not Nesterov) the product accumulates straight into it, buf = mu*buf + (1 - dampening)
-        * (left @ inputs^T + wd*w); plain SGD adds it straight into the weight. Each line is linear
-        in (w, gradient, buf), so the blocks stay the encoding of the true weights."""
+        ``left @ inputs``, where ``inputs`` (N, cols) holds as rows what the block multiplied in the
+        step's round (X for the row copy, whose ``left`` is C_j(dY^T); dY for the column copy, ``left``
+        = C_j(X^T)) or is None for the block's last input, which this worker keeps; or ``(key, step,
+        grad)`` with the coded gradient C_j(dW) sent whole. Per block, torch.optim.SGD's step: with a
+        momentum buffer (not Nesterov) the product accumulates straight into it, buf = mu*buf +
+        (1 - dampening) * (left @ inputs + wd*w); plain SGD adds it straight into the weight. Each line
+        is linear in (w, gradient, buf), so the blocks stay the encoding of the true weights."""
         start = self._clock()
         for update in updates:
             key, step, left, *inputs = update
@@ -199,14 +207,14 @@ class Worker:
                 if right is None:
                     raise ValueError(f"worker {self.index}: no cached input for {key!r}; send `inputs`")
                 if step.momentum and not step.nesterov and buffer is not None:
-                    buffer.addmm_(left, right.T, beta=step.momentum, alpha=1 - step.dampening)
+                    buffer.addmm_(left, right, beta=step.momentum, alpha=1 - step.dampening)
                     if step.weight_decay:
                         buffer.add_(weight, alpha=(1 - step.dampening) * step.weight_decay)
                     weight.add_(buffer, alpha=-step.lr)
                 elif not step.momentum and not step.weight_decay:
-                    weight.addmm_(left, right.T, alpha=-step.lr)
+                    weight.addmm_(left, right, alpha=-step.lr)
                 else:  # the first step with momentum (its buffer is the gradient), Nesterov, decay
-                    buffer = sgd_apply(weight, left @ right.T, buffer, step)
+                    buffer = sgd_apply(weight, left @ right, buffer, step)
             if buffer is None:
                 self.momentum.pop(key, None)
             else:
