@@ -106,9 +106,9 @@ def test_worker_side_of_a_deu_update():
         ask("load", {"w": torch.randn(6, 5)})  # answered: the answering thread has started
         threading.setprofile(None)
         ask("matmul", "w", torch.randn(5, 3))
-        ask("sgd", [("w", step, torch.randn(6, 3), None)])
+        ask("sgd", [("w", step, torch.randn(3, 6), None)])
         tracer.on = True  # the second update has a momentum buffer: the steady state
-        applied = ask("sgd", [("w", step, torch.randn(6, 3), None)])
+        applied = ask("sgd", [("w", step, torch.randn(3, 6), None)])
         tracer.on = False
     finally:
         threading.setprofile(None)

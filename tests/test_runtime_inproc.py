@@ -43,7 +43,7 @@ def training_loop(cluster: InProcessCluster, steps: int, k: int) -> float:
     start = cluster.clock
     for _ in range(steps):
         cluster.first_k(cluster.submit("matmul", ("w", x), cluster.ready_workers(k)), k)
-        cluster.submit("sgd", ([("w", SGDStep(lr=1e-3), left, right)],))
+        cluster.submit("sgd", ([("w", SGDStep(lr=1e-3), left.T, right)],))
     return cluster.clock - start
 
 
@@ -78,7 +78,7 @@ def test_straggler_applies_every_update_in_order():
         left = torch.full((ROWS, 1), float(t + 1), dtype=torch.float64)
         right = torch.arange(COLS, dtype=torch.float64).reshape(1, COLS) * (t - 2)
         cluster.first_k(cluster.submit("matmul", ("w", x)), K)  # worker 0 is always late
-        cluster.submit("sgd", ([("w", step, left, right)],))
+        cluster.submit("sgd", ([("w", step, left.T, right)],))
         grad = left @ right
         buf = grad.clone() if buf is None else buf.mul_(0.9).add_(grad)
         expected -= 0.1 * buf
@@ -327,7 +327,7 @@ def test_sgd_from_factors_equals_torch_sgd(step):
         inputs = torch.randn(COLS, BATCH, generator=gen, dtype=torch.float64)
         if t == 1:  # the block's last input, kept by the worker
             worker.matmul("w", inputs)
-        factored = ("w", step, left, None if t == 1 else inputs.T)  # rows of the product
+        factored = ("w", step, left.T, None if t == 1 else inputs.T)  # both as rows
         assert worker.sgd([factored, ("v", step, left @ inputs.T)]) == 2 * (t + 1)
         param.grad = twin.grad = left @ inputs.T
         opt.step()
@@ -391,7 +391,7 @@ def test_worker_counts_its_compute_and_updates_not_its_other_calls():
     worker.ping()
     worker.state(["w"])
     assert worker.counters()["compute_s"] == after_products  # only products and updates count
-    worker.sgd([("w", SGDStep(lr=0.1), torch.randn(64, 32, dtype=torch.float64), None)])
+    worker.sgd([("w", SGDStep(lr=0.1), torch.randn(32, 64, dtype=torch.float64), None)])
     assert worker.counters()["updates_applied"] == 1
     assert worker.counters()["compute_s"] > after_products
 

@@ -79,7 +79,7 @@ def test_slow_actor_applies_updates_in_order(cluster, blocks):
     for t in range(4):
         left = torch.randn(ROWS, BATCH, generator=torch.Generator().manual_seed(t))
         right = x.T * (t - 1.5)
-        cluster.submit("sgd", ([("w", step, left, right)],), [2])
+        cluster.submit("sgd", ([("w", step, left.T, right)],), [2])
         grad = left @ right
         buf = grad.clone() if buf is None else buf.mul_(0.9).add_(grad)
         expected -= 0.1 * buf

@@ -371,8 +371,8 @@ class DEU(Scheme):
             fresh = record is not None and len(pending.factors) == 1 and layer.ctx.rounds.get(key) is record
             cached = record.workers if fresh else frozenset()
             inputs = record.inputs if fresh else inputs.contiguous()
-            for j, calls in updates.items():
-                calls.append((key, step, coded[j], None if j in cached else inputs))
+            for j, calls in updates.items():  # the coded factor as rows (N, rows), as ``Worker.sgd`` takes it
+                calls.append((key, step, coded[j].T, None if j in cached else inputs))
         layer.spend()
         layer.fresh = False
 

@@ -186,13 +186,15 @@ class Worker:
         """One DEU step of this worker's blocks, every layer's update in this one call.
 
         An update is ``(key, step, left, inputs)``: the coded gradient of block ``key`` is
-        ``left @ inputs``, where ``inputs`` (N, cols) holds as rows what the block multiplied in the
-        step's round (X for the row copy, whose ``left`` is C_j(dY^T); dY for the column copy, ``left``
-        = C_j(X^T)) or is None for the block's last input, which this worker keeps; or ``(key, step,
-        grad)`` with the coded gradient C_j(dW) sent whole. Per block, torch.optim.SGD's step: with a
-        momentum buffer (not Nesterov) the product accumulates straight into it, buf = mu*buf +
-        (1 - dampening) * (left @ inputs + wd*w); plain SGD adds it straight into the weight. Each line
-        is linear in (w, gradient, buf), so the blocks stay the encoding of the true weights."""
+        ``left^T @ inputs``, where ``inputs`` (N, cols) holds as rows what the block multiplied in the
+        step's round (X for the row copy; dY for the column copy) or is None for the block's last input,
+        which this worker keeps, and ``left`` (N, rows) holds as rows the coded left factor (C_j(dY^T)^T
+        for the row copy, C_j(X^T)^T for the column copy): both row-major as the activations are, so
+        neither is transposed on its way; or ``(key, step, grad)`` with the coded gradient C_j(dW) sent
+        whole. Per block, torch.optim.SGD's step: with a momentum buffer (not Nesterov) the product
+        accumulates straight into it, buf = mu*buf + (1 - dampening) * (left^T @ inputs + wd*w); plain
+        SGD adds it straight into the weight. Each line is linear in (w, gradient, buf), so the blocks
+        stay the encoding of the true weights."""
         start = self._clock()
         for update in updates:
             key, step, left, *inputs = update
@@ -207,14 +209,14 @@ class Worker:
                 if right is None:
                     raise ValueError(f"worker {self.index}: no cached input for {key!r}; send `inputs`")
                 if step.momentum and not step.nesterov and buffer is not None:
-                    buffer.addmm_(left, right, beta=step.momentum, alpha=1 - step.dampening)
+                    buffer.addmm_(left.T, right, beta=step.momentum, alpha=1 - step.dampening)
                     if step.weight_decay:
                         buffer.add_(weight, alpha=(1 - step.dampening) * step.weight_decay)
                     weight.add_(buffer, alpha=-step.lr)
                 elif not step.momentum and not step.weight_decay:
-                    weight.addmm_(left, right, alpha=-step.lr)
+                    weight.addmm_(left.T, right, alpha=-step.lr)
                 else:  # the first step with momentum (its buffer is the gradient), Nesterov, decay
-                    buffer = sgd_apply(weight, left @ right, buffer, step)
+                    buffer = sgd_apply(weight, left.T @ right, buffer, step)
             if buffer is None:
                 self.momentum.pop(key, None)
             else:
