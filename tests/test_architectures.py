@@ -138,9 +138,9 @@ def test_architecture_trains_exactly_as_plain(name, scheme):
         elif why.startswith("its weight is computed by a parametrization"):
             assert parametrize.is_parametrized(held, "weight") and "remove_parametrizations" in why
         else:
-            assert why.startswith("it is a grouped Conv2d") and held.groups > 1, (module, why)
-    if name == "wav2vec2":
-        assert "wav2vec2.encoder.pos_conv_embed.conv" in ctx.left_on_master
+            assert why.startswith("it is a grouped Conv") and held.groups > 1, (module, why)
+    if name == "wav2vec2":  # weight-normed, and grouped: the reason that a fix of the other cannot cure
+        assert ctx.left_on_master["wav2vec2.encoder.pos_conv_embed.conv"].startswith("it is a grouped Conv1d")
         assert not any(module.endswith("parametrizations.weight") for module in ctx.left_on_master)
 
     if scheme == "naive":

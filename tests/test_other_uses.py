@@ -15,7 +15,7 @@ from torch import nn
 
 import sazd
 from sazd.codes import get_code
-from sazd.parallel import Coded, context
+from sazd.parallel import Coded, coded_layers, context
 from sazd.runtime.inproc import InProcessCluster
 
 F64 = torch.float64
@@ -428,3 +428,30 @@ def test_gradient_checkpointing_recomputes_coded_products_and_trains_exactly(sch
                 rounds_per_step.append(rounds(model) - before)
     assert_same_state(model, plain)
     assert min(rounds_per_step) >= 3 * len(context(model).layers)  # forward, its rerun, input gradients
+
+
+@pytest.mark.parametrize("scheme", ["naive", "deu"])
+def test_same_padding_codes_where_integers_say_it_and_is_refused_where_they_cannot(scheme):
+    """``padding="same"`` (EfficientNet's convolutions) is half the kernel's dilated span on each side
+    when that span is even: coded and trained as plain. An even span pads one side more: left on the
+    master, with that reason."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(6, 12, 3, padding="same", dilation=2), nn.Tanh(),
+                          nn.Conv2d(12, 12, 1, padding="same"),
+                          nn.Tanh(), nn.Conv2d(12, 8, 2, padding="same")).double()
+    model = copy.deepcopy(plain)
+    with pytest.warns(UserWarning, match="padding='same' with an even kernel span"):
+        sazd.parallelize(model, get_code("sazd", n=6, k=4), InProcessCluster(6), scheme=scheme,
+                         min_features=4)
+    assert sorted(layer.name for layer in coded_layers(model)) == ["0", "2"]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (plain, model)]
+    optimizers[1] = sazd.coded_optimizer(optimizers[1])
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(2, 6, 7, 7, generator=gen, dtype=torch.float64)
+        for m, optimizer in zip((plain, model), optimizers, strict=True):
+            optimizer.zero_grad()
+            m(x).square().mean().backward()
+            optimizer.step()
+    pairs = zip(model.parameters(), plain.parameters(), strict=True)
+    assert max(float((a - b).abs().max()) for a, b in pairs) < 1e-12

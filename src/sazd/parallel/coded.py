@@ -714,18 +714,28 @@ def _conv(func: Callable, spatial: int) -> Callable[[tuple, dict], Any]:
 
     def product(args: tuple, kwargs: dict) -> Any:
         x, W, bias, stride, padding, dilation, groups = _bind(func, names, args, kwargs)
+        dilation = expand(1 if dilation is None else dilation)
+        if padding == "same":
+            padding = same_padding(tuple(W.shape[2:]), dilation)
         if (not isinstance(W, CodedParameter) or isinstance(x, CodedParameter) or groups not in (None, 1)
-                or (isinstance(padding, str) and padding != "valid") or x.dim() != spatial + 2):
+                or padding is None or (isinstance(padding, str) and padding != "valid")
+                or x.dim() != spatial + 2):
             return NotImplemented
-        geometry = dict(kernel_size=(1,) * height + tuple(W.shape[2:]),
-                        dilation=(1,) * height + expand(1 if dilation is None else dilation),
-                        padding=(0,) * height + expand(0 if padding in (None, "valid") else padding),
+        geometry = dict(kernel_size=(1,) * height + tuple(W.shape[2:]), dilation=(1,) * height + dilation,
+                        padding=(0,) * height + expand(0 if padding == "valid" else padding),
                         stride=(1,) * height + expand(1 if stride is None else stride))
         layout = _conv_memory_format(x, W) if spatial == 2 else torch.contiguous_format  # conv1d: always
         y = _coded_conv(x.reshape(*x.shape[:2], *(1,) * height, *x.shape[2:]), W, bias, geometry, layout)
         return y.reshape(*y.shape[:2], *y.shape[2 + height:])
 
     return product
+
+
+def same_padding(kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...] | None:
+    """``padding="same"`` (stride 1) as integers: half of ``dilation * (kernel - 1)`` on each side, or None
+    where that is odd (torch then pads one side more, which no integer padding says)."""
+    total = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
+    return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
 
 
 def _coded_conv(x: Tensor, W: CodedParameter, bias: Tensor | None, geometry: dict[str, tuple[int, int]],
@@ -907,4 +917,4 @@ def coded_parameters(model: nn.Module) -> list[CodedParameter]:
 
 
 __all__ = ["CODED", "CodedLayer", "CodedParameter", "CodedTranspose", "coded_matmul", "coded_parameters",
-           "raw_grad", "set_raw_grad", "warn_once"]
+           "raw_grad", "same_padding", "set_raw_grad", "warn_once"]

@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 
 from sazd.codes.base import Code
 from sazd.parallel.attached import attach, detach
-from sazd.parallel.coded import CodedLayer, coded_parameters
+from sazd.parallel.coded import CodedLayer, coded_parameters, same_padding
 from sazd.parallel.context import CodedContext, round_up
 from sazd.parallel.schemes import DEFAULT_SCHEME, Scheme, States, get_scheme
 from sazd.runtime.cluster import Cluster, ClusterError
@@ -285,6 +285,9 @@ def why_not_codable(name: str, m: nn.Module, modules: Mapping[str, nn.Module],
     if not targets:
         return (f"it is a {type(m).__name__}, which holds no weight matrix a product reads (coded: "
                 f"{CODED_KINDS}; named in a plan, any module's own 2-D parameters)")
+    structure = _conv_refusal(m)  # first: removing a parametrization would not help these
+    if structure is not None:
+        return structure
     for t in targets:
         param = getattr(m, t.attr)
         if parametrize.is_parametrized(m, t.attr):
@@ -306,11 +309,19 @@ def why_not_codable(name: str, m: nn.Module, modules: Mapping[str, nn.Module],
                 return (f"its {t.attr} is tied to {non_products}, whose use is not a product (each such use "
                         "would decode it from the workers); code it anyway with plan={"
                         f"{name!r}: Coded()}} (naive: free; DEU: one decode round per step)")
-    if isinstance(m, (nn.Conv2d, nn.Conv1d)):
-        if m.groups != 1:
-            return f"it is a grouped {type(m).__name__} (groups={m.groups}); only groups=1 codes"
-        if isinstance(m.padding, str) and m.padding != "valid":
-            return f"it has padding={m.padding!r}; give the padding as integers to code it"
+    return None
+
+
+def _conv_refusal(m: nn.Module) -> str | None:
+    """Why a convolution cannot be coded whatever its weight: groups, or a padding no integers say."""
+    if not isinstance(m, (nn.Conv2d, nn.Conv1d)):
+        return None
+    if m.groups != 1:
+        kind = "Conv1d" if isinstance(m, nn.Conv1d) else "Conv2d"  # a parametrized one is a subclass of it
+        return f"it is a grouped {kind} (groups={m.groups}); only groups=1 codes"
+    if m.padding == "same" and same_padding(m.kernel_size, m.dilation) is None:
+        return ("it has padding='same' with an even kernel span, which pads one side more; give the "
+                "padding as integers (and pad the input yourself) to code it")
     return None
 
 
