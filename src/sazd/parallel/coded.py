@@ -182,11 +182,13 @@ class CodedLayer:
         return out
 
     # ---------------------------------------------------------- the algebra
-    def matrices(self, W: Tensor) -> dict[str, Tensor]:
+    def matrices(self, W: Tensor, row_major: bool = True) -> dict[str, Tensor]:
         """The two matrices the coded copies encode, from a weight in the parameter's layout:
-        {row key: M (out, in), col key: M^T}, each row-major (its blocks are then rows of memory, which
-        the workers keep as they come)."""
+        {row key: M (out, in), col key: M^T}; ``row_major``: each laid out row-major (the workers keep
+        blocks as they come: kept for steps and resumes, they are then laid out alike), else views."""
         M = W.T if self.transposed else W.reshape(self.out_features, self.in_features)
+        if not row_major:
+            return {self.keys[0]: M, self.keys[1]: M.T}
         return {self.keys[0]: M.contiguous(), self.keys[1]: M.T.contiguous()}
 
     def encode_plain(self, W: Tensor) -> tuple[list[Tensor], list[Tensor]]:
@@ -248,7 +250,7 @@ class CodedLayer:
         """Rebuild a stale column copy on every live worker from the row copy (with its momentum)."""
         M, mom = self.scheme.row_state(self)
         col = self.keys[1]
-        self.load_matrices({col: M.T}, None if mom is None else {col: mom.T})
+        self.load_matrices({col: M.T.contiguous()}, None if mom is None else {col: mom.T.contiguous()})
 
     # ------------------------------------------------- DEU's kept gradient
     def forms_gradient(self) -> bool:

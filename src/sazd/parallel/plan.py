@@ -444,7 +444,7 @@ def load_weights(model: nn.Module, weights: Mapping[str, Tensor],
         device = layer.plain()
         W = W.detach().to(device)
         layer.show(layer.matrices(W)[layer.keys[0]])
-        copies = {**layer.matrices(W), layer.keys[1]: columns[col].to(device)}
+        copies = {**layer.matrices(W), layer.keys[1]: columns[col].to(device).contiguous()}
         buffers = None if M is None else layer.matrices(M.to(device))
         if buffers is not None and f"{col}/momentum_buffer" in columns:
             buffers[layer.keys[1]] = columns[f"{col}/momentum_buffer"].to(device)

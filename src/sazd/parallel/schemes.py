@@ -140,8 +140,9 @@ class Naive(Scheme):
     decodes_weight = False
 
     def reship(self, layer: CodedLayer, keep_momentum: bool = True) -> None:
-        """Re-encode and ship W (the column copy only when the last step needed the input gradient)."""
-        copies = layer.matrices(layer.plain())
+        """Re-encode and ship W (the column copy only when the last step needed the input gradient),
+        M^T as a view of M: sent every step, never transposed on the master."""
+        copies = layer.matrices(layer.plain(), row_major=False)
         if not layer.last_input_grad:
             del copies[layer.keys[1]]
             layer.col_stale = True

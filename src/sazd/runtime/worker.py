@@ -89,10 +89,11 @@ class Worker:
         """Replace (or add) coded blocks, and optionally their momentum buffers. A replaced block's
         momentum goes, unless ``keep_momentum`` (an edit of the weight, a new dtype): then it stays,
         cast to the new block's dtype."""
-        # Row-major whatever the sender's layout (the master sends both copies so): products and updates
-        # then round alike in a run and in its resume, whose blocks and buffers come from a checkpoint.
+        # Blocks as they come (DEU's row-major, as a checkpoint's are, so that a resume rounds as the run;
+        # naive's column copy a view of M^T, re-sent every step); momentum buffers row-major, as the
+        # updates make them.
         for key, block in blocks.items():
-            self.weights[key] = block.to(self.device).clone(memory_format=torch.contiguous_format)
+            self.weights[key] = block.to(self.device).clone()
             kept = self.momentum.pop(key, None)
             if keep_momentum and kept is not None:
                 self.momentum[key] = kept.to(self.weights[key].dtype)
