@@ -325,7 +325,7 @@ def test_repair_reloads_respawned_workers_from_one_read_and_training_goes_on_exa
 def test_bad_plans_are_refused_before_training():
     model = nn.Sequential(OrderedDict(
         fc=nn.Linear(8, 8), norm=nn.LayerNorm(8), emb=nn.Embedding(4, 8), conv=nn.Conv2d(4, 8, 3, groups=2),
-        conv_same=nn.Conv2d(4, 8, 3, padding="same"),
+        conv_same=nn.Conv2d(4, 8, 4, padding="same"),  # an even span: torch pads one side more
         conv_reflect=nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"),
     ))
     with pytest.raises(ValueError, match=r"'fc9', which matches no module"):
