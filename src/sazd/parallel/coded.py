@@ -14,9 +14,12 @@ products go to the workers as coded rounds, through one autograd Function (``_Co
 Each coded weight is one matrix M (out, in) (Conv1D: M = W^T; Conv2d/Conv1d: W flattened to (out, in*kernel))
 and two coded copies live on the workers:
 
-- forward:        worker j returns C_j(M) X^T            -> decode M X^T       (copy "<name>.row")
-- input gradient: worker j returns C_j(M^T) dY^T         -> decode M^T dY^T    (copy "<name>.col")
+- forward:        worker j returns X C_j(M)^T            -> decode X M^T       (copy "<name>.row")
+- input gradient: worker j returns dY C_j(M^T)^T         -> decode dY M        (copy "<name>.col")
 - weight update:  the layer's ``Scheme`` (``sazd.parallel.schemes``).
+
+Answers and products are row-major (N, out), as ``F.linear``'s: the decode lays the k answers side
+by side (``Code.decode(..., transposed=True)``), so what runs downstream sees plain PyTorch's layout.
 
 Every other use of the parameter (an embedding lookup of a tied weight, ``print``, ``.to``) runs on
 the master's copy, which DEU refreshes from k workers first; a one-time warning per weight names the
