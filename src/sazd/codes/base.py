@@ -188,9 +188,6 @@ class Code(ABC):
         if len(by_block) == self.k and rows_first.is_contiguous():  # side by side, a row at a time
             torch.stack([results[by_block[i]].movedim(0, -1) for i in range(self.k)], dim=-2, out=rows_first)
             return
-        if len(by_block) == self.k:
-            torch.stack([results[by_block[i]] for i in range(self.k)], out=out)
-            return
         buffer = torch.empty(out.shape, dtype=out.dtype, device=out.device)
         self._decode_blocks({j: t.contiguous() for j, t in results.items()}, r, buffer)  # row-wise solvers
         out.copy_(buffer)

@@ -172,9 +172,11 @@ def _saved(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict
     if optimizer.__dict__.get("_sazd_left_out"):
         return state_dict
     index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    held: dict[tuple[CodedContext, Any], list[CodedLayer]] = {}  # one round per model and scheme
     for layer, _ in _coded_weights(optimizer):
-        kept = layer.scheme.optimizer_state(layer)
-        if kept:
+        held.setdefault((layer.ctx, layer.scheme), []).append(layer)
+    for (ctx, scheme), layers in held.items():
+        for layer, kept in scheme.optimizer_states(ctx, layers).items():
             state_dict["state"].setdefault(index[id(layer.param)], {}).update(kept)
     return state_dict
 

@@ -110,9 +110,10 @@ class Scheme(ABC):
         """An optimizer loaded ``state`` for the weight: move what the workers keep to them."""
         return None
 
-    def optimizer_state(self, layer: CodedLayer) -> dict[str, Tensor]:
-        """The optimizer state of the weight the workers keep, in the parameter's layout, as the plain
-        model's optimizer would save it (``optimizer.state_dict()``)."""
+    def optimizer_states(self, ctx: CodedContext, layers: Sequence[CodedLayer]
+                         ) -> dict[CodedLayer, dict[str, Tensor]]:
+        """The optimizer state the workers keep for these weights of ``ctx``, in the parameters' layout,
+        as the plain model's optimizer would save it (``optimizer.state_dict()``)."""
         return {}
 
     def before_step(self, ctx: CodedContext, layers: Sequence[CodedLayer]) -> None:
@@ -271,10 +272,19 @@ class DEU(Scheme):
             layer.sync()
             layer.load_matrices({}, layer.matrices(buffer.detach().to(layer.plain())))
 
-    def optimizer_state(self, layer: CodedLayer) -> dict[str, Tensor]:
-        """SGD's momentum buffer, decoded from the workers' row copy (none before momentum's first step)."""
-        _, momentum = self.row_state(layer)
-        return {} if momentum is None else {"momentum_buffer": layer.to_param(momentum).to(layer.plain())}
+    def optimizer_states(self, ctx: CodedContext, layers: Sequence[CodedLayer]
+                         ) -> dict[CodedLayer, dict[str, Tensor]]:
+        """SGD's momentum buffers, decoded from the workers' row copies in one round (none before
+        momentum's first step)."""
+        for layer in layers:
+            layer.sync()
+        states = ctx.fetch_state([layer.keys[0] for layer in layers])
+        out = {}
+        for layer in layers:
+            momentum = layer.decode_key(states, layer.keys[0], "momentum")
+            if momentum is not None:
+                out[layer] = {"momentum_buffer": layer.to_param(momentum).to(layer.plain())}
+        return out
 
     # ------------------------------------------------------------ stepping
     def check_optimizer(self, optimizer: torch.optim.Optimizer, group: dict[str, Any],
